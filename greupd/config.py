@@ -1,0 +1,491 @@
+"""tunnels.toml: the pydantic models of the user's contract, and loading them with errors a person can act on.
+
+A config is the main file plus `tunnels.d/*.toml` beside it, merged in name order: `[daemon]` and
+`[defaults]` are merged key by key (later files win), `[[tunnel]]` entries are appended. Every error names
+the file, the line where the TOML text shows the field, and the field path (`tunnel[1].keepalive.interval`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
+
+DEFAULT_CONFIG = Path("/etc/greupd/tunnels.toml")
+DEFAULT_CONTROL_SOCKET = Path("/run/greupd/control.sock")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+Mode = Literal["gre", "ip6gre", "gretap", "ip6gretap"]
+IPV6_MODES: frozenset[str] = frozenset({"ip6gre", "ip6gretap"})
+ETHERNET_MODES: frozenset[str] = frozenset({"gretap", "ip6gretap"})
+
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
+_TABLE_NAMES = {"main": 254}
+
+
+# --- field parsers: each takes the raw TOML value and returns the typed one or raises ValueError ---------
+
+
+def _address(value: object) -> IPAddress:
+    if not isinstance(value, str):
+        raise ValueError("an IP address is written as a string, e.g. \"172.19.1.1\"")
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+
+
+def _network(value: object) -> IPNetwork:
+    if not isinstance(value, str):
+        raise ValueError("a prefix is written as a string, e.g. \"20.10.1.0/24\"")
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        if "host bits set" in str(exc):
+            fixed = ipaddress.ip_network(value, strict=False)
+            raise ValueError(f"{value!r} has host bits set (did you mean {fixed}?)") from None
+        raise ValueError(f"{value!r} is not an IP prefix") from None
+
+
+def _interface(value: object) -> IPInterface:
+    if not isinstance(value, str):
+        raise ValueError("an address is written as a string, \"A\" or \"A/len\"")
+    try:
+        return ipaddress.ip_interface(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an address (\"A\" or \"A/len\")") from None
+
+
+def _gre_key(value: object) -> int:
+    """A GRE key as Cisco and iproute2 write it: a 32-bit number or a dotted quad."""
+    if isinstance(value, bool):
+        raise ValueError("a key is a number 0..4294967295 or a dotted quad")
+    if isinstance(value, int):
+        if not 0 <= value <= 0xFFFFFFFF:
+            raise ValueError(f"key {value} is outside 0..4294967295")
+        return value
+    if isinstance(value, str):
+        try:
+            return int(ipaddress.IPv4Address(value))
+        except ValueError:
+            pass
+    raise ValueError(f"{value!r} is not a key: a number 0..4294967295 or a dotted quad such as \"0.0.0.42\"")
+
+
+def _duration(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string such as \"300ms\"")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value)
+        if match:
+            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ValueError(f"{value!r} is not a duration: seconds, or a string such as \"300ms\", \"2s\", \"1m\"")
+
+
+def _table(value: object) -> int:
+    if isinstance(value, str) and value in _TABLE_NAMES:
+        return _TABLE_NAMES[value]
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 0xFFFFFFFF:
+        if value in (253, 255):
+            raise ValueError(f"table {value} is the kernel's default/local table, not for tunnel routes")
+        return value
+    raise ValueError(f"{value!r} is not a routing table: \"main\" or a number 1..4294967295")
+
+
+def _ifname(value: object) -> str:
+    if not isinstance(value, str) or not _IFNAME.fullmatch(value) or value in (".", ".."):
+        raise ValueError(f"{value!r} is not an interface name: 1-15 characters of A-Z a-z 0-9 _ . -")
+    return value
+
+
+Address = Annotated[IPAddress, BeforeValidator(_address)]
+Network = Annotated[IPNetwork, BeforeValidator(_network)]
+Interface = Annotated[IPInterface, BeforeValidator(_interface)]
+GreKey = Annotated[int, BeforeValidator(_gre_key)]
+Seconds = Annotated[float, BeforeValidator(_duration)]
+TableId = Annotated[int, BeforeValidator(_table)]
+IfName = Annotated[str, BeforeValidator(_ifname)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KeepaliveConfig(_Model):
+    interval: Annotated[Seconds, Field(ge=0.05, le=3600)] = 10.0
+    retries: Annotated[StrictInt, Field(ge=1, le=255)] = 3
+    up_after: Annotated[StrictInt, Field(ge=1, le=255)] = 1
+    action: Literal["routes", "link"] = "routes"
+    answer: Literal["daemon", "kernel", "off"] = "daemon"
+
+
+class MssConfig(_Model):
+    # 536 is the smallest MSS every IPv4 host must accept (RFC 879); 65495 fits a 64 KiB loopback MTU.
+    clamp: Literal["pmtu", "off"] | Annotated[StrictInt, Field(ge=536, le=65495)] = "off"
+
+
+class NatConfig(_Model):
+    into_tunnel: list[Network] = []
+    from_tunnel: list[IfName] = []
+
+
+class TunnelConfig(_Model):
+    name: IfName
+    mode: Mode = "gre"
+    local: Address
+    remote: Address
+    key: GreKey | None = None
+    ikey: GreKey | None = None
+    okey: GreKey | None = None
+    ttl: Annotated[StrictInt, Field(ge=1, le=255)] | Literal["inherit"] = 64
+    tos: Annotated[StrictInt, Field(ge=0, le=255)] | Literal["inherit"] = "inherit"
+    pmtudisc: StrictBool = True
+    mtu: Annotated[StrictInt, Field(ge=68, le=65535)] | None = None
+    address: Interface | None = None
+    peer: Address | None = None
+    routes: list[Network] = []
+    metric: Annotated[StrictInt, Field(ge=0, le=0xFFFFFFFF)] = 0
+    table: TableId = 254
+    enabled: StrictBool = True
+    keepalive: KeepaliveConfig | None = None
+    mss: MssConfig = MssConfig()
+    nat: NatConfig = NatConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TunnelConfig:
+        underlay = 6 if self.mode in IPV6_MODES else 4
+        for name in ("local", "remote"):
+            addr: IPAddress = getattr(self, name)
+            if addr.version != underlay:
+                raise ValueError(f"{name} {addr} is IPv{addr.version} but mode {self.mode} needs IPv{underlay}")
+        if self.local == self.remote:
+            raise ValueError("local and remote are the same address")
+        if self.key is not None and (self.ikey is not None or self.okey is not None):
+            raise ValueError("give either key, or ikey/okey, not both")
+        if self.peer is not None:
+            if self.address is None:
+                raise ValueError("peer needs an address on this side")
+            if self.peer.version != self.address.version:
+                raise ValueError(f"peer {self.peer} and address {self.address.ip} are of different families")
+            if self.address.network.prefixlen != self.address.max_prefixlen:
+                raise ValueError("with peer, write address without a prefix length (ip addr add A peer P)")
+        if self.mode in ETHERNET_MODES and self.routes and self.peer is None:
+            raise ValueError(f"mode {self.mode} carries Ethernet: its routes need a peer to use as gateway")
+        if self.ttl != "inherit" and not self.pmtudisc:
+            # The kernel refuses a fixed TTL with path-MTU discovery off (ip: "ttl != 0 and nopmtudisc").
+            raise ValueError("pmtudisc = false needs ttl = \"inherit\" (the kernel refuses a fixed ttl without it)")
+        if self.keepalive is not None and self.mode != "gre":
+            raise ValueError(f"keepalive is defined for mode gre only (Cisco GRE/IPv4), not {self.mode}")
+        return self
+
+    @property
+    def input_key(self) -> int | None:
+        return self.key if self.key is not None else self.ikey
+
+    @property
+    def output_key(self) -> int | None:
+        return self.key if self.key is not None else self.okey
+
+
+class DaemonConfig(_Model):
+    ip_forward: StrictBool = True
+    control_socket: Path = DEFAULT_CONTROL_SOCKET
+    nft_table: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$")] = "greupd"
+    on_exit: Literal["keep", "remove"] = "keep"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole validated configuration: what the daemon should make true."""
+
+    daemon: DaemonConfig
+    tunnels: tuple[TunnelConfig, ...]
+    files: tuple[Path, ...] = ()
+
+    def tunnel(self, name: str) -> TunnelConfig | None:
+        return next((t for t in self.tunnels if t.name == name), None)
+
+
+# --- errors -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    file: Path
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else str(self.file)
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """One or more problems in the configuration; each names file, line and field."""
+
+    def __init__(self, problems: Iterable[ConfigProblem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+# --- where fields stand in the TOML text ---------------------------------------------------------------
+
+Path_ = tuple[str | int, ...]
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"^\s*(\"[^\"]*\"|'[^']*'|[A-Za-z0-9_.-]+)\s*=")
+
+
+def _split_dotted(text: str) -> list[str]:
+    return [part.strip().strip("\"'") for part in text.split(".")]
+
+
+def locate_fields(text: str) -> dict[Path_, int]:
+    """Map field paths to the line where they are written, e.g. ("tunnel", 1, "keepalive", "interval") -> 23.
+
+    A line-oriented reading of TOML headers and `key =` lines, good enough to point a person at the right
+    place; tomllib itself keeps no positions.
+    """
+    lines: dict[Path_, int] = {}
+    counters: dict[tuple[str, ...], int] = {}
+    table: Path_ = ()
+    in_multiline = False
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if raw.count('"""') % 2 or raw.count("'''") % 2:
+            in_multiline = not in_multiline
+            if not in_multiline:
+                continue
+        if in_multiline:
+            continue
+        header = _HEADER.match(raw)
+        if header:
+            parts = _split_dotted(header.group(2))
+            if header.group(1) == "[[":
+                base = tuple(parts)
+                counters[base] = counters.get(base, -1) + 1
+                table = (*parts, counters[base])
+            else:
+                # [tunnel.keepalive] belongs to the latest [[tunnel]]
+                resolved: list[str | int] = []
+                for i, part in enumerate(parts):
+                    resolved.append(part)
+                    array = tuple(parts[: i + 1])
+                    if array in counters:
+                        resolved.append(counters[array])
+                table = tuple(resolved)
+            lines.setdefault(table, number)
+            continue
+        key = _KEY.match(raw)
+        if key:
+            path = (*table, *_split_dotted(key.group(1)))
+            lines.setdefault(path, number)
+    return lines
+
+
+def _line_of(lines: Mapping[Path_, int], path: Path_) -> int | None:
+    for end in range(len(path), 0, -1):
+        if path[:end] in lines:
+            return lines[path[:end]]
+    return None
+
+
+def _field_text(path: Path_) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    file: Path
+    data: dict[str, Any]
+    lines: dict[Path_, int] = field(default_factory=dict)
+
+
+def config_files(path: Path) -> list[Path]:
+    """The main file, then tunnels.d/*.toml beside it in name order."""
+    dropins = path.parent / "tunnels.d"
+    extra = sorted(p for p in dropins.glob("*.toml") if p.is_file()) if dropins.is_dir() else []
+    return [path, *extra]
+
+
+def _read(file: Path) -> _Source:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigProblem(file, None, "", f"cannot read: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([ConfigProblem(file, None, "", f"not UTF-8 text: {exc.reason}")]) from None
+    return _parse(file, text)
+
+
+def _parse(file: Path, text: str) -> _Source:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = getattr(exc, "lineno", None)
+        message = str(exc).split(" (at line")[0]
+        raise ConfigError([ConfigProblem(file, line, "", f"TOML syntax: {message}")]) from None
+    return _Source(file, data, locate_fields(text))
+
+
+def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _problems(exc: ValidationError, source: _Source, prefix: Path_,
+              fallback: tuple[_Source, Path_] | None = None) -> list[ConfigProblem]:
+    found = []
+    for error in exc.errors(include_url=False):
+        loc: Path_ = tuple(p for p in error["loc"] if not (isinstance(p, str) and (
+            p.startswith(("function-", "literal[", "constrained-", "lax-", "json-")) or p in ("int", "str"))))
+        full = (*prefix, *loc)
+        file, line = source.file, None
+        if full in source.lines or not loc:
+            line = _line_of(source.lines, full)
+        elif fallback is not None and (*fallback[1], *loc) in fallback[0].lines:
+            # the value came from [defaults]: point at that line instead
+            file, line = fallback[0].file, fallback[0].lines[(*fallback[1], *loc)]
+        else:
+            line = _line_of(source.lines, full)
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = f"unknown key {loc[-1]!r}" if loc else "unknown key"
+        found.append(ConfigProblem(file, line, _field_text(full), message))
+    # pydantic reports each branch of a union; keep one line per field
+    unique: dict[tuple[Path, str], ConfigProblem] = {}
+    for problem in found:
+        unique.setdefault((problem.file, problem.field), problem)
+    return list(unique.values())
+
+
+_TOP_KEYS = ("daemon", "defaults", "tunnel")
+
+
+def load_config(path: Path) -> Config:
+    """Read, merge and validate the config at `path` (and its tunnels.d); raise ConfigError listing every problem."""
+    return _validate([_read(file) for file in config_files(path)])
+
+
+def _validate(sources: list[_Source]) -> Config:
+    problems: list[ConfigProblem] = []
+    daemon_raw: dict[str, Any] = {}
+    defaults_raw: dict[str, Any] = {}
+    defaults_source: _Source | None = None
+    for source in sources:
+        for key in source.data:
+            if key not in _TOP_KEYS:
+                problems.append(ConfigProblem(source.file, _line_of(source.lines, (key,)), key,
+                                              f"unknown key {key!r} (expected [daemon], [defaults], [[tunnel]])"))
+        for section in ("daemon", "defaults"):
+            if section in source.data and not isinstance(source.data[section], dict):
+                problems.append(ConfigProblem(source.file, _line_of(source.lines, (section,)), section,
+                                              f"{section} must be a table: [{section}]"))
+        if isinstance(source.data.get("daemon"), dict):
+            daemon_raw = _deep_merge(daemon_raw, source.data["daemon"])
+        if isinstance(source.data.get("defaults"), dict):
+            defaults_raw = _deep_merge(defaults_raw, source.data["defaults"])
+            defaults_source = source
+    try:
+        daemon = DaemonConfig.model_validate(daemon_raw)
+    except ValidationError as exc:
+        daemon = DaemonConfig()
+        owner = next((s for s in reversed(sources) if isinstance(s.data.get("daemon"), dict)), sources[0])
+        problems += _problems(exc, owner, ("daemon",))
+    if "name" in defaults_raw and defaults_source is not None:
+        problems.append(ConfigProblem(defaults_source.file, _line_of(defaults_source.lines, ("defaults", "name")),
+                                      "defaults.name", "a name cannot be a default: every tunnel needs its own"))
+
+    tunnels: list[tuple[TunnelConfig, _Source, int]] = []
+    for source in sources:
+        entries = source.data.get("tunnel", [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            problems.append(ConfigProblem(source.file, _line_of(source.lines, ("tunnel",)), "tunnel",
+                                          "tunnels are written as [[tunnel]] tables"))
+            continue
+        for index, entry in enumerate(entries):
+            fallback = (defaults_source, ("defaults",)) if defaults_source else None
+            try:
+                tunnel = TunnelConfig.model_validate(_deep_merge(defaults_raw, entry))
+            except ValidationError as exc:
+                problems += _problems(exc, source, ("tunnel", index), fallback)
+                continue
+            tunnels.append((tunnel, source, index))
+    problems += _cross_tunnel_problems(tunnels)
+    if problems:
+        raise ConfigError(problems)
+    return Config(daemon, tuple(t for t, _, _ in tunnels), tuple(s.file for s in sources))
+
+
+def _cross_tunnel_problems(tunnels: list[tuple[TunnelConfig, _Source, int]]) -> list[ConfigProblem]:
+    problems = []
+    names: dict[str, tuple[_Source, int]] = {}
+    endpoints: dict[tuple[str, IPAddress, IPAddress, int | None], str] = {}
+    for tunnel, source, index in tunnels:
+        if tunnel.name in names:
+            other, other_index = names[tunnel.name]
+            problems.append(ConfigProblem(source.file, _line_of(source.lines, ("tunnel", index, "name")),
+                                          f"tunnel[{index}].name",
+                                          f"name {tunnel.name!r} is already used by tunnel[{other_index}]"
+                                          f" ({other.file})"))
+        else:
+            names[tunnel.name] = (source, index)
+        # The kernel demultiplexes received GRE by (local, remote, key): two tunnels sharing all three collide.
+        kind = "l2" if tunnel.mode in ETHERNET_MODES else "l3"
+        ident = (kind, tunnel.local, tunnel.remote, tunnel.input_key)
+        if ident in endpoints and tunnel.enabled:
+            problems.append(ConfigProblem(
+                source.file, _line_of(source.lines, ("tunnel", index)), f"tunnel[{index}]",
+                f"same local {tunnel.local}, remote {tunnel.remote} and key as tunnel {endpoints[ident]!r}:"
+                " give one of them a different key"))
+        elif tunnel.enabled:
+            endpoints[ident] = tunnel.name
+    return problems
+
+
+def load_config_text(text: str, file: Path = Path("<string>")) -> Config:
+    """Validate TOML text alone, with no drop-ins (tests, `greupd check -`)."""
+    return _validate([_parse(file, text)])
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of one config file, for editors (taplo, VS Code Even Better TOML)."""
+
+    class TunnelsFile(_Model):
+        daemon: DaemonConfig = DaemonConfig()
+        defaults: dict[str, Any] = Field(default_factory=dict, description="any [[tunnel]] key, as a default")
+        tunnel: list[TunnelConfig] = []
+
+    return TunnelsFile.model_json_schema()
