@@ -1,0 +1,45 @@
+"""The daemon's report of itself: the JSON shape of `greupd status --json` (spec.md), as typed dicts."""
+
+from __future__ import annotations
+
+from typing import Literal, TypedDict
+
+TunnelState = Literal["up", "down", "disabled", "error"]
+
+
+class KeepaliveStatus(TypedDict):
+    interval: float
+    retries: int
+    sent: int
+    received: int
+    missed_in_a_row: int
+    last_rtt_ms: float | None
+
+
+class TunnelStatus(TypedDict):
+    name: str
+    mode: str
+    local: str
+    remote: str
+    state: TunnelState
+    since: str  # ISO 8601 UTC, e.g. 2026-11-24T20:15:02Z
+    reason: str  # keepalive-timeout, keepalive-restored, link-removed, config, ...
+    error: str | None
+    ifindex: int | None
+    routes: list[str]
+    routes_installed: bool
+    keepalive: KeepaliveStatus | None
+
+
+class DaemonStatus(TypedDict):
+    config: str
+    generation: int  # bumps on every applied config (start = 1)
+    last_error: str | None  # the last rejected reload or apply failure, None when all is well
+    pid: int
+    tunnels: list[TunnelStatus]
+
+
+class ReloadResult(TypedDict):
+    ok: bool
+    generation: int
+    error: str | None
