@@ -1,0 +1,5 @@
+import sys
+
+from greupd.cli import main
+
+sys.exit(main())

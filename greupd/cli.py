@@ -1,0 +1,148 @@
+"""The `greupd` command: run, check, plan, status, reload, schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from greupd.config import DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET, Config, ConfigError, json_schema, load_config
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+EXIT_NO_DAEMON = 3
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    given: str | None = args.config
+    return Path(given or os.environ.get("GREUPD_CONFIG") or DEFAULT_CONFIG)
+
+
+def _socket_path(args: argparse.Namespace) -> Path:
+    given: str | None = getattr(args, "socket", None)
+    return Path(given or os.environ.get("GREUPD_CONTROL_SOCKET") or DEFAULT_CONTROL_SOCKET)
+
+
+def _load_or_report(path: Path) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        count = len(exc.problems)
+        print(f"greupd: {path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def summarize(config: Config) -> str:
+    lines = [f"{len(config.tunnels)} tunnel{'s' if len(config.tunnels) != 1 else ''}"
+             f" from {', '.join(str(f) for f in config.files)}"]
+    for t in config.tunnels:
+        inner = f" {t.address.ip if t.address else ''}{f' peer {t.peer}' if t.peer else ''}".rstrip()
+        keepalive = (f", keepalive {t.keepalive.interval:g}s x{t.keepalive.retries}" if t.keepalive else "")
+        routes = f", routes {' '.join(str(r) for r in t.routes)}" if t.routes else ""
+        state = "" if t.enabled else " (disabled)"
+        lines.append(f"  {t.name}: {t.mode} {t.local} -> {t.remote}{inner}{routes}{keepalive}{state}")
+    return "\n".join(lines)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    path = _config_path(args)
+    config = _load_or_report(path)
+    if config is None:
+        return EXIT_INVALID
+    print(f"{path}: valid")
+    print(summarize(config))
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(), indent=2))
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    path = _config_path(args)
+    config = _load_or_report(path)
+    if config is None:
+        return EXIT_INVALID
+    from greupd.daemon import describe_plan
+
+    print(describe_plan(config))
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    path = _config_path(args)
+    if _load_or_report(path) is None:
+        return EXIT_INVALID
+    from greupd.daemon import run_daemon
+
+    return run_daemon(path, socket_override=args.socket)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from greupd.control import ControlUnavailable, format_status, request
+
+    try:
+        status = request(_socket_path(args), "status")
+    except ControlUnavailable as exc:
+        print(f"greupd: no daemon answers on {_socket_path(args)}: {exc}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from greupd.control import ControlUnavailable, request
+
+    try:
+        result = request(_socket_path(args), "reload")
+    except ControlUnavailable as exc:
+        print(f"greupd: no daemon answers on {_socket_path(args)}: {exc}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    if not result.get("ok"):
+        print(f"greupd: reload rejected, the running config stays in force:\n{result.get('error')}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"greupd: reloaded (generation {result.get('generation')})")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="greupd", description="Declarative, self-healing GRE tunnels.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("-c", "--config", metavar="PATH",
+                       help=f"config file (default: $GREUPD_CONFIG or {DEFAULT_CONFIG})")
+        return p
+
+    def with_socket(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--socket", metavar="PATH",
+                       help=f"control socket (default: $GREUPD_CONTROL_SOCKET or {DEFAULT_CONTROL_SOCKET})")
+        return p
+
+    run = with_socket(with_config(sub.add_parser("run", help="run the daemon in the foreground")))
+    run.set_defaults(func=cmd_run)
+    with_config(sub.add_parser("check", help="validate the config and print a summary")).set_defaults(func=cmd_check)
+    with_config(sub.add_parser("plan", help="print what run or a reload would change")).set_defaults(func=cmd_plan)
+    status = with_socket(sub.add_parser("status", help="ask the running daemon"))
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+    with_socket(sub.add_parser("reload", help="re-read the config in the running daemon")).set_defaults(func=cmd_reload)
+    sub.add_parser("schema", help="print the JSON Schema of tunnels.toml").set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
