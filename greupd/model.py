@@ -1,0 +1,298 @@
+"""Value types of the reconciler: what should exist (Desired), what exists (Observed), and how to get there (Action).
+
+Everything here is a frozen value; `desired_state` is the one pure translation from the user's config (plus
+keepalive liveness) into kernel objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from greupd.config import IPV6_MODES, Config, IPAddress, IPInterface, IPNetwork, TunnelConfig
+
+# rtnetlink protocol number on every route greupd installs (`ip route show proto 222`; named `greupd` by
+# /etc/iproute2/rt_protos.d/greupd.conf). Routes with any other protocol are never touched.
+ROUTE_PROTO = 222
+# IFLA_IFALIAS on every link greupd creates (`ip link show` prints "alias greupd"). A link without it is
+# foreign, whatever its name.
+LINK_ALIAS = "greupd"
+
+# ip_gre's TOS value meaning "inherit from the inner packet" (iproute2 writes `tos inherit` as 1).
+TOS_INHERIT = 1
+# The kernel stores an IPv6 route's metric 0 as 1024 (IP6_RT_PRIO_USER).
+IPV6_DEFAULT_METRIC = 1024
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A tunnel link's parameters, in the kernel's terms (ttl 0 = inherit)."""
+
+    name: str
+    kind: str
+    local: IPAddress
+    remote: IPAddress
+    ikey: int | None = None
+    okey: int | None = None
+    ttl: int = 64
+    tos: int | None = TOS_INHERIT  # None: not applicable (ip6 modes)
+    pmtudisc: bool | None = True  # None: not applicable (ip6 modes)
+    mtu: int | None = None  # None: whatever the kernel chose; not managed
+
+    def differs_from(self, observed: LinkSpec) -> tuple[str, ...]:
+        """Names of the fields where `observed` does not match this desired spec."""
+        # tos, pmtudisc and mtu at None are not managed; a None key means "no key" and is compared.
+        optional = tuple(f for f in ("tos", "pmtudisc", "mtu") if getattr(self, f) is not None)
+        fields = ("local", "remote", "ikey", "okey", "ttl", *optional)
+        return tuple(f for f in fields if getattr(self, f) != getattr(observed, f))
+
+
+@dataclass(frozen=True)
+class AddressSpec:
+    ifname: str
+    local: IPInterface
+    peer: IPAddress | None = None
+
+    def __str__(self) -> str:
+        return f"{self.local.ip} peer {self.peer}" if self.peer else str(self.local)
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    ifname: str
+    dst: IPNetwork
+    table: int = 254
+    metric: int = 0
+    gateway: IPAddress | None = None
+
+    def __str__(self) -> str:
+        via = f" via {self.gateway}" if self.gateway else ""
+        table = "" if self.table == 254 else f" table {self.table}"
+        return f"{self.dst}{via} dev {self.ifname} metric {self.metric}{table}"
+
+
+@dataclass(frozen=True)
+class TunnelIntent:
+    """Everything one tunnel wants in the kernel."""
+
+    link: LinkSpec
+    up: bool
+    addresses: frozenset[AddressSpec]
+    routes: frozenset[RouteSpec]
+    sysctls: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Desired:
+    tunnels: Mapping[str, TunnelIntent]
+    sysctls: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class ObservedLink:
+    index: int
+    spec: LinkSpec  # kind and parameters as the kernel reports them (for a foreign link: its kind only)
+    up: bool
+    owned: bool
+
+
+@dataclass(frozen=True)
+class Observed:
+    """A snapshot of the kernel. `scope` None: a full dump; else only these tunnel names were looked at."""
+
+    links: Mapping[str, ObservedLink]
+    addresses: Mapping[str, frozenset[AddressSpec]]  # global-scope addresses of owned links, by ifname
+    routes: frozenset[RouteSpec]  # routes with protocol ROUTE_PROTO
+    sysctls: Mapping[str, str | None]  # current values of the sysctls Desired names (None: absent)
+    scope: frozenset[str] | None = None
+
+    def covers(self, name: str) -> bool:
+        return self.scope is None or name in self.scope
+
+
+# --- actions ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetSysctl:
+    key: str  # path under /proc/sys, e.g. "net/ipv4/ip_forward"
+    value: str
+
+    def __str__(self) -> str:
+        return f"sysctl {self.key.replace('/', '.')}={self.value}"
+
+
+@dataclass(frozen=True)
+class CreateLink:
+    spec: LinkSpec
+
+    def __str__(self) -> str:
+        return f"create link {_describe_link(self.spec)}"
+
+
+@dataclass(frozen=True)
+class ChangeLink:
+    spec: LinkSpec
+    fields: tuple[str, ...]
+
+    def __str__(self) -> str:
+        changes = " ".join(f"{f} {_value(getattr(self.spec, f))}" for f in self.fields)
+        return f"change link {self.spec.name}: {changes}"
+
+
+@dataclass(frozen=True)
+class DeleteLink:
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"delete link {self.name} ({self.reason})"
+
+
+@dataclass(frozen=True)
+class SetLinkUp:
+    name: str
+    up: bool
+
+    def __str__(self) -> str:
+        return f"set link {self.name} {'up' if self.up else 'down'}"
+
+
+@dataclass(frozen=True)
+class AddAddress:
+    address: AddressSpec
+
+    def __str__(self) -> str:
+        return f"add address {self.address} dev {self.address.ifname}"
+
+
+@dataclass(frozen=True)
+class DeleteAddress:
+    address: AddressSpec
+
+    def __str__(self) -> str:
+        return f"delete address {self.address} dev {self.address.ifname}"
+
+
+@dataclass(frozen=True)
+class AddRoute:
+    route: RouteSpec
+
+    def __str__(self) -> str:
+        return f"add route {self.route}"
+
+
+@dataclass(frozen=True)
+class DeleteRoute:
+    route: RouteSpec
+
+    def __str__(self) -> str:
+        return f"delete route {self.route}"
+
+
+Action = (SetSysctl | CreateLink | ChangeLink | DeleteLink | SetLinkUp | AddAddress | DeleteAddress
+          | AddRoute | DeleteRoute)
+
+
+def action_tunnel(action: Action) -> str | None:
+    """The tunnel (interface) an action belongs to; None for global sysctls."""
+    match action:
+        case CreateLink(spec) | ChangeLink(spec, _):
+            return spec.name
+        case DeleteLink(name, _) | SetLinkUp(name, _):
+            return name
+        case AddAddress(address) | DeleteAddress(address):
+            return address.ifname
+        case AddRoute(route) | DeleteRoute(route):
+            return route.ifname
+        case SetSysctl(key, _):
+            parts = key.split("/")
+            return parts[3] if len(parts) > 4 and parts[2] == "conf" and parts[3] not in ("all", "default") else None
+    return None
+
+
+@dataclass(frozen=True)
+class PlanProblem:
+    """A tunnel the planner will not touch, and why (e.g. its name belongs to a foreign link)."""
+
+    tunnel: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    problems: tuple[PlanProblem, ...] = ()
+
+
+def _value(value: object) -> str:
+    return "none" if value is None else str(value)
+
+
+def _describe_link(spec: LinkSpec) -> str:
+    text = f"{spec.name} type {spec.kind} local {spec.local} remote {spec.remote}"
+    if spec.ikey is not None or spec.okey is not None:
+        text += f" ikey {_value(spec.ikey)} okey {_value(spec.okey)}"
+    text += f" ttl {spec.ttl or 'inherit'}"
+    if spec.mtu:
+        text += f" mtu {spec.mtu}"
+    return text
+
+
+# --- config -> desired ------------------------------------------------------------------------------------
+
+
+def link_spec(tunnel: TunnelConfig) -> LinkSpec:
+    ip6 = tunnel.mode in IPV6_MODES
+    return LinkSpec(
+        name=tunnel.name,
+        kind=tunnel.mode,
+        local=tunnel.local,
+        remote=tunnel.remote,
+        ikey=tunnel.input_key,
+        okey=tunnel.output_key,
+        ttl=0 if tunnel.ttl == "inherit" else tunnel.ttl,
+        tos=None if ip6 else (TOS_INHERIT if tunnel.tos == "inherit" else tunnel.tos),
+        pmtudisc=None if ip6 else tunnel.pmtudisc,
+        mtu=tunnel.mtu,
+    )
+
+
+def tunnel_intent(tunnel: TunnelConfig, alive: bool) -> TunnelIntent:
+    """What one enabled tunnel wants; `alive` False (keepalive down) withdraws its routes (and link)."""
+    addresses: frozenset[AddressSpec] = frozenset()
+    if tunnel.address is not None:
+        addresses = frozenset({AddressSpec(tunnel.name, tunnel.address, tunnel.peer)})
+    routes: frozenset[RouteSpec] = frozenset()
+    if alive:
+        # Ethernet-carrying modes need a next hop to resolve by ARP/ND; a GRE link is point-to-point.
+        gateway = tunnel.peer if tunnel.mode in ("gretap", "ip6gretap") else None
+        routes = frozenset(
+            RouteSpec(tunnel.name, dst, tunnel.table,
+                      IPV6_DEFAULT_METRIC if dst.version == 6 and tunnel.metric == 0 else tunnel.metric,
+                      gateway if gateway is not None and gateway.version == dst.version else None)
+            for dst in tunnel.routes)
+    sysctls: dict[str, str] = {}
+    if tunnel.keepalive is not None and tunnel.keepalive.answer == "kernel":
+        # A Linux peer reflects a Cisco keepalive by routing the decapsulated inner packet (source: its own
+        # address) back out; the kernel drops that as a martian unless accept_local is on and rp_filter is
+        # off on the tunnel (rp_filter's effective value is the max of `all` and the device).
+        sysctls[f"net/ipv4/conf/{tunnel.name}/accept_local"] = "1"
+        sysctls[f"net/ipv4/conf/{tunnel.name}/rp_filter"] = "0"
+    up = alive or tunnel.keepalive is None or tunnel.keepalive.action != "link"
+    return TunnelIntent(link_spec(tunnel), up, addresses, routes, sysctls)
+
+
+def desired_state(config: Config, alive: Mapping[str, bool] | None = None) -> Desired:
+    """The kernel state `config` asks for, given which tunnels' keepalives are currently answered."""
+    alive = alive or {}
+    tunnels = {t.name: tunnel_intent(t, alive.get(t.name, True)) for t in config.tunnels if t.enabled}
+    sysctls: dict[str, str] = {}
+    if config.daemon.ip_forward:
+        sysctls["net/ipv4/ip_forward"] = "1"
+        if any(t.mode in IPV6_MODES or (t.address is not None and t.address.version == 6)
+               or any(r.version == 6 for r in t.routes) for t in config.tunnels if t.enabled):
+            sysctls["net/ipv6/conf/all/forwarding"] = "1"
+    if any(t.keepalive is not None and t.keepalive.answer == "kernel" for t in config.tunnels if t.enabled):
+        sysctls["net/ipv4/conf/all/rp_filter"] = "0"
+    return Desired(tunnels, sysctls)

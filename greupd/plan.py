@@ -1,0 +1,127 @@
+"""The planner: (Desired, Observed) -> the fewest ordered actions that make the kernel match. No I/O.
+
+Ownership rules live here: a link is greupd's only if it carries the LINK_ALIAS marker, a route only if it
+carries ROUTE_PROTO; nothing else is ever changed or deleted. A tunnel whose name is taken by a foreign
+link is reported as a problem and left alone; the other tunnels are planned as usual.
+"""
+
+from __future__ import annotations
+
+from greupd.model import (
+    Action,
+    AddAddress,
+    AddressSpec,
+    AddRoute,
+    ChangeLink,
+    CreateLink,
+    DeleteAddress,
+    DeleteLink,
+    DeleteRoute,
+    Desired,
+    Observed,
+    Plan,
+    PlanProblem,
+    RouteSpec,
+    SetLinkUp,
+    SetSysctl,
+    TunnelIntent,
+)
+
+
+class _Steps:
+    """Actions gathered by phase; the phase order is what makes a plan executable in one pass."""
+
+    def __init__(self) -> None:
+        self.sysctls: list[Action] = []
+        self.delete_links: list[Action] = []
+        self.create_links: list[Action] = []
+        self.change_links: list[Action] = []
+        self.links_up: list[Action] = []
+        self.link_sysctls: list[Action] = []
+        self.delete_addresses: list[Action] = []
+        self.add_addresses: list[Action] = []
+        self.delete_routes: list[Action] = []
+        self.add_routes: list[Action] = []
+        self.links_down: list[Action] = []
+
+    def ordered(self) -> tuple[Action, ...]:
+        # Links must exist before their addresses and sysctls, be up before routes can use them (the kernel
+        # refuses a route via a down device), and routes leave before a link is set down.
+        return (*self.sysctls, *self.delete_links, *self.create_links, *self.change_links, *self.links_up,
+                *self.link_sysctls, *self.delete_addresses, *self.add_addresses, *self.delete_routes,
+                *self.add_routes, *self.links_down)
+
+
+def plan_changes(desired: Desired, observed: Observed) -> Plan:
+    steps = _Steps()
+    problems: list[PlanProblem] = []
+    for key, value in sorted(desired.sysctls.items()):
+        if observed.sysctls.get(key) != value:
+            steps.sysctls.append(SetSysctl(key, value))
+
+    routes_by_link: dict[str, set[RouteSpec]] = {}
+    for route in observed.routes:
+        routes_by_link.setdefault(route.ifname, set()).add(route)
+
+    for name in sorted(set(desired.tunnels) | set(observed.links)):
+        if not observed.covers(name):
+            continue
+        intent = desired.tunnels.get(name)
+        link = observed.links.get(name)
+        if link is not None and not link.owned:
+            if intent is not None:
+                problems.append(PlanProblem(name, f"interface {name} exists and is not greupd's "
+                                                  f"(kind {link.spec.kind}, no alias {'greupd'!r}): left alone"))
+            continue
+        if intent is None:
+            if link is not None:
+                steps.delete_links.append(DeleteLink(name, "not in the config"))
+            continue
+        _plan_tunnel(steps, intent, observed, routes_by_link.get(name, set()))
+
+    # Owned routes whose device is no longer a tunnel of ours (e.g. moved by hand): remove them.
+    for ifname, routes in sorted(routes_by_link.items()):
+        if observed.covers(ifname) and ifname not in desired.tunnels and ifname not in observed.links:
+            steps.delete_routes.extend(DeleteRoute(r) for r in sorted(routes, key=str))
+    return Plan(steps.ordered(), tuple(problems))
+
+
+def _plan_tunnel(steps: _Steps, intent: TunnelIntent, observed: Observed, routes: set[RouteSpec]) -> None:
+    name = intent.link.name
+    link = observed.links.get(name)
+    fresh = link is None or link.spec.kind != intent.link.kind
+    if link is not None and fresh:
+        # A link cannot change kind in place (gre -> gretap): replace it.
+        steps.delete_links.append(DeleteLink(name, f"kind {link.spec.kind} -> {intent.link.kind}"))
+    if fresh:
+        steps.create_links.append(CreateLink(intent.link))
+        if intent.up:
+            steps.links_up.append(SetLinkUp(name, True))
+        addresses: frozenset[AddressSpec] = frozenset()
+    else:
+        assert link is not None
+        changed = intent.link.differs_from(link.spec)
+        if changed:
+            steps.change_links.append(ChangeLink(intent.link, changed))
+        if intent.up and not link.up:
+            steps.links_up.append(SetLinkUp(name, True))
+        elif not intent.up and link.up:
+            steps.links_down.append(SetLinkUp(name, False))
+        addresses = observed.addresses.get(name, frozenset())
+
+    for key, value in sorted(intent.sysctls.items()):
+        if fresh or observed.sysctls.get(key) != value:
+            steps.link_sysctls.append(SetSysctl(key, value))
+    steps.delete_addresses.extend(DeleteAddress(a) for a in sorted(addresses - intent.addresses, key=str))
+    steps.add_addresses.extend(AddAddress(a) for a in sorted(intent.addresses - addresses, key=str))
+    # A replaced link takes its routes with it.
+    present = set() if fresh else routes
+    steps.delete_routes.extend(DeleteRoute(r) for r in sorted(present - intent.routes, key=str))
+    steps.add_routes.extend(AddRoute(r) for r in sorted(intent.routes - present, key=str))
+
+
+def describe(plan: Plan) -> str:
+    """The plan as `greupd plan` prints it."""
+    lines = [str(action) for action in plan.actions] or ["nothing to change"]
+    lines += [f"problem: {p.tunnel}: {p.message}" for p in plan.problems]
+    return "\n".join(lines)
