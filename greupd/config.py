@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,8 +23,10 @@ from pydantic import (
     StrictBool,
     StrictInt,
     ValidationError,
+    WithJsonSchema,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 DEFAULT_CONFIG = Path("/etc/greupd/tunnels.toml")
 DEFAULT_CONTROL_SOCKET = Path("/run/greupd/control.sock")
@@ -96,7 +98,10 @@ def _duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or a string such as \"300ms\"")
     if isinstance(value, int | float):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # TOML integers are unbounded in tomllib; float() is not
+            raise ValueError(f"{value} seconds is not a usable duration") from None
     if isinstance(value, str):
         match = _DURATION.fullmatch(value)
         if match:
@@ -120,13 +125,64 @@ def _ifname(value: object) -> str:
     return value
 
 
+def _whole_number(what: str, low: int, high: int, *words: str) -> Callable[[object], object]:
+    """A validator for "an integer low..high, or one of these words", with one message a person can act on.
+
+    pydantic would report each branch of the union separately ("Input should be less than or equal to 255").
+    """
+    choices = [f"{low}..{high}", *(f'"{word}"' for word in words)]
+    allowed = " or ".join(choices) if len(choices) < 3 else f"{', '.join(choices[:-1])} or {choices[-1]}"
+
+    def check(value: object) -> object:
+        if value is None or (isinstance(value, str) and value in words):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+            return value
+        raise ValueError(f"{what} must be {allowed}, not {value!r}")
+
+    return check
+
+
+def _keepalive_interval(value: object) -> float:
+    seconds = _duration(value)
+    if not 0.05 <= seconds <= 3600:  # also false for nan
+        raise ValueError(f"interval must be 0.05..3600 seconds (\"50ms\"..\"60m\"), not {value!r}")
+    return seconds
+
+
+def _nft_table(value: object) -> object:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", value):
+        raise ValueError(f"{value!r} is not an nftables table name: a letter, then up to 31 of A-Z a-z 0-9 _")
+    return value
+
+
+def _socket_path(value: object) -> object:
+    if not isinstance(value, str | Path) or not str(value) or "\0" in str(value):
+        raise ValueError(f"{value!r} is not a path: write it as a string, e.g. \"/run/greupd/control.sock\"")
+    return value
+
+
 Address = Annotated[IPAddress, BeforeValidator(_address)]
 Network = Annotated[IPNetwork, BeforeValidator(_network)]
 Interface = Annotated[IPInterface, BeforeValidator(_interface)]
-GreKey = Annotated[int, BeforeValidator(_gre_key)]
-Seconds = Annotated[float, BeforeValidator(_duration)]
-TableId = Annotated[int, BeforeValidator(_table)]
-IfName = Annotated[str, BeforeValidator(_ifname)]
+# The JSON Schema says what a person may write (editors check tunnels.toml against it), not the parsed type.
+_DURATION_TEXT = {"type": "string", "pattern": r"^\s*(\d+(\.\d*)?|\.\d+)\s*(ms|s|m)?\s*$"}
+GreKey = Annotated[int, BeforeValidator(_gre_key), WithJsonSchema(
+    {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 0xFFFFFFFF}, {"type": "string", "format": "ipv4"}]})]
+Seconds = Annotated[float, BeforeValidator(_duration), WithJsonSchema(
+    {"anyOf": [{"type": "number", "minimum": 0}, _DURATION_TEXT]})]
+TableId = Annotated[int, BeforeValidator(_table), WithJsonSchema(
+    {"anyOf": [{"enum": sorted(_TABLE_NAMES)}, {"type": "integer", "minimum": 1, "maximum": 0xFFFFFFFF}]})]
+IfName = Annotated[str, BeforeValidator(_ifname), WithJsonSchema(
+    {"type": "string", "pattern": f"^{_IFNAME.pattern}$"})]
+
+
+class _FieldProblem(ValueError):
+    """A rule across several keys, naming the key whose line the error should point at."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class _Model(BaseModel):
@@ -134,16 +190,18 @@ class _Model(BaseModel):
 
 
 class KeepaliveConfig(_Model):
-    interval: Annotated[Seconds, Field(ge=0.05, le=3600)] = 10.0
-    retries: Annotated[StrictInt, Field(ge=1, le=255)] = 3
-    up_after: Annotated[StrictInt, Field(ge=1, le=255)] = 1
+    interval: Annotated[float, BeforeValidator(_keepalive_interval), WithJsonSchema(
+        {"anyOf": [{"type": "number", "minimum": 0.05, "maximum": 3600}, _DURATION_TEXT]})] = 10.0
+    retries: Annotated[StrictInt, Field(ge=1, le=255), BeforeValidator(_whole_number("retries", 1, 255))] = 3
+    up_after: Annotated[StrictInt, Field(ge=1, le=255), BeforeValidator(_whole_number("up_after", 1, 255))] = 1
     action: Literal["routes", "link"] = "routes"
     answer: Literal["daemon", "kernel", "off"] = "daemon"
 
 
 class MssConfig(_Model):
     # 536 is the smallest MSS every IPv4 host must accept (RFC 879); 65495 fits a 64 KiB loopback MTU.
-    clamp: Literal["pmtu", "off"] | Annotated[StrictInt, Field(ge=536, le=65495)] = "off"
+    clamp: Annotated[Literal["pmtu", "off"] | Annotated[StrictInt, Field(ge=536, le=65495)],
+                     BeforeValidator(_whole_number("clamp", 536, 65495, "pmtu", "off"))] = "off"
 
 
 class NatConfig(_Model):
@@ -159,14 +217,19 @@ class TunnelConfig(_Model):
     key: GreKey | None = None
     ikey: GreKey | None = None
     okey: GreKey | None = None
-    ttl: Annotated[StrictInt, Field(ge=1, le=255)] | Literal["inherit"] = 64
-    tos: Annotated[StrictInt, Field(ge=0, le=255)] | Literal["inherit"] = "inherit"
+    ttl: Annotated[Annotated[StrictInt, Field(ge=1, le=255)] | Literal["inherit"],
+                   BeforeValidator(_whole_number("ttl", 1, 255, "inherit"))] = 64
+    tos: Annotated[Annotated[StrictInt, Field(ge=0, le=255)] | Literal["inherit"],
+                   BeforeValidator(_whole_number("tos", 0, 255, "inherit"))] = "inherit"
     pmtudisc: StrictBool = True
-    mtu: Annotated[StrictInt, Field(ge=68, le=65535)] | None = None
+    # 68: the smallest MTU an IPv4 link may have (RFC 791), and the kernel's floor for GRE devices.
+    mtu: Annotated[Annotated[StrictInt, Field(ge=68, le=65535)] | None,
+                   BeforeValidator(_whole_number("mtu", 68, 65535))] = None
     address: Interface | None = None
     peer: Address | None = None
     routes: list[Network] = []
-    metric: Annotated[StrictInt, Field(ge=0, le=0xFFFFFFFF)] = 0
+    metric: Annotated[StrictInt, Field(ge=0, le=0xFFFFFFFF),
+                      BeforeValidator(_whole_number("metric", 0, 0xFFFFFFFF))] = 0
     table: TableId = 254
     enabled: StrictBool = True
     keepalive: KeepaliveConfig | None = None
@@ -175,29 +238,37 @@ class TunnelConfig(_Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> TunnelConfig:
+        # Each rule names the key a person would change, so the error points at that key's line.
         underlay = 6 if self.mode in IPV6_MODES else 4
         for name in ("local", "remote"):
             addr: IPAddress = getattr(self, name)
             if addr.version != underlay:
-                raise ValueError(f"{name} {addr} is IPv{addr.version} but mode {self.mode} needs IPv{underlay}")
+                raise _FieldProblem(name, f"{name} {addr} is IPv{addr.version} but mode {self.mode}"
+                                          f" needs IPv{underlay}")
         if self.local == self.remote:
-            raise ValueError("local and remote are the same address")
+            raise _FieldProblem("remote", "local and remote are the same address")
         if self.key is not None and (self.ikey is not None or self.okey is not None):
-            raise ValueError("give either key, or ikey/okey, not both")
+            raise _FieldProblem("ikey" if self.ikey is not None else "okey",
+                                "give either key, or ikey/okey, not both")
         if self.peer is not None:
             if self.address is None:
-                raise ValueError("peer needs an address on this side")
+                raise _FieldProblem("peer", "peer needs an address on this side")
             if self.peer.version != self.address.version:
-                raise ValueError(f"peer {self.peer} and address {self.address.ip} are of different families")
+                raise _FieldProblem("peer", f"peer {self.peer} and address {self.address.ip}"
+                                            " are of different families")
             if self.address.network.prefixlen != self.address.max_prefixlen:
-                raise ValueError("with peer, write address without a prefix length (ip addr add A peer P)")
+                raise _FieldProblem("address", "with peer, write address without a prefix length"
+                                               " (ip addr add A peer P)")
         if self.mode in ETHERNET_MODES and self.routes and self.peer is None:
-            raise ValueError(f"mode {self.mode} carries Ethernet: its routes need a peer to use as gateway")
+            raise _FieldProblem("routes", f"mode {self.mode} carries Ethernet: its routes need a peer"
+                                          " to use as gateway")
         if self.ttl != "inherit" and not self.pmtudisc:
             # The kernel refuses a fixed TTL with path-MTU discovery off (ip: "ttl != 0 and nopmtudisc").
-            raise ValueError("pmtudisc = false needs ttl = \"inherit\" (the kernel refuses a fixed ttl without it)")
+            raise _FieldProblem("pmtudisc", "pmtudisc = false needs ttl = \"inherit\""
+                                            " (the kernel refuses a fixed ttl without it)")
         if self.keepalive is not None and self.mode != "gre":
-            raise ValueError(f"keepalive is defined for mode gre only (Cisco GRE/IPv4), not {self.mode}")
+            raise _FieldProblem("keepalive", f"keepalive is defined for mode gre only (Cisco GRE/IPv4),"
+                                             f" not {self.mode}")
         return self
 
     @property
@@ -211,8 +282,8 @@ class TunnelConfig(_Model):
 
 class DaemonConfig(_Model):
     ip_forward: StrictBool = True
-    control_socket: Path = DEFAULT_CONTROL_SOCKET
-    nft_table: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$")] = "greupd"
+    control_socket: Annotated[Path, BeforeValidator(_socket_path)] = DEFAULT_CONTROL_SOCKET
+    nft_table: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$"), BeforeValidator(_nft_table)] = "greupd"
     on_exit: Literal["keep", "remove"] = "keep"
 
 
@@ -345,12 +416,19 @@ def _read(file: Path) -> _Source:
     return _parse(file, text)
 
 
+_TOML_AT = re.compile(r"\s*\((?:at line (\d+), column \d+|at end of document)\)\s*$")
+
+
 def _parse(file: Path, text: str) -> _Source:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        line = getattr(exc, "lineno", None)
-        message = str(exc).split(" (at line")[0]
+        # Python 3.11's TOMLDecodeError keeps the position only in its message ("... (at line 5, column 7)").
+        position = _TOML_AT.search(str(exc))
+        line: int | None = getattr(exc, "lineno", None)
+        if line is None and position is not None:
+            line = int(position.group(1)) if position.group(1) else max(1, len(text.splitlines()))
+        message = _TOML_AT.sub("", str(exc))
         raise ConfigError([ConfigProblem(file, line, "", f"TOML syntax: {message}")]) from None
     return _Source(file, data, locate_fields(text))
 
@@ -365,25 +443,60 @@ def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, A
     return merged
 
 
-def _problems(exc: ValidationError, source: _Source, prefix: Path_,
-              fallback: tuple[_Source, Path_] | None = None) -> list[ConfigProblem]:
+def _written(data: object, path: Path_) -> bool:
+    """Whether `path` is written in this raw TOML data, i.e. whether an error at `path` comes from it."""
+    for part in path:
+        in_list = isinstance(part, int) and isinstance(data, list) and 0 <= part < len(data)
+        in_table = isinstance(part, str) and isinstance(data, dict) and part in data
+        if not (in_list or in_table):
+            return False
+        data = data[part]  # type: ignore[index]
+    return True
+
+
+def _message(error: ErrorDetails, loc: Path_) -> str:
+    name = _field_text(loc) or "value"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"unknown key {loc[-1]!r}" if loc else "unknown key"
+    if kind == "missing":
+        return f"required key {name!r} is missing"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{name} must be a table"
+    if kind == "list_type":
+        return f"{name} must be a list, e.g. [\"...\"]"
+    if kind == "bool_type":
+        return f"{name} must be true or false"
+    if kind == "string_type":
+        return f"{name} must be a string"
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "one of the listed words")
+        return f"{name} must be {expected}, not {error['input']!r}"
+    return error["msg"].removeprefix("Value error, ")
+
+
+# Where an error at a model-relative path stands: the source, and the path of that model in it
+# (("tunnel", 1) or ("defaults",)); None drops the error.
+_Place = Callable[[Path_], "tuple[_Source, Path_] | None"]
+
+
+def _problems(exc: ValidationError, place: _Place, rules_across_keys: bool = True) -> list[ConfigProblem]:
     found = []
     for error in exc.errors(include_url=False):
         loc: Path_ = tuple(p for p in error["loc"] if not (isinstance(p, str) and (
             p.startswith(("function-", "literal[", "constrained-", "lax-", "json-")) or p in ("int", "str"))))
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, _FieldProblem):
+            if not rules_across_keys:
+                continue
+            loc = (*loc, cause.field)
+        where = place(loc)
+        if where is None:
+            continue
+        source, prefix = where
         full = (*prefix, *loc)
-        file, line = source.file, None
-        if full in source.lines or not loc:
-            line = _line_of(source.lines, full)
-        elif fallback is not None and (*fallback[1], *loc) in fallback[0].lines:
-            # the value came from [defaults]: point at that line instead
-            file, line = fallback[0].file, fallback[0].lines[(*fallback[1], *loc)]
-        else:
-            line = _line_of(source.lines, full)
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = f"unknown key {loc[-1]!r}" if loc else "unknown key"
-        found.append(ConfigProblem(file, line, _field_text(full), message))
+        found.append(ConfigProblem(source.file, _line_of(source.lines, full), _field_text(full),
+                                   _message(error, loc)))
     # pydantic reports each branch of a union; keep one line per field
     unique: dict[tuple[Path, str], ConfigProblem] = {}
     for problem in found:
@@ -399,11 +512,15 @@ def load_config(path: Path) -> Config:
     return _validate([_read(file) for file in config_files(path)])
 
 
+def _last_writer(sources: list[_Source], section: str, loc: Path_) -> _Source | None:
+    """The last file whose [section] writes `loc`: merging lets later files win, so its line is the one in force."""
+    return next((s for s in reversed(sources) if _written(s.data.get(section), loc)), None)
+
+
 def _validate(sources: list[_Source]) -> Config:
     problems: list[ConfigProblem] = []
     daemon_raw: dict[str, Any] = {}
     defaults_raw: dict[str, Any] = {}
-    defaults_source: _Source | None = None
     for source in sources:
         for key in source.data:
             if key not in _TOP_KEYS:
@@ -417,16 +534,25 @@ def _validate(sources: list[_Source]) -> Config:
             daemon_raw = _deep_merge(daemon_raw, source.data["daemon"])
         if isinstance(source.data.get("defaults"), dict):
             defaults_raw = _deep_merge(defaults_raw, source.data["defaults"])
-            defaults_source = source
+
+    def in_daemon(loc: Path_) -> tuple[_Source, Path_]:
+        owner = _last_writer(sources, "daemon", loc) or _last_writer(sources, "daemon", ()) or sources[0]
+        return owner, ("daemon",)
+
+    def in_defaults(loc: Path_) -> tuple[_Source, Path_] | None:
+        owner = _last_writer(sources, "defaults", loc) if loc else None
+        return (owner, ("defaults",)) if owner is not None else None
+
     try:
         daemon = DaemonConfig.model_validate(daemon_raw)
     except ValidationError as exc:
         daemon = DaemonConfig()
-        owner = next((s for s in reversed(sources) if isinstance(s.data.get("daemon"), dict)), sources[0])
-        problems += _problems(exc, owner, ("daemon",))
-    if "name" in defaults_raw and defaults_source is not None:
-        problems.append(ConfigProblem(defaults_source.file, _line_of(defaults_source.lines, ("defaults", "name")),
+        problems += _problems(exc, in_daemon)
+    named_default = _last_writer(sources, "defaults", ("name",))
+    if named_default is not None:
+        problems.append(ConfigProblem(named_default.file, _line_of(named_default.lines, ("defaults", "name")),
                                       "defaults.name", "a name cannot be a default: every tunnel needs its own"))
+    problems += _defaults_problems(defaults_raw, in_defaults)
 
     tunnels: list[tuple[TunnelConfig, _Source, int]] = []
     for source in sources:
@@ -436,17 +562,42 @@ def _validate(sources: list[_Source]) -> Config:
                                           "tunnels are written as [[tunnel]] tables"))
             continue
         for index, entry in enumerate(entries):
-            fallback = (defaults_source, ("defaults",)) if defaults_source else None
+
+            def in_tunnel(loc: Path_, source: _Source = source, index: int = index,
+                          entry: dict[str, Any] = entry) -> tuple[_Source, Path_] | None:
+                # A value the tunnel does not write itself came from [defaults]: point at that line instead.
+                if loc and not _written(entry, loc):
+                    return in_defaults(loc) or (source, ("tunnel", index))
+                return source, ("tunnel", index)
+
             try:
                 tunnel = TunnelConfig.model_validate(_deep_merge(defaults_raw, entry))
             except ValidationError as exc:
-                problems += _problems(exc, source, ("tunnel", index), fallback)
+                problems += _problems(exc, in_tunnel)
                 continue
             tunnels.append((tunnel, source, index))
     problems += _cross_tunnel_problems(tunnels)
     if problems:
-        raise ConfigError(problems)
+        # A bad default shows up once per tunnel that inherits it: say it once, and in reading order.
+        order = {source.file: number for number, source in enumerate(sources)}
+        raise ConfigError(sorted(dict.fromkeys(problems), key=lambda p: (order.get(p.file, 0), p.line or 0)))
     return Config(daemon, tuple(t for t, _, _ in tunnels), tuple(s.file for s in sources))
+
+
+def _defaults_problems(defaults_raw: dict[str, Any], place: _Place) -> list[ConfigProblem]:
+    """Check [defaults] on their own, so a typo there is reported even when no tunnel inherits it yet."""
+    if not defaults_raw:
+        return []
+    mode = defaults_raw.get("mode")
+    v6 = isinstance(mode, str) and mode in IPV6_MODES
+    # Stand-ins for the keys only a tunnel can give; errors about them are dropped (place returns None).
+    stand_in = {"name": "defaults", "local": "::1" if v6 else "127.0.0.1", "remote": "::2" if v6 else "127.0.0.2"}
+    try:
+        TunnelConfig.model_validate({**stand_in, **defaults_raw})
+    except ValidationError as exc:
+        # Rules across keys depend on what each tunnel adds; they are checked per tunnel.
+        return _problems(exc, place, rules_across_keys=False)
+    return []
 
 
 def _cross_tunnel_problems(tunnels: list[tuple[TunnelConfig, _Source, int]]) -> list[ConfigProblem]:
