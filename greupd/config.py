@@ -41,7 +41,7 @@ ETHERNET_MODES: frozenset[str] = frozenset({"gretap", "ip6gretap"})
 
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
+_UNIT_SECONDS = {"s": 1.0, "m": 60.0, None: 1.0}
 _TABLE_NAMES = {"main": 254}
 
 
@@ -105,7 +105,9 @@ def _duration(value: object) -> float:
     if isinstance(value, str):
         match = _DURATION.fullmatch(value)
         if match:
-            return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            number, unit = float(match.group(1)), match.group(2)
+            # Divide rather than multiply by 0.001, so "51ms" is the float nearest 0.051, equal to 0.051.
+            return number / 1000 if unit == "ms" else number * _UNIT_SECONDS[unit]
     raise ValueError(f"{value!r} is not a duration: seconds, or a string such as \"300ms\", \"2s\", \"1m\"")
 
 
