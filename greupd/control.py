@@ -1,0 +1,305 @@
+"""The control socket: how `greupd status` and `greupd reload` talk to the running daemon.
+
+Protocol: a Unix stream socket (mode 0600, so root only); each request is one line of JSON,
+`{"command": "status"}` or `{"command": "reload"}`, and each answer one line of JSON,
+`{"ok": true, "result": ...}` (a DaemonStatus or a ReloadResult, see greupd/status.py) or
+`{"ok": false, "error": "..."}` for a request the daemon could not serve. A rejected config is not a
+protocol error: it is a ReloadResult with ok = false.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final, Literal, cast, overload
+
+from greupd.events import format_interval
+from greupd.status import DaemonStatus, ReloadResult, TunnelStatus
+
+COMMANDS: Final = ("status", "reload")
+# A request is a few bytes; anything near this is not a greupd client.
+_MAX_LINE: Final = 64 * 1024
+# A client that connects and says nothing must not hold a connection open forever.
+_IDLE_TIMEOUT: Final = 30.0
+# How long start() waits for an existing socket's daemon to answer before calling the socket stale.
+_PROBE_TIMEOUT: Final = 1.0
+
+
+class ControlUnavailable(Exception):
+    """No daemon answers on the control socket: missing, refused, permission denied or timed out."""
+
+
+class ControlError(Exception):
+    """A daemon answered but refused the request (an unknown command: a client newer than the daemon)."""
+
+
+class ControlSocketBusy(Exception):
+    """Another daemon already answers on the control socket: two greupd would fight over the same links."""
+
+
+# --- the server ----------------------------------------------------------------------------------------------
+
+class ControlServer:
+    """Serves status and reload requests on a Unix socket, inside the daemon's asyncio loop."""
+
+    def __init__(self, path: Path, status: Callable[[], DaemonStatus],
+                 reload: Callable[[], Awaitable[ReloadResult]],
+                 *, on_error: Callable[[str], None] | None = None) -> None:
+        self.path = path
+        self._status = status
+        self._reload = reload
+        self._on_error = on_error
+        # Two `greupd reload` at once would interleave two applies; the second waits for the first.
+        self._reload_lock = asyncio.Lock()
+        self._server: asyncio.Server | None = None
+        self._inode: int | None = None
+
+    async def start(self) -> None:
+        """Bind and listen. Raises ControlSocketBusy when another daemon answers at the path."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # The umask makes the socket 0600 from its first moment; a chmod after bind would leave a window.
+            previous_umask = os.umask(0o177)
+            try:
+                sock.bind(str(self.path))
+            finally:
+                os.umask(previous_umask)
+            sock.listen(16)
+            sock.setblocking(False)
+            self._inode = os.stat(self.path).st_ino
+            self._server = await asyncio.start_unix_server(self._serve_connection, sock=sock, limit=_MAX_LINE)
+        except BaseException:
+            sock.close()
+            raise
+
+    async def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        await self._server.wait_closed()
+        self._server = None
+        # Remove the socket only if it is still ours: a successor may already have bound its own at the path.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self.path).st_ino == self._inode:
+                self.path.unlink()
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if not _peer_allowed(writer.get_extra_info("socket")):
+                await _send(writer, {"ok": False, "error": "permission denied"})
+                return
+            while True:
+                try:
+                    line = await asyncio.wait_for(reader.readline(), _IDLE_TIMEOUT)
+                except (TimeoutError, ValueError, ConnectionError):
+                    return  # idle, over-long line, or the client went away
+                if not line:
+                    return
+                await _send(writer, await self._answer(line))
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _answer(self, line: bytes) -> dict[str, object]:
+        command = parse_request(line)
+        if command not in COMMANDS:
+            return {"ok": False, "error": command_error(command)}
+        try:
+            if command == "status":
+                return {"ok": True, "result": self._status()}
+            async with self._reload_lock:
+                return {"ok": True, "result": await self._reload()}
+        except Exception as exc:
+            # A bug in the daemon's callback: the client learns of it, and the daemon logs it once, here.
+            text = f"{command} failed: {type(exc).__name__}: {exc}"
+            if self._on_error is not None:
+                self._on_error(text)
+            return {"ok": False, "error": text}
+
+
+def parse_request(line: bytes) -> str | None:
+    """The command a request line asks for, or None when it is not a JSON object with a string command."""
+    try:
+        request = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(request, dict):
+        return None
+    command = request.get("command")
+    return command if isinstance(command, str) else None
+
+
+def command_error(command: str | None) -> str:
+    if command is None:
+        return 'a request is one line of JSON: {"command": "status"} or {"command": "reload"}'
+    return f"unknown command {command!r}; known: {', '.join(COMMANDS)}"
+
+
+async def _send(writer: asyncio.StreamWriter, answer: Mapping[str, object]) -> None:
+    writer.write(json.dumps(answer).encode() + b"\n")
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+
+
+def _peer_allowed(sock: socket.socket | None) -> bool:
+    # The 0600 mode already keeps others out; the credential check also holds if someone loosens the mode.
+    if sock is None:
+        return False
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))  # struct ucred
+    return uid in (0, os.geteuid())
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Unlink a socket left by a daemon that died; refuse if a daemon answers there, or if it is no socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ControlSocketBusy(f"{path} exists and is not a socket; not removing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(_PROBE_TIMEOUT)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)  # nobody listens: left over from a daemon that did not stop cleanly
+        return
+    except OSError as exc:
+        raise ControlSocketBusy(f"cannot tell whether another daemon owns {path}: {exc}") from exc
+    finally:
+        probe.close()
+    raise ControlSocketBusy(f"another greupd already answers on {path}")
+
+
+# --- the client --------------------------------------------------------------------------------------------------
+
+@overload
+def request(path: Path, command: Literal["status"], timeout: float = 5) -> DaemonStatus: ...
+@overload
+def request(path: Path, command: Literal["reload"], timeout: float = 5) -> ReloadResult: ...
+@overload
+def request(path: Path, command: str, timeout: float = 5) -> Mapping[str, object]: ...
+def request(path: Path, command: str, timeout: float = 5) -> Mapping[str, object] | DaemonStatus | ReloadResult:
+    """Send one command to the daemon and return its result.
+
+    Raises ControlUnavailable when nothing answers within `timeout` seconds (for reload: while the daemon
+    applies the new config), ControlError when the daemon refuses the request.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError as exc:
+            raise ControlUnavailable("no control socket") from exc
+        except ConnectionRefusedError as exc:
+            raise ControlUnavailable("connection refused (stale socket)") from exc
+        except PermissionError as exc:
+            raise ControlUnavailable("permission denied (the control socket is root's)") from exc
+        except OSError as exc:
+            raise ControlUnavailable(str(exc)) from exc
+        try:
+            sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+            reply = _read_line(sock)
+        except TimeoutError as exc:
+            raise ControlUnavailable(f"no answer within {timeout:g}s") from exc
+        except OSError as exc:
+            raise ControlUnavailable(str(exc)) from exc
+    finally:
+        sock.close()
+    if not reply:
+        raise ControlUnavailable("the daemon closed the connection without answering")
+    try:
+        answer = json.loads(reply)
+    except ValueError as exc:
+        raise ControlError(f"unreadable answer: {reply[:200]!r}") from exc
+    if not isinstance(answer, dict) or not answer.get("ok"):
+        error = answer.get("error") if isinstance(answer, dict) else None
+        raise ControlError(str(error or f"unexpected answer: {reply[:200]!r}"))
+    result = answer.get("result")
+    if not isinstance(result, dict):
+        raise ControlError(f"answer without a result: {reply[:200]!r}")
+    # The daemon is the same program: its JSON has the shapes of greupd.status by construction.
+    return cast(Mapping[str, object], result)
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        newline = chunk.find(b"\n")
+        if newline >= 0:
+            chunks.append(chunk[:newline])
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+# --- the table of `greupd status` ------------------------------------------------------------------------------
+
+def _age(since: str, now: datetime) -> str:
+    try:
+        then = datetime.fromisoformat(since.replace("Z", "+00:00"))
+    except ValueError:
+        return since
+    seconds = max(int((now - then).total_seconds()), 0)
+    if seconds < 60:
+        return f"{seconds}s ago"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s ago"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m ago"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h ago"
+
+
+def _keepalive_cell(tunnel: TunnelStatus) -> str:
+    keepalive = tunnel["keepalive"]
+    if keepalive is None:
+        return "-"
+    rtt = f" rtt {keepalive['last_rtt_ms']:.2f}ms" if keepalive["last_rtt_ms"] is not None else ""
+    missed = f" missed {keepalive['missed_in_a_row']}" if keepalive["missed_in_a_row"] else ""
+    return (f"{format_interval(keepalive['interval'])}x{keepalive['retries']}"
+            f" {keepalive['sent']}/{keepalive['received']}{rtt}{missed}")
+
+
+def _routes_cell(tunnel: TunnelStatus) -> str:
+    if not tunnel["routes"]:
+        return "-"
+    return " ".join(tunnel["routes"]) + ("" if tunnel["routes_installed"] else " (withdrawn)")
+
+
+def format_status(status: DaemonStatus, now: datetime | None = None) -> str:
+    """The table `greupd status` prints for people; `--json` prints the DaemonStatus itself."""
+    now = now or datetime.now(UTC)
+    lines = [f"greupd pid {status['pid']}, config {status['config']}, generation {status['generation']}"]
+    if status["last_error"]:
+        lines.append(f"last error: {status['last_error']}")
+    header = ("NAME", "STATE", "SINCE", "REASON", "REMOTE", "KEEPALIVE sent/recv", "ROUTES")
+    rows = [header]
+    notes: list[str] = []
+    for t in status["tunnels"]:
+        rows.append((t["name"], t["state"], _age(t["since"], now), t["reason"], t["remote"],
+                     _keepalive_cell(t), _routes_cell(t)))
+        if t["error"]:
+            notes.append(f"{t['name']}: {t['error']}")
+    if len(rows) == 1:
+        lines.append("no tunnels configured")
+    else:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines.extend("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)
+    lines.extend(notes)
+    return "\n".join(lines)
