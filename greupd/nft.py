@@ -1,0 +1,480 @@
+"""nftables: the one table greupd owns (MSS clamp, NAT, forward accepts), rendered purely and kept in place.
+
+    Config --render_ruleset (pure)--> Ruleset --NftTable.apply (one transaction)--> kernel
+    kernel --NftWatch (nftables netlink events)--> "look again" --NftTable.matches--> re-apply if it differs
+
+Everything goes through libnftables' JSON API (the `nftables` Python bindings, imported lazily so that a
+config without MSS clamp or NAT never needs them). greupd owns exactly one table, `inet <daemon.nft_table>`,
+and touches no other: it replaces its own table as a whole, so other tables stay byte-identical.
+
+What a tunnel asks for, and the rules that carry it out:
+
+    [tunnel.mss] clamp = 1436 | "pmtu"      chain mss_clamp (filter, forward, priority mangle):
+                                              oifname TUN tcp flags syn / syn,rst tcp option maxseg size set N
+                                              iifname TUN tcp flags syn / syn,rst tcp option maxseg size set N
+                                              (N = 1436, or `rt mtu` for "pmtu")
+    [tunnel.nat] into_tunnel = [P]          chain forward (filter, forward, priority filter):
+                                              ip saddr P oifname TUN accept
+                                            chain postrouting (nat, postrouting, priority srcnat):
+                                              ip saddr P oifname TUN masquerade
+    [tunnel.nat] from_tunnel = [IF]         chain forward:
+                                              iifname TUN oifname IF meta mark set meta mark | MARK accept
+                                            chain postrouting:
+                                              meta mark & MARK == MARK oifname IF masquerade
+
+Only the chains that have rules are created: a config with a clamp but no NAT registers no nat hook (and
+so does not switch conntrack on), and a config with neither has no table at all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from greupd.config import Config, IPNetwork, TunnelConfig
+
+Json = str | int | float | bool | None | list["Json"] | dict[str, "Json"]
+JsonObject = dict[str, Json]
+
+FAMILY = "inet"
+
+# Base chain priorities as nft names them (`nft list` prints the names, JSON carries the numbers).
+PRIORITY_NAMES: Mapping[int, str] = {-150: "mangle", 0: "filter", 100: "srcnat"}
+MANGLE, FILTER, SRCNAT = -150, 0, 100
+
+# The packet-mark bit that tells our postrouting chain "this packet came out of a tunnel and is leaving by
+# one of that tunnel's from_tunnel interfaces, masquerade it".
+#
+# Why a mark: masquerading happens in postrouting, where the packet's input interface is not a thing to
+# rely on (iptables refuses -i in POSTROUTING; nft's iifname there depends on how the output path hands
+# over the device). The forward hook sees both iifname and oifname, so the decision is made there, exactly
+# as configured, and carried to postrouting on the packet itself.
+# Why the packet mark (meta mark) and not the conntrack mark: NAT is decided on a connection's first
+# packet only, so a per-packet flag is enough; the packet mark dies with the packet and leaves nothing in
+# the conntrack table, whereas a ct mark lives on in the connection, where setups that restore routing marks
+# from it (`meta mark set ct mark` in prerouting, multi-WAN policy routing) would pick it up on later packets.
+# Why not match the tunnel's peer/addresses: what comes out of a tunnel has the remote LAN's addresses,
+# which no tunnel field lists (routes say where to send, not who may send), so an address match would miss
+# traffic or take in other traffic.
+# Why only this bit: we OR it in and test it with a mask, so marks others set (fwmark routing, tc) survive;
+# the bit is above those kube-proxy (0x4000, 0x8000), Tailscale (0xff0000) and wg-quick (0xca6c) use.
+FROM_TUNNEL_MARK = 0x20000000
+
+
+class NftError(Exception):
+    """nftables refused or could not be reached; names the tunnel and rule where that is known."""
+
+    def __init__(self, message: str, tunnel: str | None = None, rule: str | None = None) -> None:
+        self.message = message
+        self.tunnel = tunnel
+        self.rule = rule
+        where = f" (tunnel {tunnel}: {rule})" if tunnel and rule else f" ({rule})" if rule else ""
+        super().__init__(f"{message}{where}")
+
+
+# --- the ruleset: a frozen value -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One piece of a rule, as `nft list` prints it and as libnftables JSON (kept as text: frozen)."""
+
+    text: str
+    json_text: str
+
+    @property
+    def json(self) -> Json:
+        value: Json = json.loads(self.json_text)
+        return value
+
+
+def _statement(text: str, value: Json) -> Statement:
+    return Statement(text, json.dumps(value, sort_keys=True))
+
+
+@dataclass(frozen=True)
+class Chain:
+    name: str
+    type: Literal["filter", "nat"]
+    hook: Literal["forward", "postrouting"]
+    priority: int
+
+    @property
+    def text(self) -> str:
+        priority = PRIORITY_NAMES.get(self.priority, str(self.priority))
+        return f"type {self.type} hook {self.hook} priority {priority}; policy accept;"
+
+
+@dataclass(frozen=True)
+class Rule:
+    chain: str
+    tunnel: str
+    comment: str  # stored in the kernel with the rule, so `nft list ruleset` tells whose and why
+    statements: tuple[Statement, ...]
+
+    @property
+    def text(self) -> str:
+        return " ".join(s.text for s in self.statements) + f' comment "{self.comment}"'
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """The whole desired content of greupd's table; no rules means "no table"."""
+
+    table: str
+    chains: tuple[Chain, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    family: ClassVar[str] = FAMILY
+
+    @property
+    def wanted(self) -> bool:
+        return bool(self.rules)
+
+    def objects(self) -> list[JsonObject]:
+        """Table, chains and rules as `nft -j list table` shows them (without handles); none if not wanted."""
+        return _objects(self.table, self.chains, self.rules) if self.wanted else []
+
+    def commands(self) -> list[JsonObject]:
+        """One libnftables transaction that makes the kernel hold exactly this ruleset.
+
+        `add table; delete table; add table; add chain...; add rule...` in one batch: the add makes the
+        delete valid when the table does not exist yet, the delete drops whatever was in it (ours from an
+        older config, or anything someone added), and the kernel commits the batch atomically, so packets
+        never meet a half-written table or a window without the clamp and NAT. With no rules the
+        transaction is `add table; delete table`: remove ours if present, and no error if not.
+        """
+        return [*_clear(self.table), *_adds(self.objects())]
+
+
+def _clear(table: str) -> list[JsonObject]:
+    name: JsonObject = {"family": FAMILY, "name": table}
+    return [{"add": {"table": name}}, {"delete": {"table": name}}]
+
+
+def _adds(objects: Iterable[JsonObject]) -> list[JsonObject]:
+    return [{"add": obj} for obj in objects]
+
+
+def _objects(table: str, chains: Iterable[Chain], rules: Iterable[Rule]) -> list[JsonObject]:
+    objects: list[JsonObject] = [{"table": {"family": FAMILY, "name": table}}]
+    for chain in chains:
+        objects.append({"chain": {"family": FAMILY, "table": table, "name": chain.name, "type": chain.type,
+                                  "hook": chain.hook, "prio": chain.priority, "policy": "accept"}})
+    for rule in rules:
+        objects.append({"rule": {"family": FAMILY, "table": table, "chain": rule.chain, "comment": rule.comment,
+                                 "expr": [s.json for s in rule.statements]}})
+    return objects
+
+
+# --- rendering: Config -> Ruleset (pure) -----------------------------------------------------------------
+
+
+def _match(left: Json, right: Json) -> JsonObject:
+    return {"match": {"op": "==", "left": left, "right": right}}
+
+
+def _meta(key: str) -> JsonObject:
+    return {"meta": {"key": key}}
+
+
+def _ifname(direction: Literal["iifname", "oifname"], name: str) -> Statement:
+    return _statement(f'{direction} "{name}"', _match(_meta(direction), name))
+
+
+# `tcp flags & (syn|rst) == syn`: SYNs and SYN-ACKs, the segments that carry an MSS option.
+_SYN = _statement("tcp flags syn / syn,rst",
+                  _match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "rst"]]}, "syn"))
+
+
+def _clamp(clamp: int | Literal["pmtu"]) -> Statement:
+    # The kernel never raises an MSS with this statement (nft_exthdr: "increase can cause connection to
+    # stall"), so `set` is a clamp, like iptables' TCPMSS: a SYN that already asks for less keeps its value.
+    # `rt mtu` is the route's MTU less the IP and TCP headers, i.e. the MSS that fits the egress route.
+    value: Json = {"rt": {"key": "mtu"}} if clamp == "pmtu" else clamp
+    text = "rt mtu" if clamp == "pmtu" else str(clamp)
+    return _statement(f"tcp option maxseg size set {text}",
+                      {"mangle": {"key": {"tcp option": {"name": "maxseg", "field": "size"}}, "value": value}})
+
+
+def _saddr(prefix: IPNetwork) -> Statement:
+    protocol = "ip" if prefix.version == 4 else "ip6"
+    # nft keeps a full-length prefix as a plain address; render it the way the kernel gives it back.
+    right: Json
+    if prefix.prefixlen == prefix.max_prefixlen:
+        right, text = str(prefix.network_address), str(prefix.network_address)
+    else:
+        right, text = {"prefix": {"addr": str(prefix.network_address), "len": prefix.prefixlen}}, str(prefix)
+    return _statement(f"{protocol} saddr {text}", _match({"payload": {"protocol": protocol, "field": "saddr"}},
+                                                         right))
+
+
+_ACCEPT = _statement("accept", {"accept": None})
+_MASQUERADE = _statement("masquerade", {"masquerade": None})
+_SET_MARK = _statement(f"meta mark set meta mark | {FROM_TUNNEL_MARK:#010x}",
+                       {"mangle": {"key": _meta("mark"), "value": {"|": [_meta("mark"), FROM_TUNNEL_MARK]}}})
+_HAS_MARK = _statement(f"meta mark & {FROM_TUNNEL_MARK:#010x} == {FROM_TUNNEL_MARK:#010x}",
+                       _match({"&": [_meta("mark"), FROM_TUNNEL_MARK]}, FROM_TUNNEL_MARK))
+
+MSS_CHAIN = Chain("mss_clamp", "filter", "forward", MANGLE)
+FORWARD_CHAIN = Chain("forward", "filter", "forward", FILTER)
+NAT_CHAIN = Chain("postrouting", "nat", "postrouting", SRCNAT)
+
+
+def tunnel_rules(tunnel: TunnelConfig) -> list[Rule]:
+    """The rules one tunnel asks for, in chain order; none for a disabled tunnel."""
+    if not tunnel.enabled:
+        return []
+    name = tunnel.name
+    rules: list[Rule] = []
+    if tunnel.mss.clamp != "off":
+        clamp = _clamp(tunnel.mss.clamp)
+        # Both ways: SYNs (and SYN-ACKs) leaving through the tunnel tell the far side how big to send, and
+        # those arriving from it tell our side. With "pmtu", `rt mtu` is the egress route's: the tunnel's on
+        # the way out; on the way in it is the LAN's, so there the peer's own clamp is what bites.
+        rules.append(Rule(MSS_CHAIN.name, name, f"{name}: clamp mss out",
+                          (_ifname("oifname", name), _SYN, clamp)))
+        rules.append(Rule(MSS_CHAIN.name, name, f"{name}: clamp mss in",
+                          (_ifname("iifname", name), _SYN, clamp)))
+    for prefix in tunnel.nat.into_tunnel:
+        # The accepts stand for the seed's FORWARD ACCEPT rules. An accept ends only our own chain: a drop
+        # in another table's forward chain still applies (nftables evaluates every base chain of a hook).
+        rules.append(Rule(FORWARD_CHAIN.name, name, f"{name}: forward {prefix} into the tunnel",
+                          (_saddr(prefix), _ifname("oifname", name), _ACCEPT)))
+    for ifname in tunnel.nat.from_tunnel:
+        rules.append(Rule(FORWARD_CHAIN.name, name, f"{name}: forward from the tunnel to {ifname}",
+                          (_ifname("iifname", name), _ifname("oifname", ifname), _SET_MARK, _ACCEPT)))
+    for prefix in tunnel.nat.into_tunnel:
+        rules.append(Rule(NAT_CHAIN.name, name, f"{name}: masquerade {prefix} into the tunnel",
+                          (_saddr(prefix), _ifname("oifname", name), _MASQUERADE)))
+    for ifname in tunnel.nat.from_tunnel:
+        rules.append(Rule(NAT_CHAIN.name, name, f"{name}: masquerade from the tunnel to {ifname}",
+                          (_HAS_MARK, _ifname("oifname", ifname), _MASQUERADE)))
+    return rules
+
+
+def render_ruleset(config: Config) -> Ruleset:
+    """The table greupd should hold for this config; `wanted` is False when no enabled tunnel needs one."""
+    rules = [rule for tunnel in config.tunnels for rule in tunnel_rules(tunnel)]
+    chains = tuple(c for c in (MSS_CHAIN, FORWARD_CHAIN, NAT_CHAIN) if any(r.chain == c.name for r in rules))
+    ordered = tuple(r for c in chains for r in rules if r.chain == c.name)
+    return Ruleset(config.daemon.nft_table, chains, ordered)
+
+
+def describe_ruleset(ruleset: Ruleset) -> str:
+    """The ruleset in nft syntax, as `nft list table inet <name>` prints it once applied."""
+    if not ruleset.wanted:
+        return f"# no table {ruleset.family} {ruleset.table}: no enabled tunnel asks for an MSS clamp or NAT\n"
+    blocks = []
+    for chain in ruleset.chains:
+        lines = [f"\tchain {chain.name} {{", f"\t\t{chain.text}"]
+        lines += [f"\t\t{rule.text}" for rule in ruleset.rules if rule.chain == chain.name]
+        blocks.append("\n".join([*lines, "\t}"]))
+    return f"table {ruleset.family} {ruleset.table} {{\n" + "\n\n".join(blocks) + "\n}\n"
+
+
+# --- comparing what the kernel holds with what we would install ------------------------------------------
+
+
+def normalize_listing(objects: Iterable[Json]) -> str:
+    """A canonical text of table/chain/rule objects, for equality: handles dropped, chains by name.
+
+    Rule order inside a chain matters and is kept; the order of chains does not.
+    """
+    table: Json = None
+    chains: dict[str, Json] = {}
+    rules: dict[str, list[Json]] = {}
+    other: list[Json] = []
+    for obj in objects:
+        if not isinstance(obj, dict) or len(obj) != 1:
+            other.append(obj)
+            continue
+        ((kind, body),) = obj.items()
+        if kind == "metainfo":
+            continue
+        if not isinstance(body, dict):
+            other.append(obj)
+            continue
+        body = {k: v for k, v in body.items() if k != "handle"}
+        if kind == "table":
+            table = body
+        elif kind == "chain":
+            chains[str(body.get("name"))] = body
+        elif kind == "rule":
+            rules.setdefault(str(body.get("chain")), []).append(body)
+        else:
+            other.append({kind: body})  # sets, maps, counters: we make none, so any is a difference
+    return json.dumps({"table": table, "chains": chains, "rules": rules, "other": other}, sort_keys=True)
+
+
+# --- the kernel side --------------------------------------------------------------------------------------
+
+
+def _clean_error(text: str) -> str:
+    # libnftables prefixes JSON input errors with a location it does not have ("internal:0:0-0: ").
+    lines = [line.removeprefix("internal:0:0-0: ").strip() for line in text.splitlines()]
+    return "; ".join(line for line in lines if line) or "libnftables failed without a message"
+
+
+class NftTable:
+    """greupd's table in the kernel of the calling process's netns, through libnftables."""
+
+    def __init__(self, table: str) -> None:
+        self.table = table
+        self._nft: Any = None  # nftables.Nftables, created on first use (the bindings are optional)
+        # The listing the kernel gave right after our last apply. A newer libnftables may print some
+        # expression differently from how we render it; recognising our own last apply keeps that from
+        # looking like drift (which would re-apply on every event it causes: a loop).
+        self._applied: tuple[Ruleset, str] | None = None
+
+    # libnftables --------------------------------------------------------------------------------------
+
+    def _context(self) -> Any:
+        if self._nft is None:
+            try:
+                import nftables
+            except ImportError as exc:
+                raise NftError("the libnftables Python bindings are missing (pip install pip-nftables;"
+                               " Debian: python3-nftables)") from exc
+            try:
+                self._nft = nftables.Nftables()
+            except OSError as exc:
+                raise NftError(f"libnftables is missing (Debian: apt install libnftables1): {exc}") from exc
+        return self._nft
+
+    def _run(self, commands: Sequence[JsonObject]) -> list[Json]:
+        rc, output, error = self._context().json_cmd({"nftables": list(commands)})
+        if rc != 0:
+            raise NftError(_clean_error(str(error)))
+        if isinstance(output, dict) and isinstance(output.get("nftables"), list):
+            listing: list[Json] = output["nftables"]
+            return listing
+        return []
+
+    # reading ------------------------------------------------------------------------------------------
+
+    def present(self) -> bool:
+        """Does the kernel have our table? False, without error, when libnftables is not installed."""
+        try:
+            self._context()
+        except NftError:
+            return False  # without libnftables nothing of ours can be there to see
+        tables = self._run([{"list": {"tables": {"family": FAMILY}}}])
+        wanted: Json = {"family": FAMILY, "name": self.table}
+        for obj in tables:
+            table = obj.get("table") if isinstance(obj, dict) else None
+            if isinstance(table, dict) and {k: table.get(k) for k in ("family", "name")} == wanted:
+                return True
+        return False
+
+    def observe(self) -> str | None:
+        """The normalized listing of our table, or None when it does not exist."""
+        if not self.present():
+            return None
+        return normalize_listing(self._run([{"list": {"table": {"family": FAMILY, "name": self.table}}}]))
+
+    def matches(self, ruleset: Ruleset) -> bool:
+        """Is what the kernel holds now exactly what `apply(ruleset)` would install?"""
+        self._check_name(ruleset)
+        if not ruleset.wanted:
+            return not self.present()
+        seen = self.observe()
+        if seen is None:
+            return False
+        if seen == normalize_listing(ruleset.objects()):
+            return True
+        return self._applied is not None and self._applied == (ruleset, seen)
+
+    # writing ------------------------------------------------------------------------------------------
+
+    def apply(self, ruleset: Ruleset) -> None:
+        """Replace our table with `ruleset` in one transaction (or remove it when nothing is wanted)."""
+        self._check_name(ruleset)
+        if not ruleset.wanted:
+            self.remove()
+            return
+        try:
+            self._run(ruleset.commands())
+        except NftError as exc:
+            raise self._locate(ruleset, exc) from None
+        seen = self.observe()
+        self._applied = (ruleset, seen) if seen is not None else None
+
+    def remove(self) -> None:
+        """Delete our table if it exists; other tables are not touched."""
+        self._applied = None
+        if self.present():
+            self._run(_clear(self.table))
+
+    def _check_name(self, ruleset: Ruleset) -> None:
+        if ruleset.table != self.table:
+            raise ValueError(f"ruleset for table {ruleset.table!r} given to NftTable({self.table!r})")
+
+    def _locate(self, ruleset: Ruleset, error: NftError) -> NftError:
+        """Find what the kernel refused, checking the table with one rule at a time in a dry run.
+
+        libnftables reports JSON input errors without a position, and the batch was rolled back whole;
+        a dry run sends the same batch for the kernel to validate, then aborts it.
+        """
+        base = [*_clear(ruleset.table), *_adds(_objects(ruleset.table, ruleset.chains, ()))]
+        skeleton = f"table {FAMILY} {ruleset.table} and its chains"
+        candidates: list[tuple[str | None, str, list[JsonObject]]] = [(None, skeleton, base)]
+        for rule in ruleset.rules:
+            (obj,) = _objects(ruleset.table, (), (rule,))[1:]
+            candidates.append((rule.tunnel, f"chain {rule.chain}: {rule.text}", [*base, {"add": obj}]))
+        for tunnel, what, commands in candidates:
+            try:
+                if not self._check(commands):
+                    return error  # no dry run in this libnftables: the kernel's message is all we have
+            except NftError as exc:
+                return NftError(exc.message, tunnel=tunnel, rule=what)
+        return error
+
+    def _check(self, commands: Sequence[JsonObject]) -> bool:
+        """Validate commands against the kernel without committing; False if dry runs are unavailable."""
+        nft = self._context()
+        if not _set_dry_run(nft, True):
+            return False
+        try:
+            self._run(commands)
+        finally:
+            _set_dry_run(nft, False)
+        return True
+
+
+def _set_dry_run(nft: Any, on: bool) -> bool:
+    """Switch libnftables' check mode (the batch goes to the kernel, which validates it and aborts).
+
+    Newer bindings have `set_dry_run`; pip-nftables 1.0.2 does not, so call the C library directly.
+    """
+    setter = getattr(nft, "set_dry_run", None)
+    if setter is not None:
+        setter(on)
+        return True
+    context = getattr(nft, "_Nftables__ctx", None)
+    if context is None:
+        return False
+    try:
+        lib = ctypes.CDLL("libnftables.so.1")
+        lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+        lib.nft_ctx_set_dry_run(context, on)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+__all__ = [
+    "FROM_TUNNEL_MARK",
+    "Chain",
+    "NftError",
+    "NftTable",
+    "Rule",
+    "Ruleset",
+    "Statement",
+    "describe_ruleset",
+    "normalize_listing",
+    "render_ruleset",
+    "tunnel_rules",
+]
