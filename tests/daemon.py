@@ -1,0 +1,114 @@
+"""Run `greupd run` inside a lab host, as a user would: a TOML file, a process, `greupd status`/`reload`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.lab.hosts import Host
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class GreupdProcess:
+    """One daemon in one host, with its own config file and control socket under a temp dir."""
+
+    def __init__(self, host: Host, config: str, name: str = "greupd") -> None:
+        self.host = host
+        self.dir = Path(tempfile.mkdtemp(prefix=f"greupd-{host.name}-", dir=_scratch()))
+        self.config_path = self.dir / "tunnels.toml"
+        self.socket = self.dir / "control.sock"
+        self.log = self.dir / "greupd.log"
+        self.config_path.write_text(config)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM", "WATCHDOG_USEC")}
+        env.update(GREUPD_CONFIG=str(self.config_path), GREUPD_CONTROL_SOCKET=str(self.socket),
+                   PYTHONPATH=str(REPO), GREUPD_LOG_LEVEL=os.environ.get("GREUPD_LOG_LEVEL", "INFO"))
+        return env
+
+    def cli(self, *argv: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return self.host.run(sys.executable, "-m", "greupd", *argv, check=check, timeout=timeout, env=self.env)
+
+    def start(self, wait: bool = True, timeout: float = 60) -> GreupdProcess:
+        out = self.log.open("ab")
+        self.proc = self.host.popen(sys.executable, "-m", "greupd", "run", stdout=out, stderr=subprocess.STDOUT,
+                                    env=self.env)
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 60) -> dict[str, Any]:
+        """Until the daemon answers and every enabled tunnel has left its initial state."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"greupd exited with {self.proc.returncode}:\n{self.output()}")
+            status = self.status(check=False)
+            if status is not None and status["generation"] >= 1 and all(
+                    t["state"] != "down" or t["reason"] != "config" for t in status["tunnels"]):
+                return status
+            time.sleep(0.1)
+        raise AssertionError(f"greupd not ready after {timeout}s:\n{self.output()}")
+
+    def status(self, check: bool = True) -> dict[str, Any] | None:
+        result = self.cli("status", "--json", timeout=30)
+        if result.returncode != 0:
+            if check:
+                raise AssertionError(f"greupd status failed ({result.returncode}): {result.stderr}")
+            return None
+        status: dict[str, Any] = json.loads(result.stdout)
+        return status
+
+    def tunnel(self, name: str) -> dict[str, Any]:
+        status = self.status()
+        assert status is not None
+        return next(t for t in status["tunnels"] if t["name"] == name)
+
+    def wait_for(self, name: str, state: str, timeout: float = 20) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        tunnel: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            tunnel = self.tunnel(name)
+            if tunnel["state"] == state:
+                return tunnel
+            time.sleep(0.05)
+        raise AssertionError(f"tunnel {name} is {tunnel.get('state')}, not {state}:\n{self.output()}")
+
+    def reload(self, config: str | None = None) -> subprocess.CompletedProcess[str]:
+        if config is not None:
+            self.config_path.write_text(config)
+        return self.cli("reload", timeout=60)
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        self.signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        assert self.proc is not None
+        self.proc.wait(10)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def _scratch() -> str:
+    # On the host file system (inside a guest /tmp may be a tmpfs that the host cannot read afterwards).
+    path = REPO / ".lab" / "scratch"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
