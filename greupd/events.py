@@ -22,6 +22,7 @@ from typing import Final, TextIO
 from greupd.status import TunnelState
 
 SYSLOG_IDENTIFIER: Final = "greupd"
+JOURNAL_SOCKET: Final = Path("/run/systemd/journal/socket")
 
 
 class EventKind(StrEnum):
@@ -271,10 +272,13 @@ class EventLog:
     """Sends each event to the journal (under systemd) or as a line to stderr.
 
     journal=None decides by JOURNAL_STREAM; True/False forces it (tests, `--log-target` style options).
+    Without a journald socket on the machine every event goes to stderr.
     """
 
     def __init__(self, *, journal: bool | None = None, stream: TextIO | None = None) -> None:
-        self._journal = journald_attached(os.environ) if journal is None else journal
+        wanted = journald_attached(os.environ) if journal is None else journal
+        # sd_journal_send(3) drops entries silently when journald's socket is absent: send to stderr instead.
+        self._journal = wanted and JOURNAL_SOCKET.exists()
         self._stream = stream
 
     @property
