@@ -46,9 +46,12 @@ _TABLE_NAMES = {"main": 254}
 
 
 # --- field parsers: each takes the raw TOML value and returns the typed one or raises ValueError ---------
+# They also take the typed value itself, so models can be built, and model_dump() re-validated, in code.
 
 
 def _address(value: object) -> IPAddress:
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return value
     if not isinstance(value, str):
         raise ValueError("an IP address is written as a string, e.g. \"172.19.1.1\"")
     try:
@@ -58,6 +61,8 @@ def _address(value: object) -> IPAddress:
 
 
 def _network(value: object) -> IPNetwork:
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
     if not isinstance(value, str):
         raise ValueError("a prefix is written as a string, e.g. \"20.10.1.0/24\"")
     try:
@@ -70,6 +75,8 @@ def _network(value: object) -> IPNetwork:
 
 
 def _interface(value: object) -> IPInterface:
+    if isinstance(value, ipaddress.IPv4Interface | ipaddress.IPv6Interface):
+        return value
     if not isinstance(value, str):
         raise ValueError("an address is written as a string, \"A\" or \"A/len\"")
     try:
@@ -345,7 +352,8 @@ def locate_fields(text: str) -> dict[Path_, int]:
     counters: dict[tuple[str, ...], int] = {}
     table: Path_ = ()
     in_multiline = False
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # TOML ends lines at \n only; str.splitlines would also split inside strings (at \u2028, \x0c, ...).
+    for number, raw in enumerate(text.split("\n"), start=1):
         if raw.count('"""') % 2 or raw.count("'''") % 2:
             in_multiline = not in_multiline
             if not in_multiline:
@@ -368,13 +376,18 @@ def locate_fields(text: str) -> dict[Path_, int]:
                     if array in counters:
                         resolved.append(counters[array])
                 table = tuple(resolved)
-            lines.setdefault(table, number)
+            _first_seen(lines, table, number)
             continue
         key = _KEY.match(raw)
         if key:
-            path = (*table, *_split_dotted(key.group(1)))
-            lines.setdefault(path, number)
+            _first_seen(lines, (*table, *_split_dotted(key.group(1))), number)
     return lines
+
+
+def _first_seen(lines: dict[Path_, int], path: Path_, number: int) -> None:
+    # Every enclosing table is written here too if not before: `[[tunnels]]` is where the key `tunnels` is.
+    for end in range(1, len(path) + 1):
+        lines.setdefault(path[:end], number)
 
 
 def _line_of(lines: Mapping[Path_, int], path: Path_) -> int | None:
@@ -429,7 +442,7 @@ def _parse(file: Path, text: str) -> _Source:
         position = _TOML_AT.search(str(exc))
         line: int | None = getattr(exc, "lineno", None)
         if line is None and position is not None:
-            line = int(position.group(1)) if position.group(1) else max(1, len(text.splitlines()))
+            line = int(position.group(1)) if position.group(1) else text.count("\n") + 1
         message = _TOML_AT.sub("", str(exc))
         raise ConfigError([ConfigProblem(file, line, "", f"TOML syntax: {message}")]) from None
     return _Source(file, data, locate_fields(text))
