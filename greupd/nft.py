@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from greupd.config import Config, IPNetwork, TunnelConfig
+from greupd.nft_watch import NftWatch  # the watcher lives beside, exported from here with the rest
 
 Json = str | int | float | bool | None | list["Json"] | dict[str, "Json"]
 JsonObject = dict[str, Json]
@@ -468,8 +469,11 @@ def _set_dry_run(nft: Any, on: bool) -> bool:
 __all__ = [
     "FROM_TUNNEL_MARK",
     "Chain",
+    "Json",
+    "JsonObject",
     "NftError",
     "NftTable",
+    "NftWatch",
     "Rule",
     "Ruleset",
     "Statement",
