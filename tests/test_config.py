@@ -1,0 +1,379 @@
+"""tunnels.toml as the seed's machine A writes it: what loads, what it means, and how a mistake is reported.
+
+Each broken config is a file in tests/configs/broken/ that says, in its header, the field path and the
+error it must produce; the line the error must name is marked `# <- here` in the file itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from greupd.config import (
+    Config,
+    ConfigError,
+    ConfigProblem,
+    DaemonConfig,
+    KeepaliveConfig,
+    TunnelConfig,
+    config_files,
+    load_config,
+    load_config_text,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "etc" / "greupd" / "tunnels.toml"
+CONFIGS = Path(__file__).resolve().parent / "configs"
+BROKEN = sorted((CONFIGS / "broken").glob("*.toml"))
+
+SEED_A = """
+[[tunnel]]
+name = "My_Tunnel"
+local = "172.19.1.1"
+remote = "172.19.1.2"
+"""
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a broken fixture says about itself: the problem greupd check must report."""
+
+    field: str
+    error: str
+    line: int
+    problems: int
+
+
+def expected_of(path: Path) -> Expected:
+    text = path.read_text()
+    header = dict(re.findall(r"^# (field|error|problems): (.*)$", text, flags=re.MULTILINE))
+    marked = [n for n, line in enumerate(text.split("\n"), start=1) if line.endswith("# <- here")]
+    assert len(marked) == 1, f"{path.name}: mark exactly one line with '# <- here'"
+    field = "" if header["field"] == "(none)" else header["field"]
+    count = int(header.get("problems", "1").split()[0])
+    return Expected(field, header["error"], marked[0], count)
+
+
+def problems_of(path: Path) -> tuple[ConfigProblem, ...]:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return caught.value.problems
+
+
+def only_problem(text: str) -> ConfigProblem:
+    with pytest.raises(ConfigError) as caught:
+        load_config_text(text)
+    assert len(caught.value.problems) == 1, caught.value
+    return caught.value.problems[0]
+
+
+# --- the shipped example: machine A of the seed --------------------------------------------------------
+
+
+def test_example_config_is_machine_a_of_the_seed() -> None:
+    config = load_config(EXAMPLE)
+
+    assert config.files == (EXAMPLE,)
+    assert config.daemon == DaemonConfig(ip_forward=True, on_exit="keep")
+    [tunnel] = config.tunnels
+    assert config.tunnel("My_Tunnel") is tunnel
+    assert (tunnel.name, tunnel.mode) == ("My_Tunnel", "gre")
+    assert (tunnel.local, tunnel.remote) == (ipaddress.ip_address("172.19.1.1"), ipaddress.ip_address("172.19.1.2"))
+    assert tunnel.address == ipaddress.ip_interface("192.168.8.1/32")
+    assert tunnel.peer == ipaddress.ip_address("192.168.8.11")
+    assert tunnel.routes == [ipaddress.ip_network("20.10.1.0/24")]
+    assert (tunnel.ttl, tunnel.table, tunnel.metric, tunnel.enabled) == (64, 254, 0, True)
+    assert tunnel.keepalive == KeepaliveConfig(interval=1.0, retries=3, action="routes", answer="daemon")
+    assert tunnel.mss.clamp == 1436
+    assert tunnel.nat.into_tunnel == [ipaddress.ip_network("10.10.1.0/24")]
+    assert tunnel.nat.from_tunnel == ["eth1"]
+    assert (tunnel.input_key, tunnel.output_key) == (None, None)
+
+
+def test_defaults_of_an_unadorned_tunnel_follow_the_spec() -> None:
+    [tunnel] = load_config_text(SEED_A).tunnels
+
+    assert tunnel.mode == "gre"
+    assert (tunnel.ttl, tunnel.tos, tunnel.pmtudisc, tunnel.mtu) == (64, "inherit", True, None)
+    assert (tunnel.key, tunnel.ikey, tunnel.okey) == (None, None, None)
+    assert (tunnel.address, tunnel.peer, tunnel.routes) == (None, None, [])
+    assert (tunnel.metric, tunnel.table, tunnel.enabled) == (0, 254, True)
+    assert tunnel.keepalive is None  # absent: no probing
+    assert tunnel.mss.clamp == "off"
+    assert (tunnel.nat.into_tunnel, tunnel.nat.from_tunnel) == ([], [])
+
+
+def test_an_empty_file_is_a_valid_config_with_no_tunnels() -> None:
+    assert load_config_text("") == Config(DaemonConfig(), (), (Path("<string>"),))
+
+
+# --- spellings that mean the same ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("written", "seconds"), [
+    ('"300ms"', 0.3), ('"51ms"', 0.051), ('"2s"', 2.0), ('"1m"', 60.0), ('" 1.5s "', 1.5),
+    ("1", 1.0), ("0.5", 0.5), ("0.05", 0.05), ('"50ms"', 0.05), ("3600", 3600.0),
+])
+def test_keepalive_interval_is_seconds_or_a_duration_string(written: str, seconds: float) -> None:
+    [tunnel] = load_config_text(SEED_A + f"[tunnel.keepalive]\ninterval = {written}\n").tunnels
+    assert tunnel.keepalive is not None
+    assert tunnel.keepalive.interval == seconds
+
+
+@pytest.mark.parametrize(("written", "key"), [("42", 42), ('"0.0.0.42"', 42), ('"1.2.3.4"', 0x01020304),
+                                              ("0", 0), ('"255.255.255.255"', 0xFFFFFFFF)])
+def test_gre_key_as_number_or_dotted_quad(written: str, key: int) -> None:
+    [tunnel] = load_config_text(SEED_A + f"key = {written}\n").tunnels
+    assert (tunnel.key, tunnel.input_key, tunnel.output_key) == (key, key, key)
+
+
+def test_ikey_and_okey_set_each_direction() -> None:
+    [tunnel] = load_config_text(SEED_A + 'ikey = 1\nokey = "0.0.0.2"\n').tunnels
+    assert (tunnel.input_key, tunnel.output_key) == (1, 2)
+
+
+@pytest.mark.parametrize(("written", "table"), [('"main"', 254), ("254", 254), ("100", 100)])
+def test_table_main_is_254(written: str, table: int) -> None:
+    [tunnel] = load_config_text(SEED_A + f"table = {written}\n").tunnels
+    assert tunnel.table == table
+
+
+def test_ttl_and_tos_inherit_and_pmtudisc_off() -> None:
+    [tunnel] = load_config_text(SEED_A + 'ttl = "inherit"\ntos = 16\npmtudisc = false\n').tunnels
+    assert (tunnel.ttl, tunnel.tos, tunnel.pmtudisc) == ("inherit", 16, False)
+
+
+def test_address_with_prefix_and_no_peer() -> None:
+    [tunnel] = load_config_text(SEED_A + 'address = "192.168.8.1/24"\n').tunnels
+    assert tunnel.address == ipaddress.ip_interface("192.168.8.1/24")
+
+
+def test_ip6gre_over_ipv6_carries_ipv4_inside() -> None:
+    text = """
+[[tunnel]]
+name = "v6"
+mode = "ip6gre"
+local = "fd00:19::1"
+remote = "fd00:19::2"
+address = "192.168.8.1"
+peer = "192.168.8.11"
+routes = ["20.10.1.0/24", "2001:db8::/32"]
+"""
+    [tunnel] = load_config_text(text).tunnels
+    assert tunnel.local == ipaddress.ip_address("fd00:19::1")
+    assert tunnel.routes == [ipaddress.ip_network("20.10.1.0/24"), ipaddress.ip_network("2001:db8::/32")]
+
+
+def test_same_endpoints_with_different_keys_are_two_tunnels() -> None:
+    text = SEED_A + "key = 1\n" + SEED_A.replace("My_Tunnel", "Second") + "key = 2\n"
+    assert [t.name for t in load_config_text(text).tunnels] == ["My_Tunnel", "Second"]
+
+
+def test_a_disabled_tunnel_may_share_endpoints_with_an_enabled_one() -> None:
+    # A disabled entry creates nothing in the kernel, so it cannot collide.
+    text = SEED_A + SEED_A.replace("My_Tunnel", "Old") + "enabled = false\n"
+    config = load_config_text(text)
+    assert [t.enabled for t in config.tunnels] == [True, False]
+
+
+def test_defaults_fill_what_a_tunnel_leaves_out_and_the_tunnel_wins() -> None:
+    text = """
+[defaults]
+ttl = 32
+mtu = 1400
+[defaults.keepalive]
+interval = "2s"
+retries = 5
+
+[[tunnel]]
+name = "My_Tunnel"
+local = "172.19.1.1"
+remote = "172.19.1.2"
+ttl = 200
+[tunnel.keepalive]
+retries = 2
+"""
+    [tunnel] = load_config_text(text).tunnels
+    assert (tunnel.ttl, tunnel.mtu) == (200, 1400)
+    assert tunnel.keepalive == KeepaliveConfig(interval=2.0, retries=2)
+
+
+# --- drop-ins ------------------------------------------------------------------------------------------
+
+
+def test_dropins_are_read_in_name_order_and_only_toml_files() -> None:
+    main = CONFIGS / "dropins" / "tunnels.toml"
+    dropins = main.parent / "tunnels.d"
+
+    assert config_files(main) == [main, dropins / "10-backup.toml", dropins / "20-stop.toml"]
+    assert load_config(main).files == tuple(config_files(main))
+
+
+def test_dropins_merge_daemon_and_defaults_key_by_key_and_append_tunnels() -> None:
+    config = load_config(CONFIGS / "dropins" / "tunnels.toml")
+
+    # [daemon]: on_exit from 20-stop.toml overrides the main file; ip_forward stays from the main file.
+    assert config.daemon == DaemonConfig(ip_forward=True, on_exit="remove")
+    # [[tunnel]]: appended, main file first.
+    assert [t.name for t in config.tunnels] == ["My_Tunnel", "Backup"]
+    primary, backup = config.tunnels
+    # [defaults.keepalive]: retries from 10-backup.toml, interval from the main file, for every tunnel.
+    assert primary.keepalive == backup.keepalive == KeepaliveConfig(interval=1.0, retries=5)
+    assert backup.key == 42
+    assert (primary.routes, primary.metric, backup.metric) == (backup.routes, 0, 10)
+
+
+def test_no_tunnels_d_directory_means_just_the_main_file(tmp_path: Path) -> None:
+    main = tmp_path / "tunnels.toml"
+    main.write_text(SEED_A)
+    assert config_files(main) == [main]
+    assert load_config(main).files == (main,)
+
+
+def test_an_error_in_a_dropin_names_that_file_and_its_line() -> None:
+    broken = CONFIGS / "broken-dropin" / "tunnels.d" / "50-backup.toml"
+    [problem] = problems_of(CONFIGS / "broken-dropin" / "tunnels.toml")
+    assert problem.file == broken
+    assert problem.line == expected_of_dropin(broken)
+    assert problem.field == "tunnel[0].keepalive.interval"
+    assert "'5 parsecs' is not a duration" in problem.message
+
+
+def expected_of_dropin(path: Path) -> int:
+    return next(n for n, line in enumerate(path.read_text().split("\n"), start=1) if line.endswith("# <- here"))
+
+
+def test_duplicate_names_across_files_name_both(tmp_path: Path) -> None:
+    (tmp_path / "tunnels.d").mkdir()
+    (tmp_path / "tunnels.toml").write_text(SEED_A)
+    (tmp_path / "tunnels.d" / "b.toml").write_text(SEED_A.replace("172.19.1.2", "172.19.1.3"))
+    [problem] = problems_of(tmp_path / "tunnels.toml")
+    assert (problem.file, problem.line, problem.field) == (tmp_path / "tunnels.d" / "b.toml", 3, "tunnel[0].name")
+    assert f"already used by tunnel[0] ({tmp_path / 'tunnels.toml'})" in problem.message
+
+
+def test_a_bad_default_in_a_dropin_points_at_the_dropin(tmp_path: Path) -> None:
+    (tmp_path / "tunnels.d").mkdir()
+    (tmp_path / "tunnels.toml").write_text("[defaults]\nttl = 64\n" + SEED_A)
+    (tmp_path / "tunnels.d" / "ttl.toml").write_text("\n[defaults]\nttl = 0\n")
+    [problem] = problems_of(tmp_path / "tunnels.toml")
+    assert (problem.file, problem.line, problem.field) == (tmp_path / "tunnels.d" / "ttl.toml", 3, "defaults.ttl")
+
+
+def test_a_daemon_error_points_at_the_file_that_set_the_key(tmp_path: Path) -> None:
+    (tmp_path / "tunnels.d").mkdir()
+    (tmp_path / "tunnels.toml").write_text('[daemon]\non_exit = "nuke"\n')
+    (tmp_path / "tunnels.d" / "a.toml").write_text("[daemon]\nip_forward = true\n")
+    [problem] = problems_of(tmp_path / "tunnels.toml")
+    assert (problem.file, problem.line, problem.field) == (tmp_path / "tunnels.toml", 2, "daemon.on_exit")
+
+
+def test_an_unreadable_or_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    [problem] = problems_of(tmp_path / "nope.toml")
+    assert problem.file == tmp_path / "nope.toml"
+    assert "cannot read" in problem.message
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "tunnels.toml").write_bytes(b"# caf\xe9\n")
+    [problem] = problems_of(tmp_path / "tunnels.toml")
+    assert "not UTF-8" in problem.message
+
+
+# --- broken configs: each names file, line and field ---------------------------------------------------
+
+
+def test_there_are_enough_broken_configs() -> None:
+    assert len(BROKEN) >= 20
+
+
+@pytest.mark.parametrize("path", BROKEN, ids=[p.stem for p in BROKEN])
+def test_broken_config_reports_file_line_field_and_message(path: Path) -> None:
+    expected = expected_of(path)
+    problems = problems_of(path)
+
+    assert len(problems) == expected.problems, "\n".join(map(str, problems))
+    [problem] = [p for p in problems if p.field == expected.field]
+    assert problem.file == path
+    assert problem.line == expected.line, str(problem)
+    assert expected.error in problem.message
+    assert str(problem).startswith(f"{path}:{expected.line}: ")
+    for other in problems:
+        assert other.file == path and other.line is not None and other.message
+
+
+def test_several_errors_in_one_file_are_reported_together_in_reading_order() -> None:
+    text = """[daemon]
+on_exit = "delete"
+
+[[tunnel]]
+name = "My_Tunnel"
+local = "172.19.1.1"
+remote = "172.19.1.2"
+ttl = 300
+tos = 999
+
+[tunnel.keepalive]
+intervall = 1
+
+[[tunnel]]
+name = "Backup"
+local = "172.19.2.1"
+remote = "172.19.2.300"
+"""
+    with pytest.raises(ConfigError) as caught:
+        load_config_text(text, Path("/etc/greupd/tunnels.toml"))
+
+    assert [(p.line, p.field) for p in caught.value.problems] == [
+        (2, "daemon.on_exit"),
+        (8, "tunnel[0].ttl"),
+        (9, "tunnel[0].tos"),
+        (12, "tunnel[0].keepalive.intervall"),
+        (17, "tunnel[1].remote"),
+    ]
+    assert str(caught.value).splitlines()[1] == (
+        '/etc/greupd/tunnels.toml:8: tunnel[0].ttl: ttl must be 1..255 or "inherit", not 300')
+
+
+def test_a_bad_default_inherited_by_many_tunnels_is_reported_once() -> None:
+    text = "[defaults]\nttl = 300\n" + SEED_A + SEED_A.replace("My_Tunnel", "B").replace("1.2", "1.3")
+    problem = only_problem(text)
+    assert (problem.line, problem.field) == (2, "defaults.ttl")
+
+
+def test_a_default_that_breaks_a_rule_across_keys_points_at_the_tunnel_key() -> None:
+    # mode comes from [defaults] and is fine there; the tunnel's IPv4 local is what does not fit.
+    problem = only_problem('[defaults]\nmode = "ip6gre"\n' + SEED_A)
+    assert (problem.line, problem.field) == (6, "tunnel[0].local")
+    assert "mode ip6gre needs IPv6" in problem.message
+
+
+def test_a_syntax_error_at_the_end_of_the_document_names_the_last_line() -> None:
+    problem = only_problem(SEED_A + 'routes = ["20.10.1.0/24"')
+    assert problem.message.startswith("TOML syntax: ")
+    assert problem.line == len((SEED_A + "routes").split("\n"))
+
+
+def test_lines_count_newlines_only_like_toml() -> None:
+    # U+2028 inside a string must not shift the line numbers after it.
+    problem = only_problem(SEED_A + 'mtu = 1400\n[tunnel.nat]\nfrom_tunnel = ["a\u2028b"]\n')
+    assert (problem.line, problem.field) == (8, "tunnel[0].nat.from_tunnel[0]")
+
+
+def test_huge_numbers_are_config_errors_not_crashes() -> None:
+    problem = only_problem(SEED_A + "[tunnel.keepalive]\ninterval = " + "9" * 400 + "\n")
+    assert problem.field == "tunnel[0].keepalive.interval"
+
+
+def test_models_reject_bad_combinations_when_built_in_code_too() -> None:
+    with pytest.raises(ValueError, match="same address"):
+        TunnelConfig(name="t", local=ipaddress.IPv4Address("10.0.0.1"), remote=ipaddress.IPv4Address("10.0.0.1"))
+
+
+def test_a_loaded_tunnel_survives_model_dump_and_validate() -> None:
+    [tunnel] = load_config(EXAMPLE).tunnels
+    assert TunnelConfig.model_validate(tunnel.model_dump()) == tunnel
