@@ -1,0 +1,270 @@
+"""greupd's nftables table in a real kernel (a fresh netns of the running one): applied, kept, and alone.
+
+libnftables acts in the netns of the process that calls it, so every step runs this module as a small
+driver inside router A's netns (`ip netns exec ... python -m tests.test_nft_kernel ACTION CONFIG`), and the
+test checks what a person would check there: `nft list table ...`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from greupd.config import load_config
+from greupd.nft import NftError, NftTable, NftWatch, Rule, Ruleset, describe_ruleset, render_ruleset
+from tests.lab.hosts import Host, Lab
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = REPO / "etc" / "greupd" / "tunnels.toml"
+pytestmark = pytest.mark.needs_root
+
+FOREIGN = """
+table inet filter {
+    set blocked { type ipv4_addr; elements = { 198.51.100.7 } }
+    chain input { type filter hook input priority filter; policy accept;
+        ip saddr @blocked drop
+        tcp dport 22 accept comment "ssh"
+    }
+    chain forward { type filter hook forward priority filter; policy accept;
+        ct state established,related accept
+        iifname "eth1" oifname "wan0" tcp flags syn / syn,rst tcp option maxseg size set 1300
+    }
+}
+"""
+
+PMTU_V6 = """
+[daemon]
+nft_table = "edge"
+[[tunnel]]
+name = "v6"
+mode = "ip6gre"
+local = "2001:db8::1"
+remote = "2001:db8::2"
+[tunnel.mss]
+clamp = "pmtu"
+[tunnel.nat]
+into_tunnel = ["2001:db8:10::/48", "10.10.1.0/24", "10.0.0.7/32", "0.0.0.0/0"]
+from_tunnel = ["eth1"]
+"""
+
+NO_NFT = """
+[[tunnel]]
+name = "My_Tunnel"
+local = "172.19.1.1"
+remote = "172.19.1.2"
+"""
+
+
+# --- the driver: runs inside the netns --------------------------------------------------------------------
+
+
+def _driver(action: str, config_path: str) -> None:
+    ruleset = render_ruleset(load_config(Path(config_path)))
+    table = NftTable(ruleset.table)
+    result: dict[str, object] = {}
+    if action == "apply":
+        result["matched_before"] = table.matches(ruleset)
+        table.apply(ruleset)
+        result["matched_after"] = table.matches(ruleset)
+        # A fresh NftTable knows nothing of that apply: equality must come from the rendering itself.
+        result["canonical"] = NftTable(ruleset.table).matches(ruleset)
+        result["described"] = describe_ruleset(ruleset)
+    elif action == "matches":
+        result["matches"] = table.matches(ruleset)
+    elif action == "remove":
+        table.remove()
+        result["present"] = table.present()
+    elif action == "refused":
+        # A masquerade in a filter chain: libnftables passes it, the kernel refuses it (EOPNOTSUPP).
+        good = ruleset.rules[0]
+        masquerade = next(r for r in ruleset.rules if r.chain == "postrouting")
+        misplaced = Rule(good.chain, masquerade.tunnel, masquerade.comment, masquerade.statements)
+        try:
+            table.apply(Ruleset(ruleset.table, ruleset.chains, (good, misplaced)))
+        except NftError as exc:
+            result.update(error=str(exc), tunnel=exc.tunnel, rule=exc.rule)
+    elif action == "keep":
+        result.update(asyncio.run(_keep(table, ruleset)))
+    print(json.dumps(result), flush=True)
+
+
+async def _keep(table: NftTable, ruleset: Ruleset) -> dict[str, int]:
+    """The daemon's loop in small: apply, then on every "look again" re-apply if the kernel differs.
+
+    Prints "ready" once watching; stops when stdin closes.
+    """
+    loop = asyncio.get_running_loop()
+    counts = {"looks": 0, "repairs": 0}
+
+    def look_again() -> None:
+        counts["looks"] += 1
+        if not table.matches(ruleset):
+            counts["repairs"] += 1
+            table.apply(ruleset)
+
+    watch = NftWatch(look_again)
+    watch.start(loop)
+    table.apply(ruleset)
+    print("ready", flush=True)
+    stdin_closed = asyncio.Event()
+
+    def on_stdin() -> None:
+        if not os.read(sys.stdin.fileno(), 4096):
+            stdin_closed.set()
+
+    loop.add_reader(sys.stdin.fileno(), on_stdin)
+    await stdin_closed.wait()
+    watch.close()
+    return counts
+
+
+# --- the host side ----------------------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def drive(host: Host, action: str, config: Path) -> dict[str, object]:
+    proc = host.run(sys.executable, "-m", "tests.test_nft_kernel", action, str(config), env=_env(), timeout=120)
+    result: dict[str, object] = json.loads(proc.stdout.splitlines()[-1])
+    return result
+
+
+def nft(host: Host, *argv: str, check: bool = True) -> str:
+    return host.run("nft", *argv, check=check).stdout
+
+
+def wait_for(predicate: object, timeout: float = 15.0) -> bool:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return bool(predicate())
+
+
+def readline(stream: IO[str], timeout: float = 60.0) -> str:
+    ready, _, _ = select.select([stream], [], [], timeout)
+    return stream.readline() if ready else ""
+
+
+@pytest.fixture
+def router(lab: Lab) -> Host:
+    """Router A of the seed, alone: nftables rules match interfaces by name, none need to exist."""
+    return lab.host("a")
+
+
+def test_apply_installs_the_table_and_reapply_changes_nothing(router: Host) -> None:
+    first = drive(router, "apply", SEED)
+    listed = nft(router, "list", "table", "inet", "greupd")
+    second = drive(router, "apply", SEED)
+
+    assert first["matched_before"] is False and first["matched_after"] is True and first["canonical"] is True
+    assert listed == first["described"]  # `greupd plan` shows exactly what nft will list
+    assert 'tcp option maxseg size set 1436 comment "My_Tunnel: clamp mss out"' in listed
+    assert second["matched_before"] is True
+    assert nft(router, "list", "ruleset") == listed
+    assert drive(router, "matches", SEED) == {"matches": True}
+
+
+def test_pmtu_ipv6_and_host_prefixes_are_taken_as_rendered(router: Host, tmp_path: Path) -> None:
+    config = tmp_path / "tunnels.toml"
+    config.write_text(PMTU_V6)
+
+    result = drive(router, "apply", config)
+
+    assert result["canonical"] is True, "the kernel lists something else than we render"
+    listed = nft(router, "list", "table", "inet", "edge")
+    assert listed == result["described"]
+    assert "tcp option maxseg size set rt mtu" in listed
+    assert "ip6 saddr 2001:db8:10::/48" in listed and "ip saddr 10.0.0.7 " in listed
+
+
+def test_foreign_table_stays_byte_identical_through_apply_reapply_and_remove(router: Host) -> None:
+    router.run("nft", "-f", "-", input=FOREIGN)
+    before = nft(router, "-a", "list", "table", "inet", "filter")
+
+    drive(router, "apply", SEED)
+    after_apply = nft(router, "-a", "list", "table", "inet", "filter")
+    drive(router, "apply", SEED)
+    after_reapply = nft(router, "-a", "list", "table", "inet", "filter")
+    removed = drive(router, "remove", SEED)
+    after_remove = nft(router, "-a", "list", "table", "inet", "filter")
+
+    assert before == after_apply == after_reapply == after_remove
+    assert removed == {"present": False}
+    assert nft(router, "list", "tables") == "table inet filter\n"
+
+
+def test_a_config_without_clamp_or_nat_removes_our_table(router: Host, tmp_path: Path) -> None:
+    config = tmp_path / "tunnels.toml"
+    config.write_text(NO_NFT)
+    drive(router, "apply", SEED)
+
+    result = drive(router, "apply", config)
+
+    assert result["matched_before"] is False and result["matched_after"] is True
+    assert nft(router, "list", "tables") == ""
+    assert drive(router, "matches", config) == {"matches": True}
+
+
+def test_someone_adding_a_rule_to_our_table_is_a_difference(router: Host) -> None:
+    drive(router, "apply", SEED)
+    nft(router, "add", "rule", "inet", "greupd", "forward", "drop")
+
+    assert drive(router, "matches", SEED) == {"matches": False}
+    drive(router, "apply", SEED)
+    assert "drop" not in nft(router, "list", "table", "inet", "greupd")
+
+
+def test_flush_and_delete_are_undone_by_the_watcher(router: Host) -> None:
+    router.run("nft", "-f", "-", input=FOREIGN)
+    keeper = router.popen(sys.executable, "-m", "tests.test_nft_kernel", "keep", str(SEED), env=_env(),
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert keeper.stdout is not None and keeper.stdin is not None
+    assert readline(keeper.stdout) == "ready\n"
+    ours = nft(router, "list", "table", "inet", "greupd")
+
+    def restored() -> bool:
+        return nft(router, "list", "table", "inet", "greupd", check=False) == ours
+
+    nft(router, "flush", "ruleset")
+    assert wait_for(restored), "greupd's table was not put back after `nft flush ruleset`"
+    nft(router, "delete", "table", "inet", "greupd")
+    assert wait_for(restored), "greupd's table was not put back after `nft delete table inet greupd`"
+    router.run("nft", "-f", "-", input=FOREIGN)  # someone else's change: a look, nothing to repair
+    time.sleep(0.5)
+
+    keeper.stdin.close()
+    counts = json.loads(keeper.stdout.read().splitlines()[-1])
+    keeper.wait(timeout=30)
+    # One look per foreign transaction; our own re-applies cause none (no loop).
+    assert counts == {"looks": 3, "repairs": 2}
+    assert nft(router, "list", "table", "inet", "greupd") == ours
+
+
+def test_a_rule_the_kernel_refuses_is_an_nft_error_naming_tunnel_and_rule(router: Host) -> None:
+    drive(router, "apply", SEED)
+    before = nft(router, "-a", "list", "ruleset")
+
+    result = drive(router, "refused", SEED)
+
+    assert "Operation not supported" in str(result["error"])
+    assert result["tunnel"] == "My_Tunnel"
+    assert "masquerade" in str(result["rule"]) and "chain mss_clamp" in str(result["rule"])
+    assert nft(router, "-a", "list", "ruleset") == before  # the refused transaction changed nothing
+
+
+if __name__ == "__main__":
+    _driver(sys.argv[1], sys.argv[2])
