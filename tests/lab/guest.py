@@ -1,0 +1,405 @@
+"""Run a command inside a guest kernel that has what this machine's kernel lacks.
+
+Kinds (see /work/shared/kernel-lab.md):
+
+- ``uml``: Debian's user-mode-linux kernel (ip_gre, veth, bridge; nftables only for the bridge
+  family), booted with the host's root file system (hostfs) and a shell script as PID 1. ~3 s.
+- ``uml-systemd``: the same kernel, with an overlay of / (tmpfs upper layer) and real systemd as
+  PID 1, which starts one unit that runs the command and powers off. ~10 s.
+- ``vng``: the full Debian kernel (GRE and nftables ``inet`` together) under qemu without KVM,
+  booted by virtme-ng. Slow: ~10 s boot, Python imports ~20x slower than native.
+
+The guest writes the command's output and exit status to a run directory under the repository's
+``.lab/`` (on the host's disk, which every kind of guest shares), and the host reads them once the
+guest is gone. The guest's own exit status carries nothing (``poweroff -f``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TextIO, get_args
+
+GuestKind = Literal["uml", "uml-systemd", "vng"]
+KINDS: tuple[GuestKind, ...] = get_args(GuestKind)
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Loaded at boot when present; a module a kernel lacks (or has built in) is skipped silently.
+MODULES = (
+    *("veth", "bridge", "dummy", "tun", "8021q", "overlay"),
+    *("gre", "ip_gre", "ip_tunnel", "ip6_tunnel", "ip6_gre", "ip6_udp_tunnel"),
+    *("nfnetlink", "nf_tables", "nf_conntrack", "nf_nat", "nf_reject_ipv4", "nf_reject_ipv6"),
+    *("nft_chain_nat", "nft_nat", "nft_masq", "nft_ct", "nft_compat", "nft_reject", "nft_reject_inet"),
+    *("nft_fib", "nft_fib_inet", "nft_fib_ipv4", "nft_fib_ipv6", "nft_limit", "nft_log", "nft_counter"),
+    *("nft_exthdr", "nft_tunnel", "x_tables", "xt_TCPMSS", "xt_tcpmss", "xt_MASQUERADE", "xt_conntrack"),
+    "xt_tcpudp",
+)
+
+# Variables the guest's command sees (besides every GREUPD_* one); PID 1 starts with none at all.
+PASSTHROUGH_ENV = ("CI", "PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "PYTHONHASHSEED", "TERM")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_TIMEOUT: dict[GuestKind, float] = {"uml": 900, "uml-systemd": 900, "vng": 1800}
+UNIT = "greupd-lab.service"
+
+
+@dataclass
+class GuestResult:
+    kind: GuestKind
+    status: int | None  # the command's exit status; None when it did not finish
+    output: str  # the command's stdout + stderr
+    console: str  # the guest's console (kernel log, init, systemd)
+    seconds: float
+    booted: bool  # the guest reached its init script
+    timed_out: bool = False
+    error: str | None = None  # why the guest could not run at all or the command did not finish
+    rundir: Path | None = None
+    files: dict[str, str] = field(default_factory=dict)  # the run dir files asked for by ``collect``
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+    def console_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.console.splitlines()[-lines:])
+
+    def describe(self) -> str:
+        """A paragraph for a failure report: what went wrong and the end of the console."""
+        what = self.error or f"exit status {self.status}"
+        if self.rundir is None:  # never started
+            return f"lab: {self.kind} guest: {what}"
+        parts = [f"lab: {self.kind} guest: {what} (after {self.seconds:.1f} s; run dir {self.rundir})"]
+        if self.output.strip():
+            parts += ["--- command output (tail) ---", "\n".join(self.output.splitlines()[-40:])]
+        parts += ["--- guest console (tail) ---", self.console_tail()]
+        return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- locating the guests
+
+
+def uml_kernel() -> str:
+    return os.environ.get("GREUPD_LAB_UML_KERNEL") or shutil.which("linux.uml") or "/usr/bin/linux.uml"
+
+
+def uml_modules() -> Path | None:
+    dirs = sorted(Path("/usr/lib/uml/modules").glob("*"))
+    return dirs[-1] if dirs else None
+
+
+def vng_kernel() -> str | None:
+    forced = os.environ.get("GREUPD_LAB_VNG_KERNEL")
+    if forced:
+        return forced
+    images = sorted(glob.glob("/boot/vmlinuz-*-amd64"))
+    return images[-1] if images else None
+
+
+def vng_binary() -> str | None:
+    beside = Path(sys.executable).parent / "vng"  # the venv's, when pytest runs from .venv/bin
+    return str(beside) if beside.exists() else shutil.which("vng")
+
+
+def unavailable(kind: GuestKind) -> str | None:
+    """Why this kind of guest cannot be booted here, or None."""
+    if kind in ("uml", "uml-systemd"):
+        kernel = uml_kernel()
+        if not os.access(kernel, os.X_OK):
+            return f"no user-mode-linux kernel at {kernel} (apt-get install user-mode-linux)"
+        if kernel == "/usr/bin/linux.uml" and uml_modules() is None:
+            return "no /usr/lib/uml/modules/<version> (apt-get install user-mode-linux)"
+        if kind == "uml-systemd" and not os.access("/lib/systemd/systemd", os.X_OK):
+            return "no /lib/systemd/systemd (apt-get install systemd)"
+        return None
+    image = vng_kernel()
+    if not image or not os.path.exists(image):
+        return f"no kernel image {image or '/boot/vmlinuz-*-amd64'} (apt-get install linux-image-amd64)"
+    if not vng_binary():
+        return "no vng (pip install virtme-ng)"
+    if not shutil.which("qemu-system-x86_64"):
+        return "no qemu-system-x86_64 (apt-get install qemu-system-x86)"
+    if not shutil.which("busybox"):
+        return "no busybox (apt-get install busybox-static)"
+    return None
+
+
+# --------------------------------------------------------------------------- scripts for the guest
+
+
+def lab_dir() -> Path:
+    return Path(os.environ.get("GREUPD_LAB_DIR") or REPO / ".lab")
+
+
+def guest_env(kind: GuestKind, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("GREUPD_")})
+    env.setdefault("PATH", DEFAULT_PATH)
+    env.setdefault("HOME", "/root")
+    env.setdefault("LANG", "C.UTF-8")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    env["GREUPD_LAB_GUEST"] = kind
+    return env
+
+
+def _command_script(rundir: Path, argv: Sequence[str], cwd: Path, env: Mapping[str, str]) -> str:
+    """cmd.sh: the same for every kind; writes output and status to the run dir (status last)."""
+    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
+    r = shlex.quote(str(rundir))
+    return (
+        "#!/bin/sh\n"
+        f"{exports}"
+        f"cd {shlex.quote(str(cwd))} || exit 1\n"
+        f"{shlex.join(argv)} >{r}/output 2>&1 </dev/null\n"
+        f"echo $? >{r}/status.tmp && mv {r}/status.tmp {r}/status\n"
+    )
+
+
+def _modprobe_wrapper(rundir: Path, moddir: str) -> str:
+    # The kernel runs /proc/sys/kernel/modprobe for on-demand loads (nft expressions, tunnels);
+    # UML's modules are not under /lib/modules, so point it at a wrapper that knows where they are.
+    return f'#!/bin/sh\nexec /sbin/modprobe -d {shlex.quote(moddir)} "$@"\n'
+
+
+def _uml_init(kind: GuestKind, rundir: Path) -> str:
+    """PID 1 of the UML guest: mounts, modules, then the command (or systemd, which runs it)."""
+    r = shlex.quote(str(rundir))
+    modules = uml_modules()
+    version = modules.name if modules else "none"
+    lines = [
+        "#!/bin/sh",
+        f"export PATH={DEFAULT_PATH}",
+        "mount -t proc proc /proc",
+        "mount -t sysfs sysfs /sys",
+        "mount -t tmpfs -o mode=0755 tmpfs /run",
+        "mount -t tmpfs -o mode=1777 tmpfs /tmp",
+        "mkdir -p /dev/pts /dev/shm",
+        "mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts",
+        "mount -t tmpfs -o mode=1777 tmpfs /dev/shm",
+        "ip link set lo up",
+        "hostname greupd-lab",
+        f"mkdir -p {r}/mods/lib/modules",
+        f"ln -sfn /usr/lib/uml/modules/{version} {r}/mods/lib/modules/{version}",
+        f"echo {r}/modprobe > /proc/sys/kernel/modprobe",
+        # -a: one process for all (each exec costs ~50 ms in UML); it carries on past missing ones.
+        f"modprobe -a -q -d {r}/mods {' '.join(MODULES)} 2>/dev/null",
+        f"echo booted > {r}/booted",
+    ]
+    if kind == "uml":
+        lines += [
+            "mount -t cgroup2 cgroup2 /sys/fs/cgroup",
+            f"sh {r}/cmd.sh",
+            "poweroff -f",
+        ]
+        return "\n".join(lines) + "\n"
+    # uml-systemd: writes must not reach the host's disk (systemd-tmpfiles would clean the host's
+    # /tmp, journald would write /var/log), so run systemd in an overlay with a tmpfs upper layer;
+    # only the run dir is bound through, so the status and output reach the host.
+    unit = (
+        "[Unit]\nDescription=greupd lab command\n\n"
+        # Type=simple: the boot transaction (whose goal is this unit) ends once the command starts,
+        # so the command sees a system that is "running", not "initializing".
+        "[Service]\nType=simple\nStandardOutput=journal+console\n"
+        f"ExecStart=/bin/sh -c 'sh {r}/cmd.sh; exec /bin/systemctl poweroff --force'\n"
+    )
+    lines += [
+        "mkdir -p /run/ov",
+        "mount -t tmpfs -o mode=0755 tmpfs /run/ov",
+        "mkdir -p /run/ov/upper /run/ov/work /run/ov/root",
+        "mount -t overlay overlay -o lowerdir=/,upperdir=/run/ov/upper,workdir=/run/ov/work /run/ov/root",
+        f"mount --bind {r} /run/ov/root{r}",
+        f"cat > /run/ov/root/etc/systemd/system/{UNIT} <<'UNIT_EOF'\n{unit}UNIT_EOF",
+        # Hand the API file systems over; systemd mounts /run (tmpfs) and cgroup2 itself.
+        "for fs in /dev /proc /sys; do mount --move $fs /run/ov/root$fs; done",
+        f"exec chroot /run/ov/root /lib/systemd/systemd --unit={UNIT} --show-status=false",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _vng_init(rundir: Path) -> str:
+    """What vng --exec runs: virtme-ng's init has mounted /proc, /sys, /tmp; load modules, go."""
+    r = shlex.quote(str(rundir))
+    return (
+        "#!/bin/sh\n"
+        f"export PATH={DEFAULT_PATH}\n"
+        f"modprobe -a -q {' '.join(MODULES)} 2>/dev/null\n"
+        "ip link set lo up\n"
+        "mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null\n"
+        f"echo booted > {r}/booted\n"
+        f"sh {r}/cmd.sh\n"
+    )
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _guest_argv(kind: GuestKind, rundir: Path) -> list[str]:
+    if kind in ("uml", "uml-systemd"):
+        return [
+            uml_kernel(),
+            "mem=1G",
+            "root=/dev/root",
+            "rootfstype=hostfs",
+            "rootflags=/",
+            "rw",
+            f"init={rundir}/init",
+            "con=null",
+            "con0=fd:0,fd:1",
+            f"uml_dir={rundir}",  # UML's mconsole socket dir; left in the run dir if the guest is killed
+        ]
+    return [
+        str(vng_binary()),
+        "--run",
+        str(vng_kernel()),
+        "--disable-kvm",
+        "--memory",
+        os.environ.get("GREUPD_LAB_VNG_MEMORY", "2G"),
+        "--rwdir",
+        str(rundir),
+        "--exec",
+        f"sh {rundir}/init",
+    ]
+
+
+def _host_env(kind: GuestKind) -> dict[str, str]:
+    env = dict(os.environ)
+    if kind == "vng":  # vng runs virtme-run and friends by name: they sit beside it (in the venv)
+        env["PATH"] = f"{Path(str(vng_binary())).parent}:{env.get('PATH', DEFAULT_PATH)}"
+    return env
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def run(
+    kind: GuestKind,
+    argv: Sequence[str],
+    *,
+    cwd: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    stream: TextIO | None = None,
+    keep: bool | None = None,
+    collect: Sequence[str] = (),
+) -> GuestResult:
+    """Boot a guest of this kind, run argv in it (in cwd, default: the current dir), power off.
+
+    ``stream``: a file to copy the command's output to as it arrives. ``keep``: leave the run dir
+    (default: keep it only when something failed, or GREUPD_LAB_KEEP=1). The command finds the
+    run dir (the one place every guest kind can write to the host) in $GREUPD_LAB_RUNDIR; the
+    files named in ``collect`` are read from it into ``result.files``.
+    """
+    start = time.monotonic()
+    why = unavailable(kind)
+    if why:
+        return GuestResult(kind, None, "", "", 0.0, booted=False, error=f"guest unavailable: {why}")
+    if timeout is None:
+        timeout = float(os.environ.get("GREUPD_LAB_TIMEOUT") or DEFAULT_TIMEOUT[kind])
+    lab_dir().mkdir(parents=True, exist_ok=True)
+    rundir = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=lab_dir()))
+    rundir.chmod(0o755)
+    env = guest_env(kind, {**(env or {}), "GREUPD_LAB_RUNDIR": str(rundir)})
+    cmd = _command_script(rundir, argv, Path(cwd or os.getcwd()).resolve(), env)
+    (rundir / "cmd.sh").write_text(cmd)
+    if kind == "vng":
+        init = _vng_init(rundir)
+    else:
+        init = _uml_init(kind, rundir)
+        (rundir / "modprobe").write_text(_modprobe_wrapper(rundir, f"{rundir}/mods"))
+        (rundir / "modprobe").chmod(0o755)
+    (rundir / "init").write_text(init)
+    (rundir / "init").chmod(0o755)
+
+    timed_out = False
+    with open(rundir / "console.log", "wb") as console:
+        # Own session, so a timeout can kill the guest and every helper process it forked.
+        proc = subprocess.Popen(
+            _guest_argv(kind, rundir),
+            stdin=subprocess.DEVNULL,
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=rundir,
+            env=_host_env(kind),
+        )
+        shown = 0
+        try:
+            while proc.poll() is None:
+                if time.monotonic() - start > timeout:
+                    timed_out = True
+                    _kill_group(proc)
+                    break
+                time.sleep(0.1)
+                if stream:
+                    shown = _copy_new(rundir / "output", shown, stream)
+        except BaseException:
+            _kill_group(proc)
+            raise
+        if stream:
+            _copy_new(rundir / "output", shown, stream)
+        # vng/qemu may leave helpers (virtiofsd) behind in the group; UML its ptraced children.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    seconds = time.monotonic() - start
+    status_text = _read(rundir / "status").strip()
+    status = int(status_text) if status_text.lstrip("-").isdigit() else None
+    booted = (rundir / "booted").exists()
+    error = None
+    if timed_out:
+        error = f"timed out after {timeout:.0f} s"
+    elif not booted:
+        error = f"guest did not boot (exit status {proc.returncode})"
+    elif status is None:
+        error = f"guest stopped before the command finished (exit status {proc.returncode})"
+    result = GuestResult(
+        kind,
+        status,
+        _read(rundir / "output"),
+        _read(rundir / "console.log"),
+        seconds,
+        booted,
+        timed_out,
+        error,
+        rundir,
+        {name: _read(rundir / name) for name in collect if (rundir / name).exists()},
+    )
+    if keep is None:
+        keep = os.environ.get("GREUPD_LAB_KEEP") == "1" or error is not None
+    if not keep:
+        shutil.rmtree(rundir, ignore_errors=True)
+    return result
+
+
+def _copy_new(path: Path, offset: int, stream: TextIO) -> int:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return offset
+    if data:
+        stream.write(data.decode(errors="replace"))
+        stream.flush()
+    return offset + len(data)

@@ -1,0 +1,283 @@
+"""Network-namespace "hosts" joined by veth pairs and bridges, for tests on a real kernel.
+
+Every netns this module creates is named ``glab<pid>-<n>-<name>``: unique per process and per
+Lab, so parallel runs and runs by other engineers never collide, and namespaces that a killed
+run left behind can be recognised (their pid is dead) and removed by the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import shlex
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+PREFIX = "glab"
+_lab_counter = itertools.count(1)
+_LEFTOVER = re.compile(rf"^{PREFIX}(\d+)-")
+
+
+def _ip(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *argv], check=check, capture_output=True, text=True, timeout=30)
+
+
+def netns_list() -> list[str]:
+    out = _ip("netns", "list", check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers() -> list[str]:
+    """Delete lab namespaces whose creating process is gone (a run that was killed)."""
+    removed = []
+    for ns in netns_list():
+        m = _LEFTOVER.match(ns)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            _ip("netns", "del", ns, check=False)
+            removed.append(ns)
+    return removed
+
+
+class Host:
+    """One network namespace; commands run in it through ``ip netns exec``."""
+
+    def __init__(self, lab: Lab, name: str, netns: str) -> None:
+        self.lab = lab
+        self.name = name
+        self.netns = netns
+
+    def __repr__(self) -> str:
+        return f"Host({self.name!r}, netns={self.netns!r})"
+
+    def _argv(self, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *argv]
+
+    def run(
+        self,
+        *argv: str,
+        check: bool = True,
+        timeout: float = 60,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run argv in this host; on failure with check=True the error names the host and output."""
+        proc = subprocess.run(self._argv(argv), capture_output=True, text=True, timeout=timeout, input=input, env=env)
+        if check and proc.returncode != 0:
+            raise subprocess.CalledProcessError(
+                proc.returncode,
+                f"[{self.name}] {shlex.join(argv)}",
+                output=proc.stdout,
+                stderr=proc.stderr,
+            )
+        return proc
+
+    def sh(self, cmdline: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return self.run("sh", "-c", cmdline, check=check, timeout=timeout)
+
+    def popen(self, *argv: str, **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a background process in this host; the Lab kills it (and its group) on close."""
+        kwargs.setdefault("start_new_session", True)
+        proc: subprocess.Popen[Any] = subprocess.Popen(self._argv(argv), **kwargs)
+        self.lab._procs.append(proc)
+        return proc
+
+    def sysctl(self, key: str, value: str | int) -> None:
+        self.run("sysctl", "-q", "-w", f"{key}={value}")
+
+    def sysctl_get(self, key: str) -> str:
+        return self.run("sysctl", "-n", key).stdout.strip()
+
+    def ping(self, addr: str, count: int = 1, timeout: float = 2.0, interval: float = 0.2) -> bool:
+        # -W is the per-reply wait, -w the overall deadline; both so a lost packet fails fast.
+        deadline = max(1, int(timeout + count * interval + 0.999))
+        argv = ["ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", str(timeout), "-w", str(deadline)]
+        return self.run(*argv, addr, check=False, timeout=deadline + 10).returncode == 0
+
+    def wait_ping(self, addr: str, timeout: float = 10.0) -> bool:
+        """Ping until one reply arrives or timeout seconds pass (ARP, DAD and routes settle)."""
+        return (
+            self.run(
+                "ping",
+                "-n",
+                "-q",
+                "-c",
+                "1",
+                "-i",
+                "0.2",
+                "-w",
+                str(max(1, int(timeout))),
+                addr,
+                check=False,
+                timeout=timeout + 10,
+            ).returncode
+            == 0
+        )
+
+    def ip(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        # `ip -n` rather than `ip netns exec ... ip`: one exec instead of two (slow in UML).
+        proc = _ip("-n", self.netns, *argv, check=False)
+        if check and proc.returncode != 0:
+            raise subprocess.CalledProcessError(
+                proc.returncode, f"[{self.name}] ip {shlex.join(argv)}", output=proc.stdout, stderr=proc.stderr
+            )
+        return proc
+
+    def ip_batch(self, *commands: str) -> None:
+        """Several ip commands ("addr add ... dev eth0") in one process; stops at the first error."""
+        proc = subprocess.run(
+            ["ip", "-n", self.netns, "-batch", "-"],
+            input="\n".join(commands) + "\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if proc.returncode != 0:
+            raise subprocess.CalledProcessError(
+                proc.returncode, f"[{self.name}] ip -batch: {'; '.join(commands)}", proc.stdout, proc.stderr
+            )
+
+    def addr_add(self, ifname: str, cidr: str) -> None:
+        self.ip("addr", "add", cidr, "dev", ifname)
+
+    def iproute(self) -> Any:
+        """A pyroute2 IPRoute bound to this namespace (close it, or use it as a context manager)."""
+        from pyroute2 import IPRoute
+
+        return IPRoute(netns=self.netns, flags=0)
+
+
+class Lab:
+    """A set of netns hosts; ``close()`` (or leaving the ``with`` block) removes all of them."""
+
+    def __init__(self, tag: str = "") -> None:
+        remove_leftovers()
+        self.prefix = f"{PREFIX}{os.getpid()}-{next(_lab_counter)}{tag}-"
+        self.hosts: dict[str, Host] = {}
+        self._procs: list[subprocess.Popen[Any]] = []
+        self._closed = False
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def host(self, name: str) -> Host:
+        if name in self.hosts:
+            raise ValueError(f"host {name!r} exists")
+        netns = self.prefix + name
+        _ip("netns", "add", netns)
+        h = Host(self, name, netns)
+        self.hosts[name] = h
+        h.ip("link", "set", "lo", "up")
+        return h
+
+    def link(
+        self,
+        h1: Host,
+        h2: Host,
+        addr1: str | None = None,
+        addr2: str | None = None,
+        if1: str = "eth0",
+        if2: str = "eth0",
+    ) -> None:
+        """Join h1 and h2 by a veth pair if1<->if2, address and bring up both ends.
+
+        Created inside h1's namespace with the peer placed in h2's directly, so the pair never
+        exists under these names in the root namespace (where other runs could collide).
+        """
+        h1.ip("link", "add", if1, "type", "veth", "peer", "name", if2, "netns", h2.netns)
+        for h, ifname, addr in ((h1, if1, addr1), (h2, if2, addr2)):
+            h.ip_batch(*([f"addr add {addr} dev {ifname}"] if addr else []), f"link set {ifname} up")
+
+    def switch(self, name: str) -> Switch:
+        """A host holding one bridge ``br0``: an L2 segment that any number of hosts can join."""
+        h = self.host(name)
+        h.ip_batch("link add br0 type bridge", "link set br0 up")
+        return Switch(h)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for proc in self._procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        # Deleting a netns with no process left in it destroys its veths, tunnels and bridges too.
+        for h in self.hosts.values():
+            _ip("netns", "del", h.netns, check=False)
+
+
+@dataclass
+class Switch:
+    host: Host
+    ports: int = 0
+
+    def attach(self, h: Host, ifname: str, addr: str | None = None) -> None:
+        self.ports += 1
+        port = f"p{self.ports}"
+        self.host.lab.link(self.host, h, None, addr, if1=port, if2=ifname)
+        self.host.ip("link", "set", port, "master", "br0")
+
+
+@dataclass
+class SeedTopology:
+    """The seed how-to's network: routers A and B on an underlay (a bridge, so C can join)."""
+
+    lab: Lab
+    wan: Switch
+    a: Host
+    b: Host
+    lan_a: Host
+    lan_b: Host
+    routers: dict[str, Host] = field(default_factory=dict)
+
+    def add_router(self, name: str, wan_addr: str, prefixlen: int = 24) -> Host:
+        """Another router (e.g. C for failover) with ``wan0`` = wan_addr on the underlay."""
+        r = _router(self.lab, self.wan, name, wan_addr, prefixlen)
+        self.routers[name] = r
+        return r
+
+
+def _router(lab: Lab, wan: Switch, name: str, wan_addr: str, prefixlen: int = 24) -> Host:
+    r = lab.host(name)
+    r.sysctl("net.ipv4.ip_forward", 1)
+    wan.attach(r, "wan0", f"{wan_addr}/{prefixlen}")
+    return r
+
+
+def _lan(lab: Lab, router: Host, name: str, router_addr: str, host_addr: str) -> Host:
+    h = lab.host(name)
+    lab.link(router, h, f"{router_addr}/24", f"{host_addr}/24", if1="eth1", if2="eth0")
+    h.ip("route", "add", "default", "via", router_addr)
+    return h
+
+
+def seed_topology(lab: Lab) -> SeedTopology:
+    """A=172.19.1.1, B=172.19.1.2 on wan0; LANs 10.10.1.0/24 behind A and 20.10.1.0/24 behind B."""
+    wan = lab.switch("wan")
+    a = _router(lab, wan, "a", "172.19.1.1")
+    b = _router(lab, wan, "b", "172.19.1.2")
+    lan_a = _lan(lab, a, "lan_a", "10.10.1.1", "10.10.1.2")
+    lan_b = _lan(lab, b, "lan_b", "20.10.1.1", "20.10.1.2")
+    return SeedTopology(lab, wan, a, b, lan_a, lan_b, routers={"a": a, "b": b})

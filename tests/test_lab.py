@@ -1,0 +1,128 @@
+"""Tests of the test lab itself: netns hosts, the seed topology, GRE through pyroute2, the guests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.lab import guest, kernel
+from tests.lab.hosts import Host, Lab, SeedTopology, netns_list
+
+GRE_KEY = 0x2000  # GRE_KEY in gre_iflags/gre_oflags: the ikey/okey fields are used
+
+
+def gre_tunnel(h: Host, name: str, local: str, remote: str, addr: str, peer: str, key: int | None = None) -> None:
+    """What greupd does for one [[tunnel]], done here with pyroute2 directly."""
+    spec: dict[str, Any] = {"ifname": name, "kind": "gre", "gre_local": local, "gre_remote": remote, "gre_ttl": 64}
+    if key is not None:
+        spec |= {"gre_ikey": key, "gre_okey": key, "gre_iflags": GRE_KEY, "gre_oflags": GRE_KEY}
+    with h.iproute() as ipr:
+        ipr.link("add", **spec)
+        (idx,) = ipr.link_lookup(ifname=name)
+        # ip addr add A peer P: IFA_LOCAL is our address, IFA_ADDRESS the peer's (pyroute2 has no "peer")
+        ipr.addr("add", index=idx, local=addr, address=peer, prefixlen=32)
+        ipr.link("set", index=idx, state="up")
+
+
+def route_via(h: Host, prefix: str, ifname: str) -> None:
+    dst, plen = prefix.split("/")
+    with h.iproute() as ipr:
+        (idx,) = ipr.link_lookup(ifname=ifname)
+        ipr.route("add", dst=dst, dst_len=int(plen), oif=idx)
+
+
+@pytest.mark.needs_root
+def test_seed_topology_without_gre(seed: SeedTopology) -> None:
+    assert seed.lan_a.ping("10.10.1.1")
+    assert seed.lan_b.ping("20.10.1.1")
+    assert seed.a.ping("172.19.1.2")
+    assert seed.a.run("sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
+    # No route between the LANs yet: B has none back to 10.10.1.0/24, and A none to 20.10.1.0/24.
+    assert not seed.lan_a.ping("20.10.1.2", timeout=0.5)
+    # The underlay is a bridge: a third router can join it.
+    c = seed.add_router("c", "172.19.1.3")
+    assert c.ping("172.19.1.1") and c.ping("172.19.1.2")
+
+
+@pytest.mark.needs_root
+def test_lab_removes_its_namespaces_also_when_the_test_fails() -> None:
+    with pytest.raises(RuntimeError), Lab() as lab:
+        h = lab.host("x")
+        proc = h.popen("sleep", "300")
+        names = [h.netns]
+        raise RuntimeError("test failed")
+    assert proc.poll() is not None
+    assert not set(names) & set(netns_list())
+
+
+@pytest.mark.needs_root
+def test_host_run_reports_the_host_on_failure(lab: Lab) -> None:
+    h = lab.host("r")
+    with pytest.raises(subprocess.CalledProcessError, match=r"\[r\] ip link show nosuch"):
+        h.run("ip", "link", "show", "nosuch")
+
+
+@pytest.mark.needs_gre
+@pytest.mark.parametrize("key", [None, 42])
+def test_gre_between_seed_lans(seed: SeedTopology, key: int | None) -> None:
+    gre_tunnel(seed.a, "gre1", "172.19.1.1", "172.19.1.2", "192.168.8.1", "192.168.8.11", key)
+    gre_tunnel(seed.b, "gre1", "172.19.1.2", "172.19.1.1", "192.168.8.11", "192.168.8.1", key)
+    route_via(seed.a, "20.10.1.0/24", "gre1")
+    route_via(seed.b, "10.10.1.0/24", "gre1")
+    assert seed.a.wait_ping("192.168.8.11")
+    assert seed.lan_a.ping("20.10.1.2", count=3)
+    assert seed.lan_b.ping("10.10.1.2")
+    link = seed.a.run("ip", "-d", "link", "show", "gre1").stdout
+    assert "remote 172.19.1.2 local 172.19.1.1" in link
+    if key is not None:
+        assert "ikey 0.0.0.42" in link and "okey 0.0.0.42" in link
+
+
+@pytest.mark.needs_nft_gre
+def test_gre_and_nft_inet_in_one_kernel(lab: Lab) -> None:
+    h = lab.host("n")
+    h.ip("link", "add", "gre1", "type", "gre", "local", "127.0.0.1", "remote", "127.0.0.2")
+    h.run("nft", "add", "table", "inet", "t")
+    h.run("nft", "add chain inet t fwd { type filter hook forward priority 0; }")
+    h.run("nft", "add rule inet t fwd oifname gre1 tcp flags syn tcp option maxseg size set rt mtu")
+    assert "maxseg size set rt mtu" in h.run("nft", "list", "table", "inet", "t").stdout
+
+
+@pytest.mark.needs_systemd
+def test_systemd_is_pid1_in_the_guest() -> None:
+    assert Path("/proc/1/comm").read_text().strip() == "systemd"
+    out = subprocess.run(["systemctl", "is-system-running"], capture_output=True, text=True).stdout
+    assert out.strip() in ("running", "degraded")
+    # The host's disk is safe: writes outside the run dir land in the overlay's tmpfs.
+    assert "overlay" in subprocess.run(["findmnt", "-no", "FSTYPE", "/"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.needs_gre
+def test_guest_environment() -> None:
+    """Where a delegated test runs: it knows the guest, and CI passes through."""
+    here = kernel.current_guest()
+    if here is None:  # a kernel with GRE of its own: nothing was delegated
+        return
+    assert here in guest.KINDS
+    assert os.environ.get("GREUPD_LAB_RUNDIR")
+    assert socket.gethostname() == "greupd-lab" or here == "vng"
+
+
+def test_guest_script_passes_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.setenv("GREUPD_CONFIG", "/x y/t.toml")
+    env = guest.guest_env("uml")
+    assert env["CI"] == "true" and env["GREUPD_LAB_GUEST"] == "uml" and env["GREUPD_CONFIG"] == "/x y/t.toml"
+    assert "PATH" in env
+
+
+def test_missing_guest_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GREUPD_LAB_UML_KERNEL", "/nonexistent/linux.uml")
+    res = guest.run("uml", ["true"])
+    assert res.status is None and not res.booted
+    assert res.error is not None and "no user-mode-linux kernel" in res.error
