@@ -193,7 +193,9 @@ _SYN = _statement("tcp flags syn / syn,rst",
 def _clamp(clamp: int | Literal["pmtu"]) -> Statement:
     # The kernel never raises an MSS with this statement (nft_exthdr: "increase can cause connection to
     # stall"), so `set` is a clamp, like iptables' TCPMSS: a SYN that already asks for less keeps its value.
-    # `rt mtu` is the route's MTU less the IP and TCP headers, i.e. the MSS that fits the egress route.
+    # `rt mtu` is, like iptables' --clamp-mss-to-pmtu, the smaller of the route MTUs towards the packet's
+    # destination and back towards its source (nft_rt's get_tcpmss), less the IP and TCP headers: a SYN
+    # that crosses the tunnel in either direction is clamped to the tunnel's MTU.
     value: Json = {"rt": {"key": "mtu"}} if clamp == "pmtu" else clamp
     text = "rt mtu" if clamp == "pmtu" else str(clamp)
     return _statement(f"tcp option maxseg size set {text}",
@@ -233,8 +235,7 @@ def tunnel_rules(tunnel: TunnelConfig) -> list[Rule]:
     if tunnel.mss.clamp != "off":
         clamp = _clamp(tunnel.mss.clamp)
         # Both ways: SYNs (and SYN-ACKs) leaving through the tunnel tell the far side how big to send, and
-        # those arriving from it tell our side. With "pmtu", `rt mtu` is the egress route's: the tunnel's on
-        # the way out; on the way in it is the LAN's, so there the peer's own clamp is what bites.
+        # those arriving from it tell our side; the peer may clamp nothing (a hand-made Linux tunnel).
         rules.append(Rule(MSS_CHAIN.name, name, f"{name}: clamp mss out",
                           (_ifname("oifname", name), _SYN, clamp)))
         rules.append(Rule(MSS_CHAIN.name, name, f"{name}: clamp mss in",
