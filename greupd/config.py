@@ -334,12 +334,23 @@ class ConfigError(Exception):
 # --- where fields stand in the TOML text ---------------------------------------------------------------
 
 Path_ = tuple[str | int, ...]
-_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-_KEY = re.compile(r"^\s*(\"[^\"]*\"|'[^']*'|[A-Za-z0-9_.-]+)\s*=")
+_SIMPLE_KEY = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*')"""
+_DOTTED_KEY = rf"{_SIMPLE_KEY}(?:\s*\.\s*{_SIMPLE_KEY})*"
+_HEADER = re.compile(rf"^\s*(\[\[?)\s*({_DOTTED_KEY})\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(rf"^\s*({_DOTTED_KEY})\s*=")
 
 
 def _split_dotted(text: str) -> list[str]:
-    return [part.strip().strip("\"'") for part in text.split(".")]
+    """The parts of a dotted key as TOML reads them: `a."b.c"` is ["a", "b.c"], `"\\u0041"` is ["A"]."""
+    try:
+        nested: object = tomllib.loads(f"{text} = 0")
+    except tomllib.TOMLDecodeError:
+        return []
+    parts = []
+    while isinstance(nested, dict) and len(nested) == 1:
+        [(part, nested)] = nested.items()
+        parts.append(part)
+    return parts
 
 
 def locate_fields(text: str) -> dict[Path_, int]:
@@ -361,8 +372,7 @@ def locate_fields(text: str) -> dict[Path_, int]:
         if in_multiline:
             continue
         header = _HEADER.match(raw)
-        if header:
-            parts = _split_dotted(header.group(2))
+        if header and (parts := _split_dotted(header.group(2))):
             if header.group(1) == "[[":
                 base = tuple(parts)
                 counters[base] = counters.get(base, -1) + 1
