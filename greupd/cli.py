@@ -101,7 +101,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     from greupd.control import ControlUnavailable, request
 
     try:
-        result = request(_socket_path(args), "reload")
+        result = request(_socket_path(args), "reload", timeout=300)
     except ControlUnavailable as exc:
         print(f"greupd: no daemon answers on {_socket_path(args)}: {exc}", file=sys.stderr)
         return EXIT_NO_DAEMON
