@@ -397,6 +397,7 @@ class NftTable:
         if not ruleset.wanted:
             self.remove()
             return
+        self._context()  # missing libnftables is its own error, not a refused rule
         try:
             self._run(ruleset.commands())
         except NftError as exc:
