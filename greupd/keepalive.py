@@ -386,6 +386,8 @@ async def _run_alone(config: Config, status_file: Path | None, status_every: flo
     engine.configure(targets_from_config(config))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if status_file is not None:
+        _write_status(status_file, engine)
     print(json.dumps({"started": engine.names()}), flush=True)
     try:
         while not stop.is_set():
