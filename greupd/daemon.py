@@ -75,7 +75,7 @@ class Daemon:
         self.watch = KernelWatch(self._on_kernel_change)
         self.keepalive = KeepaliveEngine(self._on_liveness)
         self.nft = NftTable(config.daemon.nft_table)
-        self.nft_watch = NftWatch(self._on_nft_change)
+        self.nft_watch = NftWatch(self._on_nft_change, table=config.daemon.nft_table)
         self._dirty: set[str] = set()
         self._everything = False
         self._nft_dirty = True
@@ -126,7 +126,7 @@ class Daemon:
         self._configure_side_engines()
         await self._reconcile(None)
         await self._reconcile_nft()
-        self.nft_watch.start(loop)
+        self._start_nft_watch()
         self.notifier.ready(self._status_text())
         self.events.started(self.generation, self.config.files, len(self.config.tunnels))
         self._schedule_watchdog()
@@ -165,6 +165,13 @@ class Daemon:
                 await self._reconcile(ready)
         if self._nft_dirty:
             await self._reconcile_nft()
+
+    def _start_nft_watch(self) -> None:
+        assert self._loop is not None
+        try:
+            self.nft_watch.start(self._loop)
+        except NftError as exc:
+            self._fail(f"nftables: cannot watch for changes, the table will not be repaired on its own: {exc}")
 
     def _schedule_watchdog(self) -> None:
         interval = self.notifier.watchdog_interval()
@@ -334,6 +341,9 @@ class Daemon:
             if config.daemon.nft_table != old_table:
                 self._remove_nft(old_table)
                 self.nft = NftTable(config.daemon.nft_table)
+                self.nft_watch.close()
+                self.nft_watch = NftWatch(self._on_nft_change, table=config.daemon.nft_table)
+                self._start_nft_watch()
             self._configure_side_engines()
             await self._reconcile_guarded(None)
         await self._reconcile_nft()
@@ -412,8 +422,12 @@ def describe_plan(config: Config) -> str:
 
     plan = asyncio.run(observe())
     ruleset = render_ruleset(config)
+    table = NftTable(config.daemon.nft_table)
     try:
-        nft_state = "unchanged" if NftTable(config.daemon.nft_table).matches(ruleset) else "to be replaced"
+        if table.matches(ruleset):
+            nft_state = "unchanged"
+        else:
+            nft_state = "to be replaced" if table.present() else "to be created"
     except NftError as exc:
         nft_state = f"unknown ({exc})"
     return (f"# kernel\n{describe(plan)}\n\n# nftables table inet {config.daemon.nft_table} ({nft_state})\n"
