@@ -390,7 +390,7 @@ class Daemon:
 
     def status(self) -> DaemonStatus:
         return {"config": str(self.config_path), "generation": self.generation, "last_error": self.last_error,
-                "pid": os.getpid(), "tunnels": self.tunnel_statuses()}
+                "pid": os.getpid(), "netlink_requests": self.kernel.requests, "tunnels": self.tunnel_statuses()}
 
 
 def run_daemon(config_path: Path, socket_override: str | None = None) -> int:

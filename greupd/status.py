@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 TunnelState = Literal["up", "down", "disabled", "error"]
 
@@ -36,6 +36,7 @@ class DaemonStatus(TypedDict):
     generation: int  # bumps on every applied config (start = 1)
     last_error: str | None  # the last rejected reload or apply failure, None when all is well
     pid: int
+    netlink_requests: NotRequired[int]  # rtnetlink requests sent since start (benchmarks: a reload should send few)
     tunnels: list[TunnelStatus]
 
 
