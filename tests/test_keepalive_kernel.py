@@ -16,8 +16,10 @@ inside the lab hosts' namespaces (see in_netns).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import random
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +38,8 @@ from scapy.layers.inet import IP
 from scapy.layers.l2 import GRE, Ether
 from scapy.packet import Raw, fuzz
 
+from greupd.keepalive import KeepaliveEngine, KeepaliveTarget, LivenessChange
 from tests.lab.hosts import Host, SeedTopology
-
-pytestmark = pytest.mark.needs_gre
 
 REPO = Path(__file__).resolve().parent.parent
 A, B, C = "172.19.1.1", "172.19.1.2", "172.19.1.3"
@@ -128,6 +130,7 @@ class EngineProcess:
 # --- (1) interop with a plain-kernel peer -------------------------------------------------------------
 
 
+@pytest.mark.needs_gre
 def test_engine_on_a_keeps_the_tunnel_up_against_a_plain_kernel_peer_and_sees_it_die(
         seed: SeedTopology, tmp_path: Path) -> None:
     seed_tunnels(seed)
@@ -162,6 +165,7 @@ def test_engine_on_a_keeps_the_tunnel_up_against_a_plain_kernel_peer_and_sees_it
 # --- (2) answering for a peer whose kernel does not reflect -------------------------------------------
 
 
+@pytest.mark.needs_gre
 def test_engine_on_b_answers_cisco_keepalives_from_a_and_nobody_else(seed: SeedTopology, tmp_path: Path) -> None:
     seed_tunnels(seed)
     c = seed.add_router("c", C)
@@ -196,6 +200,7 @@ def test_engine_on_b_answers_cisco_keepalives_from_a_and_nobody_else(seed: SeedT
 # --- (3) forged and replayed replies ------------------------------------------------------------------
 
 
+@pytest.mark.needs_gre
 def test_forged_and_replayed_replies_do_not_keep_a_dead_tunnel_up(seed: SeedTopology, tmp_path: Path) -> None:
     seed_tunnels(seed)
     reflect_with_the_kernel(seed.b)
@@ -229,6 +234,7 @@ def test_forged_and_replayed_replies_do_not_keep_a_dead_tunnel_up(seed: SeedTopo
 # --- (4) malformed GRE --------------------------------------------------------------------------------
 
 
+@pytest.mark.needs_gre
 def test_malformed_gre_is_counted_and_the_engine_carries_on(seed: SeedTopology, tmp_path: Path) -> None:
     seed_tunnels(seed)
     reflect_with_the_kernel(seed.b)
@@ -248,6 +254,78 @@ def test_malformed_gre_is_counted_and_the_engine_carries_on(seed: SeedTopology, 
     received = engine.tunnel()["received"]
     eventually(lambda: engine.tunnel()["received"] >= received + 5, what="the engine still reads replies")
     assert engine.changes() == [] and engine.tunnel()["up"]
+
+
+# --- (5) two engines, many tunnels, no GRE in the kernel at all ---------------------------------------
+
+
+def engine_targets(local: str, remote: str, count: int, key_base: int, peer_key_base: int,
+                   interval: float) -> list[KeepaliveTarget]:
+    """`count` tunnels between the same two routers, told apart by their keys."""
+    return [KeepaliveTarget(f"t{n}", IPv4Address(local), IPv4Address(remote), ikey=key_base + n,
+                            okey=peer_key_base + n, interval=interval, retries=RETRIES, up_after=1, answer="daemon")
+            for n in range(count)]
+
+
+@pytest.mark.needs_root
+def test_two_engines_answer_each_other_for_hundreds_of_tunnels(seed: SeedTopology) -> None:
+    """Engines on A and B, each probing and each answering the other: no kernel tunnel, no sysctl needed
+    (the raw GRE socket sees GRE whether or not the kernel has ip_gre). B's engine stops: all of A's tunnels
+    go down; it starts again: all come back. Reconfiguring keeps what did not change."""
+    count, interval = 300, 0.5
+    targets_a = engine_targets(A, B, count, 1000, 5000, interval)
+    targets_b = engine_targets(B, A, count, 5000, 1000, interval)
+    changes: list[tuple[str, LivenessChange]] = []
+
+    async def until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, f"{what}: not true after {timeout} s"
+            await asyncio.sleep(0.05)
+
+    def started(host: Host, targets: list[KeepaliveTarget], on_change: Callable[[str, LivenessChange], None]
+                ) -> KeepaliveEngine:
+        engine = KeepaliveEngine(on_change)
+        with in_netns(host):  # the engine's raw sockets live in the host's namespace
+            engine.start(asyncio.get_running_loop())
+        engine.configure(targets)
+        return engine
+
+    def received_by_all(engine: KeepaliveEngine, replies: int) -> bool:
+        return all((engine.status(t.name) or {"received": 0})["received"] >= replies for t in targets_a)
+
+    async def story() -> None:
+        engine_a = started(seed.a, targets_a, lambda name, change: changes.append((name, change)))
+        engine_b = started(seed.b, targets_b, lambda name, change: None)
+        await until(lambda: received_by_all(engine_a, 3), "every tunnel answered")
+        assert changes == [] and all(engine_a.is_up(t.name) for t in targets_a)
+        assert engine_a.counters.unmatched_replies == 0 and engine_a.counters.malformed == 0
+
+        engine_b.close()
+        await until(lambda: len(changes) == count, "every tunnel down")
+        assert {change.reason for _, change in changes} == {"keepalive-timeout"}
+        assert not any(engine_a.is_up(t.name) for t in targets_a)
+
+        # A reload: t0 removed, t1 retimed (keeps its verdict), t2's key changed (a new tunnel, same
+        # verdict), the rest untouched (keep their counters).
+        sent_before = (engine_a.status("t3") or {"sent": 0})["sent"]
+        retimed = dataclasses.replace(targets_a[1], interval=0.2)
+        rekeyed = dataclasses.replace(targets_a[2], ikey=9002, okey=9003)
+        engine_a.configure([retimed, rekeyed, *targets_a[3:]])
+        assert engine_a.status("t0") is None and engine_a.is_up("t0")  # no keepalives: no verdict
+        assert not engine_a.is_up("t1") and not engine_a.is_up("t2")
+        assert (engine_a.status("t1") or {"interval": 0})["interval"] == 0.2
+        assert (engine_a.status("t3") or {"sent": 0})["sent"] >= sent_before
+
+        changes.clear()
+        engine_b = started(seed.b, targets_b, lambda name, change: None)
+        await until(lambda: len(changes) == count - 2, "every tunnel B answers for up again")
+        assert {change.reason for _, change in changes} == {"keepalive-restored"}
+        assert not engine_a.is_up("t2")  # B knows no tunnel with the new keys
+        engine_a.close()
+        engine_b.close()
+
+    asyncio.run(story())
 
 
 # --- sockets in a lab host, used from this process ------------------------------------------------------
