@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -362,15 +362,7 @@ def locate_fields(text: str) -> dict[Path_, int]:
     lines: dict[Path_, int] = {}
     counters: dict[tuple[str, ...], int] = {}
     table: Path_ = ()
-    in_multiline = False
-    # TOML ends lines at \n only; str.splitlines would also split inside strings (at \u2028, \x0c, ...).
-    for number, raw in enumerate(text.split("\n"), start=1):
-        if raw.count('"""') % 2 or raw.count("'''") % 2:
-            in_multiline = not in_multiline
-            if not in_multiline:
-                continue
-        if in_multiline:
-            continue
+    for number, raw in _statement_lines(text):
         header = _HEADER.match(raw)
         if header and (parts := _split_dotted(header.group(2))):
             if header.group(1) == "[[":
@@ -392,6 +384,49 @@ def locate_fields(text: str) -> dict[Path_, int]:
         if key:
             _first_seen(lines, (*table, *_split_dotted(key.group(1))), number)
     return lines
+
+
+def _statement_lines(text: str) -> Iterator[tuple[int, str]]:
+    """The lines where a TOML statement (a [header] or `key = ...`) may start, numbered from 1.
+
+    Skipped: lines inside a multi-line string or inside a value spanning lines (an array), where text that
+    looks like `[x]` or `k =` is data.
+    """
+    closing: str | None = None  # the quotes that end the multi-line string we are in
+    depth = 0  # brackets of a value left open at the end of a line
+    # TOML ends lines at \n only; str.splitlines would also split inside strings (at \u2028, \x0c, ...).
+    for number, line in enumerate(text.split("\n"), start=1):
+        header = False
+        if closing is None and depth == 0:
+            yield number, line
+            header = line.lstrip().startswith("[")
+        i = 0
+        while i < len(line):
+            if closing is not None:
+                if closing == '"""' and line[i] == "\\":
+                    i += 2
+                elif line.startswith(closing, i):
+                    i += 3
+                    for _ in range(2):  # up to two quotes right before the closing three are content
+                        i += line.startswith(closing[0], i)
+                    closing = None
+                else:
+                    i += 1
+            elif line[i] == "#":
+                break
+            elif line.startswith(('"""', "'''"), i):
+                closing, i = line[i:i + 3], i + 3
+            elif line[i] in "\"'":
+                end = i + 1
+                while end < len(line) and line[end] != line[i]:
+                    end += 2 if line[i] == '"' and line[end] == "\\" else 1
+                i = end + 1
+            else:
+                if not header and line[i] in "[{":
+                    depth += 1
+                elif not header and line[i] in "]}":
+                    depth = max(0, depth - 1)
+                i += 1
 
 
 def _first_seen(lines: dict[Path_, int], path: Path_, number: int) -> None:
