@@ -102,7 +102,7 @@ def link_from_message(msg: Message) -> tuple[str, ObservedLink] | None:
         return data.get_attr(p + key) if data is not None else None
 
     def key(direction: str) -> int | None:
-        flags = attr(f"{direction}FLAGS") or 0
+        flags = _flags_from_pyroute2(kind, attr(f"{direction}FLAGS") or 0)
         return int(attr(f"{direction}KEY") or 0) if flags & GRE_KEY else None
 
     unspecified = "::" if kind in IPV6_MODES else "0.0.0.0"
@@ -296,14 +296,24 @@ class Kernel:
                                       **extra)
 
 
+def _flags_to_pyroute2(kind: str, flags: int) -> int:
+    # IFLA_GRE_[IO]FLAGS are big-endian (__be16) for both families, but pyroute2 0.9 declares the ip6gre ones
+    # as native uint16: swap them ourselves, or an ip6gre key is silently dropped (and read back wrong).
+    return socket.htons(flags) if kind in IPV6_MODES else flags
+
+
+def _flags_from_pyroute2(kind: str, flags: int) -> int:
+    return socket.ntohs(flags) if kind in IPV6_MODES else flags
+
+
 def _link_attributes(spec: LinkSpec) -> dict[str, Any]:
     p = "ip6gre_" if spec.kind in IPV6_MODES else "gre_"
     attrs: dict[str, Any] = {
         p + "local": str(spec.local),
         p + "remote": str(spec.remote),
         p + "ttl": spec.ttl,
-        p + "iflags": GRE_KEY if spec.ikey is not None else 0,
-        p + "oflags": GRE_KEY if spec.okey is not None else 0,
+        p + "iflags": _flags_to_pyroute2(spec.kind, GRE_KEY if spec.ikey is not None else 0),
+        p + "oflags": _flags_to_pyroute2(spec.kind, GRE_KEY if spec.okey is not None else 0),
         p + "ikey": spec.ikey or 0,
         p + "okey": spec.okey or 0,
     }
@@ -378,8 +388,10 @@ class KernelWatch:
             if name in self.watched:
                 return str(name)
             return self.names_by_index.get(msg["index"])
-        if kind in (RTM_NEWADDR, RTM_DELADDR):
+        # Link-local addresses and routes of other protocols (IPv6 autoconfiguration, multicast) come and go
+        # on our links without concerning us: no need to look again for those.
+        if kind in (RTM_NEWADDR, RTM_DELADDR) and msg["scope"] == RT_SCOPE_UNIVERSE:
             return self.names_by_index.get(msg["index"])
-        if kind in (RTM_NEWROUTE, RTM_DELROUTE):
+        if kind in (RTM_NEWROUTE, RTM_DELROUTE) and msg["proto"] == ROUTE_PROTO:
             return self.names_by_index.get(msg.get_attr("RTA_OIF"))
         return None
