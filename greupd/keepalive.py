@@ -63,7 +63,8 @@ ANSWER_BURST = 20.0
 _DRAIN_LIMIT = 512  # packets read per wake-up, so a flood cannot starve the rest of the loop
 _MAX_PACKET = 65535
 _RECEIVE_BUFFER = 1 << 20
-_SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>; not exported by Python's socket module
+_SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>; neither is exported by Python's socket module
+_SO_RCVBUFFORCE = 33
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,11 @@ class KeepaliveEngine:
         receive = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_GRE)
         try:
             attach_socket_filter(receive, GRE_SOCKET_FILTER)
-            receive.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
+            try:
+                # Thousands of tunnels answer in bursts; the default limit (rmem_max) would drop some.
+                receive.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _RECEIVE_BUFFER)
+            except PermissionError:  # without CAP_NET_ADMIN, as much as rmem_max allows
+                receive.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
             receive.setblocking(False)
         except OSError:
             send.close()
@@ -302,13 +307,15 @@ class KeepaliveEngine:
 
     def _on_readable(self) -> None:
         assert self._loop is not None and self._receive_socket is not None
-        now = self._loop.time()
         for _ in range(_DRAIN_LIMIT):
             try:
                 data = self._receive_socket.recv(_MAX_PACKET)
             except (BlockingIOError, InterruptedError):
                 return
-            self.on_packet(data, now)
+            except OSError as exc:  # a pending socket error is reported once; the next read goes on
+                log.warning("reading the GRE socket: %s", exc.strerror or exc)
+                return
+            self.on_packet(data, self._loop.time())
 
     def on_packet(self, data: bytes, now: float) -> None:
         """One packet from the GRE socket, received at `now`; never raises for what the packet contains."""
