@@ -23,7 +23,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from greupd.config import Config, ConfigError, TunnelConfig, load_config
 from greupd.events import EventLog, tunnel_change_message
 from greupd.keepalive import KeepaliveEngine, LivenessChange, targets_from_config
-from greupd.model import Desired, Observed, Plan, desired_state
+from greupd.model import Desired, Observed, Plan, action_tunnel, desired_state
 from greupd.netlink import ApplyError, Kernel, KernelWatch
 from greupd.nft import NftError, NftTable, NftWatch, describe_ruleset, render_ruleset
 from greupd.plan import describe, plan_changes
@@ -217,8 +217,7 @@ class Daemon:
             log.debug("applied:\n%s", describe(plan))
         after = await self.kernel.observe(desired, names) if plan.actions else observed
         self._record_outcome(plan, errors, after)
-        if self._loop is not None:
-            self._note_repairs(plan, names)
+        self._note_repairs(plan, names)
 
     def _note_link_loss(self, observed: Observed) -> None:
         for tunnel in self.config.tunnels:
@@ -230,10 +229,11 @@ class Daemon:
                 record.link_present = False
 
     def _note_repairs(self, plan: Plan, scope: frozenset[str] | None) -> None:
-        if scope is None or not plan.actions:
-            return
+        """Back off from a tunnel that keeps needing repair: another program is fighting us over it."""
+        if scope is None:
+            return  # start and reload are ours, not a fight
         now = time.monotonic()
-        for name in scope:
+        for name in {t for a in plan.actions if (t := action_tunnel(a)) is not None} & scope:
             record = self.records.get(name)
             if record is None:
                 continue
@@ -242,8 +242,8 @@ class Daemon:
                 record.backoff = min(max(record.backoff * 2, FIGHT_BACKOFF[0]), FIGHT_BACKOFF[1])
                 record.paused_until = now + record.backoff
                 record.repairs.clear()
-                log.warning("tunnel %s: repaired %d times in %.0f s, another program keeps changing it; "
-                            "next repair in %.0f s", name, FIGHT_REPAIRS, FIGHT_WINDOW, record.backoff)
+                self._fail(f"tunnel {name}: repaired {FIGHT_REPAIRS} times in {FIGHT_WINDOW:.0f} s, another "
+                           f"program keeps changing it; next repair in {record.backoff:.0f} s")
                 assert self._loop is not None
                 self._loop.call_later(record.backoff, self._on_kernel_change, {name})
             elif now - record.repairs[0] > 4 * FIGHT_WINDOW:

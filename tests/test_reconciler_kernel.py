@@ -182,3 +182,29 @@ def test_sigkill_and_restart_keeps_the_tunnel_and_loses_no_ping(seed: SeedTopolo
     assert ifindex(seed.a, "My_Tunnel") == index
     assert again.tunnel("My_Tunnel")["state"] == "up"
     assert "down" not in again.output()  # adopted, never flapped
+
+
+def test_a_fight_with_another_manager_backs_off_instead_of_spinning(seed: SeedTopology) -> None:
+    a = GreupdProcess(seed.a, SEED_A).start()
+    # Another "manager" that deletes our route again and again.
+    fighter = seed.a.popen("sh", "-c", "end=$(($(date +%s) + 6)); while [ $(date +%s) -lt $end ]; do "
+                                       "ip route del 20.10.1.0/24 2>/dev/null; sleep 0.05; done")
+    fighter.wait(timeout=60)
+    assert "another program keeps changing it" in a.output()
+    status = a.status()
+    assert status is not None and "another program" in (status["last_error"] or "")
+    # Once the fight is over, the route comes back by itself.
+    eventually(lambda: "20.10.1.0/24 dev My_Tunnel" in routes(seed.a), timeout=70, what="route back after fight")
+    assert a.proc is not None and a.proc.poll() is None
+
+
+def test_lost_netlink_events_lead_to_a_full_resync(seed: SeedTopology) -> None:
+    a = GreupdProcess(seed.a, SEED_A).start()
+    a.signal(signal.SIGSTOP)
+    seed.a.ip("route", "del", "20.10.1.0/24")
+    # While the daemon sleeps, flood its event socket until the kernel drops notifications (ENOBUFS).
+    batch = "".join(f"link add flood{i} type dummy\n" for i in range(1500))
+    seed.a.run("ip", "-batch", "-", input=batch, timeout=300)
+    a.signal(signal.SIGCONT)
+    eventually(lambda: "20.10.1.0/24 dev My_Tunnel" in routes(seed.a), timeout=60, what="route after resync")
+    assert "resynchronising everything" in a.output()
