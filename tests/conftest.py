@@ -144,14 +144,14 @@ def _replay(item: pytest.Item, batch: _GuestBatch) -> Iterator[TestReport]:
         yield _synth(item, "setup", "skipped", (str(item.path), (item.location[1] or 0) + 1, f"lab: {res.error}"))
         yield _synth(item, "teardown", "passed", None)
         return
-    if got:
+    if got:  # it started: keep what the guest reported, fail the phase that never ended
         yield from got
         when: _When = "call" if any(r.when == "setup" for r in got) else "setup"
-    else:
-        when = "setup"
+    else:  # it never started (the guest did not boot, or died first): FAILED, not an ERROR
+        yield _synth(item, "setup", "passed", None)
+        when = "call"
     yield _synth(item, when, "failed", f"lab: the {batch.kind} guest did not report this test.\n{res.describe()}")
-    if when != "teardown":
-        yield _synth(item, "teardown", "passed", None)
+    yield _synth(item, "teardown", "passed", None)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -148,6 +148,8 @@ def guest_env(kind: GuestKind, extra: Mapping[str, str] | None = None) -> dict[s
     env.setdefault("HOME", "/root")
     env.setdefault("LANG", "C.UTF-8")
     env["PYTHONUNBUFFERED"] = "1"
+    if kind == "vng":  # vng's root is read-only 9p (only the run dir is writable); /tmp is an overlay
+        env.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", "/tmp/.hypothesis")
     env.update(extra or {})
     env["GREUPD_LAB_GUEST"] = kind
     return env
@@ -267,6 +269,7 @@ def _guest_argv(kind: GuestKind, rundir: Path) -> list[str]:
         os.environ.get("GREUPD_LAB_VNG_MEMORY", "2G"),
         "--rwdir",
         str(rundir),
+        "--verbose",  # the kernel log on stdout: the console log, for when the guest does not boot
         "--exec",
         f"sh {rundir}/init",
     ]

@@ -54,6 +54,14 @@ def remove_leftovers() -> list[str]:
     return removed
 
 
+class LabCommandError(subprocess.CalledProcessError):
+    """A failed command in a lab host; unlike CalledProcessError its message shows stderr."""
+
+    def __str__(self) -> str:
+        err = (self.stderr or self.output or "").strip()
+        return super().__str__() + (f"\n{err[-2000:]}" if err else "")
+
+
 class Host:
     """One network namespace; commands run in it through ``ip netns exec``."""
 
@@ -79,7 +87,7 @@ class Host:
         """Run argv in this host; on failure with check=True the error names the host and output."""
         proc = subprocess.run(self._argv(argv), capture_output=True, text=True, timeout=timeout, input=input, env=env)
         if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(
+            raise LabCommandError(
                 proc.returncode,
                 f"[{self.name}] {shlex.join(argv)}",
                 output=proc.stdout,
@@ -133,7 +141,7 @@ class Host:
         # `ip -n` rather than `ip netns exec ... ip`: one exec instead of two (slow in UML).
         proc = _ip("-n", self.netns, *argv, check=False)
         if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(
+            raise LabCommandError(
                 proc.returncode, f"[{self.name}] ip {shlex.join(argv)}", output=proc.stdout, stderr=proc.stderr
             )
         return proc
@@ -148,7 +156,7 @@ class Host:
             timeout=30,
         )
         if proc.returncode != 0:
-            raise subprocess.CalledProcessError(
+            raise LabCommandError(
                 proc.returncode, f"[{self.name}] ip -batch: {'; '.join(commands)}", proc.stdout, proc.stderr
             )
 
