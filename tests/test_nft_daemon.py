@@ -1,0 +1,79 @@
+"""The whole daemon keeps its nftables table: installed at start, put back after `nft flush ruleset` and
+`nft delete table`, changed by reload, deleted at stop with on_exit = "remove"; a firewall's own table beside
+it stays byte-identical throughout.
+
+Runs on the host kernel in a fresh netns (nftables, no GRE needed): the tunnels themselves may fail to come
+up where the kernel lacks ip_gre, but the table does not depend on them (rules match interface names).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import GreupdProcess
+from tests.lab.hosts import Host, Lab
+
+pytestmark = pytest.mark.needs_root
+
+SHIPPED = (Path(__file__).resolve().parents[1] / "etc" / "greupd" / "tunnels.toml").read_text()
+CONFIG = SHIPPED.replace('on_exit = "keep"', 'on_exit = "remove"')
+FIREWALL = """
+table inet filter {
+    chain forward { type filter hook forward priority filter; policy accept;
+        ct state established,related accept
+        iifname "eth1" tcp dport 25 drop comment "no smtp out"
+    }
+}
+"""
+
+
+@pytest.fixture
+def router() -> Iterator[Host]:
+    with Lab() as lab:
+        a = lab.host("a")
+        a.run("nft", "-f", "-", input=FIREWALL)
+        yield a
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def greupd_table(host: Host) -> str:
+    return host.run("nft", "list", "table", "inet", "greupd", check=False).stdout
+
+
+def test_the_table_is_kept_in_place_and_the_firewall_is_left_alone(router: Host) -> None:
+    firewall = router.run("nft", "-a", "list", "table", "inet", "filter").stdout
+    daemon = GreupdProcess(router, CONFIG).start()
+    table = greupd_table(router)
+    assert "tcp option maxseg size set 1436" in table and "masquerade" in table, table
+    assert router.run("nft", "-a", "list", "table", "inet", "filter").stdout == firewall
+
+    router.run("nft", "flush", "ruleset")
+    assert eventually(lambda: "maxseg size set 1436" in greupd_table(router)), daemon.output()
+    router.run("nft", "delete", "table", "inet", "greupd")
+    assert eventually(lambda: "maxseg size set 1436" in greupd_table(router)), daemon.output()
+
+    # The firewall was flushed with everything else above: put it back as the admin would, then check that
+    # greupd's start, reload and stop leave it exactly as it is.
+    router.run("nft", "delete", "table", "inet", "filter", check=False)
+    router.run("nft", "-f", "-", input=FIREWALL)
+    firewall = router.run("nft", "-a", "list", "table", "inet", "filter").stdout
+
+    assert daemon.reload(CONFIG.replace("clamp = 1436", 'clamp = "pmtu"')).returncode == 0
+    assert eventually(lambda: "maxseg size set rt mtu" in greupd_table(router))
+    assert router.run("nft", "-a", "list", "table", "inet", "filter").stdout == firewall
+
+    assert daemon.stop() == 0
+    assert greupd_table(router) == ""
+    assert router.run("nft", "-a", "list", "table", "inet", "filter").stdout == firewall
