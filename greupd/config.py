@@ -653,7 +653,8 @@ def _defaults_problems(defaults_raw: dict[str, Any], place: _Place) -> list[Conf
     # Stand-ins for the keys only a tunnel can give; errors about them are dropped (place returns None).
     stand_in = {"name": "defaults", "local": "::1" if v6 else "127.0.0.1", "remote": "::2" if v6 else "127.0.0.2"}
     try:
-        TunnelConfig.model_validate({**stand_in, **defaults_raw})
+        # A name in [defaults] is a problem of its own, reported by the caller.
+        TunnelConfig.model_validate({**stand_in, **defaults_raw, "name": stand_in["name"]})
     except ValidationError as exc:
         # Rules across keys depend on what each tunnel adds; they are checked per tunnel.
         return _problems(exc, place, rules_across_keys=False)
