@@ -28,14 +28,22 @@ def run(*args: str | Path, cwd: Path = REPO, env: dict[str, str] | None = None,
 
 
 @pytest.fixture(scope="module")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def deb() -> Path:
     missing = [tool for tool in BUILD_TOOLS if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (apt-get install dpkg-dev debhelper)")
-    out = tmp_path_factory.mktemp("deb")
+    # Under the repo, not /tmp: the systemd lab guest (tests/test_systemd_lab.py) installs this very package, and
+    # it sees the host's disk but not its /tmp. One folder per pytest process; those of dead processes go.
+    lab = REPO / ".lab" / "deb"
+    for old in lab.glob("*"):
+        if old.name.isdigit() and not Path(f"/proc/{old.name}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    out = lab / str(os.getpid())
     built = run(REPO / "packaging" / "build-deb", "--out", out)
     assert built.returncode == 0, built.stderr[-4000:]
-    return out / f"greupd_{VERSION}_amd64.deb"
+    deb = out / f"greupd_{VERSION}_amd64.deb"
+    os.environ["GREUPD_LAB_DEB"] = str(deb)  # every GREUPD_* variable reaches the lab guests
+    return deb
 
 
 @pytest.fixture(scope="module")

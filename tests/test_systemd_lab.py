@@ -1,0 +1,255 @@
+"""greupd as an administrator runs it: the Debian package installed with dpkg, started by systemd (PID 1).
+
+These run in the uml-systemd lab guest (tests/conftest.py dispatches them): systemd as PID 1 on an overlay whose
+writes vanish with the guest, so dpkg -i, /etc and unit files are the guest's alone. Router A of the seed is a
+netns; the packaged greupd.service runs in it (a drop-in adds NetworkNamespacePath=, nothing else changes).
+Router B is a plain Linux GRE peer that reflects A's keepalives in its kernel, so "the peer dies" is one
+`ip link set down` away.
+
+The .deb comes from tests/test_packaging.py when it ran earlier in the same pytest session (it hands the path
+over in GREUPD_LAB_DEB); otherwise it is built here, which takes minutes in the guest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from greupd.events import MESSAGE_IDS, EventKind
+from tests.lab.hosts import Host, Lab, SeedTopology, seed_topology
+
+pytestmark = pytest.mark.needs_systemd
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = Path("/etc/greupd/tunnels.toml")
+DROP_IN = Path("/etc/systemd/system/greupd.service.d/lab.conf")
+INTERVAL = 0.2
+RETRIES = 3
+
+
+def a_config(on_exit: str = "keep", routes: tuple[str, ...] = ("20.10.1.0/24",)) -> str:
+    quoted = ", ".join(f'"{r}"' for r in routes)
+    return (f'[daemon]\nip_forward = true\non_exit = "{on_exit}"\n\n'
+            '[[tunnel]]\nname = "My_Tunnel"\nmode = "gre"\nlocal = "172.19.1.1"\nremote = "172.19.1.2"\n'
+            f'address = "192.168.8.1"\npeer = "192.168.8.11"\nroutes = [{quoted}]\n\n'
+            f'[tunnel.keepalive]\ninterval = {INTERVAL}\nretries = {RETRIES}\n')
+
+
+def plain_peer(b: Host) -> None:
+    """Router B without greupd: a GRE tunnel back to A whose kernel reflects A's keepalives (kernel-lab.md)."""
+    b.ip("tunnel", "add", "to_a", "mode", "gre", "local", "172.19.1.2", "remote", "172.19.1.1", "ttl", "64")
+    b.ip("addr", "add", "192.168.8.11", "peer", "192.168.8.1", "dev", "to_a")
+    b.ip("link", "set", "to_a", "up")
+    b.ip("route", "add", "10.10.1.0/24", "dev", "to_a")
+    for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv4.conf.to_a.accept_local", 1),
+                       ("net.ipv4.conf.to_a.rp_filter", 0), ("net.ipv4.conf.all.rp_filter", 0)):
+        b.sysctl(key, value)
+
+
+def sh(*argv: str | Path, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, argv))}: exit {result.returncode}\n{result.stdout}{result.stderr}"
+                             f"\n{journal_text()}")
+    return result
+
+
+def journal_text() -> str:
+    return subprocess.run(["journalctl", "-u", "greupd", "--no-pager", "-n", "60"], capture_output=True,
+                          text=True, timeout=60).stdout
+
+
+def eventually(check: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not true after {timeout}s\n{journal_text()}")
+
+
+def show(prop: str) -> str:
+    return sh("systemctl", "show", "-P", prop, "greupd").stdout.strip()
+
+
+def journal(*matches: str) -> list[dict[str, str]]:
+    """greupd's journal entries with these FIELD=value matches, oldest first."""
+    out = sh("journalctl", "-u", "greupd", "-o", "json", "--no-pager", *matches).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def greupd(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    return sh("/usr/bin/greupd", *args, check=check)
+
+
+# --- the installed package -------------------------------------------------------------------------------------
+
+def _deb() -> Path:
+    handed_over = os.environ.get("GREUPD_LAB_DEB")
+    if handed_over and Path(handed_over).is_file():
+        return Path(handed_over)
+    out = Path("/tmp/greupd-lab-deb")  # the guest's own tmpfs
+    built = subprocess.run([REPO / "packaging" / "build-deb", "--out", out], capture_output=True, text=True,
+                           timeout=1800)
+    assert built.returncode == 0, built.stderr[-4000:]
+    return Path(built.stdout.split()[-1])
+
+
+@pytest.fixture(scope="module")
+def installed() -> Path:
+    deb = _deb()
+    sh("dpkg", "-i", deb, timeout=600)
+    return deb
+
+
+@dataclass
+class Seed:
+    topology: SeedTopology
+
+    @property
+    def a(self) -> Host:
+        return self.topology.a
+
+    @property
+    def b(self) -> Host:
+        return self.topology.b
+
+    def routes(self) -> str:
+        return self.a.ip("route", "show", "proto", "greupd").stdout
+
+
+@pytest.fixture
+def seed(installed: Path) -> Iterator[Seed]:
+    with Lab() as lab:
+        topology = seed_topology(lab)
+        plain_peer(topology.b)
+        CONFIG.write_text(a_config())
+        DROP_IN.parent.mkdir(parents=True, exist_ok=True)
+        # Only where it runs changes: the rest of the unit is the packaged one. TimeoutAbortSec: the watchdog's
+        # SIGABRT to a stopped process waits for it, and a stopped process never dumps core.
+        DROP_IN.write_text(f"[Service]\nNetworkNamespacePath=/run/netns/{topology.a.netns}\nTimeoutAbortSec=3s\n")
+        sh("systemctl", "daemon-reload")
+        yield Seed(topology)
+        sh("systemctl", "stop", "greupd", check=False)
+        sh("systemctl", "reset-failed", "greupd", check=False)
+        for extra in DROP_IN.parent.glob("*.conf"):
+            extra.unlink()
+        sh("systemctl", "daemon-reload")
+
+
+def start(seed: Seed) -> None:
+    sh("systemctl", "start", "greupd", timeout=180)
+    eventually(lambda: show("StatusText") == "1 tunnel: 1 up", what="StatusText '1 tunnel: 1 up'")
+
+
+def test_package_installs_everything_and_enables_nothing(installed: Path) -> None:
+    assert sh("dpkg-query", "-W", "-f", "${Status}", "greupd").stdout == "install ok installed"
+    assert sh("systemctl", "is-enabled", "greupd", check=False).stdout.strip() == "disabled"
+    assert show("ActiveState") == "inactive"
+    # ip(8) knows the route protocol by name, and the catalog was indexed by systemd's dpkg trigger.
+    sh("ip", "route", "show", "proto", "greupd")
+    catalog = sh("journalctl", "--list-catalog", "--no-pager").stdout
+    assert f"{MESSAGE_IDS[EventKind.TUNNEL_DOWN]} greupd: GRE tunnel @GREUPD_TUNNEL@ is down" in catalog
+    assert "greupd status" in sh("man", "-P", "cat", "greupd").stdout
+
+
+def test_start_returns_with_the_tunnel_in_place(seed: Seed) -> None:
+    sh("systemctl", "start", "greupd", timeout=180)
+    # Type=notify: start returned after READY=1, so the link and its routes exist already.
+    assert show("ActiveState") == "active"
+    assert "My_Tunnel" in seed.a.ip("link", "show", "My_Tunnel").stdout
+    assert seed.a.sysctl_get("net.ipv4.ip_forward") == "1"  # written through ReadWritePaths=/proc/sys/net
+    eventually(lambda: show("StatusText") == "1 tunnel: 1 up", what="StatusText '1 tunnel: 1 up'")
+    assert "20.10.1.0/24 dev My_Tunnel" in seed.routes()
+    assert seed.a.wait_ping("192.168.8.11")
+    status = greupd("status", "--json", check=True)
+    assert json.loads(status.stdout)["tunnels"][0]["state"] == "up"
+    table = greupd("status", check=True).stdout
+    assert re.search(r"My_Tunnel\s+up\s", table)
+
+
+def test_every_state_change_is_a_structured_journal_entry(seed: Seed) -> None:
+    start(seed)
+    up = journal("GREUPD_TUNNEL=My_Tunnel", "GREUPD_STATE=up")
+    assert up, journal_text()
+    assert up[-1]["SYSLOG_IDENTIFIER"] == "greupd"
+    assert up[-1]["MESSAGE_ID"] == MESSAGE_IDS[EventKind.TUNNEL_UP]
+    assert up[-1]["PRIORITY"] == "5"
+
+    seed.b.ip("link", "set", "to_a", "down")  # B dies
+    eventually(lambda: bool(journal("GREUPD_TUNNEL=My_Tunnel", "GREUPD_STATE=down")), what="a tunnel-down entry")
+    down = journal("GREUPD_TUNNEL=My_Tunnel", "GREUPD_STATE=down")[-1]
+    assert down["MESSAGE_ID"] == MESSAGE_IDS[EventKind.TUNNEL_DOWN]
+    assert down["PRIORITY"] == "4"
+    assert down["GREUPD_PREVIOUS_STATE"] == "up"
+    assert down["GREUPD_REASON"] == "keepalive-timeout"
+    assert down["MESSAGE"].startswith("tunnel My_Tunnel down: ")
+    assert "20.10.1.0/24" in down["MESSAGE"]
+    assert "20.10.1.0/24" not in seed.routes()
+    eventually(lambda: show("StatusText") == "1 tunnel: 1 down (My_Tunnel: keepalive timeout)",
+               what="StatusText naming the dead tunnel")
+    # journalctl -x explains the entry from the catalog.
+    explained = sh("journalctl", "-u", "greupd", "-x", "--no-pager", f"MESSAGE_ID={down['MESSAGE_ID']}").stdout
+    assert "Subject: GRE tunnel My_Tunnel is down" in explained
+
+    seed.b.ip("link", "set", "to_a", "up")  # B is back
+    eventually(lambda: len(journal("GREUPD_TUNNEL=My_Tunnel", "GREUPD_STATE=up")) == len(up) + 1,
+               what="a second tunnel-up entry")
+    assert journal("GREUPD_TUNNEL=My_Tunnel", "GREUPD_STATE=up")[-1]["GREUPD_REASON"] == "keepalive-restored"
+    assert "20.10.1.0/24 dev My_Tunnel" in seed.routes()
+
+
+def test_reload_applies_a_valid_config_and_fails_on_an_invalid_one(seed: Seed) -> None:
+    start(seed)
+    CONFIG.write_text(a_config(routes=("20.10.1.0/24", "20.10.2.0/24")))
+    sh("systemctl", "reload", "greupd", timeout=180)
+    # ExecReload= waited for the daemon's answer: the new route is there when reload returns.
+    assert "20.10.2.0/24 dev My_Tunnel" in seed.routes()
+    reloaded = journal(f"MESSAGE_ID={MESSAGE_IDS[EventKind.CONFIG_RELOADED]}")
+    assert reloaded and reloaded[-1]["GREUPD_GENERATION"] == "2"
+
+    CONFIG.write_text(a_config().replace("interval = 0.2", "interval = 0.001"))
+    rejected = sh("systemctl", "reload", "greupd", check=False, timeout=180)
+    assert rejected.returncode != 0
+    assert show("ActiveState") == "active"  # the daemon carries on with the config in force
+    assert "20.10.2.0/24 dev My_Tunnel" in seed.routes()
+    entry = journal(f"MESSAGE_ID={MESSAGE_IDS[EventKind.CONFIG_REJECTED]}")[-1]
+    assert entry["PRIORITY"] == "3"
+    assert "tunnel[0].keepalive.interval" in entry["GREUPD_ERROR"]
+
+
+def test_stop_keeps_or_removes_the_tunnel_as_on_exit_says(seed: Seed) -> None:
+    start(seed)
+    sh("systemctl", "stop", "greupd", timeout=120)
+    assert journal(f"MESSAGE_ID={MESSAGE_IDS[EventKind.DAEMON_STOPPING]}")[-1]["GREUPD_ON_EXIT"] == "keep"
+    assert "My_Tunnel" in seed.a.ip("link", "show", "My_Tunnel").stdout  # keep: traffic flows on
+    assert "20.10.1.0/24 dev My_Tunnel" in seed.routes()
+    assert show("Result") == "success"
+
+    CONFIG.write_text(a_config(on_exit="remove"))
+    start(seed)  # adopts the kept tunnel
+    sh("systemctl", "stop", "greupd", timeout=120)
+    assert seed.a.ip("link", "show", "My_Tunnel", check=False).returncode != 0
+    assert seed.routes().strip() == ""
+
+
+def test_watchdog_restarts_a_stuck_daemon(seed: Seed) -> None:
+    (DROP_IN.parent / "watchdog.conf").write_text("[Service]\nWatchdogSec=3s\n")
+    sh("systemctl", "daemon-reload")
+    start(seed)
+    stuck = show("MainPID")
+    os.kill(int(stuck), 19)  # SIGSTOP: the event loop stops, so do the pings
+    eventually(lambda: show("NRestarts") == "1" and show("ActiveState") == "active" and show("MainPID") != stuck,
+               timeout=60, what="a restart by the watchdog")
+    assert sh("journalctl", "-u", "greupd", "--no-pager", "-g", "[Ww]atchdog timeout").stdout.strip()
+    # The restarted daemon adopts the tunnel its predecessor left (on_exit = keep; SIGKILL stops nothing).
+    eventually(lambda: show("StatusText") == "1 tunnel: 1 up", what="the tunnel up under the new daemon")
+    assert "20.10.1.0/24 dev My_Tunnel" in seed.routes()
