@@ -4,15 +4,15 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP_VENV := $(VENV)/.stamp-venv
-STAMP_DEPS := .lab/.stamp-deps
 
-APT_PACKAGES := user-mode-linux kmod iproute2 iputils-ping nftables libnftables1 \
-	libsystemd-dev pkg-config tcpdump systemd \
+# Build tools first: systemd-python has no wheel, pip compiles it against libsystemd-dev.
+APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev \
+	user-mode-linux kmod iproute2 iputils-ping nftables libnftables1 tcpdump systemd \
 	qemu-system-x86 linux-image-amd64 busybox-static
 # virtme-ng (for the qemu guest) lives in the venv; its `vng` is what tests/lab/guest.py runs.
 PIP_EXTRA := virtme-ng
 
-.PHONY: all venv deps test pytest lint ruff mypy demo bench clean
+.PHONY: all venv deps apt-deps test pytest lint ruff mypy demo bench clean
 
 all: test
 
@@ -25,14 +25,18 @@ $(STAMP_VENV): pyproject.toml
 	touch $@
 
 # apt-get runs only when a package is missing (dpkg -s), so repeated runs are quick and quiet.
-deps: $(STAMP_VENV)
+apt-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
-		echo "deps: apt-get install $$missing"; \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
-		|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }; \
+		echo "deps: apt-get install" $$missing; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
+		|| { apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }; \
 	fi
+
+# System packages, then the venv (whose build needs them), then the venv's extras for the lab.
+deps: apt-deps
+	@$(MAKE) --no-print-directory venv
 	@$(PY) -m pip show -q $(PIP_EXTRA) >/dev/null 2>&1 \
 		|| $(PY) -m pip install -q --disable-pip-version-check $(PIP_EXTRA)
 
