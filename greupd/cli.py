@@ -18,7 +18,7 @@ EXIT_NO_DAEMON = 3
 
 
 def _config_path(args: argparse.Namespace) -> Path:
-    given: str | None = args.config
+    given: str | None = args.config or getattr(args, "path", None)
     return Path(given or os.environ.get("GREUPD_CONFIG") or DEFAULT_CONFIG)
 
 
@@ -116,9 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="greupd", description="Declarative, self-healing GRE tunnels.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    def with_config(p: argparse.ArgumentParser, positional: bool = False) -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", metavar="PATH",
                        help=f"config file (default: $GREUPD_CONFIG or {DEFAULT_CONFIG})")
+        if positional:
+            p.add_argument("path", nargs="?", metavar="PATH", help="the config file, as an alternative to -c")
         return p
 
     def with_socket(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -128,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = with_socket(with_config(sub.add_parser("run", help="run the daemon in the foreground")))
     run.set_defaults(func=cmd_run)
-    with_config(sub.add_parser("check", help="validate the config and print a summary")).set_defaults(func=cmd_check)
-    with_config(sub.add_parser("plan", help="print what run or a reload would change")).set_defaults(func=cmd_plan)
+    check = with_config(sub.add_parser("check", help="validate the config and print a summary"), positional=True)
+    check.set_defaults(func=cmd_check)
+    plan = with_config(sub.add_parser("plan", help="print what run or a reload would change"), positional=True)
+    plan.set_defaults(func=cmd_plan)
     status = with_socket(sub.add_parser("status", help="ask the running daemon"))
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
@@ -139,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "path", None) and args.config:
+        parser.error("give the config file either as PATH or with -c, not both")
     code: int = args.func(args)
     return code
 

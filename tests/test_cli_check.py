@@ -150,3 +150,15 @@ def test_schema_accepts_the_spellings_the_example_uses() -> None:
     assert {"integer", "string"} <= key_types
     table = schema["$defs"]["TunnelConfig"]["properties"]["table"]
     assert {"enum": ["main"]} in table["anyOf"]
+
+
+def test_check_takes_the_config_as_a_plain_argument_too() -> None:
+    result = greupd("check", "etc/greupd/tunnels.toml")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("etc/greupd/tunnels.toml: valid\n")
+
+
+def test_check_with_both_a_path_and_dash_c_is_a_usage_error() -> None:
+    result = greupd("check", "-c", str(EXAMPLE), str(EXAMPLE))
+    assert result.returncode == 2
+    assert "either as PATH or with -c" in result.stderr
