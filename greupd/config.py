@@ -118,6 +118,13 @@ def _duration(value: object) -> float:
     raise ValueError(f"{value!r} is not a duration: seconds, or a string such as \"300ms\", \"2s\", \"1m\"")
 
 
+def format_duration(seconds: float) -> str:
+    """1.0 -> "1s", 0.2 -> "200ms", 2.5 -> "2.5s": the way this file lets a person write a duration."""
+    if seconds < 1:
+        return f"{seconds * 1000:.4g}ms"
+    return f"{seconds:.4g}s"
+
+
 def _table(value: object) -> int:
     if isinstance(value, str) and value in _TABLE_NAMES:
         return _TABLE_NAMES[value]

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Literal, cast, overload
 
-from greupd.events import format_interval
+from greupd.config import format_duration
 from greupd.status import DaemonStatus, ReloadResult, TunnelStatus
 
 COMMANDS: Final = ("status", "reload")
@@ -271,7 +271,7 @@ def _keepalive_cell(tunnel: TunnelStatus) -> str:
         return "-"
     rtt = f" rtt {keepalive['last_rtt_ms']:.2f}ms" if keepalive["last_rtt_ms"] is not None else ""
     missed = f" missed {keepalive['missed_in_a_row']}" if keepalive["missed_in_a_row"] else ""
-    return (f"{format_interval(keepalive['interval'])}x{keepalive['retries']}"
+    return (f"{format_duration(keepalive['interval'])}x{keepalive['retries']}"
             f" {keepalive['sent']}/{keepalive['received']}{rtt}{missed}")
 
 

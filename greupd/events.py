@@ -19,6 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Final, TextIO
 
+from greupd.config import format_duration
 from greupd.status import TunnelState
 
 SYSLOG_IDENTIFIER: Final = "greupd"
@@ -123,13 +124,6 @@ Event = TunnelChanged | ConfigReloaded | ConfigRejected | DaemonStarted | Daemon
 
 # --- what an event says (pure) -----------------------------------------------------------------------------
 
-def format_interval(seconds: float) -> str:
-    """`1s`, `0.5s` -> `500ms`, `2.5s`: the way the config lets people write durations."""
-    if seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    return f"{seconds:g}s"
-
-
 def tunnel_change_message(name: str, state: TunnelState, reason: str, *, routes: Sequence[str] = (),
                           keepalive_interval: float | None = None, retries: int | None = None,
                           replies: int | None = None, error: str | None = None) -> str:
@@ -137,7 +131,7 @@ def tunnel_change_message(name: str, state: TunnelState, reason: str, *, routes:
 
     routes are the tunnel's configured prefixes: installed when it goes up, withdrawn otherwise.
     """
-    interval = f" (interval {format_interval(keepalive_interval)})" if keepalive_interval is not None else ""
+    interval = f" (interval {format_duration(keepalive_interval)})" if keepalive_interval is not None else ""
     if error is not None:
         cause = error
     elif reason == "keepalive-timeout":

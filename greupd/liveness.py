@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from greupd.config import format_duration
 from greupd.status import KeepaliveStatus
 
 LivenessReason = Literal["keepalive-timeout", "keepalive-restored"]
@@ -21,13 +22,6 @@ class LivenessChange:
     up: bool
     reason: LivenessReason
     message: str
-
-
-def describe_interval(seconds: float) -> str:
-    """1.0 -> "1s", 0.2 -> "200ms", 2.5 -> "2.5s": the way the config file lets a person write it."""
-    if seconds < 1:
-        return f"{seconds * 1000:.4g}ms"
-    return f"{seconds:.4g}s"
 
 
 class Liveness:
@@ -97,7 +91,7 @@ class Liveness:
         if self.up and self.missed_in_a_row >= self.retries:
             self.up = False
             missed = f"{self.missed_in_a_row} keepalive{'s' if self.missed_in_a_row > 1 else ''} missed"
-            return LivenessChange(False, "keepalive-timeout", f"{missed} (interval {describe_interval(self.interval)})")
+            return LivenessChange(False, "keepalive-timeout", f"{missed} (interval {format_duration(self.interval)})")
         return None
 
     def status(self) -> KeepaliveStatus:

@@ -8,9 +8,9 @@ from ipaddress import IPv4Address
 from hypothesis import given
 from hypothesis import strategies as st
 
-from greupd.config import load_config_text
+from greupd.config import format_duration, load_config_text
 from greupd.keepalive import KeepaliveTarget, targets_from_config
-from greupd.liveness import AnswerBudget, Liveness, LivenessChange, ProbeWindow, describe_interval
+from greupd.liveness import AnswerBudget, Liveness, LivenessChange, ProbeWindow
 
 
 def probe_and_wait(liveness: Liveness, now: float) -> list[LivenessChange]:
@@ -212,7 +212,7 @@ def test_answers_are_rate_limited_with_a_burst() -> None:
 
 
 def test_interval_descriptions() -> None:
-    assert [describe_interval(s) for s in (1.0, 10.0, 0.2, 0.05, 2.5)] == ["1s", "10s", "200ms", "50ms", "2.5s"]
+    assert [format_duration(s) for s in (1.0, 10.0, 0.2, 0.05, 2.5)] == ["1s", "10s", "200ms", "50ms", "2.5s"]
 
 
 # --- targets from the config --------------------------------------------------------------------------
