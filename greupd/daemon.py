@@ -116,7 +116,7 @@ class Daemon:
         self._loop = loop
         from greupd.control import ControlServer
 
-        control = ControlServer(self.socket_path, self.status, self.reload)
+        control = ControlServer(self.socket_path, self.status, self.reload, on_error=self.events.error)
         await control.start()
         self.watch.start(loop)
         self.keepalive.start(loop)
