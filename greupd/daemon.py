@@ -21,6 +21,7 @@ from pathlib import Path
 from pyroute2.netlink.exceptions import NetlinkError
 
 from greupd.config import Config, ConfigError, TunnelConfig, load_config
+from greupd.control import ControlServer, ControlSocketBusy
 from greupd.events import EventLog, tunnel_change_message
 from greupd.keepalive import KeepaliveEngine, LivenessChange, targets_from_config
 from greupd.model import Desired, Observed, Plan, action_tunnel, desired_state
@@ -109,19 +110,21 @@ class Daemon:
         self._reload_requested = True
         self._wake.set()
 
+    def _request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
     # --- the loop -------------------------------------------------------------------------------------
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._loop = loop
-        from greupd.control import ControlServer
-
         control = ControlServer(self.socket_path, self.status, self.reload, on_error=self.events.error)
         await control.start()
         self.watch.start(loop)
         self.keepalive.start(loop)
-        for sig, handler in ((signal.SIGHUP, self._request_reload), (signal.SIGTERM, self._stop.set),
-                             (signal.SIGINT, self._stop.set)):
+        for sig, handler in ((signal.SIGHUP, self._request_reload), (signal.SIGTERM, self._request_stop),
+                             (signal.SIGINT, self._request_stop)):
             loop.add_signal_handler(sig, handler)
         self._configure_side_engines()
         await self._reconcile(None)
@@ -131,15 +134,11 @@ class Daemon:
         self.events.started(self.generation, self.config.files, len(self.config.tunnels))
         self._schedule_watchdog()
         try:
-            while not self._stop.is_set():
-                waiter = asyncio.ensure_future(self._wake.wait())
-                stopper = asyncio.ensure_future(self._stop.wait())
-                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
-                stopper.cancel()
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
                 if self._stop.is_set():
                     break
-                self._wake.clear()
                 if self._reload_requested:
                     self._reload_requested = False
                     await self.reload()
@@ -406,7 +405,11 @@ def run_daemon(config_path: Path, socket_override: str | None = None) -> int:
     async def main() -> int:
         return await Daemon(config_path, config, socket_path).run()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except ControlSocketBusy as exc:
+        log.error("%s", exc)
+        return 1
 
 
 def describe_plan(config: Config) -> str:
