@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -126,12 +127,12 @@ class Seed:
         return self.a.ip("route", "show", "proto", "greupd").stdout
 
 
-@pytest.fixture
-def seed(installed: Path) -> Iterator[Seed]:
+@pytest.fixture(scope="module")
+def lab_seed(installed: Path) -> Iterator[Seed]:
+    """One seed network for the module (building it, and each daemon-reload, take seconds in the guest)."""
     with Lab() as lab:
         topology = seed_topology(lab)
         plain_peer(topology.b)
-        CONFIG.write_text(a_config())
         DROP_IN.parent.mkdir(parents=True, exist_ok=True)
         # Only where it runs changes: the rest of the unit is the packaged one. TimeoutAbortSec: the watchdog's
         # SIGABRT to a stopped process waits for it, and a stopped process never dumps core.
@@ -139,9 +140,26 @@ def seed(installed: Path) -> Iterator[Seed]:
         sh("systemctl", "daemon-reload")
         yield Seed(topology)
         sh("systemctl", "stop", "greupd", check=False)
-        sh("systemctl", "reset-failed", "greupd", check=False)
-        for extra in DROP_IN.parent.glob("*.conf"):
-            extra.unlink()
+        for drop_in in DROP_IN.parent.glob("*.conf"):
+            drop_in.unlink()
+        sh("systemctl", "daemon-reload")
+
+
+@pytest.fixture
+def seed(lab_seed: Seed) -> Iterator[Seed]:
+    """Router A as a fresh machine: greupd stopped, no tunnel yet, forwarding off; B alive."""
+    a, b = lab_seed.a, lab_seed.b
+    a.ip("link", "del", "My_Tunnel", check=False)
+    a.sysctl("net.ipv4.ip_forward", 0)
+    b.ip("link", "set", "to_a", "up")
+    CONFIG.write_text(a_config())
+    yield lab_seed
+    sh("systemctl", "stop", "greupd", check=False)
+    sh("systemctl", "reset-failed", "greupd", check=False)
+    extra = [d for d in DROP_IN.parent.glob("*.conf") if d != DROP_IN]
+    for drop_in in extra:
+        drop_in.unlink()
+    if extra:
         sh("systemctl", "daemon-reload")
 
 
@@ -245,10 +263,10 @@ def test_watchdog_restarts_a_stuck_daemon(seed: Seed) -> None:
     (DROP_IN.parent / "watchdog.conf").write_text("[Service]\nWatchdogSec=3s\n")
     sh("systemctl", "daemon-reload")
     start(seed)
-    stuck = show("MainPID")
-    os.kill(int(stuck), 19)  # SIGSTOP: the event loop stops, so do the pings
-    eventually(lambda: show("NRestarts") == "1" and show("ActiveState") == "active" and show("MainPID") != stuck,
-               timeout=60, what="a restart by the watchdog")
+    stuck, restarts = show("MainPID"), int(show("NRestarts"))
+    os.kill(int(stuck), signal.SIGSTOP)  # the event loop stops, and so do its pings
+    eventually(lambda: int(show("NRestarts")) == restarts + 1 and show("ActiveState") == "active"
+               and show("MainPID") != stuck, timeout=60, what="a restart by the watchdog")
     assert sh("journalctl", "-u", "greupd", "--no-pager", "-g", "[Ww]atchdog timeout").stdout.strip()
     # The restarted daemon adopts the tunnel its predecessor left (on_exit = keep; SIGKILL stops nothing).
     eventually(lambda: show("StatusText") == "1 tunnel: 1 up", what="the tunnel up under the new daemon")
