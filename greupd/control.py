@@ -25,6 +25,9 @@ from greupd.config import format_duration
 from greupd.status import DaemonStatus, ReloadResult, TunnelStatus
 
 COMMANDS: Final = ("status", "reload")
+# Seconds a client waits for the answer. A reload answers after the new config is applied to every tunnel and to
+# nftables; `systemctl reload` (ExecReload=greupd reload) must not give up while the daemon is still at it.
+DEFAULT_TIMEOUTS: Final[Mapping[str, float]] = {"status": 5.0, "reload": 120.0}
 # A request is a few bytes; anything near this is not a greupd client.
 _MAX_LINE: Final = 64 * 1024
 # A client that connects and says nothing must not hold a connection open forever.
@@ -186,17 +189,20 @@ def _remove_stale_socket(path: Path) -> None:
 # --- the client --------------------------------------------------------------------------------------------------
 
 @overload
-def request(path: Path, command: Literal["status"], timeout: float = 5) -> DaemonStatus: ...
+def request(path: Path, command: Literal["status"], timeout: float | None = None) -> DaemonStatus: ...
 @overload
-def request(path: Path, command: Literal["reload"], timeout: float = 5) -> ReloadResult: ...
+def request(path: Path, command: Literal["reload"], timeout: float | None = None) -> ReloadResult: ...
 @overload
-def request(path: Path, command: str, timeout: float = 5) -> Mapping[str, object]: ...
-def request(path: Path, command: str, timeout: float = 5) -> Mapping[str, object] | DaemonStatus | ReloadResult:
+def request(path: Path, command: str, timeout: float | None = None) -> Mapping[str, object]: ...
+def request(path: Path, command: str,
+            timeout: float | None = None) -> Mapping[str, object] | DaemonStatus | ReloadResult:
     """Send one command to the daemon and return its result.
 
-    Raises ControlUnavailable when nothing answers within `timeout` seconds (for reload: while the daemon
-    applies the new config), ControlError when the daemon refuses the request.
+    Raises ControlUnavailable when nothing answers within `timeout` seconds (default: DEFAULT_TIMEOUTS, long for
+    reload, which answers once the new config is applied), ControlError when the daemon refuses the request.
     """
+    if timeout is None:
+        timeout = DEFAULT_TIMEOUTS.get(command, DEFAULT_TIMEOUTS["status"])
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:

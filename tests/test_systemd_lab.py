@@ -185,6 +185,10 @@ def test_start_returns_with_the_tunnel_in_place(seed: Seed) -> None:
     assert show("ActiveState") == "active"
     assert "My_Tunnel" in seed.a.ip("link", "show", "My_Tunnel").stdout
     assert seed.a.sysctl_get("net.ipv4.ip_forward") == "1"  # written through ReadWritePaths=/proc/sys/net
+    # ... by a daemon confined as the unit says: CAP_NET_ADMIN (12) and CAP_NET_RAW (13) only, no new privileges.
+    proc_status = Path(f"/proc/{show('MainPID')}/status").read_text()
+    assert re.search(r"^CapBnd:\s+0000000000003000$", proc_status, re.M), proc_status
+    assert re.search(r"^NoNewPrivs:\s+1$", proc_status, re.M), proc_status
     eventually(lambda: show("StatusText") == "1 tunnel: 1 up", what="StatusText '1 tunnel: 1 up'")
     assert "20.10.1.0/24 dev My_Tunnel" in seed.routes()
     assert seed.a.wait_ping("192.168.8.11")
