@@ -19,7 +19,7 @@ import struct
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Literal, cast, overload
+from typing import Final, Literal, Protocol, cast, overload
 
 from greupd.config import format_duration
 from greupd.status import DaemonStatus, ReloadResult, TunnelStatus
@@ -155,7 +155,13 @@ async def _send(writer: asyncio.StreamWriter, answer: Mapping[str, object]) -> N
         await writer.drain()
 
 
-def _peer_allowed(sock: socket.socket | None) -> bool:
+class _PeerSocket(Protocol):
+    """socket.socket, or the asyncio TransportSocket that get_extra_info("socket") hands out."""
+
+    def getsockopt(self, level: int, optname: int, buflen: int) -> bytes: ...
+
+
+def _peer_allowed(sock: _PeerSocket | None) -> bool:
     # The 0600 mode already keeps others out; the credential check also holds if someone loosens the mode.
     if sock is None:
         return False
