@@ -64,9 +64,11 @@ demo: deps
 	$(PY) -m tests.lab run --guest uml -- $(PY) demo/seed_story.py
 # ---------------------------------------------------------------------------------------------
 
-# bench: PLACEHOLDER for the benchmark (e.g. `$(PY) -m tests.lab run --guest uml -- $(PY) bench/...`).
+# bench: every benchmark in the lab guests (~30 min), raw JSON in bench/results/, tables in BENCHMARKS.md.
+# BENCH_ARGS=--quick for a smoke run (results under .lab/bench-quick/).
 bench: $(STAMP_VENV)
-	@echo "bench: not written yet"
+	@$(MAKE) --no-print-directory deps
+	PY=$(PY) bench/run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .lab .mypy_cache .ruff_cache .pytest_cache

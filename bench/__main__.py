@@ -1,0 +1,77 @@
+"""bench/run: boot the lab guests, run the benchmark suites in them, keep the raw JSON, render BENCHMARKS.md.
+
+    bench/run                      everything (~30 min): bench/results/*.json and BENCHMARKS.md
+    bench/run --quick              small N, few trials (a smoke run): .lab/bench-quick/
+    bench/run --only uml --only render
+
+Suites: host (kernel-independent parts, natively, no guest), systemd (the uml-systemd guest: cold
+convergence of greupd vs `ip -batch` vs systemd-networkd, and networkd under drift), uml (the UML guest:
+start-up, reload, drift repair, dead-peer detection, keepalive cost, idle wake-ups, profiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench import host_bench, render
+from tests.lab import guest
+
+REPO = Path(__file__).resolve().parent.parent
+SUITES = ("host", "systemd", "uml")
+GUEST: dict[str, guest.GuestKind] = {"systemd": "uml-systemd", "uml": "uml"}
+TIMEOUT = 3600.0
+
+
+def run_guest_suite(suite: str, out: Path, quick: bool) -> bool:
+    kind = GUEST[suite]
+    argv = [sys.executable, "-m", "bench.lab_bench", "--suite", suite, *(["--quick"] if quick else [])]
+    print(f"bench: suite {suite} in the {kind} guest ...", file=sys.stderr, flush=True)
+    result = guest.run(kind, argv, cwd=REPO, timeout=TIMEOUT, stream=sys.stderr, collect=["bench.json"])
+    raw = result.files.get("bench.json")
+    if raw:
+        data = json.loads(raw)
+        data.setdefault("meta", {})["guest_seconds"] = result.seconds
+        out.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    if not result.ok:
+        print(result.describe(), file=sys.stderr)
+    print(f"bench: suite {suite}: {'ok' if result.ok else 'FAILED'} in {result.seconds:.0f} s -> {out}",
+          file=sys.stderr)
+    return result.ok and raw is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small N and few trials, results under .lab/bench-quick")
+    p.add_argument("--only", action="append", choices=(*SUITES, "render"),
+                   help="run only these suites (repeatable); 'render' only rewrites BENCHMARKS.md")
+    p.add_argument("--results", type=Path, help="where the raw JSON goes (default bench/results)")
+    a = p.parse_args(argv)
+    results = a.results or (REPO / ".lab" / "bench-quick" if a.quick else REPO / "bench" / "results")
+    results.mkdir(parents=True, exist_ok=True)
+    chosen = a.only or [*SUITES, "render"]
+    started = time.monotonic()
+    ok = True
+    for suite in SUITES:
+        if suite not in chosen:
+            continue
+        out = results / f"{suite}.json"
+        if suite == "host":
+            print("bench: suite host (natively) ...", file=sys.stderr, flush=True)
+            ok = host_bench.main(["--out", str(out), *(["--quick"] if a.quick else [])]) == 0 and ok
+        else:
+            ok = run_guest_suite(suite, out, a.quick) and ok
+    if "render" in chosen:
+        target = results / "BENCHMARKS.md" if a.quick else REPO / "BENCHMARKS.md"
+        command = "bench/run --quick" if a.quick else "bench/run"
+        render.main(["--results", str(results), "--out", str(target), "--command", command])
+    print(f"bench: {'done' if ok else 'FAILED'} in {(time.monotonic() - started) / 60:.1f} min", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
