@@ -171,6 +171,9 @@ class Kernel:
     def __init__(self) -> None:
         self._ipr = AsyncIPRoute()
         self.requests = 0  # rtnetlink requests sent, for benchmarks and `greupd status`
+        # ifindex by name, from the last observation and our own creations: an action's request names its
+        # device by index, and looking each one up again would double the requests of a large apply.
+        self._indices: dict[str, int] = {}
 
     def close(self) -> None:
         self._ipr.close()
@@ -206,6 +209,12 @@ class Kernel:
                     if found:
                         links[found[0]] = found[1]
 
+        if names is None:
+            self._indices = {name: link.index for name, link in links.items()}
+        else:
+            for name in names:
+                self._indices.pop(name, None)
+            self._indices.update((name, link.index) for name, link in links.items())
         owned = {link.index: name for name, link in links.items() if link.owned}
         addresses: dict[str, set[AddressSpec]] = {name: set() for name in owned.values()}
         routes: set[RouteSpec] = set()
@@ -246,6 +255,8 @@ class Kernel:
             try:
                 await self._execute(action)
             except (NetlinkError, OSError) as exc:
+                if tunnel is not None:
+                    self._indices.pop(tunnel, None)  # maybe stale: look it up again next time
                 text = exc.args[1] if isinstance(exc, NetlinkError) and len(exc.args) > 1 else \
                     (exc.strerror or str(exc))
                 errors.append(ApplyError(tunnel, action, f"{text} (errno {exc.args[0] if exc.args else '?'})"))
@@ -253,11 +264,14 @@ class Kernel:
         return errors
 
     async def _index(self, name: str) -> int:
+        if name in self._indices:
+            return self._indices[name]
         self.requests += 1
         found = await self._ipr.link_lookup(ifname=name)
         if not found:
             raise OSError(errno.ENODEV, f"no interface {name}")
-        return int(found[0])
+        self._indices[name] = int(found[0])
+        return self._indices[name]
 
     async def _execute(self, action: Action) -> None:
         match action:
@@ -276,6 +290,7 @@ class Kernel:
             case DeleteLink(name, _):
                 self.requests += 1
                 await self._ipr.link("del", index=await self._index(name))
+                del self._indices[name]
             case SetLinkUp(name, up):
                 self.requests += 1
                 await self._ipr.link("set", index=await self._index(name), state="up" if up else "down")
