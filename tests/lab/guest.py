@@ -183,6 +183,8 @@ def _uml_init(kind: GuestKind, rundir: Path) -> str:
         "#!/bin/sh",
         f"export PATH={DEFAULT_PATH}",
         "mount -t proc proc /proc",
+        'stamp() { read -r up _ </proc/uptime; echo "lab-init: $1 at $up s"; }',  # builtins: no fork
+        "stamp start",
         "mount -t sysfs sysfs /sys",
         "mount -t tmpfs -o mode=0755 tmpfs /run",
         "mount -t tmpfs -o mode=1777 tmpfs /tmp",
@@ -197,6 +199,7 @@ def _uml_init(kind: GuestKind, rundir: Path) -> str:
         # -a: one process for all (each exec costs ~50 ms in UML); it carries on past missing ones.
         f"modprobe -a -q -d {r}/mods {' '.join(MODULES)} 2>/dev/null",
         f"echo booted > {r}/booted",
+        "stamp booted",
     ]
     if kind == "uml":
         lines += [
@@ -221,8 +224,15 @@ def _uml_init(kind: GuestKind, rundir: Path) -> str:
         "mkdir -p /run/ov/upper /run/ov/work /run/ov/root",
         "mount -t overlay overlay -o lowerdir=/,upperdir=/run/ov/upper,workdir=/run/ov/work /run/ov/root",
         f"mount --bind {r} /run/ov/root{r}",
+        # A fresh /tmp, as on a booting machine; else systemd-tmpfiles' "D /tmp" walks (and, in the
+        # overlay, whites out) the host's whole /tmp through hostfs: 12 s and more.
+        "mount -t tmpfs -o mode=1777 tmpfs /run/ov/root/tmp",
         f"cat > /run/ov/root/etc/systemd/system/{UNIT} <<'UNIT_EOF'\n{unit}UNIT_EOF",
+        # udev's coldplug of UML's few devices costs ~10 s (a process per uevent) and comes before
+        # sysinit.target; nothing here needs it. udevd itself still runs for new devices.
+        "ln -sf /dev/null /run/ov/root/etc/systemd/system/systemd-udev-trigger.service",
         # Hand the API file systems over; systemd mounts /run (tmpfs) and cgroup2 itself.
+        "stamp systemd",
         "for fs in /dev /proc /sys; do mount --move $fs /run/ov/root$fs; done",
         f"exec chroot /run/ov/root /lib/systemd/systemd --unit={UNIT} --show-status=false",
     ]
