@@ -23,8 +23,14 @@ def _config_path(args: argparse.Namespace) -> Path:
 
 
 def _socket_path(args: argparse.Namespace) -> Path:
-    given: str | None = getattr(args, "socket", None)
-    return Path(given or os.environ.get("GREUPD_CONTROL_SOCKET") or DEFAULT_CONTROL_SOCKET)
+    """--socket, else $GREUPD_CONTROL_SOCKET, else the config's [daemon] control_socket, else the default."""
+    given: str | None = getattr(args, "socket", None) or os.environ.get("GREUPD_CONTROL_SOCKET")
+    if given:
+        return Path(given)
+    try:
+        return load_config(_config_path(args)).daemon.control_socket
+    except ConfigError:
+        return DEFAULT_CONTROL_SOCKET
 
 
 def _load_or_report(path: Path) -> Config | None:
@@ -86,25 +92,33 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from greupd.control import ControlUnavailable, format_status, request
+    from greupd.control import ControlError, ControlUnavailable, format_status, request
 
+    path = _socket_path(args)
     try:
-        status = request(_socket_path(args), "status")
+        status = request(path, "status")
     except ControlUnavailable as exc:
-        print(f"greupd: no daemon answers on {_socket_path(args)}: {exc}", file=sys.stderr)
+        print(f"greupd: no daemon answers on {path}: {exc}", file=sys.stderr)
         return EXIT_NO_DAEMON
+    except ControlError as exc:
+        print(f"greupd: the daemon on {path} refused: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return EXIT_OK
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from greupd.control import ControlUnavailable, request
+    from greupd.control import ControlError, ControlUnavailable, request
 
+    path = _socket_path(args)
     try:
-        result = request(_socket_path(args), "reload", timeout=300)
+        result = request(path, "reload", timeout=300)
     except ControlUnavailable as exc:
-        print(f"greupd: no daemon answers on {_socket_path(args)}: {exc}", file=sys.stderr)
+        print(f"greupd: no daemon answers on {path}: {exc}", file=sys.stderr)
         return EXIT_NO_DAEMON
+    except ControlError as exc:
+        print(f"greupd: the daemon on {path} refused: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     if not result.get("ok"):
         print(f"greupd: reload rejected, the running config stays in force:\n{result.get('error')}", file=sys.stderr)
         return EXIT_INVALID
@@ -134,10 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check)
     plan = with_config(sub.add_parser("plan", help="print what run or a reload would change"), positional=True)
     plan.set_defaults(func=cmd_plan)
-    status = with_socket(sub.add_parser("status", help="ask the running daemon"))
+    status = with_config(with_socket(sub.add_parser("status", help="ask the running daemon")))
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
-    with_socket(sub.add_parser("reload", help="re-read the config in the running daemon")).set_defaults(func=cmd_reload)
+    reload = with_config(with_socket(sub.add_parser("reload", help="re-read the config in the running daemon")))
+    reload.set_defaults(func=cmd_reload)
     sub.add_parser("schema", help="print the JSON Schema of tunnels.toml").set_defaults(func=cmd_schema)
     return parser
 

@@ -300,3 +300,14 @@ def test_format_status_without_tunnels() -> None:
     status = router_a()
     status["tunnels"] = []
     assert format_status(status).endswith("no tunnels configured")
+
+
+def test_cli_finds_the_socket_named_in_the_config(tmp_path: Path) -> None:
+    sock = tmp_path / "elsewhere.sock"
+    config = tmp_path / "tunnels.toml"
+    config.write_text(f'[daemon]\ncontrol_socket = "{sock}"\n')
+    env = {k: v for k, v in os.environ.items() if k != "GREUPD_CONTROL_SOCKET"}
+    result = subprocess.run([sys.executable, "-m", "greupd", "status", "-c", str(config)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert result.returncode == 3
+    assert str(sock) in result.stderr
