@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,13 +90,13 @@ def pytest_runtest_makereport(
 # --------------------------------------------------------------------------- delegating
 
 
+@dataclass
 class _GuestBatch:
     """One guest boot that ran a batch of tests, and the reports it left per node id."""
 
-    def __init__(self, kind: guest.GuestKind, result: guest.GuestResult | None, reports: dict[str, list[Any]]):
-        self.kind = kind
-        self.result = result
-        self.reports = reports
+    kind: guest.GuestKind
+    result: guest.GuestResult
+    reports: dict[str, list[TestReport]]
 
 
 def _run_batch(config: pytest.Config, kind: guest.GuestKind, items: list[pytest.Item]) -> _GuestBatch:
@@ -108,7 +109,7 @@ def _run_batch(config: pytest.Config, kind: guest.GuestKind, items: list[pytest.
         tr.write_line(f"lab: booting {kind} guest for {len(items)} tests ...")
     t0 = time.monotonic()
     res = guest.run(kind, argv, cwd=config.rootpath, env={"GREUPD_LAB_REPORT": "1"}, collect=[REPORT_FILE])
-    reports: dict[str, list[Any]] = {}
+    reports: dict[str, list[TestReport]] = {}
     for line in res.files.get(REPORT_FILE, "").splitlines():
         try:
             data = json.loads(line)
@@ -133,7 +134,6 @@ def _synth(item: pytest.Item, when: _When, outcome: _Outcome, longrepr: Any) -> 
 def _replay(item: pytest.Item, batch: _GuestBatch) -> Iterator[TestReport]:
     got = batch.reports.get(item.nodeid)
     res = batch.result
-    assert res is not None
     if got and any(r.when == "teardown" for r in got):
         for rep in got:
             rep.sections.append(("lab", f"ran in the {batch.kind} guest"))
