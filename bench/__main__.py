@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,23 @@ REPO = Path(__file__).resolve().parent.parent
 SUITES = ("host", "systemd", "uml")
 GUEST: dict[str, guest.GuestKind] = {"systemd": "uml-systemd", "uml": "uml"}
 TIMEOUT = 3600.0
+
+
+def code_version() -> str:
+    """The commit measured, and whether greupd/ differed from it (other engineers share the work tree)."""
+    def git(*argv: str) -> str:
+        proc = subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True)
+        return proc.stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "greupd")
+    return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes in greupd/" if dirty else "")
+
+
+def stamp(out: Path, version: str) -> None:
+    if out.exists():
+        data = json.loads(out.read_text())
+        data.setdefault("meta", {})["code"] = version
+        out.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def run_guest_suite(suite: str, out: Path, quick: bool) -> bool:
@@ -60,11 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         if suite not in chosen:
             continue
         out = results / f"{suite}.json"
+        version = code_version()
         if suite == "host":
             print("bench: suite host (natively) ...", file=sys.stderr, flush=True)
             ok = host_bench.main(["--out", str(out), *(["--quick"] if a.quick else [])]) == 0 and ok
         else:
             ok = run_guest_suite(suite, out, a.quick) and ok
+        stamp(out, version)
     if "render" in chosen:
         target = results / "BENCHMARKS.md" if a.quick else REPO / "BENCHMARKS.md"
         command = "bench/run --quick" if a.quick else "bench/run"

@@ -15,9 +15,11 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address
@@ -105,24 +107,85 @@ def dump_parsing(count: int, trials: int) -> Json:
 
 
 def _dumps_here(trials: int) -> Json:
-    from greupd.netlink import Kernel
+    # pyroute2's AsyncIPRoute, as greupd's Kernel used it for every observe up to commit 7dc12ff.
+    from pyroute2 import AsyncIPRoute
 
     async def measure() -> Json:
-        kernel = Kernel()
+        ipr = AsyncIPRoute()
         result: Json = {}
         try:
             for kind in ("link", "addr", "route"):
                 samples = []
                 for _ in range(trials):
                     start = time.perf_counter()
-                    await kernel._dump(kind)  # the same call observe() makes
+                    [msg async for msg in await getattr(ipr, kind)("dump")]
                     samples.append(time.perf_counter() - start)
                 result[f"dump_{kind}"] = samples
         finally:
-            kernel.close()
+            ipr.close()
         return result
 
     return asyncio.run(measure())
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def keepalive_engine(count: int, interval: float, window: float) -> Json:
+    """The keepalive engine alone (`python -m greupd.keepalive`, no links or routes: it needs none, only raw
+    sockets) probing `count` peers, answered by a second engine (answer = "daemon") in another netns, on this
+    machine's own kernel. Measures the prober's CPU and memory: the host-native counterpart of the lab's
+    keepalive-cost table."""
+    tag = f"benchka{os.getpid()}"
+    a, b = f"{tag}a", f"{tag}b"
+    procs: list[subprocess.Popen[bytes]] = []
+    directory = Path(tempfile.mkdtemp(prefix="bench-ka-"))
+    try:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "-n", a, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", b],
+                       check=True)
+        for ns, addr in ((a, scenario.LOCAL), (b, scenario.REMOTE)):
+            subprocess.run(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0"], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "up"], check=True)
+        for ns, mirror in ((b, True), (a, False)):
+            config = directory / f"{ns}.toml"
+            config.write_text(scenario.greupd_toml(count, keepalive=(interval, 3, 1), mirror=mirror))
+            procs.append(subprocess.Popen(
+                ["ip", "netns", "exec", ns, sys.executable, "-m", "greupd.keepalive", "-c", str(config),
+                 "--status-file", str(directory / f"{ns}.json"), "--status-every", "3600"],
+                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        prober = procs[-1]
+        time.sleep(5 + 3 * interval)
+        before, start = _cpu_seconds(prober.pid), time.monotonic()
+        time.sleep(window)
+        cpu, elapsed = _cpu_seconds(prober.pid) - before, time.monotonic() - start
+        rss = _rss_mb(prober.pid)
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(30)
+        report = json.loads((directory / f"{a}.json").read_text())
+        tunnels = report["tunnels"].values()
+        return {"tunnels": count, "interval": interval, "seconds": elapsed, "cpu_percent": 100 * cpu / elapsed,
+                "rss_mb": rss, "up": sum(bool(t["up"]) for t in tunnels),
+                "sent": sum(t["sent"] for t in tunnels), "received": sum(t["received"] for t in tunnels)}
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "cpu": cpu_parts(count, trials),
         "dumps": dump_parsing(count, trials),
+        "keepalive": [keepalive_engine(count, interval, 10 if a.quick else 30) for interval in (1.0, 0.1)],
     }
     text = json.dumps(result, indent=1, sort_keys=True)
     if a.out:

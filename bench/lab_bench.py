@@ -545,6 +545,8 @@ def drift_trials(host: Host, count: int, trials: int, pause: float) -> Json:
                 seen = watch.until(lambda e, t=t: e.kind == nl.RTM_NEWROUTE and e.dst == t.routes[0]
                                    and e.proto == PROTO_GREUPD, 10)
                 route_samples.append(seen[-1].at - start)
+                if trial % 25 == 24:
+                    log(f"drift ({count} tunnels): route trial {trial + 1}: {route_samples[-1] * 1000:.0f} ms")
                 time.sleep(pause)
             for trial in range(trials):
                 t = scenario.Tunnel((trial + count // 2) % count)
@@ -559,6 +561,8 @@ def drift_trials(host: Host, count: int, trials: int, pause: float) -> Json:
                     if part is not None:
                         marks.setdefault(part[0], e.at - start)
                 link_samples.append({"seconds": seen[-1].at - start, **marks})
+                if trial % 25 == 24:
+                    log(f"drift ({count} tunnels): link trial {trial + 1}: {seen[-1].at - start:.3f} s")
                 time.sleep(pause)
     finally:
         rtnl.close()
@@ -667,7 +671,16 @@ def keepalive_cost(sizes: Sizes, interval: float, profile_dir: Path | None = Non
         a, b = peered_hosts(lab, count)
         daemon = Daemon(a, scenario.greupd_toml(count, keepalive=(interval, 3, 1)), profile_dir=profile_dir)
         try:
-            daemon.start()
+            daemon.start(wait=False)
+            try:
+                imported, ready = daemon.wait_for_ready(timeout=240)
+            except RuntimeError as exc:
+                # 10 000 probes/s can saturate the guest's one CPU before the first reconcile ends.
+                log(f"keepalive {count} x {interval} s: no READY: {str(exc).splitlines()[0]}")
+                usage = window_usage(daemon, sizes.window)
+                return {"interval": interval, "tunnels": count, "ready": None, "ready_timeout": 240, **usage,
+                        "probes_per_s": None, "reply_ratio": None, "up_at_end": None}, None
+            log(f"keepalive {count} x {interval} s: READY after {ready:.1f} s (imports {imported:.1f} s)")
             settle = wait_all_up(daemon, count, 60)
             time.sleep(3)
             status_before = daemon.status()
@@ -685,15 +698,16 @@ def keepalive_cost(sizes: Sizes, interval: float, profile_dir: Path | None = Non
             delete_tunnels(a.netns, count)
             delete_tunnels(b.netns, count)
     sent = after["sent"] - before["sent"]
-    return {"interval": interval, "tunnels": count, "settled": settle, **usage,
+    return {"interval": interval, "tunnels": count, "ready": ready, "settled": settle, **usage,
             "probes_per_s": sent / usage["seconds"],
             "reply_ratio": (after["received"] - before["received"]) / sent if sent else 0.0,
             "up_at_end": after["up"]}, profile
 
 
-def suite_uml(sizes: Sizes) -> Json:
-    results: Json = {}
+def suite_uml(sizes: Sizes, results: Json) -> None:
+    """Fills `results` as it goes: a later failure keeps what was measured before it."""
     profiles: Json = {}
+    results["profiles"] = profiles
     profile_dir = Path(tempfile.mkdtemp(prefix="bench-profiles-", dir="/run"))
 
     log("start-up")
@@ -758,9 +772,7 @@ def suite_uml(sizes: Sizes) -> Json:
         if profile is not None:
             profiles[f"keepalive_{interval}s"] = profile
         log(results[f"keepalive_{interval}"])
-    results["profiles"] = profiles
     shutil.rmtree(profile_dir, ignore_errors=True)
-    return results
 
 
 # --------------------------------------------------------------------------- main
@@ -797,7 +809,10 @@ def main(argv: list[str] | None = None) -> int:
         data["meta"] = {"suite": a.suite, "quick": a.quick, "machine": machine(),
                         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         try:
-            data.update(suite_systemd(sizes) if a.suite == "systemd" else suite_uml(sizes))
+            if a.suite == "systemd":
+                data.update(suite_systemd(sizes))
+            else:
+                suite_uml(sizes, data)
         except BaseException as exc:
             data["error"] = f"{type(exc).__name__}: {exc}"
             raise

@@ -64,7 +64,7 @@ def machine_line(meta: Json) -> str:
     m = meta["machine"]
     quick = " (QUICK: smoke sizes)" if meta["quick"] else ""
     return (f"{m['guest']} guest, kernel {m['kernel']}, {m['cpus']} CPU ({m['cpu']}), Python {m['python']}; "
-            f"run {meta['date']}, {meta.get('seconds', 0) / 60:.0f} min{quick}")
+            f"run {meta['date']}, {meta.get('seconds', 0) / 60:.0f} min{quick}; code {meta.get('code', '?')}")
 
 
 def convergence(data: Json) -> tuple[list[str], Json]:
@@ -243,6 +243,11 @@ def render(results: dict[str, Json], analysis: str, command: str) -> str:
                      "wake-ups/s | tunnels up at the end |",
                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
             for r in cost_rows:
+                if r.get("probes_per_s") is None:
+                    body.append(f"| {r['tunnels']} tunnels x {r['interval']} s | no READY within "
+                                f"{r['ready_timeout']} s: the guest's CPU is saturated | - | {r['cpu_percent']:.0f} | "
+                                f"{r['rss_mb']:.0f} | {r['hwm_mb']:.0f} | {r['wakeups_per_s']:.0f} | - |")
+                    continue
                 body.append(f"| {r['tunnels']} tunnels x {r['interval']} s | {r['probes_per_s']:.0f} | "
                             f"{r['reply_ratio']:.3f} | {r['cpu_percent']:.1f} | {r['rss_mb']:.0f} | "
                             f"{r['hwm_mb']:.0f} | {r['wakeups_per_s']:.0f} | {r['up_at_end']} / {r['tunnels']} |")

@@ -51,16 +51,20 @@ def tunnels(count: int) -> list[Tunnel]:
 
 
 def greupd_toml(count: int, *, ttl: int = 64, ttl_of: dict[int, int] | None = None,
-                keepalive: tuple[float, int, int] | None = None) -> str:
-    """The config greupd runs with; `keepalive` = (interval, retries, up_after), answered by the peer's kernel."""
+                keepalive: tuple[float, int, int] | None = None, mirror: bool = False) -> str:
+    """The config greupd runs with; `keepalive` = (interval, retries, up_after), answered by the peer's kernel.
+
+    `mirror`: the far end's config instead (local and remote swapped), answering keepalives itself.
+    """
+    local, remote = (REMOTE, LOCAL) if mirror else (LOCAL, REMOTE)
     lines = ["[daemon]", "ip_forward = false", ""]
     if keepalive is not None:
         interval, retries, up_after = keepalive
         lines += ["[defaults.keepalive]", f"interval = {interval}", f"retries = {retries}",
-                  f"up_after = {up_after}", 'answer = "off"', ""]
+                  f"up_after = {up_after}", f'answer = "{"daemon" if mirror else "off"}"', ""]
     for t in tunnels(count):
         routes = ", ".join(f'"{r}"' for r in t.routes)
-        lines += ["[[tunnel]]", f'name = "{t.name}"', f'local = "{LOCAL}"', f'remote = "{REMOTE}"', f"key = {t.key}",
+        lines += ["[[tunnel]]", f'name = "{t.name}"', f'local = "{local}"', f'remote = "{remote}"', f"key = {t.key}",
                   f"ttl = {(ttl_of or {}).get(t.index, ttl)}", f'address = "{t.address}"', f'peer = "{t.peer}"',
                   f"routes = [{routes}]", ""]
     return "\n".join(lines)
