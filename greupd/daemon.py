@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from greupd.config import Config, ConfigError, TunnelConfig, load_config
 from greupd.control import ControlServer, ControlSocketBusy
 from greupd.events import EventLog, tunnel_change_message
@@ -74,6 +72,7 @@ class Daemon:
         self.notifier = Notifier()
         self.kernel = Kernel()
         self.watch = KernelWatch(self._on_kernel_change)
+        self.watch.own_portid = self.kernel.portid
         self.keepalive = KeepaliveEngine(self._on_liveness)
         self.nft = NftTable(config.daemon.nft_table)
         self.nft_watch = NftWatch(self._on_nft_change, table=config.daemon.nft_table)
@@ -197,7 +196,7 @@ class Daemon:
     async def _reconcile_guarded(self, names: frozenset[str] | None) -> None:
         try:
             await self._reconcile_locked(names)
-        except (OSError, NetlinkError) as exc:
+        except OSError as exc:
             # Transient (a dump interrupted by a concurrent change, memory pressure): report it and look at
             # everything again shortly rather than die and take the watch with us.
             self._fail(f"cannot read or change the kernel's state: {exc}; retrying")

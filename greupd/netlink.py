@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import itertools
 import logging
 import socket
 from collections.abc import Callable, Iterable, Mapping
@@ -16,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import (
     RTMGRP_IPV4_IFADDR,
     RTMGRP_IPV4_ROUTE,
@@ -27,6 +26,7 @@ from pyroute2.netlink.rtnl import (
 )
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
+from greupd import rtnl
 from greupd.config import IPV6_MODES
 from greupd.model import (
     LINK_ALIAS,
@@ -166,48 +166,56 @@ def write_sysctl(key: str, value: str) -> None:
 
 
 class Kernel:
-    """One rtnetlink request socket: observe() snapshots, apply() executes actions in order."""
+    """The rtnetlink session: observe() snapshots, apply() executes actions in order.
+
+    Methods are coroutines so the daemon's loop reads as one flow, but nothing here waits: the kernel answers
+    rtnetlink requests and dumps within the system call (see rtnl.py).
+    """
 
     def __init__(self) -> None:
-        self._ipr = AsyncIPRoute()
-        self.requests = 0  # rtnetlink requests sent, for benchmarks and `greupd status`
-        # ifindex by name, from the last observation and our own creations: an action's request names its
-        # device by index, and looking each one up again would double the requests of a large apply.
+        self._rtnl = rtnl.RtnlSocket()
+        self._marshal = MarshalRtnl()
+        # ifindex by name, from the last observation and our own creations: requests name devices by index.
         self._indices: dict[str, int] = {}
 
-    def close(self) -> None:
-        self._ipr.close()
+    @property
+    def requests(self) -> int:
+        """rtnetlink requests sent, for benchmarks and `greupd status`."""
+        return self._rtnl.sent
 
-    async def _dump(self, kind: str, **filters: Any) -> list[Message]:
-        self.requests += 1
-        method = getattr(self._ipr, kind)
-        return [msg async for msg in await method("dump", **filters)]
+    @property
+    def portid(self) -> int:
+        """Our netlink port: the kernel stamps it on the notifications that our own requests cause."""
+        return self._rtnl.portid
+
+    def close(self) -> None:
+        self._rtnl.close()
+
+    def _parse(self, replies: Iterable[bytes]) -> list[Message]:
+        return list(self._marshal.parse(b"".join(replies)))
+
+    def _dump(self, request: rtnl.Request) -> list[Message]:
+        return self._parse(self._rtnl.dump(request))
 
     async def observe(self, desired: Desired, scope: Iterable[str] | None = None) -> Observed:
         """A snapshot of the links, addresses and owned routes that matter to `desired`.
 
-        With `scope`, only those tunnel names are looked at (a few requests instead of full dumps).
+        With `scope`, only those tunnel names are looked at, with requests the kernel filters for us.
         """
         names = None if scope is None else frozenset(scope)
         links: dict[str, ObservedLink] = {}
         if names is None:
-            for msg in await self._dump("link"):
-                found = link_from_message(msg)
-                if found and (found[1].owned or found[0] in desired.tunnels):
-                    links[found[0]] = found[1]
+            messages = self._dump(rtnl.dump_links())
         else:
-            for name in names:
-                self.requests += 1
-                try:
-                    msgs = await self._ipr.link("get", ifname=name)
-                except NetlinkError as exc:
-                    if exc.code == errno.ENODEV:
-                        continue
-                    raise
-                for msg in msgs:
-                    found = link_from_message(msg)
-                    if found:
-                        links[found[0]] = found[1]
+            outcomes = self._rtnl.transact([rtnl.get_link(name) for name in sorted(names)])
+            for outcome in outcomes:
+                if outcome.errno not in (0, errno.ENODEV):
+                    raise OSError(outcome.errno, str(outcome))
+            messages = self._parse(r for outcome in outcomes for r in outcome.replies)
+        for msg in messages:
+            found = link_from_message(msg)
+            if found and (found[1].owned or found[0] in desired.tunnels or names is not None):
+                links[found[0]] = found[1]
 
         if names is None:
             self._indices = {name: link.index for name, link in links.items()}
@@ -219,12 +227,11 @@ class Kernel:
         addresses: dict[str, set[AddressSpec]] = {name: set() for name in owned.values()}
         routes: set[RouteSpec] = set()
         if owned:
-            if names is None or len(owned) > 8:
-                addr_msgs = await self._dump("addr")
-            else:
-                addr_msgs = [m for index in owned for m in await self._dump("addr", index=index)]
-            route_msgs = [m for family in (socket.AF_INET, socket.AF_INET6)
-                          for m in await self._dump("route", family=family)]
+            few = names is not None and len(owned) <= 8
+            indices: list[int | None] = list(owned) if few else [None]
+            addr_msgs = [m for index in indices for m in self._dump(rtnl.dump_addresses(index or 0))]
+            route_msgs = [m for index in indices for family in (socket.AF_INET, socket.AF_INET6)
+                          for m in self._dump(rtnl.dump_routes(family, ROUTE_PROTO, index))]
             for msg in addr_msgs:
                 if msg["index"] in owned:
                     address = address_from_message(msg, owned[msg["index"]])
@@ -245,100 +252,88 @@ class Kernel:
                         names)
 
     async def apply(self, actions: Iterable[Action]) -> list[ApplyError]:
-        """Execute actions in order. A refused action skips the rest of its tunnel's actions, not others'."""
+        """Execute actions in order. A refused action skips the rest of its tunnel's actions, not others'.
+
+        Consecutive actions of one kind go to the kernel as one pipelined batch (the planner orders them by
+        phase), so an error can only hold back its tunnel's actions of later phases.
+        """
         errors: list[ApplyError] = []
-        failed: set[str | None] = set()
-        for action in actions:
-            tunnel = action_tunnel(action)
-            if tunnel is not None and tunnel in failed:
-                continue
-            try:
-                await self._execute(action)
-            except (NetlinkError, OSError) as exc:
+        failed: set[str] = set()
+        for _, group in itertools.groupby(actions, key=type):
+            batch = [a for a in group if action_tunnel(a) not in failed]
+            for action, message in self._execute(batch):
+                tunnel = action_tunnel(action)
+                errors.append(ApplyError(tunnel, action, message))
                 if tunnel is not None:
+                    failed.add(tunnel)
                     self._indices.pop(tunnel, None)  # maybe stale: look it up again next time
-                text = exc.args[1] if isinstance(exc, NetlinkError) and len(exc.args) > 1 else \
-                    (exc.strerror or str(exc))
-                errors.append(ApplyError(tunnel, action, f"{text} (errno {exc.args[0] if exc.args else '?'})"))
-                failed.add(tunnel)
         return errors
 
-    async def _index(self, name: str) -> int:
-        if name in self._indices:
-            return self._indices[name]
-        self.requests += 1
-        found = await self._ipr.link_lookup(ifname=name)
-        if not found:
+    def _execute(self, batch: list[Action]) -> list[tuple[Action, str]]:
+        """Run one batch of same-kind actions; return the refused ones with the kernel's reason."""
+        refused: list[tuple[Action, str]] = []
+        requests: list[tuple[Action, rtnl.Request]] = []
+        self._resolve({n for a in batch if not isinstance(a, SetSysctl | CreateLink)
+                       if (n := action_tunnel(a)) is not None})
+        for action in batch:
+            try:
+                requests += [(action, r) for r in self._requests(action)]
+            except OSError as exc:
+                refused.append((action, f"{exc.strerror or exc} (errno {exc.errno})"))
+        outcomes = self._rtnl.transact([r for _, r in requests])
+        for (action, _), outcome in zip(requests, outcomes, strict=True):
+            if outcome.errno and not any(a is action for a, _ in refused):
+                refused.append((action, f"{outcome} (errno {outcome.errno})"))
+        for action in batch:
+            if isinstance(action, DeleteLink):
+                self._indices.pop(action.name, None)
+        return refused
+
+    def _resolve(self, names: set[str]) -> None:
+        """Learn the ifindex of links created since the last observation (one pipelined lookup)."""
+        missing = sorted(names - set(self._indices))
+        for name, outcome in zip(missing, self._rtnl.transact([rtnl.get_link(n) for n in missing]), strict=True):
+            if outcome.errno == 0 and outcome.replies:
+                self._indices[name] = rtnl.link_index(outcome.replies[0])
+
+    def _index(self, name: str) -> int:
+        if name not in self._indices:
             raise OSError(errno.ENODEV, f"no interface {name}")
-        self._indices[name] = int(found[0])
         return self._indices[name]
 
-    async def _execute(self, action: Action) -> None:
+    def _requests(self, action: Action) -> list[rtnl.Request]:
         match action:
             case SetSysctl(key, value):
                 write_sysctl(key, value)
-                return
+                return []
             case CreateLink(spec):
-                self.requests += 2
-                await self._ipr.link("add", ifname=spec.name, kind=spec.kind, **_link_attributes(spec))
-                # The marker is set by a second request: RTM_NEWLINK ignores IFLA_IFALIAS on creation.
-                await self._ipr.link("set", ifname=spec.name, ifalias=LINK_ALIAS)
+                # The marker needs a second request: RTM_NEWLINK ignores IFLA_IFALIAS when it creates a link.
+                return [rtnl.new_link(spec.name, _gre(spec), spec.mtu), rtnl.set_alias(spec.name, LINK_ALIAS)]
             case ChangeLink(spec, _):
-                self.requests += 1
-                await self._ipr.link("set", index=await self._index(spec.name), kind=spec.kind,
-                                     **_link_attributes(spec))
+                return [rtnl.change_link(self._index(spec.name), _gre(spec), spec.mtu)]
             case DeleteLink(name, _):
-                self.requests += 1
-                await self._ipr.link("del", index=await self._index(name))
-                del self._indices[name]
+                return [rtnl.del_link(self._index(name))]
             case SetLinkUp(name, up):
-                self.requests += 1
-                await self._ipr.link("set", index=await self._index(name), state="up" if up else "down")
+                return [rtnl.set_link_up(self._index(name), up)]
             case AddAddress(address) | DeleteAddress(address):
-                self.requests += 1
-                command = "add" if isinstance(action, AddAddress) else "del"
-                kwargs: dict[str, Any] = {"local": str(address.local.ip), "prefixlen": address.local.network.prefixlen,
-                                          "address": str(address.peer or address.local.ip)}
-                await self._ipr.addr(command, index=await self._index(address.ifname), **kwargs)
+                return [rtnl.address(isinstance(action, AddAddress), self._index(address.ifname), address.local,
+                                     address.peer)]
             case AddRoute(route) | DeleteRoute(route):
-                self.requests += 1
-                # "add", not "replace": replace would silently take over a foreign route with the same key.
-                command = "add" if isinstance(action, AddRoute) else "del"
-                extra: dict[str, Any] = {"gateway": str(route.gateway)} if route.gateway else {}
-                await self._ipr.route(command, dst=str(route.dst), oif=await self._index(route.ifname),
-                                      table=route.table, priority=route.metric, proto=ROUTE_PROTO,
-                                      family=socket.AF_INET6 if route.dst.version == 6 else socket.AF_INET,
-                                      **extra)
+                # "add" (create, exclusive), never "replace": replace would take over a foreign route.
+                return [rtnl.route(isinstance(action, AddRoute), self._index(route.ifname), route.dst, route.table,
+                                   route.metric, ROUTE_PROTO, route.gateway)]
+        return []
 
 
-def _flags_to_pyroute2(kind: str, flags: int) -> int:
-    # IFLA_GRE_[IO]FLAGS are big-endian (__be16) for both families, but pyroute2 0.9 declares the ip6gre ones
-    # as native uint16: swap them ourselves, or an ip6gre key is silently dropped (and read back wrong).
-    return socket.htons(flags) if kind in IPV6_MODES else flags
+def _gre(spec: LinkSpec) -> rtnl.GreParameters:
+    return rtnl.GreParameters(spec.kind, spec.local, spec.remote, spec.ikey, spec.okey, spec.ttl, spec.tos,
+                              spec.pmtudisc)
 
 
 def _flags_from_pyroute2(kind: str, flags: int) -> int:
+    # IFLA_GRE_[IO]FLAGS are big-endian (__be16) for both families, but pyroute2 0.9 declares the ip6gre ones
+    # as native uint16: swap them back, or an ip6gre key reads as absent.
     return socket.ntohs(flags) if kind in IPV6_MODES else flags
-
-
-def _link_attributes(spec: LinkSpec) -> dict[str, Any]:
-    p = "ip6gre_" if spec.kind in IPV6_MODES else "gre_"
-    attrs: dict[str, Any] = {
-        p + "local": str(spec.local),
-        p + "remote": str(spec.remote),
-        p + "ttl": spec.ttl,
-        p + "iflags": _flags_to_pyroute2(spec.kind, GRE_KEY if spec.ikey is not None else 0),
-        p + "oflags": _flags_to_pyroute2(spec.kind, GRE_KEY if spec.okey is not None else 0),
-        p + "ikey": spec.ikey or 0,
-        p + "okey": spec.okey or 0,
-    }
-    if spec.tos is not None:
-        attrs[p + "tos"] = spec.tos
-    if spec.pmtudisc is not None:
-        attrs[p + "pmtudisc"] = int(spec.pmtudisc)
-    if spec.mtu is not None:
-        attrs["mtu"] = spec.mtu
-    return attrs
 
 
 # --- watching: "look again" signals from rtnetlink multicast ---------------------------------------------
@@ -362,6 +357,7 @@ class KernelWatch:
         self._sock.bind((0, self.GROUPS))
         self._loop: asyncio.AbstractEventLoop | None = None
         self.names_by_index: dict[int, str] = {}  # the reconciler keeps this current
+        self.own_portid = -1  # notifications caused by our own requests carry it: nothing to look at again
         self.watched: frozenset[str] = frozenset()  # tunnel names that matter
         self.overruns = 0
 
@@ -389,10 +385,13 @@ class KernelWatch:
                     self._on_change(None)
                     return
                 raise
-            for msg in self._marshal.parse(data):
-                name = self._tunnel_of(msg)
-                if name is not None:
-                    names.add(name)
+            for *_, raw in rtnl.messages(data):
+                if rtnl.header_pid(raw) == self.own_portid:
+                    continue
+                for msg in self._marshal.parse(raw):
+                    name = self._tunnel_of(msg)
+                    if name is not None:
+                        names.add(name)
         if names:
             self._on_change(names)
 

@@ -83,7 +83,8 @@ def test_all_modes_are_created_as_configured_and_then_left_alone(router: Host) -
     for fragment in ("mtu 1400", "ttl inherit", "tos 0x10", "nopmtudisc", "ikey 0.0.0.1", "okey 0.0.0.2",
                      "alias greupd"):
         assert fragment in gre, (fragment, gre)
-    assert "40.0.1.0/24 dev t_gre proto 222 metric 7" in router.ip("route", "show", "table", "100").stdout
+    # A device route gets link scope, as `ip route add P dev D` gives it.
+    assert "40.0.1.0/24 dev t_gre proto 222 scope link metric 7" in router.ip("route", "show", "table", "100").stdout
     assert "2001:db8:1::/64 dev t_gre proto 222 metric 7" in router.ip("-6", "route", "show", "table", "100").stdout
     assert "gretap" in router.ip("-d", "link", "show", "t_gretap").stdout
     assert "40.0.2.0/24 via 192.168.2.2 dev t_gretap proto 222" in router.ip("route", "show").stdout
