@@ -19,6 +19,7 @@ import pytest
 
 from tests.daemon import GreupdProcess
 from tests.lab.hosts import Host, Lab, SeedTopology, seed_topology
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.needs_gre
 
@@ -93,14 +94,6 @@ def event_time(output: str, pattern: str, after: float) -> float:
                 return when
     raise AssertionError(f"no event {pattern!r} after {after}:\n{output}")
 
-
-def wait_until(check: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(check) and check():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_dead_primary_fails_over_to_the_backup_and_comes_back(failover: Failover) -> None:

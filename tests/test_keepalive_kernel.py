@@ -40,6 +40,7 @@ from scapy.packet import Raw, fuzz
 
 from greupd.keepalive import KeepaliveEngine, KeepaliveTarget, LivenessChange
 from tests.lab.hosts import Host, SeedTopology
+from tests.waiting import eventually
 
 REPO = Path(__file__).resolve().parent.parent
 A, B, C = "172.19.1.1", "172.19.1.2", "172.19.1.3"
@@ -51,14 +52,6 @@ RETRIES = 3
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
-
-def eventually(check: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{what}: not true after {timeout} s")
 
 
 def add_tunnel(host: Host, local: str, remote: str, ikey: int, okey: int, address: str, peer: str) -> None:

@@ -8,14 +8,14 @@ up where the kernel lacks ip_gre, but the table does not depend on them (rules m
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.daemon import GreupdProcess
 from tests.lab.hosts import Host, Lab
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.needs_root
 
@@ -39,14 +39,6 @@ def router() -> Iterator[Host]:
         yield a
 
 
-def eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return False
-
 
 def greupd_table(host: Host) -> str:
     return host.run("nft", "list", "table", "inet", "greupd", check=False).stdout
@@ -60,9 +52,9 @@ def test_the_table_is_kept_in_place_and_the_firewall_is_left_alone(router: Host)
     assert router.run("nft", "-a", "list", "table", "inet", "filter").stdout == firewall
 
     router.run("nft", "flush", "ruleset")
-    assert eventually(lambda: "maxseg size set 1436" in greupd_table(router)), daemon.output()
+    assert wait_until(lambda: "maxseg size set 1436" in greupd_table(router), 10), daemon.output()
     router.run("nft", "delete", "table", "inet", "greupd")
-    assert eventually(lambda: "maxseg size set 1436" in greupd_table(router)), daemon.output()
+    assert wait_until(lambda: "maxseg size set 1436" in greupd_table(router), 10), daemon.output()
 
     # The firewall was flushed with everything else above: put it back as the admin would, then check that
     # greupd's start, reload and stop leave it exactly as it is.
@@ -71,7 +63,7 @@ def test_the_table_is_kept_in_place_and_the_firewall_is_left_alone(router: Host)
     firewall = router.run("nft", "-a", "list", "table", "inet", "filter").stdout
 
     assert daemon.reload(CONFIG.replace("clamp = 1436", 'clamp = "pmtu"')).returncode == 0
-    assert eventually(lambda: "maxseg size set rt mtu" in greupd_table(router))
+    assert wait_until(lambda: "maxseg size set rt mtu" in greupd_table(router), 10)
     assert router.run("nft", "-a", "list", "table", "inet", "filter").stdout == firewall
 
     assert daemon.stop() == 0

@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from tests.daemon import GreupdProcess
 from tests.lab.hosts import Host, Lab, SeedTopology, seed_topology
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.needs_gre
 
@@ -31,14 +32,6 @@ def seed() -> Iterator[SeedTopology]:
     with Lab() as lab:
         yield seed_topology(lab)
 
-
-def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{what} not true after {timeout}s")
 
 
 def ifindex(host: Host, name: str) -> int:

@@ -17,7 +17,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from greupd.events import MESSAGE_IDS, EventKind
+from tests import waiting
 from tests.lab.hosts import Host, Lab, SeedTopology, seed_topology
 
 pytestmark = pytest.mark.needs_systemd
@@ -69,12 +69,7 @@ def journal_text() -> str:
 
 
 def eventually(check: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not true after {timeout}s\n{journal_text()}")
+    waiting.eventually(check, timeout, what, detail=journal_text, interval=0.1)
 
 
 def show(prop: str) -> str:
