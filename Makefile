@@ -57,7 +57,7 @@ ruff: $(STAMP_VENV)
 	$(VENV)/bin/ruff check .
 
 mypy: $(STAMP_VENV)
-	$(VENV)/bin/mypy --strict greupd tests/lab tests/conftest.py
+	$(VENV)/bin/mypy --strict greupd tests demo bench
 
 # ---------------------------------------------------------------------------------------------
 # demo: the seed's two-router story, run by greupd inside a kernel that has ip_gre (the UML guest).
