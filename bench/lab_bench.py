@@ -154,6 +154,7 @@ class Daemon(GreupdProcess):
         self.profile_dir = profile_dir
         self.profile_from_start = profile_from_start
         self.spawned_at = 0.0
+        self.stop_refused = False
 
     @property
     def env(self) -> dict[str, str]:
@@ -208,8 +209,14 @@ class Daemon(GreupdProcess):
         return (self.profile_dir / f"profile-{number}.txt").read_text()
 
     def close(self) -> None:
+        """SIGTERM, as systemd stops it; a daemon that has not exited 120 s later is killed, and noted."""
         if self.alive():
-            self.stop(timeout=120)
+            try:
+                self.stop(timeout=120)
+            except subprocess.TimeoutExpired:
+                log(f"greupd in {self.host.name} ignored SIGTERM for 120 s: killed")
+                self.stop_refused = True
+                self.kill()
         self.notify.close()
 
 
@@ -677,9 +684,12 @@ def keepalive_cost(sizes: Sizes, interval: float, profile_dir: Path | None = Non
             except RuntimeError as exc:
                 # 10 000 probes/s can saturate the guest's one CPU before the first reconcile ends.
                 log(f"keepalive {count} x {interval} s: no READY: {str(exc).splitlines()[0]}")
-                usage = window_usage(daemon, sizes.window)
-                return {"interval": interval, "tunnels": count, "ready": None, "ready_timeout": 240, **usage,
-                        "probes_per_s": None, "reply_ratio": None, "up_at_end": None}, None
+                overloaded = {"interval": interval, "tunnels": count, "ready": None, "ready_timeout": 240,
+                              **window_usage(daemon, sizes.window), "probes_per_s": None, "reply_ratio": None,
+                              "up_at_end": None}
+                daemon.close()
+                overloaded["sigterm_refused"] = daemon.stop_refused
+                return overloaded, None
             log(f"keepalive {count} x {interval} s: READY after {ready:.1f} s (imports {imported:.1f} s)")
             settle = wait_all_up(daemon, count, 60)
             time.sleep(3)

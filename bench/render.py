@@ -63,7 +63,8 @@ def verdict(ok: bool | None) -> str:
 def machine_line(meta: Json) -> str:
     m = meta["machine"]
     quick = " (QUICK: smoke sizes)" if meta["quick"] else ""
-    return (f"{m['guest']} guest, kernel {m['kernel']}, {m['cpus']} CPU ({m['cpu']}), Python {m['python']}; "
+    where = "the host's own kernel" if m["guest"].startswith("none") else f"{m['guest']} guest"
+    return (f"{where}, kernel {m['kernel']}, {m['cpus']} CPU ({m['cpu']}), Python {m['python']}; "
             f"run {meta['date']}, {meta.get('seconds', 0) / 60:.0f} min{quick}; code {meta.get('code', '?')}")
 
 
@@ -123,8 +124,8 @@ def render(results: dict[str, Json], analysis: str, command: str) -> str:
     out += ["", "All times are medians with (min-max) unless marked; ratios are of medians taken in the same guest "
             "boot, trials interleaved. **UML caveat:** the lab kernel is user-mode Linux on one CPU: every "
             "syscall, page fault and process start costs many times what it costs on hardware (bare `python -c "
-            "pass` takes seconds there, against tens of ms on the host), so absolute numbers overstate real "
-            "machines. The host-native table at the end gives the kernel-independent parts at native speed.", ""]
+            "pass` takes about 0.4-2 s there, against about 40 ms on the host), so absolute numbers overstate "
+            "real machines. The host-native table at the end gives the kernel-independent parts at native speed.", ""]
 
     targets: list[str] = ["| # | target | measured | verdict |", "| --- | --- | --- | --- |"]
     body: list[str] = []
@@ -244,9 +245,13 @@ def render(results: dict[str, Json], analysis: str, command: str) -> str:
                      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
             for r in cost_rows:
                 if r.get("probes_per_s") is None:
+                    def num(key: str, r: Json = r) -> str:
+                        return "-" if r.get(key) is None else f"{r[key]:.0f}"
+                    refused = "; then ignored SIGTERM for 120 s" if r.get("sigterm_refused") else ""
                     body.append(f"| {r['tunnels']} tunnels x {r['interval']} s | no READY within "
-                                f"{r['ready_timeout']} s: the guest's CPU is saturated | - | {r['cpu_percent']:.0f} | "
-                                f"{r['rss_mb']:.0f} | {r['hwm_mb']:.0f} | {r['wakeups_per_s']:.0f} | - |")
+                                f"{r['ready_timeout']} s: the guest's CPU is saturated{refused} | - | "
+                                f"{num('cpu_percent')} | {num('rss_mb')} | {num('hwm_mb')} | "
+                                f"{num('wakeups_per_s')} | - |")
                     continue
                 body.append(f"| {r['tunnels']} tunnels x {r['interval']} s | {r['probes_per_s']:.0f} | "
                             f"{r['reply_ratio']:.3f} | {r['cpu_percent']:.1f} | {r['rss_mb']:.0f} | "
@@ -282,7 +287,8 @@ def render(results: dict[str, Json], analysis: str, command: str) -> str:
                 body.append(f"| `greupd run` → READY, {label} (imports done at) | "
                             f"{spread(column(rows, 'seconds'), 's')} ({spread(column(rows, 'imported'), 's')}) |")
             body += ["", "Own import time per package (`python -X importtime`, one run, ms): "
-                     + ", ".join(f"{k} {v:.0f}" for k, v in st["import_breakdown_ms"].items()) + ".", ""]
+                     + ", ".join(f"{k} {v:.0f}" for k, v in sorted(st["import_breakdown_ms"].items(),
+                                                                      key=lambda kv: -kv[1])) + ".", ""]
 
     if host:
         cpu, imports, dumps = host["cpu"], host["imports"], host["dumps"]
@@ -301,7 +307,16 @@ def render(results: dict[str, Json], analysis: str, command: str) -> str:
                  f"| pyroute2 address dump | {spread(dumps['dump_addr'])} ms |",
                  f"| pyroute2 route dump (both families) | {spread(dumps['dump_route'])} ms |",
                  f"| one probe built (µs) | {statistics.median(cpu['probe_build_us']):.1f} |",
-                 f"| one reply parsed (µs) | {statistics.median(cpu['reply_parse_us']):.1f} |", ""]
+                 f"| one reply parsed (µs) | {statistics.median(cpu['reply_parse_us']):.1f} |"]
+        for k in host.get("keepalive", []):
+            body.append(f"| keepalive engine alone (`python -m greupd.keepalive`), {k['tunnels']} x {k['interval']} s, "
+                        f"answered by a second engine: CPU % of a core / RSS MB / replies per probe | "
+                        f"{k['cpu_percent']:.1f} / {k['rss_mb']:.0f} / {k['received'] / max(k['sent'], 1):.2f} |")
+        body.append("")
+        for k in host.get("keepalive", []):
+            if k["interval"] == 1.0:
+                targets.append(f"| 5 | (host kernel) keepalive engine alone, {k['tunnels']} x 1 s, under 5 % | "
+                               f"{k['cpu_percent']:.1f} % | {verdict(k['cpu_percent'] < 5)} |")
 
     out += ["## Targets", "", *targets, "", *body]
     if analysis:
