@@ -84,11 +84,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     path = _config_path(args)
-    if _load_or_report(path) is None:
+    config = _load_or_report(path)
+    if config is None:
         return EXIT_INVALID
     from greupd.daemon import run_daemon
 
-    return run_daemon(path, socket_override=args.socket)
+    return run_daemon(path, config, socket_override=args.socket)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

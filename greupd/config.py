@@ -7,11 +7,12 @@ the file, the line where the TOML text shows the field, and the field path (`tun
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -463,7 +464,12 @@ def _field_text(path: Path_) -> str:
 class _Source:
     file: Path
     data: dict[str, Any]
-    lines: dict[Path_, int] = field(default_factory=dict)
+    text: str = ""
+
+    @functools.cached_property
+    def lines(self) -> dict[Path_, int]:
+        """Where each field stands; worked out only when a problem needs a line (it costs half a load)."""
+        return locate_fields(self.text)
 
 
 def config_files(path: Path) -> list[Path]:
@@ -497,7 +503,7 @@ def _parse(file: Path, text: str) -> _Source:
             line = int(position.group(1)) if position.group(1) else text.count("\n") + 1
         message = _TOML_AT.sub("", str(exc))
         raise ConfigError([ConfigProblem(file, line, "", f"TOML syntax: {message}")]) from None
-    return _Source(file, data, locate_fields(text))
+    return _Source(file, data, text)
 
 
 def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

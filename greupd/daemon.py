@@ -77,6 +77,7 @@ class Daemon:
         self.nft = NftTable(config.daemon.nft_table)
         self.nft_watch = NftWatch(self._on_nft_change, table=config.daemon.nft_table)
         self._dirty: set[str] = set()
+        self._liveness_dirty: set[str] = set()  # dirty because of a keepalive verdict, not the kernel
         self._everything = False
         self._nft_dirty = True
         self._wake = asyncio.Event()
@@ -103,6 +104,7 @@ class Daemon:
     def _on_liveness(self, name: str, change: LivenessChange) -> None:
         self.alive[name] = change.up
         self._dirty.add(name)
+        self._liveness_dirty.add(name)
         self._wake.set()
 
     def _request_reload(self) -> None:
@@ -157,10 +159,13 @@ class Daemon:
             await self._reconcile(None)
         elif self._dirty:
             now = time.monotonic()
-            ready = {n for n in self._dirty if self.records.get(n, TunnelRecord()).paused_until <= now}
+            ready = {n for n in self._dirty if (r := self.records.get(n)) is None or r.paused_until <= now}
             self._dirty -= ready
             if ready:
-                await self._reconcile(ready)
+                # Route changes that our own keepalive verdicts ask for are not a fight with anyone.
+                repairs = frozenset(ready - self._liveness_dirty)
+                self._liveness_dirty -= ready
+                await self._reconcile(ready, repairs)
         if self._nft_dirty:
             await self._reconcile_nft()
 
@@ -189,13 +194,13 @@ class Daemon:
     def desired(self) -> Desired:
         return desired_state(self.config, self.alive)
 
-    async def _reconcile(self, scope: Iterable[str] | None) -> None:
+    async def _reconcile(self, scope: Iterable[str] | None, repairs: frozenset[str] = frozenset()) -> None:
         async with self._pass:
-            await self._reconcile_guarded(None if scope is None else frozenset(scope))
+            await self._reconcile_guarded(None if scope is None else frozenset(scope), repairs)
 
-    async def _reconcile_guarded(self, names: frozenset[str] | None) -> None:
+    async def _reconcile_guarded(self, names: frozenset[str] | None, repairs: frozenset[str] = frozenset()) -> None:
         try:
-            await self._reconcile_locked(names)
+            await self._reconcile_locked(names, repairs)
         except OSError as exc:
             # Transient (a dump interrupted by a concurrent change, memory pressure): report it and look at
             # everything again shortly rather than die and take the watch with us.
@@ -203,8 +208,11 @@ class Daemon:
             assert self._loop is not None
             self._loop.call_later(RETRY_AFTER, self._on_kernel_change, None)
 
-    async def _reconcile_locked(self, names: frozenset[str] | None) -> None:
-        """Observe, plan, apply for `names` (None: everything), then update tunnel states."""
+    async def _reconcile_locked(self, names: frozenset[str] | None, repairs: frozenset[str]) -> None:
+        """Observe, plan, apply for `names` (None: everything), then update tunnel states.
+
+        `repairs`: the names the kernel told us about; a tunnel that keeps needing repair is being fought over.
+        """
         desired = self.desired()
         self.watch.watched = frozenset(t.name for t in self.config.tunnels)
         observed = await self.kernel.observe(desired, names)
@@ -213,9 +221,11 @@ class Daemon:
         errors = await self.kernel.apply(plan.actions) if plan.actions else []
         if plan.actions:
             log.debug("applied:\n%s", describe(plan))
-        after = await self.kernel.observe(desired, names) if plan.actions else observed
+        touched = frozenset(t for a in plan.actions if (t := action_tunnel(a)) is not None)
+        # Look again only at what was changed, to learn the new links' indices and what the kernel refused.
+        after = observed.updated(await self.kernel.observe(desired, touched)) if touched else observed
         self._record_outcome(plan, errors, after)
-        self._note_repairs(plan, names)
+        self._note_repairs(plan, repairs)
 
     def _note_link_loss(self, observed: Observed) -> None:
         for tunnel in self.config.tunnels:
@@ -226,10 +236,8 @@ class Daemon:
                 self._transition(tunnel, "down", "link-removed")
                 record.link_present = False
 
-    def _note_repairs(self, plan: Plan, scope: frozenset[str] | None) -> None:
+    def _note_repairs(self, plan: Plan, scope: frozenset[str]) -> None:
         """Back off from a tunnel that keeps needing repair: another program is fighting us over it."""
-        if scope is None:
-            return  # start and reload are ours, not a fight
         now = time.monotonic()
         for name in {t for a in plan.actions if (t := action_tunnel(a)) is not None} & scope:
             record = self.records.get(name)
@@ -262,7 +270,7 @@ class Daemon:
         for tunnel in self.config.tunnels:
             if not observed.covers(tunnel.name):
                 continue
-            record = self.records.setdefault(tunnel.name, TunnelRecord())
+            record = self._record(tunnel.name)
             link = observed.links.get(tunnel.name)
             record.ifindex = link.index if link is not None and link.owned else None
             record.link_present = link is not None and link.owned
@@ -286,7 +294,7 @@ class Daemon:
         self.notifier.status(self._status_text())
 
     def _transition(self, tunnel: TunnelConfig, state: TunnelState, reason: str, error: str | None = None) -> None:
-        record = self.records.setdefault(tunnel.name, TunnelRecord())
+        record = self._record(tunnel.name)
         if record.reported and record.state == state:
             return
         previous = record.state if record.reported else None
@@ -300,6 +308,12 @@ class Daemon:
         if state == "down" and keepalive is not None and keepalive.action == "link" and reason == "keepalive-timeout":
             message += ", link set down"
         self.events.tunnel_changed(tunnel.name, state, previous, reason, message)
+
+    def _record(self, name: str) -> TunnelRecord:
+        record = self.records.get(name)
+        if record is None:
+            record = self.records[name] = TunnelRecord()
+        return record
 
     def _fail(self, message: str) -> None:
         self.last_error = message
@@ -334,6 +348,9 @@ class Daemon:
         self.notifier.reloading()
         async with self._pass:
             old_table = self.config.daemon.nft_table
+            before = {t.name: t for t in self.config.tunnels}
+            after = {t.name: t for t in config.tunnels}
+            changed = frozenset(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
             self.config = config
             self.last_error = None
             if config.daemon.nft_table != old_table:
@@ -343,7 +360,9 @@ class Daemon:
                 self.nft_watch = NftWatch(self._on_nft_change, table=config.daemon.nft_table)
                 self._start_nft_watch()
             self._configure_side_engines()
-            await self._reconcile_guarded(None)
+            # Unchanged tunnels are not even looked at (no flap, and a reload of one tunnel among thousands
+            # costs a few requests); drift on them is the watch's business.
+            await self._reconcile_guarded(changed)
         await self._reconcile_nft()
         self.generation += 1
         self.events.config_reloaded(self.generation, [str(f) for f in config.files])
@@ -391,14 +410,9 @@ class Daemon:
                 "pid": os.getpid(), "netlink_requests": self.kernel.requests, "tunnels": self.tunnel_statuses()}
 
 
-def run_daemon(config_path: Path, socket_override: str | None = None) -> int:
-    """Entry point of `greupd run`: the config was already validated by the CLI."""
+def run_daemon(config_path: Path, config: Config, socket_override: str | None = None) -> int:
+    """Entry point of `greupd run`, with the config the CLI has just loaded and validated."""
     logging.basicConfig(level=os.environ.get("GREUPD_LOG_LEVEL", "INFO"), format="greupd: %(message)s")
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 1
     socket_path = Path(socket_override or os.environ.get("GREUPD_CONTROL_SOCKET") or config.daemon.control_socket)
 
     async def main() -> int:

@@ -109,6 +109,17 @@ class Observed:
     def covers(self, name: str) -> bool:
         return self.scope is None or name in self.scope
 
+    def updated(self, newer: Observed) -> Observed:
+        """This snapshot with the tunnels `newer` looked at replaced by what it saw."""
+        seen = newer.scope if newer.scope is not None else frozenset(self.links) | frozenset(newer.links)
+        return Observed(
+            {**{n: link for n, link in self.links.items() if n not in seen}, **newer.links},
+            {**{n: a for n, a in self.addresses.items() if n not in seen}, **newer.addresses},
+            frozenset({r for r in self.routes if r.ifname not in seen} | newer.routes),
+            {**self.sysctls, **newer.sysctls},
+            self.scope,
+        )
+
 
 # --- actions ----------------------------------------------------------------------------------------------
 

@@ -243,3 +243,13 @@ def test_applying_the_plan_converges_and_a_second_plan_is_empty(text: str, kerne
     for name, link in kernel.links.items():
         if not link.owned:
             assert after.links[name] == link
+
+
+def test_a_scoped_look_replaces_only_its_tunnels_in_a_snapshot() -> None:
+    config = load_config_text(SEED_A + SEED_A.replace("My_Tunnel", "other").replace("172.19.1.2", "172.19.1.3"))
+    full = simulate(empty_kernel(), plan_changes(desired_state(config), empty_kernel()).actions)
+    gone = Observed({}, {}, frozenset(), {}, scope=frozenset({"other"}))
+    merged = full.updated(gone)
+    assert set(merged.links) == {"My_Tunnel"} and merged.scope is None
+    assert {r.ifname for r in merged.routes} == {"My_Tunnel"}
+    assert merged.addresses["My_Tunnel"] == full.addresses["My_Tunnel"] and "other" not in merged.addresses
