@@ -222,8 +222,12 @@ class Daemon:
         if plan.actions:
             log.debug("applied:\n%s", describe(plan))
         touched = frozenset(t for a in plan.actions if (t := action_tunnel(a)) is not None)
-        # Look again only at what was changed, to learn the new links' indices and what the kernel refused.
-        after = observed.updated(await self.kernel.observe(desired, touched)) if touched else observed
+        refused = frozenset(e.tunnel for e in errors if e.tunnel is not None)
+        # What the kernel acknowledged is as planned; look again only where it refused something.
+        after = observed.updated(Observed.as_planned(desired, touched - refused,
+                                                     self.kernel.indices(touched - refused)))
+        if refused:
+            after = after.updated(await self.kernel.observe(desired, refused))
         self._record_outcome(plan, errors, after)
         self._note_repairs(plan, repairs)
 

@@ -296,6 +296,12 @@ class Kernel:
             if outcome.errno == 0 and outcome.replies:
                 self._indices[name] = rtnl.link_index(outcome.replies[0])
 
+    def indices(self, names: Iterable[str]) -> dict[str, int]:
+        """The ifindex of each of `names` that exists (one pipelined lookup for those not known yet)."""
+        wanted = set(names)
+        self._resolve(wanted)
+        return {name: self._indices[name] for name in wanted if name in self._indices}
+
     def _index(self, name: str) -> int:
         if name not in self._indices:
             raise OSError(errno.ENODEV, f"no interface {name}")

@@ -44,6 +44,7 @@ GRE_KEY = 0x2000
 NLMSGERR_ATTR_MSG = 1
 SOL_NETLINK = 270
 NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK, NETLINK_CAP_ACK = 11, 12, 10
+SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; not exported by Python's socket module
 
 _HEADER = struct.Struct("=IHHII")
 _IFINFO = struct.Struct("=BxHiII")
@@ -209,12 +210,18 @@ class Outcome:
 class RtnlSocket:
     """A NETLINK_ROUTE socket for requests: blocking, pipelined, with extended ACK messages."""
 
-    BATCH_BYTES = 64 << 10  # per sendmsg; ACKs of one batch must fit the receive buffer
+    # Per sendmsg. Everything the kernel answers to one batch waits in the receive buffer until we read it,
+    # and a link reply is ~1.5 KiB: 256 of them fit the 4 MiB buffer with room to spare.
+    BATCH_BYTES = 64 << 10
+    BATCH_COUNT = 256
 
     def __init__(self) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        try:  # root may go past net.core.rmem_max
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
+        except PermissionError:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         for option in (NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK, NETLINK_CAP_ACK):
             self._sock.setsockopt(SOL_NETLINK, option, 1)
         # A hung kernel answer must not hang the daemon forever (systemd's watchdog would catch it, later).
@@ -234,7 +241,8 @@ class RtnlSocket:
         while start < len(requests):
             chunk: list[Request] = []
             size = 0
-            while start + len(chunk) < len(requests) and (size < self.BATCH_BYTES or not chunk):
+            while start + len(chunk) < len(requests) and (
+                    not chunk or (size < self.BATCH_BYTES and len(chunk) < self.BATCH_COUNT)):
                 request = requests[start + len(chunk)]
                 chunk.append(request)
                 size += _HEADER.size + len(request.body)
