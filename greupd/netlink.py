@@ -1,7 +1,8 @@
-"""The kernel side of the reconciler over rtnetlink (pyroute2's asyncio API): observe, apply, and watch.
+"""The kernel side of the reconciler over rtnetlink: observe, apply, and watch.
 
-Thin by design: each action is one rtnetlink request with the kernel's own attribute names; nothing here
-decides anything (that is plan.py's job).
+Thin by design: each action is one or two rtnetlink requests with the kernel's own attribute names (built
+in rtnl.py); what the kernel reports is read with pyroute2's parser. Nothing here decides anything (that is
+plan.py's job).
 """
 
 from __future__ import annotations
@@ -52,12 +53,6 @@ from greupd.model import (
 
 log = logging.getLogger(__name__)
 
-GRE_KEY = 0x2000  # GRE header flag: key present (include/uapi/linux/if_tunnel.h)
-IFF_UP = 0x1
-RT_SCOPE_UNIVERSE = 0
-RTM_NEWLINK, RTM_DELLINK = 16, 17
-RTM_NEWADDR, RTM_DELADDR = 20, 21
-RTM_NEWROUTE, RTM_DELROUTE = 24, 25
 SYSCTL_ROOT = Path("/proc/sys")
 _TUNNEL_KINDS = frozenset({"gre", "ip6gre", "gretap", "ip6gretap"})
 
@@ -90,7 +85,7 @@ def link_from_message(msg: Message) -> tuple[str, ObservedLink] | None:
     info = msg.get_attr("IFLA_LINKINFO")
     kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
     owned = msg.get_attr("IFLA_IFALIAS") == LINK_ALIAS and kind in _TUNNEL_KINDS
-    up = bool(msg["flags"] & IFF_UP)
+    up = bool(msg["flags"] & rtnl.IFF_UP)
     mtu = msg.get_attr("IFLA_MTU")
     if kind not in _TUNNEL_KINDS or info is None:
         foreign = LinkSpec(name, kind or "unknown", ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("0.0.0.0"))
@@ -103,7 +98,7 @@ def link_from_message(msg: Message) -> tuple[str, ObservedLink] | None:
 
     def key(direction: str) -> int | None:
         flags = _flags_from_pyroute2(kind, attr(f"{direction}FLAGS") or 0)
-        return int(attr(f"{direction}KEY") or 0) if flags & GRE_KEY else None
+        return int(attr(f"{direction}KEY") or 0) if flags & rtnl.GRE_KEY else None
 
     unspecified = "::" if kind in IPV6_MODES else "0.0.0.0"
     ip6 = kind in IPV6_MODES
@@ -123,7 +118,7 @@ def link_from_message(msg: Message) -> tuple[str, ObservedLink] | None:
 
 
 def address_from_message(msg: Message, ifname: str) -> AddressSpec | None:
-    if msg["scope"] != RT_SCOPE_UNIVERSE:
+    if msg["scope"] != rtnl.RT_SCOPE_UNIVERSE:
         return None  # link-local (fe80::/64 the kernel adds to every link) is the kernel's, not ours
     address = msg.get_attr("IFA_ADDRESS")
     local = msg.get_attr("IFA_LOCAL") or address
@@ -403,15 +398,15 @@ class KernelWatch:
 
     def _tunnel_of(self, msg: Message) -> str | None:
         kind = msg["header"]["type"]
-        if kind in (RTM_NEWLINK, RTM_DELLINK):
+        if kind in (rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK):
             name = msg.get_attr("IFLA_IFNAME")
             if name in self.watched:
                 return str(name)
             return self.names_by_index.get(msg["index"])
         # Link-local addresses and routes of other protocols (IPv6 autoconfiguration, multicast) come and go
         # on our links without concerning us: no need to look again for those.
-        if kind in (RTM_NEWADDR, RTM_DELADDR) and msg["scope"] == RT_SCOPE_UNIVERSE:
+        if kind in (rtnl.RTM_NEWADDR, rtnl.RTM_DELADDR) and msg["scope"] == rtnl.RT_SCOPE_UNIVERSE:
             return self.names_by_index.get(msg["index"])
-        if kind in (RTM_NEWROUTE, RTM_DELROUTE) and msg["proto"] == ROUTE_PROTO:
+        if kind in (rtnl.RTM_NEWROUTE, rtnl.RTM_DELROUTE) and msg["proto"] == ROUTE_PROTO:
             return self.names_by_index.get(msg.get_attr("RTA_OIF"))
         return None

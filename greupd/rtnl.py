@@ -10,7 +10,6 @@ Reading (dumps, events) stays with pyroute2's parser.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import os
 import socket
@@ -322,6 +321,3 @@ def link_index(reply: bytes) -> int:
 def header_pid(message: bytes) -> int:
     pid: int = _HEADER.unpack_from(message)[4]
     return pid
-
-
-ENODEV = errno.ENODEV
