@@ -83,6 +83,7 @@ class Daemon:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._reload_requested = False
+        self._published_status = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         # One reconcile pass at a time: the control socket's reload runs beside the main loop's passes, and
         # the kernel refuses a second dump on a netlink socket while one is in progress (EBUSY).
@@ -295,7 +296,7 @@ class Daemon:
                 self._transition(tunnel, "up", reason)
         for gone in set(self.records) - {t.name for t in self.config.tunnels}:
             del self.records[gone]
-        self.notifier.status(self._status_text())
+        self._publish_status()
 
     def _transition(self, tunnel: TunnelConfig, state: TunnelState, reason: str, error: str | None = None) -> None:
         record = self._record(tunnel.name)
@@ -391,6 +392,14 @@ class Daemon:
                 self._fail(str(error))
             self._remove_nft(self.config.daemon.nft_table)
         self.kernel.close()
+
+    def _publish_status(self) -> None:
+        # Only when it changed: a drift repair is no news to `systemctl status`, and every STATUS= is a
+        # blocking send to systemd.
+        text = self._status_text()
+        if text != self._published_status:
+            self._published_status = text
+            self.notifier.status(text)
 
     def _status_text(self) -> str:
         return status_line(self.tunnel_statuses())
