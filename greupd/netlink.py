@@ -386,8 +386,8 @@ class KernelWatch:
                     self._on_change(None)
                     return
                 raise
-            for *_, raw in rtnl.messages(data):
-                if rtnl.header_pid(raw) == self.own_portid:
+            for kind, *_, raw in rtnl.messages(data):
+                if rtnl.header_pid(raw) == self.own_portid or not rtnl.may_concern_us(kind, raw, ROUTE_PROTO):
                     continue
                 for msg in self._marshal.parse(raw):
                     name = self._tunnel_of(msg)

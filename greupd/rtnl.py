@@ -321,3 +321,17 @@ def link_index(reply: bytes) -> int:
 def header_pid(message: bytes) -> int:
     pid: int = _HEADER.unpack_from(message)[4]
     return pid
+
+
+def may_concern_us(kind: int, message: bytes, protocol: int) -> bool:
+    """A cheap look at a notification's fixed header, before any attribute is decoded.
+
+    After a large start-up the kernel announces thousands of link-local addresses and IPv6 routes of its
+    own on our links; they concern nobody here, and decoding each one with pyroute2 costs more than all
+    the rest of an idle daemon's work.
+    """
+    if kind in (RTM_NEWADDR, RTM_DELADDR):
+        return len(message) > _HEADER.size + 3 and message[_HEADER.size + 3] == RT_SCOPE_UNIVERSE  # ifa_scope
+    if kind in (RTM_NEWROUTE, RTM_DELROUTE):
+        return len(message) > _HEADER.size + 5 and message[_HEADER.size + 5] == protocol  # rtm_protocol
+    return kind in (RTM_NEWLINK, RTM_DELLINK)
