@@ -6,10 +6,12 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 from greupd.config import DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET, Config, ConfigError, json_schema, load_config
+from greupd.status import DaemonStatus
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -92,34 +94,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(path, config, socket_override=args.socket)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from greupd.control import ControlError, ControlUnavailable, format_status, request
-
-    path = _socket_path(args)
-    try:
-        status = request(path, "status")
-    except ControlUnavailable as exc:
-        print(f"greupd: no daemon answers on {path}: {exc}", file=sys.stderr)
-        return EXIT_NO_DAEMON
-    except ControlError as exc:
-        print(f"greupd: the daemon on {path} refused: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
-    return EXIT_OK
-
-
-def cmd_reload(args: argparse.Namespace) -> int:
+def _ask_daemon(args: argparse.Namespace, command: str, timeout: float) -> Mapping[str, object] | int:
+    """The daemon's answer, or the exit status to leave with (after saying why)."""
     from greupd.control import ControlError, ControlUnavailable, request
 
     path = _socket_path(args)
     try:
-        result = request(path, "reload", timeout=300)
+        return request(path, command, timeout=timeout)
     except ControlUnavailable as exc:
         print(f"greupd: no daemon answers on {path}: {exc}", file=sys.stderr)
         return EXIT_NO_DAEMON
     except ControlError as exc:
         print(f"greupd: the daemon on {path} refused: {exc}", file=sys.stderr)
         return EXIT_INVALID
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from greupd.control import format_status
+
+    answer = _ask_daemon(args, "status", timeout=5)
+    if isinstance(answer, int):
+        return answer
+    print(json.dumps(answer, indent=2) if args.json else format_status(cast(DaemonStatus, answer)))
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    # A reload of thousands of tunnels may take a while; the daemon answers when it is applied.
+    result = _ask_daemon(args, "reload", timeout=300)
+    if isinstance(result, int):
+        return result
     if not result.get("ok"):
         print(f"greupd: reload rejected, the running config stays in force:\n{result.get('error')}", file=sys.stderr)
         return EXIT_INVALID
