@@ -74,8 +74,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    path = _config_path(args)
-    config = _load_or_report(path)
+    config = _load_or_report(_config_path(args))
     if config is None:
         return EXIT_INVALID
     from greupd.daemon import describe_plan
