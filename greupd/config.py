@@ -249,6 +249,8 @@ class TunnelConfig(_Model):
                       BeforeValidator(_whole_number("metric", 0, 0xFFFFFFFF))] = 0
     table: TableId = 254
     enabled: StrictBool = True
+    # Take over a same-named link that is not greupd's when its kind, endpoints and keys match (spec.md).
+    adopt: StrictBool = False
     keepalive: KeepaliveConfig | None = None
     mss: MssConfig = MssConfig()
     nat: NatConfig = NatConfig()

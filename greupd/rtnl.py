@@ -28,6 +28,7 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
 NLM_F_DUMP = 0x300
 NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
+NLM_F_REPLACE = 0x100
 # attributes
 IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_IFALIAS = 3, 4, 18, 20
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
@@ -171,6 +172,22 @@ def route(add: bool, index: int, dst: ipaddress.IPv4Network | ipaddress.IPv6Netw
     # A delete names the protocol too, so the kernel removes only a route of ours with this key.
     flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE | NLM_F_EXCL if add else 0)
     return Request(RTM_NEWROUTE if add else RTM_DELROUTE, flags, body)
+
+
+# --- adoption (`adopt = true`): taking over a link and its routes in place ---------------------------------
+
+
+def set_alias_by_index(index: int, alias: str) -> Request:
+    """Mark an existing link by its ifindex, so a link renamed or replaced meanwhile is never marked."""
+    body = _IFINFO.pack(socket.AF_UNSPEC, 0, index, 0, 0) + _str(IFLA_IFALIAS, alias)
+    return Request(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, body)
+
+
+def replace_route(index: int, dst: ipaddress.IPv4Network | ipaddress.IPv6Network, table: int, metric: int,
+                  protocol: int, gateway: IPAddress | None) -> Request:
+    """`ip route replace`: the route with this prefix, table and metric becomes this one, with no gap."""
+    body = route(True, index, dst, table, metric, protocol, gateway).body
+    return Request(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, body)
 
 
 def dump_addresses(index: int) -> Request:
