@@ -1,4 +1,4 @@
-"""The `greupd` command: run, check, plan, status, reload, schema."""
+"""The `greupd` command: run, check, plan, status, reload, schema, import."""
 
 from __future__ import annotations
 
@@ -8,15 +8,21 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
+from greupd import __version__
 from greupd.config import DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET, Config, ConfigError, json_schema, load_config
 from greupd.status import DaemonStatus
+
+if TYPE_CHECKING:
+    from greupd.model import Action, Plan
+    from greupd.nft import Ruleset
 
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
 EXIT_NO_DAEMON = 3
+EXIT_CHANGES = 2  # plan --detailed-exitcode: there is something to change
 
 
 def _config_path(args: argparse.Namespace) -> Path:
@@ -60,6 +66,8 @@ def summarize(config: Config) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     path = _config_path(args)
+    if getattr(args, "json", False):
+        return _check_json(path)
     config = _load_or_report(path)
     if config is None:
         return EXIT_INVALID
@@ -77,6 +85,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = _load_or_report(_config_path(args))
     if config is None:
         return EXIT_INVALID
+    if getattr(args, "json", False) or getattr(args, "detailed_exitcode", False):
+        return _plan_for_tools(config, args.json, args.detailed_exitcode)
     from greupd.daemon import describe_plan
 
     print(describe_plan(config))
@@ -114,6 +124,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     answer = _ask_daemon(args, "status", timeout=5)
     if isinstance(answer, int):
         return answer
+    if getattr(args, "names", None):
+        filtered = _only_named(cast(DaemonStatus, answer), args.names)
+        if filtered is None:
+            return EXIT_INVALID
+        answer = filtered
     print(json.dumps(answer, indent=2) if args.json else format_status(cast(DaemonStatus, answer)))
     return EXIT_OK
 
@@ -130,8 +145,129 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- for tools (config management, scripts): check --json, plan --json/--detailed-exitcode, status NAME, import
+
+
+def _check_json(path: Path) -> int:
+    """`greupd check --json`: {"valid": bool, "errors": [{"file", "line", "field", "message"}]}."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        errors = [{"file": str(p.file), "line": p.line, "field": p.field, "message": p.message}
+                  for p in exc.problems]
+        print(json.dumps({"valid": False, "errors": errors}, indent=2))
+        return EXIT_INVALID
+    print(json.dumps({"valid": True, "errors": [], "files": [str(f) for f in config.files],
+                      "tunnels": [t.name for t in config.tunnels]}, indent=2))
+    return EXIT_OK
+
+
+def _kebab(name: str) -> str:
+    return "".join(f"-{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
+
+
+def action_json(action: Action) -> dict[str, object]:
+    """One change of `plan --json`: the tunnel, a stable action word (create-link, take-over-route, ...), the text."""
+    from greupd.model import action_tunnel
+
+    return {"tunnel": action_tunnel(action), "action": _kebab(type(action).__name__), "description": str(action)}
+
+
+def _nft_change(config: Config, ruleset: Ruleset) -> tuple[str | None, str | None]:
+    """What would happen to greupd's nftables table (None: nothing), or why that cannot be told."""
+    from greupd.nft import NftError, NftTable
+
+    table = NftTable(config.daemon.nft_table)
+    try:
+        if table.matches(ruleset):
+            return None, None
+        if not ruleset.wanted:
+            return "remove-nft-table", None
+        return ("replace-nft-table" if table.present() else "create-nft-table"), None
+    except NftError as exc:
+        if not ruleset.wanted:
+            return None, None  # nftables cannot be asked here, so no table of ours can be there either
+        return None, f"nftables: {exc}"
+
+
+def _plan_now(config: Config) -> tuple[Plan, Ruleset]:
+    import asyncio
+
+    from greupd.model import desired_state
+    from greupd.netlink import Kernel
+    from greupd.nft import render_ruleset
+    from greupd.plan import plan_changes
+
+    async def observe() -> Plan:
+        kernel = Kernel()
+        try:
+            desired = desired_state(config)
+            return plan_changes(desired, await kernel.observe(desired))
+        finally:
+            kernel.close()
+
+    return asyncio.run(observe()), render_ruleset(config)
+
+
+def _plan_for_tools(config: Config, as_json: bool, detailed: bool) -> int:
+    from greupd.nft import describe_ruleset
+    from greupd.plan import describe
+
+    try:
+        plan, ruleset = _plan_now(config)
+    except OSError as exc:
+        print(f"greupd: cannot read the kernel's state: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    nft_action, nft_error = _nft_change(config, ruleset)
+    changes = [action_json(a) for a in plan.actions]
+    if nft_action is not None:
+        changes.append({"tunnel": None, "action": nft_action,
+                        "description": f"nftables table inet {config.daemon.nft_table}: {nft_action}"})
+    errors: list[dict[str, str | None]] = [{"tunnel": p.tunnel, "message": p.message} for p in plan.problems]
+    if nft_error is not None:
+        errors.append({"tunnel": None, "message": nft_error})
+    if as_json:
+        print(json.dumps({"changes": changes, "errors": errors, "nftables": {
+            "table": f"inet {config.daemon.nft_table}", "action": nft_action, "ruleset": describe_ruleset(ruleset)},
+            "config": [str(f) for f in config.files]}, indent=2))
+    else:
+        print(f"# kernel\n{describe(plan)}\n\n# nftables table inet {config.daemon.nft_table}"
+              f" ({nft_action or nft_error or 'unchanged'})\n{describe_ruleset(ruleset)}")
+    if not detailed:
+        return EXIT_OK
+    return EXIT_INVALID if errors else EXIT_CHANGES if changes else EXIT_OK
+
+
+def _only_named(status: DaemonStatus, names: Sequence[str]) -> DaemonStatus | None:
+    known = {t["name"] for t in status["tunnels"]}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(f"greupd: no tunnel named {', '.join(unknown)} in the running config", file=sys.stderr)
+        return None
+    wanted = set(names)
+    return {**status, "tunnels": [t for t in status["tunnels"] if t["name"] in wanted]}
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from greupd.importer import ImportProblem
+    from greupd.importer.sources import import_config
+
+    words: list[str] = list(args.words)
+    path: Path | None = None
+    # For the file formats the first word is PATH when it looks like one; tunnel names never contain "/".
+    if args.source != "kernel" and words and ("/" in words[0] or Path(words[0]).exists()):
+        path = Path(words.pop(0))
+    try:
+        print(import_config(args.source, path, words), end="")
+    except ImportProblem as exc:
+        print(f"greupd: import: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="greupd", description="Declarative, self-healing GRE tunnels.")
+    parser.add_argument("--version", action="version", version=f"greupd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser, positional: bool = False) -> argparse.ArgumentParser:
@@ -149,12 +285,25 @@ def build_parser() -> argparse.ArgumentParser:
     run = with_socket(with_config(sub.add_parser("run", help="run the daemon in the foreground")))
     run.set_defaults(func=cmd_run)
     check = with_config(sub.add_parser("check", help="validate the config and print a summary"), positional=True)
+    check.add_argument("--json", action="store_true", help='print {"valid": ..., "errors": [...]}')
     check.set_defaults(func=cmd_check)
     plan = with_config(sub.add_parser("plan", help="print what run or a reload would change"), positional=True)
+    plan.add_argument("--json", action="store_true", help='print {"changes": [...], "errors": [...]}')
+    plan.add_argument("--detailed-exitcode", action="store_true",
+                      help="exit 0 when nothing would change, 2 when something would, 1 on an error")
     plan.set_defaults(func=cmd_plan)
     status = with_config(with_socket(sub.add_parser("status", help="ask the running daemon")))
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("names", nargs="*", metavar="NAME", help="only these tunnels (exit 1 for an unknown name)")
     status.set_defaults(func=cmd_status)
+    from greupd.importer import SOURCES
+
+    importer = sub.add_parser("import", help="print a tunnels.toml describing existing GRE tunnels (adopt = true)")
+    importer.add_argument("--from", dest="source", choices=SOURCES, default="kernel",
+                          help="where the tunnels are described (default: the running kernel)")
+    importer.add_argument("words", nargs="*", metavar="[PATH] [NAME]",
+                          help="the file or directory to read (not for kernel), then tunnel names (default: all)")
+    importer.set_defaults(func=cmd_import)
     reload = with_config(with_socket(sub.add_parser("reload", help="re-read the config in the running daemon")))
     reload.set_defaults(func=cmd_reload)
     sub.add_parser("schema", help="print the JSON Schema of tunnels.toml").set_defaults(func=cmd_schema)
