@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.lab import guest, kernel
-from tests.lab.hosts import Host, Lab, LabCommandError, SeedTopology, netns_list
+from lab import guest, kernel
+from lab.hosts import Host, Lab, LabCommandError, SeedTopology, netns_list
 
 GRE_KEY = 0x2000  # GRE_KEY in gre_iflags/gre_oflags: the ikey/okey fields are used
 

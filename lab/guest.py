@@ -34,7 +34,7 @@ from typing import Literal, TextIO, get_args
 GuestKind = Literal["uml", "uml-systemd", "vng"]
 KINDS: tuple[GuestKind, ...] = get_args(GuestKind)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 # Loaded at boot when present; a module a kernel lacks (or has built in) is skipped silently.
 MODULES = (
