@@ -25,16 +25,21 @@ def read_tunnels(source: Source, path: Path | None) -> tuple[list[FoundTunnel], 
         from greupd.importer.netplan import DEFAULT_PATH as netplan_default
         from greupd.importer.netplan import tunnels_from_netplan
 
-        return tunnels_from_netplan(_existing(path or netplan_default)), [], None
+        return tunnels_from_netplan(_existing(path or netplan_default)), [FORWARDING_NOTE], None
     if source == "networkd":
         from greupd.importer.networkd import DEFAULT_PATH as networkd_default
         from greupd.importer.networkd import tunnels_from_networkd
 
-        return tunnels_from_networkd(_existing(path or networkd_default)), [], None
+        return tunnels_from_networkd(_existing(path or networkd_default)), [FORWARDING_NOTE], None
     from greupd.importer.ifupdown import DEFAULT_PATH as ifupdown_default
     from greupd.importer.ifupdown import tunnels_from_ifupdown
 
-    return tunnels_from_ifupdown(_existing(path or ifupdown_default)), [], None
+    return tunnels_from_ifupdown(_existing(path or ifupdown_default)), [FORWARDING_NOTE], None
+
+
+# A file format does not say whether the host forwards (that is sysctl.conf's business); greupd does by default.
+FORWARDING_NOTE = ("greupd sets net.ipv4.ip_forward=1 (and IPv6 forwarding for IPv6 tunnels) by default;"
+                   " add [daemon] ip_forward = false if this host must not forward.")
 
 
 def _existing(path: Path) -> Path:
