@@ -86,6 +86,19 @@ def test_hand_made_seed_tunnel_is_adopted_without_losing_a_ping(seed: SeedTopolo
     assert seed.lan_a.wait_ping("20.10.1.2", timeout=10)
 
 
+def test_a_hand_made_tunnel_to_another_remote_is_not_adopted(seed: SeedTopology) -> None:
+    seed_by_hand(seed.a, "172.19.1.1", "172.19.1.9", "192.168.8.1", "192.168.8.11", "20.10.1.0/24")
+    before = seed.a.ip("-d", "link", "show", "My_Tunnel").stdout, seed.a.ip("route", "show").stdout
+    config = ('[[tunnel]]\nname = "My_Tunnel"\nlocal = "172.19.1.1"\nremote = "172.19.1.2"\nttl = "inherit"\n'
+              'tos = 0\naddress = "192.168.8.1"\npeer = "192.168.8.11"\nroutes = ["20.10.1.0/24"]\nadopt = true\n')
+    a = GreupdProcess(seed.a, config)
+    assert a.cli("plan", "--detailed-exitcode").returncode == 1
+    a.start()
+    mine = a.wait_for("My_Tunnel", "error")
+    assert "remote 172.19.1.9, configured 172.19.1.2" in mine["error"]
+    assert (seed.a.ip("-d", "link", "show", "My_Tunnel").stdout, seed.a.ip("route", "show").stdout) == before
+
+
 # --- round trips: the files' meaning made by hand, then import -> check -> plan ---------------------------
 
 # What each tool runs for the test files under tests/configs/import/ (ifupdown's inet.defn, networkd, netplan).
