@@ -3,7 +3,7 @@
 Each router is a netns host of the lab with its own greupd; Ansible reaches them through its local
 connection, with `greupd_command` = `ip netns exec <router> python -m greupd`. Check mode reports what would
 change (from `greupd plan --detailed-exitcode`), a real run makes it so, a second check run is quiet, and a
-config greupd would reject never lands.
+config greupd would reject never lands (that one on the host kernel: it never gets as far as the kernel).
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ from typing import Any
 import pytest
 
 from lab.greupd_process import GreupdProcess
-from lab.hosts import SeedTopology
-
-pytestmark = pytest.mark.needs_gre
+from lab.hosts import Lab, SeedTopology
 
 REPO = Path(__file__).resolve().parent.parent
 CONTRIB = REPO / "contrib" / "ansible"
@@ -55,6 +53,7 @@ def playbook(inventory: dict[str, Any], scratch: Path, *flags: str) -> tuple[int
     return done.returncode, recap, done.stdout + done.stderr
 
 
+@pytest.mark.needs_gre
 def test_ansible_plans_in_check_mode_applies_then_stays_quiet(seed: SeedTopology) -> None:
     a = GreupdProcess(seed.a, "").start()
     b = GreupdProcess(seed.b, "").start()
@@ -77,9 +76,19 @@ def test_ansible_plans_in_check_mode_applies_then_stays_quiet(seed: SeedTopology
     rc, recap, out = playbook(inventory, scratch, "--check")
     assert rc == 0 and recap["a"]["changed"] == 0 and recap["b"]["changed"] == 0, out
 
-    before = a.config_path.read_text()
-    inventory["a"]["greupd_tunnels"][0]["remote"] = "172.19.1.300"
-    rc, recap, out = playbook(inventory, scratch)
+
+@pytest.mark.needs_root
+def test_ansible_never_installs_a_config_greupd_rejects(lab: Lab) -> None:
+    """No GRE needed: the rejected file stops at `validate:`, before any plan, install or reload."""
+    routers = {name: lab.host(name) for name in ("a", "b")}
+    processes = {name: GreupdProcess(host, "") for name, host in routers.items()}
+    inventory = {"a": router_vars(processes["a"], tunnel("172.19.1.1", "172.19.1.300", "192.168.8.1",
+                                                         "192.168.8.11", "20.10.1.0/24")),
+                 "b": router_vars(processes["b"], {"name": "My_Tunnel", "local": "172.19.1.2",
+                                                   "remote": "172.19.1.1"})}
+    inventory["b"]["greupd_reload_command"] = "true"  # no daemon in this test: b only shows the play goes on
+    rc, recap, out = playbook(inventory, processes["a"].dir)
     assert rc != 0 and recap["a"]["failed"] == 1 and recap["b"]["failed"] == 0, out
-    assert "tunnel[0].remote" in out
-    assert a.config_path.read_text() == before and a.tunnel("My_Tunnel")["state"] == "up"
+    assert "tunnel[0].remote: '172.19.1.300' is not an IPv4 or IPv6 address" in out
+    assert processes["a"].config_path.read_text() == ""
+    assert 'remote = "172.19.1.1"' in processes["b"].config_path.read_text()
