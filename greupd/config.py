@@ -29,16 +29,10 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from greupd.gre import ETHERNET_MODES, IPV6_MODES, IPAddress, IPInterface, IPNetwork, Mode
+
 DEFAULT_CONFIG = Path("/etc/greupd/tunnels.toml")
 DEFAULT_CONTROL_SOCKET = Path("/run/greupd/control.sock")
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-
-Mode = Literal["gre", "ip6gre", "gretap", "ip6gretap"]
-IPV6_MODES: frozenset[str] = frozenset({"ip6gre", "ip6gretap"})
-ETHERNET_MODES: frozenset[str] = frozenset({"gretap", "ip6gretap"})
 
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*")

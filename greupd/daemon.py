@@ -21,10 +21,12 @@ from pathlib import Path
 from greupd.config import Config, ConfigError, TunnelConfig, load_config
 from greupd.control import ControlServer, ControlSocketBusy
 from greupd.events import EventLog, tunnel_change_message
-from greupd.keepalive import KeepaliveEngine, LivenessChange, targets_from_config
+from greupd.keepalive.engine import KeepaliveEngine, LivenessChange, targets_from_config
 from greupd.model import Desired, Observed, Plan, action_tunnel, desired_state
-from greupd.netlink import ApplyError, Kernel, KernelWatch
-from greupd.nft import NftError, NftTable, NftWatch, describe_ruleset, render_ruleset
+from greupd.netlink.kernel import ApplyError, Kernel, KernelWatch
+from greupd.nft.render import describe_ruleset, render_ruleset
+from greupd.nft.table import NftError, NftTable
+from greupd.nft.watch import NftWatch, NftWatchError
 from greupd.plan import describe, plan_changes
 from greupd.status import DaemonStatus, ReloadResult, TunnelState, TunnelStatus
 from greupd.systemd import Notifier, status_line
@@ -71,8 +73,7 @@ class Daemon:
         self.events = EventLog()
         self.notifier = Notifier()
         self.kernel = Kernel()
-        self.watch = KernelWatch(self._on_kernel_change)
-        self.watch.own_portid = self.kernel.portid
+        self.watch = KernelWatch(self.kernel, self._on_kernel_change)
         self.keepalive = KeepaliveEngine(self._on_liveness)
         self.nft = NftTable(config.daemon.nft_table)
         self.nft_watch = NftWatch(self._on_nft_change, table=config.daemon.nft_table)
@@ -174,7 +175,7 @@ class Daemon:
         assert self._loop is not None
         try:
             self.nft_watch.start(self._loop)
-        except NftError as exc:
+        except NftWatchError as exc:
             self._fail(f"nftables: cannot watch for changes, the table will not be repaired on its own: {exc}")
 
     def _schedule_watchdog(self) -> None:
@@ -215,7 +216,6 @@ class Daemon:
         `repairs`: the names the kernel told us about; a tunnel that keeps needing repair is being fought over.
         """
         desired = self.desired()
-        self.watch.watched = frozenset(t.name for t in self.config.tunnels)
         observed = await self.kernel.observe(desired, names)
         self._note_link_loss(observed)
         plan = plan_changes(desired, observed)
@@ -261,10 +261,6 @@ class Daemon:
                 record.backoff = 0.0
 
     def _record_outcome(self, plan: Plan, errors: list[ApplyError], observed: Observed) -> None:
-        self.watch.names_by_index = {link.index: name for name, link in observed.links.items() if link.owned} \
-            if observed.scope is None else {
-                **{i: n for i, n in self.watch.names_by_index.items() if n not in observed.links},
-                **{link.index: name for name, link in observed.links.items() if link.owned}}
         problems = {p.tunnel: p.message for p in plan.problems}
         failures: dict[str, str] = {}
         for error in errors:

@@ -20,7 +20,9 @@ from typing import IO
 import pytest
 
 from greupd.config import load_config
-from greupd.nft import NftError, NftTable, NftWatch, Rule, Ruleset, describe_ruleset, render_ruleset
+from greupd.nft.render import Rule, Ruleset, describe_ruleset, render_ruleset
+from greupd.nft.table import NftError, NftTable
+from greupd.nft.watch import NftWatch
 from tests.lab.hosts import Host, Lab
 
 REPO = Path(__file__).resolve().parents[1]

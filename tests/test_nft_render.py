@@ -13,17 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from greupd.config import Config, DaemonConfig, TunnelConfig, load_config, load_config_text
-from greupd.nft import (
-    FROM_TUNNEL_MARK,
-    Json,
-    NftError,
-    NftTable,
-    Ruleset,
-    describe_ruleset,
-    normalize_listing,
-    render_ruleset,
-)
-from greupd.nft_watch import (
+from greupd.nft.render import FROM_TUNNEL_MARK, Json, Ruleset, describe_ruleset, render_ruleset
+from greupd.nft.table import NftError, NftTable, normalize_listing
+from greupd.nft.watch import (
     NFNL_SUBSYS_NFTABLES,
     NFPROTO_INET,
     NFT_MSG_NEWGEN,
