@@ -109,7 +109,7 @@ def test_link_messages_of_the_ready_link_and_a_foreign_one() -> None:
     (msg,) = MarshalRtnl().parse(nlmsg.message(rtnl.RTM_NEWLINK, 0, 0, 0, body))
     assert rtnl.link_from_message(msg) == (TUNNEL, ObservedLink(INDEX, SEED_LINK, True, True))
 
-    dummy = rtnl.set_link_up(3, False).body + rtnl._str(rtnl.IFLA_IFNAME, TUNNEL) + rtnl.attr(
+    dummy = rtnl.set_link_up(3, False).body + rtnl._str(rtnl.IFLA_IFNAME, TUNNEL) + nlmsg.attr(
         rtnl.IFLA_LINKINFO, rtnl._str(rtnl.IFLA_INFO_KIND, "dummy"))
     (msg,) = MarshalRtnl().parse(nlmsg.message(rtnl.RTM_NEWLINK, 0, 0, 0, dummy))
     name, link = rtnl.link_from_message(msg)  # type: ignore[misc]
