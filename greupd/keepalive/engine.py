@@ -41,6 +41,7 @@ from greupd.keepalive.codec import (
     parse_gre,
 )
 from greupd.keepalive.liveness import AnswerBudget, Liveness, LivenessChange, ProbeWindow
+from greupd.netlink.nlmsg import SO_RCVBUFFORCE
 from greupd.status import KeepaliveStatus
 
 __all__ = ["EngineCounters", "KeepaliveEngine", "KeepaliveTarget", "LivenessChange", "targets_from_config"]
@@ -54,8 +55,7 @@ ANSWER_BURST = 20.0
 _DRAIN_LIMIT = 512  # packets read per wake-up, so a flood cannot starve the rest of the loop
 _MAX_PACKET = 65535
 _RECEIVE_BUFFER = 1 << 20
-_SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>; neither is exported by Python's socket module
-_SO_RCVBUFFORCE = 33
+_SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>; not exported by Python's socket module
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ class KeepaliveEngine:
             attach_socket_filter(receive, GRE_SOCKET_FILTER)
             try:
                 # Thousands of tunnels answer in bursts; the default limit (rmem_max) would drop some.
-                receive.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _RECEIVE_BUFFER)
+                receive.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RECEIVE_BUFFER)
             except PermissionError:  # without CAP_NET_ADMIN, as much as rmem_max allows
                 receive.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
             receive.setblocking(False)
