@@ -109,7 +109,7 @@ class EngineCounters:
     send_errors: int = 0
 
 
-# (remote, local, key as it arrives = our ikey), addresses as 32-bit ints like probe.parse_gre returns them
+# (remote, local, key as it arrives = our ikey), addresses as 32-bit ints like codec.parse_gre returns them
 _Endpoints = tuple[int, int, int | None]
 
 
