@@ -1,14 +1,15 @@
-"""What a GRE tunnel is, in words every layer shares: its modes and the address types it carries.
+"""What a GRE tunnel is, in words every layer shares: its modes, the address types, and its kernel attributes.
 
 A leaf: config (pydantic), model (value types) and the rtnetlink codec all import it, and it imports none of
-them, so the wire codec does not depend on pydantic.
+them, so the wire codec does not depend on pydantic. GRE_ATTRIBUTES is the one list of a link's GRE
+parameters: rtnl encodes and decodes by it, model compares and describes links by it.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -16,7 +17,7 @@ IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 # The mode is the kernel's link kind (IFLA_INFO_KIND).
 Mode = Literal["gre", "ip6gre", "gretap", "ip6gretap"]
-MODES: frozenset[str] = frozenset({"gre", "ip6gre", "gretap", "ip6gretap"})
+MODES: frozenset[str] = frozenset(get_args(Mode))
 IPV6_MODES: frozenset[str] = frozenset({"ip6gre", "ip6gretap"})
 ETHERNET_MODES: frozenset[str] = frozenset({"gretap", "ip6gretap"})
 
