@@ -25,10 +25,10 @@ from greupd.control import (
     ControlServer,
     ControlSocketBusy,
     ControlUnavailable,
-    format_status,
     parse_request,
     request,
 )
+from greupd.cli_format import format_status
 from greupd.status import DaemonStatus, ReloadResult, TunnelState, TunnelStatus
 
 REPO = Path(__file__).resolve().parent.parent
