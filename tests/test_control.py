@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from greupd.cli_format import format_status
 from greupd.control import (
     ControlError,
     ControlServer,
@@ -28,7 +29,6 @@ from greupd.control import (
     parse_request,
     request,
 )
-from greupd.cli_format import format_status
 from greupd.status import DaemonStatus, ReloadResult, TunnelState, TunnelStatus
 
 REPO = Path(__file__).resolve().parent.parent
