@@ -133,22 +133,25 @@ def tunnel_change_message(name: str, state: TunnelState, reason: str, *, routes:
     happened, as its source said it (a keepalive verdict's own sentence, `3 keepalives missed (interval 1s)`);
     without one, the sentence is made from the reason and the keepalive settings.
     """
-    interval = f" (interval {format_duration(keepalive_interval)})" if keepalive_interval is not None else ""
     if error is not None:
         cause = error
-    elif cause is not None:
-        pass
-    elif reason == "keepalive-timeout":
-        cause = f"{retries if retries is not None else 'too many'} keepalives missed{interval}"
-    elif reason == "keepalive-restored":
-        count = f"{replies} keepalive repl{'y' if replies == 1 else 'ies'}" if replies else "keepalive replies"
-        cause = f"{count} received{interval}"
-    else:
-        cause = reason.replace("-", " ")
+    elif cause is None:
+        cause = _cause_from_settings(reason, keepalive_interval, retries, replies)
     head = f"tunnel {name} {state}: {cause}"
     if not routes:
         return head
     return f"{head}, routes {' '.join(routes)} {'installed' if state == 'up' else 'withdrawn'}"
+
+
+def _cause_from_settings(reason: str, keepalive_interval: float | None, retries: int | None,
+                         replies: int | None) -> str:
+    interval = f" (interval {format_duration(keepalive_interval)})" if keepalive_interval is not None else ""
+    if reason == "keepalive-timeout":
+        return f"{retries if retries is not None else 'too many'} keepalives missed{interval}"
+    if reason == "keepalive-restored":
+        count = f"{replies} keepalive repl{'y' if replies == 1 else 'ies'}" if replies else "keepalive replies"
+        return f"{count} received{interval}"
+    return reason.replace("-", " ")
 
 
 def kind_of(event: Event) -> EventKind:
