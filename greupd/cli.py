@@ -25,14 +25,15 @@ def _config_path(args: argparse.Namespace) -> Path:
 
 
 def _socket_path(args: argparse.Namespace) -> Path:
-    """--socket, else $GREUPD_CONTROL_SOCKET, else the config's [daemon] control_socket, else the default."""
-    given: str | None = getattr(args, "socket", None) or os.environ.get("GREUPD_CONTROL_SOCKET")
-    if given:
-        return Path(given)
-    try:
-        return load_config(_config_path(args)).daemon.control_socket
-    except ConfigError:
-        return DEFAULT_CONTROL_SOCKET
+    from greupd.control import control_socket
+
+    def config() -> Config | None:
+        try:
+            return load_config(_config_path(args))
+        except ConfigError:
+            return None
+
+    return control_socket(config, getattr(args, "socket", None))
 
 
 def _load_or_report(path: Path) -> Config | None:
@@ -77,7 +78,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = _load_or_report(_config_path(args))
     if config is None:
         return EXIT_INVALID
-    from greupd.daemon import describe_plan
+    from greupd.cli_format import describe_plan
 
     print(describe_plan(config))
     return EXIT_OK
@@ -93,13 +94,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(path, config, socket_override=args.socket)
 
 
-def _ask_daemon(args: argparse.Namespace, command: str, timeout: float) -> Mapping[str, object] | int:
-    """The daemon's answer, or the exit status to leave with (after saying why)."""
+def _ask_daemon(args: argparse.Namespace, command: str) -> Mapping[str, object] | int:
+    """The daemon's answer (within control.DEFAULT_TIMEOUTS), or the exit status to leave with (after saying why)."""
     from greupd.control import ControlError, ControlUnavailable, request
 
     path = _socket_path(args)
     try:
-        return request(path, command, timeout=timeout)
+        return request(path, command)
     except ControlUnavailable as exc:
         print(f"greupd: no daemon answers on {path}: {exc}", file=sys.stderr)
         return EXIT_NO_DAEMON
@@ -109,9 +110,9 @@ def _ask_daemon(args: argparse.Namespace, command: str, timeout: float) -> Mappi
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from greupd.control import format_status
+    from greupd.cli_format import format_status
 
-    answer = _ask_daemon(args, "status", timeout=5)
+    answer = _ask_daemon(args, "status")
     if isinstance(answer, int):
         return answer
     print(json.dumps(answer, indent=2) if args.json else format_status(cast(DaemonStatus, answer)))
@@ -119,8 +120,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    # A reload of thousands of tunnels may take a while; the daemon answers when it is applied.
-    result = _ask_daemon(args, "reload", timeout=300)
+    # The daemon answers once the new config is applied; DEFAULT_TIMEOUTS["reload"] allows for thousands of tunnels.
+    result = _ask_daemon(args, "reload")
     if isinstance(result, int):
         return result
     if not result.get("ok"):

@@ -85,8 +85,8 @@ def write_sysctl(key: str, value: str) -> None:
 class Kernel:
     """The rtnetlink session: observe() snapshots, apply() executes actions in order.
 
-    Methods are coroutines so the daemon's loop reads as one flow, but nothing here waits: the kernel answers
-    rtnetlink requests and dumps within the system call (see rtnl.py).
+    Plain functions, not coroutines: the kernel answers rtnetlink requests and dumps within the system call
+    (see rtnl.py), so nothing here waits, and a reconcile pass runs to its end without yielding to the loop.
     """
 
     def __init__(self) -> None:
@@ -138,7 +138,7 @@ class Kernel:
     def _dump(self, request: rtnl.Request) -> list[Message]:
         return self._parse(self._rtnl.dump(request))
 
-    async def observe(self, desired: Desired, scope: Iterable[str] | None = None) -> Observed:
+    def observe(self, desired: Desired, scope: Iterable[str] | None = None) -> Observed:
         """A snapshot of the links, addresses and owned routes that matter to `desired`.
 
         With `scope`, only those tunnel names are looked at, with requests the kernel filters for us.
@@ -195,7 +195,7 @@ class Kernel:
         return Observed(links, {k: frozenset(v) for k, v in addresses.items()}, frozenset(routes), sysctls,
                         names)
 
-    async def apply(self, actions: Iterable[Action]) -> list[ApplyError]:
+    def apply(self, actions: Iterable[Action]) -> list[ApplyError]:
         """Execute actions in order. A refused action skips the rest of its tunnel's actions, not others'.
 
         Consecutive actions of one kind go to the kernel as one pipelined batch (the planner orders them by
