@@ -724,12 +724,36 @@ def read_daemon_table(path: Path) -> dict[str, object]:
     merged: dict[str, Any] = {}
     for file in config_files(path):
         try:
-            daemon = tomllib.loads(file.read_text(encoding="utf-8")).get("daemon")
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
             continue
+        try:
+            daemon = tomllib.loads(text).get("daemon")
+        except tomllib.TOMLDecodeError:
+            # The syntax error is usually in the tunnel being edited: try the [daemon] table on its own.
+            try:
+                daemon = tomllib.loads(_daemon_block(text)).get("daemon")
+            except tomllib.TOMLDecodeError:
+                continue
         if isinstance(daemon, dict):
             merged = _deep_merge(merged, daemon)
     return merged
+
+
+_DAEMON_HEADER = re.compile(r"^\s*\[\s*daemon\s*\]\s*(#.*)?$")
+
+
+def _daemon_block(text: str) -> str:
+    """The lines of the `[daemon]` table: from its header to the next header."""
+    block: list[str] = []
+    for line in text.split("\n"):
+        if _DAEMON_HEADER.match(line):
+            block = [line]
+        elif block and line.lstrip().startswith("["):
+            break
+        elif block:
+            block.append(line)
+    return "\n".join(block)
 
 
 def unvalidated_path(path: Path, key: str, default: Path) -> Path:
@@ -829,7 +853,7 @@ def _forwarding_problems(tunnels: list[tuple[TunnelConfig, _Source, int]], in_de
         if tunnel.keepalive is None or tunnel.keepalive.answer != "kernel" or not tunnel.enabled:
             continue
         loc: Path_ = ("keepalive", "answer")
-        where = (source, ("tunnel", index))
+        where: tuple[_Source, Path_] = (source, ("tunnel", index))
         if not _written(source.data["tunnel"][index], loc):
             where = in_defaults(loc) or where
         owner, prefix = where

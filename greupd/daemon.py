@@ -26,6 +26,7 @@ from greupd.model import Desired, Observed, Plan, action_tunnel, desired_state
 from greupd.netlink import ApplyError, Kernel, KernelWatch
 from greupd.nft import NftError, NftTable, NftWatch, describe_ruleset, render_ruleset
 from greupd.plan import describe, plan_changes
+from greupd.state import StartConfig, StateError
 from greupd.status import DaemonStatus, ReloadResult, TunnelState, TunnelStatus
 from greupd.systemd import Notifier, status_line
 
@@ -59,13 +60,19 @@ class TunnelRecord:
     paused_until: float = 0.0
 
 
+class ControlSocketUnusable(Exception):
+    """The control socket cannot be created at its path (review L9: read-only under ProtectSystem=strict)."""
+
+
 class Daemon:
-    def __init__(self, config_path: Path, config: Config, socket_path: Path | None = None) -> None:
+    def __init__(self, config_path: Path, config: Config, socket_path: Path | None = None,
+                 start: StartConfig | None = None) -> None:
         self.config_path = config_path
         self.config = config
         self.socket_path = socket_path or config.daemon.control_socket
         self.generation = 1
-        self.last_error: str | None = None
+        self.start = start  # trust (#11 H4): where the last good config is kept, and a rejection at start
+        self.last_error: str | None = start.rejection() if start is not None else None
         self.records: dict[str, TunnelRecord] = {}
         self.alive: dict[str, bool] = {}
         self.events = EventLog()
@@ -122,7 +129,13 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._loop = loop
         control = ControlServer(self.socket_path, self.status, self.reload, on_error=self.events.error)
-        await control.start()
+        try:
+            await control.start()
+        except OSError as exc:  # trust (review L9)
+            raise ControlSocketUnusable(
+                f"cannot create the control socket {self.socket_path}: {exc.strerror or exc} (under greupd.service"
+                " only /run/greupd is writable: put control_socket there, or add ReadWritePaths= in a drop-in)"
+            ) from exc
         self.watch.start(loop)
         self.keepalive.start(loop)
         for sig, handler in ((signal.SIGHUP, self._request_reload), (signal.SIGTERM, self._request_stop),
@@ -133,6 +146,10 @@ class Daemon:
         await self._reconcile_nft()
         self._start_nft_watch()
         self.notifier.ready(self._status_text())
+        if self.start is not None and self.start.rejected is not None:  # trust (#11 H4)
+            self.events.config_rejected(str(self.start.rejected), self.generation)
+        else:
+            self._keep_as_last_good()
         self.events.started(self.generation, self.config.files, len(self.config.tunnels))
         self._schedule_watchdog()
         try:
@@ -370,9 +387,19 @@ class Daemon:
             await self._reconcile_guarded(changed)
         await self._reconcile_nft()
         self.generation += 1
+        self._keep_as_last_good()
         self.events.config_reloaded(self.generation, [str(f) for f in config.files])
         self.notifier.ready(self._status_text())
         return {"ok": True, "generation": self.generation, "error": self.last_error}
+
+    def _keep_as_last_good(self) -> None:
+        """trust (#11 H4): the config now in force is the one to start with if the file on disk stops validating."""
+        if self.start is None:
+            return
+        try:
+            self.start.state.save_last_good(self.config_path, self.config)
+        except StateError as exc:
+            self._fail(f"{exc}; a restart with an invalid config on disk will not be able to fall back to this one")
 
     def _remove_nft(self, table: str) -> None:
         try:
@@ -423,17 +450,18 @@ class Daemon:
                 "pid": os.getpid(), "netlink_requests": self.kernel.requests, "tunnels": self.tunnel_statuses()}
 
 
-def run_daemon(config_path: Path, config: Config, socket_override: str | None = None) -> int:
+def run_daemon(config_path: Path, config: Config, socket_override: str | None = None,
+               start: StartConfig | None = None) -> int:
     """Entry point of `greupd run`, with the config the CLI has just loaded and validated."""
     logging.basicConfig(level=os.environ.get("GREUPD_LOG_LEVEL", "INFO"), format="greupd: %(message)s")
     socket_path = Path(socket_override or os.environ.get("GREUPD_CONTROL_SOCKET") or config.daemon.control_socket)
 
     async def main() -> int:
-        return await Daemon(config_path, config, socket_path).run()
+        return await Daemon(config_path, config, socket_path, start).run()
 
     try:
         return asyncio.run(main())
-    except ControlSocketBusy as exc:
+    except (ControlSocketBusy, ControlSocketUnusable) as exc:
         log.error("%s", exc)
         return 1
 
