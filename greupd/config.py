@@ -383,8 +383,8 @@ class TunnelConfig(_Model):
         if self.peer is not None and self.peer == self.remote:
             raise _FieldProblem("peer", f"peer {self.peer} is also the remote: packets to the remote would be"
                                         " routed into the tunnel itself")
-        if self.peer is None and self.address is not None and self.address.network.prefixlen > 0 \
-                and self.remote in self.address.network:
+        if self.address is not None and (self.address.ip == self.remote or (
+                self.peer is None and self.address.network.prefixlen > 0 and self.remote in self.address.network)):
             raise _FieldProblem("address", f"address {self.address} covers the remote {self.remote}: packets to"
                                            " the remote would be routed into the tunnel itself")
         if self.table == _TABLE_NAMES["main"]:
