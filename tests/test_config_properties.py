@@ -277,8 +277,8 @@ def tunnels(draw: st.DrawFn, name: str, defaults: Mapping[str, TomlValue],
     routes = list(dict.fromkeys(draw(ROUTES)))  # a prefix twice would be the same route twice
     if mode in ("gretap", "ip6gretap"):
         # An Ethernet tunnel routes via its peer: without one it carries no routes, with one only its family's.
-        peer = meant["peer"]
-        routes = [r for r in routes if isinstance(peer, IPAddress) and r.version == peer.version]
+        gateway = meant["peer"]
+        routes = [r for r in routes if isinstance(gateway, IPAddress) and r.version == gateway.version]
     if table == 254:
         routes = [r for r in routes if remote not in r]  # in main, that would route GRE into the tunnel itself
     write_empty = draw(BOOLS)
