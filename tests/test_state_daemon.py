@@ -78,3 +78,15 @@ def test_a_broken_config_with_nothing_to_fall_back_on_is_not_started(router: Hos
     assert f"{daemon.config_path}:{line}: tunnel[0].keepalive.retries: " in daemon.output()
     assert "not starting: no last good config to start with instead" in daemon.output()
     assert greupd_table(router) == ""
+
+
+def test_a_control_socket_that_cannot_be_created_is_a_clear_error(router: Host) -> None:
+    # Under greupd.service a path outside /run/greupd is read-only (EROFS); here: a path under a file (ENOTDIR).
+    daemon = GreupdProcess(router, SHIPPED)
+    daemon.socket = daemon.config_path / "control.sock"
+    daemon.start(wait=False)
+    assert daemon.proc is not None and daemon.proc.wait(60) == 1
+    assert f"greupd: cannot create the control socket {daemon.socket}: File exists (under greupd.service" \
+        in daemon.output()
+    assert "Traceback" not in daemon.output()
+    assert greupd_table(router) == ""  # stopped before touching anything
