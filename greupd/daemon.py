@@ -147,7 +147,7 @@ class Daemon:
         self._start_nft_watch()
         self.notifier.ready(self._status_text())
         if self.start is not None and self.start.rejected is not None:  # trust (#11 H4)
-            self.events.config_rejected(str(self.start.rejected), self.generation)
+            self.events.config_rejected(str(self.start.rejected))
         else:
             self._keep_as_last_good()
         self.events.started(self.generation, self.config.files, len(self.config.tunnels))
