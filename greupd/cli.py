@@ -104,8 +104,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         _report(path, exc.rejected)
         print(f"greupd: not starting: {exc.why}", file=sys.stderr)
         return EXIT_INVALID
-    if start.rejected is not None:
+    if start.rejected is not None and start.kept is not None:
         _report(path, start.rejected)
+        print(f"greupd: starting with the last good config instead (saved {start.kept.saved})", file=sys.stderr)
     from greupd.daemon import run_daemon
 
     return run_daemon(path, start.config, socket_override=args.socket, start=start)
