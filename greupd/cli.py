@@ -10,7 +10,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import cast
 
-from greupd.config import DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET, Config, ConfigError, json_schema, load_config
+from greupd.config import (
+    DEFAULT_CONFIG,
+    DEFAULT_CONTROL_SOCKET,
+    Config,
+    ConfigError,
+    json_schema,
+    load_config,
+    unvalidated_path,
+)
 from greupd.status import DaemonStatus
 
 EXIT_OK = 0
@@ -27,24 +35,24 @@ def _config_path(args: argparse.Namespace) -> Path:
 def _socket_path(args: argparse.Namespace) -> Path:
     from greupd.control import control_socket
 
-    def config() -> Config | None:
-        try:
-            return load_config(_config_path(args))
-        except ConfigError:
-            return None
-
-    return control_socket(config, getattr(args, "socket", None))
+    # Read without validating (review M10): a half-edited config must not hide the daemon from `reload`/`status`.
+    return control_socket(lambda: unvalidated_path(_config_path(args), "control_socket", DEFAULT_CONTROL_SOCKET),
+                          getattr(args, "socket", None))
 
 
 def _load_or_report(path: Path) -> Config | None:
     try:
         return load_config(path)
     except ConfigError as exc:
-        count = len(exc.problems)
-        print(f"greupd: {path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _report(path, exc)
         return None
+
+
+def _report(path: Path, exc: ConfigError) -> None:
+    count = len(exc.problems)
+    print(f"greupd: {path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
 
 
 def summarize(config: Config) -> str:
@@ -86,12 +94,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     path = _config_path(args)
-    config = _load_or_report(path)
-    if config is None:
+    # trust (#11 H4): a config on disk that does not validate starts the last good one instead, if any.
+    from greupd.state import StartRefused, start_config
+
+    try:
+        start = start_config(path)
+    except StartRefused as exc:
+        _report(path, exc.rejected)
+        print(f"greupd: not starting: {exc.why}", file=sys.stderr)
         return EXIT_INVALID
+    if start.rejected is not None and start.kept is not None:
+        _report(path, start.rejected)
+        print(f"greupd: starting with the last good config instead (saved {start.kept.saved})", file=sys.stderr)
     from greupd.daemon import run_daemon
 
-    return run_daemon(path, config, socket_override=args.socket)
+    return run_daemon(path, start.config, socket_override=args.socket, start=start)
 
 
 def _ask_daemon(args: argparse.Namespace, command: str) -> Mapping[str, object] | int:

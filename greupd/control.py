@@ -50,15 +50,15 @@ class ControlSocketBusy(Exception):
     """Another daemon already answers on the control socket: two greupd would fight over the same links."""
 
 
-def control_socket(config: Config | Callable[[], Config | None] | None, override: str | Path | None = None) -> Path:
+def control_socket(config: Config | Callable[[], Path] | None, override: str | Path | None = None) -> Path:
     """Where the daemon listens and the CLI asks: --socket, else $GREUPD_CONTROL_SOCKET, else the config's
-    [daemon] control_socket, else the default. config may be a loader, called only when it is needed (the
-    CLI's; None from it: the config could not be read)."""
+    [daemon] control_socket, else the default. config may be a reader of that one key, called only when it is
+    needed (the CLI's, which reads it without validating the config: review M10)."""
     given = override or os.environ.get("GREUPD_CONTROL_SOCKET")
     if given:
         return Path(given)
     if callable(config):
-        config = config()
+        return config()
     return config.daemon.control_socket if config is not None else DEFAULT_CONTROL_SOCKET
 
 

@@ -26,19 +26,26 @@ from greupd.nft.keeper import NftKeeper
 from greupd.plan import describe, plan_changes
 from greupd.queue import RETRY_AFTER, WorkQueue, settle
 from greupd.report import Reports
+from greupd.state import StartConfig, StateError
 from greupd.status import DaemonStatus, ReloadResult, TunnelStatus
 from greupd.systemd import Notifier, status_line
 
 log = logging.getLogger("greupd")
 
 
+class ControlSocketUnusable(Exception):
+    """The control socket cannot be created at its path (review L9: read-only under ProtectSystem=strict)."""
+
+
 class Daemon:
-    def __init__(self, config_path: Path, config: Config, socket_path: Path | None = None) -> None:
+    def __init__(self, config_path: Path, config: Config, socket_path: Path | None = None,
+                 start: StartConfig | None = None) -> None:
         self.config_path = config_path
         self.config = config
         self.socket_path = socket_path or control_socket(config)
         self.generation = 1
-        self.last_error: str | None = None
+        self.start = start  # where the last good config is kept, and a rejection at start (#11 H4)
+        self.last_error: str | None = start.rejection() if start is not None else None
         self.reports = Reports()
         self.events = EventLog()
         self.notifier = Notifier()
@@ -72,7 +79,13 @@ class Daemon:
     async def run(self) -> int:
         loop = self._loop = asyncio.get_running_loop()
         control = ControlServer(self.socket_path, self.status, self.request_reload, on_error=self.events.error)
-        await control.start()
+        try:
+            await control.start()
+        except OSError as exc:  # review L9
+            raise ControlSocketUnusable(
+                f"cannot create the control socket {self.socket_path}: {exc.strerror or exc} (under greupd.service"
+                " only /run/greupd is writable: put control_socket there, or add ReadWritePaths= in a drop-in)"
+            ) from exc
         self.watch.start(loop)
         self.keepalive.start(loop)
         for sig, handler in ((signal.SIGHUP, self.queue.mark_reload), (signal.SIGTERM, self._request_stop),
@@ -83,6 +96,10 @@ class Daemon:
         self.nft.keep(self.config)
         self.nft.start(loop)
         self.notifier.ready(self._status_text())
+        if self.start is not None and self.start.rejected is not None:  # trust (#11 H4)
+            self.events.config_rejected(str(self.start.rejected))
+        else:
+            self._keep_as_last_good()
         self.events.started(self.generation, self.config.files, len(self.config.tunnels))
         self.notifier.start_watchdog(loop)
         try:
@@ -185,9 +202,19 @@ class Daemon:
         self.reconcile(changed)
         self.nft.keep(config)
         self.generation += 1
+        self._keep_as_last_good()
         self.events.config_reloaded(self.generation, [str(f) for f in config.files])
         self.notifier.ready(self._status_text())
         return {"ok": True, "generation": self.generation, "error": self.last_error}
+
+    def _keep_as_last_good(self) -> None:
+        """The config now in force is the one to start with if the file on disk stops validating (#11 H4)."""
+        if self.start is None:
+            return
+        try:
+            self.start.state.save_last_good(self.config_path, self.config)
+        except StateError as exc:
+            self._fail(f"{exc}; a restart with an invalid config on disk will not be able to fall back to this one")
 
     def _shutdown(self) -> None:
         self.keepalive.close()
@@ -219,15 +246,16 @@ class Daemon:
                 "pid": os.getpid(), "netlink_requests": self.kernel.requests, "tunnels": self.tunnel_statuses()}
 
 
-def run_daemon(config_path: Path, config: Config, socket_override: str | None = None) -> int:
+def run_daemon(config_path: Path, config: Config, socket_override: str | None = None,
+               start: StartConfig | None = None) -> int:
     """Entry point of `greupd run`, with the config the CLI has just loaded and validated."""
     logging.basicConfig(level=os.environ.get("GREUPD_LOG_LEVEL", "INFO"), format="greupd: %(message)s")
 
     async def main() -> int:
-        return await Daemon(config_path, config, control_socket(config, socket_override)).run()
+        return await Daemon(config_path, config, control_socket(config, socket_override), start).run()
 
     try:
         return asyncio.run(main())
-    except ControlSocketBusy as exc:
+    except (ControlSocketBusy, ControlSocketUnusable) as exc:
         log.error("%s", exc)
         return 1

@@ -174,7 +174,8 @@ def test_apply_installs_the_table_and_reapply_changes_nothing(router: Host) -> N
 
     assert first["matched_before"] is False and first["matched_after"] is True and first["canonical"] is True
     assert listed == first["described"]  # `greupd plan` shows exactly what nft will list
-    assert 'tcp option maxseg size set 1436 comment "My_Tunnel: clamp mss out"' in listed
+    assert ('tcp option maxseg size set meta nfproto map { ipv4 : 1436, ipv6 : 1416 }'
+            ' comment "My_Tunnel: clamp mss out"') in listed
     assert second["matched_before"] is True
     assert nft(router, "list", "ruleset") == listed
     assert drive(router, "matches", SEED) == {"matches": True}

@@ -165,14 +165,24 @@ _SYN = _statement("tcp flags syn / syn,rst",
                   _match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "rst"]]}, "syn"))
 
 
+IPV6_HEADER_EXTRA = 20  # a 40-byte IPv6 header against IPv4's 20
+
+
 def _clamp(clamp: int | Literal["pmtu"]) -> Statement:
     # The kernel never raises an MSS with this statement (nft_exthdr: "increase can cause connection to
     # stall"), so `set` is a clamp, like iptables' TCPMSS: a SYN that already asks for less keeps its value.
     # `rt mtu` is, like iptables' --clamp-mss-to-pmtu, the smaller of the route MTUs towards the packet's
     # destination and back towards its source (nft_rt's get_tcpmss), less the IP and TCP headers: a SYN
     # that crosses the tunnel in either direction is clamped to the tunnel's MTU.
-    value: Json = {"rt": {"key": "mtu"}} if clamp == "pmtu" else clamp
-    text = "rt mtu" if clamp == "pmtu" else str(clamp)
+    value: Json
+    if clamp == "pmtu":
+        value, text = {"rt": {"key": "mtu"}}, "rt mtu"
+    else:
+        # A fixed clamp is written for IPv4; an IPv6 header is 20 bytes longer, so IPv6 SYNs get 20 less
+        # (review M6), from one rule: `set meta nfproto map { ipv4 : N, ipv6 : N-20 }`.
+        v6 = clamp - IPV6_HEADER_EXTRA
+        value = {"map": {"key": _meta("nfproto"), "data": {"set": [["ipv4", clamp], ["ipv6", v6]]}}}
+        text = f"meta nfproto map {{ ipv4 : {clamp}, ipv6 : {v6} }}"
     return _statement(f"tcp option maxseg size set {text}",
                       {"mangle": {"key": {"tcp option": {"name": "maxseg", "field": "size"}}, "value": value}})
 
