@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -359,13 +360,15 @@ def run(
     stream: TextIO | None = None,
     keep: bool | None = None,
     collect: Sequence[str] = (),
+    cancel: threading.Event | None = None,
 ) -> GuestResult:
     """Boot a guest of this kind, run argv in it (in cwd, default: the current dir), power off.
 
     ``stream``: a file to copy the command's output to as it arrives. ``keep``: leave the run dir
     (default: keep it only when something failed, or GREUPD_LAB_KEEP=1). The command finds the
     run dir (the one place every guest kind can write to the host) in $GREUPD_LAB_RUNDIR; the
-    files named in ``collect`` are read from it into ``result.files``.
+    files named in ``collect`` are read from it into ``result.files``. ``cancel``: set it (from
+    another thread) to kill the guest.
     """
     start = time.monotonic()
     why = unavailable(kind)
@@ -391,7 +394,7 @@ def run(
     (rundir / "init").write_text(init)
     (rundir / "init").chmod(0o755)
 
-    timed_out = False
+    timed_out = cancelled = False
     with open(rundir / "console.log", "wb") as console:
         # Own session, so a timeout can kill the guest and every helper process it forked.
         proc = subprocess.Popen(
@@ -408,6 +411,10 @@ def run(
             while proc.poll() is None:
                 if time.monotonic() - start > timeout:
                     timed_out = True
+                    _kill_group(proc)
+                    break
+                if cancel is not None and cancel.is_set():
+                    cancelled = True
                     _kill_group(proc)
                     break
                 time.sleep(0.1)
@@ -429,6 +436,8 @@ def run(
     error = None
     if timed_out:
         error = f"timed out after {timeout:.0f} s"
+    elif cancelled:
+        error = "cancelled: pytest stopped before the guest was done"
     elif not booted:
         error = f"guest did not boot (exit status {proc.returncode})"
     elif status is None:
