@@ -382,9 +382,9 @@ def run(
     env = guest_env(kind, {**(env or {}), "GREUPD_LAB_RUNDIR": str(rundir)})
     workdir = Path(cwd or os.getcwd()).resolve()
     (rundir / "cmd.sh").write_text(_command_script(rundir, argv, workdir, env))
-    # What the guest must see of the host's /tmp: the run dir, the command's folder, this checkout
-    # and the Python running it (a venv), when they live there.
-    kept = folders_under_tmp([rundir, workdir, REPO, sys.prefix, sys.base_prefix])
+    # What the guest must see of the host's /tmp: the run dir, the command's folder, this checkout,
+    # the Python running it (a venv) and HOME (.ci/run makes a fresh one), when they live there.
+    kept = folders_under_tmp([rundir, workdir, REPO, sys.prefix, sys.base_prefix, env["HOME"]])
     if kind == "vng":
         init = _vng_init(rundir)
     else:
