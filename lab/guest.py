@@ -312,6 +312,9 @@ def _guest_argv(kind: GuestKind, rundir: Path) -> list[str]:
             f"uml_dir={rundir}",  # UML's mconsole socket dir; left in the run dir if the guest is killed
         ]
     return [
+        # Niced: the vng batch runs beside the UML ones (lab/pytest_plugin.py), whose keepalive and
+        # failover tests time detection to a few hundred ms; qemu's emulation is what can wait.
+        *("nice", "-n", "10"),
         str(vng_binary()),
         "--run",
         str(vng_kernel()),
