@@ -23,7 +23,7 @@ from greupd.config import load_config
 from greupd.nft.render import Rule, Ruleset, describe_ruleset, render_ruleset
 from greupd.nft.table import NftError, NftTable
 from greupd.nft.watch import NftWatch
-from tests.lab.hosts import Host, Lab
+from lab.hosts import Host, Lab
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO / "etc" / "greupd" / "tunnels.toml"

@@ -29,7 +29,7 @@ import pytest
 from greupd.config import load_config_text
 from greupd.nft.render import Ruleset, render_ruleset
 from greupd.nft.table import NftTable
-from tests.lab.hosts import Host, SeedTopology
+from lab.hosts import Host, SeedTopology
 
 pytestmark = pytest.mark.needs_nft_gre
 
