@@ -8,15 +8,19 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from greupd import __version__
-from greupd.config import DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET, Config, ConfigError, json_schema, load_config
+from greupd.config import (
+    DEFAULT_CONFIG,
+    DEFAULT_CONTROL_SOCKET,
+    Config,
+    ConfigError,
+    json_schema,
+    load_config,
+    unvalidated_path,
+)
 from greupd.status import DaemonStatus
-
-if TYPE_CHECKING:
-    from greupd.model import Action, Plan
-    from greupd.nft import Ruleset
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -31,25 +35,26 @@ def _config_path(args: argparse.Namespace) -> Path:
 
 
 def _socket_path(args: argparse.Namespace) -> Path:
-    """--socket, else $GREUPD_CONTROL_SOCKET, else the config's [daemon] control_socket, else the default."""
-    given: str | None = getattr(args, "socket", None) or os.environ.get("GREUPD_CONTROL_SOCKET")
-    if given:
-        return Path(given)
-    try:
-        return load_config(_config_path(args)).daemon.control_socket
-    except ConfigError:
-        return DEFAULT_CONTROL_SOCKET
+    from greupd.control import control_socket
+
+    # Read without validating (review M10): a half-edited config must not hide the daemon from `reload`/`status`.
+    return control_socket(lambda: unvalidated_path(_config_path(args), "control_socket", DEFAULT_CONTROL_SOCKET),
+                          getattr(args, "socket", None))
 
 
 def _load_or_report(path: Path) -> Config | None:
     try:
         return load_config(path)
     except ConfigError as exc:
-        count = len(exc.problems)
-        print(f"greupd: {path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _report(path, exc)
         return None
+
+
+def _report(path: Path, exc: ConfigError) -> None:
+    count = len(exc.problems)
+    print(f"greupd: {path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
 
 
 def summarize(config: Config) -> str:
@@ -85,31 +90,35 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = _load_or_report(_config_path(args))
     if config is None:
         return EXIT_INVALID
-    if getattr(args, "json", False) or getattr(args, "detailed_exitcode", False):
-        return _plan_for_tools(config, args.json, args.detailed_exitcode)
-    from greupd.daemon import describe_plan
-
-    print(describe_plan(config))
-    return EXIT_OK
+    return _plan_for_tools(config, args.json, args.detailed_exitcode)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     path = _config_path(args)
-    config = _load_or_report(path)
-    if config is None:
+    # trust (#11 H4): a config on disk that does not validate starts the last good one instead, if any.
+    from greupd.state import StartRefused, start_config
+
+    try:
+        start = start_config(path)
+    except StartRefused as exc:
+        _report(path, exc.rejected)
+        print(f"greupd: not starting: {exc.why}", file=sys.stderr)
         return EXIT_INVALID
+    if start.rejected is not None and start.kept is not None:
+        _report(path, start.rejected)
+        print(f"greupd: starting with the last good config instead (saved {start.kept.saved})", file=sys.stderr)
     from greupd.daemon import run_daemon
 
-    return run_daemon(path, config, socket_override=args.socket)
+    return run_daemon(path, start.config, socket_override=args.socket, start=start)
 
 
-def _ask_daemon(args: argparse.Namespace, command: str, timeout: float) -> Mapping[str, object] | int:
-    """The daemon's answer, or the exit status to leave with (after saying why)."""
+def _ask_daemon(args: argparse.Namespace, command: str) -> Mapping[str, object] | int:
+    """The daemon's answer (within control.DEFAULT_TIMEOUTS), or the exit status to leave with (after saying why)."""
     from greupd.control import ControlError, ControlUnavailable, request
 
     path = _socket_path(args)
     try:
-        return request(path, command, timeout=timeout)
+        return request(path, command)
     except ControlUnavailable as exc:
         print(f"greupd: no daemon answers on {path}: {exc}", file=sys.stderr)
         return EXIT_NO_DAEMON
@@ -119,9 +128,9 @@ def _ask_daemon(args: argparse.Namespace, command: str, timeout: float) -> Mappi
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from greupd.control import format_status
+    from greupd.cli_format import format_status
 
-    answer = _ask_daemon(args, "status", timeout=5)
+    answer = _ask_daemon(args, "status")
     if isinstance(answer, int):
         return answer
     if getattr(args, "names", None):
@@ -134,8 +143,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    # A reload of thousands of tunnels may take a while; the daemon answers when it is applied.
-    result = _ask_daemon(args, "reload", timeout=300)
+    # The daemon answers once the new config is applied; DEFAULT_TIMEOUTS["reload"] allows for thousands of tunnels.
+    result = _ask_daemon(args, "reload")
     if isinstance(result, int):
         return result
     if not result.get("ok"):
@@ -162,77 +171,22 @@ def _check_json(path: Path) -> int:
     return EXIT_OK
 
 
-def _kebab(name: str) -> str:
-    return "".join(f"-{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
-
-
-def action_json(action: Action) -> dict[str, object]:
-    """One change of `plan --json`: the tunnel, a stable action word (create-link, take-over-route, ...), the text."""
-    from greupd.model import action_tunnel
-
-    return {"tunnel": action_tunnel(action), "action": _kebab(type(action).__name__), "description": str(action)}
-
-
-def _nft_change(config: Config, ruleset: Ruleset) -> tuple[str | None, str | None]:
-    """What would happen to greupd's nftables table (None: nothing), or why that cannot be told."""
-    from greupd.nft import NftError, NftTable
-
-    table = NftTable(config.daemon.nft_table)
-    try:
-        if table.matches(ruleset):
-            return None, None
-        if not ruleset.wanted:
-            return "remove-nft-table", None
-        return ("replace-nft-table" if table.present() else "create-nft-table"), None
-    except NftError as exc:
-        if not ruleset.wanted:
-            return None, None  # nftables cannot be asked here, so no table of ours can be there either
-        return None, f"nftables: {exc}"
-
-
-def _plan_now(config: Config) -> tuple[Plan, Ruleset]:
-    import asyncio
-
-    from greupd.model import desired_state
-    from greupd.netlink import Kernel
-    from greupd.nft import render_ruleset
-    from greupd.plan import plan_changes
-
-    async def observe() -> Plan:
-        kernel = Kernel()
-        try:
-            desired = desired_state(config)
-            return plan_changes(desired, await kernel.observe(desired))
-        finally:
-            kernel.close()
-
-    return asyncio.run(observe()), render_ruleset(config)
-
-
 def _plan_for_tools(config: Config, as_json: bool, detailed: bool) -> int:
-    from greupd.nft import describe_ruleset
-    from greupd.plan import describe
+    from greupd.cli_format import describe_plan, plan_report
 
     try:
-        plan, ruleset = _plan_now(config)
+        report = plan_report(config)
     except OSError as exc:
         print(f"greupd: cannot read the kernel's state: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    nft_action, nft_error = _nft_change(config, ruleset)
-    changes = [action_json(a) for a in plan.actions]
-    if nft_action is not None:
-        changes.append({"tunnel": None, "action": nft_action,
-                        "description": f"nftables table inet {config.daemon.nft_table}: {nft_action}"})
-    errors: list[dict[str, str | None]] = [{"tunnel": p.tunnel, "message": p.message} for p in plan.problems]
-    if nft_error is not None:
-        errors.append({"tunnel": None, "message": nft_error})
+    changes, errors = report.changes(), report.errors()
     if as_json:
-        print(json.dumps({"changes": changes, "errors": errors, "nftables": {
-            "table": f"inet {config.daemon.nft_table}", "action": nft_action, "ruleset": describe_ruleset(ruleset)},
-            "config": [str(f) for f in config.files]}, indent=2))
+        print(json.dumps({"changes": changes, "errors": errors,
+                          "nftables": {"table": report.table, "action": report.nft_action,
+                                       "ruleset": report.ruleset_text},
+                          "config": [str(f) for f in config.files]}, indent=2))
     else:
-        print(f"# kernel\n{describe(plan)}\n\n# nftables table inet {config.daemon.nft_table}"
-              f" ({nft_action or nft_error or 'unchanged'})\n{describe_ruleset(ruleset)}")
+        print(describe_plan(report))
     if not detailed:
         return EXIT_OK
     return EXIT_INVALID if errors else EXIT_CHANGES if changes else EXIT_OK

@@ -161,7 +161,7 @@ def hand_made(draw: st.DrawFn) -> tuple[str, Observed]:
         ttl = draw(st.sampled_from([0, 64]))
         text += (f'[[tunnel]]\nname = "{name}"\nlocal = "172.19.1.1"\nremote = "172.19.2.{i + 1}"\n'
                  f'ttl = {64 if ttl else chr(34) + "inherit" + chr(34)}\ntos = 0\n'
-                 f'address = "192.168.{i}.1"\npeer = "192.168.{i}.2"\nadopt = true\n'
+                 f'address = "192.168.{i}.1"\npeer = "192.168.{i}.2"\nadopt = true\nmetric = {i}\n'
                  f"routes = [{', '.join(chr(34) + r + chr(34) for r in routes)}]\n")
         if not draw(st.booleans()):
             continue
@@ -172,7 +172,8 @@ def hand_made(draw: st.DrawFn) -> tuple[str, Observed]:
         addresses[name] = frozenset({AddressSpec(name, ipaddress.ip_interface(f"192.168.{i}.1/32"),
                                                  ipaddress.ip_address(f"192.168.{i}.2"))})
         if links[name].up:
-            foreign |= {RouteSpec(name, ipaddress.ip_network(p), 254, draw(st.sampled_from([0, 5])))
+            # Metric i is the entry's own (the kernel keeps one route per prefix, table and metric).
+            foreign |= {RouteSpec(name, ipaddress.ip_network(p), 254, draw(st.sampled_from([i, 5])))
                         for p in draw(st.sets(st.sampled_from(["20.10.1.0/24", "20.10.3.0/24"]), max_size=2))}
     return text, Observed(links, addresses, frozenset(), {"net/ipv4/ip_forward": "1"},
                           foreign_routes=frozenset(foreign))

@@ -13,9 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from greupd.gre import MODES as GRE_MODES
+
 Source = Literal["kernel", "netplan", "networkd", "ifupdown"]
 SOURCES: tuple[Source, ...] = ("kernel", "netplan", "networkd", "ifupdown")
-GRE_MODES = ("gre", "ip6gre", "gretap", "ip6gretap")
+__all__ = ["GRE_MODES", "SOURCES", "FoundRoute", "FoundTunnel", "ImportProblem", "Source", "carry_routes"]
 
 
 class ImportProblem(Exception):

@@ -11,11 +11,12 @@ from collections.abc import Iterable
 
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
-from greupd import rtnl
-from greupd.config import IPAddress, IPInterface
+from greupd.gre import IPV6_MODES, IPAddress, IPInterface
 from greupd.importer import GRE_MODES, FoundRoute, FoundTunnel, carry_routes
 from greupd.model import LINK_ALIAS, ROUTE_PROTO, TOS_INHERIT, ObservedLink
-from greupd.netlink import Message, address_from_message, link_from_message, read_sysctl, route_from_message
+from greupd.netlink import rtnl
+from greupd.netlink.kernel import read_sysctl
+from greupd.netlink.rtnl import Message, address_from_message, link_from_message, route_from_message
 
 # The kernel makes these when ip_gre/ip6_gre load, for packets no configured tunnel claims: not a user's tunnel.
 FALLBACK_DEVICES = frozenset({"gre0", "gretap0", "erspan0", "ip6gre0"})
@@ -81,7 +82,7 @@ def tunnels_from_kernel(snapshot: KernelSnapshot | None = None) -> list[FoundTun
 
 def _tunnel(name: str, link: ObservedLink) -> FoundTunnel:
     spec = link.spec
-    ip6 = spec.kind in ("ip6gre", "ip6gretap")
+    ip6 = spec.kind in IPV6_MODES
     tunnel = FoundTunnel(
         name=name, mode=spec.kind, local=str(spec.local), remote=str(spec.remote),
         origin=f"the running kernel (ifindex {link.index})", ikey=spec.ikey, okey=spec.okey,
