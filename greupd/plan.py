@@ -55,9 +55,8 @@ class _Steps:
         # Links must exist before their addresses and sysctls, be up before routes can use them (the kernel
         # refuses a route via a down device), and routes leave before a link is set down.
         return (*self.sysctls, *self.delete_links, *self.create_links, *self.adopt_links, *self.change_links,
-                *self.links_up,
-                *self.link_sysctls, *self.delete_addresses, *self.add_addresses, *self.delete_routes,
-                *self.add_routes, *self.links_down)
+                *self.links_up, *self.link_sysctls, *self.delete_addresses, *self.add_addresses,
+                *self.delete_routes, *self.add_routes, *self.links_down)
 
 
 def plan_changes(desired: Desired, observed: Observed) -> Plan:
