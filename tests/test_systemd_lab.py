@@ -286,7 +286,8 @@ def test_watchdog_restarts_a_stuck_daemon(seed: Seed) -> None:
 
 def as_user(user: str, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run a command as another user with that user's groups, as a login would."""
-    return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *argv],
+    gid = sh("id", "-g", user).stdout.strip()
+    return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={gid}", "--init-groups", *argv],
                           capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
 
 
