@@ -19,14 +19,15 @@ from pathlib import Path
 from greupd.config import Config, ConfigError, load_config
 from greupd.control import ControlServer, ControlSocketBusy, control_socket
 from greupd.events import EventLog
-from greupd.keepalive.engine import KeepaliveEngine, LivenessChange, targets_from_config
+from greupd.keepalive.engine import KeepaliveEngine, KeepaliveTarget, LivenessChange, targets_from_config
+from greupd.keepalive.restart import initial_verdicts, target_endpoints
 from greupd.model import Desired, Observed, action_tunnel, desired_state
 from greupd.netlink.kernel import Kernel, KernelWatch
 from greupd.nft.keeper import NftKeeper
 from greupd.plan import describe, plan_changes
 from greupd.queue import RETRY_AFTER, WorkQueue, settle
-from greupd.report import Reports
-from greupd.state import StartConfig, StateError
+from greupd.report import Reports, now_iso
+from greupd.state import KeepaliveVerdict, StartConfig, StateError
 from greupd.status import DaemonStatus, ReloadResult, TunnelStatus
 from greupd.systemd import Notifier, status_line
 
@@ -58,10 +59,51 @@ class Daemon:
         self.nft = NftKeeper(config.daemon.nft_table, self.queue.mark_nft, self._fail)
         self._published_status = ""
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._verdict_since: dict[str, str] = {}  # when each keepalive verdict last flipped (#11 H3)
 
     def _on_liveness(self, name: str, change: LivenessChange) -> None:
         self.reports.note_liveness(name, change)
         self.queue.mark_liveness(name)
+        self._verdict_since[name] = now_iso()
+        self._save_verdicts()
+
+    # --- keepalive verdicts across restarts (trust3, #11 H3) -------------------------------------------
+
+    def _start_keepalives(self) -> None:
+        """Configure the engine with what a previous run of the daemon learned (greupd/keepalive/restart.py)."""
+        targets = targets_from_config(self.config)
+        saved: dict[str, KeepaliveVerdict] = {}
+        if self.start is not None:
+            try:
+                saved = self.start.state.verdicts()
+            except StateError as exc:
+                self._fail(f"{exc}; keepalives start from what the kernel shows")
+        observed = None
+        if any(target_endpoints(t) != (saved[t.name].endpoints if t.name in saved else None) for t in targets):
+            try:
+                observed = self.kernel.observe(self.desired())
+            except OSError as exc:
+                self._fail(f"cannot read the kernel's state to resume keepalive verdicts: {exc}")
+        verdicts = initial_verdicts(targets, saved, self.config, observed)
+        self._verdict_since = {name: saved[name].since if name in saved and saved[name].up == up else now_iso()
+                               for name, up in verdicts.items()}
+        self.keepalive.configure(targets, verdicts)
+        down = sorted(name for name, up in verdicts.items() if not up)
+        if down:
+            log.info("keepalive verdicts resumed: %s down until their peers answer", ", ".join(down))
+        self._save_verdicts(targets)
+
+    def _save_verdicts(self, targets: list[KeepaliveTarget] | None = None) -> None:
+        if self.start is None:
+            return
+        by_name = {t.name: t for t in targets or targets_from_config(self.config)}
+        verdicts = {name: KeepaliveVerdict(self.keepalive.is_up(name), self._verdict_since.get(name, now_iso()),
+                                           target_endpoints(by_name[name]))
+                    for name in self.keepalive.names() if name in by_name}
+        try:
+            self.start.state.save_verdicts(verdicts)
+        except StateError as exc:
+            self._fail(f"{exc}; a restart will not know which peers were dead")
 
     def request_reload(self) -> asyncio.Future[ReloadResult]:
         """SIGHUP, `systemctl reload` and `greupd reload` alike: the next loop step reloads and answers here."""
@@ -91,7 +133,8 @@ class Daemon:
         for sig, handler in ((signal.SIGHUP, self.queue.mark_reload), (signal.SIGTERM, self._request_stop),
                              (signal.SIGINT, self._request_stop)):
             loop.add_signal_handler(sig, handler)
-        self.keepalive.configure(targets_from_config(self.config))
+        self.keepalive.set_answerable(())  # nothing is known to work before the first pass (#11 H5)
+        self._start_keepalives()
         self.reconcile(None)
         self.nft.keep(self.config)
         self.nft.start(loop)
@@ -167,6 +210,7 @@ class Daemon:
                 self._fail(str(error))
         for change in self.reports.update(self.config, observed, plan, errors, after, self.keepalive.is_up):
             self.events.emit(change)
+        self.keepalive.set_answerable(self.reports.answerable())  # #11 H5
         self._publish_status()
         assert self._loop is not None
         fought = [n for n in touched & repairs if n in self.reports.records]
