@@ -184,8 +184,10 @@ class KeepaliveEngine:
     read `is_up` after configuring).
     """
 
-    def __init__(self, on_change: Callable[[str, LivenessChange], None]) -> None:
+    def __init__(self, on_change: Callable[[str, LivenessChange], None], spread: bool = True) -> None:
+        """`spread` False: every tunnel's first probe goes out at once (tests that need them together)."""
         self._on_change = on_change
+        self._spread = spread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._send_socket: socket.socket | None = None
         self._receive_socket: socket.socket | None = None
@@ -291,7 +293,7 @@ class KeepaliveEngine:
     def _schedule_first(self, tunnel: _Tunnel) -> None:
         if self._loop is None:
             return  # start() schedules it
-        tunnel.next_at = self._loop.time() + self._random.uniform(0, tunnel.target.interval)
+        tunnel.next_at = self._loop.time() + (self._random.uniform(0, tunnel.target.interval) if self._spread else 0)
         tunnel.timer = self._loop.call_at(tunnel.next_at, self._tick, tunnel)
 
     def _tick(self, tunnel: _Tunnel) -> None:
