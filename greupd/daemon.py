@@ -60,12 +60,13 @@ class Daemon:
         self._published_status = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._verdict_since: dict[str, str] = {}  # when each keepalive verdict last flipped (#11 H3)
+        self._verdicts_changed = False
 
     def _on_liveness(self, name: str, change: LivenessChange) -> None:
         self.reports.note_liveness(name, change)
         self.queue.mark_liveness(name)
         self._verdict_since[name] = now_iso()
-        self._save_verdicts()
+        self._verdicts_changed = True  # saved once per loop step: a thousand tunnels may flip together
 
     # --- keepalive verdicts across restarts (trust3, #11 H3) -------------------------------------------
 
@@ -171,6 +172,9 @@ class Daemon:
             self.reconcile(batch.names, batch.repairs)
         if batch.nft:
             self.nft.keep(self.config)
+        if self._verdicts_changed:  # after the pass that acted on them; a crash between the two is covered
+            self._verdicts_changed = False  # by reading the kernel at start (greupd/keepalive/restart.py)
+            self._save_verdicts()
 
     # --- the pass ------------------------------------------------------------------------------------
 
