@@ -1,8 +1,9 @@
 """Keepalives a router's owner can trust (#11), with the whole daemon on a real kernel with ip_gre:
 
-- H1: probes take the tunnel's own data path. A has two uplinks; the tunnel's `local` is on uplink 2,
-  selected by `ip rule from <local> lookup 100`, while main's default route leaves by uplink 1, which does
-  not reach B. The keepalive sees B, and failing uplink 2 takes the tunnel down.
+- H1: probes and answers take the tunnel's own data path. A has two uplinks; the tunnel's `local` is on
+  uplink 2, selected by `ip rule from <local> lookup 100`, while main's default route leaves by uplink 1,
+  which does not reach B. The keepalive sees B, B's probes are answered, and failing uplink 2 takes the
+  tunnel down.
 - H3: a restart keeps what keepalives learned. B is dead, A's tunnel down, A's daemon SIGKILLed (or
   stopped as an upgrade does) and started again: B's route never comes back meanwhile, no false "up";
   when B returns, the tunnel goes up.
@@ -66,14 +67,16 @@ def two_uplinks(lab: Lab) -> tuple[Host, Host, Host]:
 
 
 def test_probes_follow_the_source_rule_of_the_tunnels_local_address(lab: Lab) -> None:
-    a_host, isp2, _ = two_uplinks(lab)
-    a = GreupdProcess(a_host, keepalive_tunnel(A_UPLINK2, B_ADDRESS, routes="[]")).start()
+    a_host, isp2, b = two_uplinks(lab)
+    a = GreupdProcess(a_host, keepalive_tunnel(A_UPLINK2, B_ADDRESS, answer="daemon", routes="[]")).start()
     # The tunnel's own traffic takes uplink 2 (the kernel looks up saddr = local): so must its keepalives.
     assert a_host.wait_ping("192.168.8.11"), "the tunnel itself does not carry traffic"
     eventually(lambda: a.tunnel("to_b")["keepalive"]["received"] >= 5, timeout=10,
                what="replies from B over uplink 2", detail=lambda: f"{a.tunnel('to_b')}\n{a.output()}")
     assert a.tunnel("to_b")["state"] == "up"
     assert "down" not in re.findall(r"tunnel to_b (\w+)", a.output())
+    # And so must A's answers to B's own (Cisco-style) probes, reflected exactly as B wrote them.
+    assert send_keepalives(b, B_ADDRESS, A_UPLINK2, None, None, 5) == 5
 
     isp2.ip("link", "set", "eth0", "down")  # uplink 2 fails; uplink 1 is still there, and reaches nobody
     a.wait_for("to_b", "down", timeout=10)
