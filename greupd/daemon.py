@@ -20,6 +20,7 @@ from greupd.config import Config, ConfigError, load_config
 from greupd.control import ControlServer, ControlSocketBusy, ControlSocketUnusable, control_socket
 from greupd.events import EventLog
 from greupd.keepalive.engine import KeepaliveEngine, LivenessChange, targets_from_config
+from greupd.keepalive.restart import VerdictMemory
 from greupd.model import Desired, Observed, action_tunnel, desired_state
 from greupd.netlink.kernel import Kernel, KernelWatch
 from greupd.nft.keeper import NftKeeper
@@ -54,10 +55,12 @@ class Daemon:
         self.nft = NftKeeper(config.daemon.nft_table, self.queue.mark_nft, self._fail)
         self._published_status = ""
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.verdicts = VerdictMemory(self.keepalive, start.state if start else None, self._fail)  # #11 H3
 
     def _on_liveness(self, name: str, change: LivenessChange) -> None:
         self.reports.note_liveness(name, change)
         self.queue.mark_liveness(name)
+        self.verdicts.flipped(name)
 
     def request_reload(self) -> asyncio.Future[ReloadResult]:
         """SIGHUP, `systemctl reload` and `greupd reload` alike: the next loop step reloads and answers here."""
@@ -81,7 +84,8 @@ class Daemon:
         for sig, handler in ((signal.SIGHUP, self.queue.mark_reload), (signal.SIGTERM, self._request_stop),
                              (signal.SIGINT, self._request_stop)):
             loop.add_signal_handler(sig, handler)
-        self.keepalive.configure(targets_from_config(self.config))
+        self.keepalive.set_answerable(())  # nothing is known to work before the first pass (#11 H5)
+        self.verdicts.resume(self.config, lambda: self.kernel.observe(self.desired()))
         self.reconcile(None)
         self.nft.keep(self.config)
         self.nft.start(loop)
@@ -118,6 +122,7 @@ class Daemon:
             self.reconcile(batch.names, batch.repairs)
         if batch.nft:
             self.nft.keep(self.config)
+        self.verdicts.save_if_changed(self.config)
 
     # --- the pass ------------------------------------------------------------------------------------
 
@@ -157,6 +162,7 @@ class Daemon:
                 self._fail(str(error))
         for change in self.reports.update(self.config, observed, plan, errors, after, self.keepalive.is_up):
             self.events.emit(change)
+        self.keepalive.set_answerable(self.reports.answerable())  # #11 H5
         self._publish_status()
         assert self._loop is not None
         fought = [n for n in touched & repairs if n in self.reports.records]
