@@ -53,7 +53,6 @@ class Daemon:
         self.watch = KernelWatch(self.kernel, self.queue.mark)
         self.keepalive = KeepaliveEngine(self._on_liveness)
         self.nft = NftKeeper(config.daemon.nft_table, self.queue.mark_nft, self._fail)
-        self._published_status = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self.verdicts = VerdictMemory(self.keepalive, start.state if start else None, self._fail)  # #11 H3
 
@@ -163,7 +162,7 @@ class Daemon:
         for change in self.reports.update(self.config, observed, plan, errors, after, self.keepalive.is_up):
             self.events.emit(change)
         self.keepalive.set_answerable(self.reports.answerable())  # #11 H5
-        self._publish_status()
+        self.notifier.status_if_changed(self._status_text())
         assert self._loop is not None
         fought = [n for n in touched & repairs if n in self.reports.records]
         for pause in self.queue.note_repairs(fought, time.monotonic()):
@@ -218,14 +217,6 @@ class Daemon:
                 self._fail(str(error))
             self.nft.remove()
         self.kernel.close()
-
-    def _publish_status(self) -> None:
-        # Only when it changed: a drift repair is no news to `systemctl status`, and every STATUS= is a
-        # blocking send to systemd.
-        text = self._status_text()
-        if text != self._published_status:
-            self._published_status = text
-            self.notifier.status(text)
 
     def _status_text(self) -> str:
         return status_line(self.tunnel_statuses())

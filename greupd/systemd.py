@@ -52,6 +52,7 @@ class Notifier:
         env = os.environ if environ is None else environ
         self._enabled = bool(env.get("NOTIFY_SOCKET"))
         self._watchdog = watchdog_interval_from(env, os.getpid()) if self._enabled else None
+        self._published_status = ""
 
     @property
     def enabled(self) -> bool:
@@ -79,7 +80,13 @@ class Notifier:
 
     def status(self, text: str) -> None:
         """The one line `systemctl status greupd` shows as Status:."""
+        self._published_status = text
         self._send(f"STATUS={one_line(text)}")
+
+    def status_if_changed(self, text: str) -> None:
+        # A drift repair is no news to `systemctl status`, and every STATUS= is a blocking send to systemd.
+        if text != self._published_status:
+            self.status(text)
 
     def extend_timeout(self, seconds: float) -> None:
         """Ask for more time to start or stop than TimeoutStartSec= / TimeoutStopSec= gave."""
