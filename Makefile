@@ -62,7 +62,7 @@ mypy: $(STAMP_VENV)
 # ---------------------------------------------------------------------------------------------
 # demo: the seed's two-router story, run by greupd inside a kernel that has ip_gre (the UML guest).
 demo: deps
-	$(PY) -m lab run --guest uml -- $(PY) -m demo.seed_story
+	$(PY) -m lab run --guest vng -- $(PY) -m demo.seed_story
 # ---------------------------------------------------------------------------------------------
 
 # bench: every benchmark in the lab guests (~30 min), raw JSON in bench/results/, tables in BENCHMARKS.md.
