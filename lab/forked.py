@@ -17,10 +17,12 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from lab.greupd_process import GreupdProcess
 from lab.hosts import Host
@@ -113,6 +115,8 @@ class ForkedGreupd(GreupdProcess):
 
     def __init__(self, host: Host, config: str, name: str = "greupd") -> None:
         super().__init__(host, config, name)
+        # Not beside the config: in the qemu guest that folder is 9p, where a unix socket cannot be bound.
+        self.socket = Path(tempfile.mkdtemp(prefix=f"greupd-{host.name}-")) / "control.sock"
         self.pid: int | None = None
 
     def _child(self, argv: Sequence[str], stdout: int, stderr: int) -> int:

@@ -64,6 +64,7 @@ class PythonDisk:
             f"mount -t ext4 -o ro,noatime ${{dev%/serial}} {m}",
         ]
         lines += [f"mount --bind {m}/{b.name} {shlex.quote(str(b.path))}" for b in self.binds]
+        lines.append("stamp disk-mounted")  # stamp(): defined by the init script (lab/guest.py)
         if self.kernel_version:
             wrapper = rundir / "modprobe"
             wrapper.write_text(f'#!/bin/sh\nexec /sbin/modprobe -d {m}/kmod "$@"\n')

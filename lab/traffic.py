@@ -16,12 +16,15 @@ from dataclasses import dataclass
 from lab.forked import spawn
 from lab.hosts import Host
 
+ETH_P_ALL = 0x0003  # not ETH_P_IP: a packet socket bound to one protocol sees only frames coming in
 ETH_P_IP = 0x0800
 TIMEOUT = 30.0  # seconds; the qemu guest emulates its CPU, so be patient (this is no performance assertion)
 
 
 def syn_options(frame: bytes, port: int, ack: bool) -> tuple[str, int | None] | None:
     """(source address, MSS option) of an Ethernet frame holding a SYN (or SYN-ACK) for `port`, else None."""
+    if frame[12:14] != ETH_P_IP.to_bytes(2, "big"):
+        return None
     ip = frame[14:]
     if len(ip) < 20 or ip[0] >> 4 != 4 or ip[9] != socket.IPPROTO_TCP:
         return None
@@ -42,8 +45,8 @@ def syn_options(frame: bytes, port: int, ack: bool) -> tuple[str, int | None] | 
 
 
 def capture(ifname: str = "eth0") -> socket.socket:
-    """Every IPv4 frame arriving at (or leaving) this host's interface."""
-    sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IP))
+    """Every frame arriving at or leaving this host's interface."""
+    sniffer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     sniffer.bind((ifname, 0))
     sniffer.settimeout(TIMEOUT)
     return sniffer
