@@ -31,6 +31,9 @@ SERIAL = "greupd-lab-py"
 GUEST_MOUNT = "/run/lab-disk"
 # Stdlib folders no test or demo imports: the test suite alone is 120 MB.
 STDLIB_SKIP = frozenset({"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "site-packages"})
+# Programs the lab runs many times (a LAN built with `ip`, shells, pings), and the libraries they load:
+# an exec reads all of them again over 9p, ~0.3-1 s each under emulation.
+TOOLS = ("ip", "sh", "sysctl", "ping", "nft", "sed", "grep", "tail", "modprobe", "mount", "mountpoint")
 # The kernel's network stack (tunnels, nftables, bridges) and its dependencies, for modprobe -d.
 MODULE_DIRS = ("kernel/net", "kernel/drivers/net/veth.ko", "kernel/drivers/net/dummy.ko", "kernel/drivers/net/tun.ko")
 
@@ -97,10 +100,24 @@ def _python_binds(repo: Path) -> list[tuple[str, Path, frozenset[str]]]:
     if sys.prefix != sys.base_prefix:
         found.append(("venv", Path(sys.prefix).resolve(), frozenset()))
     # The checkout's Python folders (packages and plain script folders such as demo/).
+    for n, path in enumerate(_tools()):
+        found.append((f"tool-{n}", path, frozenset()))
     for package in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")
                           and any(p.glob("*.py"))):
         found.append((f"src-{package.name}", package, frozenset()))
     return found
+
+
+def _tools() -> list[Path]:
+    """The TOOLS' real files and the shared libraries each loads (as ldd lists them), each once."""
+    programs = {Path(found).resolve() for found in map(shutil.which, TOOLS) if found}
+    files = set(programs)
+    ldd = subprocess.run(["ldd", *map(str, sorted(programs))], capture_output=True, text=True).stdout
+    for line in ldd.splitlines():
+        words = [w for w in line.split() if w.startswith("/")]
+        if words and not line.rstrip().endswith(":"):
+            files.add(Path(words[0]).resolve())
+    return sorted(f for f in files if f.is_file())
 
 
 def _files(top: Path, skip: frozenset[str]) -> Iterable[Path]:
