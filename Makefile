@@ -61,7 +61,7 @@ mypy: $(STAMP_VENV)
 	$(VENV)/bin/mypy --strict greupd lab tests demo bench
 
 # ---------------------------------------------------------------------------------------------
-# demo: the seed's two-router story, run by greupd inside a kernel that has ip_gre (the UML guest).
+# demo: the seed's whole two-router story, run by greupd in a kernel with ip_gre and nftables inet (the vng guest).
 demo: deps
 	$(PY) -m lab run --guest vng -- $(PY) -m demo.seed_story
 # ---------------------------------------------------------------------------------------------

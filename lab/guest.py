@@ -7,7 +7,8 @@ Kinds (see /work/shared/kernel-lab.md):
 - ``uml-systemd``: the same kernel, with an overlay of / (tmpfs upper layer) and real systemd as
   PID 1, which starts one unit that runs the command and powers off. ~10 s.
 - ``vng``: the full Debian kernel (GRE and nftables ``inet`` together) under qemu without KVM,
-  booted by virtme-ng. Slow: ~10 s boot, Python imports ~20x slower than native.
+  booted by virtme-ng, with Python, the venv and the checkout on a block device (lab/python_disk.py).
+  Slow: the CPU is emulated (Python ~30-50x slower than native; see lab/README.md).
 
 The guest writes the command's output and exit status to a run directory under the repository's
 ``.lab/`` (on the host's disk, which every kind of guest shares), and the host reads them once the
