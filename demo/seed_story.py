@@ -136,8 +136,11 @@ def main() -> int:
         greupd_says(a, "plan")
 
         say("greupd run on A and B: forwarding, the tunnel, its address, the route, A's nftables table")
-        a.start()
-        b.start()
+        # Both at once, as two machines would boot: A's keepalives then find B answering from the start.
+        a.start(wait=False)
+        b.start(wait=False)
+        a.wait_ready()
+        b.wait_ready()
         greupd_says(a, "status")
         show(seed.a, "sysctl net.ipv4.ip_forward")
         show(seed.a, "ip -d link show My_Tunnel | sed -n '1,3p'; ip addr show My_Tunnel | grep inet; "

@@ -66,7 +66,12 @@ class PythonDisk:
             f'for s in /sys/block/vd*/serial; do [ "$(cat $s)" = {SERIAL} ] && dev=/dev/${{s#/sys/block/}}; done',
             f"mount -t ext4 -o ro,noatime ${{dev%/serial}} {m}",
         ]
-        lines += [f"mount --bind {m}/{b.name} {shlex.quote(str(b.path))}" for b in self.binds]
+        # All binds by one `mount -a` on a fstab of our own: a `mount` process each would cost ~0.5-1 s apiece
+        # under emulation (its binary and libraries read over 9p), ~40 s for the ~50 of them.
+        fstab = rundir / "fstab"
+        fstab.write_text("".join(f"{_fstab_path(f'{m}/{b.name}')} {_fstab_path(str(b.path))} none bind 0 0\n"
+                                 for b in self.binds))
+        lines.append(f"mount -a -T {shlex.quote(str(fstab))}")
         lines.append("stamp disk-mounted")  # stamp(): defined by the init script (lab/guest.py)
         if self.kernel_version:
             wrapper = rundir / "modprobe"
@@ -79,6 +84,11 @@ class PythonDisk:
         else:
             lines.append(f"modprobe -a -q {' '.join(modules)} 2>/dev/null")
         return lines
+
+
+def _fstab_path(path: str) -> str:
+    # fstab fields are separated by blanks; a blank inside a path is written in octal, as the kernel does.
+    return path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
 
 
 def _venv_includes_system_site() -> bool:
