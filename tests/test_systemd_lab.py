@@ -1,6 +1,6 @@
 """greupd as an administrator runs it: the Debian package installed with dpkg, started by systemd (PID 1).
 
-These run in the uml-systemd lab guest (tests/conftest.py dispatches them): systemd as PID 1 on an overlay whose
+These run in the uml-systemd lab guest (lab/pytest_plugin.py dispatches them): systemd as PID 1 on an overlay whose
 writes vanish with the guest, so dpkg -i, /etc and unit files are the guest's alone. Router A of the seed is a
 netns; the packaged greupd.service runs in it (a drop-in adds NetworkNamespacePath=, nothing else changes).
 Router B is a plain Linux GRE peer that reflects A's keepalives in its kernel, so "the peer dies" is one
