@@ -75,9 +75,9 @@ mypy: $(STAMP_VENV)
 	$(VENV)/bin/mypy --strict greupd lab tests demo bench
 
 # ---------------------------------------------------------------------------------------------
-# demo: the seed's two-router story, run by greupd inside a kernel that has ip_gre (the UML guest).
+# demo: the seed's whole two-router story, run by greupd in a kernel with ip_gre and nftables inet (the vng guest).
 demo: deps
-	$(PY) -m lab run --guest uml -- $(PY) -m demo.seed_story
+	$(PY) -m lab run --guest vng -- $(PY) -m demo.seed_story
 # ---------------------------------------------------------------------------------------------
 
 # bench: every benchmark in the lab guests (~30 min), raw JSON in bench/results/, tables in BENCHMARKS.md.
