@@ -8,6 +8,9 @@ Two raw sockets serve every tunnel, both registered with the daemon's asyncio lo
   tunnel whose link greupd set down (`action = "link"`) keeps probing, and comes back up when its peer does.
 - `socket(AF_INET, SOCK_RAW, IPPROTO_GRE)` receives a copy of every GRE packet the host gets, also those a
   kernel tunnel consumes; a socket filter (probe.GRE_SOCKET_FILTER) keeps tunnel traffic out of Python.
+  For tunnels under IPsec it also sends (see `_send`): the kernel looks up IPsec policies by the flow's
+  protocol, and an IP_HDRINCL socket's flow is IPPROTO_RAW, so its GRE would miss the `dynamic[gre]` policy
+  and leave in cleartext (seen in the lab); this socket's flow is GRE, so its packets are encrypted.
 
 Timers are `loop.call_at` handles on the loop's monotonic clock, one per tunnel, their first probe spread at
 random over the interval so that a thousand tunnels do not fire together.
@@ -29,6 +32,7 @@ import os
 import random
 import signal
 import socket
+import struct
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,6 +69,7 @@ _MAX_PACKET = 65535
 _RECEIVE_BUFFER = 1 << 20
 _SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>; neither is exported by Python's socket module
 _SO_RCVBUFFORCE = 33
+_IP_PKTINFO = 8  # <linux/in.h>; Python has it, typeshed does not
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class KeepaliveTarget:
     retries: int
     up_after: int
     answer: AnswerMode
+    esp: bool = False  # [tunnel.ipsec]: probes and answers must go through the IPsec policy (see _send)
 
     @property
     def endpoints(self) -> tuple[IPv4Address, IPv4Address, int | None, int | None]:
@@ -98,7 +104,7 @@ def targets_from_config(config: Config) -> list[KeepaliveTarget]:
             name=tunnel.name, local=tunnel.local, remote=tunnel.remote,
             ikey=tunnel.input_key, okey=tunnel.output_key,
             interval=tunnel.keepalive.interval, retries=tunnel.keepalive.retries,
-            up_after=tunnel.keepalive.up_after, answer=tunnel.keepalive.answer,
+            up_after=tunnel.keepalive.up_after, answer=tunnel.keepalive.answer, esp=tunnel.ipsec is not None,
         ))
     return targets
 
@@ -187,7 +193,7 @@ class KeepaliveEngine:
         """Open the raw sockets (needs CAP_NET_RAW), start reading, and start probing configured targets."""
         send = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # IP_HDRINCL implied
         send.setblocking(False)
-        receive = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_GRE)
+        receive = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_GRE)  # also sends for _send
         try:
             attach_socket_filter(receive, GRE_SOCKET_FILTER)
             try:
@@ -285,7 +291,7 @@ class KeepaliveEngine:
         token = new_token()
         tunnel.window.issue(token, now)
         try:
-            self._send_socket.sendto(tunnel.template.with_token(token), tunnel.address)
+            self._send(tunnel, tunnel.template.with_token(token))
         except OSError as exc:
             # No route to the remote, say: the probe is lost like any other and counts as a miss.
             self.counters.send_errors += 1
@@ -298,6 +304,24 @@ class KeepaliveEngine:
         missed = tunnel.liveness.on_probe_sent(now) or missed
         if missed is not None:
             self._report(tunnel, missed)
+
+    def _send(self, tunnel: _Tunnel, packet: bytes) -> None:
+        """Send a whole IPv4 packet (our probe, or our answer) towards the tunnel's remote.
+
+        Under IPsec the kernel must build the outer header itself: only a flow of protocol GRE matches the
+        tunnel's ESP policy. So the GRE socket sends the packet without its IP header, from the same source
+        (IP_PKTINFO) with the same TTL (IP_TTL), and the kernel encrypts it like the tunnel's own traffic.
+        """
+        assert self._send_socket is not None and self._receive_socket is not None
+        if not tunnel.target.esp:
+            self._send_socket.sendto(packet, tunnel.address)
+            return
+        header = (packet[0] & 0x0F) * 4
+        pktinfo = struct.pack("=I4s4s", 0, packet[12:16], bytes(4))  # ifindex, spec_dst (source), addr
+        ttl = struct.pack("=i", packet[8])
+        self._receive_socket.sendmsg([packet[header:]], [(socket.IPPROTO_IP, _IP_PKTINFO, pktinfo),
+                                                        (socket.IPPROTO_IP, socket.IP_TTL, ttl)],
+                                   0, tunnel.address)
 
     def _report(self, tunnel: _Tunnel, change: LivenessChange) -> None:
         log.debug("tunnel %s %s: %s", tunnel.target.name, "up" if change.up else "down", change.message)
@@ -358,7 +382,7 @@ class KeepaliveEngine:
             return
         assert self._send_socket is not None
         try:
-            self._send_socket.sendto(request.reflection, tunnel.address)
+            self._send(tunnel, request.reflection)
         except OSError as exc:
             self.counters.send_errors += 1
             log.debug("tunnel %s: cannot answer keepalive: %s", tunnel.target.name, exc.strerror or exc)

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from greupd.config import IPV6_MODES, Config, IPAddress, IPInterface, IPNetwork, TunnelConfig
+from greupd.ipsec.connections import default_ipsec_mtu
 
 # rtnetlink protocol number on every route greupd installs (`ip route show proto 222`; named `greupd` by
 # /etc/iproute2/rt_protos.d/greupd.conf). Routes with any other protocol are never touched.
@@ -276,7 +277,8 @@ def link_spec(tunnel: TunnelConfig) -> LinkSpec:
         ttl=0 if tunnel.ttl == "inherit" else tunnel.ttl,
         tos=None if ip6 else (TOS_INHERIT if tunnel.tos == "inherit" else tunnel.tos),
         pmtudisc=None if ip6 else tunnel.pmtudisc,
-        mtu=tunnel.mtu,
+        # Under IPsec the kernel's default (underlay MTU less GRE's header) would not leave room for ESP.
+        mtu=tunnel.mtu if tunnel.mtu is not None or tunnel.ipsec is None else default_ipsec_mtu(tunnel),
     )
 
 
