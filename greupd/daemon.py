@@ -21,6 +21,8 @@ from pathlib import Path
 from greupd.config import Config, ConfigError, TunnelConfig, load_config
 from greupd.control import ControlServer, ControlSocketBusy
 from greupd.events import EventLog, tunnel_change_message
+from greupd.ipsec.connections import desired_connections
+from greupd.ipsec.supervisor import IpsecChange, IpsecSupervisor
 from greupd.keepalive import KeepaliveEngine, LivenessChange, targets_from_config
 from greupd.model import Desired, Observed, Plan, action_tunnel, desired_state
 from greupd.netlink import ApplyError, Kernel, KernelWatch
@@ -74,6 +76,7 @@ class Daemon:
         self.watch = KernelWatch(self._on_kernel_change)
         self.watch.own_portid = self.kernel.portid
         self.keepalive = KeepaliveEngine(self._on_liveness)
+        self.ipsec = IpsecSupervisor(config.daemon.vici_socket, self._on_ipsec_change, self._fail)
         self.nft = NftTable(config.daemon.nft_table)
         self.nft_watch = NftWatch(self._on_nft_change, table=config.daemon.nft_table)
         self._dirty: set[str] = set()
@@ -108,6 +111,9 @@ class Daemon:
         self._liveness_dirty.add(name)
         self._wake.set()
 
+    def _on_ipsec_change(self, change: IpsecChange) -> None:
+        self.events.ipsec_changed(change.tunnel, change.state, change.previous, change.message)
+
     def _request_reload(self) -> None:
         self._reload_requested = True
         self._wake.set()
@@ -129,8 +135,12 @@ class Daemon:
                              (signal.SIGINT, self._request_stop)):
             loop.add_signal_handler(sig, handler)
         self._configure_side_engines()
-        await self._reconcile(None)
+        # The nftables drops and charon's connections first, then the links: GRE that leaves before its ESP
+        # policy exists is what [tunnel.ipsec] must prevent.
         await self._reconcile_nft()
+        self.ipsec.start(loop)
+        await self.ipsec.settled(timeout=3.0)
+        await self._reconcile(None)
         self._start_nft_watch()
         self.notifier.ready(self._status_text())
         self.events.started(self.generation, self.config.files, len(self.config.tunnels))
@@ -335,6 +345,7 @@ class Daemon:
 
     def _configure_side_engines(self) -> None:
         self.keepalive.configure(targets_from_config(self.config))
+        self.ipsec.configure(desired_connections(self.config), self.config.daemon.vici_socket)
         keep = {t.name for t in self.config.tunnels if t.keepalive is not None and t.enabled}
         self.alive = {name: up for name, up in self.alive.items() if name in keep}
         for name in keep:
@@ -382,6 +393,8 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         self.keepalive.close()
+        # keep: charon keeps greupd's connections and SAs, so the tunnels stay encrypted across a restart.
+        await self.ipsec.close(unload=self.config.daemon.on_exit == "remove")
         self.nft_watch.close()
         self.watch.close()
         if self.config.daemon.on_exit == "remove":
@@ -408,14 +421,17 @@ class Daemon:
         statuses: list[TunnelStatus] = []
         for tunnel in self.config.tunnels:
             record = self.records.get(tunnel.name, TunnelRecord())
-            statuses.append({
+            status: TunnelStatus = {
                 "name": tunnel.name, "mode": tunnel.mode, "local": str(tunnel.local),
                 "remote": str(tunnel.remote), "state": record.state, "since": record.since,
                 "reason": record.reason, "error": record.error, "ifindex": record.ifindex,
                 "routes": [str(r) for r in tunnel.routes],
                 "routes_installed": record.state == "up" and bool(tunnel.routes),
                 "keepalive": self.keepalive.status(tunnel.name) if tunnel.keepalive else None,
-            })
+            }
+            if (ipsec := self.ipsec.status(tunnel.name)) is not None:
+                status["ipsec"] = ipsec
+            statuses.append(status)
         return statuses
 
     def status(self) -> DaemonStatus:

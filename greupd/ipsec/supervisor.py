@@ -19,10 +19,11 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypedDict
+from typing import Literal
 
 from greupd.ipsec.connections import CHILD_NAME, IpsecConnection, tunnel_of
 from greupd.ipsec.vici import ViciError, ViciReply, ViciSession
+from greupd.status import IpsecStatus
 
 log = logging.getLogger("greupd.ipsec")
 
@@ -30,17 +31,6 @@ IpsecState = Literal["established", "connecting", "down"]
 POLL_INTERVAL = 5.0  # seconds between passes without events: how soon a hand-unloaded connection comes back
 RETRY_INTERVAL = 2.0  # seconds between attempts to reach a charon that is not there
 EVENTS = ["ike-updown", "child-updown"]
-
-
-class IpsecStatus(TypedDict):
-    """`"ipsec"` in a tunnel of `greupd status --json`."""
-
-    state: IpsecState
-    connection: str
-    ike_sa: str | None  # charon's IKE_SA state: ESTABLISHED, CONNECTING, ... (None: no IKE_SA)
-    child_sa: str | None  # INSTALLED, REKEYING, ... (None: no CHILD_SA)
-    charon: bool  # greupd is connected to charon's VICI socket
-    error: str | None
 
 
 @dataclass(frozen=True)
@@ -127,6 +117,7 @@ class IpsecSupervisor:
         self._loaded: dict[str, tuple[str, str]] = {}
         self._errors: dict[str, str] = {}
         self._last_error: str | None = None
+        self._first_pass = asyncio.Event()
         self.passes = 0
 
     # --- the daemon's API -------------------------------------------------------------------------------
@@ -150,6 +141,12 @@ class IpsecSupervisor:
         if connection is None:
             return None
         return self._statuses.get(tunnel) or _down(connection.name, "charon not reached yet", False)
+
+    async def settled(self, timeout: float) -> None:
+        """Until the first pass (loaded, refused, or charon unreachable) is done, at most `timeout` s."""
+        if self._wanted:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._first_pass.wait(), timeout)
 
     def look_again(self) -> None:
         self._wake.set()
@@ -181,12 +178,15 @@ class IpsecSupervisor:
                     await self._connect()
                 await self._reconcile()
                 self._last_error = None
+                self._first_pass.set()
                 await self._wait(POLL_INTERVAL)
             except ViciError as exc:
                 self._lost(str(exc))
+                self._first_pass.set()
                 await self._wait(RETRY_INTERVAL)
             except OSError as exc:  # a secret file that became unreadable between validation and now
-                self._lost(f"ipsec: {exc}")
+                self._lost(str(exc))
+                self._first_pass.set()
                 await self._wait(RETRY_INTERVAL)
 
     async def _wait(self, timeout: float | None) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from vici.protocol import Message, Packet  # type: ignore[import-untyped]
+from vici.protocol import Message, Packet
 
 # What a decoded VICI message holds: values, lists of values, sections.
 ViciReply = dict[str, Any]

@@ -54,7 +54,8 @@ class Charon:
             "    resolve {\n      load = no\n    }\n"
             "  }\n"
             "  filelog {\n"
-            f"    lab {{\n      path = {self.log}\n      default = 1\n      time_format = %T\n      flush_line = yes\n    }}\n"
+            f"    lab {{\n      path = {self.log}\n      default = 1\n      time_format = %T\n"
+            "      flush_line = yes\n    }\n"
             "  }\n"
             "}\n"
             f"swanctl {{\n  socket = unix://{self.socket}\n}}\n")
