@@ -100,8 +100,9 @@ class IpsecSupervisor:
     """The daemon's side of charon: `configure` what should be loaded, read `status`, get `on_change` calls."""
 
     def __init__(self, socket_path: Path, on_change: Callable[[IpsecChange], None],
-                 on_error: Callable[[str], None]) -> None:
+                 on_error: Callable[[str], None], poll_interval: float = POLL_INTERVAL) -> None:
         self.socket_path = socket_path
+        self.poll_interval = poll_interval
         self._on_change = on_change
         self._on_error = on_error
         self._wanted: dict[str, IpsecConnection] = {}
@@ -179,7 +180,7 @@ class IpsecSupervisor:
                 await self._reconcile()
                 self._last_error = None
                 self._first_pass.set()
-                await self._wait(POLL_INTERVAL)
+                await self._wait(self.poll_interval)
             except ViciError as exc:
                 self._lost(str(exc))
                 self._first_pass.set()
@@ -241,7 +242,7 @@ class IpsecSupervisor:
     async def _reconcile(self) -> None:
         session = self._session
         if session is None or not session.connected or (self._events is not None and not self._events.connected):
-            raise ViciError("the VICI connection to charon was lost")
+            raise ViciError(f"lost the VICI connection to charon at {self.socket_path}")
         self.passes += 1
         present = {name for entry in await session.streamed("list-conns", "list-conn") for name in entry}
         ours = {name for name in present if tunnel_of(name) is not None}

@@ -83,6 +83,13 @@ class Charon:
             time.sleep(0.1)
         raise AssertionError(f"charon in {self.host.name}: no VICI socket after {timeout}s:\n{self.output()}")
 
+    def stop(self) -> None:
+        """SIGTERM, as `systemctl stop strongswan` does: charon takes its SAs and policies out of the kernel."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(30)
+        self.proc = None
+
     def kill(self) -> None:
         """SIGKILL, as a crash would: no IKE delete is sent, the peer has to find out by itself."""
         if self.proc is not None and self.proc.poll() is None:
