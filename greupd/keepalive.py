@@ -8,9 +8,10 @@ Two raw sockets serve every tunnel, both registered with the daemon's asyncio lo
   tunnel whose link greupd set down (`action = "link"`) keeps probing, and comes back up when its peer does.
 - `socket(AF_INET, SOCK_RAW, IPPROTO_GRE)` receives a copy of every GRE packet the host gets, also those a
   kernel tunnel consumes; a socket filter (probe.GRE_SOCKET_FILTER) keeps tunnel traffic out of Python.
-  For tunnels under IPsec it also sends (see `_send`): the kernel looks up IPsec policies by the flow's
-  protocol, and an IP_HDRINCL socket's flow is IPPROTO_RAW, so its GRE would miss the `dynamic[gre]` policy
-  and leave in cleartext (seen in the lab); this socket's flow is GRE, so its packets are encrypted.
+
+Under IPsec the kernel looks up the ESP policy by the flow's protocol, and an IP_HDRINCL socket's flow is
+IPPROTO_RAW: its GRE would miss the `dynamic[gre]` policy and leave in cleartext (seen in the lab). So for
+tunnels with [tunnel.ipsec] each packet carries an IP_PROTOCOL control message saying GRE (see `_send`).
 
 Timers are `loop.call_at` handles on the loop's monotonic clock, one per tunnel, their first probe spread at
 random over the interval so that a thousand tunnels do not fire together.
@@ -69,7 +70,8 @@ _MAX_PACKET = 65535
 _RECEIVE_BUFFER = 1 << 20
 _SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>; neither is exported by Python's socket module
 _SO_RCVBUFFORCE = 33
-_IP_PKTINFO = 8  # <linux/in.h>; Python has it, typeshed does not
+_IP_PROTOCOL = 52  # <linux/in.h>: the protocol of an IP_HDRINCL packet's flow, as a control message
+_GRE_FLOW = (socket.IPPROTO_IP, _IP_PROTOCOL, struct.pack("=i", IPPROTO_GRE))
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,7 @@ class KeepaliveEngine:
         """Open the raw sockets (needs CAP_NET_RAW), start reading, and start probing configured targets."""
         send = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # IP_HDRINCL implied
         send.setblocking(False)
-        receive = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_GRE)  # also sends for _send
+        receive = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_GRE)
         try:
             attach_socket_filter(receive, GRE_SOCKET_FILTER)
             try:
@@ -308,20 +310,17 @@ class KeepaliveEngine:
     def _send(self, tunnel: _Tunnel, packet: bytes) -> None:
         """Send a whole IPv4 packet (our probe, or our answer) towards the tunnel's remote.
 
-        Under IPsec the kernel must build the outer header itself: only a flow of protocol GRE matches the
-        tunnel's ESP policy. So the GRE socket sends the packet without its IP header, from the same source
-        (IP_PKTINFO) with the same TTL (IP_TTL), and the kernel encrypts it like the tunnel's own traffic.
+        Under IPsec the kernel must see the flow as GRE to apply the tunnel's ESP policy (`dynamic[gre]`);
+        an IP_HDRINCL socket's flow is IPPROTO_RAW unless an IP_PROTOCOL control message says otherwise
+        (seen working on Debian 12's 6.1; a kernel without it answers EINVAL, counted as a send error). The
+        header stays ours: the reply's token rides in the reflected header's IP ID, which a socket that
+        builds the header itself (IPPROTO_GRE without IP_HDRINCL) would not keep.
         """
-        assert self._send_socket is not None and self._receive_socket is not None
+        assert self._send_socket is not None
         if not tunnel.target.esp:
             self._send_socket.sendto(packet, tunnel.address)
             return
-        header = (packet[0] & 0x0F) * 4
-        pktinfo = struct.pack("=I4s4s", 0, packet[12:16], bytes(4))  # ifindex, spec_dst (source), addr
-        ttl = struct.pack("=i", packet[8])
-        self._receive_socket.sendmsg([packet[header:]], [(socket.IPPROTO_IP, _IP_PKTINFO, pktinfo),
-                                                        (socket.IPPROTO_IP, socket.IP_TTL, ttl)],
-                                   0, tunnel.address)
+        self._send_socket.sendmsg([packet], [_GRE_FLOW], 0, tunnel.address)
 
     def _report(self, tunnel: _Tunnel, change: LivenessChange) -> None:
         log.debug("tunnel %s %s: %s", tunnel.target.name, "up" if change.up else "down", change.message)
