@@ -29,6 +29,7 @@ import pytest
 from greupd.config import load_config_text
 from greupd.ipsec.connections import desired_connections
 from greupd.ipsec.supervisor import IpsecChange, IpsecSupervisor
+from greupd.nft import render_ruleset
 from tests.daemon import GreupdProcess, _scratch
 from tests.lab import charon as charon_lab
 from tests.lab.charon import Charon
@@ -289,3 +290,37 @@ def test_a_dead_charon_takes_the_tunnel_down_without_cleartext_and_back_up(both_
     capture.stop()
     # While B had no SA and while the SAs were negotiated again, not one GRE packet left A in cleartext.
     assert capture.packets("ip proto 47 and src 172.19.1.1") == []
+
+
+# --- greupd's own drop of cleartext GRE (qemu guest: GRE and nftables inet in one kernel) -----------------
+
+
+def rx_packets(host: Host, ifname: str) -> int:
+    match = re.search(r"RX:.*\n\s+\d+\s+(\d+)", host.ip("-s", "link", "show", ifname).stdout)
+    assert match, host.ip("-s", "link", "show", ifname).stdout
+    return int(match.group(1))
+
+
+@pytest.mark.needs_nft_gre
+def test_require_drops_cleartext_gre_both_ways_with_no_charon_at_all(seed: SeedTopology) -> None:
+    from tests.test_nft_traffic import apply_on, build_tunnel
+
+    build_tunnel(seed)  # the seed's GRE link by hand on both ends; it carries a ping in cleartext
+    text = router_config(seed.a, *A_SIDE, vici=Path("/nonexistent/charon.vici"), keepalive=False)
+    # The worst case for a leak: no charon, so no IPsec policy at all. Only greupd's table stands in the way.
+    apply_on(seed.a, render_ruleset(load_config_text(text)))
+    received = rx_packets(seed.a, "My_Tunnel")
+
+    capture = Capture(seed.b)
+    assert not seed.a.ping("192.168.8.11", count=3)  # out: A's GRE never leaves
+    assert not seed.b.ping("192.168.8.1", count=3)  # in: B's cleartext GRE arrives, and is dropped
+    capture.stop()
+    assert capture.packets("ip proto 47 and src 172.19.1.2")  # B did send, in cleartext
+    assert capture.packets("ip proto 47 and src 172.19.1.1") == []
+    assert rx_packets(seed.a, "My_Tunnel") == received  # dropped before A's tunnel decapsulated any
+
+    # require = false: no table, and the same tunnel carries the same ping in cleartext again.
+    relaxed = render_ruleset(load_config_text(text.replace("require = true", "require = false")))
+    assert not relaxed.wanted
+    apply_on(seed.a, relaxed)
+    assert seed.a.wait_ping("192.168.8.11", timeout=30)
