@@ -189,6 +189,11 @@ class IpsecSupervisor:
                 self._lost(str(exc))
                 self._first_pass.set()
                 await self._wait(RETRY_INTERVAL)
+            except Exception as exc:  # a bug must not silently end IPsec supervision: say it, and retry
+                log.exception("ipsec: unexpected error")
+                self._lost(f"unexpected error: {exc!r}")
+                self._first_pass.set()
+                await self._wait(RETRY_INTERVAL)
 
     async def _wait(self, timeout: float | None) -> None:
         with contextlib.suppress(TimeoutError):

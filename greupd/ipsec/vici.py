@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from vici.exception import DeserializationException
 from vici.protocol import Message, Packet
 
 # What a decoded VICI message holds: values, lists of values, sections.
@@ -35,6 +36,16 @@ def _text(value: object) -> object:
     if isinstance(value, list):
         return [_text(v) for v in value]
     return value
+
+
+def _decode(payload: Any) -> ViciReply:
+    try:
+        decoded = _text(Message.deserialize(payload))
+    except (struct.error, DeserializationException, UnicodeDecodeError) as exc:
+        raise ViciError(f"unreadable VICI message from charon: {exc}") from None
+    if not isinstance(decoded, dict):
+        raise ViciError("unreadable VICI message from charon")
+    return decoded
 
 
 class ViciSession:
@@ -80,6 +91,9 @@ class ViciSession:
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             self.close()
             raise ViciError(f"charon closed the VICI connection ({exc.__class__.__name__})") from None
+        except (struct.error, DeserializationException) as exc:
+            self.close()
+            raise ViciError(f"unreadable VICI packet from charon: {exc}") from None
 
     async def _event_registration(self, event: str, register: bool) -> None:
         await self._send(Packet.register_event(event) if register else Packet.unregister_event(event))
@@ -127,9 +141,7 @@ class ViciSession:
             reply = await self.receive()
             if reply.response_type != Packet.EVENT:
                 break
-            decoded = _text(Message.deserialize(reply.payload))
-            assert isinstance(decoded, dict)
-            results.append(decoded)
+            results.append(_decode(reply.payload))
         self._result(command, reply)
         await self._event_registration(event, False)
         return results
@@ -140,8 +152,7 @@ class ViciSession:
             raise ViciError(f"charon does not know the command {command!r}")
         if reply.response_type != Packet.CMD_RESPONSE:
             raise ViciError(f"{command}: unexpected VICI packet type {reply.response_type}")
-        decoded = _text(Message.deserialize(reply.payload))
-        assert isinstance(decoded, dict)
+        decoded = _decode(reply.payload)
         if decoded.get("success", "yes") != "yes":
             raise ViciError(f"{command}: {decoded.get('errmsg') or 'charon refused it'}")
         return decoded
@@ -158,6 +169,4 @@ class ViciSession:
         while True:
             packet = await self.receive()
             if packet.response_type == Packet.EVENT:
-                decoded = _text(Message.deserialize(packet.payload))
-                assert isinstance(decoded, dict)
-                return packet.event_type.decode("utf-8", errors="replace"), decoded
+                return packet.event_type.decode("utf-8", errors="replace"), _decode(packet.payload)
