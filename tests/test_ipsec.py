@@ -290,3 +290,11 @@ def test_the_journal_says_when_an_sa_comes_and_goes() -> None:
 
 def test_psk_fixture_is_root_only(psk: Path) -> None:
     assert psk.stat().st_mode & 0o777 == 0o600 and psk.stat().st_uid == os.geteuid()
+
+
+def test_check_summary_names_the_protection(psk: Path) -> None:
+    from greupd.cli import summarize
+
+    assert summarize(load(seed_a(f'psk_file = "{psk}"'))).splitlines()[1] == (
+        "  My_Tunnel: gre 172.19.1.1 -> 172.19.1.2 192.168.8.1 peer 192.168.8.11, routes 20.10.1.0/24,"
+        " ipsec (psk, cleartext GRE dropped)")
