@@ -42,21 +42,21 @@ PSK = "seed-story-psk-0123456789abcdef"
 pytestmark = pytest.mark.skipif(charon_lab.available() is not None, reason=charon_lab.available() or "")
 
 
-def psk_file(host: Host) -> Path:
-    path = Path(_scratch()) / f"psk-{host.netns}"
+def psk_file(host: Host, directory: Path | None = None) -> Path:
+    path = (directory or Path(_scratch())) / f"psk-{host.netns}"
     path.write_text(PSK + "\n")
     path.chmod(0o600)
     return path
 
 
 def router_config(host: Host, local: str, remote: str, address: str, peer: str, routes: str,
-                  vici: Path, keepalive: bool = True, require: bool = True) -> str:
+                  vici: Path, keepalive: bool = True, require: bool = True, secrets: Path | None = None) -> str:
     text = (f'[daemon]\nvici_socket = "{vici}"\n\n'
             f'[[tunnel]]\nname = "My_Tunnel"\nlocal = "{local}"\nremote = "{remote}"\naddress = "{address}"\n'
             f'peer = "{peer}"\nroutes = ["{routes}"]\n')
     if keepalive:
         text += f"[tunnel.keepalive]\ninterval = {INTERVAL}\nretries = {RETRIES}\n"
-    text += f'[tunnel.ipsec]\npsk_file = "{psk_file(host)}"\nrequire = {str(require).lower()}\n'
+    text += f'[tunnel.ipsec]\npsk_file = "{psk_file(host, secrets)}"\nrequire = {str(require).lower()}\n'
     return text
 
 
@@ -302,11 +302,12 @@ def rx_packets(host: Host, ifname: str) -> int:
 
 
 @pytest.mark.needs_nft_gre
-def test_require_drops_cleartext_gre_both_ways_with_no_charon_at_all(seed: SeedTopology) -> None:
+def test_require_drops_cleartext_gre_both_ways_with_no_charon_at_all(seed: SeedTopology, tmp_path: Path) -> None:
     from tests.test_nft_traffic import apply_on, build_tunnel
 
     build_tunnel(seed)  # the seed's GRE link by hand on both ends; it carries a ping in cleartext
-    text = router_config(seed.a, *A_SIDE, vici=Path("/nonexistent/charon.vici"), keepalive=False)
+    # (tmp_path: the qemu guest sees the host's file system read-only)
+    text = router_config(seed.a, *A_SIDE, vici=Path("/nonexistent/charon.vici"), keepalive=False, secrets=tmp_path)
     # The worst case for a leak: no charon, so no IPsec policy at all. Only greupd's table stands in the way.
     apply_on(seed.a, render_ruleset(load_config_text(text)))
     received = rx_packets(seed.a, "My_Tunnel")
