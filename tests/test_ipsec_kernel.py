@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -142,7 +143,8 @@ class Capture:
 
     def __init__(self, host: Host, ifname: str = "wan0") -> None:
         self.host = host
-        self.path = Path(_scratch()) / f"capture-{host.netns}-{time.monotonic_ns()}.pcap"
+        # In the guest's own /tmp: the qemu guest sees the host's file system read-only.
+        self.path = Path(tempfile.mkdtemp(prefix="capture-")) / f"{host.netns}.pcap"
         self.proc = host.popen("tcpdump", "-n", "-U", "-i", ifname, "-w", str(self.path),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert wait_until(self.path.exists, 10), "tcpdump did not start"
