@@ -11,7 +11,7 @@ APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev \
 	qemu-system-x86 linux-image-amd64 busybox-static \
 	debhelper dpkg-dev python3-pip man-db groff-base rpm \
 	charon-systemd strongswan-swanctl strongswan-charon libstrongswan-standard-plugins
-# virtme-ng (for the qemu guest) lives in the venv; its `vng` is what tests/lab/guest.py runs.
+# virtme-ng (for the qemu guest) lives in the venv; its `vng` is what lab/guest.py runs.
 PIP_EXTRA := virtme-ng
 
 .PHONY: all venv deps apt-deps test pytest lint ruff mypy demo bench clean
@@ -58,12 +58,12 @@ ruff: $(STAMP_VENV)
 	$(VENV)/bin/ruff check .
 
 mypy: $(STAMP_VENV)
-	$(VENV)/bin/mypy --strict greupd tests demo bench
+	$(VENV)/bin/mypy --strict greupd lab tests demo bench
 
 # ---------------------------------------------------------------------------------------------
 # demo: the seed's two-router story, run by greupd inside a kernel that has ip_gre (the UML guest).
 demo: deps
-	$(PY) -m tests.lab run --guest uml -- $(PY) demo/seed_story.py
+	$(PY) -m lab run --guest uml -- $(PY) -m demo.seed_story
 # ---------------------------------------------------------------------------------------------
 
 # bench: every benchmark in the lab guests (~30 min), raw JSON in bench/results/, tables in BENCHMARKS.md.

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench import host_bench, render
-from tests.lab import guest
+from lab import guest
 
 REPO = Path(__file__).resolve().parent.parent
 SUITES = ("host", "systemd", "uml")

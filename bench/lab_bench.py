@@ -36,8 +36,8 @@ from typing import Any
 
 from bench import nl, scenario
 from greupd.control import request
-from tests.daemon import GreupdProcess
-from tests.lab.hosts import Host, Lab
+from lab.greupd_process import GreupdProcess
+from lab.hosts import Host, Lab
 
 REPO = Path(__file__).resolve().parent.parent
 PROTO_GREUPD = 222

@@ -10,12 +10,9 @@ from __future__ import annotations
 import sys
 import textwrap
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.daemon import GreupdProcess
-from tests.lab.hosts import Host, Lab, seed_topology
+from lab.greupd_process import GreupdProcess
+from lab.hosts import Host, Lab, seed_topology
 
 KEEPALIVE = """
 [tunnel.keepalive]

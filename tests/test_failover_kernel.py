@@ -17,9 +17,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.daemon import GreupdProcess
-from tests.lab.hosts import Host, Lab, SeedTopology, seed_topology
-from tests.waiting import wait_until
+from lab.greupd_process import GreupdProcess
+from lab.hosts import Host, Lab, SeedTopology, seed_topology
+from lab.waiting import wait_until
 
 pytestmark = pytest.mark.needs_gre
 

@@ -1,4 +1,4 @@
-"""GRE over IPsec with a real strongSwan: the seed's routers A and B, a charon in each (tests/lab/charon.py).
+"""GRE over IPsec with a real strongSwan: the seed's routers A and B, a charon in each (lab/charon.py).
 
 - greupd keeps charon holding its connections (a hand-unloaded one comes back, a restarted charon gets them
   again) and never touches an operator's own connection: on the running kernel, in a netns (no GRE needed).
@@ -31,11 +31,11 @@ from greupd.config import load_config_text
 from greupd.ipsec.connections import desired_connections
 from greupd.ipsec.supervisor import IpsecChange, IpsecSupervisor
 from greupd.nft import render_ruleset
-from tests.daemon import GreupdProcess, _scratch
-from tests.lab import charon as charon_lab
-from tests.lab.charon import Charon
-from tests.lab.hosts import Host, Lab, SeedTopology, seed_topology
-from tests.waiting import wait_until
+from lab import charon as charon_lab
+from lab.charon import Charon
+from lab.greupd_process import GreupdProcess, _scratch
+from lab.hosts import Host, Lab, SeedTopology, seed_topology
+from lab.waiting import wait_until
 
 INTERVAL = 0.5
 RETRIES = 3

@@ -39,8 +39,8 @@ from scapy.layers.l2 import GRE, Ether
 from scapy.packet import Raw, fuzz
 
 from greupd.keepalive import KeepaliveEngine, KeepaliveTarget, LivenessChange
-from tests.lab.hosts import Host, SeedTopology
-from tests.waiting import eventually
+from lab.hosts import Host, SeedTopology
+from lab.waiting import eventually
 
 REPO = Path(__file__).resolve().parent.parent
 A, B, C = "172.19.1.1", "172.19.1.2", "172.19.1.3"

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.lab import guest, kernel
-from tests.lab.hosts import Host, Lab, LabCommandError, SeedTopology, netns_list
+from lab import guest, kernel
+from lab.hosts import Host, Lab, LabCommandError, SeedTopology, netns_list
 
 GRE_KEY = 0x2000  # GRE_KEY in gre_iflags/gre_oflags: the ikey/okey fields are used
 
@@ -126,3 +128,28 @@ def test_missing_guest_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     res = guest.run("uml", ["true"])
     assert res.status is None and not res.booted
     assert res.error is not None and "no user-mode-linux kernel" in res.error
+
+
+def test_the_guest_binds_back_the_folders_it_needs_from_tmp() -> None:
+    kept = guest.folders_under_tmp(["/tmp/greupd/.lab/uml-1", "/tmp/greupd", "/tmp/venv/bin/..", "/work/x", "/tmp"])
+    assert kept == [Path("/tmp/greupd"), Path("/tmp/venv")]
+
+
+@pytest.mark.needs_root
+def test_a_checkout_under_tmp_is_seen_in_the_uml_guest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`git clone ... /tmp/greupd && make demo`: the guest's fresh /tmp must not hide the checkout."""
+    if kernel.current_guest():
+        pytest.skip("boots a guest of its own: only from the host")
+    why = guest.unavailable("uml")
+    if why:
+        pytest.skip(why)
+    checkout = Path(tempfile.mkdtemp(prefix="greupd-clone-", dir="/tmp"))
+    try:
+        (checkout / "README.md").write_text("two routers and a tunnel\n")
+        monkeypatch.setenv("GREUPD_LAB_DIR", str(checkout / ".lab"))
+        res = guest.run("uml", ["sh", "-c", "cat README.md && touch written-in-the-guest"], cwd=checkout, timeout=300)
+        assert res.ok, res.describe()
+        assert res.output == "two routers and a tunnel\n"
+        assert (checkout / "written-in-the-guest").exists()
+    finally:
+        shutil.rmtree(checkout)

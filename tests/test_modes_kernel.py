@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.daemon import GreupdProcess
-from tests.lab.hosts import Host, Lab
+from lab.greupd_process import GreupdProcess
+from lab.hosts import Host, Lab
 
 pytestmark = pytest.mark.needs_gre
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import GreupdProcess
-from tests.lab.hosts import Host, Lab
-from tests.waiting import wait_until
+from lab.greupd_process import GreupdProcess
+from lab.hosts import Host, Lab
+from lab.waiting import wait_until
 
 pytestmark = pytest.mark.needs_root
 

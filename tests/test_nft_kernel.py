@@ -21,7 +21,7 @@ import pytest
 
 from greupd.config import load_config
 from greupd.nft import NftError, NftTable, NftWatch, Rule, Ruleset, describe_ruleset, render_ruleset
-from tests.lab.hosts import Host, Lab
+from lab.hosts import Host, Lab
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO / "etc" / "greupd" / "tunnels.toml"

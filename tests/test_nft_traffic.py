@@ -28,7 +28,7 @@ import pytest
 
 from greupd.config import load_config_text
 from greupd.nft import NftTable, Ruleset, render_ruleset
-from tests.lab.hosts import Host, SeedTopology
+from lab.hosts import Host, SeedTopology
 
 pytestmark = pytest.mark.needs_nft_gre
 

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.daemon import GreupdProcess
-from tests.lab.hosts import Host, Lab, SeedTopology, seed_topology
-from tests.waiting import eventually
+from lab.greupd_process import GreupdProcess
+from lab.hosts import Host, Lab, SeedTopology, seed_topology
+from lab.waiting import eventually
 
 pytestmark = pytest.mark.needs_gre
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from greupd.events import MESSAGE_IDS, EventKind
-from tests import waiting
-from tests.lab.hosts import Host, Lab, SeedTopology, seed_topology
+from lab import waiting
+from lab.hosts import Host, Lab, SeedTopology, seed_topology
 
 pytestmark = pytest.mark.needs_systemd
 

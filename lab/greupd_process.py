@@ -7,12 +7,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from greupd.control import ControlUnavailable, request
-from tests.lab.hosts import Host
+from lab.hosts import Host
+from lab.waiting import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,16 +49,22 @@ class GreupdProcess:
 
     def wait_ready(self, timeout: float = 60) -> dict[str, Any]:
         """Until the daemon answers and every enabled tunnel has left its initial state."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        ready: list[dict[str, Any]] = []
+
+        def answered_and_settled() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"greupd exited with {self.proc.returncode}:\n{self.output()}")
             status = self.status(check=False)
-            if status is not None and status["generation"] >= 1 and all(
-                    t["state"] != "down" or t["reason"] != "config" for t in status["tunnels"]):
-                return status
-            time.sleep(0.1)
-        raise AssertionError(f"greupd not ready after {timeout}s:\n{self.output()}")
+            if status is None or status["generation"] < 1:
+                return False
+            if any(t["state"] == "down" and t["reason"] == "config" for t in status["tunnels"]):
+                return False
+            ready.append(status)
+            return True
+
+        if not wait_until(answered_and_settled, timeout, interval=0.1):
+            raise AssertionError(f"greupd not ready after {timeout}s:\n{self.output()}")
+        return ready[-1]
 
     def status(self, check: bool = True) -> dict[str, Any] | None:
         # Straight to the control socket (a path, reachable from any netns): a CLI process per poll costs
@@ -77,14 +83,15 @@ class GreupdProcess:
         return next(t for t in status["tunnels"] if t["name"] == name)
 
     def wait_for(self, name: str, state: str, timeout: float = 20) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        tunnel: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            tunnel = self.tunnel(name)
-            if tunnel["state"] == state:
-                return tunnel
-            time.sleep(0.05)
-        raise AssertionError(f"tunnel {name} is {tunnel.get('state')}, not {state}:\n{self.output()}")
+        seen: list[dict[str, Any]] = [{}]
+
+        def in_state() -> bool:
+            seen.append(self.tunnel(name))
+            return bool(seen[-1]["state"] == state)
+
+        if not wait_until(in_state, timeout, interval=0.05):
+            raise AssertionError(f"tunnel {name} is {seen[-1].get('state')}, not {state}:\n{self.output()}")
+        return seen[-1]
 
     def reload(self, config: str | None = None) -> subprocess.CompletedProcess[str]:
         """`greupd reload` as a user types it (exit status, stderr)."""

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.lab.hosts import Host
+from lab.hosts import Host
 
 CHARON = "/usr/lib/ipsec/charon"
 SWANCTL = "swanctl"
@@ -33,7 +33,7 @@ class Charon:
     """One charon in one host, with its own strongswan.conf, VICI socket and log under a scratch folder."""
 
     def __init__(self, host: Host) -> None:
-        from tests.daemon import _scratch
+        from lab.greupd_process import _scratch
 
         self.host = host
         self.dir = Path(tempfile.mkdtemp(prefix=f"charon-{host.name}-", dir=_scratch()))

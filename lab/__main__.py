@@ -1,15 +1,15 @@
-"""python -m tests.lab run --guest uml [--timeout S] [--keep] -- CMD...   |   python -m tests.lab caps"""
+"""python -m lab run --guest uml [--timeout S] [--keep] -- CMD...   |   python -m lab caps"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from tests.lab import guest, hosts, kernel
+from lab import guest, hosts, kernel
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.lab", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m lab", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="boot a guest, run CMD in it (in the current dir), print its output")
     r.add_argument("--guest", choices=guest.KINDS, default="uml")

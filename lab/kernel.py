@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 
-from tests.lab.guest import GuestKind
+from lab.guest import GuestKind
 
 # Capabilities: "root" = root with working netns; "gre" = ip_gre; "nft_gre" = ip_gre and nftables
 # family inet in one kernel; "systemd" = a lab guest whose PID 1 is systemd.

@@ -12,6 +12,10 @@ Kinds (see /work/shared/kernel-lab.md):
 The guest writes the command's output and exit status to a run directory under the repository's
 ``.lab/`` (on the host's disk, which every kind of guest shares), and the host reads them once the
 guest is gone. The guest's own exit status carries nothing (``poweroff -f``).
+
+Every guest has a /tmp of its own (UML: a fresh tmpfs; vng: an overlay on the host's). A checkout,
+venv or run dir under the host's /tmp is bound back into the UML guests' fresh /tmp, so the lab works
+from a clone in any folder.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from typing import Literal, TextIO, get_args
 GuestKind = Literal["uml", "uml-systemd", "vng"]
 KINDS: tuple[GuestKind, ...] = get_args(GuestKind)
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 # Loaded at boot when present; a module a kernel lacks (or has built in) is skipped silently.
 MODULES = (
@@ -173,13 +177,39 @@ def _command_script(rundir: Path, argv: Sequence[str], cwd: Path, env: Mapping[s
     )
 
 
+def folders_under_tmp(paths: Sequence[Path | str]) -> list[Path]:
+    """The folders right under /tmp that hold any of these paths (a checkout, its venv, the run dir).
+
+    Every guest starts with a fresh, empty /tmp (a booting machine's, and systemd-tmpfiles must not
+    walk the host's), which would hide a checkout cloned under /tmp; the guest binds these back.
+    """
+    kept: list[Path] = []
+    for path in paths:
+        resolved = Path(path).resolve()
+        if resolved.is_relative_to("/tmp") and resolved != Path("/tmp"):
+            top = Path("/tmp") / resolved.relative_to("/tmp").parts[0]
+            if top not in kept:
+                kept.append(top)
+    return kept
+
+
+def _fresh_tmp(kept: Sequence[Path]) -> list[str]:
+    """Shell lines: a fresh tmpfs on /tmp, with the kept folders of the host's /tmp bound back in."""
+    lines = [f"mkdir -p /run/lab-kept/{i} && mount --bind {shlex.quote(str(d))} /run/lab-kept/{i}"
+             for i, d in enumerate(kept)]
+    lines.append("mount -t tmpfs -o mode=1777 tmpfs /tmp")
+    lines += [f"mkdir -p {shlex.quote(str(d))} && mount --move /run/lab-kept/{i} {shlex.quote(str(d))}"
+              for i, d in enumerate(kept)]
+    return lines
+
+
 def _modprobe_wrapper(rundir: Path, moddir: str) -> str:
     # The kernel runs /proc/sys/kernel/modprobe for on-demand loads (nft expressions, tunnels);
     # UML's modules are not under /lib/modules, so point it at a wrapper that knows where they are.
     return f'#!/bin/sh\nexec /sbin/modprobe -d {shlex.quote(moddir)} "$@"\n'
 
 
-def _uml_init(kind: GuestKind, rundir: Path) -> str:
+def _uml_init(kind: GuestKind, rundir: Path, kept: Sequence[Path] = ()) -> str:
     """PID 1 of the UML guest: mounts, modules, then the command (or systemd, which runs it)."""
     r = shlex.quote(str(rundir))
     modules = uml_modules()
@@ -192,7 +222,7 @@ def _uml_init(kind: GuestKind, rundir: Path) -> str:
         "stamp start",
         "mount -t sysfs sysfs /sys",
         "mount -t tmpfs -o mode=0755 tmpfs /run",
-        "mount -t tmpfs -o mode=1777 tmpfs /tmp",
+        *_fresh_tmp(kept),
         "mkdir -p /dev/pts /dev/shm",
         "mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts",
         "mount -t tmpfs -o mode=1777 tmpfs /dev/shm",
@@ -228,10 +258,12 @@ def _uml_init(kind: GuestKind, rundir: Path) -> str:
         "mount -t tmpfs -o mode=0755 tmpfs /run/ov",
         "mkdir -p /run/ov/upper /run/ov/work /run/ov/root",
         "mount -t overlay overlay -o lowerdir=/,upperdir=/run/ov/upper,workdir=/run/ov/work /run/ov/root",
-        f"mount --bind {r} /run/ov/root{r}",
         # A fresh /tmp, as on a booting machine; else systemd-tmpfiles' "D /tmp" walks (and, in the
-        # overlay, whites out) the host's whole /tmp through hostfs: 12 s and more.
+        # overlay, whites out) the host's whole /tmp through hostfs: 12 s and more. The kept folders
+        # (a checkout under /tmp) are bound through as they are: the host's, writable.
         "mount -t tmpfs -o mode=1777 tmpfs /run/ov/root/tmp",
+        *(f"mkdir -p /run/ov/root{q} && mount --bind {q} /run/ov/root{q}" for q in map(shlex.quote, map(str, kept))),
+        f"mount --bind {r} /run/ov/root{r}",
         f"cat > /run/ov/root/etc/systemd/system/{UNIT} <<'UNIT_EOF'\n{unit}UNIT_EOF",
         # udev's coldplug of UML's few devices costs ~10 s (a process per uevent) and comes before
         # sysinit.target; nothing here needs it. udevd itself still runs for new devices.
@@ -345,12 +377,15 @@ def run(
     rundir = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=lab_dir()))
     rundir.chmod(0o755)
     env = guest_env(kind, {**(env or {}), "GREUPD_LAB_RUNDIR": str(rundir)})
-    cmd = _command_script(rundir, argv, Path(cwd or os.getcwd()).resolve(), env)
-    (rundir / "cmd.sh").write_text(cmd)
+    workdir = Path(cwd or os.getcwd()).resolve()
+    (rundir / "cmd.sh").write_text(_command_script(rundir, argv, workdir, env))
+    # What the guest must see of the host's /tmp: the run dir, the command's folder, this checkout
+    # and the Python running it (a venv), when they live there.
+    kept = folders_under_tmp([rundir, workdir, REPO, sys.prefix, sys.base_prefix])
     if kind == "vng":
         init = _vng_init(rundir)
     else:
-        init = _uml_init(kind, rundir)
+        init = _uml_init(kind, rundir, kept)
         (rundir / "modprobe").write_text(_modprobe_wrapper(rundir, f"{rundir}/mods"))
         (rundir / "modprobe").chmod(0o755)
     (rundir / "init").write_text(init)

@@ -1,0 +1,198 @@
+"""The lab's pytest plugin: run each kernel-marked test where a kernel offers what it needs.
+
+Loaded by tests/conftest.py (``pytest_plugins = ["lab.pytest_plugin"]``); the markers are declared
+in pyproject.toml.
+
+- ``needs_root``: a fresh netns on the running kernel (skips when not root, outside CI).
+- ``needs_gre`` / ``needs_systemd`` / ``needs_nft_gre``: on the running kernel if it can (found by
+  trying, see lab/kernel.py), else delegated to a guest: ``uml``, ``uml-systemd``, ``vng``.
+
+Delegated tests are not skipped: at the first one of a guest kind, every selected test of that
+kind runs in ONE boot of the guest (pytest on exactly those node ids), and the host replays each
+test's reports from the guest so the summary counts them as if they had run here. Host-side
+fixtures are never set up for them.
+
+CI rule (CI=true): a kernel-marked test that skips is a failure, and so is a guest that cannot
+boot. Inside a guest (GREUPD_LAB_GUEST set) nothing is delegated further.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+from _pytest.reports import TestReport
+
+from lab import guest, kernel
+
+_When = Literal["setup", "call", "teardown"]
+_Outcome = Literal["passed", "failed", "skipped"]
+REPORT_FILE = "report.jsonl"  # in the guest's run dir
+_DELEGATE = pytest.StashKey[guest.GuestKind]()
+_RESULTS = pytest.StashKey[dict[guest.GuestKind, "_GuestBatch"]]()
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _needs(item: pytest.Item) -> tuple[list[str], frozenset[str]]:
+    names = [m for m in kernel.MARKERS if item.get_closest_marker(m)]
+    return names, frozenset().union(*(kernel.MARKERS[m] for m in names))
+
+
+# --------------------------------------------------------------------------- deciding
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    marked = [(item, *_needs(item)) for item in items]
+    marked = [m for m in marked if m[1]]
+    if not marked:
+        return
+    caps = kernel.capabilities()
+    here = kernel.current_guest()
+    for item, names, needs in marked:
+        missing = needs - caps
+        if not missing:
+            continue
+        where = f"the {here} guest" if here else "this kernel"
+        kind = None if here or os.geteuid() != 0 else kernel.guest_for(needs)
+        if kind is None:
+            why = "not root" if os.geteuid() != 0 else f"{where} lacks {', '.join(sorted(missing))}"
+            item.add_marker(pytest.mark.skip(reason=f"{'/'.join(names)}: {why}"))
+        else:
+            item.stash[_DELEGATE] = kind
+
+
+# --------------------------------------------------------------------------- CI rule
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, TestReport, TestReport]:
+    rep = yield
+    if _ci() and rep.skipped and not hasattr(rep, "wasxfail"):
+        names, _ = _needs(item)
+        if names:
+            reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+            rep.outcome = "failed"
+            rep.longrepr = f"CI=true and this test is marked {', '.join(names)}, so it must not skip: {reason}"
+    return rep
+
+
+# --------------------------------------------------------------------------- delegating
+
+
+@dataclass
+class _GuestBatch:
+    """One guest boot that ran a batch of tests, and the reports it left per node id."""
+
+    kind: guest.GuestKind
+    result: guest.GuestResult
+    reports: dict[str, list[TestReport]]
+
+
+def _run_batch(config: pytest.Config, kind: guest.GuestKind, items: list[pytest.Item]) -> _GuestBatch:
+    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", f"--tb={config.option.tbstyle}"]
+    if config.option.verbose > 0:
+        argv.append("-" + "v" * config.option.verbose)
+    argv += ["--rootdir", str(config.rootpath), *[i.nodeid for i in items]]
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None and not guest.unavailable(kind):
+        tr.write_line(f"lab: booting {kind} guest for {len(items)} tests ...")
+    t0 = time.monotonic()
+    res = guest.run(kind, argv, cwd=config.rootpath, env={"GREUPD_LAB_REPORT": "1"}, collect=[REPORT_FILE])
+    reports: dict[str, list[TestReport]] = {}
+    for line in res.files.get(REPORT_FILE, "").splitlines():
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a guest that died while writing it
+            continue
+        rep = config.hook.pytest_report_from_serializable(config=config, data=data)
+        if isinstance(rep, TestReport):
+            reports.setdefault(rep.nodeid, []).append(rep)
+    if tr is not None:
+        done = sum(1 for i in items if i.nodeid in reports)
+        # The guest pytest's own summary line, e.g. "3 passed in 12.1s", or what went wrong.
+        last = res.output.strip().splitlines()[-1:] if res.status is not None else []
+        note = f"; {res.error}" if res.error else f": {last[0]}" if last else ""
+        tr.write_line(f"lab: ran {done} tests in {kind} guest ({time.monotonic() - t0:.1f} s){note}")
+    return _GuestBatch(kind, res, reports)
+
+
+def _synth(item: pytest.Item, when: _When, outcome: _Outcome, longrepr: Any) -> TestReport:
+    return TestReport(item.nodeid, item.location, dict.fromkeys(item.keywords, 1), outcome, longrepr, when)
+
+
+def _replay(item: pytest.Item, batch: _GuestBatch) -> Iterator[TestReport]:
+    got = batch.reports.get(item.nodeid)
+    res = batch.result
+    if got and any(r.when == "teardown" for r in got):
+        for rep in got:
+            rep.sections.append(("lab", f"ran in the {batch.kind} guest"))
+            yield rep
+        return
+    # The guest never ran (or never finished) this test: say why, with the console's last words.
+    if res.error and res.error.startswith("guest unavailable") and not _ci():
+        yield _synth(item, "setup", "skipped", (str(item.path), (item.location[1] or 0) + 1, f"lab: {res.error}"))
+        yield _synth(item, "teardown", "passed", None)
+        return
+    if got:  # it started: keep what the guest reported, fail the phase that never ended
+        yield from got
+        when: _When = "call" if any(r.when == "setup" for r in got) else "setup"
+    else:  # it never started (the guest did not boot, or died first): FAILED, not an ERROR
+        yield _synth(item, "setup", "passed", None)
+        when = "call"
+    yield _synth(item, when, "failed", f"lab: the {batch.kind} guest did not report this test.\n{res.describe()}")
+    yield _synth(item, "teardown", "passed", None)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    kind = item.stash.get(_DELEGATE, None)
+    if kind is None:
+        return None
+    batches = item.session.stash.setdefault(_RESULTS, {})
+    if kind not in batches:
+        # The session's final item list (after -k/-m deselection): exactly what the guest runs.
+        batch_items = [i for i in item.session.items if i.stash.get(_DELEGATE, None) == kind]
+        batches[kind] = _run_batch(item.config, kind, batch_items)
+    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    for rep in _replay(item, batches[kind]):
+        item.ihook.pytest_runtest_logreport(report=rep)
+    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True
+
+
+# --------------------------------------------------------------------------- inside the guest
+
+
+class _GuestReporter:
+    """Writes every test report as one JSON line, flushed, so a crash loses at most one test."""
+
+    def __init__(self, config: pytest.Config, path: Path) -> None:
+        self.config = config
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole session)
+
+    def pytest_runtest_logreport(self, report: TestReport) -> None:
+        data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+        self.file.write(json.dumps(data) + "\n")
+        self.file.flush()
+
+    def pytest_unconfigure(self) -> None:
+        self.file.close()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    rundir = os.environ.get("GREUPD_LAB_RUNDIR")
+    if os.environ.get("GREUPD_LAB_REPORT") == "1" and rundir:
+        config.pluginmanager.register(_GuestReporter(config, Path(rundir) / REPORT_FILE), "greupd-lab-reporter")
