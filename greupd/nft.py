@@ -21,6 +21,10 @@ What a tunnel asks for, and the rules that carry it out:
                                               iifname TUN oifname IF meta mark set meta mark | MARK accept
                                             chain postrouting:
                                               meta mark & MARK == MARK oifname IF masquerade
+    [tunnel.ipsec] require = true           chain ipsec_out (filter, output, priority filter):
+                                              ip daddr REMOTE meta l4proto gre rt ipsec missing drop
+                                            chain ipsec_in (filter, input, priority filter):
+                                              ip saddr REMOTE meta l4proto gre meta ipsec missing drop
 
 Only the chains that have rules are created: a config with a clamp but no NAT registers no nat hook (and
 so does not switch conntrack on), and a config with neither has no table at all.
