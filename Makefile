@@ -49,8 +49,9 @@ test: deps
 	if [ $$lint -ne 0 ]; then echo "make test: lint failed (ruff/mypy output above)"; fi; \
 	[ $$rc -eq 0 ] && [ $$lint -eq 0 ]
 
+# PYTEST_ARGS: a selection instead of every test, e.g. PYTEST_ARGS="tests/test_lab.py -x".
 pytest: deps
-	$(VENV)/bin/pytest tests
+	$(VENV)/bin/pytest $(or $(PYTEST_ARGS),tests)
 
 lint: ruff mypy
 

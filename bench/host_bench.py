@@ -51,9 +51,9 @@ def command(argv: list[str], trials: int) -> list[float]:
 
 def cpu_parts(count: int, trials: int) -> Json:
     from greupd.config import load_config_text
+    from greupd.keepalive.codec import build_probe_template, new_token, parse_gre
     from greupd.model import Observed, ObservedLink, desired_state
     from greupd.plan import plan_changes
-    from greupd.probe import build_probe_template, new_token, parse_gre
 
     text = scenario.greupd_toml(count)
     config = load_config_text(text)

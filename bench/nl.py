@@ -3,7 +3,8 @@
 Why not pyroute2 or `ip`: drift repair takes a few milliseconds, and an `ip` process costs 100+ ms to start in
 the UML guest, while pyroute2's parser would add its own (slow, in UML) time between the kernel's message and
 our timestamp. So messages are read with `recv` on a plain socket, stamped with CLOCK_MONOTONIC at once, and
-parsed by hand afterwards (only the few attributes the benchmarks look at).
+parsed by hand afterwards (only the few attributes the benchmarks look at), with greupd's own netlink framing
+(greupd.netlink.nlmsg) and constants (greupd.netlink.rtnl).
 """
 
 from __future__ import annotations
@@ -19,31 +20,66 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from greupd.gre import IFLA_GRE_TTL
+from greupd.netlink.nlmsg import (
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    SO_RCVBUFFORCE,
+    attr,
+    attributes,
+    error_code,
+    message,
+    messages,
+)
+from greupd.netlink.rtnl import (
+    IFA_ADDRESS,
+    IFA_LOCAL,
+    IFF_UP,
+    IFLA_IFNAME,
+    IFLA_INFO_DATA,
+    IFLA_LINKINFO,
+    RTA_DST,
+    RTA_OIF,
+    RTA_TABLE,
+    RTM_DELADDR,
+    RTM_DELLINK,
+    RTM_DELROUTE,
+    RTM_GETADDR,
+    RTM_GETLINK,
+    RTM_GETROUTE,
+    RTM_NEWADDR,
+    RTM_NEWLINK,
+    RTM_NEWROUTE,
+)
+
+__all__ = [  # what the benchmarks use, greupd's rtnetlink message types among them
+    "RTM_DELROUTE",
+    "RTM_GETADDR",
+    "RTM_GETLINK",
+    "RTM_GETROUTE",
+    "RTM_NEWADDR",
+    "RTM_NEWLINK",
+    "RTM_NEWROUTE",
+    "Event",
+    "Rtnl",
+    "Watch",
+    "in_netns",
+    "parse",
+    "write_sysctl",
+]
+
 CLONE_NEWNET = 0x40000000
 NETLINK_ROUTE = 0
-
-RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
-RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
-RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
-
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
-
-IFLA_IFNAME, IFLA_LINKINFO = 3, 18
-IFLA_INFO_DATA = 2
-IFLA_GRE_TTL = 8
-IFA_ADDRESS, IFA_LOCAL = 1, 2
-RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
-IFF_UP = 0x1
 RT_TABLE_MAIN = 254
 RT_SCOPE_NOWHERE = 255
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _IFINFOMSG = struct.Struct("=BxHiII")
 _IFADDRMSG = struct.Struct("=BBBBI")
 _RTMSG = struct.Struct("=BBBBBBBBI")
-_RTATTR = struct.Struct("=HH")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -81,16 +117,8 @@ def write_sysctl(netns: str, key: str, value: str) -> None:
         f.write(value + "\n")
 
 
-def _attrs(data: bytes, offset: int, end: int | None = None) -> dict[int, bytes]:
-    end = len(data) if end is None else end
-    found: dict[int, bytes] = {}
-    while offset + 4 <= end:
-        length, kind = _RTATTR.unpack_from(data, offset)
-        if length < 4:
-            break
-        found[kind & 0x3FFF] = data[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
-    return found
+def _attrs(data: bytes | None, offset: int = 0) -> dict[int, bytes]:
+    return dict(attributes(data, offset)) if data is not None else {}
 
 
 def _cstr(raw: bytes | None) -> str | None:
@@ -119,39 +147,30 @@ class Event:
 
 def parse(data: bytes, at: float) -> list[Event]:
     events: list[Event] = []
-    offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size:
-            break
-        body = offset + _NLMSGHDR.size
+    for kind, _flags, _seq, _pid, body, _raw in messages(data):
         if kind in (RTM_NEWLINK, RTM_DELLINK):
-            _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(data, body)
-            attrs = _attrs(data, body + _IFINFOMSG.size, offset + length)
-            ttl = None
-            info = attrs.get(IFLA_LINKINFO)
-            if info is not None:
-                gre = _attrs(info, 0).get(IFLA_INFO_DATA)
-                raw_ttl = _attrs(gre, 0).get(IFLA_GRE_TTL) if gre is not None else None
-                ttl = raw_ttl[0] if raw_ttl else None
+            _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(body)
+            attrs = _attrs(body, _IFINFOMSG.size)
+            gre = _attrs(attrs.get(IFLA_LINKINFO)).get(IFLA_INFO_DATA)
+            raw_ttl = _attrs(gre).get(IFLA_GRE_TTL)
+            ttl = raw_ttl[0] if raw_ttl else None
             events.append(Event(at, kind, index, _cstr(attrs.get(IFLA_IFNAME)), bool(flags & IFF_UP), ttl))
         elif kind in (RTM_NEWADDR, RTM_DELADDR):
-            family, _plen, _flags, _scope, index = _IFADDRMSG.unpack_from(data, body)
+            family, _plen, _flags, _scope, index = _IFADDRMSG.unpack_from(body)
             if family == socket.AF_INET:
-                attrs = _attrs(data, body + _IFADDRMSG.size, offset + length)
+                attrs = _attrs(body, _IFADDRMSG.size)
                 local = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
                 events.append(Event(at, kind, index, address=_ipv4(local)))
         elif kind in (RTM_NEWROUTE, RTM_DELROUTE):
-            family, dst_len, _src, _tos, table, proto, _scope, _type, _flags = _RTMSG.unpack_from(data, body)
+            family, dst_len, _src, _tos, table, proto, _scope, _type, _flags = _RTMSG.unpack_from(body)
             if family == socket.AF_INET:
-                attrs = _attrs(data, body + _RTMSG.size, offset + length)
+                attrs = _attrs(body, _RTMSG.size)
                 oif = attrs.get(RTA_OIF)
                 raw_table = attrs.get(RTA_TABLE)
                 events.append(Event(
                     at, kind, struct.unpack("=I", oif)[0] if oif else 0,
                     dst=f"{_ipv4(attrs.get(RTA_DST)) or '0.0.0.0'}/{dst_len}", proto=proto,
                     table=struct.unpack("=I", raw_table)[0] if raw_table else table))
-        offset += (length + 3) & ~3
     return events
 
 
@@ -161,7 +180,7 @@ class Watch:
     def __init__(self, netns: str, groups: int = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE) -> None:
         with in_netns(netns):
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, NETLINK_ROUTE)
-        self.sock.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE: thousands of events at once
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)  # thousands of events at once
         self.sock.bind((0, groups))
         self.overruns = 0
 
@@ -226,19 +245,14 @@ class Rtnl:
 
     def _request(self, kind: int, payload: bytes, flags: int = NLM_F_ACK) -> None:
         self.seq += 1
-        header = _NLMSGHDR.pack(_NLMSGHDR.size + len(payload), kind, NLM_F_REQUEST | flags, self.seq, 0)
-        self.sock.send(header + payload)
+        self.sock.send(message(kind, NLM_F_REQUEST | flags, self.seq, 0, payload))
         while True:
-            data = self.sock.recv(65536)
-            offset = 0
-            while offset + _NLMSGHDR.size <= len(data):
-                length, msg_type, _f, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+            for msg_type, _f, seq, _pid, body, _raw in messages(self.sock.recv(65536)):
                 if seq == self.seq and msg_type == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", data, offset + _NLMSGHDR.size)[0]
+                    code = error_code(body)
                     if code:
                         raise OSError(code, f"rtnetlink request {kind}: {os.strerror(code)}")
                     return
-                offset += (length + 3) & ~3
 
     def dump(self, kind: int, family: int = socket.AF_INET) -> list[Event]:
         """RTM_GETLINK/GETADDR/GETROUTE dump, parsed like events."""
@@ -249,40 +263,31 @@ class Rtnl:
             body = _IFADDRMSG.pack(family, 0, 0, 0, 0)
         else:
             body = _RTMSG.pack(family, *[0] * 8)
-        self.sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, self.seq, 0)
-                       + body)
+        self.sock.send(message(kind, NLM_F_REQUEST | NLM_F_DUMP, self.seq, 0, body))
         events: list[Event] = []
         while True:
             data = self.sock.recv(1 << 20)
             now = time.monotonic()
-            offset = 0
-            while offset + _NLMSGHDR.size <= len(data):
-                length, msg_type, _f, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+            for msg_type, _f, _seq, _pid, reply, _raw in messages(data):
                 if msg_type == NLMSG_DONE:
                     return events
                 if msg_type == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", data, offset + _NLMSGHDR.size)[0]
+                    code = error_code(reply)
                     raise OSError(code, f"rtnetlink dump {kind}: {os.strerror(code)}")
-                offset += (length + 3) & ~3
             events += parse(data, now)
-
-    @staticmethod
-    def _attr(kind: int, value: bytes) -> bytes:
-        length = _RTATTR.size + len(value)
-        return _RTATTR.pack(length, kind) + value + b"\0" * (-length % 4)
 
     def delete_route(self, dst: str, table: int = RT_TABLE_MAIN) -> None:
         """RTM_DELROUTE as `ip route del DST` sends it (protocol, scope and type left open)."""
         address, length = dst.split("/")
         body = _RTMSG.pack(socket.AF_INET, int(length), 0, 0, table, 0, RT_SCOPE_NOWHERE, 0, 0)
-        self._request(RTM_DELROUTE, body + self._attr(RTA_DST, socket.inet_aton(address)))
+        self._request(RTM_DELROUTE, body + attr(RTA_DST, socket.inet_aton(address)))
 
     def delete_link(self, name: str) -> None:
         """RTM_DELLINK by name, as `ip link del NAME` sends it."""
         body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
-        self._request(RTM_DELLINK, body + self._attr(IFLA_IFNAME, name.encode() + b"\0"))
+        self._request(RTM_DELLINK, body + attr(IFLA_IFNAME, name.encode() + b"\0"))
 
     def set_link(self, name: str, up: bool) -> None:
         """`ip link set NAME up|down`."""
         body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, IFF_UP if up else 0, IFF_UP)
-        self._request(RTM_NEWLINK, body + self._attr(IFLA_IFNAME, name.encode() + b"\0"))
+        self._request(RTM_NEWLINK, body + attr(IFLA_IFNAME, name.encode() + b"\0"))

@@ -10,7 +10,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import cast
 
-from greupd.config import DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET, Config, ConfigError, json_schema, load_config
+from greupd.config import (
+    DEFAULT_CONFIG,
+    DEFAULT_CONTROL_SOCKET,
+    Config,
+    ConfigError,
+    json_schema,
+    load_config,
+    unvalidated_path,
+)
 from greupd.status import DaemonStatus
 
 EXIT_OK = 0
@@ -25,25 +33,26 @@ def _config_path(args: argparse.Namespace) -> Path:
 
 
 def _socket_path(args: argparse.Namespace) -> Path:
-    """--socket, else $GREUPD_CONTROL_SOCKET, else the config's [daemon] control_socket, else the default."""
-    given: str | None = getattr(args, "socket", None) or os.environ.get("GREUPD_CONTROL_SOCKET")
-    if given:
-        return Path(given)
-    try:
-        return load_config(_config_path(args)).daemon.control_socket
-    except ConfigError:
-        return DEFAULT_CONTROL_SOCKET
+    from greupd.control import control_socket
+
+    # Read without validating (review M10): a half-edited config must not hide the daemon from `reload`/`status`.
+    return control_socket(lambda: unvalidated_path(_config_path(args), "control_socket", DEFAULT_CONTROL_SOCKET),
+                          getattr(args, "socket", None))
 
 
 def _load_or_report(path: Path) -> Config | None:
     try:
         return load_config(path)
     except ConfigError as exc:
-        count = len(exc.problems)
-        print(f"greupd: {path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _report(path, exc)
         return None
+
+
+def _report(path: Path, exc: ConfigError) -> None:
+    count = len(exc.problems)
+    print(f"greupd: {path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
 
 
 def summarize(config: Config) -> str:
@@ -81,7 +90,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = _load_or_report(_config_path(args))
     if config is None:
         return EXIT_INVALID
-    from greupd.daemon import describe_plan
+    from greupd.cli_format import describe_plan
 
     print(describe_plan(config))
     return EXIT_OK
@@ -89,21 +98,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     path = _config_path(args)
-    config = _load_or_report(path)
-    if config is None:
+    # trust (#11 H4): a config on disk that does not validate starts the last good one instead, if any.
+    from greupd.state import StartRefused, start_config
+
+    try:
+        start = start_config(path)
+    except StartRefused as exc:
+        _report(path, exc.rejected)
+        print(f"greupd: not starting: {exc.why}", file=sys.stderr)
         return EXIT_INVALID
+    if start.rejected is not None and start.kept is not None:
+        _report(path, start.rejected)
+        print(f"greupd: starting with the last good config instead (saved {start.kept.saved})", file=sys.stderr)
     from greupd.daemon import run_daemon
 
-    return run_daemon(path, config, socket_override=args.socket)
+    return run_daemon(path, start.config, socket_override=args.socket, start=start)
 
 
-def _ask_daemon(args: argparse.Namespace, command: str, timeout: float) -> Mapping[str, object] | int:
-    """The daemon's answer, or the exit status to leave with (after saying why)."""
+def _ask_daemon(args: argparse.Namespace, command: str) -> Mapping[str, object] | int:
+    """The daemon's answer (within control.DEFAULT_TIMEOUTS), or the exit status to leave with (after saying why)."""
     from greupd.control import ControlError, ControlUnavailable, request
 
     path = _socket_path(args)
     try:
-        return request(path, command, timeout=timeout)
+        return request(path, command)
     except ControlUnavailable as exc:
         print(f"greupd: no daemon answers on {path}: {exc}", file=sys.stderr)
         return EXIT_NO_DAEMON
@@ -113,9 +131,9 @@ def _ask_daemon(args: argparse.Namespace, command: str, timeout: float) -> Mappi
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from greupd.control import format_status
+    from greupd.cli_format import format_status
 
-    answer = _ask_daemon(args, "status", timeout=5)
+    answer = _ask_daemon(args, "status")
     if isinstance(answer, int):
         return answer
     print(json.dumps(answer, indent=2) if args.json else format_status(cast(DaemonStatus, answer)))
@@ -123,8 +141,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    # A reload of thousands of tunnels may take a while; the daemon answers when it is applied.
-    result = _ask_daemon(args, "reload", timeout=300)
+    # The daemon answers once the new config is applied; DEFAULT_TIMEOUTS["reload"] allows for thousands of tunnels.
+    result = _ask_daemon(args, "reload")
     if isinstance(result, int):
         return result
     if not result.get("ok"):

@@ -13,8 +13,8 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,17 +31,40 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from greupd.gre import ETHERNET_MODES, IPV6_MODES, IPAddress, IPInterface, IPNetwork, Mode
+
 DEFAULT_CONFIG = Path("/etc/greupd/tunnels.toml")
 DEFAULT_CONTROL_SOCKET = Path("/run/greupd/control.sock")
 DEFAULT_VICI_SOCKET = Path("/var/run/charon.vici")
+DEFAULT_STATE_DIR = Path("/var/lib/greupd")
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-
-Mode = Literal["gre", "ip6gre", "gretap", "ip6gretap"]
-IPV6_MODES: frozenset[str] = frozenset({"ip6gre", "ip6gretap"})
-ETHERNET_MODES: frozenset[str] = frozenset({"gretap", "ip6gretap"})
+# Cisco keepalives are defined for GRE over IPv4 carrying IP (the reply is an inner GRE packet the peer routes back).
+KEEPALIVE_MODES: frozenset[str] = frozenset({"gre"})
+# [defaults] keys a mode has no use for: a default applies to the tunnels it fits, and is not an error on the
+# others (a [defaults.keepalive] beside an ip6gre tunnel). Written in the tunnel itself they are errors.
+_DEFAULTS_NOT_FOR: Mapping[str, frozenset[str]] = {
+    "gretap": frozenset({"keepalive"}),
+    "ip6gre": frozenset({"keepalive", "tos", "pmtudisc"}),
+    "ip6gretap": frozenset({"keepalive", "tos", "pmtudisc"}),
+}
+# The largest MTU the kernel takes for each mode, without and with an output key (4 more header bytes): 65535
+# less the outer headers. Above it ip_tunnel clamps the MTU on create (ip6_gre ignores it), so what the kernel
+# holds never equals the config, and every change request is refused with EINVAL. Measured on Debian 12's 6.1
+# (UML): `ip link add ... mtu N` and `ip link set mtu N`, bisected.
+MAX_MTU: Mapping[str, tuple[int, int]] = {
+    "gre": (65511, 65507), "gretap": (65497, 65493), "ip6gre": (65531, 65527), "ip6gretap": (65455, 65447)}
+# Names the kernel gives devices of its own. ip_gre, ip6_gre, ip6_tunnel, ipip, sit and ip_vti create these
+# fallback devices when they load: a create under that name ends in EEXIST (and greupd's marker would land on the
+# kernel's device), and the kernel refuses to change or delete them. `all` and `default` clash with
+# /proc/sys/net/*/conf/{all,default}.
+KERNEL_NAMES: Mapping[str, str] = {
+    **{name: f"the fallback device the kernel creates when {module} loads" for name, module in (
+        ("gre0", "ip_gre"), ("gretap0", "ip_gre"), ("erspan0", "ip_gre"), ("ip6gre0", "ip6_gre"),
+        ("ip6tnl0", "ip6_tunnel"), ("tunl0", "ipip"), ("sit0", "sit"), ("ip_vti0", "ip_vti"),
+        ("ip6_vti0", "ip6_vti"))},
+    "all": "the name of the settings for all interfaces in /proc/sys/net/*/conf/all",
+    "default": "the name of the settings for new interfaces in /proc/sys/net/*/conf/default",
+}
 
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*")
@@ -145,6 +168,34 @@ def _ifname(value: object) -> str:
     return value
 
 
+def _tunnel_name(value: object) -> str:
+    name = _ifname(value)
+    if name in KERNEL_NAMES:
+        raise ValueError(f"{name!r} is {KERNEL_NAMES[name]}; give the tunnel another name")
+    return name
+
+
+def _tos(value: object) -> object:
+    checked = _whole_number("tos", 0, 255, "inherit")(value)
+    if isinstance(checked, int) and checked % 4:
+        # ip_tunnel reads bit 0 as "inherit from the inner packet", and always takes the ECN bits (the low
+        # two) from the inner packet: tos = 1, 2 or 3 would not do what it says.
+        raise ValueError(f"tos {checked} sets the low two bits: an odd tos means \"inherit\" to the kernel, and"
+                         f" the ECN bits are always copied from the inner packet; write DSCP x 4"
+                         f" (the nearest: {checked & ~3}) or \"inherit\"")
+    return checked
+
+
+def _keepalive_or_off(value: object) -> object:
+    # `keepalive = false` switches off a keepalive a tunnel would inherit from [defaults].
+    if value is False:
+        return None
+    if value is True:
+        raise ValueError("keepalive is a table ([tunnel.keepalive]), or false to switch off the one from"
+                         " [defaults]")
+    return value
+
+
 def _whole_number(what: str, low: int, high: int, *words: str) -> Callable[[object], object]:
     """A validator for "an integer low..high, or one of these words", with one message a person can act on.
 
@@ -176,10 +227,16 @@ def _nft_table(value: object) -> object:
     return value
 
 
-def _socket_path(value: object) -> object:
-    if not isinstance(value, str | Path) or not str(value) or "\0" in str(value):
-        raise ValueError(f"{value!r} is not a path: write it as a string, e.g. \"/run/greupd/control.sock\"")
-    return value
+def _absolute_path(example: str) -> Callable[[object], object]:
+    def check(value: object) -> object:
+        if not isinstance(value, str | Path) or not str(value) or "\0" in str(value):
+            raise ValueError(f"{value!r} is not a path: write it as a string, e.g. \"{example}\"")
+        if not Path(value).is_absolute():
+            # The daemon's working directory is / under systemd and anything elsewhere: say where, not relative.
+            raise ValueError(f"{str(value)!r} is a relative path: write it from /, e.g. \"{example}\"")
+        return value
+
+    return check
 
 
 Address = Annotated[IPAddress, BeforeValidator(_address)]
@@ -195,14 +252,16 @@ TableId = Annotated[int, BeforeValidator(_table), WithJsonSchema(
     {"anyOf": [{"enum": sorted(_TABLE_NAMES)}, {"type": "integer", "minimum": 1, "maximum": 0xFFFFFFFF}]})]
 IfName = Annotated[str, BeforeValidator(_ifname), WithJsonSchema(
     {"type": "string", "pattern": f"^{_IFNAME.pattern}$"})]
+TunnelName = Annotated[str, BeforeValidator(_tunnel_name), WithJsonSchema(
+    {"type": "string", "pattern": f"^{_IFNAME.pattern}$", "not": {"enum": sorted(KERNEL_NAMES)}})]
 
 
 class _FieldProblem(ValueError):
-    """A rule across several keys, naming the key whose line the error should point at."""
+    """A rule across several keys, naming the key (or ("routes", 1): the item) whose line the error points at."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str | tuple[str | int, ...], message: str) -> None:
         super().__init__(message)
-        self.field = field
+        self.path: tuple[str | int, ...] = (field,) if isinstance(field, str) else field
 
 
 class _Model(BaseModel):
@@ -243,14 +302,6 @@ def _proposals(value: object) -> object:
     return value.strip()
 
 
-def _file_path(value: object) -> object:
-    if not isinstance(value, str | Path) or not str(value) or "\0" in str(value):
-        raise ValueError(f"{value!r} is not a path: write it as a string, e.g. \"/etc/greupd/psk/My_Tunnel\"")
-    if not Path(value).is_absolute():
-        raise ValueError(f"{str(value)!r} is not an absolute path (the daemon does not run in this directory)")
-    return Path(value)
-
-
 def _ike_identity(value: object) -> object:
     if not isinstance(value, str) or not value.strip() or any(c in value for c in "\0\n"):
         raise ValueError(f"{value!r} is not an IKE identity, e.g. \"172.19.1.1\", \"router-a.example.net\","
@@ -258,7 +309,8 @@ def _ike_identity(value: object) -> object:
     return value
 
 
-FilePath = Annotated[Path, BeforeValidator(_file_path), WithJsonSchema({"type": "string"})]
+FilePath = Annotated[Path, BeforeValidator(_absolute_path("/etc/greupd/psk/My_Tunnel")),
+                     WithJsonSchema({"type": "string"})]
 Proposals = Annotated[str, BeforeValidator(_proposals), WithJsonSchema({"type": "string"})]
 
 
@@ -326,7 +378,7 @@ class IpsecConfig(_Model):
 
 
 class TunnelConfig(_Model):
-    name: IfName
+    name: TunnelName
     mode: Mode = "gre"
     local: Address
     remote: Address
@@ -335,8 +387,8 @@ class TunnelConfig(_Model):
     okey: GreKey | None = None
     ttl: Annotated[Annotated[StrictInt, Field(ge=1, le=255)] | Literal["inherit"],
                    BeforeValidator(_whole_number("ttl", 1, 255, "inherit"))] = 64
-    tos: Annotated[Annotated[StrictInt, Field(ge=0, le=255)] | Literal["inherit"],
-                   BeforeValidator(_whole_number("tos", 0, 255, "inherit"))] = "inherit"
+    tos: Annotated[Annotated[StrictInt, Field(ge=0, le=255, multiple_of=4)] | Literal["inherit"],
+                   BeforeValidator(_tos)] = "inherit"
     pmtudisc: StrictBool = True
     # 68: the smallest MTU an IPv4 link may have (RFC 791), and the kernel's floor for GRE devices.
     mtu: Annotated[Annotated[StrictInt, Field(ge=68, le=65535)] | None,
@@ -348,7 +400,8 @@ class TunnelConfig(_Model):
                       BeforeValidator(_whole_number("metric", 0, 0xFFFFFFFF))] = 0
     table: TableId = 254
     enabled: StrictBool = True
-    keepalive: KeepaliveConfig | None = None
+    keepalive: Annotated[KeepaliveConfig | None, BeforeValidator(_keepalive_or_off),
+                         Field(json_schema_extra=lambda schema: schema["anyOf"].append({"const": False}))] = None
     mss: MssConfig = MssConfig()
     nat: NatConfig = NatConfig()
     ipsec: IpsecConfig | None = None
@@ -383,10 +436,60 @@ class TunnelConfig(_Model):
             # The kernel refuses a fixed TTL with path-MTU discovery off (ip: "ttl != 0 and nopmtudisc").
             raise _FieldProblem("pmtudisc", "pmtudisc = false needs ttl = \"inherit\""
                                             " (the kernel refuses a fixed ttl without it)")
-        if self.keepalive is not None and self.mode != "gre":
+        if self.keepalive is not None and self.mode not in KEEPALIVE_MODES:
             raise _FieldProblem("keepalive", f"keepalive is defined for mode gre only (Cisco GRE/IPv4),"
-                                             f" not {self.mode}")
+                                             f" not {self.mode} (keepalive = false switches off a default)")
+        if self.keepalive is not None:
+            self._check_keepalive_endpoints()
+        if self.mode in IPV6_MODES and self.tos != "inherit":
+            raise _FieldProblem("tos", f"greupd sets no tos on mode {self.mode} (the IPv6 traffic class);"
+                                       " leave tos out")
+        if self.mode in IPV6_MODES and not self.pmtudisc:
+            raise _FieldProblem("pmtudisc", f"pmtudisc is a setting of the IPv4 modes, not {self.mode}")
+        if self.mtu is not None:
+            highest = MAX_MTU[self.mode][self.output_key is not None]
+            if self.mtu > highest:
+                keyed = " with an output key" if self.output_key is not None else ""
+                raise _FieldProblem("mtu", f"mtu {self.mtu} is more than the kernel allows for mode {self.mode}"
+                                           f"{keyed}: at most {highest} (65535 less the outer headers)")
+        self._check_not_into_itself()
         return self
+
+    def _check_keepalive_endpoints(self) -> None:
+        if self.local.is_unspecified:
+            raise _FieldProblem("keepalive", f"keepalive needs a fixed local address, not {self.local}: replies"
+                                             " are matched to the tunnel by its local and remote")
+        broadcast = ipaddress.IPv4Address("255.255.255.255")
+        if self.remote.is_multicast or self.remote.is_unspecified or self.remote == broadcast:
+            raise _FieldProblem("keepalive", f"keepalive needs a unicast remote, not {self.remote}: a probe is"
+                                             " answered by one peer")
+
+    def _check_not_into_itself(self) -> None:
+        # The outer packets to `remote` are routed like any other: a route of the tunnel's own that covers the
+        # remote sends GRE into the tunnel itself (ip_tunnel_xmit drops it as a loop) whenever no more specific
+        # route to the remote exists, which is exactly when the underlay's own route is gone.
+        if self.peer is not None and self.peer == self.remote:
+            raise _FieldProblem("peer", f"peer {self.peer} is also the remote: packets to the remote would be"
+                                        " routed into the tunnel itself")
+        if self.address is not None and (self.address.ip == self.remote or (
+                self.peer is None and self.address.network.prefixlen > 0 and self.remote in self.address.network)):
+            raise _FieldProblem("address", f"address {self.address} covers the remote {self.remote}: packets to"
+                                           " the remote would be routed into the tunnel itself")
+        if self.table == _TABLE_NAMES["main"]:
+            for number, prefix in enumerate(self.routes):
+                if self.remote in prefix:
+                    raise _FieldProblem(("routes", number), (
+                        f"route {prefix} in table main covers the tunnel's own remote {self.remote}: GRE packets"
+                        " to the remote would be routed into the tunnel itself whenever no more specific route"
+                        " to it exists. Put such routes in a table of their own (table = 100) that an"
+                        " `ip rule` selects for your LAN's traffic, or leave the remote out of the prefix"))
+        if self.mode in ETHERNET_MODES and self.peer is not None:
+            for number, prefix in enumerate(self.routes):
+                if prefix.version != self.peer.version:
+                    raise _FieldProblem(("routes", number), (
+                        f"route {prefix} is IPv{prefix.version} but peer {self.peer} is IPv{self.peer.version}:"
+                        f" mode {self.mode} routes via the peer, so only IPv{self.peer.version} routes can"
+                        " resolve"))
 
     @property
     def input_key(self) -> int | None:
@@ -399,10 +502,17 @@ class TunnelConfig(_Model):
 
 class DaemonConfig(_Model):
     ip_forward: StrictBool = True
-    control_socket: Annotated[Path, BeforeValidator(_socket_path)] = DEFAULT_CONTROL_SOCKET
+    # Under the shipped unit (ProtectSystem=strict) only /run/greupd is writable: a socket elsewhere needs a
+    # ReadWritePaths= drop-in, or the daemon stops at start with "cannot create the control socket".
+    control_socket: Annotated[Path, BeforeValidator(_absolute_path("/run/greupd/control.sock"))] = \
+        DEFAULT_CONTROL_SOCKET
+    # The last config that applied cleanly, and what must survive a restart (greupd/state.py);
+    # $GREUPD_STATE_DIR and $STATE_DIRECTORY (systemd's StateDirectory=) take precedence.
+    state_dir: Annotated[Path, BeforeValidator(_absolute_path("/var/lib/greupd"))] = DEFAULT_STATE_DIR
     nft_table: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$"), BeforeValidator(_nft_table)] = "greupd"
     on_exit: Literal["keep", "remove"] = "keep"
-    vici_socket: Annotated[Path, BeforeValidator(_socket_path)] = DEFAULT_VICI_SOCKET  # strongSwan, for [tunnel.ipsec]
+    # strongSwan's control socket, for [tunnel.ipsec]
+    vici_socket: Annotated[Path, BeforeValidator(_absolute_path("/var/run/charon.vici"))] = DEFAULT_VICI_SOCKET
 
 
 @dataclass(frozen=True)
@@ -412,6 +522,8 @@ class Config:
     daemon: DaemonConfig
     tunnels: tuple[TunnelConfig, ...]
     files: tuple[Path, ...] = ()
+    # The text of each file as it was validated, for keeping this config as the last good one (state.py).
+    sources: tuple[tuple[Path, str], ...] = field(default=(), compare=False, repr=False)
 
     def tunnel(self, name: str) -> TunnelConfig | None:
         return next((t for t in self.tunnels if t.name == name), None)
@@ -663,7 +775,7 @@ def _problems(exc: ValidationError, place: _Place, rules_across_keys: bool = Tru
         if isinstance(cause, _FieldProblem):
             if not rules_across_keys:
                 continue
-            loc = (*loc, cause.field)
+            loc = (*loc, *cause.path)
         where = place(loc)
         if where is None:
             continue
@@ -684,6 +796,62 @@ _TOP_KEYS = ("daemon", "defaults", "tunnel")
 def load_config(path: Path) -> Config:
     """Read, merge and validate the config at `path` (and its tunnels.d); raise ConfigError listing every problem."""
     return _validate([_read(file) for file in config_files(path)])
+
+
+def load_config_sources(sources: Sequence[tuple[Path, str]]) -> Config:
+    """Validate files given as (name, text), main file first: a config kept as text (the last good one)."""
+    if not sources:
+        raise ConfigError([ConfigProblem(Path("<none>"), None, "", "no config files")])
+    return _validate([_parse(file, text) for file, text in sources])
+
+
+def read_daemon_table(path: Path) -> dict[str, object]:
+    """[daemon] as the files on disk write it, merged like load_config, with tomllib alone: nothing validated.
+
+    For what must work while the config is half-edited: `greupd reload` and `status` finding the control
+    socket, `greupd run` finding state_dir. A file that does not parse adds nothing.
+    """
+    merged: dict[str, Any] = {}
+    for file in config_files(path):
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        try:
+            daemon = tomllib.loads(text).get("daemon")
+        except tomllib.TOMLDecodeError:
+            # The syntax error is usually in the tunnel being edited: try the [daemon] table on its own.
+            try:
+                daemon = tomllib.loads(_daemon_block(text)).get("daemon")
+            except tomllib.TOMLDecodeError:
+                continue
+        if isinstance(daemon, dict):
+            merged = _deep_merge(merged, daemon)
+    return merged
+
+
+_DAEMON_HEADER = re.compile(r"^\s*\[\s*daemon\s*\]\s*(#.*)?$")
+
+
+def _daemon_block(text: str) -> str:
+    """The lines of the `[daemon]` table: from its header to the next header."""
+    block: list[str] = []
+    for line in text.split("\n"):
+        if _DAEMON_HEADER.match(line):
+            block = [line]
+        elif block and line.lstrip().startswith("["):
+            break
+        elif block:
+            block.append(line)
+    return "\n".join(block)
+
+
+def unvalidated_path(path: Path, key: str, default: Path) -> Path:
+    """[daemon] `key` of the config at `path` if it is written as an absolute path, else `default`."""
+    value = read_daemon_table(path).get(key)
+    if isinstance(value, str) and value.startswith("/") and "\0" not in value:
+        return Path(value)
+    return default
 
 
 def _last_writer(sources: list[_Source], section: str, loc: Path_) -> _Source | None:
@@ -745,17 +913,45 @@ def _validate(sources: list[_Source]) -> Config:
                 return source, ("tunnel", index)
 
             try:
-                tunnel = TunnelConfig.model_validate(_deep_merge(defaults_raw, entry))
+                tunnel = TunnelConfig.model_validate(_deep_merge(_defaults_for(defaults_raw, entry), entry))
             except ValidationError as exc:
                 problems += _problems(exc, in_tunnel)
                 continue
             tunnels.append((tunnel, source, index))
     problems += _cross_tunnel_problems(tunnels)
+    if not daemon.ip_forward:
+        problems += _forwarding_problems(tunnels, in_defaults)
     if problems:
         # A bad default shows up once per tunnel that inherits it: say it once, and in reading order.
         order = {source.file: number for number, source in enumerate(sources)}
         raise ConfigError(sorted(dict.fromkeys(problems), key=lambda p: (order.get(p.file, 0), p.line or 0)))
-    return Config(daemon, tuple(t for t, _, _ in tunnels), tuple(s.file for s in sources))
+    return Config(daemon, tuple(t for t, _, _ in tunnels), tuple(s.file for s in sources),
+                  tuple((s.file, s.text) for s in sources))
+
+
+def _defaults_for(defaults_raw: dict[str, Any], entry: Mapping[str, Any]) -> dict[str, Any]:
+    """[defaults] as they apply to one tunnel: without the keys its mode has no use for."""
+    mode = entry.get("mode", defaults_raw.get("mode", "gre"))
+    unused = _DEFAULTS_NOT_FOR.get(mode, frozenset()) if isinstance(mode, str) else frozenset()
+    return {key: value for key, value in defaults_raw.items() if key not in unused}
+
+
+def _forwarding_problems(tunnels: list[tuple[TunnelConfig, _Source, int]], in_defaults: _Place) -> list[ConfigProblem]:
+    """With [daemon] ip_forward = false the kernel forwards nothing, so it cannot reflect a peer's keepalive."""
+    problems = []
+    for tunnel, source, index in tunnels:
+        if tunnel.keepalive is None or tunnel.keepalive.answer != "kernel" or not tunnel.enabled:
+            continue
+        loc: Path_ = ("keepalive", "answer")
+        where: tuple[_Source, Path_] = (source, ("tunnel", index))
+        if not _written(source.data["tunnel"][index], loc):
+            where = in_defaults(loc) or where
+        owner, prefix = where
+        problems.append(ConfigProblem(
+            owner.file, _line_of(owner.lines, (*prefix, *loc)), _field_text((*prefix, *loc)),
+            'answer = "kernel" needs [daemon] ip_forward = true: the kernel answers a keepalive by forwarding'
+            ' the decapsulated probe back out of the tunnel (answer = "daemon" needs no forwarding)'))
+    return problems
 
 
 def _defaults_problems(defaults_raw: dict[str, Any], place: _Place) -> list[ConfigProblem]:
@@ -779,6 +975,8 @@ def _cross_tunnel_problems(tunnels: list[tuple[TunnelConfig, _Source, int]]) -> 
     problems = []
     names: dict[str, tuple[_Source, int]] = {}
     endpoints: dict[tuple[str, IPAddress, IPAddress, int | None], str] = {}
+    # The kernel keeps one route per (prefix, table, metric): the second tunnel's would be refused (EEXIST).
+    routes: dict[tuple[IPNetwork, int, int], str] = {}
     for tunnel, source, index in tunnels:
         if tunnel.name in names:
             other, other_index = names[tunnel.name]
@@ -798,6 +996,19 @@ def _cross_tunnel_problems(tunnels: list[tuple[TunnelConfig, _Source, int]]) -> 
                 " give one of them a different key"))
         elif tunnel.enabled:
             endpoints[ident] = tunnel.name
+        for number, prefix in enumerate(tunnel.routes if tunnel.enabled else ()):
+            # IPv6 stores metric 0 as 1024 (IP6_RT_PRIO_USER), so the two are the same route.
+            metric = 1024 if prefix.version == 6 and tunnel.metric == 0 else tunnel.metric
+            route = (prefix, tunnel.table, metric)
+            if route in routes:
+                owner = "this tunnel" if routes[route] == tunnel.name else f"tunnel {routes[route]!r}"
+                problems.append(ConfigProblem(
+                    source.file, _line_of(source.lines, ("tunnel", index, "routes")),
+                    f"tunnel[{index}].routes[{number}]",
+                    f"route {prefix} (table {tunnel.table}, metric {metric}) is already in {owner}: the kernel keeps"
+                    " one route per prefix, table and metric; give a backup tunnel another metric"))
+            else:
+                routes[route] = tunnel.name
     return problems
 
 

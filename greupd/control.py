@@ -5,6 +5,9 @@ Protocol: a Unix stream socket (mode 0600, so root only); each request is one li
 `{"ok": true, "result": ...}` (a DaemonStatus or a ReloadResult, see greupd/status.py) or
 `{"ok": false, "error": "..."}` for a request the daemon could not serve. A rejected config is not a
 protocol error: it is a ReloadResult with ok = false.
+
+`control_socket` is the one place that says where the socket is, for the daemon and the CLI alike. The
+tables people read are made from these answers by the CLI (greupd/cli_format.py), not here.
 """
 
 from __future__ import annotations
@@ -17,12 +20,11 @@ import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Literal, Protocol, cast, overload
 
-from greupd.config import format_duration
-from greupd.status import DaemonStatus, ReloadResult, TunnelStatus
+from greupd.config import DEFAULT_CONTROL_SOCKET, Config
+from greupd.status import DaemonStatus, ReloadResult
 
 COMMANDS: Final = ("status", "reload")
 # Seconds a client waits for the answer. A reload answers after the new config is applied to every tunnel and to
@@ -48,6 +50,18 @@ class ControlSocketBusy(Exception):
     """Another daemon already answers on the control socket: two greupd would fight over the same links."""
 
 
+def control_socket(config: Config | Callable[[], Path] | None, override: str | Path | None = None) -> Path:
+    """Where the daemon listens and the CLI asks: --socket, else $GREUPD_CONTROL_SOCKET, else the config's
+    [daemon] control_socket, else the default. config may be a reader of that one key, called only when it is
+    needed (the CLI's, which reads it without validating the config: review M10)."""
+    given = override or os.environ.get("GREUPD_CONTROL_SOCKET")
+    if given:
+        return Path(given)
+    if callable(config):
+        return config()
+    return config.daemon.control_socket if config is not None else DEFAULT_CONTROL_SOCKET
+
+
 # --- the server ----------------------------------------------------------------------------------------------
 
 class ControlServer:
@@ -60,7 +74,8 @@ class ControlServer:
         self._status = status
         self._reload = reload
         self._on_error = on_error
-        # Two `greupd reload` at once would interleave two applies; the second waits for the first.
+        # Two `greupd reload` at once are two reloads, one after the other: the second asks once the first is
+        # answered (a daemon runs each in one loop step; a coalesced pair would count as one generation).
         self._reload_lock = asyncio.Lock()
         self._server: asyncio.Server | None = None
         self._inode: int | None = None
@@ -258,60 +273,3 @@ def _read_line(sock: socket.socket) -> bytes:
             chunks.append(chunk[:newline])
             return b"".join(chunks)
         chunks.append(chunk)
-
-
-# --- the table of `greupd status` ------------------------------------------------------------------------------
-
-def _age(since: str, now: datetime) -> str:
-    try:
-        then = datetime.fromisoformat(since.replace("Z", "+00:00"))
-    except ValueError:
-        return since
-    seconds = max(int((now - then).total_seconds()), 0)
-    if seconds < 60:
-        return f"{seconds}s ago"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s ago"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m ago"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h ago"
-
-
-def _keepalive_cell(tunnel: TunnelStatus) -> str:
-    keepalive = tunnel["keepalive"]
-    if keepalive is None:
-        return "-"
-    rtt = f" rtt {keepalive['last_rtt_ms']:.2f}ms" if keepalive["last_rtt_ms"] is not None else ""
-    missed = f" missed {keepalive['missed_in_a_row']}" if keepalive["missed_in_a_row"] else ""
-    return (f"{format_duration(keepalive['interval'])}x{keepalive['retries']}"
-            f" {keepalive['sent']}/{keepalive['received']}{rtt}{missed}")
-
-
-def _routes_cell(tunnel: TunnelStatus) -> str:
-    if not tunnel["routes"]:
-        return "-"
-    return " ".join(tunnel["routes"]) + ("" if tunnel["routes_installed"] else " (withdrawn)")
-
-
-def format_status(status: DaemonStatus, now: datetime | None = None) -> str:
-    """The table `greupd status` prints for people; `--json` prints the DaemonStatus itself."""
-    now = now or datetime.now(UTC)
-    lines = [f"greupd pid {status['pid']}, config {status['config']}, generation {status['generation']}"]
-    if status["last_error"]:
-        lines.append(f"last error: {status['last_error']}")
-    header = ("NAME", "STATE", "SINCE", "REASON", "REMOTE", "KEEPALIVE sent/recv", "ROUTES")
-    rows = [header]
-    notes: list[str] = []
-    for t in status["tunnels"]:
-        rows.append((t["name"], t["state"], _age(t["since"], now), t["reason"], t["remote"],
-                     _keepalive_cell(t), _routes_cell(t)))
-        if t["error"]:
-            notes.append(f"{t['name']}: {t['error']}")
-    if len(rows) == 1:
-        lines.append("no tunnels configured")
-    else:
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines.extend("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-                     for row in rows)
-    lines.extend(notes)
-    return "\n".join(lines)

@@ -142,25 +142,32 @@ Event = IpsecChanged | TunnelChanged | ConfigReloaded | ConfigRejected | DaemonS
 
 def tunnel_change_message(name: str, state: TunnelState, reason: str, *, routes: Sequence[str] = (),
                           keepalive_interval: float | None = None, retries: int | None = None,
-                          replies: int | None = None, error: str | None = None) -> str:
+                          replies: int | None = None, error: str | None = None, cause: str | None = None) -> str:
     """`tunnel My_Tunnel down: 3 keepalives missed (interval 1s), routes 20.10.1.0/24 withdrawn`.
 
-    routes are the tunnel's configured prefixes: installed when it goes up, withdrawn otherwise.
+    routes are the tunnel's configured prefixes: installed when it goes up, withdrawn otherwise. cause: what
+    happened, as its source said it (a keepalive verdict's own sentence, `3 keepalives missed (interval 1s)`);
+    without one, the sentence is made from the reason and the keepalive settings.
     """
-    interval = f" (interval {format_duration(keepalive_interval)})" if keepalive_interval is not None else ""
     if error is not None:
         cause = error
-    elif reason == "keepalive-timeout":
-        cause = f"{retries if retries is not None else 'too many'} keepalives missed{interval}"
-    elif reason == "keepalive-restored":
-        count = f"{replies} keepalive repl{'y' if replies == 1 else 'ies'}" if replies else "keepalive replies"
-        cause = f"{count} received{interval}"
-    else:
-        cause = reason.replace("-", " ")
+    elif cause is None:
+        cause = _cause_from_settings(reason, keepalive_interval, retries, replies)
     head = f"tunnel {name} {state}: {cause}"
     if not routes:
         return head
     return f"{head}, routes {' '.join(routes)} {'installed' if state == 'up' else 'withdrawn'}"
+
+
+def _cause_from_settings(reason: str, keepalive_interval: float | None, retries: int | None,
+                         replies: int | None) -> str:
+    interval = f" (interval {format_duration(keepalive_interval)})" if keepalive_interval is not None else ""
+    if reason == "keepalive-timeout":
+        return f"{retries if retries is not None else 'too many'} keepalives missed{interval}"
+    if reason == "keepalive-restored":
+        count = f"{replies} keepalive repl{'y' if replies == 1 else 'ies'}" if replies else "keepalive replies"
+        return f"{count} received{interval}"
+    return reason.replace("-", " ")
 
 
 def kind_of(event: Event) -> EventKind:
@@ -194,7 +201,8 @@ def message_of(event: Event) -> str:
     """The one line a person reads in `journalctl` or on stderr."""
     match event:
         case TunnelChanged(tunnel=name, state=state, reason=reason, message=message):
-            return _one_line(message) if message else f"tunnel {name} {state}: {reason.replace('-', ' ')}"
+            # MESSAGE is one line by contract; the full text of multi-line errors goes in GREUPD_ERROR.
+            return one_line(message) if message else f"tunnel {name} {state}: {reason.replace('-', ' ')}"
         case ConfigReloaded(generation=generation, files=files):
             return f"config reloaded: generation {generation} from {_files(files)}"
         case ConfigRejected(error=error, generation=generation):
@@ -212,7 +220,7 @@ def message_of(event: Event) -> str:
             first, _ = _first_line_and_rest(message)
             return f"tunnel {tunnel}: {first}" if tunnel else first
         case IpsecChanged(message=message):
-            return _one_line(message)
+            return one_line(message)
 
 
 def priority_of(event: Event) -> int:
@@ -257,8 +265,8 @@ def journal_fields(event: Event) -> dict[str, str]:
     return fields
 
 
-def _one_line(text: str) -> str:
-    # MESSAGE is one line by contract; the full text of multi-line errors goes in GREUPD_ERROR.
+def one_line(text: str) -> str:
+    """Any text folded to one line: a journal MESSAGE and a systemd STATUS= are one line by contract."""
     return " ".join(text.split())
 
 
@@ -322,7 +330,7 @@ class EventLog:
 
     def tunnel_changed(self, name: str, state: TunnelState, previous: TunnelState | None, reason: str,
                        message: str = "") -> None:
-        """message: the whole one-line MESSAGE (tunnel_change_message() builds one); "" for a plain default."""
+        """message: the whole one-line MESSAGE (report.Reports builds one); "" for a plain default."""
         self.emit(TunnelChanged(name, state, previous, reason, message))
 
     def config_reloaded(self, generation: int, files: Iterable[Path | str]) -> None:

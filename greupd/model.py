@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from greupd.config import IPV6_MODES, Config, IPAddress, IPInterface, IPNetwork, TunnelConfig
+from greupd.gre import GRE_ATTRIBUTES, IPV6_MODES, IPAddress, IPInterface, IPNetwork
 from greupd.ipsec.connections import default_ipsec_mtu
+
+if TYPE_CHECKING:  # only read here: importing it would make the wire codec (rtnl imports model) load pydantic
+    from greupd.config import Config, TunnelConfig
 
 # rtnetlink protocol number on every route greupd installs (`ip route show proto 222`; named `greupd` by
 # /etc/iproute2/rt_protos.d/greupd.conf). Routes with any other protocol are never touched.
@@ -42,9 +46,10 @@ class LinkSpec:
 
     def differs_from(self, observed: LinkSpec) -> tuple[str, ...]:
         """Names of the fields where `observed` does not match this desired spec."""
-        # tos, pmtudisc and mtu at None are not managed; a None key means "no key" and is compared.
-        optional = tuple(f for f in ("tos", "pmtudisc", "mtu") if getattr(self, f) is not None)
-        fields = ("local", "remote", "ikey", "okey", "ttl", *optional)
+        # ip6-only gaps (tos, pmtudisc) and mtu at None are not managed; a None key means "no key" and is compared.
+        fields = [a.field for a in GRE_ATTRIBUTES if not (a.ipv4_only and getattr(self, a.field) is None)]
+        if self.mtu is not None:
+            fields.append("mtu")
         return tuple(f for f in fields if getattr(self, f) != getattr(observed, f))
 
 
@@ -253,10 +258,12 @@ def _value(value: object) -> str:
 
 
 def _describe_link(spec: LinkSpec) -> str:
-    text = f"{spec.name} type {spec.kind} local {spec.local} remote {spec.remote}"
-    if spec.ikey is not None or spec.okey is not None:
-        text += f" ikey {_value(spec.ikey)} okey {_value(spec.okey)}"
-    text += f" ttl {spec.ttl or 'inherit'}"
+    text = f"{spec.name} type {spec.kind}"
+    keyed = spec.ikey is not None or spec.okey is not None
+    for attribute in GRE_ATTRIBUTES:
+        if attribute.shown == "always" or (attribute.shown == "keyed" and keyed):
+            value = getattr(spec, attribute.field)
+            text += f" {attribute.field} {attribute.zero if value == 0 and attribute.zero else _value(value)}"
     if spec.mtu:
         text += f" mtu {spec.mtu}"
     return text

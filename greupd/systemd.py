@@ -6,12 +6,14 @@ in a terminal or a test behaves the same minus the notifications.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Mapping, Sequence
 
 import systemd.daemon
 
+from greupd.events import one_line
 from greupd.status import TunnelState, TunnelStatus
 
 # The order in which a status line counts states: the healthy first, the ones a person must look at last.
@@ -62,7 +64,7 @@ class Notifier:
 
     def ready(self, status: str | None = None) -> None:
         """Start-up (or a reload) is complete: `systemctl start` and `systemctl reload` return now."""
-        self._send("READY=1", *([f"STATUS={_one_line(status)}"] if status is not None else []))
+        self._send("READY=1", *([f"STATUS={one_line(status)}"] if status is not None else []))
 
     def reloading(self) -> None:
         """A reload has begun; `ready()` ends it.
@@ -73,11 +75,11 @@ class Notifier:
         self._send("RELOADING=1", f"MONOTONIC_USEC={_monotonic_usec()}")
 
     def stopping(self, status: str | None = None) -> None:
-        self._send("STOPPING=1", *([f"STATUS={_one_line(status)}"] if status is not None else []))
+        self._send("STOPPING=1", *([f"STATUS={one_line(status)}"] if status is not None else []))
 
     def status(self, text: str) -> None:
         """The one line `systemctl status greupd` shows as Status:."""
-        self._send(f"STATUS={_one_line(text)}")
+        self._send(f"STATUS={one_line(text)}")
 
     def extend_timeout(self, seconds: float) -> None:
         """Ask for more time to start or stop than TimeoutStartSec= / TimeoutStopSec= gave."""
@@ -91,10 +93,18 @@ class Notifier:
         if self._watchdog is not None:
             self._send("WATCHDOG=1")
 
+    def start_watchdog(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Ping at half the watchdog interval, from `loop` itself: if the loop is stuck, the pings stop and
+        systemd restarts us. A no-op without a watchdog."""
+        interval = self._watchdog
+        if interval is None:
+            return
 
-def _one_line(text: str) -> str:
-    # A newline would end the STATUS= assignment and start a bogus one.
-    return " ".join(text.split())
+        def ping() -> None:
+            self.watchdog_ping()
+            loop.call_later(interval / 2, ping)
+
+        ping()
 
 
 def _trouble(tunnel: TunnelStatus) -> str:

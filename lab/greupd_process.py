@@ -33,6 +33,7 @@ class GreupdProcess:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM", "WATCHDOG_USEC")}
         env.update(GREUPD_CONFIG=str(self.config_path), GREUPD_CONTROL_SOCKET=str(self.socket),
+                   GREUPD_STATE_DIR=str(self.dir / "state"),
                    PYTHONPATH=str(REPO), GREUPD_LOG_LEVEL=os.environ.get("GREUPD_LOG_LEVEL", "INFO"))
         return env
 

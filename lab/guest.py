@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -311,6 +312,9 @@ def _guest_argv(kind: GuestKind, rundir: Path) -> list[str]:
             f"uml_dir={rundir}",  # UML's mconsole socket dir; left in the run dir if the guest is killed
         ]
     return [
+        # Niced: the vng batch runs beside the UML ones (lab/pytest_plugin.py), whose keepalive and
+        # failover tests time detection to a few hundred ms; qemu's emulation is what can wait.
+        *("nice", "-n", "10"),
         str(vng_binary()),
         "--run",
         str(vng_kernel()),
@@ -359,13 +363,15 @@ def run(
     stream: TextIO | None = None,
     keep: bool | None = None,
     collect: Sequence[str] = (),
+    cancel: threading.Event | None = None,
 ) -> GuestResult:
     """Boot a guest of this kind, run argv in it (in cwd, default: the current dir), power off.
 
     ``stream``: a file to copy the command's output to as it arrives. ``keep``: leave the run dir
     (default: keep it only when something failed, or GREUPD_LAB_KEEP=1). The command finds the
     run dir (the one place every guest kind can write to the host) in $GREUPD_LAB_RUNDIR; the
-    files named in ``collect`` are read from it into ``result.files``.
+    files named in ``collect`` are read from it into ``result.files``. ``cancel``: set it (from
+    another thread) to kill the guest.
     """
     start = time.monotonic()
     why = unavailable(kind)
@@ -379,9 +385,9 @@ def run(
     env = guest_env(kind, {**(env or {}), "GREUPD_LAB_RUNDIR": str(rundir)})
     workdir = Path(cwd or os.getcwd()).resolve()
     (rundir / "cmd.sh").write_text(_command_script(rundir, argv, workdir, env))
-    # What the guest must see of the host's /tmp: the run dir, the command's folder, this checkout
-    # and the Python running it (a venv), when they live there.
-    kept = folders_under_tmp([rundir, workdir, REPO, sys.prefix, sys.base_prefix])
+    # What the guest must see of the host's /tmp: the run dir, the command's folder, this checkout,
+    # the Python running it (a venv) and HOME (.ci/run makes a fresh one), when they live there.
+    kept = folders_under_tmp([rundir, workdir, REPO, sys.prefix, sys.base_prefix, env["HOME"]])
     if kind == "vng":
         init = _vng_init(rundir)
     else:
@@ -391,7 +397,7 @@ def run(
     (rundir / "init").write_text(init)
     (rundir / "init").chmod(0o755)
 
-    timed_out = False
+    timed_out = cancelled = False
     with open(rundir / "console.log", "wb") as console:
         # Own session, so a timeout can kill the guest and every helper process it forked.
         proc = subprocess.Popen(
@@ -408,6 +414,10 @@ def run(
             while proc.poll() is None:
                 if time.monotonic() - start > timeout:
                     timed_out = True
+                    _kill_group(proc)
+                    break
+                if cancel is not None and cancel.is_set():
+                    cancelled = True
                     _kill_group(proc)
                     break
                 time.sleep(0.1)
@@ -429,6 +439,8 @@ def run(
     error = None
     if timed_out:
         error = f"timed out after {timeout:.0f} s"
+    elif cancelled:
+        error = "cancelled: pytest stopped before the guest was done"
     elif not booted:
         error = f"guest did not boot (exit status {proc.returncode})"
     elif status is None:

@@ -7,10 +7,15 @@ in pyproject.toml.
 - ``needs_gre`` / ``needs_systemd`` / ``needs_nft_gre``: on the running kernel if it can (found by
   trying, see lab/kernel.py), else delegated to a guest: ``uml``, ``uml-systemd``, ``vng``.
 
-Delegated tests are not skipped: at the first one of a guest kind, every selected test of that
-kind runs in ONE boot of the guest (pytest on exactly those node ids), and the host replays each
-test's reports from the guest so the summary counts them as if they had run here. Host-side
-fixtures are never set up for them.
+Delegated tests are not skipped: every selected test of a guest kind runs in ONE boot of that guest
+(pytest on exactly those node ids), and the host replays each test's reports from the guest so the
+summary counts them as if they had run here. Host-side fixtures are never set up for them.
+
+When: the host's own tests run first, the delegated ones after them. The ``uml`` and ``vng`` batches
+boot as soon as collection ends, in threads, and run while the host's tests do (a guest spends most
+of its time booting, importing and waiting on timers, so the two cores are not idle twice); the
+``uml-systemd`` batch boots once the host's tests are done (AFTER_HOST_TESTS). GREUPD_LAB_SERIAL=1
+boots one guest at a time instead, each when pytest reaches its first test.
 
 CI rule (CI=true): a kernel-marked test that skips is a failure, and so is a guest that cannot
 boot. Inside a guest (GREUPD_LAB_GUEST set) nothing is delegated further.
@@ -21,8 +26,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +43,11 @@ _Outcome = Literal["passed", "failed", "skipped"]
 REPORT_FILE = "report.jsonl"  # in the guest's run dir
 _DELEGATE = pytest.StashKey[guest.GuestKind]()
 _RESULTS = pytest.StashKey[dict[guest.GuestKind, "_GuestBatch"]]()
+_PENDING = pytest.StashKey[dict[guest.GuestKind, "_PendingBatch"]]()
+# Batches that boot only once the host's own tests are done: the systemd tests install the .deb that
+# tests/test_packaging.py builds on the host (handed over in GREUPD_LAB_DEB); without it the guest
+# builds one itself, minutes of UML time. The other batches boot at the start and run beside them.
+AFTER_HOST_TESTS: frozenset[guest.GuestKind] = frozenset({"uml-systemd"})
 
 
 def _ci() -> bool:
@@ -70,6 +81,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=f"{'/'.join(names)}: {why}"))
         else:
             item.stash[_DELEGATE] = kind
+    # The host's own tests first, then the guests' (whose batches run meanwhile, see _start), the
+    # batches that boot last at the end. Stable: each file keeps its order.
+    late = [k for k in guest.KINDS if k not in AFTER_HOST_TESTS] + sorted(AFTER_HOST_TESTS)
+    items.sort(key=lambda i: 0 if (k := i.stash.get(_DELEGATE, None)) is None else 1 + late.index(k))
 
 
 # --------------------------------------------------------------------------- CI rule
@@ -101,32 +116,90 @@ class _GuestBatch:
     reports: dict[str, list[TestReport]]
 
 
-def _run_batch(config: pytest.Config, kind: guest.GuestKind, items: list[pytest.Item]) -> _GuestBatch:
-    argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", f"--tb={config.option.tbstyle}"]
-    if config.option.verbose > 0:
-        argv.append("-" + "v" * config.option.verbose)
-    argv += ["--rootdir", str(config.rootpath), *[i.nodeid for i in items]]
-    tr = config.pluginmanager.get_plugin("terminalreporter")
-    if tr is not None and not guest.unavailable(kind):
-        tr.write_line(f"lab: booting {kind} guest for {len(items)} tests ...")
-    t0 = time.monotonic()
-    res = guest.run(kind, argv, cwd=config.rootpath, env={"GREUPD_LAB_REPORT": "1"}, collect=[REPORT_FILE])
-    reports: dict[str, list[TestReport]] = {}
-    for line in res.files.get(REPORT_FILE, "").splitlines():
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError:  # the last line of a guest that died while writing it
-            continue
-        rep = config.hook.pytest_report_from_serializable(config=config, data=data)
-        if isinstance(rep, TestReport):
-            reports.setdefault(rep.nodeid, []).append(rep)
-    if tr is not None:
-        done = sum(1 for i in items if i.nodeid in reports)
+class _PendingBatch:
+    """One guest boot running a batch of tests in a thread of its own, while pytest goes on here."""
+
+    def __init__(self, config: pytest.Config, kind: guest.GuestKind, items: list[pytest.Item]) -> None:
+        self.config, self.kind, self.items = config, kind, items
+        self.cancel = threading.Event()
+        self.result: guest.GuestResult | None = None
+        self.started = time.monotonic()
+        self.thread = threading.Thread(target=self._run, name=f"lab-{kind}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", f"--tb={self.config.option.tbstyle}"]
+        if self.config.option.verbose > 0:
+            argv.append("-" + "v" * self.config.option.verbose)
+        argv += ["--rootdir", str(self.config.rootpath), *[i.nodeid for i in self.items]]
+        self.result = guest.run(self.kind, argv, cwd=self.config.rootpath, env={"GREUPD_LAB_REPORT": "1"},
+                                collect=[REPORT_FILE], cancel=self.cancel)
+
+    def wait(self) -> _GuestBatch:
+        """The batch's reports, once the guest is gone (parsed here: pytest's hooks are not for threads)."""
+        waited = time.monotonic()
+        self.thread.join()
+        waited = time.monotonic() - waited
+        res = self.result
+        assert res is not None
+        reports: dict[str, list[TestReport]] = {}
+        for line in res.files.get(REPORT_FILE, "").splitlines():
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a guest that died while writing it
+                continue
+            rep = self.config.hook.pytest_report_from_serializable(config=self.config, data=data)
+            if isinstance(rep, TestReport):
+                reports.setdefault(rep.nodeid, []).append(rep)
+        done = sum(1 for i in self.items if i.nodeid in reports)
         # The guest pytest's own summary line, e.g. "3 passed in 12.1s", or what went wrong.
         last = res.output.strip().splitlines()[-1:] if res.status is not None else []
         note = f"; {res.error}" if res.error else f": {last[0]}" if last else ""
-        tr.write_line(f"lab: ran {done} tests in {kind} guest ({time.monotonic() - t0:.1f} s){note}")
-    return _GuestBatch(kind, res, reports)
+        _say(self.config, f"lab: ran {done} tests in the {self.kind} guest ({res.seconds:.1f} s, "
+                          f"of which {waited:.1f} s waited for here){note}")
+        return _GuestBatch(self.kind, res, reports)
+
+
+def _say(config: pytest.Config, line: str) -> None:
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line(line)
+
+
+def _batch_items(session: pytest.Session, kind: guest.GuestKind) -> list[pytest.Item]:
+    # The session's final item list (after -k/-m deselection): exactly what the guest runs.
+    return [i for i in session.items if i.stash.get(_DELEGATE, None) == kind]
+
+
+def _start(session: pytest.Session, kinds: Iterable[guest.GuestKind]) -> None:
+    pending = session.stash.setdefault(_PENDING, {})
+    started = []
+    for kind in kinds:
+        items = _batch_items(session, kind)
+        if kind not in pending and items:
+            pending[kind] = _PendingBatch(session.config, kind, items)
+            if not guest.unavailable(kind):
+                started.append(f"{kind} ({len(items)} tests)")
+    if started:
+        _say(session.config, f"lab: booting guests in the background: {', '.join(started)}")
+
+
+def _serial() -> bool:
+    return os.environ.get("GREUPD_LAB_SERIAL") == "1"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # The guests that need nothing from the host's tests boot now and run beside them.
+    if not session.config.option.collectonly and not _serial():
+        _start(session, [k for k in guest.KINDS if k not in AFTER_HOST_TESTS])
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A guest still running when pytest stops (-x, Ctrl-C, a crash) is killed, not left behind."""
+    for batch in session.stash.get(_PENDING, {}).values():
+        batch.cancel.set()
+    for batch in session.stash.get(_PENDING, {}).values():
+        batch.thread.join()
 
 
 def _synth(item: pytest.Item, when: _When, outcome: _Outcome, longrepr: Any) -> TestReport:
@@ -161,13 +234,13 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     kind = item.stash.get(_DELEGATE, None)
     if kind is None:
         return None
-    batches = item.session.stash.setdefault(_RESULTS, {})
-    if kind not in batches:
-        # The session's final item list (after -k/-m deselection): exactly what the guest runs.
-        batch_items = [i for i in item.session.items if i.stash.get(_DELEGATE, None) == kind]
-        batches[kind] = _run_batch(item.config, kind, batch_items)
+    done = item.session.stash.setdefault(_RESULTS, {})
+    if kind not in done:
+        # The host's own tests are over (they come first): every batch not yet booted boots now.
+        _start(item.session, [kind] if _serial() else guest.KINDS)
+        done[kind] = item.session.stash[_PENDING][kind].wait()
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    for rep in _replay(item, batches[kind]):
+    for rep in _replay(item, done[kind]):
         item.ihook.pytest_runtest_logreport(report=rep)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True

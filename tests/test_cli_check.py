@@ -138,7 +138,7 @@ def test_schema_is_json_schema_of_the_tunnel_fields() -> None:
     assert set(schema["$defs"]["KeepaliveConfig"]["properties"]) == {
         "interval", "retries", "up_after", "action", "answer"}
     assert set(schema["$defs"]["DaemonConfig"]["properties"]) == {
-        "ip_forward", "control_socket", "nft_table", "on_exit", "vici_socket"}
+        "ip_forward", "control_socket", "state_dir", "nft_table", "on_exit", "vici_socket"}
 
 
 def test_schema_accepts_the_spellings_the_example_uses() -> None:
@@ -162,3 +162,47 @@ def test_check_with_both_a_path_and_dash_c_is_a_usage_error() -> None:
     result = greupd("check", "-c", str(EXAMPLE), str(EXAMPLE))
     assert result.returncode == 2
     assert "either as PATH or with -c" in result.stderr
+
+
+# --- a half-edited config: the CLI still reaches the daemon (review M10), run starts only from a good one --------
+
+
+HALF_EDITED = """[daemon]
+control_socket = "{socket}"
+
+[[tunnel]]
+name = "My_Tunnel"
+local = "172.19.1.1"
+remote = "172.19.1.
+"""
+
+
+def test_reload_with_a_half_edited_config_reaches_the_daemon_named_in_it(tmp_path: Path) -> None:
+    from greupd.status import ReloadResult
+    from tests.test_control import StandInDaemon
+
+    sock = tmp_path / "c.sock"
+    config = tmp_path / "tunnels.toml"
+    config.write_text(HALF_EDITED.replace("{socket}", str(sock)))
+
+    async def reject() -> ReloadResult:  # what the real daemon answers for this file
+        return {"ok": False, "generation": 1, "error": f"{config}:8: TOML syntax: ..."}
+
+    no_socket_env = {k: v for k, v in os.environ.items() if k != "GREUPD_CONTROL_SOCKET"}
+    with StandInDaemon(sock, reload=reject):
+        reload = subprocess.run([sys.executable, "-m", "greupd", "reload", "-c", str(config)], cwd=REPO,
+                                capture_output=True, text=True, timeout=60, env=no_socket_env, check=False)
+        status = subprocess.run([sys.executable, "-m", "greupd", "status", "-c", str(config)], cwd=REPO,
+                                capture_output=True, text=True, timeout=60, env=no_socket_env, check=False)
+    assert reload.returncode == EXIT_INVALID, reload.stderr
+    assert "reload rejected, the running config stays in force" in reload.stderr
+    assert status.returncode == EXIT_OK, status.stderr
+
+
+def test_run_with_an_invalid_config_and_no_last_good_one_exits_1_naming_file_line_field(tmp_path: Path) -> None:
+    broken = CONFIGS / "broken" / "ttl-out-of-range.toml"
+    expected = expected_of(broken)
+    result = greupd("run", "-c", str(broken), env={"GREUPD_STATE_DIR": str(tmp_path / "state")})
+    assert result.returncode == EXIT_INVALID
+    assert f"  {broken}:{expected.line}: {expected.field}: " in result.stderr
+    assert f"no last good config to start with instead ({tmp_path / 'state' / 'last-good.json'})" in result.stderr

@@ -22,7 +22,10 @@ from greupd.config import (
     TunnelConfig,
     config_files,
     load_config,
+    load_config_sources,
     load_config_text,
+    read_daemon_table,
+    unvalidated_path,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,6 +203,116 @@ retries = 2
     [tunnel] = load_config_text(text).tunnels
     assert (tunnel.ttl, tunnel.mtu) == (200, 1400)
     assert tunnel.keepalive == KeepaliveConfig(interval=2.0, retries=2)
+
+
+# --- keepalive defaults apply where keepalives exist (review M3) ---------------------------------------------
+
+SEED_A6 = """
+[[tunnel]]
+name = "My_Tunnel6"
+mode = "ip6gre"
+local = "fd00:19::1"
+remote = "fd00:19::2"
+"""
+
+
+def test_a_keepalive_default_applies_to_gre_tunnels_and_leaves_the_others_valid() -> None:
+    text = '[defaults]\ntos = 16\n[defaults.keepalive]\ninterval = "2s"\n' + SEED_A + SEED_A6 + \
+        SEED_A.replace("My_Tunnel", "My_Tap").replace("1.2", "1.3") + 'mode = "gretap"\n'
+    gre, ip6gre, gretap = load_config_text(text).tunnels
+    assert gre.keepalive == KeepaliveConfig(interval=2.0)
+    assert (ip6gre.keepalive, gretap.keepalive) == (None, None)
+    # tos, like keepalive, is a default for the modes that have it (ip6gre has no tos of greupd's).
+    assert (gre.tos, gretap.tos, ip6gre.tos) == (16, 16, "inherit")
+
+
+def test_keepalive_false_opts_one_tunnel_out_of_the_default() -> None:
+    text = '[defaults.keepalive]\ninterval = "2s"\n' + SEED_A + \
+        SEED_A.replace("My_Tunnel", "Quiet").replace("1.2", "1.3") + "keepalive = false\n"
+    probed, quiet = load_config_text(text).tunnels
+    assert probed.keepalive == KeepaliveConfig(interval=2.0)
+    assert quiet.keepalive is None
+
+
+def test_keepalive_false_in_defaults_and_a_table_in_one_tunnel() -> None:
+    text = "[defaults]\nkeepalive = false\n" + SEED_A + "[tunnel.keepalive]\nretries = 5\n"
+    [tunnel] = load_config_text(text).tunnels
+    assert tunnel.keepalive == KeepaliveConfig(retries=5)
+
+
+# --- what the kernel would refuse or misread, accepted where it is fine (review M7) -------------------------
+
+
+def test_a_backup_tunnel_carries_the_same_routes_with_another_metric() -> None:
+    text = SEED_A + 'routes = ["20.10.1.0/24", "2001:db8::/32"]\n' + \
+        SEED_A.replace("My_Tunnel", "Backup").replace("1.2", "1.3") + \
+        'routes = ["20.10.1.0/24", "2001:db8::/32"]\nmetric = 10\n' + \
+        SEED_A.replace("My_Tunnel", "Other_Table").replace("1.2", "1.4") + \
+        'routes = ["20.10.1.0/24"]\ntable = 100\n' + \
+        SEED_A.replace("My_Tunnel", "Old").replace("1.2", "1.5") + 'routes = ["20.10.1.0/24"]\nenabled = false\n'
+    assert [t.name for t in load_config_text(text).tunnels] == ["My_Tunnel", "Backup", "Other_Table", "Old"]
+
+
+def test_a_default_route_into_the_tunnel_is_fine_in_a_table_of_its_own() -> None:
+    # Selected by an `ip rule` for the LAN: the GRE packets themselves still find the underlay in main.
+    [tunnel] = load_config_text(SEED_A + 'routes = ["0.0.0.0/0"]\ntable = 100\n').tunnels
+    assert tunnel.routes == [ipaddress.ip_network("0.0.0.0/0")]
+
+
+@pytest.mark.parametrize(("mode", "key", "highest"), [
+    ("gre", "", 65511), ("gre", "okey = 1", 65507), ("gre", "ikey = 1", 65511), ("gretap", "", 65497),
+    ("ip6gre", "key = 1", 65527), ("ip6gretap", "", 65455)])
+def test_mtu_may_reach_what_the_kernel_allows_for_the_mode(mode: str, key: str, highest: int) -> None:
+    base = SEED_A6.replace('"ip6gre"', f'"{mode}"') if mode.startswith("ip6") else SEED_A + f'mode = "{mode}"\n'
+    [tunnel] = load_config_text(base + f"{key}\nmtu = {highest}\n").tunnels
+    assert tunnel.mtu == highest
+    problem = only_problem(base + f"{key}\nmtu = {highest + 1}\n")
+    assert problem.field == "tunnel[0].mtu" and f"at most {highest}" in problem.message
+
+
+def test_a_tos_is_a_dscp_times_four() -> None:
+    [tunnel] = load_config_text(SEED_A + "tos = 184\n").tunnels  # EF
+    assert tunnel.tos == 184
+    assert "the nearest: 184" in only_problem(SEED_A + "tos = 186\n").message
+
+
+@pytest.mark.parametrize("name", ["gre0", "gretap0", "erspan0", "ip6gre0", "ip6tnl0", "tunl0", "sit0", "ip_vti0",
+                                  "ip6_vti0", "all", "default"])
+def test_names_the_kernel_uses_itself_are_refused(name: str) -> None:
+    problem = only_problem(SEED_A.replace("My_Tunnel", name))
+    assert problem.field == "tunnel[0].name" and "another name" in problem.message
+
+
+def test_answer_kernel_from_defaults_without_forwarding_points_at_the_default() -> None:
+    text = '[daemon]\nip_forward = false\n[defaults.keepalive]\nanswer = "kernel"\n' + SEED_A
+    problem = only_problem(text)
+    assert (problem.line, problem.field) == (4, "defaults.keepalive.answer")
+
+
+# --- read without validating: the CLI's way to the daemon while the config is half-edited (review M10) -----
+
+
+def test_daemon_paths_are_read_from_a_config_that_does_not_validate(tmp_path: Path) -> None:
+    main = tmp_path / "tunnels.toml"
+    main.write_text('[daemon]\ncontrol_socket = "/run/a.sock"\nstate_dir = "/srv/greupd"\n[[tunnel]]\nname = 1\n')
+    (tmp_path / "tunnels.d").mkdir()
+    (tmp_path / "tunnels.d" / "b.toml").write_text('[daemon]\ncontrol_socket = "/run/b.sock"\n')
+    (tmp_path / "tunnels.d" / "c.toml").write_text('[daemon\ncontrol_socket = "/run/c.sock"\n')  # no TOML
+
+    assert read_daemon_table(main) == {"control_socket": "/run/b.sock", "state_dir": "/srv/greupd"}
+    assert unvalidated_path(main, "control_socket", Path("/x")) == Path("/run/b.sock")
+    assert unvalidated_path(main, "state_dir", Path("/x")) == Path("/srv/greupd")
+    assert unvalidated_path(main, "nft_table", Path("/x")) == Path("/x")  # not a path: the default
+    assert unvalidated_path(tmp_path / "nowhere" / "tunnels.toml", "control_socket", Path("/x")) == Path("/x")
+
+
+def test_a_config_kept_as_text_loads_under_its_own_file_names(tmp_path: Path) -> None:
+    config = load_config(CONFIGS / "dropins" / "tunnels.toml")
+    assert [file for file, _ in config.sources] == list(config.files)
+    assert load_config_sources(config.sources) == config
+    with pytest.raises(ConfigError) as caught:
+        load_config_sources([(Path("/etc/greupd/tunnels.toml"), SEED_A + "ttl = 0\n")])
+    assert str(caught.value).startswith("/etc/greupd/tunnels.toml:6: tunnel[0].ttl: ")
 
 
 # --- drop-ins ------------------------------------------------------------------------------------------

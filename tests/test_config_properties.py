@@ -108,13 +108,19 @@ SPEC_TUNNEL: dict[str, object] = {
 SPEC_KEEPALIVE: dict[str, object] = {"interval": 10.0, "retries": 3, "up_after": 1, "action": "routes",
                                      "answer": "daemon"}
 SPEC_DAEMON: dict[str, object] = {"ip_forward": True, "control_socket": Path("/run/greupd/control.sock"),
-                                  "nft_table": "greupd", "on_exit": "keep",
+                                  "state_dir": Path("/var/lib/greupd"), "nft_table": "greupd", "on_exit": "keep",
                                   "vici_socket": Path("/var/run/charon.vici")}
+# The kernel's own device names, and the largest MTU per mode without/with an output key (spec: review M7).
+KERNEL_NAMES = {"gre0", "gretap0", "erspan0", "ip6gre0", "ip6tnl0", "tunl0", "sit0", "ip_vti0", "ip6_vti0", "all",
+                "default"}
+MAX_MTU = {"gre": (65511, 65507), "gretap": (65497, 65493), "ip6gre": (65531, 65527), "ip6gretap": (65455, 65447)}
+IPV4_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 # Strategies are built once here: building them inside each draw costs more than the test itself.
 BOOLS = st.booleans()
 IFNAMES = st.text(string.ascii_letters + string.digits + "_.-", min_size=1, max_size=15).filter(
     lambda name: name not in (".", ".."))
+TUNNEL_NAMES = IFNAMES.filter(lambda name: name not in KERNEL_NAMES)
 MODES = st.sampled_from(["gre", "ip6gre", "gretap", "ip6gretap"])
 VERSIONS = st.sampled_from([4, 6])
 ADDRESSES: dict[int, st.SearchStrategy[IPAddress]] = {4: st.ip_addresses(v=4), 6: st.ip_addresses(v=6)}
@@ -122,8 +128,10 @@ PREFIX_LENGTHS = {4: st.integers(0, 32), 6: st.integers(0, 128)}
 GRE_KEYS = st.integers(0, 0xFFFFFFFF)
 KEYINGS = st.sampled_from([(), ("key",), ("ikey",), ("okey",), ("ikey", "okey")])
 TTLS: st.SearchStrategy[int | str] = st.one_of(st.integers(1, 255), st.just("inherit"))
-TOSES: st.SearchStrategy[int | str] = st.one_of(st.integers(0, 255), st.just("inherit"))
-MTUS = st.integers(68, 65535)
+# A tos is DSCP x 4: the kernel reads an odd one as "inherit" and takes the ECN bits from the inner packet.
+TOSES: st.SearchStrategy[int | str] = st.one_of(st.integers(0, 63).map(lambda dscp: dscp * 4), st.just("inherit"))
+MTUS = {mode: {keyed: st.integers(68, highest[keyed]) for keyed in (False, True)} for mode, highest in MAX_MTU.items()}
+DEFAULT_MTUS = st.integers(68, min(min(highest) for highest in MAX_MTU.values()))
 METRICS = st.integers(0, 0xFFFFFFFF)
 TABLES = st.integers(1, 0xFFFFFFFF).filter(lambda t: t not in (253, 255))
 INNER = st.sampled_from(["none", "prefix", "peer"])
@@ -196,12 +204,16 @@ KEEPALIVES = keepalives()
 
 
 @st.composite
-def tunnels(draw: st.DrawFn, name: str, defaults: Mapping[str, TomlValue]) -> tuple[Table, dict[str, object]]:
+def tunnels(draw: st.DrawFn, name: str, defaults: Mapping[str, TomlValue],
+            forwarding: bool = True) -> tuple[Table, dict[str, object]]:
     """One [[tunnel]]: (what is written, what the loaded model must hold)."""
     written: Table = {"name": name}
     meant: dict[str, object] = {**SPEC_TUNNEL, "name": name}
+    ip6_mode = False
 
     def inherited(key: str) -> object:
+        if ip6_mode and key in ("tos", "pmtudisc"):
+            return SPEC_TUNNEL[key]  # a default of the IPv4 modes only
         return defaults.get(key, SPEC_TUNNEL[key])
 
     def choose(key: str, value: TomlValue, spelling: TomlValue | None = None) -> None:
@@ -214,6 +226,7 @@ def tunnels(draw: st.DrawFn, name: str, defaults: Mapping[str, TomlValue]) -> tu
     assert isinstance(mode, str)
     choose("mode", mode)
     version = 6 if mode.startswith("ip6") else 4
+    ip6_mode = version == 6
     local = draw(ADDRESSES[version])
     remote = draw(ADDRESSES[version])
     if remote == local:
@@ -221,7 +234,8 @@ def tunnels(draw: st.DrawFn, name: str, defaults: Mapping[str, TomlValue]) -> tu
     written["local"], written["remote"] = str(local), str(remote)
     meant.update(local=local, remote=remote)
 
-    for key in draw(KEYINGS):
+    keying = draw(KEYINGS)
+    for key in keying:
         value = draw(GRE_KEYS)
         choose(key, value, str(ipaddress.IPv4Address(value)) if draw(BOOLS) else value)
 
@@ -229,11 +243,11 @@ def tunnels(draw: st.DrawFn, name: str, defaults: Mapping[str, TomlValue]) -> tu
     ttl = draw(TTLS)
     choose("ttl", ttl)
     # The kernel refuses pmtudisc off with a fixed ttl.
-    choose("pmtudisc", draw(BOOLS) if ttl == "inherit" else True)
-    tos = draw(TOSES)
+    choose("pmtudisc", draw(BOOLS) if ttl == "inherit" and not ip6_mode else True)
+    tos = "inherit" if ip6_mode else draw(TOSES)
     choose("tos", tos)
     if draw(BOOLS):
-        choose("mtu", draw(MTUS))
+        choose("mtu", draw(MTUS[mode][bool({"key", "okey"} & set(keying))]))
     else:
         meant["mtu"] = inherited("mtu")  # TOML has no null: a tunnel cannot unset an mtu from [defaults]
     metric = inherited("metric") if draw(BOOLS) else draw(METRICS)
@@ -248,22 +262,35 @@ def tunnels(draw: st.DrawFn, name: str, defaults: Mapping[str, TomlValue]) -> tu
     if inner != "none":
         inner_version = draw(VERSIONS)
         address = draw(ADDRESSES[inner_version])
+        if address == remote:  # the remote would be a local address
+            address = type(address)(int(address) ^ 1)
         if inner == "peer":
             peer = draw(ADDRESSES[inner_version])
+            if peer == remote:  # the remote routed into the tunnel itself
+                peer = type(peer)(int(peer) ^ 1)
             written["address"], written["peer"] = str(address), str(peer)
             meant["address"], meant["peer"] = ipaddress.ip_interface(address), peer
         else:
             interface = ipaddress.ip_interface(f"{address}/{draw(PREFIX_LENGTHS[inner_version])}")
+            if interface.network.prefixlen > 0 and remote in interface.network:  # covers the remote
+                interface = ipaddress.ip_interface(f"{address}/{interface.max_prefixlen}")
             written["address"], meant["address"] = str(interface), interface
-    routes = draw(ROUTES)
-    if mode in ("gretap", "ip6gretap") and meant["peer"] is None:
-        routes = []  # an Ethernet tunnel routes via its peer; without one it carries no routes
+    routes = list(dict.fromkeys(draw(ROUTES)))  # a prefix twice would be the same route twice
+    if mode in ("gretap", "ip6gretap"):
+        # An Ethernet tunnel routes via its peer: without one it carries no routes, with one only its family's.
+        gateway = meant["peer"]
+        routes = [r for r in routes if isinstance(gateway, IPAddress) and r.version == gateway.version]
+    if table == 254:
+        routes = [r for r in routes if remote not in r]  # in main, that would route GRE into the tunnel itself
     write_empty = draw(BOOLS)
     if routes or write_empty:
         written["routes"], meant["routes"] = [str(r) for r in routes], routes
 
-    if mode == "gre" and draw(BOOLS):
-        written["keepalive"], meant["keepalive"] = draw(KEEPALIVES)
+    unicast = not (remote.is_multicast or remote.is_unspecified or remote == IPV4_BROADCAST)
+    if mode == "gre" and not local.is_unspecified and unicast and draw(BOOLS):
+        written["keepalive"], meant["keepalive"] = keepalive_written, keepalive_meant = draw(KEEPALIVES)
+        if not forwarding and keepalive_meant["answer"] == "kernel":
+            keepalive_written["answer"] = keepalive_meant["answer"] = "daemon"  # the kernel answers by forwarding
     if draw(BOOLS):
         clamp = draw(CLAMPS)
         written["mss"], meant["mss"] = {"clamp": clamp}, {"clamp": clamp}
@@ -284,6 +311,9 @@ def valid_configs(draw: st.DrawFn) -> Written:
         daemon["control_socket"] = socket = draw(SOCKETS)
         config.daemon["control_socket"] = Path(socket)
     if draw(BOOLS):
+        daemon["state_dir"] = state_dir = draw(SOCKETS)
+        config.daemon["state_dir"] = Path(state_dir)
+    if draw(BOOLS):
         daemon["nft_table"] = config.daemon["nft_table"] = draw(NFT_TABLES)
     if draw(BOOLS):
         daemon["on_exit"] = config.daemon["on_exit"] = draw(ON_EXIT)
@@ -296,7 +326,7 @@ def valid_configs(draw: st.DrawFn) -> Written:
     if draw(BOOLS):
         defaults["tos"] = draw(TOSES)
     if draw(BOOLS):
-        defaults["mtu"] = draw(MTUS)
+        defaults["mtu"] = draw(DEFAULT_MTUS)
     if draw(BOOLS):
         defaults["metric"] = draw(METRICS)
     if draw(BOOLS):
@@ -306,11 +336,18 @@ def valid_configs(draw: st.DrawFn) -> Written:
 
     entries: list[TomlValue] = []
     endpoints = set()
-    for name in draw(st.lists(IFNAMES, max_size=4, unique=True)):
-        written, meant = draw(tunnels(name, defaults))
+    installed: set[tuple[object, ...]] = set()
+    for name in draw(st.lists(TUNNEL_NAMES, max_size=4, unique=True)):
+        written, meant = draw(tunnels(name, defaults, forwarding=bool(config.daemon["ip_forward"])))
         ident = (meant["local"], meant["remote"])
         if ident in endpoints:
             continue  # the same endpoints twice would need distinct keys; one tunnel is enough here
+        # The kernel keeps one route per (prefix, table, metric), IPv6 metric 0 being 1024.
+        routes = {(r, meant["table"], 1024 if r.version == 6 and meant["metric"] == 0 else meant["metric"])
+                  for r in meant["routes"]} if meant["enabled"] else set()  # type: ignore[attr-defined]
+        if routes & installed:
+            continue
+        installed |= routes
         endpoints.add(ident)
         entries.append(written)
         config.tunnels.append(meant)

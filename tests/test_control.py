@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from greupd.cli_format import format_status
 from greupd.control import (
     ControlError,
     ControlServer,
     ControlSocketBusy,
     ControlUnavailable,
-    format_status,
     parse_request,
     request,
 )

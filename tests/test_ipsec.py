@@ -100,8 +100,8 @@ def test_authentication_is_a_psk_or_certificates_not_both_nor_neither(psk: Path)
 
 def test_a_relative_path_or_a_bad_proposal_is_refused(psk: Path) -> None:
     assert problems(seed_a('psk_file = "psk/My_Tunnel"'))[0].endswith(
-        "tunnel[0].ipsec.psk_file: 'psk/My_Tunnel' is not an absolute path (the daemon does not run in this"
-        " directory)")
+        "tunnel[0].ipsec.psk_file: 'psk/My_Tunnel' is a relative path: write it from /, e.g."
+        " \"/etc/greupd/psk/My_Tunnel\"")
     bad = problems(seed_a(f'psk_file = "{psk}"\nproposals = "aes256 gcm"'))
     assert bad[0].startswith("/etc/greupd/tunnels.toml:12: tunnel[0].ipsec.proposals: 'aes256 gcm' is not a"
                              " strongSwan proposal list")

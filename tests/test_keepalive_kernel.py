@@ -38,7 +38,7 @@ from scapy.layers.inet import IP
 from scapy.layers.l2 import GRE, Ether
 from scapy.packet import Raw, fuzz
 
-from greupd.keepalive import KeepaliveEngine, KeepaliveTarget, LivenessChange
+from greupd.keepalive.engine import KeepaliveEngine, KeepaliveTarget, LivenessChange
 from lab.hosts import Host, SeedTopology
 from lab.waiting import eventually
 

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from greupd.config import format_duration, load_config_text
-from greupd.keepalive import KeepaliveTarget, targets_from_config
-from greupd.liveness import AnswerBudget, Liveness, LivenessChange, ProbeWindow
+from greupd.keepalive.engine import KeepaliveTarget, targets_from_config
+from greupd.keepalive.liveness import AnswerBudget, Liveness, LivenessChange, ProbeWindow
 
 
 def probe_and_wait(liveness: Liveness, now: float) -> list[LivenessChange]:

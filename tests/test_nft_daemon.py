@@ -48,13 +48,13 @@ def test_the_table_is_kept_in_place_and_the_firewall_is_left_alone(router: Host)
     firewall = router.run("nft", "-a", "list", "table", "inet", "filter").stdout
     daemon = GreupdProcess(router, CONFIG).start()
     table = greupd_table(router)
-    assert "tcp option maxseg size set 1436" in table and "masquerade" in table, table
+    assert "maxseg size set meta nfproto map { ipv4 : 1436, ipv6 : 1416 }" in table and "masquerade" in table, table
     assert router.run("nft", "-a", "list", "table", "inet", "filter").stdout == firewall
 
     router.run("nft", "flush", "ruleset")
-    assert wait_until(lambda: "maxseg size set 1436" in greupd_table(router), 10), daemon.output()
+    assert wait_until(lambda: "ipv4 : 1436, ipv6 : 1416" in greupd_table(router), 10), daemon.output()
     router.run("nft", "delete", "table", "inet", "greupd")
-    assert wait_until(lambda: "maxseg size set 1436" in greupd_table(router), 10), daemon.output()
+    assert wait_until(lambda: "ipv4 : 1436, ipv6 : 1416" in greupd_table(router), 10), daemon.output()
 
     # The firewall was flushed with everything else above: put it back as the admin would, then check that
     # greupd's start, reload and stop leave it exactly as it is.

@@ -20,7 +20,9 @@ from typing import IO
 import pytest
 
 from greupd.config import load_config
-from greupd.nft import NftError, NftTable, NftWatch, Rule, Ruleset, describe_ruleset, render_ruleset
+from greupd.nft.render import Rule, Ruleset, describe_ruleset, render_ruleset
+from greupd.nft.table import NftError, NftTable
+from greupd.nft.watch import NftWatch
 from lab.hosts import Host, Lab
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,7 +174,8 @@ def test_apply_installs_the_table_and_reapply_changes_nothing(router: Host) -> N
 
     assert first["matched_before"] is False and first["matched_after"] is True and first["canonical"] is True
     assert listed == first["described"]  # `greupd plan` shows exactly what nft will list
-    assert 'tcp option maxseg size set 1436 comment "My_Tunnel: clamp mss out"' in listed
+    assert ('tcp option maxseg size set meta nfproto map { ipv4 : 1436, ipv6 : 1416 }'
+            ' comment "My_Tunnel: clamp mss out"') in listed
     assert second["matched_before"] is True
     assert nft(router, "list", "ruleset") == listed
     assert drive(router, "matches", SEED) == {"matches": True}

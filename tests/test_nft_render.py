@@ -13,17 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from greupd.config import Config, DaemonConfig, TunnelConfig, load_config, load_config_text
-from greupd.nft import (
-    FROM_TUNNEL_MARK,
-    Json,
-    NftError,
-    NftTable,
-    Ruleset,
-    describe_ruleset,
-    normalize_listing,
-    render_ruleset,
-)
-from greupd.nft_watch import (
+from greupd.nft.render import FROM_TUNNEL_MARK, Json, Ruleset, describe_ruleset, render_ruleset
+from greupd.nft.table import NftError, NftTable, normalize_listing
+from greupd.nft.watch import (
     NFNL_SUBSYS_NFTABLES,
     NFPROTO_INET,
     NFT_MSG_NEWGEN,
@@ -60,9 +52,11 @@ def test_seed_config_clamps_both_ways_and_masquerades_both_ways() -> None:
         "table inet greupd {\n"
         "\tchain mss_clamp {\n"
         "\t\ttype filter hook forward priority mangle; policy accept;\n"
-        '\t\toifname "My_Tunnel" tcp flags syn / syn,rst tcp option maxseg size set 1436'
+        '\t\toifname "My_Tunnel" tcp flags syn / syn,rst'
+        ' tcp option maxseg size set meta nfproto map { ipv4 : 1436, ipv6 : 1416 }'
         ' comment "My_Tunnel: clamp mss out"\n'
-        '\t\tiifname "My_Tunnel" tcp flags syn / syn,rst tcp option maxseg size set 1436'
+        '\t\tiifname "My_Tunnel" tcp flags syn / syn,rst'
+        ' tcp option maxseg size set meta nfproto map { ipv4 : 1436, ipv6 : 1416 }'
         ' comment "My_Tunnel: clamp mss in"\n'
         "\t}\n"
         "\n"
@@ -105,6 +99,15 @@ def test_pmtu_clamps_to_the_route_mtu() -> None:
         ' comment "My_Tunnel: clamp mss in"',
     ]
     assert [c.name for c in ruleset.chains] == ["mss_clamp"]  # no nat chain: conntrack/NAT not needed
+
+
+def test_a_fixed_clamp_gives_ipv6_syns_20_bytes_less() -> None:
+    # clamp = 1436 fits IPv4 in a 1476-byte GRE tunnel (1476 - 20 - 20); an IPv6 SYN through the same tunnel
+    # carries a 40-byte header, so its segments must be 1416 or they are 20 bytes too big (review M6).
+    [out, _] = render_ruleset(config("[tunnel.mss]\nclamp = 1436")).rules
+    [mangle] = [s.json for s in out.statements if "mangle" in s.json]  # type: ignore[operator]
+    assert mangle == {"mangle": {"key": {"tcp option": {"name": "maxseg", "field": "size"}}, "value": {"map": {
+        "key": {"meta": {"key": "nfproto"}}, "data": {"set": [["ipv4", 1436], ["ipv6", 1416]]}}}}}
 
 
 def test_no_clamp_and_no_nat_means_no_table() -> None:

@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 from greupd.config import load_config_text
-from greupd.nft import NftTable, Ruleset, render_ruleset
+from greupd.nft.render import Ruleset, render_ruleset
+from greupd.nft.table import NftTable
 from lab.hosts import Host, SeedTopology
 
 pytestmark = pytest.mark.needs_nft_gre

@@ -42,6 +42,8 @@ routes = ["20.10.1.0/24"]
 interval = 1
 retries = 3
 """
+# A second tunnel of router A: its own remote and its own route (the kernel keeps one route per prefix and metric).
+OTHER = SEED_A.replace("My_Tunnel", "other").replace("172.19.1.2", "172.19.1.3").replace("20.10.1.0/24", "20.10.2.0/24")
 
 
 def empty_kernel(sysctls: dict[str, str | None] | None = None) -> Observed:
@@ -127,7 +129,7 @@ def test_action_link_sets_the_link_down_after_withdrawing_routes() -> None:
 
 
 def test_foreign_link_with_our_name_is_a_problem_and_untouched() -> None:
-    config = load_config_text(SEED_A + SEED_A.replace("My_Tunnel", "other").replace("172.19.1.2", "172.19.1.3"))
+    config = load_config_text(SEED_A + OTHER)
     foreign = LinkSpec("My_Tunnel", "gre", ipaddress.ip_address("1.1.1.1"), ipaddress.ip_address("2.2.2.2"))
     observed = Observed({"My_Tunnel": ObservedLink(5, foreign, True, owned=False)}, {}, frozenset(), {})
     plan = plan_changes(desired_state(config), observed)
@@ -162,7 +164,7 @@ def test_ttl_change_is_in_place_and_mode_change_replaces() -> None:
 
 
 def test_scoped_observation_plans_only_its_tunnels() -> None:
-    config = load_config_text(SEED_A + SEED_A.replace("My_Tunnel", "other").replace("172.19.1.2", "172.19.1.3"))
+    config = load_config_text(SEED_A + OTHER)
     observed = Observed({}, {}, frozenset(), {}, scope=frozenset({"other"}))
     plan = plan_changes(desired_state(config), observed)
     assert plan.actions and all("My_Tunnel" not in str(a) for a in plan.actions)
@@ -191,13 +193,19 @@ prefixes = st.sampled_from(["20.10.1.0/24", "20.10.2.0/24", "10.0.0.0/8", "2001:
 @st.composite
 def configs(draw: st.DrawFn) -> str:
     text = ""
+    installed: set[tuple[str, int]] = set()  # the kernel keeps one route per prefix and metric (table main)
     for i, name in enumerate(sorted(draw(st.sets(names, max_size=4)))):
-        routes = draw(st.lists(prefixes, unique=True, max_size=3))
+        mode, metric, enabled = draw(st.sampled_from(["gre", "gretap"])), draw(st.integers(0, 2)), draw(st.booleans())
+        # gretap routes via its IPv4 peer: IPv4 routes only.
+        routes = [r for r in draw(st.lists(prefixes, unique=True, max_size=3))
+                  if (r, metric) not in installed and not (mode == "gretap" and ":" in r)]
+        if enabled:
+            installed |= {(r, metric) for r in routes}
         text += (f'[[tunnel]]\nname = "{name}"\nlocal = "172.19.1.1"\nremote = "172.19.2.{i + 1}"\n'
-                 f'mode = "{draw(st.sampled_from(["gre", "gretap"]))}"\n'
+                 f'mode = "{mode}"\n'
                  f'ttl = {draw(st.integers(1, 255))}\nkey = {draw(st.integers(0, 3))}\n'
                  f'address = "192.168.{i}.1"\npeer = "192.168.{i}.2"\n'
-                 f'metric = {draw(st.integers(0, 2))}\nenabled = {str(draw(st.booleans())).lower()}\n'
+                 f'metric = {metric}\nenabled = {str(enabled).lower()}\n'
                  f"routes = [{', '.join(repr(r).replace(chr(39), chr(34)) for r in routes)}]\n")
     return text
 
@@ -246,7 +254,7 @@ def test_applying_the_plan_converges_and_a_second_plan_is_empty(text: str, kerne
 
 
 def test_a_scoped_look_replaces_only_its_tunnels_in_a_snapshot() -> None:
-    config = load_config_text(SEED_A + SEED_A.replace("My_Tunnel", "other").replace("172.19.1.2", "172.19.1.3"))
+    config = load_config_text(SEED_A + OTHER)
     full = simulate(empty_kernel(), plan_changes(desired_state(config), empty_kernel()).actions)
     gone = Observed({}, {}, frozenset(), {}, scope=frozenset({"other"}))
     merged = full.updated(gone)

@@ -16,7 +16,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import GRE
 from scapy.packet import Raw, fuzz
 
-from greupd.probe import (
+from greupd.keepalive.codec import (
     GRE_SOCKET_FILTER,
     KeepaliveRequest,
     MalformedPacket,

@@ -157,6 +157,20 @@ def test_invalid_reload_keeps_everything_running_and_reports_the_error(seed: See
     assert a.proc is not None and a.proc.poll() is None
 
 
+def test_sighup_reloads_and_a_repair_waiting_beside_it_still_happens(seed: SeedTopology) -> None:
+    a = GreupdProcess(seed.a, SEED_A).start()
+    # Both wait for the daemon when it resumes: a reload (of the same config: it changes nothing in the
+    # kernel, so no event of its own wakes the loop again) and the route's deletion, which must be repaired
+    # whichever the loop sees first.
+    a.signal(signal.SIGSTOP)
+    seed.a.ip("route", "del", "20.10.1.0/24")
+    a.signal(signal.SIGHUP)
+    a.signal(signal.SIGCONT)
+    eventually(lambda: "20.10.1.0/24 dev My_Tunnel" in routes(seed.a), timeout=10, what="route after SIGHUP",
+               detail=a.output)
+    eventually(lambda: (a.status() or {}).get("generation") == 2, what="generation 2 after SIGHUP")
+
+
 def test_sigkill_and_restart_keeps_the_tunnel_and_loses_no_ping(seed: SeedTopology) -> None:
     a = GreupdProcess(seed.a, SEED_A).start()
     GreupdProcess(seed.b, SEED_B).start()

@@ -270,3 +270,19 @@ def test_watchdog_restarts_a_stuck_daemon(seed: Seed) -> None:
     # The restarted daemon adopts the tunnel its predecessor left (on_exit = keep; SIGKILL stops nothing).
     eventually(lambda: show("StatusText") == "1 tunnel: 1 up", what="the tunnel up under the new daemon")
     assert "20.10.1.0/24 dev My_Tunnel" in seed.routes()
+
+
+def test_a_restart_into_a_broken_config_keeps_the_tunnel_managed(seed: Seed) -> None:
+    start(seed)  # applied cleanly: kept in StateDirectory= as the last good config
+    assert Path("/var/lib/greupd/last-good.json").is_file()
+    # Half-edited, then the package upgrade's try-restart (review H4).
+    CONFIG.write_text(a_config().replace('remote = "172.19.1.2"', 'remote = "172.19.1.'))
+    sh("systemctl", "restart", "greupd", timeout=180)
+    eventually(lambda: show("StatusText") == "1 tunnel: 1 up", what="the last good config's tunnel up")
+    entry = journal(f"MESSAGE_ID={MESSAGE_IDS[EventKind.CONFIG_REJECTED]}")[-1]
+    assert "TOML syntax" in entry["GREUPD_ERROR"]
+    status = json.loads(greupd("status", "--json").stdout)
+    assert status["last_error"].startswith("config rejected at start, running the last good config")
+    # Still managed: a route deleted by hand comes back.
+    seed.a.ip("route", "del", "20.10.1.0/24", "dev", "My_Tunnel")
+    eventually(lambda: "20.10.1.0/24 dev My_Tunnel" in seed.routes(), what="the route put back")

@@ -15,9 +15,12 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from greupd.config import IPV6_MODES, Config, IpsecConfig, TunnelConfig
+from greupd.gre import IPV6_MODES
+
+if TYPE_CHECKING:  # types only: model imports this module, and the wire codec must not load pydantic
+    from greupd.config import Config, IpsecConfig, TunnelConfig
 
 CONNECTION_PREFIX = "greupd-"
 CHILD_NAME = "gre"

@@ -21,23 +21,20 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
-# include/uapi/linux/netlink.h, netfilter/nfnetlink.h, netfilter/nf_tables.h
+from greupd.netlink.nlmsg import NETLINK_ADD_MEMBERSHIP, SOL_NETLINK, attributes, messages
+
+# include/uapi/linux/netfilter/nfnetlink.h, netfilter/nf_tables.h
 NETLINK_NETFILTER = 12
-SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
 NFNLGRP_NFTABLES = 7
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWGEN = 15
 NFTA_GEN_PROC_PID = 2
 NFTA_OBJECT_TABLE = 1  # NFTA_TABLE_NAME, NFTA_CHAIN_TABLE, NFTA_RULE_TABLE, NFTA_SET_TABLE, ... are all 1
 NFPROTO_INET = 1
-_NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _NFGENMSG = struct.Struct("=BBH")  # family, version, res_id
-_NLA = struct.Struct("=HH")  # len, type
-_NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 RECEIVE_BUFFER = 1 << 20  # a `flush ruleset` of a big ruleset is one message per rule
 
 
@@ -51,30 +48,19 @@ class NftEvent:
     pid: int | None  # NEWGEN only: the process that committed the transaction
 
 
-def _attributes(data: bytes) -> Iterator[tuple[int, bytes]]:
-    offset = 0
-    while offset + _NLA.size <= len(data):
-        length, kind = _NLA.unpack_from(data, offset)
-        if length < _NLA.size:
-            return
-        yield kind & _NLA_TYPE_MASK, data[offset + _NLA.size: offset + length]
-        offset += (length + 3) & ~3
+class NftWatchError(OSError):
+    """The kernel would not let us watch nftables (no netfilter netlink, or the group refused); str() is the
+    message alone, the errno is in its __cause__."""
 
 
 def parse_events(datagram: bytes) -> list[NftEvent]:
     """The nftables notifications in one netlink datagram (other messages are skipped)."""
     events = []
-    offset = 0
-    while offset + _NLMSG.size <= len(datagram):
-        length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(datagram, offset)
-        if length < _NLMSG.size:
-            break
-        body = datagram[offset + _NLMSG.size: offset + length]
-        offset += (length + 3) & ~3
+    for kind, _, _, _, body, _ in messages(datagram):
         if kind >> 8 != NFNL_SUBSYS_NFTABLES or len(body) < _NFGENMSG.size:
             continue
         family = body[0]
-        attrs = dict(_attributes(body[_NFGENMSG.size:]))
+        attrs = dict(attributes(body, _NFGENMSG.size))
         message = kind & 0xFF
         if message == NFT_MSG_NEWGEN:
             pid_attr = attrs.get(NFTA_GEN_PROC_PID)
@@ -120,21 +106,22 @@ class NftWatch:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Join the nftables multicast group and read it on `loop`; raises NftError if the kernel refuses."""
+        """Join the nftables multicast group and read it on `loop`; raises NftWatchError if the kernel refuses."""
         if self._sock is not None:
             return
         try:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
                                  NETLINK_NETFILTER)
         except OSError as exc:
-            raise _error(f"cannot open a netfilter netlink socket to watch nftables: {exc.strerror}") from exc
+            raise NftWatchError(f"cannot open a netfilter netlink socket to watch nftables: {exc.strerror}") \
+                from exc
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
             sock.bind((0, 0))
             sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
         except OSError as exc:
             sock.close()
-            raise _error(f"cannot join the nftables netlink group: {exc.strerror}") from exc
+            raise NftWatchError(f"cannot join the nftables netlink group: {exc.strerror}") from exc
         self._sock, self._loop = sock, loop
         loop.add_reader(sock.fileno(), self._readable)
 
@@ -168,8 +155,3 @@ class NftWatch:
         if changed:
             self.on_change()
 
-
-def _error(message: str) -> Exception:
-    from greupd.nft import NftError  # here, not at the top: greupd.nft imports this module
-
-    return NftError(message)

@@ -1,7 +1,7 @@
 """nftables: the one table greupd owns (MSS clamp, NAT, forward accepts), rendered purely and kept in place.
 
-    Config --render_ruleset (pure)--> Ruleset --NftTable.apply (one transaction)--> kernel
-    kernel --NftWatch (nftables netlink events)--> "look again" --NftTable.matches--> re-apply if it differs
+    Config --render_ruleset (pure, here)--> Ruleset --NftTable.apply (table.py, one transaction)--> kernel
+    kernel --NftWatch (watch.py, nftables netlink events)--> "look again" --NftTable.matches--> re-apply if it differs
 
 Everything goes through libnftables' JSON API (the `nftables` Python bindings, imported lazily so that a
 config without MSS clamp or NAT never needs them). greupd owns exactly one table, `inet <daemon.nft_table>`,
@@ -32,14 +32,13 @@ so does not switch conntrack on), and a config with neither has no table at all.
 
 from __future__ import annotations
 
-import ctypes
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
-from greupd.config import Config, IPAddress, IPNetwork, TunnelConfig
-from greupd.nft_watch import NftWatch  # the watcher lives beside, exported from here with the rest
+from greupd.config import Config, TunnelConfig
+from greupd.gre import IPAddress, IPNetwork
 
 Json = str | int | float | bool | None | list["Json"] | dict[str, "Json"]
 JsonObject = dict[str, Json]
@@ -50,34 +49,10 @@ FAMILY = "inet"
 PRIORITY_NAMES: Mapping[int, str] = {-150: "mangle", 0: "filter", 100: "srcnat"}
 MANGLE, FILTER, SRCNAT = -150, 0, 100
 
-# The packet-mark bit that tells our postrouting chain "this packet came out of a tunnel and is leaving by
-# one of that tunnel's from_tunnel interfaces, masquerade it".
-#
-# Why a mark: masquerading happens in postrouting, where the packet's input interface is not a thing to
-# rely on (iptables refuses -i in POSTROUTING; nft's iifname there depends on how the output path hands
-# over the device). The forward hook sees both iifname and oifname, so the decision is made there, exactly
-# as configured, and carried to postrouting on the packet itself.
-# Why the packet mark (meta mark) and not the conntrack mark: NAT is decided on a connection's first
-# packet only, so a per-packet flag is enough; the packet mark dies with the packet and leaves nothing in
-# the conntrack table, whereas a ct mark lives on in the connection, where setups that restore routing marks
-# from it (`meta mark set ct mark` in prerouting, multi-WAN policy routing) would pick it up on later packets.
-# Why not match the tunnel's peer/addresses: what comes out of a tunnel has the remote LAN's addresses,
-# which no tunnel field lists (routes say where to send, not who may send), so an address match would miss
-# traffic or take in other traffic.
-# Why only this bit: we OR it in and test it with a mask, so marks others set (fwmark routing, tc) survive;
-# the bit is above those kube-proxy (0x4000, 0x8000), Tailscale (0xff0000) and wg-quick (0xca6c) use.
+# The packet-mark bit the forward chain sets on what leaves a tunnel by one of its from_tunnel interfaces, and
+# postrouting masquerades on (postrouting cannot rely on iifname). Why a mark, why the packet mark and not the
+# conntrack mark, and why this bit: docs/nftables.md, "The from_tunnel mark".
 FROM_TUNNEL_MARK = 0x20000000
-
-
-class NftError(Exception):
-    """nftables refused or could not be reached; names the tunnel and rule where that is known."""
-
-    def __init__(self, message: str, tunnel: str | None = None, rule: str | None = None) -> None:
-        self.message = message
-        self.tunnel = tunnel
-        self.rule = rule
-        where = f" (tunnel {tunnel}: {rule})" if tunnel and rule else f" ({rule})" if rule else ""
-        super().__init__(f"{message}{where}")
 
 
 # --- the ruleset: a frozen value -------------------------------------------------------------------------
@@ -140,7 +115,7 @@ class Ruleset:
 
     def objects(self) -> list[JsonObject]:
         """Table, chains and rules as `nft -j list table` shows them (without handles); none if not wanted."""
-        return _objects(self.table, self.chains, self.rules) if self.wanted else []
+        return table_objects(self.table, self.chains, self.rules) if self.wanted else []
 
     def commands(self) -> list[JsonObject]:
         """One libnftables transaction that makes the kernel hold exactly this ruleset.
@@ -151,19 +126,19 @@ class Ruleset:
         never meet a half-written table or a window without the clamp and NAT. With no rules the
         transaction is `add table; delete table`: remove ours if present, and no error if not.
         """
-        return [*_clear(self.table), *_adds(self.objects())]
+        return [*clear_commands(self.table), *add_commands(self.objects())]
 
 
-def _clear(table: str) -> list[JsonObject]:
+def clear_commands(table: str) -> list[JsonObject]:
     name: JsonObject = {"family": FAMILY, "name": table}
     return [{"add": {"table": name}}, {"delete": {"table": name}}]
 
 
-def _adds(objects: Iterable[JsonObject]) -> list[JsonObject]:
+def add_commands(objects: Iterable[JsonObject]) -> list[JsonObject]:
     return [{"add": obj} for obj in objects]
 
 
-def _objects(table: str, chains: Iterable[Chain], rules: Iterable[Rule]) -> list[JsonObject]:
+def table_objects(table: str, chains: Iterable[Chain], rules: Iterable[Rule]) -> list[JsonObject]:
     objects: list[JsonObject] = [{"table": {"family": FAMILY, "name": table}}]
     for chain in chains:
         objects.append({"chain": {"family": FAMILY, "table": table, "name": chain.name, "type": chain.type,
@@ -194,14 +169,24 @@ _SYN = _statement("tcp flags syn / syn,rst",
                   _match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "rst"]]}, "syn"))
 
 
+IPV6_HEADER_EXTRA = 20  # a 40-byte IPv6 header against IPv4's 20
+
+
 def _clamp(clamp: int | Literal["pmtu"]) -> Statement:
     # The kernel never raises an MSS with this statement (nft_exthdr: "increase can cause connection to
     # stall"), so `set` is a clamp, like iptables' TCPMSS: a SYN that already asks for less keeps its value.
     # `rt mtu` is, like iptables' --clamp-mss-to-pmtu, the smaller of the route MTUs towards the packet's
     # destination and back towards its source (nft_rt's get_tcpmss), less the IP and TCP headers: a SYN
     # that crosses the tunnel in either direction is clamped to the tunnel's MTU.
-    value: Json = {"rt": {"key": "mtu"}} if clamp == "pmtu" else clamp
-    text = "rt mtu" if clamp == "pmtu" else str(clamp)
+    value: Json
+    if clamp == "pmtu":
+        value, text = {"rt": {"key": "mtu"}}, "rt mtu"
+    else:
+        # A fixed clamp is written for IPv4; an IPv6 header is 20 bytes longer, so IPv6 SYNs get 20 less
+        # (review M6), from one rule: `set meta nfproto map { ipv4 : N, ipv6 : N-20 }`.
+        v6 = clamp - IPV6_HEADER_EXTRA
+        value = {"map": {"key": _meta("nfproto"), "data": {"set": [["ipv4", clamp], ["ipv6", v6]]}}}
+        text = f"meta nfproto map {{ ipv4 : {clamp}, ipv6 : {v6} }}"
     return _statement(f"tcp option maxseg size set {text}",
                       {"mangle": {"key": {"tcp option": {"name": "maxseg", "field": "size"}}, "value": value}})
 
@@ -314,213 +299,3 @@ def describe_ruleset(ruleset: Ruleset) -> str:
         lines += [f"\t\t{rule.text}" for rule in ruleset.rules if rule.chain == chain.name]
         blocks.append("\n".join([*lines, "\t}"]))
     return f"table {ruleset.family} {ruleset.table} {{\n" + "\n\n".join(blocks) + "\n}\n"
-
-
-# --- comparing what the kernel holds with what we would install ------------------------------------------
-
-
-def normalize_listing(objects: Iterable[Json]) -> str:
-    """A canonical text of table/chain/rule objects, for equality: handles dropped, chains by name.
-
-    Rule order inside a chain matters and is kept; the order of chains does not.
-    """
-    table: Json = None
-    chains: dict[str, Json] = {}
-    rules: dict[str, list[Json]] = {}
-    other: list[Json] = []
-    for obj in objects:
-        if not isinstance(obj, dict) or len(obj) != 1:
-            other.append(obj)
-            continue
-        ((kind, body),) = obj.items()
-        if kind == "metainfo":
-            continue
-        if not isinstance(body, dict):
-            other.append(obj)
-            continue
-        body = {k: v for k, v in body.items() if k != "handle"}
-        if kind == "table":
-            table = body
-        elif kind == "chain":
-            chains[str(body.get("name"))] = body
-        elif kind == "rule":
-            rules.setdefault(str(body.get("chain")), []).append(body)
-        else:
-            other.append({kind: body})  # sets, maps, counters: we make none, so any is a difference
-    return json.dumps({"table": table, "chains": chains, "rules": rules, "other": other}, sort_keys=True)
-
-
-# --- the kernel side --------------------------------------------------------------------------------------
-
-
-def _clean_error(text: str) -> str:
-    # libnftables prefixes JSON input errors with a location it does not have ("internal:0:0-0: ").
-    lines = [line.removeprefix("internal:0:0-0: ").strip() for line in text.splitlines()]
-    return "; ".join(line for line in lines if line) or "libnftables failed without a message"
-
-
-class NftTable:
-    """greupd's table in the kernel of the calling process's netns, through libnftables."""
-
-    def __init__(self, table: str) -> None:
-        self.table = table
-        self._nft: Any = None  # nftables.Nftables, created on first use (the bindings are optional)
-        # The listing the kernel gave right after our last apply. A newer libnftables may print some
-        # expression differently from how we render it; recognising our own last apply keeps that from
-        # looking like drift (which would re-apply on every event it causes: a loop).
-        self._applied: tuple[Ruleset, str] | None = None
-
-    # libnftables --------------------------------------------------------------------------------------
-
-    def _context(self) -> Any:
-        if self._nft is None:
-            try:
-                import nftables
-            except ImportError as exc:
-                raise NftError("the libnftables Python bindings are missing (pip install pip-nftables;"
-                               " Debian: python3-nftables)") from exc
-            try:
-                self._nft = nftables.Nftables()
-            except OSError as exc:
-                raise NftError(f"libnftables is missing (Debian: apt install libnftables1): {exc}") from exc
-        return self._nft
-
-    def _run(self, commands: Sequence[JsonObject]) -> list[Json]:
-        rc, output, error = self._context().json_cmd({"nftables": list(commands)})
-        if rc != 0:
-            raise NftError(_clean_error(str(error)))
-        if isinstance(output, dict) and isinstance(output.get("nftables"), list):
-            listing: list[Json] = output["nftables"]
-            return listing
-        return []
-
-    # reading ------------------------------------------------------------------------------------------
-
-    def present(self) -> bool:
-        """Does the kernel have our table? False, without error, when libnftables is not installed."""
-        try:
-            self._context()
-        except NftError:
-            return False  # without libnftables nothing of ours can be there to see
-        tables = self._run([{"list": {"tables": {"family": FAMILY}}}])
-        wanted: Json = {"family": FAMILY, "name": self.table}
-        for obj in tables:
-            table = obj.get("table") if isinstance(obj, dict) else None
-            if isinstance(table, dict) and {k: table.get(k) for k in ("family", "name")} == wanted:
-                return True
-        return False
-
-    def observe(self) -> str | None:
-        """The normalized listing of our table, or None when it does not exist."""
-        if not self.present():
-            return None
-        return normalize_listing(self._run([{"list": {"table": {"family": FAMILY, "name": self.table}}}]))
-
-    def matches(self, ruleset: Ruleset) -> bool:
-        """Is what the kernel holds now exactly what `apply(ruleset)` would install?"""
-        self._check_name(ruleset)
-        if not ruleset.wanted:
-            return not self.present()
-        seen = self.observe()
-        if seen is None:
-            return False
-        if seen == normalize_listing(ruleset.objects()):
-            return True
-        return self._applied is not None and self._applied == (ruleset, seen)
-
-    # writing ------------------------------------------------------------------------------------------
-
-    def apply(self, ruleset: Ruleset) -> None:
-        """Replace our table with `ruleset` in one transaction (or remove it when nothing is wanted)."""
-        self._check_name(ruleset)
-        if not ruleset.wanted:
-            self.remove()
-            return
-        self._context()  # missing libnftables is its own error, not a refused rule
-        try:
-            self._run(ruleset.commands())
-        except NftError as exc:
-            raise self._locate(ruleset, exc) from None
-        seen = self.observe()
-        self._applied = (ruleset, seen) if seen is not None else None
-
-    def remove(self) -> None:
-        """Delete our table if it exists; other tables are not touched."""
-        self._applied = None
-        if self.present():
-            self._run(_clear(self.table))
-
-    def _check_name(self, ruleset: Ruleset) -> None:
-        if ruleset.table != self.table:
-            raise ValueError(f"ruleset for table {ruleset.table!r} given to NftTable({self.table!r})")
-
-    def _locate(self, ruleset: Ruleset, error: NftError) -> NftError:
-        """Find what the kernel refused, checking the table with one rule at a time in a dry run.
-
-        libnftables reports JSON input errors without a position, and the batch was rolled back whole;
-        a dry run sends the same batch for the kernel to validate, then aborts it.
-        """
-        base = [*_clear(ruleset.table), *_adds(_objects(ruleset.table, ruleset.chains, ()))]
-        skeleton = f"table {FAMILY} {ruleset.table} and its chains"
-        candidates: list[tuple[str | None, str, list[JsonObject]]] = [(None, skeleton, base)]
-        for rule in ruleset.rules:
-            (obj,) = _objects(ruleset.table, (), (rule,))[1:]
-            candidates.append((rule.tunnel, f"chain {rule.chain}: {rule.text}", [*base, {"add": obj}]))
-        for tunnel, what, commands in candidates:
-            try:
-                if not self._check(commands):
-                    return error  # no dry run in this libnftables: the kernel's message is all we have
-            except NftError as exc:
-                return NftError(exc.message, tunnel=tunnel, rule=what)
-        return error
-
-    def _check(self, commands: Sequence[JsonObject]) -> bool:
-        """Validate commands against the kernel without committing; False if dry runs are unavailable."""
-        nft = self._context()
-        if not _set_dry_run(nft, True):
-            return False
-        try:
-            self._run(commands)
-        finally:
-            _set_dry_run(nft, False)
-        return True
-
-
-def _set_dry_run(nft: Any, on: bool) -> bool:
-    """Switch libnftables' check mode (the batch goes to the kernel, which validates it and aborts).
-
-    Newer bindings have `set_dry_run`; pip-nftables 1.0.2 does not, so call the C library directly.
-    """
-    setter = getattr(nft, "set_dry_run", None)
-    if setter is not None:
-        setter(on)
-        return True
-    context = getattr(nft, "_Nftables__ctx", None)
-    if context is None:
-        return False
-    try:
-        lib = ctypes.CDLL("libnftables.so.1")
-        lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
-        lib.nft_ctx_set_dry_run(context, on)
-    except (OSError, AttributeError):
-        return False
-    return True
-
-
-__all__ = [
-    "FROM_TUNNEL_MARK",
-    "Chain",
-    "Json",
-    "JsonObject",
-    "NftError",
-    "NftTable",
-    "NftWatch",
-    "Rule",
-    "Ruleset",
-    "Statement",
-    "describe_ruleset",
-    "ipsec_rules",
-    "normalize_listing",
-    "render_ruleset",
-    "tunnel_rules",
-]

@@ -7,7 +7,7 @@ Two raw sockets serve every tunnel, both registered with the daemon's asyncio lo
   They leave by the underlay route to the remote, which does not depend on the tunnel's own link. So a
   tunnel whose link greupd set down (`action = "link"`) keeps probing, and comes back up when its peer does.
 - `socket(AF_INET, SOCK_RAW, IPPROTO_GRE)` receives a copy of every GRE packet the host gets, also those a
-  kernel tunnel consumes; a socket filter (probe.GRE_SOCKET_FILTER) keeps tunnel traffic out of Python.
+  kernel tunnel consumes; a socket filter (codec.GRE_SOCKET_FILTER) keeps tunnel traffic out of Python.
 
 Under IPsec the kernel looks up the ESP policy by the flow's protocol, and an IP_HDRINCL socket's flow is
 IPPROTO_RAW: its GRE would miss the `dynamic[gre]` policy and leave in cleartext (seen in the lab). So for
@@ -16,34 +16,24 @@ tunnels with [tunnel.ipsec] each packet carries an IP_PROTOCOL control message s
 Timers are `loop.call_at` handles on the loop's monotonic clock, one per tunnel, their first probe spread at
 random over the interval so that a thousand tunnels do not fire together.
 
-`python -m greupd.keepalive -c tunnels.toml` runs the engine alone and prints each verdict as a JSON line: a
-tool for labs and for checking a peer's keepalive interop without touching routes.
+`python -m greupd.keepalive` (__main__.py) runs this engine alone.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import ctypes
-import dataclasses
-import json
 import logging
-import os
 import random
-import signal
 import socket
 import struct
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from pathlib import Path
 from typing import Literal
 
-from greupd.config import Config, load_config
-from greupd.liveness import AnswerBudget, Liveness, LivenessChange, ProbeWindow
-from greupd.probe import (
+from greupd.config import Config
+from greupd.keepalive.codec import (
     GRE_SOCKET_FILTER,
     IPPROTO_GRE,
     KeepaliveRequest,
@@ -55,6 +45,8 @@ from greupd.probe import (
     new_token,
     parse_gre,
 )
+from greupd.keepalive.liveness import AnswerBudget, Liveness, LivenessChange, ProbeWindow
+from greupd.netlink.nlmsg import SO_RCVBUFFORCE
 from greupd.status import KeepaliveStatus
 
 __all__ = ["EngineCounters", "KeepaliveEngine", "KeepaliveTarget", "LivenessChange", "targets_from_config"]
@@ -68,8 +60,7 @@ ANSWER_BURST = 20.0
 _DRAIN_LIMIT = 512  # packets read per wake-up, so a flood cannot starve the rest of the loop
 _MAX_PACKET = 65535
 _RECEIVE_BUFFER = 1 << 20
-_SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>; neither is exported by Python's socket module
-_SO_RCVBUFFORCE = 33
+_SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>; not exported by Python's socket module
 _IP_PROTOCOL = 52  # <linux/in.h>: the protocol of an IP_HDRINCL packet's flow, as a control message
 _GRE_FLOW = (socket.IPPROTO_IP, _IP_PROTOCOL, struct.pack("=i", IPPROTO_GRE))
 
@@ -126,7 +117,7 @@ class EngineCounters:
     send_errors: int = 0
 
 
-# (remote, local, key as it arrives = our ikey), addresses as 32-bit ints like probe.parse_gre returns them
+# (remote, local, key as it arrives = our ikey), addresses as 32-bit ints like codec.parse_gre returns them
 _Endpoints = tuple[int, int, int | None]
 
 
@@ -200,7 +191,7 @@ class KeepaliveEngine:
             attach_socket_filter(receive, GRE_SOCKET_FILTER)
             try:
                 # Thousands of tunnels answer in bursts; the default limit (rmem_max) would drop some.
-                receive.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, _RECEIVE_BUFFER)
+                receive.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RECEIVE_BUFFER)
             except PermissionError:  # without CAP_NET_ADMIN, as much as rmem_max allows
                 receive.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
             receive.setblocking(False)
@@ -387,62 +378,3 @@ class KeepaliveEngine:
             log.debug("tunnel %s: cannot answer keepalive: %s", tunnel.target.name, exc.strerror or exc)
             return
         self.counters.requests_answered += 1
-
-
-# --- python -m greupd.keepalive: the engine alone ------------------------------------------------------
-
-
-def _write_status(path: Path, engine: KeepaliveEngine) -> None:
-    report = {
-        "tunnels": {name: {"up": engine.is_up(name), **(engine.status(name) or {})} for name in engine.names()},
-        "counters": dataclasses.asdict(engine.counters),
-    }
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(report))
-    os.replace(temporary, path)
-
-
-async def _run_alone(config: Config, status_file: Path | None, status_every: float) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def print_change(name: str, change: LivenessChange) -> None:
-        line = {"tunnel": name, "up": change.up, "reason": change.reason, "message": change.message,
-                "time": round(loop.time(), 3)}
-        print(json.dumps(line), flush=True)
-
-    engine = KeepaliveEngine(print_change)
-    engine.start(loop)
-    engine.configure(targets_from_config(config))
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if status_file is not None:
-        _write_status(status_file, engine)
-    print(json.dumps({"started": engine.names()}), flush=True)
-    try:
-        while not stop.is_set():
-            if status_file is not None:
-                _write_status(status_file, engine)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), status_every)
-    finally:
-        if status_file is not None:
-            _write_status(status_file, engine)
-        engine.close()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m greupd.keepalive", description=(
-        "Run only the keepalive engine for the tunnels of a config (no links, routes or nftables touched); "
-        "print each up/down verdict as a JSON line."))
-    parser.add_argument("-c", "--config", type=Path, required=True)
-    parser.add_argument("--status-file", type=Path, help="rewrite this file with status and counters as JSON")
-    parser.add_argument("--status-every", type=float, default=0.1, help="seconds between status writes")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
-    asyncio.run(_run_alone(load_config(args.config), args.status_file, args.status_every))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,22 +1,20 @@
-"""The kernel side of the reconciler over rtnetlink: observe, apply, and watch.
+"""The kernel side of the reconciler over rtnetlink: observe (Kernel.observe), apply (Kernel.apply), and watch
+(KernelWatch).
 
-Thin by design: each action is one or two rtnetlink requests with the kernel's own attribute names (built
-in rtnl.py); what the kernel reports is read with pyroute2's parser. Nothing here decides anything (that is
-plan.py's job).
+Thin by design: each action is one or two rtnetlink requests, and every kernel attribute is encoded and
+decoded in rtnl.py. Nothing here decides anything (that is plan.py's job).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import itertools
 import logging
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pyroute2.netlink.rtnl import (
     RTMGRP_IPV4_IFADDR,
@@ -27,8 +25,6 @@ from pyroute2.netlink.rtnl import (
 )
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
-from greupd import rtnl
-from greupd.config import IPV6_MODES
 from greupd.model import (
     LINK_ALIAS,
     ROUTE_PROTO,
@@ -42,7 +38,6 @@ from greupd.model import (
     DeleteLink,
     DeleteRoute,
     Desired,
-    LinkSpec,
     Observed,
     ObservedLink,
     RouteSpec,
@@ -50,13 +45,12 @@ from greupd.model import (
     SetSysctl,
     action_tunnel,
 )
+from greupd.netlink import nlmsg, rtnl
+from greupd.netlink.rtnl import Message, address_from_message, link_from_message, route_from_message
 
 log = logging.getLogger(__name__)
 
 SYSCTL_ROOT = Path("/proc/sys")
-_TUNNEL_KINDS = frozenset({"gre", "ip6gre", "gretap", "ip6gretap"})
-
-Message = Any  # a pyroute2 nlmsg: dict-like with get_attr(); untyped in pyroute2 itself
 
 
 @dataclass(frozen=True)
@@ -69,78 +63,6 @@ class ApplyError:
 
     def __str__(self) -> str:
         return f"{self.action}: {self.message}"
-
-
-# --- reading kernel messages into model values -----------------------------------------------------------
-
-
-def _gre_prefix(kind: str) -> str:
-    return "IFLA_IP6GRE_" if kind in IPV6_MODES else "IFLA_GRE_"
-
-
-def link_from_message(msg: Message) -> tuple[str, ObservedLink] | None:
-    name = msg.get_attr("IFLA_IFNAME")
-    if name is None:
-        return None
-    info = msg.get_attr("IFLA_LINKINFO")
-    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-    owned = msg.get_attr("IFLA_IFALIAS") == LINK_ALIAS and kind in _TUNNEL_KINDS
-    up = bool(msg["flags"] & rtnl.IFF_UP)
-    mtu = msg.get_attr("IFLA_MTU")
-    if kind not in _TUNNEL_KINDS or info is None:
-        foreign = LinkSpec(name, kind or "unknown", ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("0.0.0.0"))
-        return name, ObservedLink(msg["index"], foreign, up, False)
-    data = info.get_attr("IFLA_INFO_DATA")
-    p = _gre_prefix(kind)
-
-    def attr(key: str) -> Any:
-        return data.get_attr(p + key) if data is not None else None
-
-    def key(direction: str) -> int | None:
-        flags = _flags_from_pyroute2(kind, attr(f"{direction}FLAGS") or 0)
-        return int(attr(f"{direction}KEY") or 0) if flags & rtnl.GRE_KEY else None
-
-    unspecified = "::" if kind in IPV6_MODES else "0.0.0.0"
-    ip6 = kind in IPV6_MODES
-    spec = LinkSpec(
-        name=name,
-        kind=kind,
-        local=ipaddress.ip_address(attr("LOCAL") or unspecified),
-        remote=ipaddress.ip_address(attr("REMOTE") or unspecified),
-        ikey=key("I"),
-        okey=key("O"),
-        ttl=int(attr("TTL") or 0),
-        tos=None if ip6 else int(attr("TOS") or 0),
-        pmtudisc=None if ip6 else bool(attr("PMTUDISC")),
-        mtu=int(mtu) if mtu is not None else None,
-    )
-    return name, ObservedLink(msg["index"], spec, up, owned)
-
-
-def address_from_message(msg: Message, ifname: str) -> AddressSpec | None:
-    if msg["scope"] != rtnl.RT_SCOPE_UNIVERSE:
-        return None  # link-local (fe80::/64 the kernel adds to every link) is the kernel's, not ours
-    address = msg.get_attr("IFA_ADDRESS")
-    local = msg.get_attr("IFA_LOCAL") or address
-    if local is None:
-        return None
-    peer = ipaddress.ip_address(address) if address and address != local else None
-    return AddressSpec(ifname, ipaddress.ip_interface(f"{local}/{msg['prefixlen']}"), peer)
-
-
-def route_from_message(msg: Message, names: Mapping[int, str]) -> RouteSpec | None:
-    oif = msg.get_attr("RTA_OIF")
-    if oif not in names:
-        return None
-    dst = msg.get_attr("RTA_DST") or ("::" if msg["family"] == socket.AF_INET6 else "0.0.0.0")
-    gateway = msg.get_attr("RTA_GATEWAY")
-    return RouteSpec(
-        ifname=names[oif],
-        dst=ipaddress.ip_network(f"{dst}/{msg['dst_len']}"),
-        table=int(msg.get_attr("RTA_TABLE") or msg["table"]),
-        metric=int(msg.get_attr("RTA_PRIORITY") or 0),
-        gateway=ipaddress.ip_address(gateway) if gateway else None,
-    )
 
 
 # --- sysctls ----------------------------------------------------------------------------------------------
@@ -163,8 +85,8 @@ def write_sysctl(key: str, value: str) -> None:
 class Kernel:
     """The rtnetlink session: observe() snapshots, apply() executes actions in order.
 
-    Methods are coroutines so the daemon's loop reads as one flow, but nothing here waits: the kernel answers
-    rtnetlink requests and dumps within the system call (see rtnl.py).
+    Plain functions, not coroutines: the kernel answers rtnetlink requests and dumps within the system call
+    (see rtnl.py), so nothing here waits, and a reconcile pass runs to its end without yielding to the loop.
     """
 
     def __init__(self) -> None:
@@ -172,6 +94,11 @@ class Kernel:
         self._marshal = MarshalRtnl()
         # ifindex by name, from the last observation and our own creations: requests name devices by index.
         self._indices: dict[str, int] = {}
+        # The same links the other way round, ours only: KernelWatch maps a notification's ifindex back to
+        # the tunnel. Kept in step with _indices by _remember/_forget.
+        self._tunnels_by_index: dict[int, str] = {}
+        # Names of the tunnels the last observation was asked about: a link appearing under one is news.
+        self._desired_names: frozenset[str] = frozenset()
 
     @property
     def requests(self) -> int:
@@ -186,13 +113,32 @@ class Kernel:
     def close(self) -> None:
         self._rtnl.close()
 
+    def tunnel_at(self, index: int) -> str | None:
+        """The tunnel whose link (greupd's own) has this ifindex, as last seen or created."""
+        return self._tunnels_by_index.get(index)
+
+    def concerns(self, name: str) -> bool:
+        """Whether a link called `name` matters to the tunnels asked for (it may not exist yet)."""
+        return name in self._desired_names or name in self._indices
+
+    def _remember(self, name: str, index: int, owned: bool) -> None:
+        self._forget(name)
+        self._indices[name] = index
+        if owned:
+            self._tunnels_by_index[index] = name
+
+    def _forget(self, name: str) -> None:
+        index = self._indices.pop(name, None)
+        if index is not None and self._tunnels_by_index.get(index) == name:
+            del self._tunnels_by_index[index]
+
     def _parse(self, replies: Iterable[bytes]) -> list[Message]:
         return list(self._marshal.parse(b"".join(replies)))
 
     def _dump(self, request: rtnl.Request) -> list[Message]:
         return self._parse(self._rtnl.dump(request))
 
-    async def observe(self, desired: Desired, scope: Iterable[str] | None = None) -> Observed:
+    def observe(self, desired: Desired, scope: Iterable[str] | None = None) -> Observed:
         """A snapshot of the links, addresses and owned routes that matter to `desired`.
 
         With `scope`, only those tunnel names are looked at, with requests the kernel filters for us.
@@ -212,12 +158,15 @@ class Kernel:
             if found and (found[1].owned or found[0] in desired.tunnels or names is not None):
                 links[found[0]] = found[1]
 
+        self._desired_names = frozenset(desired.tunnels)
         if names is None:
-            self._indices = {name: link.index for name, link in links.items()}
+            self._indices.clear()
+            self._tunnels_by_index.clear()
         else:
             for name in names:
-                self._indices.pop(name, None)
-            self._indices.update((name, link.index) for name, link in links.items())
+                self._forget(name)
+        for name, link in links.items():
+            self._remember(name, link.index, link.owned)
         owned = {link.index: name for name, link in links.items() if link.owned}
         addresses: dict[str, set[AddressSpec]] = {name: set() for name in owned.values()}
         routes: set[RouteSpec] = set()
@@ -246,7 +195,7 @@ class Kernel:
         return Observed(links, {k: frozenset(v) for k, v in addresses.items()}, frozenset(routes), sysctls,
                         names)
 
-    async def apply(self, actions: Iterable[Action]) -> list[ApplyError]:
+    def apply(self, actions: Iterable[Action]) -> list[ApplyError]:
         """Execute actions in order. A refused action skips the rest of its tunnel's actions, not others'.
 
         Consecutive actions of one kind go to the kernel as one pipelined batch (the planner orders them by
@@ -261,7 +210,7 @@ class Kernel:
                 errors.append(ApplyError(tunnel, action, message))
                 if tunnel is not None:
                     failed.add(tunnel)
-                    self._indices.pop(tunnel, None)  # maybe stale: look it up again next time
+                    self._forget(tunnel)  # maybe stale: look it up again next time
         return errors
 
     def _execute(self, batch: list[Action]) -> list[tuple[Action, str]]:
@@ -281,7 +230,7 @@ class Kernel:
                 refused.append((action, f"{outcome} (errno {outcome.errno})"))
         for action in batch:
             if isinstance(action, DeleteLink):
-                self._indices.pop(action.name, None)
+                self._forget(action.name)
         return refused
 
     def _resolve(self, names: set[str]) -> None:
@@ -289,7 +238,8 @@ class Kernel:
         missing = sorted(names - set(self._indices))
         for name, outcome in zip(missing, self._rtnl.transact([rtnl.get_link(n) for n in missing]), strict=True):
             if outcome.errno == 0 and outcome.replies:
-                self._indices[name] = rtnl.link_index(outcome.replies[0])
+                # Looked up for an action of ours (or the daemon's look at what it just made): our link.
+                self._remember(name, rtnl.link_index(outcome.replies[0]), owned=True)
 
     def indices(self, names: Iterable[str]) -> dict[str, int]:
         """The ifindex of each of `names` that exists (one pipelined lookup for those not known yet)."""
@@ -309,32 +259,19 @@ class Kernel:
                 return []
             case CreateLink(spec):
                 # The marker needs a second request: RTM_NEWLINK ignores IFLA_IFALIAS when it creates a link.
-                return [rtnl.new_link(spec.name, _gre(spec), spec.mtu), rtnl.set_alias(spec.name, LINK_ALIAS)]
+                return [rtnl.new_link(spec), rtnl.set_alias(spec.name, LINK_ALIAS)]
             case ChangeLink(spec, _):
-                return [rtnl.change_link(self._index(spec.name), _gre(spec), spec.mtu)]
+                return [rtnl.change_link(self._index(spec.name), spec)]
             case DeleteLink(name, _):
                 return [rtnl.del_link(self._index(name))]
             case SetLinkUp(name, up):
                 return [rtnl.set_link_up(self._index(name), up)]
             case AddAddress(address) | DeleteAddress(address):
-                return [rtnl.address(isinstance(action, AddAddress), self._index(address.ifname), address.local,
-                                     address.peer)]
+                return [rtnl.address(isinstance(action, AddAddress), self._index(address.ifname), address)]
             case AddRoute(route) | DeleteRoute(route):
                 # "add" (create, exclusive), never "replace": replace would take over a foreign route.
-                return [rtnl.route(isinstance(action, AddRoute), self._index(route.ifname), route.dst, route.table,
-                                   route.metric, ROUTE_PROTO, route.gateway)]
+                return [rtnl.route(isinstance(action, AddRoute), self._index(route.ifname), route, ROUTE_PROTO)]
         return []
-
-
-def _gre(spec: LinkSpec) -> rtnl.GreParameters:
-    return rtnl.GreParameters(spec.kind, spec.local, spec.remote, spec.ikey, spec.okey, spec.ttl, spec.tos,
-                              spec.pmtudisc)
-
-
-def _flags_from_pyroute2(kind: str, flags: int) -> int:
-    # IFLA_GRE_[IO]FLAGS are big-endian (__be16) for both families, but pyroute2 0.9 declares the ip6gre ones
-    # as native uint16: swap them back, or an ip6gre key reads as absent.
-    return socket.ntohs(flags) if kind in IPV6_MODES else flags
 
 
 # --- watching: "look again" signals from rtnetlink multicast ---------------------------------------------
@@ -344,12 +281,14 @@ class KernelWatch:
     """Turns rtnetlink notifications into the names of tunnels to look at again.
 
     Only names are passed on, never what the message said changed: the reconciler re-observes and re-plans.
-    `on_change(None)` means "look at everything" (the socket overflowed and events were lost).
+    `on_change(None)` means "look at everything" (the socket overflowed and events were lost). Which ifindex
+    is which tunnel, and which names matter, it asks `kernel`, the one that observes and creates the links.
     """
 
     GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
 
-    def __init__(self, on_change: Callable[[set[str] | None], None]) -> None:
+    def __init__(self, kernel: Kernel, on_change: Callable[[set[str] | None], None]) -> None:
+        self._kernel = kernel
         self._on_change = on_change
         self._marshal = MarshalRtnl()
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
@@ -357,9 +296,6 @@ class KernelWatch:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self._sock.bind((0, self.GROUPS))
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.names_by_index: dict[int, str] = {}  # the reconciler keeps this current
-        self.own_portid = -1  # notifications caused by our own requests carry it: nothing to look at again
-        self.watched: frozenset[str] = frozenset()  # tunnel names that matter
         self.overruns = 0
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -373,6 +309,7 @@ class KernelWatch:
 
     def _readable(self) -> None:
         names: set[str] = set()
+        own_portid = self._kernel.portid  # notifications our own requests caused: nothing to look at again
         while True:
             try:
                 data = self._sock.recv(1 << 20)
@@ -386,8 +323,8 @@ class KernelWatch:
                     self._on_change(None)
                     return
                 raise
-            for kind, *_, raw in rtnl.messages(data):
-                if rtnl.header_pid(raw) == self.own_portid or not rtnl.may_concern_us(kind, raw, ROUTE_PROTO):
+            for kind, _, _, pid, _, raw in nlmsg.messages(data):
+                if pid == own_portid or not rtnl.may_concern_us(kind, raw, ROUTE_PROTO):
                     continue
                 for msg in self._marshal.parse(raw):
                     name = self._tunnel_of(msg)
@@ -400,13 +337,13 @@ class KernelWatch:
         kind = msg["header"]["type"]
         if kind in (rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK):
             name = msg.get_attr("IFLA_IFNAME")
-            if name in self.watched:
+            if name is not None and self._kernel.concerns(name):
                 return str(name)
-            return self.names_by_index.get(msg["index"])
+            return self._kernel.tunnel_at(msg["index"])
         # Link-local addresses and routes of other protocols (IPv6 autoconfiguration, multicast) come and go
         # on our links without concerning us: no need to look again for those.
         if kind in (rtnl.RTM_NEWADDR, rtnl.RTM_DELADDR) and msg["scope"] == rtnl.RT_SCOPE_UNIVERSE:
-            return self.names_by_index.get(msg["index"])
+            return self._kernel.tunnel_at(msg["index"])
         if kind in (rtnl.RTM_NEWROUTE, rtnl.RTM_DELROUTE) and msg["proto"] == ROUTE_PROTO:
-            return self.names_by_index.get(msg.get_attr("RTA_OIF"))
+            return self._kernel.tunnel_at(msg.get_attr("RTA_OIF"))
         return None

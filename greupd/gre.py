@@ -1,0 +1,57 @@
+"""What a GRE tunnel is, in words every layer shares: its modes, the address types, and its kernel attributes.
+
+A leaf: config (pydantic), model (value types) and the rtnetlink codec all import it, and it imports none of
+them, so the wire codec does not depend on pydantic. GRE_ATTRIBUTES is the one list of a link's GRE
+parameters: rtnl encodes and decodes by it, model compares and describes links by it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+# The mode is the kernel's link kind (IFLA_INFO_KIND).
+Mode = Literal["gre", "ip6gre", "gretap", "ip6gretap"]
+MODES: frozenset[str] = frozenset(get_args(Mode))
+IPV6_MODES: frozenset[str] = frozenset({"ip6gre", "ip6gretap"})
+ETHERNET_MODES: frozenset[str] = frozenset({"gretap", "ip6gretap"})
+
+
+@dataclass(frozen=True)
+class GreAttribute:
+    """One tunnel parameter: its `model.LinkSpec` field, its kernel attribute, and how it travels.
+
+    rtnl's encoder and decoder walk GRE_ATTRIBUTES, and model compares and describes links by it, so a new
+    parameter is one row here (and its config field).
+    """
+
+    field: str  # LinkSpec field
+    number: int  # IFLA_GRE_* (include/uapi/linux/if_tunnel.h); ip6gre shares the numbering
+    name: str  # the attribute's name after IFLA_GRE_ / IFLA_IP6GRE_, as pyroute2 decodes it
+    codec: Literal["address", "u8", "flag", "key"]  # key: __be32 key plus GRE_KEY in its __be16 flags attribute
+    flags_number: int = 0  # key only: IFLA_GRE_[IO]FLAGS, where GRE_KEY says whether there is a key
+    flags_name: str = ""  # key only: its name, as `name`
+    ipv4_only: bool = False  # None in a LinkSpec of an ip6 mode: not applicable there, neither sent nor compared
+    shown: Literal["always", "keyed", "never"] = "always"  # in a link's one-line description; keyed: with a key
+    zero: str | None = None  # how the description writes 0 (ttl 0 is "inherit")
+
+
+IFLA_GRE_IFLAGS, IFLA_GRE_OFLAGS, IFLA_GRE_IKEY, IFLA_GRE_OKEY = 2, 3, 4, 5
+IFLA_GRE_LOCAL, IFLA_GRE_REMOTE, IFLA_GRE_TTL, IFLA_GRE_TOS, IFLA_GRE_PMTUDISC = 6, 7, 8, 9, 10
+
+GRE_ATTRIBUTES: tuple[GreAttribute, ...] = (
+    GreAttribute("local", IFLA_GRE_LOCAL, "LOCAL", "address"),
+    GreAttribute("remote", IFLA_GRE_REMOTE, "REMOTE", "address"),
+    GreAttribute("ikey", IFLA_GRE_IKEY, "IKEY", "key", flags_number=IFLA_GRE_IFLAGS, flags_name="IFLAGS",
+                  shown="keyed"),
+    GreAttribute("okey", IFLA_GRE_OKEY, "OKEY", "key", flags_number=IFLA_GRE_OFLAGS, flags_name="OFLAGS",
+                  shown="keyed"),
+    GreAttribute("ttl", IFLA_GRE_TTL, "TTL", "u8", zero="inherit"),
+    GreAttribute("tos", IFLA_GRE_TOS, "TOS", "u8", ipv4_only=True, shown="never"),
+    GreAttribute("pmtudisc", IFLA_GRE_PMTUDISC, "PMTUDISC", "flag", ipv4_only=True, shown="never"),
+)

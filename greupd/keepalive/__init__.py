@@ -1,0 +1,11 @@
+"""Cisco-compatible GRE keepalives: probes out, replies in, an up/down verdict per tunnel.
+
+- `codec`: the probe and reply packets (scapy, once), and the socket filter that keeps tunnel traffic out.
+- `liveness`: the state machine per tunnel (`Liveness`), pure: time and events in, transitions out.
+- `engine`: `KeepaliveEngine`, the raw sockets and timers on the asyncio loop.
+- `__main__`: `python -m greupd.keepalive`, the engine alone.
+"""
+
+from greupd.keepalive.engine import KeepaliveEngine, KeepaliveTarget, LivenessChange, targets_from_config
+
+__all__ = ["KeepaliveEngine", "KeepaliveTarget", "LivenessChange", "targets_from_config"]

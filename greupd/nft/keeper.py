@@ -1,0 +1,61 @@
+"""The daemon's nftables table kept as the config renders it: applied when it differs, watched for changes.
+
+The nftables side of the reconcile pass (render.py renders, table.py applies, watch.py listens); a
+change someone else makes to the table only marks it (`on_change`), and the next pass puts it back.
+Failures are reported through `on_error` and never stop the daemon: the tunnels do not depend on the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from greupd.config import Config
+from greupd.nft.render import render_ruleset
+from greupd.nft.table import NftError, NftTable
+from greupd.nft.watch import NftWatch, NftWatchError
+
+
+class NftKeeper:
+    def __init__(self, table: str, on_change: Callable[[], None], on_error: Callable[[str], None]) -> None:
+        self._on_change = on_change
+        self._on_error = on_error
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.name = table
+        self.table = NftTable(table)
+        self.watch = NftWatch(on_change, table=table)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        try:
+            self.watch.start(loop)
+        except NftWatchError as exc:
+            self._on_error(f"nftables: cannot watch for changes, the table will not be repaired on its own: {exc}")
+
+    def keep(self, config: Config) -> None:
+        """Make the table what `config` renders, unless it already is (one dry-run compare, no transaction)."""
+        ruleset = render_ruleset(config)
+        try:
+            if not self.table.matches(ruleset):
+                self.table.apply(ruleset)
+        except NftError as exc:
+            self._on_error(f"nftables: {exc}")
+
+    def rename(self, table: str) -> None:
+        """The config names another table: remove ours, and keep (and watch) the new one from now on."""
+        if table == self.name:
+            return
+        self.remove()
+        self.watch.close()
+        self.name, self.table, self.watch = table, NftTable(table), NftWatch(self._on_change, table=table)
+        if self._loop is not None:
+            self.start(self._loop)
+
+    def remove(self) -> None:
+        try:
+            self.table.remove()
+        except NftError as exc:
+            self._on_error(f"nftables: {exc}")
+
+    def close(self) -> None:
+        self.watch.close()

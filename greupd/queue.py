@@ -1,0 +1,165 @@
+"""The daemon's work queue: which tunnels to look at again, and when (controller-runtime's workqueue, small).
+
+Every input only marks: a kernel event marks the tunnels it names (or everything, when it cannot tell), a
+keepalive verdict marks its tunnel, an nftables event marks the table, SIGHUP and the control socket mark a
+reload, a failed pass marks everything again after RETRY_AFTER. The loop then takes one `Batch` and runs one
+pass over it. Backoff lives here, never in the reconciler: a tunnel that keeps needing repair is being fought
+over by another program, and is paused instead of turning the fight into a busy loop.
+
+Pure: no loop, no clock of its own; `wake` is called when something was marked, and time is handed in. A
+reload request may bring a future; the loop step that reloads resolves it with the answer (`settle`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Final, Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")  # what a reload answers
+
+# A tunnel repaired more often than this is being fought over by another manager: back off instead of
+# turning the fight into a busy loop.
+FIGHT_REPAIRS: Final = 10
+FIGHT_WINDOW: Final = 10.0
+FIGHT_BACKOFF: Final = (1.0, 60.0)
+# After a pass the kernel refused (a dump interrupted by a concurrent change, memory pressure), look at
+# everything again this many seconds later.
+RETRY_AFTER: Final = 1.0
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What one pass is to do. names None: every tunnel; repairs: those the kernel told us about (not our own
+    keepalive verdicts), which count towards a fight."""
+
+    names: frozenset[str] | None
+    repairs: frozenset[str] = frozenset()
+    nft: bool = False
+
+    def __bool__(self) -> bool:
+        return self.names is None or bool(self.names) or self.nft
+
+
+@dataclass(frozen=True)
+class Pause:
+    """A tunnel the queue stopped repairing for `seconds`: mark it again then."""
+
+    name: str
+    seconds: float
+
+    def __str__(self) -> str:
+        return (f"tunnel {self.name}: repaired {FIGHT_REPAIRS} times in {FIGHT_WINDOW:.0f} s, another program "
+                f"keeps changing it; next repair in {self.seconds:.0f} s")
+
+
+@dataclass
+class _Fight:
+    repairs: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=FIGHT_REPAIRS))
+    backoff: float = 0.0
+    paused_until: float = 0.0
+
+
+class WorkQueue(Generic[R]):
+    def __init__(self, wake: Callable[[], None] = lambda: None) -> None:
+        self._wake = wake
+        self._dirty: set[str] = set()
+        self._liveness_dirty: set[str] = set()  # dirty because of a keepalive verdict, not the kernel
+        self._everything = False
+        self._nft = False
+        self._reload: list[asyncio.Future[R]] | None = None  # None: no reload asked for
+        self._fights: dict[str, _Fight] = {}
+
+    # --- marking ------------------------------------------------------------------------------------
+
+    def mark(self, names: Iterable[str] | None) -> None:
+        """Look at these tunnels again (None: at every tunnel)."""
+        if names is None:
+            self._everything = True
+        else:
+            self._dirty.update(names)
+        self._wake()
+
+    def mark_liveness(self, name: str) -> None:
+        """A keepalive verdict flipped: the routes follow it, which is no fight with anyone."""
+        self._dirty.add(name)
+        self._liveness_dirty.add(name)
+        self._wake()
+
+    def mark_nft(self) -> None:
+        self._nft = True
+        self._wake()
+
+    def mark_reload(self, answer: asyncio.Future[R] | None = None) -> None:
+        """Reload the config at the next step; `answer` gets the result (SIGHUP brings none)."""
+        self._reload = self._reload or []
+        if answer is not None:
+            self._reload.append(answer)
+        self._wake()
+
+    # --- taking -------------------------------------------------------------------------------------
+
+    def take_reload(self) -> list[asyncio.Future[R]] | None:
+        """The futures waiting for a reload (maybe none), or None when no reload was asked for."""
+        waiting, self._reload = self._reload, None
+        return waiting
+
+    def cancel_reloads(self) -> None:
+        for answer in self.take_reload() or ():
+            answer.cancel()
+
+    def take_ready(self, now: float) -> Batch:
+        """Everything marked and not paused; paused tunnels stay marked until their Pause is over."""
+        nft, self._nft = self._nft, False
+        if self._everything:
+            self._everything = False
+            self._dirty.clear()
+            self._liveness_dirty.clear()
+            return Batch(None, nft=nft)
+        ready = frozenset(n for n in self._dirty if (f := self._fights.get(n)) is None or f.paused_until <= now)
+        self._dirty -= ready
+        repairs = ready - self._liveness_dirty
+        self._liveness_dirty -= ready
+        return Batch(ready, repairs, nft)
+
+    # --- fights -------------------------------------------------------------------------------------
+
+    def note_repairs(self, names: Iterable[str], now: float) -> list[Pause]:
+        """`names` were repaired (changed back) at `now`; pause those repaired too often, lately."""
+        pauses: list[Pause] = []
+        for name in names:
+            fight = self._fights.setdefault(name, _Fight())
+            fight.repairs.append(now)
+            if len(fight.repairs) == FIGHT_REPAIRS and now - fight.repairs[0] < FIGHT_WINDOW:
+                fight.backoff = min(max(fight.backoff * 2, FIGHT_BACKOFF[0]), FIGHT_BACKOFF[1])
+                fight.paused_until = now + fight.backoff
+                fight.repairs.clear()
+                pauses.append(Pause(name, fight.backoff))
+            elif now - fight.repairs[0] > 4 * FIGHT_WINDOW:
+                fight.backoff = 0.0
+        return pauses
+
+    def forget(self, keep: Iterable[str]) -> None:
+        """Drop the fight history of tunnels no longer configured (a tunnel added back starts afresh)."""
+        wanted = set(keep)
+        for name in set(self._fights) - wanted:
+            del self._fights[name]
+
+
+def settle(answers: Iterable[asyncio.Future[T]], work: Callable[[], T]) -> None:
+    """Run `work` and give its result to every answer; if it raises, waiting answers get the exception (the
+    control socket reports it, the daemon carries on), and with nobody waiting it propagates."""
+    answers = [a for a in answers if not a.done()]
+    try:
+        result = work()
+    except Exception as exc:
+        if not answers:
+            raise
+        for answer in answers:
+            answer.set_exception(exc)
+    else:
+        for answer in answers:
+            answer.set_result(result)

@@ -1,0 +1,140 @@
+"""What the daemon says about its tunnels: one TunnelRecord each, updated after every pass.
+
+`Reports.update` takes what a pass saw and did (the observation before and after, the plan, the kernel's
+refusals) and the keepalive verdicts, and returns the tunnel state changes as journal events; the daemon
+emits them. `statuses` is the tunnel part of `greupd status --json` and of systemd's STATUS= line.
+
+Pure: no I/O, no kernel. The keepalive verdict itself lives in the keepalive engine (`is_up`); the sentence a
+verdict came with (`LivenessChange.message`) is kept here until the pass that acts on it journals it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from greupd.config import Config, TunnelConfig
+from greupd.events import TunnelChanged, tunnel_change_message
+from greupd.keepalive.liveness import LivenessChange
+from greupd.model import Observed, Plan
+from greupd.netlink.kernel import ApplyError
+from greupd.status import KeepaliveStatus, TunnelState, TunnelStatus
+
+# The reason a tunnel comes back up, by the reason it went down.
+_RESTORED = {"keepalive-timeout": "keepalive-restored", "link-removed": "link-restored"}
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class TunnelRecord:
+    """What the daemon last reported about one tunnel."""
+
+    state: TunnelState = "down"
+    since: str = field(default_factory=now_iso)
+    reason: str = "config"
+    error: str | None = None
+    ifindex: int | None = None
+    link_present: bool = False
+    reported: bool = False
+
+
+class Reports:
+    def __init__(self, clock: Callable[[], str] = now_iso) -> None:
+        self.records: dict[str, TunnelRecord] = {}
+        self._clock = clock
+        self._verdicts: dict[str, LivenessChange] = {}  # the last flip per tunnel, for its sentence
+
+    def note_liveness(self, name: str, change: LivenessChange) -> None:
+        self._verdicts[name] = change
+
+    def update(self, config: Config, before: Observed, plan: Plan, errors: Iterable[ApplyError], after: Observed,
+               is_up: Callable[[str], bool]) -> list[TunnelChanged]:
+        """The state changes of one pass. before: the observation it planned from; after: the kernel once the
+        plan was applied (as planned where acknowledged, observed again where refused)."""
+        changes = self._link_losses(config, before)
+        problems = {p.tunnel: p.message for p in plan.problems}
+        failures: dict[str, str] = {}
+        for error in errors:
+            if error.tunnel is not None:
+                failures.setdefault(error.tunnel, str(error))
+        for tunnel in config.tunnels:
+            if not after.covers(tunnel.name):
+                continue
+            record = self._record(tunnel.name)
+            link = after.links.get(tunnel.name)
+            record.ifindex = link.index if link is not None and link.owned else None
+            record.link_present = link is not None and link.owned
+            if not tunnel.enabled:
+                changes += self._transition(tunnel, "disabled", "config")
+            elif tunnel.name in problems or tunnel.name in failures:
+                message = problems.get(tunnel.name) or failures[tunnel.name]
+                record.error = message
+                changes += self._transition(tunnel, "error", "conflict" if tunnel.name in problems
+                                            else "apply-failed", error=message)
+            elif not is_up(tunnel.name):
+                record.error = None
+                changes += self._transition(tunnel, "down", "keepalive-timeout")
+            elif record.link_present:
+                record.error = None
+                reason = _RESTORED.get(record.reason, "repaired" if record.state == "error" else "config")
+                changes += self._transition(tunnel, "up", reason)
+        configured = {t.name for t in config.tunnels}
+        for gone in set(self.records) - configured:
+            del self.records[gone]
+        for gone in set(self._verdicts) - configured:
+            del self._verdicts[gone]
+        return changes
+
+    def statuses(self, config: Config, keepalive: Callable[[str], KeepaliveStatus | None]) -> list[TunnelStatus]:
+        statuses: list[TunnelStatus] = []
+        for tunnel in config.tunnels:
+            record = self.records.get(tunnel.name, TunnelRecord())
+            statuses.append({
+                "name": tunnel.name, "mode": tunnel.mode, "local": str(tunnel.local),
+                "remote": str(tunnel.remote), "state": record.state, "since": record.since,
+                "reason": record.reason, "error": record.error, "ifindex": record.ifindex,
+                "routes": [str(r) for r in tunnel.routes],
+                "routes_installed": record.state == "up" and bool(tunnel.routes),
+                "keepalive": keepalive(tunnel.name) if tunnel.keepalive else None,
+            })
+        return statuses
+
+    def _link_losses(self, config: Config, observed: Observed) -> list[TunnelChanged]:
+        changes: list[TunnelChanged] = []
+        for tunnel in config.tunnels:
+            record = self.records.get(tunnel.name)
+            if record is None or not observed.covers(tunnel.name) or not tunnel.enabled:
+                continue
+            if record.link_present and tunnel.name not in observed.links:
+                changes += self._transition(tunnel, "down", "link-removed")
+                record.link_present = False
+        return changes
+
+    def _transition(self, tunnel: TunnelConfig, state: TunnelState, reason: str,
+                    error: str | None = None) -> list[TunnelChanged]:
+        record = self._record(tunnel.name)
+        if record.reported and record.state == state:
+            return []
+        previous = record.state if record.reported else None
+        record.state, record.reason, record.since, record.reported = state, reason, self._clock(), True
+        keepalive = tunnel.keepalive
+        verdict = self._verdicts.get(tunnel.name)
+        said = verdict.message if verdict is not None and verdict.reason == reason else None
+        message = tunnel_change_message(
+            tunnel.name, state, reason, routes=[str(r) for r in tunnel.routes] if state in ("up", "down") else (),
+            keepalive_interval=keepalive.interval if keepalive else None,
+            retries=keepalive.retries if keepalive else None,
+            replies=keepalive.up_after if keepalive else None, error=error, cause=said)
+        if state == "down" and keepalive is not None and keepalive.action == "link" and reason == "keepalive-timeout":
+            message += ", link set down"
+        return [TunnelChanged(tunnel.name, state, previous, reason, message)]
+
+    def _record(self, name: str) -> TunnelRecord:
+        record = self.records.get(name)
+        if record is None:
+            record = self.records[name] = TunnelRecord()
+        return record
