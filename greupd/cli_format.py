@@ -74,6 +74,7 @@ def format_status(status: DaemonStatus, now: datetime | None = None) -> str:
 def describe_plan(config: Config) -> str:
     """What `greupd run` (or a reload) would change right now: kernel actions, then the nftables table."""
     # Imported here: `greupd status` prints through this module and needs neither netlink nor libnftables.
+    from greupd.ipsec.connections import describe_connections, desired_connections
     from greupd.model import desired_state
     from greupd.netlink.kernel import Kernel
     from greupd.nft.render import describe_ruleset, render_ruleset
@@ -95,5 +96,10 @@ def describe_plan(config: Config) -> str:
             nft_state = "to be replaced" if table.present() else "to be created"
     except NftError as exc:
         nft_state = f"unknown ({exc})"
-    return (f"# kernel\n{describe(plan)}\n\n# nftables table inet {config.daemon.nft_table} ({nft_state})\n"
+    text = (f"# kernel\n{describe(plan)}\n\n# nftables table inet {config.daemon.nft_table} ({nft_state})\n"
             f"{describe_ruleset(ruleset)}")
+    connections = desired_connections(config)
+    if connections:
+        text += (f"\n# strongSwan connections greupd keeps loaded in charon ({config.daemon.vici_socket})\n"
+                 f"{describe_connections(connections)}")
+    return text

@@ -298,3 +298,14 @@ def test_check_summary_names_the_protection(psk: Path) -> None:
     assert summarize(load(seed_a(f'psk_file = "{psk}"'))).splitlines()[1] == (
         "  My_Tunnel: gre 172.19.1.1 -> 172.19.1.2 192.168.8.1 peer 192.168.8.11, routes 20.10.1.0/24,"
         " ipsec (psk, cleartext GRE dropped)")
+
+
+def test_plan_shows_the_connections_as_swanctl_conf_without_the_secret(psk: Path) -> None:
+    from greupd.ipsec.connections import describe_connections
+
+    text = describe_connections(desired_connections(load(seed_a(f'psk_file = "{psk}"'))))
+    assert text.splitlines()[:5] == ["greupd-My_Tunnel {", "  version = 2", "  local_addrs = 172.19.1.1",
+                                     "  remote_addrs = 172.19.1.2", "  proposals = aes256gcm16-prfsha384-ecp384"]
+    assert "    gre {" in text and "      local_ts = dynamic[gre]" in text and "      mode = transport" in text
+    assert text.endswith(f"# greupd-My_Tunnel: psk from {psk}\n")
+    assert "correct horse" not in text

@@ -134,7 +134,7 @@ def tunnel_connection(tunnel: TunnelConfig) -> IpsecConnection | None:
     return IpsecConnection(
         name=connection_name(tunnel.name),
         tunnel=tunnel.name,
-        message_text=json.dumps(message, sort_keys=True),
+        message_text=json.dumps(message),  # in the order swanctl.conf would list it (plan shows it)
         auth="psk" if ipsec.psk_file is not None else "pubkey",
         psk_file=ipsec.psk_file,
         cert=ipsec.cert,
@@ -149,6 +149,23 @@ def desired_connections(config: Config) -> Mapping[str, IpsecConnection]:
     """Every connection greupd should have loaded into charon, by connection name."""
     found = (tunnel_connection(t) for t in config.tunnels)
     return {c.name: c for c in found if c is not None}
+
+
+def describe_connections(connections: Mapping[str, IpsecConnection]) -> str:
+    """The connections in swanctl.conf syntax (what `swanctl --list-conns` will show once loaded); no secret."""
+    def section(name: str, value: ViciValue, indent: str) -> list[str]:
+        if isinstance(value, dict):
+            inner = [line for key, item in value.items() for line in section(key, item, indent + "  ")]
+            return [f"{indent}{name} {{", *inner, f"{indent}}}"]
+        return [f"{indent}{name} = {', '.join(value) if isinstance(value, list) else value}"]
+
+    lines: list[str] = []
+    for connection in connections.values():
+        lines += section(connection.name, connection.message, "")
+        secret = (f"psk from {connection.psk_file}" if connection.psk_file is not None
+                  else f"key {connection.key}, cert {connection.cert}, ca {connection.ca}")
+        lines.append(f"# {connection.name}: {secret}")
+    return "\n".join(lines) + "\n"
 
 
 def default_ipsec_mtu(tunnel: TunnelConfig) -> int:
