@@ -50,6 +50,10 @@ class ControlSocketBusy(Exception):
     """Another daemon already answers on the control socket: two greupd would fight over the same links."""
 
 
+class ControlSocketUnusable(Exception):
+    """The control socket cannot be created at its path (review L9: read-only under ProtectSystem=strict)."""
+
+
 def control_socket(config: Config | Callable[[], Path] | None, override: str | Path | None = None) -> Path:
     """Where the daemon listens and the CLI asks: --socket, else $GREUPD_CONTROL_SOCKET, else the config's
     [daemon] control_socket, else the default. config may be a reader of that one key, called only when it is
@@ -81,7 +85,17 @@ class ControlServer:
         self._inode: int | None = None
 
     async def start(self) -> None:
-        """Bind and listen. Raises ControlSocketBusy when another daemon answers at the path."""
+        """Bind and listen. Raises ControlSocketBusy when another daemon answers at the path, and
+        ControlSocketUnusable when the path cannot hold a socket."""
+        try:
+            await self._start()
+        except OSError as exc:
+            raise ControlSocketUnusable(
+                f"cannot create the control socket {self.path}: {exc.strerror or exc} (under greupd.service"
+                " only /run/greupd is writable: put control_socket there, or add ReadWritePaths= in a drop-in)"
+            ) from exc
+
+    async def _start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

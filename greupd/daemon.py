@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from greupd.config import Config, ConfigError, load_config
-from greupd.control import ControlServer, ControlSocketBusy, control_socket
+from greupd.control import ControlServer, ControlSocketBusy, ControlSocketUnusable, control_socket
 from greupd.events import EventLog
 from greupd.ipsec.connections import desired_connections
 from greupd.ipsec.supervisor import IpsecChange, IpsecSupervisor
@@ -28,15 +28,11 @@ from greupd.nft.keeper import NftKeeper
 from greupd.plan import describe, plan_changes
 from greupd.queue import RETRY_AFTER, WorkQueue, settle
 from greupd.report import Reports
-from greupd.state import StartConfig, StateError
+from greupd.state import StartConfig
 from greupd.status import DaemonStatus, ReloadResult, TunnelStatus
 from greupd.systemd import Notifier, status_line
 
 log = logging.getLogger("greupd")
-
-
-class ControlSocketUnusable(Exception):
-    """The control socket cannot be created at its path (review L9: read-only under ProtectSystem=strict)."""
 
 
 class Daemon:
@@ -85,13 +81,7 @@ class Daemon:
     async def run(self) -> int:
         loop = self._loop = asyncio.get_running_loop()
         control = ControlServer(self.socket_path, self.status, self.request_reload, on_error=self.events.error)
-        try:
-            await control.start()
-        except OSError as exc:  # review L9
-            raise ControlSocketUnusable(
-                f"cannot create the control socket {self.socket_path}: {exc.strerror or exc} (under greupd.service"
-                " only /run/greupd is writable: put control_socket there, or add ReadWritePaths= in a drop-in)"
-            ) from exc
+        await control.start()
         self.watch.start(loop)
         self.keepalive.start(loop)
         for sig, handler in ((signal.SIGHUP, self.queue.mark_reload), (signal.SIGTERM, self._request_stop),
@@ -107,7 +97,7 @@ class Daemon:
         self.reconcile(None)
         self.nft.start(loop)
         self.notifier.ready(self._status_text())
-        if self.start is not None and self.start.rejected is not None:  # trust (#11 H4)
+        if self.start is not None and self.start.rejected is not None:
             self.events.config_rejected(str(self.start.rejected))
         else:
             self._keep_as_last_good()
@@ -223,12 +213,8 @@ class Daemon:
 
     def _keep_as_last_good(self) -> None:
         """The config now in force is the one to start with if the file on disk stops validating (#11 H4)."""
-        if self.start is None:
-            return
-        try:
-            self.start.state.save_last_good(self.config_path, self.config)
-        except StateError as exc:
-            self._fail(f"{exc}; a restart with an invalid config on disk will not be able to fall back to this one")
+        if self.start is not None and (problem := self.start.keep(self.config_path, self.config)):
+            self._fail(problem)
 
     def _shutdown(self) -> None:
         self.keepalive.close()

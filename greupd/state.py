@@ -189,6 +189,15 @@ class StartConfig:
                 f" kept in {self.state.path / LAST_GOOD}):\n{self.rejected}")
 
 
+    def keep(self, config_path: Path, config: Config) -> str | None:
+        """Save `config` as the last good one; the problem, if it could not be saved."""
+        try:
+            self.state.save_last_good(config_path, config)
+        except StateError as exc:
+            return f"{exc}; a restart with an invalid config on disk will not be able to fall back to this one"
+        return None
+
+
 class StartRefused(Exception):
     """Neither the config on disk nor a last good one can be run; the message lists every problem."""
 
