@@ -19,8 +19,7 @@ from pathlib import Path
 from greupd.config import Config, ConfigError, load_config
 from greupd.control import ControlServer, ControlSocketBusy, ControlSocketUnusable, control_socket
 from greupd.events import EventLog
-from greupd.ipsec.connections import desired_connections
-from greupd.ipsec.supervisor import IpsecChange, IpsecSupervisor
+from greupd.ipsec.supervisor import IpsecSupervisor
 from greupd.keepalive.engine import KeepaliveEngine, LivenessChange, targets_from_config
 from greupd.model import Desired, Observed, action_tunnel, desired_state
 from greupd.netlink.kernel import Kernel, KernelWatch
@@ -54,16 +53,13 @@ class Daemon:
         self.watch = KernelWatch(self.kernel, self.queue.mark)
         self.keepalive = KeepaliveEngine(self._on_liveness)
         self.nft = NftKeeper(config.daemon.nft_table, self.queue.mark_nft, self._fail)
-        self.ipsec = IpsecSupervisor(config.daemon.vici_socket, self._on_ipsec_change, self._fail)
+        self.ipsec = IpsecSupervisor(config, self.events.ipsec_changed, self._fail)  # runs on its own (supervisor.py)
         self._published_status = ""
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _on_liveness(self, name: str, change: LivenessChange) -> None:
         self.reports.note_liveness(name, change)
         self.queue.mark_liveness(name)
-
-    def _on_ipsec_change(self, change: IpsecChange) -> None:
-        self.events.ipsec_changed(change.tunnel, change.state, change.previous, change.message)
 
     def request_reload(self) -> asyncio.Future[ReloadResult]:
         """SIGHUP, `systemctl reload` and `greupd reload` alike: the next loop step reloads and answers here."""
@@ -88,12 +84,7 @@ class Daemon:
                              (signal.SIGINT, self._request_stop)):
             loop.add_signal_handler(sig, handler)
         self.keepalive.configure(targets_from_config(self.config))
-        self.ipsec.configure(desired_connections(self.config), self.config.daemon.vici_socket)
-        # The nftables drops and charon's connections first, then the links: GRE that leaves before its ESP
-        # policy exists is what [tunnel.ipsec] must prevent.
-        self.nft.keep(self.config)
-        self.ipsec.start(loop)
-        await self.ipsec.settled(timeout=3.0)
+        self.nft.keep(self.config)  # before the links: with [tunnel.ipsec], GRE must not leave before its drop rule
         self.reconcile(None)
         self.nft.start(loop)
         self.notifier.ready(self._status_text())
@@ -115,8 +106,6 @@ class Daemon:
             self.notifier.stopping()
             self.events.stopping(self.config.daemon.on_exit)
             await control.close()
-            # keep: charon keeps greupd's connections and SAs, so the tunnels stay encrypted across a restart.
-            await self.ipsec.close(unload=self.config.daemon.on_exit == "remove")
             self._shutdown()
         return 0
 
@@ -200,7 +189,7 @@ class Daemon:
         self.queue.forget(after)
         self.nft.rename(config.daemon.nft_table)
         self.keepalive.configure(targets_from_config(config))
-        self.ipsec.configure(desired_connections(config), config.daemon.vici_socket)
+        self.ipsec.configure(config)
         # Unchanged tunnels are not even looked at (no flap, and a reload of one tunnel among thousands
         # costs a few requests); drift on them is the watch's business.
         self.reconcile(changed)
@@ -228,8 +217,7 @@ class Daemon:
         self.kernel.close()
 
     def _publish_status(self) -> None:
-        # Only when it changed: a drift repair is no news to `systemctl status`, and every STATUS= is a
-        # blocking send to systemd.
+        # Only when it changed: a drift repair is no news to `systemctl status`; each STATUS= blocks on systemd.
         text = self._status_text()
         if text != self._published_status:
             self._published_status = text
@@ -239,11 +227,7 @@ class Daemon:
         return status_line(self.tunnel_statuses())
 
     def tunnel_statuses(self) -> list[TunnelStatus]:
-        statuses = self.reports.statuses(self.config, self.keepalive.status)
-        for status in statuses:
-            if (ipsec := self.ipsec.status(status["name"])) is not None:
-                status["ipsec"] = ipsec
-        return statuses
+        return self.ipsec.annotate(self.reports.statuses(self.config, self.keepalive.status))
 
     def status(self) -> DaemonStatus:
         return {"config": str(self.config_path), "generation": self.generation, "last_error": self.last_error,

@@ -29,7 +29,7 @@ import pytest
 
 from greupd.config import load_config_text
 from greupd.ipsec.connections import desired_connections
-from greupd.ipsec.supervisor import IpsecChange, IpsecSupervisor
+from greupd.ipsec.supervisor import IpsecSupervisor
 from greupd.nft import render_ruleset
 from lab import charon as charon_lab
 from lab.charon import Charon
@@ -88,13 +88,13 @@ def test_greupd_keeps_its_connections_in_charon_and_touches_no_other(lab: Lab) -
     charon.load(OPERATOR_CONF)  # the operator's own VPN, loaded by swanctl
     config = load_config_text(router_config(a, "172.19.1.1", "172.19.1.2", "192.168.8.1", "192.168.8.11",
                                             "20.10.1.0/24", charon.socket))
-    changes: list[IpsecChange] = []
+    changes: list[tuple[str, str | None]] = []
     errors: list[str] = []
 
     async def story() -> None:
-        supervisor = IpsecSupervisor(charon.socket, changes.append, errors.append, poll_interval=0.5)
-        supervisor.configure(desired_connections(config))
-        supervisor.start(asyncio.get_running_loop())
+        supervisor = IpsecSupervisor(charon.socket, lambda _, state, previous, __: changes.append((state, previous)),
+                                     errors.append, poll_interval=0.5)
+        supervisor.configure(desired_connections(config))  # in a running loop: starts it
 
         async def until(check: object, timeout: float = 15) -> bool:
             deadline = time.monotonic() + timeout
@@ -129,7 +129,7 @@ def test_greupd_keeps_its_connections_in_charon_and_touches_no_other(lab: Lab) -
         assert "greupd-My_Tunnel" not in charon.swanctl("--list-creds", check=False).stdout
 
     asyncio.run(story())
-    assert [(c.state, c.previous) for c in changes] == [("connecting", None), ("down", "connecting"),
+    assert changes == [("connecting", None), ("down", "connecting"),
                                                         ("connecting", "down")]
     assert errors and all("charon" in e for e in errors), errors
     assert not any(PSK in e for e in errors)
@@ -327,3 +327,21 @@ def test_require_drops_cleartext_gre_both_ways_with_no_charon_at_all(seed: SeedT
     assert not relaxed.wanted
     apply_on(seed.a, relaxed)
     assert seed.a.wait_ping("192.168.8.11", timeout=30)
+
+
+@pytest.mark.needs_root
+def test_on_exit_remove_unloads_greupds_connections_when_the_daemons_loop_ends(lab: Lab) -> None:
+    a = lab.host("a")
+    a.ip("link", "add", "wan0", "type", "veth", "peer", "name", "wan1")
+    charon = Charon(a).start()
+    text = router_config(a, *A_SIDE, vici=charon.socket).replace("[[tunnel]]", 'on_exit = "remove"\n\n[[tunnel]]')
+    config = load_config_text(text)
+
+    async def daemon_lifetime() -> None:
+        # As in the daemon: built inside the running loop from the config, it starts on its own.
+        supervisor = IpsecSupervisor(config, lambda *_: None, lambda _: None)
+        await supervisor.settled(timeout=10)
+        assert conns(charon) == ["greupd-My_Tunnel"]
+
+    asyncio.run(daemon_lifetime())  # returns: asyncio.run cancels what is left, as at the daemon's stop
+    assert conns(charon) == []

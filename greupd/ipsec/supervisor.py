@@ -6,6 +6,10 @@ difference. So a connection unloaded by hand (`swanctl --load-conns` drops every
 put back within one poll, and a charon that restarted gets everything loaded again as soon as its socket
 answers. Only connections named `greupd-*` are ever loaded, unloaded or terminated.
 
+Lifetime: created inside the daemon's running loop, it starts at once (its first pass loads the connections
+while the daemon builds its links; with `require = true` greupd's nftables table holds GRE back meanwhile).
+When the loop ends, its task is cancelled; with `on_exit = "remove"` it first unloads every greupd connection.
+
 Secrets: a PSK is read from its file when it is loaded, sent to charon, and kept nowhere but as a hash (to
 see the file change); it is never logged.
 """
@@ -17,13 +21,13 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from greupd.ipsec.connections import CHILD_NAME, IpsecConnection, tunnel_of
+from greupd.config import Config
+from greupd.ipsec.connections import CHILD_NAME, IpsecConnection, desired_connections, tunnel_of
 from greupd.ipsec.vici import ViciError, ViciReply, ViciSession
-from greupd.status import IpsecStatus
+from greupd.status import IpsecStatus, TunnelStatus
 
 log = logging.getLogger("greupd.ipsec")
 
@@ -31,14 +35,6 @@ IpsecState = Literal["established", "connecting", "down"]
 POLL_INTERVAL = 5.0  # seconds between passes without events: how soon a hand-unloaded connection comes back
 RETRY_INTERVAL = 2.0  # seconds between attempts to reach a charon that is not there
 EVENTS = ["ike-updown", "child-updown"]
-
-
-@dataclass(frozen=True)
-class IpsecChange:
-    tunnel: str
-    state: IpsecState
-    previous: IpsecState | None
-    message: str
 
 
 def _down(connection: str, error: str | None, charon: bool) -> IpsecStatus:
@@ -96,16 +92,22 @@ def _read_secret(path: Path) -> bytes:
     return path.read_bytes().strip()
 
 
+# on_change(tunnel, state, previous state or None, one-line message): EventLog.ipsec_changed
+OnChange = Callable[[str, IpsecState, IpsecState | None, str], None]
+
+
 class IpsecSupervisor:
     """The daemon's side of charon: `configure` what should be loaded, read `status`, get `on_change` calls."""
 
-    def __init__(self, socket_path: Path, on_change: Callable[[IpsecChange], None],
-                 on_error: Callable[[str], None], poll_interval: float = POLL_INTERVAL) -> None:
-        self.socket_path = socket_path
+    def __init__(self, config: Config | Path, on_change: OnChange, on_error: Callable[[str], None],
+                 poll_interval: float = POLL_INTERVAL) -> None:
+        """`config`: the daemon's config (connections, VICI socket, on_exit), or only a VICI socket path."""
+        self.socket_path = config if isinstance(config, Path) else config.daemon.vici_socket
         self.poll_interval = poll_interval
         self._on_change = on_change
         self._on_error = on_error
         self._wanted: dict[str, IpsecConnection] = {}
+        self._unload_at_exit = False
         self._statuses: dict[str, IpsecStatus] = {}
         self._reported: dict[str, IpsecState] = {}
         self._task: asyncio.Task[None] | None = None
@@ -120,22 +122,37 @@ class IpsecSupervisor:
         self._last_error: str | None = None
         self._first_pass = asyncio.Event()
         self.passes = 0
+        if isinstance(config, Config):
+            self.configure(config)
 
     # --- the daemon's API -------------------------------------------------------------------------------
 
-    def configure(self, connections: Mapping[str, IpsecConnection], socket_path: Path | None = None) -> None:
-        if socket_path is not None and socket_path != self.socket_path:
-            self.socket_path = socket_path
-            self._disconnect()
-        self._wanted = dict(connections)
+    def configure(self, config: Config | Mapping[str, IpsecConnection]) -> None:
+        """What charon should hold: the connections of `config` (and its VICI socket, its on_exit)."""
+        if isinstance(config, Config):
+            self._unload_at_exit = config.daemon.on_exit == "remove"
+            if config.daemon.vici_socket != self.socket_path:
+                self.socket_path = config.daemon.vici_socket
+                self._disconnect()
+            config = desired_connections(config)
+        self._wanted = dict(config)
         for tunnel in set(self._statuses) - {c.tunnel for c in self._wanted.values()}:
             del self._statuses[tunnel]
             self._reported.pop(tunnel, None)
         self._wake.set()
+        with contextlib.suppress(RuntimeError):  # outside a running loop: start() later
+            self.start(asyncio.get_running_loop())
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._task is None:
+        if self._task is None and self._wanted:
             self._task = loop.create_task(self._run(), name="greupd-ipsec")
+
+    def annotate(self, statuses: list[TunnelStatus]) -> list[TunnelStatus]:
+        """`greupd status`: each tunnel with [tunnel.ipsec] gets its `"ipsec"` part."""
+        for status in statuses:
+            if (ipsec := self.status(status["name"])) is not None:
+                status["ipsec"] = ipsec
+        return statuses
 
     def status(self, tunnel: str) -> IpsecStatus | None:
         connection = next((c for c in self._wanted.values() if c.tunnel == tunnel), None)
@@ -162,14 +179,30 @@ class IpsecSupervisor:
         if unload and self._wanted:
             self._wanted = {}
             with contextlib.suppress(ViciError):
-                if self._session is None or not self._session.connected:
-                    await self._connect()
+                await self._connect()  # afresh: the cancel may have cut a request short on the old connection
                 await self._reconcile()
         self._disconnect()
 
     # --- the loop ---------------------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        try:
+            await self._supervise()
+        except asyncio.CancelledError:
+            # The daemon's loop is ending (asyncio.run cancels what is left): on_exit = "remove" takes our
+            # connections out of charon; "keep" leaves them, so the tunnels stay encrypted across a restart.
+            if self._unload_at_exit and self._session is not None and self._session.connected:
+                self._wanted = {}
+                try:
+                    # A fresh connection: the cancel may have cut a request short on the old one.
+                    await self._connect()
+                    await self._reconcile()
+                except ViciError as exc:
+                    log.warning("ipsec: could not unload greupd's connections at exit: %s", exc)
+            self._disconnect()
+            raise
+
+    async def _supervise(self) -> None:
         while True:
             try:
                 if self._session is None or not self._session.connected:
@@ -312,4 +345,4 @@ class IpsecSupervisor:
             previous = self._reported.get(tunnel)
             if previous != status["state"]:
                 self._reported[tunnel] = status["state"]
-                self._on_change(IpsecChange(tunnel, status["state"], previous, change_message(tunnel, status)))
+                self._on_change(tunnel, status["state"], previous, change_message(tunnel, status))
