@@ -1,4 +1,4 @@
-"""The `greupd` command: run, check, plan, status, reload, schema."""
+"""The `greupd` command: run, check, plan, status, reload, schema, import."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import cast
 
+from greupd import __version__
 from greupd.config import (
     DEFAULT_CONFIG,
     DEFAULT_CONTROL_SOCKET,
@@ -25,6 +26,7 @@ EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
 EXIT_NO_DAEMON = 3
+EXIT_CHANGES = 2  # plan --detailed-exitcode: there is something to change
 
 
 def _config_path(args: argparse.Namespace) -> Path:
@@ -73,6 +75,8 @@ def summarize(config: Config) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     path = _config_path(args)
+    if getattr(args, "json", False):
+        return _check_json(path)
     config = _load_or_report(path)
     if config is None:
         return EXIT_INVALID
@@ -90,10 +94,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = _load_or_report(_config_path(args))
     if config is None:
         return EXIT_INVALID
-    from greupd.cli_format import describe_plan
-
-    print(describe_plan(config))
-    return EXIT_OK
+    return _plan_for_tools(config, args.json, args.detailed_exitcode)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -136,6 +137,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     answer = _ask_daemon(args, "status")
     if isinstance(answer, int):
         return answer
+    if getattr(args, "names", None):
+        filtered = _only_named(cast(DaemonStatus, answer), args.names)
+        if filtered is None:
+            return EXIT_INVALID
+        answer = filtered
     print(json.dumps(answer, indent=2) if args.json else format_status(cast(DaemonStatus, answer)))
     return EXIT_OK
 
@@ -152,8 +158,74 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- for tools (config management, scripts): check --json, plan --json/--detailed-exitcode, status NAME, import
+
+
+def _check_json(path: Path) -> int:
+    """`greupd check --json`: {"valid": bool, "errors": [{"file", "line", "field", "message"}]}."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        errors = [{"file": str(p.file), "line": p.line, "field": p.field, "message": p.message}
+                  for p in exc.problems]
+        print(json.dumps({"valid": False, "errors": errors}, indent=2))
+        return EXIT_INVALID
+    print(json.dumps({"valid": True, "errors": [], "files": [str(f) for f in config.files],
+                      "tunnels": [t.name for t in config.tunnels]}, indent=2))
+    return EXIT_OK
+
+
+def _plan_for_tools(config: Config, as_json: bool, detailed: bool) -> int:
+    from greupd.cli_format import describe_plan, plan_report
+
+    try:
+        report = plan_report(config)
+    except OSError as exc:
+        print(f"greupd: cannot read the kernel's state: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    changes, errors = report.changes(), report.errors()
+    if as_json:
+        print(json.dumps({"changes": changes, "errors": errors,
+                          "nftables": {"table": report.table, "action": report.nft_action,
+                                       "ruleset": report.ruleset_text},
+                          "config": [str(f) for f in config.files]}, indent=2))
+    else:
+        print(describe_plan(report))
+    if not detailed:
+        return EXIT_OK
+    return EXIT_INVALID if errors else EXIT_CHANGES if changes else EXIT_OK
+
+
+def _only_named(status: DaemonStatus, names: Sequence[str]) -> DaemonStatus | None:
+    known = {t["name"] for t in status["tunnels"]}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(f"greupd: no tunnel named {', '.join(unknown)} in the running config", file=sys.stderr)
+        return None
+    wanted = set(names)
+    return {**status, "tunnels": [t for t in status["tunnels"] if t["name"] in wanted]}
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from greupd.importer import ImportProblem
+    from greupd.importer.sources import import_config
+
+    words: list[str] = list(args.words)
+    path: Path | None = None
+    # For the file formats the first word is PATH when it looks like one; tunnel names never contain "/".
+    if args.source != "kernel" and words and ("/" in words[0] or Path(words[0]).exists()):
+        path = Path(words.pop(0))
+    try:
+        print(import_config(args.source, path, words), end="")
+    except ImportProblem as exc:
+        print(f"greupd: import: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="greupd", description="Declarative, self-healing GRE tunnels.")
+    parser.add_argument("--version", action="version", version=f"greupd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser, positional: bool = False) -> argparse.ArgumentParser:
@@ -171,12 +243,25 @@ def build_parser() -> argparse.ArgumentParser:
     run = with_socket(with_config(sub.add_parser("run", help="run the daemon in the foreground")))
     run.set_defaults(func=cmd_run)
     check = with_config(sub.add_parser("check", help="validate the config and print a summary"), positional=True)
+    check.add_argument("--json", action="store_true", help='print {"valid": ..., "errors": [...]}')
     check.set_defaults(func=cmd_check)
     plan = with_config(sub.add_parser("plan", help="print what run or a reload would change"), positional=True)
+    plan.add_argument("--json", action="store_true", help='print {"changes": [...], "errors": [...]}')
+    plan.add_argument("--detailed-exitcode", action="store_true",
+                      help="exit 0 when nothing would change, 2 when something would, 1 on an error")
     plan.set_defaults(func=cmd_plan)
     status = with_config(with_socket(sub.add_parser("status", help="ask the running daemon")))
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("names", nargs="*", metavar="NAME", help="only these tunnels (exit 1 for an unknown name)")
     status.set_defaults(func=cmd_status)
+    from greupd.importer import SOURCES
+
+    importer = sub.add_parser("import", help="print a tunnels.toml describing existing GRE tunnels (adopt = true)")
+    importer.add_argument("--from", dest="source", choices=SOURCES, default="kernel",
+                          help="where the tunnels are described (default: the running kernel)")
+    importer.add_argument("words", nargs="*", metavar="[PATH] [NAME]",
+                          help="the file or directory to read (not for kernel), then tunnel names (default: all)")
+    importer.set_defaults(func=cmd_import)
     reload = with_config(with_socket(sub.add_parser("reload", help="re-read the config in the running daemon")))
     reload.set_defaults(func=cmd_reload)
     sub.add_parser("schema", help="print the JSON Schema of tunnels.toml").set_defaults(func=cmd_schema)

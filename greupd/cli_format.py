@@ -7,10 +7,15 @@ imports it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from greupd.config import Config, format_duration
 from greupd.status import DaemonStatus, TunnelStatus
+
+if TYPE_CHECKING:
+    from greupd.model import Plan
 
 # --- the table of `greupd status` ------------------------------------------------------------------------------
 
@@ -71,15 +76,50 @@ def format_status(status: DaemonStatus, now: datetime | None = None) -> str:
 
 # --- the report of `greupd plan` -------------------------------------------------------------------------------
 
-def describe_plan(config: Config) -> str:
-    """What `greupd run` (or a reload) would change right now: kernel actions, then the nftables table."""
+@dataclass(frozen=True)
+class PlanReport:
+    """What `greupd run` (or a reload) would change right now, in the kernel and in greupd's nftables table."""
+
+    plan: Plan
+    table: str  # the nftables table, `inet <name>`
+    ruleset_text: str  # the ruleset in nft syntax
+    nft_action: str | None  # create-nft-table, replace-nft-table, remove-nft-table; None: nothing to do
+    nft_error: str | None  # nftables could not be asked, and the config needs a table
+    ipsec_text: str = ""  # the strongSwan connections greupd keeps loaded ([tunnel.ipsec]), swanctl.conf syntax
+
+    def changes(self) -> list[dict[str, object]]:
+        """One object per change, for `plan --json`: the tunnel, a stable action word, the text `plan` prints."""
+        from greupd.model import action_tunnel
+
+        changes: list[dict[str, object]] = [
+            {"tunnel": action_tunnel(a), "action": _kebab(type(a).__name__), "description": str(a)}
+            for a in self.plan.actions]
+        if self.nft_action is not None:
+            changes.append({"tunnel": None, "action": self.nft_action,
+                            "description": f"nftables table {self.table}: {self.nft_action.split('-')[0]}"})
+        return changes
+
+    def errors(self) -> list[dict[str, object]]:
+        errors: list[dict[str, object]] = [{"tunnel": p.tunnel, "message": p.message} for p in self.plan.problems]
+        if self.nft_error is not None:
+            errors.append({"tunnel": None, "message": self.nft_error})
+        return errors
+
+
+def _kebab(name: str) -> str:
+    """CreateLink -> create-link."""
+    return "".join(f"-{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
+
+
+def plan_report(config: Config) -> PlanReport:
+    """Observe the kernel and nftables once and plan against them; changes nothing."""
     # Imported here: `greupd status` prints through this module and needs neither netlink nor libnftables.
     from greupd.ipsec.connections import describe_connections, desired_connections
     from greupd.model import desired_state
     from greupd.netlink.kernel import Kernel
     from greupd.nft.render import describe_ruleset, render_ruleset
     from greupd.nft.table import NftError, NftTable
-    from greupd.plan import describe, plan_changes
+    from greupd.plan import plan_changes
 
     kernel = Kernel()
     try:
@@ -89,17 +129,29 @@ def describe_plan(config: Config) -> str:
         kernel.close()
     ruleset = render_ruleset(config)
     table = NftTable(config.daemon.nft_table)
+    action: str | None = None
+    error: str | None = None
     try:
-        if table.matches(ruleset):
-            nft_state = "unchanged"
-        else:
-            nft_state = "to be replaced" if table.present() else "to be created"
+        if not table.matches(ruleset):
+            action = ("replace-nft-table" if table.present() else "create-nft-table") if ruleset.wanted \
+                else "remove-nft-table"
     except NftError as exc:
-        nft_state = f"unknown ({exc})"
-    text = (f"# kernel\n{describe(plan)}\n\n# nftables table inet {config.daemon.nft_table} ({nft_state})\n"
-            f"{describe_ruleset(ruleset)}")
+        # With nothing to put in a table, nftables that cannot be asked cannot hold one of ours either.
+        error = f"nftables: {exc}" if ruleset.wanted else None
     connections = desired_connections(config)
-    if connections:
-        text += (f"\n# strongSwan connections greupd keeps loaded in charon ({config.daemon.vici_socket})\n"
-                 f"{describe_connections(connections)}")
-    return text
+    ipsec = (f"\n# strongSwan connections greupd keeps loaded in charon ({config.daemon.vici_socket})\n"
+             f"{describe_connections(connections)}") if connections else ""
+    return PlanReport(plan, f"inet {config.daemon.nft_table}", describe_ruleset(ruleset), action, error, ipsec)
+
+
+_NFT_STATE = {None: "unchanged", "create-nft-table": "to be created", "replace-nft-table": "to be replaced",
+              "remove-nft-table": "to be removed"}
+
+
+def describe_plan(report: PlanReport) -> str:
+    """The plan as `greupd plan` prints it: kernel actions, then the nftables table."""
+    from greupd.plan import describe
+
+    state = f"unknown ({report.nft_error})" if report.nft_error else _NFT_STATE[report.nft_action]
+    return (f"# kernel\n{describe(report.plan)}\n\n# nftables table {report.table} ({state})\n{report.ruleset_text}"
+            f"{report.ipsec_text}")

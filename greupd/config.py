@@ -400,6 +400,8 @@ class TunnelConfig(_Model):
                       BeforeValidator(_whole_number("metric", 0, 0xFFFFFFFF))] = 0
     table: TableId = 254
     enabled: StrictBool = True
+    # Take over a same-named link that is not greupd's when its kind, endpoints and keys match (spec.md).
+    adopt: StrictBool = False
     keepalive: Annotated[KeepaliveConfig | None, BeforeValidator(_keepalive_or_off),
                          Field(json_schema_extra=lambda schema: schema["anyOf"].append({"const": False}))] = None
     mss: MssConfig = MssConfig()

@@ -86,6 +86,7 @@ class TunnelIntent:
     addresses: frozenset[AddressSpec]
     routes: frozenset[RouteSpec]
     sysctls: Mapping[str, str] = field(default_factory=dict)
+    adopt: bool = False  # take over a matching same-named link that is not ours, in place
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,9 @@ class Observed:
     routes: frozenset[RouteSpec]  # routes with protocol ROUTE_PROTO
     sysctls: Mapping[str, str | None]  # current values of the sysctls Desired names (None: absent)
     scope: frozenset[str] | None = None
+    # Routes of any other protocol through a foreign link that a tunnel with `adopt` may take over (its
+    # addresses are in `addresses` too): the candidates for a take-over in place.
+    foreign_routes: frozenset[RouteSpec] = frozenset()
 
     def covers(self, name: str) -> bool:
         return self.scope is None or name in self.scope
@@ -135,6 +139,7 @@ class Observed:
             frozenset({r for r in self.routes if r.ifname not in seen} | newer.routes),
             {**self.sysctls, **newer.sysctls},
             self.scope,
+            frozenset({r for r in self.foreign_routes if r.ifname not in seen} | newer.foreign_routes),
         )
 
 
@@ -211,6 +216,27 @@ class AddRoute:
 
 
 @dataclass(frozen=True)
+class AdoptLink:
+    """Mark a foreign link as greupd's (its alias), by the ifindex that was observed: never another link."""
+
+    name: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"adopt link {self.name} (ifindex {self.index}): set alias {LINK_ALIAS}"
+
+
+@dataclass(frozen=True)
+class TakeOverRoute:
+    """Replace a foreign route with the same one of protocol ROUTE_PROTO, in one request (no gap)."""
+
+    route: RouteSpec
+
+    def __str__(self) -> str:
+        return f"take over route {self.route}"
+
+
+@dataclass(frozen=True)
 class DeleteRoute:
     route: RouteSpec
 
@@ -219,7 +245,7 @@ class DeleteRoute:
 
 
 Action = (SetSysctl | CreateLink | ChangeLink | DeleteLink | SetLinkUp | AddAddress | DeleteAddress
-          | AddRoute | DeleteRoute)
+          | AddRoute | DeleteRoute | AdoptLink | TakeOverRoute)
 
 
 def action_tunnel(action: Action) -> str | None:
@@ -227,11 +253,11 @@ def action_tunnel(action: Action) -> str | None:
     match action:
         case CreateLink(spec) | ChangeLink(spec, _):
             return spec.name
-        case DeleteLink(name, _) | SetLinkUp(name, _):
+        case DeleteLink(name, _) | SetLinkUp(name, _) | AdoptLink(name, _):
             return name
         case AddAddress(address) | DeleteAddress(address):
             return address.ifname
-        case AddRoute(route) | DeleteRoute(route):
+        case AddRoute(route) | DeleteRoute(route) | TakeOverRoute(route):
             return route.ifname
         case SetSysctl(key, _):
             parts = key.split("/")
@@ -311,7 +337,7 @@ def tunnel_intent(tunnel: TunnelConfig, alive: bool) -> TunnelIntent:
         sysctls[f"net/ipv4/conf/{tunnel.name}/accept_local"] = "1"
         sysctls[f"net/ipv4/conf/{tunnel.name}/rp_filter"] = "0"
     up = alive or tunnel.keepalive is None or tunnel.keepalive.action != "link"
-    return TunnelIntent(link_spec(tunnel), up, addresses, routes, sysctls)
+    return TunnelIntent(link_spec(tunnel), up, addresses, routes, sysctls, tunnel.adopt)
 
 
 def desired_state(config: Config, alive: Mapping[str, bool] | None = None) -> Desired:

@@ -2,7 +2,9 @@
 
 Ownership rules live here: a link is greupd's only if it carries the LINK_ALIAS marker, a route only if it
 carries ROUTE_PROTO; nothing else is ever changed or deleted. A tunnel whose name is taken by a foreign
-link is reported as a problem and left alone; the other tunnels are planned as usual.
+link is reported as a problem and left alone; the other tunnels are planned as usual. The one exception is
+a tunnel with `adopt`: a foreign link of the same kind, endpoints and keys is taken over in place (marked,
+changed where it differs, its routes for the configured prefixes replaced by ours in one request each).
 """
 
 from __future__ import annotations
@@ -12,18 +14,22 @@ from greupd.model import (
     AddAddress,
     AddressSpec,
     AddRoute,
+    AdoptLink,
     ChangeLink,
     CreateLink,
     DeleteAddress,
     DeleteLink,
     DeleteRoute,
     Desired,
+    LinkSpec,
     Observed,
+    ObservedLink,
     Plan,
     PlanProblem,
     RouteSpec,
     SetLinkUp,
     SetSysctl,
+    TakeOverRoute,
     TunnelIntent,
 )
 
@@ -35,6 +41,7 @@ class _Steps:
         self.sysctls: list[Action] = []
         self.delete_links: list[Action] = []
         self.create_links: list[Action] = []
+        self.adopt_links: list[Action] = []
         self.change_links: list[Action] = []
         self.links_up: list[Action] = []
         self.link_sysctls: list[Action] = []
@@ -47,9 +54,9 @@ class _Steps:
     def ordered(self) -> tuple[Action, ...]:
         # Links must exist before their addresses and sysctls, be up before routes can use them (the kernel
         # refuses a route via a down device), and routes leave before a link is set down.
-        return (*self.sysctls, *self.delete_links, *self.create_links, *self.change_links, *self.links_up,
-                *self.link_sysctls, *self.delete_addresses, *self.add_addresses, *self.delete_routes,
-                *self.add_routes, *self.links_down)
+        return (*self.sysctls, *self.delete_links, *self.create_links, *self.adopt_links, *self.change_links,
+                *self.links_up, *self.link_sysctls, *self.delete_addresses, *self.add_addresses,
+                *self.delete_routes, *self.add_routes, *self.links_down)
 
 
 def plan_changes(desired: Desired, observed: Observed) -> Plan:
@@ -69,7 +76,14 @@ def plan_changes(desired: Desired, observed: Observed) -> Plan:
         intent = desired.tunnels.get(name)
         link = observed.links.get(name)
         if link is not None and not link.owned:
-            if intent is not None:
+            if intent is not None and intent.adopt:
+                mismatch = adoption_mismatch(intent, link.spec)
+                if mismatch:
+                    problems.append(PlanProblem(name, f"interface {name} is not greupd's and cannot be adopted"
+                                                      f" ({mismatch}): left alone"))
+                else:
+                    _plan_adoption(steps, intent, link, observed)
+            elif intent is not None:
                 problems.append(PlanProblem(name, f"interface {name} exists and is not greupd's "
                                                   f"(kind {link.spec.kind}, no alias {'greupd'!r}): left alone"))
             continue
@@ -118,6 +132,54 @@ def _plan_tunnel(steps: _Steps, intent: TunnelIntent, observed: Observed, routes
     present = set() if fresh else routes
     steps.delete_routes.extend(DeleteRoute(r) for r in sorted(present - intent.routes, key=str))
     steps.add_routes.extend(AddRoute(r) for r in sorted(intent.routes - present, key=str))
+
+
+def adoption_mismatch(intent: TunnelIntent, found: LinkSpec) -> str:
+    """Why a foreign link cannot become this tunnel in place ("" if it can): what a link cannot change."""
+    wanted = intent.link
+    if found.kind != wanted.kind:
+        return f"kind {found.kind}, configured {wanted.kind}"
+    differs = [f"{f} {_text(getattr(found, f))}, configured {_text(getattr(wanted, f))}"
+               for f in ("local", "remote", "ikey", "okey") if getattr(found, f) != getattr(wanted, f)]
+    return "; ".join(differs)
+
+
+def _text(value: object) -> str:
+    return "none" if value is None else str(value)
+
+
+def _plan_adoption(steps: _Steps, intent: TunnelIntent, link: ObservedLink, observed: Observed) -> None:
+    """Take over a matching foreign link in place: same ifindex, never down, routes replaced rather than re-added."""
+    name = intent.link.name
+    steps.adopt_links.append(AdoptLink(name, link.index))
+    changed = intent.link.differs_from(link.spec)
+    if changed:
+        steps.change_links.append(ChangeLink(intent.link, changed))
+    if intent.up and not link.up:
+        steps.links_up.append(SetLinkUp(name, True))
+    elif not intent.up and link.up:
+        steps.links_down.append(SetLinkUp(name, False))
+    for key, value in sorted(intent.sysctls.items()):
+        if observed.sysctls.get(key) != value:
+            steps.link_sysctls.append(SetSysctl(key, value))
+    addresses = observed.addresses.get(name, frozenset())
+    steps.delete_addresses.extend(DeleteAddress(a) for a in sorted(addresses - intent.addresses, key=str))
+    steps.add_addresses.extend(AddAddress(a) for a in sorted(intent.addresses - addresses, key=str))
+    # The kernel keys a route by prefix, table and metric: a foreign route with our key is replaced in one
+    # request (NLM_F_REPLACE), so traffic never meets a moment without it. Other foreign routes through the
+    # link are not ours to judge and stay.
+    foreign = {_route_key(r) for r in observed.foreign_routes if r.ifname == name}
+    owned = {r for r in observed.routes if r.ifname == name}
+    for route in sorted(intent.routes - owned, key=str):
+        if _route_key(route) in foreign:
+            steps.add_routes.append(TakeOverRoute(route))
+        else:
+            steps.add_routes.append(AddRoute(route))
+    steps.delete_routes.extend(DeleteRoute(r) for r in sorted(owned - intent.routes, key=str))
+
+
+def _route_key(route: RouteSpec) -> tuple[object, ...]:
+    return route.dst, route.table, route.metric
 
 
 def describe(plan: Plan) -> str:

@@ -133,7 +133,8 @@ def test_schema_is_json_schema_of_the_tunnel_fields() -> None:
     assert tunnel["additionalProperties"] is False  # unknown keys are errors for editors too
     assert set(tunnel["required"]) == {"name", "local", "remote"}
     assert {"name", "mode", "local", "remote", "key", "ikey", "okey", "ttl", "tos", "pmtudisc", "mtu",
-            "address", "peer", "routes", "metric", "table", "enabled", "keepalive", "mss", "nat", "ipsec"} == set(
+            "address", "peer", "routes", "metric", "table", "enabled", "adopt", "keepalive", "mss", "nat",
+            "ipsec"} == set(
         tunnel["properties"])
     assert set(schema["$defs"]["KeepaliveConfig"]["properties"]) == {
         "interval", "retries", "up_after", "action", "answer"}

@@ -139,6 +139,17 @@ def test_route_reads_back(spec: RouteSpec, add: bool) -> None:
     assert rtnl.route_from_message(msg, {INDEX + 1: "other"}) is None
 
 
+def test_adoption_marks_by_index_and_replaces_routes() -> None:
+    """`adopt = true`: the hand-made link is marked by its ifindex, its route replaced (ip route replace)."""
+    alias = parsed(rtnl.set_alias_by_index(INDEX, LINK_ALIAS))
+    assert (alias["index"], alias.get_attr("IFLA_IFNAME"), alias.get_attr("IFLA_IFALIAS")) == (INDEX, None, "greupd")
+    for spec in ROUTES:
+        msg = parsed(rtnl.replace_route(INDEX, spec, ROUTE_PROTO))
+        assert msg["header"]["flags"] & nlmsg.NLM_F_REPLACE and not msg["header"]["flags"] & nlmsg.NLM_F_EXCL
+        assert msg["proto"] == ROUTE_PROTO
+        assert rtnl.route_from_message(msg, {INDEX: TUNNEL}) == spec
+
+
 def test_dumps_ask_the_kernel_to_filter() -> None:
     addresses = parsed(rtnl.dump_addresses(INDEX))
     assert addresses["header"]["flags"] & nlmsg.NLM_F_DUMP == nlmsg.NLM_F_DUMP and addresses["index"] == INDEX

@@ -12,7 +12,7 @@ import errno
 import itertools
 import logging
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from greupd.model import (
     AddAddress,
     AddressSpec,
     AddRoute,
+    AdoptLink,
     ChangeLink,
     CreateLink,
     DeleteAddress,
@@ -43,6 +44,7 @@ from greupd.model import (
     RouteSpec,
     SetLinkUp,
     SetSysctl,
+    TakeOverRoute,
     action_tunnel,
 )
 from greupd.netlink import nlmsg, rtnl
@@ -187,13 +189,38 @@ class Kernel:
                     if route is not None:
                         routes.add(route)
 
+        foreign_routes = self._observe_adoptable(desired, links, addresses, routes)
+
         keys = set(desired.sysctls)
         for name, intent in desired.tunnels.items():
             if names is None or name in names:
                 keys |= set(intent.sysctls)
         sysctls = {key: read_sysctl(key) for key in keys}
         return Observed(links, {k: frozenset(v) for k, v in addresses.items()}, frozenset(routes), sysctls,
-                        names)
+                        names, frozenset(foreign_routes))
+
+    def _observe_adoptable(self, desired: Desired, links: Mapping[str, ObservedLink],
+                           addresses: dict[str, set[AddressSpec]], routes: set[RouteSpec]) -> set[RouteSpec]:
+        """Addresses and unicast routes (of any protocol) of the foreign links a tunnel may adopt.
+
+        Adds to `addresses` and `routes` (those already of protocol ROUTE_PROTO); returns the foreign routes.
+        """
+        adoptable = {link.index: name for name, link in links.items()
+                     if not link.owned and (intent := desired.tunnels.get(name)) is not None and intent.adopt
+                     and link.spec.kind == intent.link.kind}
+        foreign: set[RouteSpec] = set()
+        for index, name in adoptable.items():
+            addresses[name] = set()
+            for msg in self._dump(rtnl.dump_addresses(index)):
+                address = address_from_message(msg, name) if msg["index"] == index else None
+                if address is not None:
+                    addresses[name].add(address)
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for msg in self._dump(rtnl.dump_routes(family, 0, index)):  # protocol 0: any
+                    route = route_from_message(msg, adoptable) if msg["type"] == rtnl.RTN_UNICAST else None
+                    if route is not None:
+                        (routes if msg["proto"] == ROUTE_PROTO else foreign).add(route)
+        return foreign
 
     def apply(self, actions: Iterable[Action]) -> list[ApplyError]:
         """Execute actions in order. A refused action skips the rest of its tunnel's actions, not others'.
@@ -268,6 +295,10 @@ class Kernel:
                 return [rtnl.set_link_up(self._index(name), up)]
             case AddAddress(address) | DeleteAddress(address):
                 return [rtnl.address(isinstance(action, AddAddress), self._index(address.ifname), address)]
+            case AdoptLink(_, index):
+                return [rtnl.set_alias_by_index(index, LINK_ALIAS)]
+            case TakeOverRoute(route):
+                return [rtnl.replace_route(self._index(route.ifname), route, ROUTE_PROTO)]
             case AddRoute(route) | DeleteRoute(route):
                 # "add" (create, exclusive), never "replace": replace would take over a foreign route.
                 return [rtnl.route(isinstance(action, AddRoute), self._index(route.ifname), route, ROUTE_PROTO)]

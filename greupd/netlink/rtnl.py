@@ -33,6 +33,7 @@ from greupd.netlink.nlmsg import (
     NLM_F_DUMP,
     NLM_F_EXCL,
     NLM_F_MULTI,
+    NLM_F_REPLACE,
     NLM_F_REQUEST,
     NLMSG_DONE,
     NLMSG_ERROR,
@@ -180,6 +181,21 @@ def route(add: bool, index: int, spec: RouteSpec, protocol: int) -> Request:
     # A delete names the protocol too, so the kernel removes only a route of ours with this key.
     flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE | NLM_F_EXCL if add else 0)
     return Request(RTM_NEWROUTE if add else RTM_DELROUTE, flags, body)
+
+
+# --- adoption (`adopt = true`): taking over a link and its routes in place ---------------------------------
+
+
+def set_alias_by_index(index: int, alias: str) -> Request:
+    """Mark an existing link by its ifindex, so a link renamed or replaced meanwhile is never marked."""
+    body = _IFINFO.pack(socket.AF_UNSPEC, 0, index, 0, 0) + _str(IFLA_IFALIAS, alias)
+    return Request(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, body)
+
+
+def replace_route(index: int, spec: RouteSpec, protocol: int) -> Request:
+    """`ip route replace`: the route with this prefix, table and metric becomes this one, with no gap."""
+    body = route(True, index, spec, protocol).body
+    return Request(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, body)
 
 
 def dump_addresses(index: int) -> Request:

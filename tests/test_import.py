@@ -1,0 +1,137 @@
+"""`greupd import` from files, without a kernel: the seed's router A as netplan, networkd and ifupdown keep it.
+
+What each prints must pass `greupd check` as printed; what it could not carry is a comment that says so.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from greupd.config import load_config_text
+from greupd.importer import FoundTunnel
+from greupd.importer.iptables import parse_rule, rules_from_save, suggest
+from greupd.importer.sources import import_config
+from greupd.importer.write import render
+
+IMPORTS = Path(__file__).parent / "configs" / "import"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def entry(text: str, name: str) -> str:
+    """The lines of one imported entry, from its [[tunnel]] to the next blank line."""
+    start = text.index(f'[[tunnel]]\nname = "{name}"')
+    end = text.find("\n\n", start)
+    return text[start:end if end >= 0 else None]
+
+
+@pytest.mark.parametrize("source", ["netplan", "networkd", "ifupdown"])
+def test_every_file_format_imports_to_a_valid_config_of_adopted_tunnels(source: str) -> None:
+    text = import_config(source, IMPORTS / source, [])  # type: ignore[arg-type]
+    config = load_config_text(text)
+    assert config.tunnels and all(t.adopt for t in config.tunnels)
+    assert config.tunnel("My_Tunnel") is not None
+
+
+def test_ifupdown_seed_router_a_with_step_3_iptables_rules() -> None:
+    text = import_config("ifupdown", IMPORTS / "ifupdown" / "interfaces", ["My_Tunnel"])
+    assert entry(text, "My_Tunnel").splitlines() == [
+        "[[tunnel]]",
+        'name = "My_Tunnel"',
+        'mode = "gre"',
+        'local = "172.19.1.1"',
+        'remote = "172.19.1.2"',
+        'ttl = "inherit"',
+        "tos = 0",
+        "pmtudisc = true",
+        'address = "192.168.8.1"',
+        'peer = "192.168.8.11"',
+        'routes = ["20.10.1.0/24"]',
+        "adopt = true",
+        '# not carried over: up logger "My_Tunnel is up"',
+        "# not carried over: iptables -t nat -A POSTROUTING -o eth1 -s 192.168.8.11 -j MASQUERADE",
+        "# not carried over: iptables -A FORWARD -s 192.168.8.11 -o eth1 -j ACCEPT",
+        "# not carried over: iptables -t nat -A POSTROUTING -o My_Tunnel -s 10.10.1.0/24 -j MASQUERADE",
+        "# not carried over: iptables -A FORWARD -s 10.10.1.0/24 -o My_Tunnel -j ACCEPT",
+        "# not carried over: iptables -t mangle -A FORWARD -o My_Tunnel -p tcp --tcp-flags SYN,RST SYN -j TCPMSS"
+        " --set-mss 1436",
+        "# greupd's nftables table does the same; uncomment and delete the iptables rules together:",
+        "# [tunnel.nat]",
+        '# into_tunnel = ["10.10.1.0/24"]',
+        '# from_tunnel = ["eth1"]',
+        "# [tunnel.mss]",
+        "# clamp = 1436",
+    ]
+
+
+def test_uncommenting_the_suggestion_is_a_valid_config_with_the_seeds_nat() -> None:
+    text = import_config("ifupdown", IMPORTS / "ifupdown" / "interfaces", ["My_Tunnel"])
+    live = text.replace("# [tunnel.", "[tunnel.").replace("# into_tunnel", "into_tunnel").replace(
+        "# from_tunnel", "from_tunnel").replace("# clamp", "clamp")
+    tunnel = load_config_text(live).tunnels[0]
+    assert [str(p) for p in tunnel.nat.into_tunnel] == ["10.10.1.0/24"]
+    assert tunnel.nat.from_tunnel == ["eth1"] and tunnel.mss.clamp == 1436
+
+
+def test_routes_of_another_metric_are_a_note_not_a_silent_loss() -> None:
+    text = import_config("netplan", IMPORTS / "netplan", [])
+    assert "metric = 10" in entry(text, "My_Tunnel")
+    assert 'routes = ["2001:db8:20::/64"]' in entry(text, "Backup_v6")
+    assert "vti_not_gre" not in text
+
+
+def test_networkd_peer_keys_and_a_netdev_without_routes() -> None:
+    text = import_config("networkd", IMPORTS / "networkd", [])
+    mine = entry(text, "My_Tunnel")
+    assert 'address = "192.168.8.1"\npeer = "192.168.8.11"' in mine and "key = 42" in mine and "ttl = 64" in mine
+    tap = entry(text, "Tap")
+    assert "ikey = 7\nokey = 8" in tap and 'mode = "gretap"' in tap
+
+
+def test_an_entry_greupd_would_refuse_is_printed_commented_with_the_reason() -> None:
+    bad = FoundTunnel(name="a-name-far-too-long", mode="gre", local="172.19.1.1", remote="172.19.1.2",
+                      origin="test")
+    twin = FoundTunnel(name="twin", mode="gre", local="172.19.1.1", remote="172.19.1.5", origin="test")
+    text = render([bad, twin, twin], "kernel")
+    assert '# name = "a-name-far-too-long"' in text and "not an interface name" in text
+    assert "already used by tunnel[0]" in text
+    assert [t.name for t in load_config_text(text).tunnels] == ["twin"]
+
+
+def test_iptables_save_output_is_read_per_table() -> None:
+    rules = rules_from_save("*nat\n:POSTROUTING ACCEPT [0:0]\n"
+                            "-A POSTROUTING -s 10.10.1.0/24 -o My_Tunnel -j MASQUERADE\nCOMMIT\n"
+                            "*mangle\n-A FORWARD -o My_Tunnel -p tcp -m tcp --tcp-flags SYN,RST SYN"
+                            " -j TCPMSS --clamp-mss-to-pmtu\nCOMMIT\n")
+    tunnel = FoundTunnel(name="My_Tunnel", mode="gre", local="172.19.1.1", remote="172.19.1.2", origin="test")
+    suggest([tunnel], rules)
+    assert tunnel.suggestions == ["[tunnel.nat]", 'into_tunnel = ["10.10.1.0/24"]', "[tunnel.mss]", 'clamp = "pmtu"']
+
+
+def test_a_rule_for_another_interface_is_not_claimed() -> None:
+    rule = parse_rule(["-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-s", "172.16.0.0/12", "-j", "MASQUERADE"])
+    assert rule is not None
+    tunnel = FoundTunnel(name="My_Tunnel", mode="gre", local="172.19.1.1", remote="172.19.1.2", origin="test",
+                         peer="192.168.8.11", routes=["20.10.1.0/24"])
+    suggest([tunnel], [rule])
+    assert tunnel.suggestions == [] and tunnel.notes == []
+
+
+def greupd(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "greupd", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_import_cli_names_exit_1_for_an_unknown_tunnel() -> None:
+    result = greupd("import", "--from", "ifupdown", str(IMPORTS / "ifupdown"), "My_Tunnel", "Nope")
+    assert result.returncode == 1 and "no GRE-family tunnel named Nope" in result.stderr
+    good = greupd("import", "--from", "ifupdown", str(IMPORTS / "ifupdown"), "Backup")
+    assert good.returncode == 0 and 'name = "Backup"' in good.stdout and "My_Tunnel" not in good.stdout
+
+
+def test_version() -> None:
+    result = greupd("--version")
+    assert result.returncode == 0 and result.stdout.startswith("greupd ")
