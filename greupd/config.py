@@ -334,6 +334,9 @@ def secret_file_problem(path: Path) -> str | None:
     try:
         if not path.read_bytes().strip():
             return f"{path} is empty: write the key into it"
+    except PermissionError:
+        # Under the shipped unit the daemon runs as user greupd: the key must be that user's (mode 600).
+        return f"cannot read {path} as uid {os.geteuid()}: chown it to the user greupd runs as, mode 600"
     except OSError as exc:
         return f"cannot read {path}: {exc.strerror or exc}"
     return None
