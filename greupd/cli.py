@@ -64,8 +64,12 @@ def summarize(config: Config) -> str:
         inner = f" {t.address.ip if t.address else ''}{f' peer {t.peer}' if t.peer else ''}".rstrip()
         keepalive = (f", keepalive {t.keepalive.interval:g}s x{t.keepalive.retries}" if t.keepalive else "")
         routes = f", routes {' '.join(str(r) for r in t.routes)}" if t.routes else ""
+        ipsec = ""
+        if t.ipsec is not None:
+            auth = "psk" if t.ipsec.psk_file is not None else "certificates"
+            ipsec = f", ipsec ({auth}{', cleartext GRE dropped' if t.ipsec.require else ''})"
         state = "" if t.enabled else " (disabled)"
-        lines.append(f"  {t.name}: {t.mode} {t.local} -> {t.remote}{inner}{routes}{keepalive}{state}")
+        lines.append(f"  {t.name}: {t.mode} {t.local} -> {t.remote}{inner}{routes}{keepalive}{ipsec}{state}")
     return "\n".join(lines)
 
 

@@ -85,6 +85,7 @@ class PlanReport:
     ruleset_text: str  # the ruleset in nft syntax
     nft_action: str | None  # create-nft-table, replace-nft-table, remove-nft-table; None: nothing to do
     nft_error: str | None  # nftables could not be asked, and the config needs a table
+    ipsec_text: str = ""  # the strongSwan connections greupd keeps loaded ([tunnel.ipsec]), swanctl.conf syntax
 
     def changes(self) -> list[dict[str, object]]:
         """One object per change, for `plan --json`: the tunnel, a stable action word, the text `plan` prints."""
@@ -113,6 +114,7 @@ def _kebab(name: str) -> str:
 def plan_report(config: Config) -> PlanReport:
     """Observe the kernel and nftables once and plan against them; changes nothing."""
     # Imported here: `greupd status` prints through this module and needs neither netlink nor libnftables.
+    from greupd.ipsec.connections import describe_connections, desired_connections
     from greupd.model import desired_state
     from greupd.netlink.kernel import Kernel
     from greupd.nft.render import describe_ruleset, render_ruleset
@@ -136,7 +138,10 @@ def plan_report(config: Config) -> PlanReport:
     except NftError as exc:
         # With nothing to put in a table, nftables that cannot be asked cannot hold one of ours either.
         error = f"nftables: {exc}" if ruleset.wanted else None
-    return PlanReport(plan, f"inet {config.daemon.nft_table}", describe_ruleset(ruleset), action, error)
+    connections = desired_connections(config)
+    ipsec = (f"\n# strongSwan connections greupd keeps loaded in charon ({config.daemon.vici_socket})\n"
+             f"{describe_connections(connections)}") if connections else ""
+    return PlanReport(plan, f"inet {config.daemon.nft_table}", describe_ruleset(ruleset), action, error, ipsec)
 
 
 _NFT_STATE = {None: "unchanged", "create-nft-table": "to be created", "replace-nft-table": "to be replaced",
@@ -148,4 +153,5 @@ def describe_plan(report: PlanReport) -> str:
     from greupd.plan import describe
 
     state = f"unknown ({report.nft_error})" if report.nft_error else _NFT_STATE[report.nft_action]
-    return f"# kernel\n{describe(report.plan)}\n\n# nftables table {report.table} ({state})\n{report.ruleset_text}"
+    return (f"# kernel\n{describe(report.plan)}\n\n# nftables table {report.table} ({state})\n{report.ruleset_text}"
+            f"{report.ipsec_text}")

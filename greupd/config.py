@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from greupd.gre import ETHERNET_MODES, IPV6_MODES, IPAddress, IPInterface, IPNet
 
 DEFAULT_CONFIG = Path("/etc/greupd/tunnels.toml")
 DEFAULT_CONTROL_SOCKET = Path("/run/greupd/control.sock")
+DEFAULT_VICI_SOCKET = Path("/var/run/charon.vici")
 DEFAULT_STATE_DIR = Path("/var/lib/greupd")
 
 # Cisco keepalives are defined for GRE over IPv4 carrying IP (the reply is an inner GRE packet the peer routes back).
@@ -285,6 +288,98 @@ class NatConfig(_Model):
     from_tunnel: list[IfName] = []
 
 
+# strongSwan proposal syntax: algorithms joined by "-", several proposals by ","; e.g. aes256gcm16-prfsha384-ecp384.
+_PROPOSALS = re.compile(r"[a-z0-9_]+(-[a-z0-9_]+)*(\s*,\s*[a-z0-9_]+(-[a-z0-9_]+)*)*")
+# Strong defaults (AES-GCM-256, SHA-384 PRF, NIST P-384), CNSA-like, offered by every strongSwan and most vendors.
+DEFAULT_IKE_PROPOSALS = "aes256gcm16-prfsha384-ecp384"
+DEFAULT_ESP_PROPOSALS = "aes256gcm16-ecp384"
+
+
+def _proposals(value: object) -> object:
+    if not isinstance(value, str) or not _PROPOSALS.fullmatch(value.strip()) or "default" in value.split("-"):
+        raise ValueError(f"{value!r} is not a strongSwan proposal list, e.g. \"{DEFAULT_IKE_PROPOSALS}\""
+                         " (algorithms joined by \"-\", proposals by \",\")")
+    return value.strip()
+
+
+def _ike_identity(value: object) -> object:
+    if not isinstance(value, str) or not value.strip() or any(c in value for c in "\0\n"):
+        raise ValueError(f"{value!r} is not an IKE identity, e.g. \"172.19.1.1\", \"router-a.example.net\","
+                         " \"C=CH, O=example, CN=router-a\"")
+    return value
+
+
+FilePath = Annotated[Path, BeforeValidator(_absolute_path("/etc/greupd/psk/My_Tunnel")),
+                     WithJsonSchema({"type": "string"})]
+Proposals = Annotated[str, BeforeValidator(_proposals), WithJsonSchema({"type": "string"})]
+
+
+def secret_file_problem(path: Path) -> str | None:
+    """Why a pre-shared key (or private key) file cannot be used, or None: it must exist, hold a key, and be
+    root's alone.
+
+    A key that others can read is a key others may have: refuse it rather than negotiate with it.
+    """
+    try:
+        info = path.stat()
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{path} is not a regular file"
+    if info.st_mode & 0o077:
+        return (f"{path} is readable or writable by others (mode {stat.S_IMODE(info.st_mode):04o}):"
+                f" chmod 600 {path}")
+    if info.st_uid != 0 and info.st_uid != os.geteuid():
+        return f"{path} is owned by uid {info.st_uid}, not root: chown root {path}"
+    try:
+        if not path.read_bytes().strip():
+            return f"{path} is empty: write the key into it"
+    except PermissionError:
+        # Under the shipped unit the daemon runs as user greupd: the key must be that user's (mode 600).
+        return f"cannot read {path} as uid {os.geteuid()}: chown it to the user greupd runs as, mode 600"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    return None
+
+
+class IpsecConfig(_Model):
+    """GRE over IPsec: ESP in transport mode for IP protocol 47 between local and remote, through strongSwan."""
+
+    psk_file: FilePath | None = None  # the pre-shared key, in a root-only file; never in tunnels.toml
+    cert: FilePath | None = None  # or certificates: ours, our private key, and the CA that signed the peer's
+    key: FilePath | None = None
+    ca: FilePath | None = None
+    local_id: Annotated[str, BeforeValidator(_ike_identity)] | None = None  # default: local (PSK) or cert subject
+    remote_id: Annotated[str, BeforeValidator(_ike_identity)] | None = None  # default: remote (PSK), any (cert)
+    proposals: Proposals = DEFAULT_IKE_PROPOSALS  # IKE
+    esp_proposals: Proposals = DEFAULT_ESP_PROPOSALS
+    start_action: Literal["trap", "start"] = "trap"  # trap: negotiate on the first GRE packet; start: at once
+    dpd_delay: Annotated[float, BeforeValidator(_duration), WithJsonSchema(
+        {"anyOf": [{"type": "number", "minimum": 1}, _DURATION_TEXT]}), Field(ge=1, le=3600)] = 10.0
+    require: StrictBool = True  # GRE to/from the remote that is not ESP-protected is dropped (nftables)
+
+    @model_validator(mode="after")
+    def _one_way_to_authenticate(self) -> IpsecConfig:
+        certs = [name for name in ("cert", "key", "ca") if getattr(self, name) is not None]
+        if self.psk_file is not None and certs:
+            raise _FieldProblem(certs[0], "give either psk_file, or cert, key and ca, not both")
+        if self.psk_file is None and not certs:
+            raise _FieldProblem("psk_file", "[tunnel.ipsec] needs psk_file, or cert, key and ca")
+        if certs and len(certs) < 3:
+            missing = next(name for name in ("cert", "key", "ca") if getattr(self, name) is None)
+            raise _FieldProblem(missing, f"certificate authentication needs cert, key and ca; {missing} is missing")
+        # Checked here, so `greupd check` and a reload say it before anything is sent to charon.
+        for name in ("psk_file", "key"):
+            path: Path | None = getattr(self, name)
+            if path is not None and (problem := secret_file_problem(path)) is not None:
+                raise _FieldProblem(name, problem)
+        for name in ("cert", "ca"):
+            path = getattr(self, name)
+            if path is not None and not os.access(path, os.R_OK):
+                raise _FieldProblem(name, f"cannot read {path}")
+        return self
+
+
 class TunnelConfig(_Model):
     name: TunnelName
     mode: Mode = "gre"
@@ -314,6 +409,7 @@ class TunnelConfig(_Model):
                          Field(json_schema_extra=lambda schema: schema["anyOf"].append({"const": False}))] = None
     mss: MssConfig = MssConfig()
     nat: NatConfig = NatConfig()
+    ipsec: IpsecConfig | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TunnelConfig:
@@ -420,6 +516,8 @@ class DaemonConfig(_Model):
     state_dir: Annotated[Path, BeforeValidator(_absolute_path("/var/lib/greupd"))] = DEFAULT_STATE_DIR
     nft_table: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$"), BeforeValidator(_nft_table)] = "greupd"
     on_exit: Literal["keep", "remove"] = "keep"
+    # strongSwan's control socket, for [tunnel.ipsec]
+    vici_socket: Annotated[Path, BeforeValidator(_absolute_path("/var/run/charon.vici"))] = DEFAULT_VICI_SOCKET
 
 
 @dataclass(frozen=True)

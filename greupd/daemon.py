@@ -19,6 +19,7 @@ from pathlib import Path
 from greupd.config import Config, ConfigError, load_config
 from greupd.control import ControlServer, ControlSocketBusy, ControlSocketUnusable, control_socket
 from greupd.events import EventLog
+from greupd.ipsec.supervisor import IpsecSupervisor
 from greupd.keepalive.engine import KeepaliveEngine, LivenessChange, targets_from_config
 from greupd.keepalive.restart import VerdictMemory
 from greupd.model import Desired, Observed, action_tunnel, desired_state
@@ -53,6 +54,7 @@ class Daemon:
         self.watch = KernelWatch(self.kernel, self.queue.mark)
         self.keepalive = KeepaliveEngine(self._on_liveness)
         self.nft = NftKeeper(config.daemon.nft_table, self.queue.mark_nft, self._fail)
+        self.ipsec = IpsecSupervisor(config, self.events.ipsec_changed, self._fail)  # runs on its own (supervisor.py)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.verdicts = VerdictMemory(self.keepalive, start.state if start else None, self._fail)  # #11 H3
 
@@ -85,8 +87,8 @@ class Daemon:
             loop.add_signal_handler(sig, handler)
         self.keepalive.set_answerable(())  # nothing is known to work before the first pass (#11 H5)
         self.verdicts.resume(self.config, lambda: self.kernel.observe(self.desired()))
+        self.nft.keep(self.config)  # before the links: with [tunnel.ipsec], GRE must not leave before its drop rule
         self.reconcile(None)
-        self.nft.keep(self.config)
         self.nft.start(loop)
         self.notifier.ready(self._status_text())
         if self.start is not None and self.start.rejected is not None:
@@ -192,6 +194,7 @@ class Daemon:
         self.queue.forget(after)
         self.nft.rename(config.daemon.nft_table)
         self.keepalive.configure(targets_from_config(config))
+        self.ipsec.configure(config)
         # Unchanged tunnels are not even looked at (no flap, and a reload of one tunnel among thousands
         # costs a few requests); drift on them is the watch's business.
         self.reconcile(changed)
@@ -222,7 +225,7 @@ class Daemon:
         return status_line(self.tunnel_statuses())
 
     def tunnel_statuses(self) -> list[TunnelStatus]:
-        return self.reports.statuses(self.config, self.keepalive.status)
+        return self.ipsec.annotate(self.reports.statuses(self.config, self.keepalive.status))
 
     def status(self) -> DaemonStatus:
         return {"config": str(self.config_path), "generation": self.generation, "last_error": self.last_error,

@@ -36,6 +36,8 @@ class EventKind(StrEnum):
     DAEMON_STARTED = "daemon-started"
     DAEMON_STOPPING = "daemon-stopping"
     DAEMON_ERROR = "daemon-error"
+    IPSEC_UP = "ipsec-up"
+    IPSEC_DOWN = "ipsec-down"
 
 
 # Fixed forever: users filter on them (`journalctl MESSAGE_ID=...`) and packaging/systemd/greupd.catalog is
@@ -50,6 +52,8 @@ MESSAGE_IDS: Final[Mapping[EventKind, str]] = {
     EventKind.DAEMON_STARTED: "0d2e09c95fe64a51b61a2d5c9708c658",
     EventKind.DAEMON_STOPPING: "df3cf0edef044f7db10d85c34bb8da1a",
     EventKind.DAEMON_ERROR: "1b8eeb5f91e04de8a8efe5be95a94f1f",
+    EventKind.IPSEC_UP: "b568771c4e18463e8a3f67c40aef7c2b",
+    EventKind.IPSEC_DOWN: "3ec4b474b6aa49268cd4ace92d9a8911",
 }
 
 # syslog(3) priorities, as PRIORITY= wants them.
@@ -76,6 +80,8 @@ _PRIORITIES: Final[Mapping[EventKind, int]] = {
     EventKind.DAEMON_STARTED: PRIORITY_NOTICE,
     EventKind.DAEMON_STOPPING: PRIORITY_NOTICE,
     EventKind.DAEMON_ERROR: PRIORITY_ERR,
+    EventKind.IPSEC_UP: PRIORITY_NOTICE,
+    EventKind.IPSEC_DOWN: PRIORITY_WARNING,
 }
 
 
@@ -120,7 +126,17 @@ class DaemonError:
     tunnel: str | None = None
 
 
-Event = TunnelChanged | ConfigReloaded | ConfigRejected | DaemonStarted | DaemonStopping | DaemonError
+@dataclass(frozen=True)
+class IpsecChanged:
+    """A tunnel's ESP protection came up (established) or went away (connecting, down)."""
+
+    tunnel: str
+    state: str  # established | connecting | down
+    previous: str | None
+    message: str
+
+
+Event = IpsecChanged | TunnelChanged | ConfigReloaded | ConfigRejected | DaemonStarted | DaemonStopping | DaemonError
 
 
 # --- what an event says (pure) -----------------------------------------------------------------------------
@@ -169,6 +185,8 @@ def kind_of(event: Event) -> EventKind:
             return EventKind.DAEMON_STOPPING
         case DaemonError():
             return EventKind.DAEMON_ERROR
+        case IpsecChanged(state=state):
+            return EventKind.IPSEC_UP if state == "established" else EventKind.IPSEC_DOWN
 
 
 def _files(files: Iterable[str]) -> str:
@@ -202,6 +220,8 @@ def message_of(event: Event) -> str:
         case DaemonError(message=message, tunnel=tunnel):
             first, _ = _first_line_and_rest(message)
             return f"tunnel {tunnel}: {first}" if tunnel else first
+        case IpsecChanged(message=message):
+            return one_line(message)
 
 
 def priority_of(event: Event) -> int:
@@ -238,6 +258,11 @@ def journal_fields(event: Event) -> dict[str, str]:
             fields["GREUPD_ERROR"] = event.message
             if event.tunnel is not None:
                 fields["GREUPD_TUNNEL"] = event.tunnel
+        case IpsecChanged():
+            fields["GREUPD_TUNNEL"] = event.tunnel
+            fields["GREUPD_IPSEC_STATE"] = event.state
+            if event.previous is not None:
+                fields["GREUPD_IPSEC_PREVIOUS_STATE"] = event.previous
     return fields
 
 
@@ -323,6 +348,9 @@ class EventLog:
 
     def error(self, message: str, tunnel: str | None = None) -> None:
         self.emit(DaemonError(message, tunnel))
+
+    def ipsec_changed(self, tunnel: str, state: str, previous: str | None, message: str) -> None:
+        self.emit(IpsecChanged(tunnel, state, previous, message))
 
 
 def _journal_send(fields: Mapping[str, str]) -> None:

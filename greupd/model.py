@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from greupd.gre import GRE_ATTRIBUTES, IPV6_MODES, IPAddress, IPInterface, IPNetwork
+from greupd.ipsec.connections import default_ipsec_mtu
 
 if TYPE_CHECKING:  # only read here: importing it would make the wire codec (rtnl imports model) load pydantic
     from greupd.config import Config, TunnelConfig
@@ -309,7 +310,8 @@ def link_spec(tunnel: TunnelConfig) -> LinkSpec:
         ttl=0 if tunnel.ttl == "inherit" else tunnel.ttl,
         tos=None if ip6 else (TOS_INHERIT if tunnel.tos == "inherit" else tunnel.tos),
         pmtudisc=None if ip6 else tunnel.pmtudisc,
-        mtu=tunnel.mtu,
+        # Under IPsec the kernel's default (underlay MTU less GRE's header) would not leave room for ESP.
+        mtu=tunnel.mtu if tunnel.mtu is not None or tunnel.ipsec is None else default_ipsec_mtu(tunnel),
     )
 
 

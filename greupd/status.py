@@ -16,6 +16,17 @@ class KeepaliveStatus(TypedDict):
     last_rtt_ms: float | None
 
 
+class IpsecStatus(TypedDict):
+    """`"ipsec"` of a tunnel with [tunnel.ipsec]."""
+
+    state: Literal["established", "connecting", "down"]
+    connection: str  # the connection's name in charon (swanctl --list-conns): greupd-<tunnel>
+    ike_sa: str | None  # charon's IKE_SA state: ESTABLISHED, CONNECTING, ... (None: no IKE_SA)
+    child_sa: str | None  # INSTALLED, REKEYING, ... (None: no CHILD_SA)
+    charon: bool  # greupd is connected to charon's VICI socket
+    error: str | None
+
+
 class TunnelStatus(TypedDict):
     name: str
     mode: str
@@ -29,6 +40,7 @@ class TunnelStatus(TypedDict):
     routes: list[str]
     routes_installed: bool
     keepalive: KeepaliveStatus | None
+    ipsec: NotRequired[IpsecStatus]
 
 
 class DaemonStatus(TypedDict):

@@ -133,12 +133,13 @@ def test_schema_is_json_schema_of_the_tunnel_fields() -> None:
     assert tunnel["additionalProperties"] is False  # unknown keys are errors for editors too
     assert set(tunnel["required"]) == {"name", "local", "remote"}
     assert {"name", "mode", "local", "remote", "key", "ikey", "okey", "ttl", "tos", "pmtudisc", "mtu",
-            "address", "peer", "routes", "metric", "table", "enabled", "adopt", "keepalive", "mss", "nat"} == set(
+            "address", "peer", "routes", "metric", "table", "enabled", "adopt", "keepalive", "mss", "nat",
+            "ipsec"} == set(
         tunnel["properties"])
     assert set(schema["$defs"]["KeepaliveConfig"]["properties"]) == {
         "interval", "retries", "up_after", "action", "answer"}
     assert set(schema["$defs"]["DaemonConfig"]["properties"]) == {
-        "ip_forward", "control_socket", "state_dir", "nft_table", "on_exit"}
+        "ip_forward", "control_socket", "state_dir", "nft_table", "on_exit", "vici_socket"}
 
 
 def test_schema_accepts_the_spellings_the_example_uses() -> None:

@@ -104,11 +104,13 @@ SPEC_TUNNEL: dict[str, object] = {
     "mode": "gre", "key": None, "ikey": None, "okey": None, "ttl": 64, "tos": "inherit", "pmtudisc": True,
     "mtu": None, "address": None, "peer": None, "routes": [], "metric": 0, "table": 254, "enabled": True,
     "adopt": False, "keepalive": None, "mss": {"clamp": "off"}, "nat": {"into_tunnel": [], "from_tunnel": []},
+    "ipsec": None,
 }
 SPEC_KEEPALIVE: dict[str, object] = {"interval": 10.0, "retries": 3, "up_after": 1, "action": "routes",
                                      "answer": "daemon"}
 SPEC_DAEMON: dict[str, object] = {"ip_forward": True, "control_socket": Path("/run/greupd/control.sock"),
-                                  "state_dir": Path("/var/lib/greupd"), "nft_table": "greupd", "on_exit": "keep"}
+                                  "state_dir": Path("/var/lib/greupd"), "nft_table": "greupd", "on_exit": "keep",
+                                  "vici_socket": Path("/var/run/charon.vici")}
 # The kernel's own device names, and the largest MTU per mode without/with an output key (spec: review M7).
 KERNEL_NAMES = {"gre0", "gretap0", "erspan0", "ip6gre0", "ip6tnl0", "tunl0", "sit0", "ip_vti0", "ip6_vti0", "all",
                 "default"}

@@ -16,6 +16,10 @@ Two raw sockets serve every tunnel, both registered with the daemon's asyncio lo
 Probes and answers leave by the underlay route to the remote, which does not depend on the tunnel's own link.
 So a tunnel whose link greupd set down (`action = "link"`) keeps probing, and comes back up when its peer does.
 
+Under IPsec the kernel looks up the ESP policy by the flow's protocol, and an IP_HDRINCL socket's flow is
+IPPROTO_RAW: its GRE would miss the `dynamic[gre]` policy and leave in cleartext (seen in the lab). So for
+tunnels with [tunnel.ipsec] each packet carries an IP_PROTOCOL control message saying GRE (see `_send`).
+
 Timers are `loop.call_at` handles on the loop's monotonic clock, one per tunnel, their first probe spread at
 random over the interval so that a thousand tunnels do not fire together.
 

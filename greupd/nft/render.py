@@ -21,6 +21,10 @@ What a tunnel asks for, and the rules that carry it out:
                                               iifname TUN oifname IF meta mark set meta mark | MARK accept
                                             chain postrouting:
                                               meta mark & MARK == MARK oifname IF masquerade
+    [tunnel.ipsec] require = true           chain ipsec_out (filter, output, priority filter):
+                                              ip daddr REMOTE meta l4proto gre rt ipsec missing drop
+                                            chain ipsec_in (filter, input, priority filter):
+                                              ip saddr REMOTE meta l4proto gre meta ipsec missing drop
 
 Only the chains that have rules are created: a config with a clamp but no NAT registers no nat hook (and
 so does not switch conntrack on), and a config with neither has no table at all.
@@ -34,7 +38,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from greupd.config import Config, TunnelConfig
-from greupd.gre import IPNetwork
+from greupd.gre import IPAddress, IPNetwork
 
 Json = str | int | float | bool | None | list["Json"] | dict[str, "Json"]
 JsonObject = dict[str, Json]
@@ -75,7 +79,7 @@ def _statement(text: str, value: Json) -> Statement:
 class Chain:
     name: str
     type: Literal["filter", "nat"]
-    hook: Literal["forward", "postrouting"]
+    hook: Literal["forward", "postrouting", "output", "input"]
     priority: int
 
     @property
@@ -242,10 +246,44 @@ def tunnel_rules(tunnel: TunnelConfig) -> list[Rule]:
     return rules
 
 
+# --- [tunnel.ipsec] require = true: no GRE in cleartext to or from the remote ------------------------------
+# ESP in transport mode is applied after the output hook and removed before the input hook, so there GRE is
+# seen in clear with the verdict attached: on the way out, `rt ipsec` says the route is an IPsec bundle (the
+# packet will be encrypted); on the way in, `meta ipsec` (secpath) says it was decrypted. GRE without it is
+# what leaks while SAs are negotiated, rekeyed or lost, or while charon is gone: dropped.
+# `meta l4proto` rather than `ip6 nexthdr`: ip6gre's encapsulation limit option comes before the GRE header.
+IPSEC_OUT_CHAIN = Chain("ipsec_out", "filter", "output", FILTER)
+IPSEC_IN_CHAIN = Chain("ipsec_in", "filter", "input", FILTER)
+_GRE = _statement("meta l4proto gre", _match(_meta("l4proto"), "gre"))
+_NOT_ENCRYPTED = _statement("rt ipsec missing", _match({"rt": {"key": "ipsec"}}, False))
+_NOT_DECRYPTED = _statement("meta ipsec missing", _match(_meta("ipsec"), False))
+_DROP = _statement("drop", {"drop": None})
+
+
+def _address(field: Literal["saddr", "daddr"], address: IPAddress) -> Statement:
+    protocol = "ip" if address.version == 4 else "ip6"
+    return _statement(f"{protocol} {field} {address}",
+                      _match({"payload": {"protocol": protocol, "field": field}}, str(address)))
+
+
+def ipsec_rules(tunnel: TunnelConfig) -> list[Rule]:
+    """The drops that keep a tunnel's GRE inside ESP; none unless it has [tunnel.ipsec] with require."""
+    if not tunnel.enabled or tunnel.ipsec is None or not tunnel.ipsec.require:
+        return []
+    name, remote = tunnel.name, tunnel.remote
+    return [
+        Rule(IPSEC_OUT_CHAIN.name, name, f"{name}: no cleartext GRE to {remote}",
+             (_address("daddr", remote), _GRE, _NOT_ENCRYPTED, _DROP)),
+        Rule(IPSEC_IN_CHAIN.name, name, f"{name}: no cleartext GRE from {remote}",
+             (_address("saddr", remote), _GRE, _NOT_DECRYPTED, _DROP)),
+    ]
+
+
 def render_ruleset(config: Config) -> Ruleset:
     """The table greupd should hold for this config; `wanted` is False when no enabled tunnel needs one."""
-    rules = [rule for tunnel in config.tunnels for rule in tunnel_rules(tunnel)]
-    chains = tuple(c for c in (MSS_CHAIN, FORWARD_CHAIN, NAT_CHAIN) if any(r.chain == c.name for r in rules))
+    rules = [rule for tunnel in config.tunnels for rule in (*tunnel_rules(tunnel), *ipsec_rules(tunnel))]
+    every_chain = (MSS_CHAIN, FORWARD_CHAIN, NAT_CHAIN, IPSEC_OUT_CHAIN, IPSEC_IN_CHAIN)
+    chains = tuple(c for c in every_chain if any(r.chain == c.name for r in rules))
     ordered = tuple(r for c in chains for r in rules if r.chain == c.name)
     return Ruleset(config.daemon.nft_table, chains, ordered)
 
@@ -253,7 +291,8 @@ def render_ruleset(config: Config) -> Ruleset:
 def describe_ruleset(ruleset: Ruleset) -> str:
     """The ruleset in nft syntax, as `nft list table inet <name>` prints it once applied."""
     if not ruleset.wanted:
-        return f"# no table {ruleset.family} {ruleset.table}: no enabled tunnel asks for an MSS clamp or NAT\n"
+        return (f"# no table {ruleset.family} {ruleset.table}: no enabled tunnel asks for an MSS clamp, NAT"
+                " or IPsec\n")
     blocks = []
     for chain in ruleset.chains:
         lines = [f"\tchain {chain.name} {{", f"\t\t{chain.text}"]

@@ -1,0 +1,348 @@
+"""Keeps charon holding exactly greupd's connections, and tells the daemon each tunnel's IPsec state.
+
+Level-triggered like the rest of greupd: a VICI event (ike-updown, child-updown), a reload, a lost connection
+to charon or the poll timer only say "look again"; each pass lists charon's connections and SAs and fixes the
+difference. So a connection unloaded by hand (`swanctl --load-conns` drops every connection its file lacks) is
+put back within one poll, and a charon that restarted gets everything loaded again as soon as its socket
+answers. Only connections named `greupd-*` are ever loaded, unloaded or terminated.
+
+Lifetime: created inside the daemon's running loop, it starts at once (its first pass loads the connections
+while the daemon builds its links; with `require = true` greupd's nftables table holds GRE back meanwhile).
+When the loop ends, its task is cancelled; with `on_exit = "remove"` it first unloads every greupd connection.
+
+Secrets: a PSK is read from its file when it is loaded, sent to charon, and kept nowhere but as a hash (to
+see the file change); it is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Literal
+
+from greupd.config import Config
+from greupd.ipsec.connections import CHILD_NAME, IpsecConnection, desired_connections, tunnel_of
+from greupd.ipsec.vici import ViciError, ViciReply, ViciSession
+from greupd.status import IpsecStatus, TunnelStatus
+
+log = logging.getLogger("greupd.ipsec")
+
+IpsecState = Literal["established", "connecting", "down"]
+POLL_INTERVAL = 5.0  # seconds between passes without events: how soon a hand-unloaded connection comes back
+RETRY_INTERVAL = 2.0  # seconds between attempts to reach a charon that is not there
+EVENTS = ["ike-updown", "child-updown"]
+
+
+def _down(connection: str, error: str | None, charon: bool) -> IpsecStatus:
+    return {"state": "down", "connection": connection, "ike_sa": None, "child_sa": None, "charon": charon,
+            "error": error}
+
+
+def tunnel_states(connections: Mapping[str, IpsecConnection], loaded: set[str], sas: list[ViciReply],
+                  errors: Mapping[str, str]) -> dict[str, IpsecStatus]:
+    """Each tunnel's IPsec state from charon's list-sas answer (pure).
+
+    established: a CHILD_SA is installed (GRE is encrypted); connecting: the connection is loaded but no
+    CHILD_SA is installed yet (trap waiting for traffic, IKE in progress, DPD found the peer gone);
+    down: the connection is not loaded in charon (charon gone, or it refused the connection).
+    """
+    best: dict[str, tuple[str | None, str | None]] = {}
+    for entry in sas:
+        for name, ike in entry.items():
+            if name not in connections or not isinstance(ike, dict):
+                continue
+            ike_state = str(ike.get("state")) if ike.get("state") is not None else None
+            children = ike.get("child-sas")
+            child_state = None
+            if isinstance(children, dict):
+                states = [str(c.get("state")) for c in children.values()
+                          if isinstance(c, dict) and c.get("name") == CHILD_NAME]
+                child_state = "INSTALLED" if "INSTALLED" in states else (states[0] if states else None)
+            if best.get(name, (None, None))[1] != "INSTALLED":
+                best[name] = (ike_state, child_state)
+    statuses: dict[str, IpsecStatus] = {}
+    for name, connection in connections.items():
+        if name not in loaded:
+            statuses[connection.tunnel] = _down(name, errors.get(name, "connection not loaded"), True)
+            continue
+        ike_state, child_state = best.get(name, (None, None))
+        state: IpsecState = "established" if child_state == "INSTALLED" else "connecting"
+        statuses[connection.tunnel] = {"state": state, "connection": name, "ike_sa": ike_state,
+                                       "child_sa": child_state, "charon": True, "error": errors.get(name)}
+    return statuses
+
+
+def change_message(tunnel: str, status: IpsecStatus) -> str:
+    """`tunnel My_Tunnel ipsec established: ESP SA installed (greupd-My_Tunnel)`."""
+    if status["state"] == "established":
+        why = "ESP SA installed"
+    elif status["state"] == "connecting":
+        why = f"IKE SA {status['ike_sa'].lower()}" if status["ike_sa"] else "no SA, waiting for traffic or the peer"
+    else:
+        why = status["error"] or "connection not loaded"
+    return f"tunnel {tunnel} ipsec {status['state']}: {why} ({status['connection']})"
+
+
+def _read_secret(path: Path) -> bytes:
+    # The key is the file's content without surrounding whitespace (a trailing newline from an editor).
+    return path.read_bytes().strip()
+
+
+# on_change(tunnel, state, previous state or None, one-line message): EventLog.ipsec_changed
+OnChange = Callable[[str, IpsecState, IpsecState | None, str], None]
+
+
+class IpsecSupervisor:
+    """The daemon's side of charon: `configure` what should be loaded, read `status`, get `on_change` calls."""
+
+    def __init__(self, config: Config | Path, on_change: OnChange, on_error: Callable[[str], None],
+                 poll_interval: float = POLL_INTERVAL) -> None:
+        """`config`: the daemon's config (connections, VICI socket, on_exit), or only a VICI socket path."""
+        self.socket_path = config if isinstance(config, Path) else config.daemon.vici_socket
+        self.poll_interval = poll_interval
+        self._on_change = on_change
+        self._on_error = on_error
+        self._wanted: dict[str, IpsecConnection] = {}
+        self._unload_at_exit = False
+        self._statuses: dict[str, IpsecStatus] = {}
+        self._reported: dict[str, IpsecState] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._session: ViciSession | None = None
+        self._events: ViciSession | None = None
+        self._event_task: asyncio.Task[None] | None = None
+        # What this charon process holds from us: connection name -> (message, hash of its secret). Emptied
+        # when the connection to charon is lost: a restarted charon holds nothing.
+        self._loaded: dict[str, tuple[str, str]] = {}
+        self._errors: dict[str, str] = {}
+        self._last_error: str | None = None
+        self._first_pass = asyncio.Event()
+        self.passes = 0
+        if isinstance(config, Config):
+            self.configure(config)
+
+    # --- the daemon's API -------------------------------------------------------------------------------
+
+    def configure(self, config: Config | Mapping[str, IpsecConnection]) -> None:
+        """What charon should hold: the connections of `config` (and its VICI socket, its on_exit)."""
+        if isinstance(config, Config):
+            self._unload_at_exit = config.daemon.on_exit == "remove"
+            if config.daemon.vici_socket != self.socket_path:
+                self.socket_path = config.daemon.vici_socket
+                self._disconnect()
+            config = desired_connections(config)
+        self._wanted = dict(config)
+        for tunnel in set(self._statuses) - {c.tunnel for c in self._wanted.values()}:
+            del self._statuses[tunnel]
+            self._reported.pop(tunnel, None)
+        self._wake.set()
+        with contextlib.suppress(RuntimeError):  # outside a running loop: start() later
+            self.start(asyncio.get_running_loop())
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._task is None and self._wanted:
+            self._task = loop.create_task(self._run(), name="greupd-ipsec")
+
+    def annotate(self, statuses: list[TunnelStatus]) -> list[TunnelStatus]:
+        """`greupd status`: each tunnel with [tunnel.ipsec] gets its `"ipsec"` part."""
+        for status in statuses:
+            if (ipsec := self.status(status["name"])) is not None:
+                status["ipsec"] = ipsec
+        return statuses
+
+    def status(self, tunnel: str) -> IpsecStatus | None:
+        connection = next((c for c in self._wanted.values() if c.tunnel == tunnel), None)
+        if connection is None:
+            return None
+        return self._statuses.get(tunnel) or _down(connection.name, "charon not reached yet", False)
+
+    async def settled(self, timeout: float) -> None:
+        """Until the first pass (loaded, refused, or charon unreachable) is done, at most `timeout` s."""
+        if self._wanted:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._first_pass.wait(), timeout)
+
+    def look_again(self) -> None:
+        self._wake.set()
+
+    async def close(self, unload: bool) -> None:
+        """Stop; with `unload`, first take every greupd connection (and its SAs and secret) out of charon."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if unload and self._wanted:
+            self._wanted = {}
+            with contextlib.suppress(ViciError):
+                await self._connect()  # afresh: the cancel may have cut a request short on the old connection
+                await self._reconcile()
+        self._disconnect()
+
+    # --- the loop ---------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            await self._supervise()
+        except asyncio.CancelledError:
+            # The daemon's loop is ending (asyncio.run cancels what is left): on_exit = "remove" takes our
+            # connections out of charon; "keep" leaves them, so the tunnels stay encrypted across a restart.
+            if self._unload_at_exit and self._session is not None and self._session.connected:
+                self._wanted = {}
+                try:
+                    # A fresh connection: the cancel may have cut a request short on the old one.
+                    await self._connect()
+                    await self._reconcile()
+                except ViciError as exc:
+                    log.warning("ipsec: could not unload greupd's connections at exit: %s", exc)
+            self._disconnect()
+            raise
+
+    async def _supervise(self) -> None:
+        while True:
+            try:
+                if self._session is None or not self._session.connected:
+                    if not self._wanted:
+                        await self._wait(None)
+                        continue
+                    await self._connect()
+                await self._reconcile()
+                self._last_error = None
+                self._first_pass.set()
+                await self._wait(self.poll_interval)
+            except ViciError as exc:
+                self._lost(str(exc))
+                self._first_pass.set()
+                await self._wait(RETRY_INTERVAL)
+            except OSError as exc:  # a secret file that became unreadable between validation and now
+                self._lost(str(exc))
+                self._first_pass.set()
+                await self._wait(RETRY_INTERVAL)
+            except Exception as exc:  # a bug must not silently end IPsec supervision: say it, and retry
+                log.exception("ipsec: unexpected error")
+                self._lost(f"unexpected error: {exc!r}")
+                self._first_pass.set()
+                await self._wait(RETRY_INTERVAL)
+
+    async def _wait(self, timeout: float | None) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake.clear()
+
+    async def _connect(self) -> None:
+        self._disconnect()
+        session, events = ViciSession(self.socket_path), ViciSession(self.socket_path)
+        await session.connect()
+        try:
+            await events.connect()
+            await events.subscribe(EVENTS)
+        except ViciError:
+            session.close()
+            events.close()
+            raise
+        self._session, self._events = session, events
+        self._event_task = asyncio.get_running_loop().create_task(self._read_events(events))
+        log.info("ipsec: connected to charon at %s", self.socket_path)
+
+    async def _read_events(self, events: ViciSession) -> None:
+        try:
+            while True:
+                name, _ = await events.next_event()
+                log.debug("ipsec: charon event %s", name)
+                self._wake.set()
+        except ViciError:
+            # charon went away (or restarted): the main loop notices on its next request and reconnects.
+            self._wake.set()
+
+    def _disconnect(self) -> None:
+        for session in (self._session, self._events):
+            if session is not None:
+                session.close()
+        if self._event_task is not None:
+            self._event_task.cancel()
+            self._event_task = None
+        self._session = self._events = None
+        self._loaded.clear()
+
+    def _lost(self, error: str) -> None:
+        self._disconnect()
+        if error != self._last_error:
+            self._last_error = error
+            self._on_error(f"ipsec: {error}; retrying every {RETRY_INTERVAL:g} s")
+        self._publish({c.tunnel: _down(c.name, error, False) for c in self._wanted.values()})
+
+    # --- one pass -----------------------------------------------------------------------------------------
+
+    async def _reconcile(self) -> None:
+        session = self._session
+        if session is None or not session.connected or (self._events is not None and not self._events.connected):
+            raise ViciError(f"lost the VICI connection to charon at {self.socket_path}")
+        self.passes += 1
+        present = {name for entry in await session.streamed("list-conns", "list-conn") for name in entry}
+        ours = {name for name in present if tunnel_of(name) is not None}
+        # Forget what charon no longer holds (unloaded by hand): it is loaded again below.
+        for name in set(self._loaded) - present:
+            del self._loaded[name]
+        for name in sorted(ours - set(self._wanted)):
+            await self._unload(session, name)
+        loaded = ours & set(self._wanted)
+        for name, connection in sorted(self._wanted.items()):
+            try:
+                if await self._load(session, connection, name in present):
+                    loaded.add(name)
+                self._errors.pop(name, None)
+            except ViciError as exc:
+                # Refused by charon (an unknown proposal, a bad certificate): this tunnel only.
+                message = str(exc)
+                if self._errors.get(name) != message:
+                    self._on_error(f"ipsec: tunnel {connection.tunnel}: {message}")
+                self._errors[name] = message
+                loaded.discard(name)
+        sas = await session.streamed("list-sas", "list-sa") if self._wanted else []
+        self._publish(tunnel_states(self._wanted, loaded, sas, self._errors))
+
+    async def _load(self, session: ViciSession, connection: IpsecConnection, present: bool) -> bool:
+        """Load the connection (and its credentials) if charon lacks it or holds an older one."""
+        secret = _read_secret(connection.psk_file) if connection.psk_file is not None else None
+        files = [p.read_bytes() for p in (connection.key, connection.cert, connection.ca) if p is not None]
+        fingerprint = hashlib.sha256(b"\0".join([secret or b"", *files])).hexdigest()
+        if present and self._loaded.get(connection.name) == (connection.message_text, fingerprint):
+            return True
+        message: dict[str, object] = dict(connection.message)
+        if secret is not None:
+            owners = [connection.local_id] + ([connection.remote_id] if connection.remote_id else [])
+            await session.request("load-shared", {"id": connection.secret_id, "type": "IKE", "data": secret,
+                                                  "owners": owners})
+        else:
+            key, cert, ca = files
+            await session.request("load-key", {"type": "any", "data": key})
+            # VICI takes certificates as their content (PEM or DER), as swanctl sends what it reads from files.
+            message["local-1"] = {**connection.message["local-1"], "certs": [cert]}  # type: ignore[dict-item]
+            message["remote-1"] = {**connection.message["remote-1"], "cacerts": [ca]}  # type: ignore[dict-item]
+        await session.request("load-conn", {connection.name: message})
+        self._loaded[connection.name] = (connection.message_text, fingerprint)
+        log.info("ipsec: loaded connection %s", connection.name)
+        return True
+
+    async def _unload(self, session: ViciSession, name: str) -> None:
+        with contextlib.suppress(ViciError):
+            await session.request("unload-conn", {"name": name})
+        # unload-conn leaves established SAs running; a tunnel that is gone from the config must not be.
+        with contextlib.suppress(ViciError):
+            await session.streamed("terminate", "control-log", {"ike": name, "force": "yes", "timeout": "-1"})
+        with contextlib.suppress(ViciError):
+            await session.request("unload-shared", {"id": name})
+        self._loaded.pop(name, None)
+        log.info("ipsec: unloaded connection %s", name)
+
+    def _publish(self, statuses: dict[str, IpsecStatus]) -> None:
+        for tunnel, status in statuses.items():
+            self._statuses[tunnel] = status
+            previous = self._reported.get(tunnel)
+            if previous != status["state"]:
+                self._reported[tunnel] = status["state"]
+                self._on_change(tunnel, status["state"], previous, change_message(tunnel, status))

@@ -1,0 +1,112 @@
+"""strongSwan's charon in a lab host: one IKE daemon per router namespace (kernel-lab.md, last section).
+
+charon's pid file path (/var/run/charon.pid) is compiled in, so each one runs in a private mount namespace
+with its own /run; its strongswan.conf and VICI socket live in a scratch folder on the host file system, where
+greupd (in the same netns, but the host's mount namespace) and the test reach them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lab.hosts import Host
+
+CHARON = "/usr/lib/ipsec/charon"
+SWANCTL = "swanctl"
+
+
+def available() -> str | None:
+    """Why charon cannot run here, or None."""
+    if not os.access(CHARON, os.X_OK):
+        return f"{CHARON} is missing (apt install strongswan-charon charon-systemd strongswan-swanctl)"
+    return None
+
+
+class Charon:
+    """One charon in one host, with its own strongswan.conf, VICI socket and log under a scratch folder."""
+
+    def __init__(self, host: Host) -> None:
+        from lab.greupd_process import _scratch
+
+        self.host = host
+        self.dir = Path(tempfile.mkdtemp(prefix=f"charon-{host.name}-", dir=_scratch()))
+        self.socket = self.dir / "charon.vici"
+        self.log = self.dir / "charon.log"
+        self.conf = self.dir / "strongswan.conf"
+        # strongswan.conf wants newlines between settings, not `;`.
+        self.conf.write_text(
+            "charon {\n"
+            "  load_modular = yes\n"
+            "  install_routes = no\n"  # transport mode: nothing to route, and no table 220 in the lab
+            "  retransmit_tries = 2\n"
+            "  retransmit_timeout = 1.0\n"
+            "  retransmit_base = 1.4\n"
+            "  plugins {\n"
+            "    include /etc/strongswan.d/charon/*.conf\n"
+            f"    vici {{\n      socket = unix://{self.socket}\n    }}\n"
+            "    resolve {\n      load = no\n    }\n"
+            "  }\n"
+            "  filelog {\n"
+            f"    lab {{\n      path = {self.log}\n      default = 1\n      time_format = %T\n"
+            "      flush_line = yes\n    }\n"
+            "  }\n"
+            "}\n"
+            f"swanctl {{\n  socket = unix://{self.socket}\n}}\n")
+        self.proc: subprocess.Popen[Any] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self, timeout: float = 30) -> Charon:
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        env = {**os.environ, "STRONGSWAN_CONF": str(self.conf)}
+        out = (self.dir / "charon.out").open("ab")
+        self.proc = self.host.popen(
+            "unshare", "-m", "sh", "-c", f"mount -t tmpfs none /run && exec {CHARON}",
+            env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"charon in {self.host.name} exited with {self.proc.returncode}:\n"
+                                     f"{self.output()}")
+            if self.socket.exists() and self.swanctl("--stats", check=False).returncode == 0:
+                return self
+            time.sleep(0.1)
+        raise AssertionError(f"charon in {self.host.name}: no VICI socket after {timeout}s:\n{self.output()}")
+
+    def stop(self) -> None:
+        """SIGTERM, as `systemctl stop strongswan` does: charon takes its SAs and policies out of the kernel."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(30)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no IKE delete is sent, the peer has to find out by itself."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def swanctl(self, *argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        # The sub-command comes first: `swanctl --load-all --uri ...` (kernel-lab.md).
+        return self.host.run(SWANCTL, *argv, "--uri", self.uri, check=check, timeout=timeout)
+
+    def load(self, swanctl_conf: str) -> None:
+        """Load a hand-written swanctl.conf (connections and secrets), as an operator would."""
+        path = self.dir / "swanctl.conf"
+        path.write_text(swanctl_conf)
+        self.swanctl("--load-all", "--file", str(path))
+
+    def output(self) -> str:
+        parts = [p.read_text(errors="replace") for p in (self.dir / "charon.out", self.log) if p.exists()]
+        return "\n".join(parts)[-6000:]

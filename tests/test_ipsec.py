@@ -1,0 +1,311 @@
+"""GRE over IPsec, decided without a kernel or a charon: the config, the connections greupd would load into
+strongSwan, the nftables drops of cleartext GRE, the MTU left for ESP, and the state read from charon's SAs.
+
+The seed's two routers: A = 172.19.1.1, B = 172.19.1.2, a pre-shared key in a root-only file on each.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from greupd.config import (
+    DEFAULT_ESP_PROPOSALS,
+    DEFAULT_IKE_PROPOSALS,
+    DEFAULT_VICI_SOCKET,
+    Config,
+    ConfigError,
+    load_config_text,
+)
+from greupd.events import MESSAGE_IDS, EventKind, IpsecChanged, journal_fields, message_of
+from greupd.ipsec.connections import (
+    CONNECTION_PREFIX,
+    ESP_OVERHEAD,
+    connection_name,
+    default_ipsec_mtu,
+    desired_connections,
+    tunnel_of,
+)
+from greupd.ipsec.supervisor import change_message, tunnel_states
+from greupd.model import desired_state
+from greupd.nft import describe_ruleset, render_ruleset
+
+
+@pytest.fixture
+def psk(tmp_path: Path) -> Path:
+    path = tmp_path / "My_Tunnel.psk"
+    path.write_text("correct horse battery staple\n")
+    path.chmod(0o600)
+    return path
+
+
+def seed_a(ipsec: str, extra: str = "", mode: str = "gre") -> str:
+    local, remote = ("172.19.1.1", "172.19.1.2") if mode in ("gre", "gretap") else ("2001:db8::1", "2001:db8::2")
+    return (f'[[tunnel]]\nname = "My_Tunnel"\nmode = "{mode}"\nlocal = "{local}"\nremote = "{remote}"\n'
+            f'address = "192.168.8.1"\npeer = "192.168.8.11"\nroutes = ["20.10.1.0/24"]\n{extra}\n'
+            f"[tunnel.ipsec]\n{ipsec}\n")
+
+
+def load(text: str) -> Config:
+    return load_config_text(text, Path("/etc/greupd/tunnels.toml"))
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load(text)
+    return [str(p) for p in caught.value.problems]
+
+
+# --- config ---------------------------------------------------------------------------------------------
+
+
+def test_a_psk_file_is_all_a_tunnel_needs(psk: Path) -> None:
+    tunnel = load(seed_a(f'psk_file = "{psk}"')).tunnels[0]
+    assert tunnel.ipsec is not None
+    assert tunnel.ipsec.psk_file == psk
+    assert tunnel.ipsec.require is True
+    assert tunnel.ipsec.proposals == DEFAULT_IKE_PROPOSALS == "aes256gcm16-prfsha384-ecp384"
+    assert tunnel.ipsec.esp_proposals == DEFAULT_ESP_PROPOSALS == "aes256gcm16-ecp384"
+    assert load(seed_a(f'psk_file = "{psk}"')).daemon.vici_socket == DEFAULT_VICI_SOCKET
+
+
+def test_a_psk_others_can_read_is_refused_with_file_line_and_field(psk: Path) -> None:
+    psk.chmod(0o644)
+    assert problems(seed_a(f'psk_file = "{psk}"')) == [
+        f"/etc/greupd/tunnels.toml:11: tunnel[0].ipsec.psk_file: {psk} is readable or writable by others"
+        f" (mode 0644): chmod 600 {psk}"]
+
+
+def test_a_missing_or_empty_psk_file_is_refused(tmp_path: Path, psk: Path) -> None:
+    missing = tmp_path / "nope"
+    assert problems(seed_a(f'psk_file = "{missing}"')) == [
+        f"/etc/greupd/tunnels.toml:11: tunnel[0].ipsec.psk_file: cannot read {missing}: No such file or directory"]
+    psk.write_text("\n")
+    assert problems(seed_a(f'psk_file = "{psk}"'))[0].endswith(f"{psk} is empty: write the key into it")
+
+
+def test_authentication_is_a_psk_or_certificates_not_both_nor_neither(psk: Path) -> None:
+    assert problems(seed_a("require = true")) == [
+        "/etc/greupd/tunnels.toml:10: tunnel[0].ipsec.psk_file: [tunnel.ipsec] needs psk_file, or cert, key and ca"]
+    both = problems(seed_a(f'psk_file = "{psk}"\ncert = "{psk}"'))
+    assert both == ["/etc/greupd/tunnels.toml:12: tunnel[0].ipsec.cert: give either psk_file, or cert, key and"
+                    " ca, not both"]
+    half = problems(seed_a(f'cert = "{psk}"\nkey = "{psk}"'))
+    assert half == ["/etc/greupd/tunnels.toml:10: tunnel[0].ipsec.ca: certificate authentication needs cert, key"
+                    " and ca; ca is missing"]
+
+
+def test_a_relative_path_or_a_bad_proposal_is_refused(psk: Path) -> None:
+    assert problems(seed_a('psk_file = "psk/My_Tunnel"'))[0].endswith(
+        "tunnel[0].ipsec.psk_file: 'psk/My_Tunnel' is a relative path: write it from /, e.g."
+        " \"/etc/greupd/psk/My_Tunnel\"")
+    bad = problems(seed_a(f'psk_file = "{psk}"\nproposals = "aes256 gcm"'))
+    assert bad[0].startswith("/etc/greupd/tunnels.toml:12: tunnel[0].ipsec.proposals: 'aes256 gcm' is not a"
+                             " strongSwan proposal list")
+    assert problems(seed_a(f'psk_file = "{psk}"\nrequire = "yes"'))[0].endswith(
+        "tunnel[0].ipsec.require: ipsec.require must be true or false")
+
+
+# --- the connection charon gets ---------------------------------------------------------------------------
+
+
+def test_one_connection_per_tunnel_esp_transport_for_gre_only(psk: Path) -> None:
+    connections = desired_connections(load(seed_a(f'psk_file = "{psk}"')))
+    assert list(connections) == ["greupd-My_Tunnel"]
+    connection = connections["greupd-My_Tunnel"]
+    assert connection.tunnel == "My_Tunnel" and connection.auth == "psk" and connection.psk_file == psk
+    assert connection.message == {
+        "version": "2",
+        "local_addrs": ["172.19.1.1"],
+        "remote_addrs": ["172.19.1.2"],
+        "proposals": ["aes256gcm16-prfsha384-ecp384"],
+        "mobike": "no",
+        "dpd_delay": "10s",
+        "local-1": {"auth": "psk", "id": "172.19.1.1"},
+        "remote-1": {"auth": "psk", "id": "172.19.1.2"},
+        "children": {"gre": {
+            "mode": "transport",
+            "local_ts": ["dynamic[gre]"],
+            "remote_ts": ["dynamic[gre]"],
+            "esp_proposals": ["aes256gcm16-ecp384"],
+            "start_action": "trap",
+            "dpd_action": "trap",
+            "close_action": "trap",
+        }},
+    }
+    # The secret is never part of what is compared, logged or shown: only its file's path is.
+    assert "correct horse" not in connection.message_text
+
+
+def test_connection_names_say_whose_they_are(psk: Path) -> None:
+    assert connection_name("My_Tunnel") == f"{CONNECTION_PREFIX}My_Tunnel" == "greupd-My_Tunnel"
+    assert tunnel_of("greupd-My_Tunnel") == "My_Tunnel"
+    assert tunnel_of("office-vpn") is None  # an operator's own connection: never touched
+
+
+def test_disabled_tunnels_and_tunnels_without_ipsec_load_nothing(psk: Path) -> None:
+    assert desired_connections(load(seed_a(f'psk_file = "{psk}"', extra="enabled = false"))) == {}
+    plain = load('[[tunnel]]\nname = "t"\nlocal = "172.19.1.1"\nremote = "172.19.1.2"\n')
+    assert desired_connections(plain) == {}
+
+
+def test_operator_choices_reach_the_connection(psk: Path) -> None:
+    text = seed_a(f'psk_file = "{psk}"\nproposals = "aes128gcm16-prfsha256-x25519, aes256-sha256-modp2048"\n'
+                  'esp_proposals = "aes128gcm16"\nstart_action = "start"\ndpd_delay = "30s"\n'
+                  'remote_id = "b.example.net"')
+    connection = desired_connections(load(text))["greupd-My_Tunnel"]
+    message = connection.message
+    assert message["proposals"] == ["aes128gcm16-prfsha256-x25519", "aes256-sha256-modp2048"]
+    assert message["dpd_delay"] == "30s"
+    assert message["remote-1"] == {"auth": "psk", "id": "b.example.net"}
+    child: Any = message["children"]
+    assert child["gre"]["esp_proposals"] == ["aes128gcm16"]
+    assert (child["gre"]["start_action"], child["gre"]["dpd_action"], child["gre"]["close_action"]) == (
+        "start", "restart", "restart")
+    assert connection.remote_id == "b.example.net"
+
+
+def test_certificates_authenticate_by_public_key(tmp_path: Path) -> None:
+    cert, ca, key = tmp_path / "a.pem", tmp_path / "ca.pem", tmp_path / "a.key"
+    for path in (cert, ca, key):
+        path.write_text("-----BEGIN ...-----\n")
+    key.chmod(0o600)
+    text = seed_a(f'cert = "{cert}"\nkey = "{key}"\nca = "{ca}"\nremote_id = "CN=router-b"')
+    connection = desired_connections(load(text))["greupd-My_Tunnel"]
+    assert connection.auth == "pubkey" and (connection.cert, connection.key, connection.ca) == (cert, key, ca)
+    assert connection.message["local-1"] == {"auth": "pubkey"}
+    assert connection.message["remote-1"] == {"auth": "pubkey", "id": "CN=router-b"}
+
+
+# --- MTU ----------------------------------------------------------------------------------------------------
+
+
+def test_the_tunnel_mtu_leaves_room_for_esp(psk: Path) -> None:
+    tunnel = load(seed_a(f'psk_file = "{psk}"')).tunnels[0]
+    # 1500 - 20 (outer IPv4) - 4 (GRE) - ESP's worst case: Cisco's usual GRE/IPsec tunnel MTU is 1400.
+    assert default_ipsec_mtu(tunnel) == 1500 - 24 - ESP_OVERHEAD == 1395
+    assert desired_state(load(seed_a(f'psk_file = "{psk}"'))).tunnels["My_Tunnel"].link.mtu == 1395
+    keyed = load(seed_a(f'psk_file = "{psk}"', extra="key = 42")).tunnels[0]
+    assert default_ipsec_mtu(keyed) == 1391
+    v6 = load(seed_a(f'psk_file = "{psk}"', mode="ip6gre")).tunnels[0]
+    assert default_ipsec_mtu(v6) == 1500 - 48 - 4 - ESP_OVERHEAD
+
+
+def test_an_mtu_the_operator_wrote_is_kept_and_plain_tunnels_keep_the_kernel_default(psk: Path) -> None:
+    assert desired_state(load(seed_a(f'psk_file = "{psk}"', extra="mtu = 1300"))).tunnels["My_Tunnel"].link.mtu \
+        == 1300
+    plain = load('[[tunnel]]\nname = "t"\nlocal = "172.19.1.1"\nremote = "172.19.1.2"\n')
+    assert desired_state(plain).tunnels["t"].link.mtu is None
+
+
+# --- nftables: no cleartext GRE ----------------------------------------------------------------------------
+
+
+def test_require_drops_gre_to_and_from_the_remote_that_esp_does_not_carry(psk: Path) -> None:
+    text = describe_ruleset(render_ruleset(load(seed_a(f'psk_file = "{psk}"'))))
+    assert text == (
+        "table inet greupd {\n"
+        "\tchain ipsec_out {\n"
+        "\t\ttype filter hook output priority filter; policy accept;\n"
+        '\t\tip daddr 172.19.1.2 meta l4proto gre rt ipsec missing drop comment "My_Tunnel: no cleartext GRE to'
+        ' 172.19.1.2"\n'
+        "\t}\n\n"
+        "\tchain ipsec_in {\n"
+        "\t\ttype filter hook input priority filter; policy accept;\n"
+        '\t\tip saddr 172.19.1.2 meta l4proto gre meta ipsec missing drop comment "My_Tunnel: no cleartext GRE'
+        ' from 172.19.1.2"\n'
+        "\t}\n"
+        "}\n")
+
+
+def test_the_drop_rules_in_libnftables_json(psk: Path) -> None:
+    ruleset = render_ruleset(load(seed_a(f'psk_file = "{psk}"', mode="ip6gre")))
+    rules: list[Any] = [o["rule"] for o in ruleset.objects() if "rule" in o]
+    assert [r["expr"] for r in rules] == [
+        [{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "daddr"}}, "right": "2001:db8::2"}},
+         {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "gre"}},
+         {"match": {"op": "==", "left": {"rt": {"key": "ipsec"}}, "right": False}},
+         {"drop": None}],
+        [{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}}, "right": "2001:db8::2"}},
+         {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "gre"}},
+         {"match": {"op": "==", "left": {"meta": {"key": "ipsec"}}, "right": False}},
+         {"drop": None}],
+    ]
+    chains: list[Any] = [o["chain"] for o in ruleset.objects() if "chain" in o]
+    assert [(c["name"], c["hook"], c["prio"]) for c in chains] == [
+        ("ipsec_out", "output", 0), ("ipsec_in", "input", 0)]
+
+
+def test_require_false_or_no_ipsec_adds_no_drop(psk: Path) -> None:
+    assert not render_ruleset(load(seed_a(f'psk_file = "{psk}"\nrequire = false'))).wanted
+    assert not render_ruleset(load(seed_a(f'psk_file = "{psk}"', extra="enabled = false"))).wanted
+
+
+# --- state from charon's SAs (list-sas answers as the VICI session decodes them) ---------------------------
+
+
+def _sa(name: str, ike: str, child: str | None) -> dict[str, object]:
+    children = {} if child is None else {"gre-7": {"name": "gre", "state": child, "mode": "TRANSPORT"}}
+    return {name: {"state": ike, "child-sas": children}}
+
+
+def test_established_needs_an_installed_esp_sa(psk: Path) -> None:
+    connections = desired_connections(load(seed_a(f'psk_file = "{psk}"')))
+    loaded = {"greupd-My_Tunnel"}
+    # Both ends trapped the first packet: two IKE_SAs, one of them carries the CHILD_SA.
+    sas = [_sa("greupd-My_Tunnel", "ESTABLISHED", "INSTALLED"), _sa("greupd-My_Tunnel", "ESTABLISHED", None),
+           _sa("office-vpn", "ESTABLISHED", "INSTALLED")]
+    assert tunnel_states(connections, loaded, sas, {}) == {"My_Tunnel": {
+        "state": "established", "connection": "greupd-My_Tunnel", "ike_sa": "ESTABLISHED", "child_sa": "INSTALLED",
+        "charon": True, "error": None}}
+    connecting = tunnel_states(connections, loaded, [_sa("greupd-My_Tunnel", "CONNECTING", None)], {})
+    assert connecting["My_Tunnel"]["state"] == "connecting"
+    assert change_message("My_Tunnel", connecting["My_Tunnel"]) == \
+        "tunnel My_Tunnel ipsec connecting: IKE SA connecting (greupd-My_Tunnel)"
+    assert tunnel_states(connections, loaded, [], {})["My_Tunnel"]["state"] == "connecting"  # trap, no traffic yet
+
+
+def test_a_connection_charon_refused_is_down_with_its_error(psk: Path) -> None:
+    connections = desired_connections(load(seed_a(f'psk_file = "{psk}"')))
+    down = tunnel_states(connections, set(), [], {"greupd-My_Tunnel": "load-conn: invalid proposal"})
+    assert down["My_Tunnel"]["state"] == "down"
+    assert change_message("My_Tunnel", down["My_Tunnel"]) == \
+        "tunnel My_Tunnel ipsec down: load-conn: invalid proposal (greupd-My_Tunnel)"
+
+
+def test_the_journal_says_when_an_sa_comes_and_goes() -> None:
+    up = IpsecChanged("My_Tunnel", "established", "connecting",
+                      "tunnel My_Tunnel ipsec established: ESP SA installed (greupd-My_Tunnel)")
+    fields = journal_fields(up)
+    assert fields["MESSAGE_ID"] == MESSAGE_IDS[EventKind.IPSEC_UP]
+    assert (fields["GREUPD_TUNNEL"], fields["GREUPD_IPSEC_STATE"], fields["GREUPD_IPSEC_PREVIOUS_STATE"]) == (
+        "My_Tunnel", "established", "connecting")
+    down = IpsecChanged("My_Tunnel", "down", "established", "tunnel My_Tunnel ipsec down: charon gone")
+    assert journal_fields(down)["MESSAGE_ID"] == MESSAGE_IDS[EventKind.IPSEC_DOWN]
+    assert message_of(down) == "tunnel My_Tunnel ipsec down: charon gone"
+
+
+def test_psk_fixture_is_root_only(psk: Path) -> None:
+    assert psk.stat().st_mode & 0o777 == 0o600 and psk.stat().st_uid == os.geteuid()
+
+
+def test_check_summary_names_the_protection(psk: Path) -> None:
+    from greupd.cli import summarize
+
+    assert summarize(load(seed_a(f'psk_file = "{psk}"'))).splitlines()[1] == (
+        "  My_Tunnel: gre 172.19.1.1 -> 172.19.1.2 192.168.8.1 peer 192.168.8.11, routes 20.10.1.0/24,"
+        " ipsec (psk, cleartext GRE dropped)")
+
+
+def test_plan_shows_the_connections_as_swanctl_conf_without_the_secret(psk: Path) -> None:
+    from greupd.ipsec.connections import describe_connections
+
+    text = describe_connections(desired_connections(load(seed_a(f'psk_file = "{psk}"'))))
+    assert text.splitlines()[:5] == ["greupd-My_Tunnel {", "  version = 2", "  local_addrs = 172.19.1.1",
+                                     "  remote_addrs = 172.19.1.2", "  proposals = aes256gcm16-prfsha384-ecp384"]
+    assert "    gre {" in text and "      local_ts = dynamic[gre]" in text and "      mode = transport" in text
+    assert text.endswith(f"# greupd-My_Tunnel: psk from {psk}\n")
+    assert "correct horse" not in text
