@@ -108,6 +108,9 @@ def pytest_runtest_makereport(
 
 
 @dataclass
+SECONDS_PER_TEST = 75.0
+
+
 class _GuestBatch:
     """One guest boot that ran a batch of tests, and the reports it left per node id."""
 
@@ -131,9 +134,13 @@ class _PendingBatch:
         if self.config.option.verbose > 0:
             argv.append("-" + "v" * self.config.option.verbose)
         argv += ["--rootdir", str(self.config.rootpath), *[i.nodeid for i in self.items]]
+        # The batch's time grows with its tests (a busy 2-core machine runs a UML test in 20-60 s): the guest's
+        # timeout does too, unless GREUPD_LAB_TIMEOUT says otherwise. A hung guest still ends.
+        timeout = None if os.environ.get("GREUPD_LAB_TIMEOUT") else max(
+            guest.DEFAULT_TIMEOUT[self.kind], SECONDS_PER_TEST * len(self.items))
         try:
             self.result = guest.run(self.kind, argv, cwd=self.config.rootpath, env={"GREUPD_LAB_REPORT": "1"},
-                                    collect=[REPORT_FILE], cancel=self.cancel)
+                                    collect=[REPORT_FILE], cancel=self.cancel, timeout=timeout)
         except Exception as exc:  # reported with each of the batch's tests, not lost in a thread
             self.result = guest.GuestResult(self.kind, None, "", "", 0.0, booted=False,
                                             error=f"lab error: {type(exc).__name__}: {exc}")
