@@ -20,6 +20,7 @@ from greupd.config import Config, ConfigError, load_config
 from greupd.control import ControlServer, ControlSocketBusy, ControlSocketUnusable, control_socket
 from greupd.events import EventLog
 from greupd.keepalive.engine import KeepaliveEngine, LivenessChange, targets_from_config
+from greupd.metrics import MetricsPublisher
 from greupd.model import Desired, Observed, action_tunnel, desired_state
 from greupd.netlink.kernel import Kernel, KernelWatch
 from greupd.nft.keeper import NftKeeper
@@ -52,7 +53,7 @@ class Daemon:
         self.watch = KernelWatch(self.kernel, self.queue.mark)
         self.keepalive = KeepaliveEngine(self._on_liveness)
         self.nft = NftKeeper(config.daemon.nft_table, self.queue.mark_nft, self._fail)
-        self._published_status = ""
+        self.metrics = MetricsPublisher(self.status, lambda: self.config.daemon, start, self._fail)  # metrics.py
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _on_liveness(self, name: str, change: LivenessChange) -> None:
@@ -74,7 +75,8 @@ class Daemon:
 
     async def run(self) -> int:
         loop = self._loop = asyncio.get_running_loop()
-        control = ControlServer(self.socket_path, self.status, self.request_reload, on_error=self.events.error)
+        control = ControlServer(self.socket_path, self.status, self.request_reload, on_error=self.events.error,
+                                metrics=self.metrics.text)
         await control.start()
         self.watch.start(loop)
         self.keepalive.start(loop)
@@ -111,7 +113,7 @@ class Daemon:
         """One turn of the loop: a reload if one was asked for, then whatever is marked and not paused."""
         answers = self.queue.take_reload()
         if answers is not None:
-            settle(answers, self.reload)
+            settle(answers, lambda: self.metrics.reloaded(self.reload()))
         # After a reload too: what was marked meanwhile is still to do, and the wake-up that said so is spent.
         batch = self.queue.take_ready(time.monotonic())
         if batch.names is None or batch.names:
@@ -155,7 +157,7 @@ class Daemon:
         for error in errors:
             if error.tunnel is None:
                 self._fail(str(error))
-        for change in self.reports.update(self.config, observed, plan, errors, after, self.keepalive.is_up):
+        for change in self.reports.update(self.config, observed, plan, errors, after, self.keepalive.is_up, repairs):
             self.events.emit(change)
         self._publish_status()
         assert self._loop is not None
@@ -214,12 +216,8 @@ class Daemon:
         self.kernel.close()
 
     def _publish_status(self) -> None:
-        # Only when it changed: a drift repair is no news to `systemctl status`, and every STATUS= is a
-        # blocking send to systemd.
-        text = self._status_text()
-        if text != self._published_status:
-            self._published_status = text
-            self.notifier.status(text)
+        self.notifier.status(self._status_text())  # sent only when it changed (systemd.Notifier.status)
+        self.metrics.publish()
 
     def _status_text(self) -> str:
         return status_line(self.tunnel_statuses())

@@ -142,6 +142,8 @@ def test_start_reload_stop_sequence(notify_socket: NotifySocket) -> None:
 
     notifier.status("1 tunnel: 1 down (My_Tunnel: keepalive timeout)")
     assert notify_socket.receive() == {"STATUS": "1 tunnel: 1 down (My_Tunnel: keepalive timeout)"}
+    notifier.status("1 tunnel: 1 down (My_Tunnel: keepalive timeout)")  # a pass that changed nothing for systemd
+    assert notify_socket.nothing_pending()
     notifier.stopping()
     assert notify_socket.receive() == {"STOPPING": "1"}
 
@@ -181,7 +183,8 @@ def test_watchdog_interval_rules() -> None:
 def tunnel(name: str, state: TunnelState, reason: str, error: str | None = None) -> TunnelStatus:
     return {"name": name, "mode": "gre", "local": "172.19.1.1", "remote": "172.19.1.2", "state": state,
             "since": "2026-11-24T20:15:02Z", "reason": reason, "error": error, "ifindex": None,
-            "routes": [], "routes_installed": state == "up", "keepalive": None}
+            "routes": [], "routes_installed": state == "up", "keepalive": None, "state_changes": 0,
+            "drift_repairs": 0}
 
 
 def test_status_line() -> None:
