@@ -9,11 +9,11 @@ STAMP_VENV := $(VENV)/.stamp-venv
 APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev \
 	user-mode-linux kmod iproute2 iputils-ping nftables libnftables1 tcpdump systemd \
 	qemu-system-x86 linux-image-amd64 busybox-static \
-	debhelper dpkg-dev python3-pip man-db groff-base rpm
+	debhelper dpkg-dev python3-pip man-db groff-base rpm lintian
 # virtme-ng (for the qemu guest) lives in the venv; its `vng` is what lab/guest.py runs.
 PIP_EXTRA := virtme-ng
 
-.PHONY: all venv deps apt-deps test pytest lint ruff mypy demo bench clean
+.PHONY: all venv wheelhouse deps apt-deps test pytest lint ruff mypy demo bench clean
 
 all: test
 
@@ -23,6 +23,19 @@ $(STAMP_VENV): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# The packages' Python libraries, fetched here on the host: packaging/build-deb and the RPM spec install
+# from this folder only (pip --no-index), so a package builds without network, in a lab guest included.
+# Debian's own pip and interpreter, the ones the package's venv runs on, so the wheels match its ABI.
+# Rebuilt when pyproject.toml changes; setuptools and wheel build greupd and systemd-python's sdist.
+WHEELHOUSE := build/wheelhouse
+STAMP_WHEELHOUSE := $(WHEELHOUSE)/.stamp
+wheelhouse: $(STAMP_WHEELHOUSE)
+$(STAMP_WHEELHOUSE): pyproject.toml
+	mkdir -p $(WHEELHOUSE)
+	/usr/bin/python3.11 -m pip download --quiet --disable-pip-version-check --no-input -d $(WHEELHOUSE) \
+		$$(/usr/bin/python3.11 packaging/requirements pyproject.toml)
 	touch $@
 
 # apt-get runs only when a package is missing (dpkg -s), so repeated runs are quick and quiet.
@@ -35,9 +48,10 @@ apt-deps:
 		|| { apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; }; \
 	fi
 
-# System packages, then the venv (whose build needs them), then the venv's extras for the lab.
+# System packages, then the venv (whose build needs them), then the venv's extras for the lab, then the
+# packages' wheelhouse.
 deps: apt-deps
-	@$(MAKE) --no-print-directory venv
+	@$(MAKE) --no-print-directory venv wheelhouse
 	@$(PY) -m pip show -q $(PIP_EXTRA) >/dev/null 2>&1 \
 		|| $(PY) -m pip install -q --disable-pip-version-check $(PIP_EXTRA)
 
@@ -61,9 +75,9 @@ mypy: $(STAMP_VENV)
 	$(VENV)/bin/mypy --strict greupd lab tests demo bench
 
 # ---------------------------------------------------------------------------------------------
-# demo: the seed's two-router story, run by greupd inside a kernel that has ip_gre (the UML guest).
+# demo: the seed's whole two-router story, run by greupd in a kernel with ip_gre and nftables inet (the vng guest).
 demo: deps
-	$(PY) -m lab run --guest uml -- $(PY) -m demo.seed_story
+	$(PY) -m lab run --guest vng -- $(PY) -m demo.seed_story
 # ---------------------------------------------------------------------------------------------
 
 # bench: every benchmark in the lab guests (~30 min), raw JSON in bench/results/, tables in BENCHMARKS.md.
@@ -73,4 +87,4 @@ bench: $(STAMP_VENV)
 	PY=$(PY) bench/run $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .lab .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .lab build dist .mypy_cache .ruff_cache .pytest_cache

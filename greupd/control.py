@@ -1,10 +1,11 @@
-"""The control socket: how `greupd status` and `greupd reload` talk to the running daemon.
+"""The control socket: how `greupd status`, `greupd metrics` and `greupd reload` talk to the running daemon.
 
-Protocol: a Unix stream socket (mode 0600, so root only); each request is one line of JSON,
-`{"command": "status"}`, `{"command": "reload"}` or `{"command": "metrics"}`, and each answer one line of JSON,
-`{"ok": true, "result": ...}` (a DaemonStatus, a ReloadResult or a MetricsAnswer, see greupd/status.py) or
-`{"ok": false, "error": "..."}` for a request the daemon could not serve. A rejected config is not a
-protocol error: it is a ReloadResult with ok = false.
+Protocol: a Unix stream socket (mode 0660: the daemon's user and group; root, the daemon's own user and
+members of its group may connect, and only the first two may reload; see _peer_access); each request is
+one line of JSON, `{"command": "status"}`, `{"command": "reload"}` or `{"command": "metrics"}`, and each
+answer one line of JSON, `{"ok": true, "result": ...}` (a DaemonStatus, a ReloadResult or a MetricsAnswer, see
+greupd/status.py) or `{"ok": false, "error": "..."}` for a request the daemon could not serve. A rejected
+config is not a protocol error: it is a ReloadResult with ok = false.
 
 `control_socket` is the one place that says where the socket is, for the daemon and the CLI alike. The
 tables people read are made from these answers by the CLI (greupd/cli_format.py), not here.
@@ -102,8 +103,9 @@ class ControlServer:
         _remove_stale_socket(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            # The umask makes the socket 0600 from its first moment; a chmod after bind would leave a window.
-            previous_umask = os.umask(0o177)
+            # The umask makes the socket 0660 from its first moment; a chmod after bind would leave a window. Its
+            # group is the daemon's (greupd under greupd.service), whose members may ask for the status.
+            previous_umask = os.umask(0o117)
             try:
                 sock.bind(str(self.path))
             finally:
@@ -129,7 +131,8 @@ class ControlServer:
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            if not _peer_allowed(writer.get_extra_info("socket")):
+            access = _peer_access(writer.get_extra_info("socket"))
+            if access is None:
                 await _send(writer, {"ok": False, "error": "permission denied"})
                 return
             while True:
@@ -139,16 +142,18 @@ class ControlServer:
                     return  # idle, over-long line, or the client went away
                 if not line:
                     return
-                await _send(writer, await self._answer(line))
+                await _send(writer, await self._answer(line, may_reload=access == "all"))
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _answer(self, line: bytes) -> dict[str, object]:
+    async def _answer(self, line: bytes, may_reload: bool = True) -> dict[str, object]:
         command = parse_request(line)
         if command not in COMMANDS:
             return {"ok": False, "error": command_error(command)}
+        if command == "reload" and not may_reload:
+            return {"ok": False, "error": "permission denied: reload is for root and the daemon's own user"}
         try:
             if command == "status":
                 return {"ok": True, "result": self._status()}
@@ -197,13 +202,33 @@ class _PeerSocket(Protocol):
     def getsockopt(self, level: int, optname: int, buflen: int) -> bytes: ...
 
 
-def _peer_allowed(sock: _PeerSocket | None) -> bool:
-    # The 0600 mode already keeps others out; the credential check also holds if someone loosens the mode.
+# SO_PEERGROUPS (Linux 4.13): the peer's supplementary groups as the kernel saw them at connect(). Python 3.11
+# has no name for it; 59 is its number in asm-generic/socket.h, which x86 and arm use.
+_SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
+_MAX_PEER_GROUPS: Final = 256  # Python's getsockopt() reads at most 1024 bytes: 256 gid_t
+
+
+def _peer_access(sock: _PeerSocket | None) -> Literal["all", "status"] | None:
+    """What the connecting process may ask: everything (root, the daemon's own user), the status (a member of
+    the daemon's group, e.g. a monitoring agent in group greupd), or nothing.
+
+    The 0660 mode already keeps others out; the credential check also holds if someone loosens the mode.
+    """
     if sock is None:
-        return False
-    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                          struct.calcsize("3i")))  # struct ucred
-    return uid in (0, os.geteuid())
+        return None
+    _pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                         struct.calcsize("3i")))  # struct ucred
+    if uid in (0, os.geteuid()):
+        return "all"
+    if gid == os.getegid():
+        return "status"
+    try:
+        groups = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * _MAX_PEER_GROUPS)
+    except OSError:
+        return None  # ERANGE: more groups than we read; ENOPROTOOPT: a kernel older than 4.13
+    if os.getegid() in struct.unpack(f"{len(groups) // 4}I", groups[: len(groups) // 4 * 4]):
+        return "status"
+    return None
 
 
 def _remove_stale_socket(path: Path) -> None:

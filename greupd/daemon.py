@@ -20,6 +20,7 @@ from greupd.config import Config, ConfigError, load_config
 from greupd.control import ControlServer, ControlSocketBusy, ControlSocketUnusable, control_socket
 from greupd.events import EventLog
 from greupd.keepalive.engine import KeepaliveEngine, LivenessChange, targets_from_config
+from greupd.keepalive.restart import VerdictMemory
 from greupd.metrics import MetricsPublisher
 from greupd.model import Desired, Observed, action_tunnel, desired_state
 from greupd.netlink.kernel import Kernel, KernelWatch
@@ -55,10 +56,12 @@ class Daemon:
         self.nft = NftKeeper(config.daemon.nft_table, self.queue.mark_nft, self._fail)
         self.metrics = MetricsPublisher(self.status, lambda: self.config.daemon, start, self._fail)  # metrics.py
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.verdicts = VerdictMemory(self.keepalive, start.state if start else None, self._fail)  # #11 H3
 
     def _on_liveness(self, name: str, change: LivenessChange) -> None:
         self.reports.note_liveness(name, change)
         self.queue.mark_liveness(name)
+        self.verdicts.flipped(name)
 
     def request_reload(self) -> asyncio.Future[ReloadResult]:
         """SIGHUP, `systemctl reload` and `greupd reload` alike: the next loop step reloads and answers here."""
@@ -83,7 +86,8 @@ class Daemon:
         for sig, handler in ((signal.SIGHUP, self.queue.mark_reload), (signal.SIGTERM, self._request_stop),
                              (signal.SIGINT, self._request_stop)):
             loop.add_signal_handler(sig, handler)
-        self.keepalive.configure(targets_from_config(self.config))
+        self.keepalive.set_answerable(())  # nothing is known to work before the first pass (#11 H5)
+        self.verdicts.resume(self.config, lambda: self.kernel.observe(self.desired()))
         self.reconcile(None)
         self.nft.keep(self.config)
         self.nft.start(loop)
@@ -120,6 +124,7 @@ class Daemon:
             self.reconcile(batch.names, batch.repairs)
         if batch.nft:
             self.nft.keep(self.config)
+        self.verdicts.save_if_changed(self.config)
 
     # --- the pass ------------------------------------------------------------------------------------
 
@@ -159,7 +164,9 @@ class Daemon:
                 self._fail(str(error))
         for change in self.reports.update(self.config, observed, plan, errors, after, self.keepalive.is_up, repairs):
             self.events.emit(change)
-        self._publish_status()
+        self.keepalive.set_answerable(self.reports.answerable())  # #11 H5
+        self.notifier.status_if_changed(self._status_text())
+        self.metrics.publish()
         assert self._loop is not None
         fought = [n for n in touched & repairs if n in self.reports.records]
         for pause in self.queue.note_repairs(fought, time.monotonic()):
@@ -214,10 +221,6 @@ class Daemon:
                 self._fail(str(error))
             self.nft.remove()
         self.kernel.close()
-
-    def _publish_status(self) -> None:
-        self.notifier.status(self._status_text())  # sent only when it changed (systemd.Notifier.status)
-        self.metrics.publish()
 
     def _status_text(self) -> str:
         return status_line(self.tunnel_statuses())

@@ -39,6 +39,7 @@ class TunnelRecord:
     error: str | None = None
     ifindex: int | None = None
     link_present: bool = False
+    link_works: bool = False  # owned, and up (or held down by us for a keepalive verdict, action = "link")
     reported: bool = False
     state_changes: int = 0  # transitions after the first reported state (greupd_tunnel_state_changes_total)
     drift_repairs: int = 0  # passes that acted on this tunnel because the kernel said it changed
@@ -74,6 +75,9 @@ class Reports:
             link = after.links.get(tunnel.name)
             record.ifindex = link.index if link is not None and link.owned else None
             record.link_present = link is not None and link.owned
+            held_down = (tunnel.keepalive is not None and tunnel.keepalive.action == "link"
+                         and not is_up(tunnel.name))
+            record.link_works = record.link_present and link is not None and (link.up or held_down)
             if not tunnel.enabled:
                 changes += self._transition(tunnel, "disabled", "config")
             elif tunnel.name in problems or tunnel.name in failures:
@@ -94,6 +98,12 @@ class Reports:
         for gone in set(self._verdicts) - configured:
             del self._verdicts[gone]
         return changes
+
+    def answerable(self) -> list[str]:
+        """The tunnels whose own end works, so that answer = "daemon" may reflect their peers' probes (#11 H5):
+        an owned link that is up (or that we hold down for a dead peer: not answering then would keep two
+        greupd ends with action = "link" down for ever), and no error (name clash, refused apply)."""
+        return [name for name, record in self.records.items() if record.link_works and record.state != "error"]
 
     def statuses(self, config: Config, keepalive: Callable[[str], KeepaliveStatus | None]) -> list[TunnelStatus]:
         statuses: list[TunnelStatus] = []

@@ -6,8 +6,8 @@
   tunnels.toml and the drop-ins. One JSON file, replaced with rename(2): a crash mid-write leaves the old copy.
   Read it with `jq -r '.files[] | .path, .text' /var/lib/greupd/last-good.json`.
 - `keepalive.json`: keepalive verdicts (tunnel -> up/down and since when), so that a restart can keep a tunnel
-  whose peer is dead down instead of re-installing its routes (review H3). Saved and loaded here; the keepalive
-  engine does not use it yet.
+  whose peer is dead down instead of re-installing its routes (review H3). The daemon saves it at every
+  verdict flip and seeds the keepalive engine from it at start (greupd/keepalive/restart.py).
 
 Where: $GREUPD_STATE_DIR, else $STATE_DIRECTORY (systemd's StateDirectory=), else `[daemon] state_dir` as the
 config on disk writes it (read without validating: the config may be the broken one), else /var/lib/greupd.
@@ -79,8 +79,10 @@ class KeepaliveVerdict:
     endpoints: str  # "local>remote key K": compare with endpoints_of(tunnel) before trusting the verdict
 
 
-def endpoints_of(local: object, remote: object, key: int | None) -> str:
-    return f"{local}>{remote} key {key if key is not None else '-'}"
+def endpoints_of(local: object, remote: object, key: int | None, ikey: int | None = None) -> str:
+    """`key`: the output key (the one the peer checks); `ikey` is named too when it differs."""
+    text = f"{local}>{remote} key {key if key is not None else '-'}"
+    return text + (f" ikey {ikey}" if ikey is not None and ikey != key else "")
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ class StateDir:
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"{self.path / LAST_GOOD}: not a config kept by greupd ({exc})") from None
 
-    # --- keepalive verdicts (H3 groundwork) ---------------------------------------------------------------
+    # --- keepalive verdicts (H3) -------------------------------------------------------------------------
 
     def save_verdicts(self, verdicts: Mapping[str, KeepaliveVerdict]) -> None:
         document = {"format": _FORMAT, "boot_id": _boot_id(), "tunnels": {

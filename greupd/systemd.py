@@ -52,7 +52,7 @@ class Notifier:
         env = os.environ if environ is None else environ
         self._enabled = bool(env.get("NOTIFY_SOCKET"))
         self._watchdog = watchdog_interval_from(env, os.getpid()) if self._enabled else None
-        self._status = ""  # the last STATUS= sent
+        self._published_status = ""
 
     @property
     def enabled(self) -> bool:
@@ -65,7 +65,7 @@ class Notifier:
 
     def ready(self, status: str | None = None) -> None:
         """Start-up (or a reload) is complete: `systemctl start` and `systemctl reload` return now."""
-        self._send("READY=1", *self._status_assignment(status, always=True))
+        self._send("READY=1", *([f"STATUS={one_line(status)}"] if status is not None else []))
 
     def reloading(self) -> None:
         """A reload has begun; `ready()` ends it.
@@ -76,21 +76,17 @@ class Notifier:
         self._send("RELOADING=1", f"MONOTONIC_USEC={_monotonic_usec()}")
 
     def stopping(self, status: str | None = None) -> None:
-        self._send("STOPPING=1", *self._status_assignment(status, always=True))
+        self._send("STOPPING=1", *([f"STATUS={one_line(status)}"] if status is not None else []))
 
     def status(self, text: str) -> None:
-        """The one line `systemctl status greupd` shows as Status:, sent only when it changed: most passes (a
-        drift repair, a keepalive counter) are no news to `systemctl status`, and every STATUS= is a blocking
-        send to systemd."""
-        assignment = self._status_assignment(text, always=False)
-        if assignment:
-            self._send(*assignment)
+        """The one line `systemctl status greupd` shows as Status:."""
+        self._published_status = text
+        self._send(f"STATUS={one_line(text)}")
 
-    def _status_assignment(self, text: str | None, always: bool) -> list[str]:
-        if text is None or (not always and one_line(text) == self._status):
-            return []
-        self._status = one_line(text)
-        return [f"STATUS={self._status}"]
+    def status_if_changed(self, text: str) -> None:
+        # A drift repair is no news to `systemctl status`, and every STATUS= is a blocking send to systemd.
+        if text != self._published_status:
+            self.status(text)
 
     def extend_timeout(self, seconds: float) -> None:
         """Ask for more time to start or stop than TimeoutStartSec= / TimeoutStopSec= gave."""

@@ -122,7 +122,9 @@ class GreupdProcess:
 
 
 def _scratch() -> str:
-    # On the host file system (inside a guest /tmp may be a tmpfs that the host cannot read afterwards).
-    path = REPO / ".lab" / "scratch"
+    # On the host file system (inside a guest /tmp may be a tmpfs that the host cannot read afterwards);
+    # in a guest, its run dir: the one folder the qemu guest may write.
+    rundir = os.environ.get("GREUPD_LAB_RUNDIR")
+    path = Path(rundir) / "scratch" if rundir else REPO / ".lab" / "scratch"
     path.mkdir(parents=True, exist_ok=True)
     return str(path)

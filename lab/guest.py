@@ -7,7 +7,8 @@ Kinds (see /work/shared/kernel-lab.md):
 - ``uml-systemd``: the same kernel, with an overlay of / (tmpfs upper layer) and real systemd as
   PID 1, which starts one unit that runs the command and powers off. ~10 s.
 - ``vng``: the full Debian kernel (GRE and nftables ``inet`` together) under qemu without KVM,
-  booted by virtme-ng. Slow: ~10 s boot, Python imports ~20x slower than native.
+  booted by virtme-ng, with Python, the venv and the checkout on a block device (lab/python_disk.py).
+  Slow: the CPU is emulated (Python ~30-50x slower than native; see lab/README.md).
 
 The guest writes the command's output and exit status to a run directory under the repository's
 ``.lab/`` (on the host's disk, which every kind of guest shares), and the host reads them once the
@@ -35,6 +36,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TextIO, get_args
+
+from lab.python_disk import PythonDisk, python_disk
 
 GuestKind = Literal["uml", "uml-systemd", "vng"]
 KINDS: tuple[GuestKind, ...] = get_args(GuestKind)
@@ -119,6 +122,19 @@ def vng_kernel() -> str | None:
 def vng_binary() -> str | None:
     beside = Path(sys.executable).parent / "vng"  # the venv's, when pytest runs from .venv/bin
     return str(beside) if beside.exists() else shutil.which("vng")
+
+
+def vng_python_disk() -> PythonDisk | None:
+    """Python, the venv and this checkout on a block device for the vng guest (see lab/python_disk.py).
+
+    GREUPD_LAB_VNG_DISK=0 boots without it (everything over 9p, as virtme-ng does by itself).
+    """
+    if os.environ.get("GREUPD_LAB_VNG_DISK") == "0" or not shutil.which("mkfs.ext4"):
+        return None
+    image = vng_kernel() or ""
+    version = Path(image).name.removeprefix("vmlinuz-")
+    has_modules = bool(version) and (Path("/lib/modules") / version).is_dir()
+    return python_disk(REPO, lab_dir(), version if has_modules else None)
 
 
 def unavailable(kind: GuestKind) -> str | None:
@@ -277,16 +293,17 @@ def _uml_init(kind: GuestKind, rundir: Path, kept: Sequence[Path] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _vng_init(rundir: Path) -> str:
+def _vng_init(rundir: Path, disk: PythonDisk | None = None) -> str:
     """What vng --exec runs: virtme-ng's init has mounted /proc, /sys, /tmp; load modules, go."""
     r = shlex.quote(str(rundir))
+    setup = disk.guest_lines(MODULES, rundir) if disk else [f"modprobe -a -q {' '.join(MODULES)} 2>/dev/null"]
     return (
         "#!/bin/sh\n"
         f"export PATH={DEFAULT_PATH}\n"
         'stamp() { read -r up _ </proc/uptime; echo "lab-init: $1 at $up s" >/dev/kmsg; }\n'
         "stamp start\n"
-        f"modprobe -a -q {' '.join(MODULES)} 2>/dev/null\n"
-        "ip link set lo up\n"
+        + "".join(f"{line}\n" for line in setup)
+        + "ip link set lo up\n"
         "mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null\n"
         f"echo booted > {r}/booted\n"
         "stamp booted\n"
@@ -297,7 +314,7 @@ def _vng_init(rundir: Path) -> str:
 # --------------------------------------------------------------------------- running
 
 
-def _guest_argv(kind: GuestKind, rundir: Path) -> list[str]:
+def _guest_argv(kind: GuestKind, rundir: Path, disk: PythonDisk | None = None) -> list[str]:
     if kind in ("uml", "uml-systemd"):
         return [
             uml_kernel(),
@@ -328,6 +345,7 @@ def _guest_argv(kind: GuestKind, rundir: Path) -> list[str]:
         # emulation kvm_amd alone takes ~10 s. The kernel refuses these, so the coldplug ends sooner.
         "--append",
         f"module_blacklist={','.join(VNG_BLACKLIST)}",
+        *([f"--qemu-opts={disk.qemu_opts()}"] if disk else []),  # "=": the value starts with "-"
         "--exec",
         f"sh {rundir}/init",
     ]
@@ -388,8 +406,10 @@ def run(
     # What the guest must see of the host's /tmp: the run dir, the command's folder, this checkout,
     # the Python running it (a venv) and HOME (.ci/run makes a fresh one), when they live there.
     kept = folders_under_tmp([rundir, workdir, REPO, sys.prefix, sys.base_prefix, env["HOME"]])
+    disk = None
     if kind == "vng":
-        init = _vng_init(rundir)
+        disk = vng_python_disk()
+        init = _vng_init(rundir, disk)
     else:
         init = _uml_init(kind, rundir, kept)
         (rundir / "modprobe").write_text(_modprobe_wrapper(rundir, f"{rundir}/mods"))
@@ -401,7 +421,7 @@ def run(
     with open(rundir / "console.log", "wb") as console:
         # Own session, so a timeout can kill the guest and every helper process it forked.
         proc = subprocess.Popen(
-            _guest_argv(kind, rundir),
+            _guest_argv(kind, rundir, disk),
             stdin=subprocess.DEVNULL,
             stdout=console,
             stderr=subprocess.STDOUT,

@@ -123,7 +123,6 @@ class _PendingBatch:
         self.config, self.kind, self.items = config, kind, items
         self.cancel = threading.Event()
         self.result: guest.GuestResult | None = None
-        self.started = time.monotonic()
         self.thread = threading.Thread(target=self._run, name=f"lab-{kind}", daemon=True)
         self.thread.start()
 
@@ -132,8 +131,12 @@ class _PendingBatch:
         if self.config.option.verbose > 0:
             argv.append("-" + "v" * self.config.option.verbose)
         argv += ["--rootdir", str(self.config.rootpath), *[i.nodeid for i in self.items]]
-        self.result = guest.run(self.kind, argv, cwd=self.config.rootpath, env={"GREUPD_LAB_REPORT": "1"},
-                                collect=[REPORT_FILE], cancel=self.cancel)
+        try:
+            self.result = guest.run(self.kind, argv, cwd=self.config.rootpath, env={"GREUPD_LAB_REPORT": "1"},
+                                    collect=[REPORT_FILE], cancel=self.cancel)
+        except Exception as exc:  # reported with each of the batch's tests, not lost in a thread
+            self.result = guest.GuestResult(self.kind, None, "", "", 0.0, booted=False,
+                                            error=f"lab error: {type(exc).__name__}: {exc}")
 
     def wait(self) -> _GuestBatch:
         """The batch's reports, once the guest is gone (parsed here: pytest's hooks are not for threads)."""
@@ -181,7 +184,7 @@ def _start(session: pytest.Session, kinds: Iterable[guest.GuestKind]) -> None:
             if not guest.unavailable(kind):
                 started.append(f"{kind} ({len(items)} tests)")
     if started:
-        _say(session.config, f"lab: booting guests in the background: {', '.join(started)}")
+        _say(session.config, f"lab: booting guests: {', '.join(started)}")
 
 
 def _serial() -> bool:

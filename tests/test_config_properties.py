@@ -103,7 +103,7 @@ def emit(document: Mapping[str, TomlValue], path: tuple[str, ...] = ()) -> str:
 SPEC_TUNNEL: dict[str, object] = {
     "mode": "gre", "key": None, "ikey": None, "okey": None, "ttl": 64, "tos": "inherit", "pmtudisc": True,
     "mtu": None, "address": None, "peer": None, "routes": [], "metric": 0, "table": 254, "enabled": True,
-    "keepalive": None, "mss": {"clamp": "off"}, "nat": {"into_tunnel": [], "from_tunnel": []},
+    "adopt": False, "keepalive": None, "mss": {"clamp": "off"}, "nat": {"into_tunnel": [], "from_tunnel": []},
 }
 SPEC_KEEPALIVE: dict[str, object] = {"interval": 10.0, "retries": 3, "up_after": 1, "action": "routes",
                                      "answer": "daemon"}

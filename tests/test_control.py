@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import UTC, datetime
@@ -104,10 +106,48 @@ def test_status_over_the_socket(daemon: StandInDaemon) -> None:
     assert status == router_a()
 
 
-def test_socket_is_root_only_and_its_dir_is_created(daemon: StandInDaemon) -> None:
-    mode = os.stat(daemon.path).st_mode
-    assert stat.S_ISSOCK(mode)
-    assert stat.S_IMODE(mode) == 0o600
+def test_socket_is_for_the_daemons_user_and_group_and_its_dir_is_created(daemon: StandInDaemon) -> None:
+    info = os.stat(daemon.path)
+    assert stat.S_ISSOCK(info.st_mode)
+    assert stat.S_IMODE(info.st_mode) == 0o660
+    assert info.st_gid == os.getegid()  # greupd's group under greupd.service
+
+
+def ask_as(uid: int, groups: str, path: Path, command: str) -> str:
+    """One request from another user's process (setpriv), the way a monitoring agent would connect."""
+    client = ("import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
+              "s.sendall(('{\"command\": \"%s\"}\\n' % sys.argv[2]).encode());"
+              "print(s.makefile().readline(), end='')")
+    done = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", f"--groups={groups}",
+                           sys.executable, "-I", "-c", client, str(path), command],
+                          capture_output=True, text=True, timeout=30)
+    return done.stdout or done.stderr
+
+
+@pytest.fixture
+def shared_daemon() -> Iterator[StandInDaemon]:
+    """A stand-in whose socket other users can reach: pytest's tmp_path is under a 0700 folder of root's."""
+    folder = Path(tempfile.mkdtemp(prefix="greupd-control-"))
+    try:
+        folder.chmod(0o755)
+        with StandInDaemon(folder / "run" / "c.sock") as d:
+            d.path.parent.chmod(0o755)  # as RuntimeDirectoryMode=0750 with group greupd
+            yield d
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.mark.needs_root
+def test_a_member_of_the_daemons_group_may_ask_for_the_status_but_not_reload(shared_daemon: StandInDaemon) -> None:
+    daemon, nobody = shared_daemon, 65534
+    # A member of the daemon's group (root's group here, greupd's under the unit) reads the status ...
+    member = json.loads(ask_as(nobody, str(os.getegid()), daemon.path, "status"))
+    assert member["ok"] and member["result"]["tunnels"][0]["name"] == "My_Tunnel"
+    refused = json.loads(ask_as(nobody, str(os.getegid()), daemon.path, "reload"))
+    assert refused == {"ok": False, "error": "permission denied: reload is for root and the daemon's own user"}
+    assert daemon.reloads == 0
+    # ... anyone else cannot even connect.
+    assert "PermissionError" in ask_as(nobody, str(nobody), daemon.path, "status")
 
 
 def test_reload_accepted_bumps_generation(daemon: StandInDaemon) -> None:

@@ -38,6 +38,7 @@ from scapy.layers.inet import IP
 from scapy.layers.l2 import GRE, Ether
 from scapy.packet import Raw, fuzz
 
+from greupd.keepalive.codec import KeepaliveRequest, parse_gre
 from greupd.keepalive.engine import KeepaliveEngine, KeepaliveTarget, LivenessChange
 from lab.hosts import Host, SeedTopology
 from lab.waiting import eventually
@@ -317,6 +318,52 @@ def test_two_engines_answer_each_other_for_hundreds_of_tunnels(seed: SeedTopolog
         assert not engine_a.is_up("t2")  # B knows no tunnel with the new keys
         engine_a.close()
         engine_b.close()
+
+    asyncio.run(story())
+
+
+@pytest.mark.needs_root
+def test_replies_queued_while_the_loop_was_busy_are_not_counted_as_misses(seed: SeedTopology) -> None:
+    """Review M8: 700 tunnels probe B at once; B's replies all arrive while A's loop is busy (a long pass),
+    and by the time it runs again every probe's interval is over. One wake-up reads 512 packets; the other
+    188 replies must still count before any tick calls its probe missed (retries = 1: one miss is down)."""
+    count, interval = 700, 2.0
+    targets = [dataclasses.replace(target, retries=1, answer="off")
+               for target in engine_targets(A, B, count, 1000, 5000, interval)]
+    changes: list[tuple[str, LivenessChange]] = []
+    for here, there, address in ((seed.a, seed.b, B), (seed.b, seed.a, A)):  # no ARP queue for 700 packets
+        mac = json.loads(there.ip("-j", "link", "show", "wan0").stdout)[0]["address"]
+        here.ip("neigh", "replace", address, "lladdr", mac, "dev", "wan0", "nud", "permanent")
+
+    async def story() -> None:
+        loop = asyncio.get_running_loop()
+        engine = KeepaliveEngine(lambda name, change: changes.append((name, change)), spread=False)
+        with in_netns(seed.a):
+            engine.start(loop)
+        with contextlib.closing(gre_socket(seed.b)) as b_receives, contextlib.closing(raw_sender(seed.b)) as b_sends:
+            b_receives.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)  # SO_RCVBUFFORCE: 700 probes at once
+            configured = loop.time()  # no probe can be due again before configured + interval
+            engine.configure(targets)  # every first probe goes out at the next loop step, together
+            probes: list[bytes] = []
+            while len(probes) < count and loop.time() - configured < interval / 2:
+                await asyncio.sleep(0)  # the engine sends; B reads
+                probes += [p for p in receive_for(b_receives, 0.01) if isinstance(parse_gre(p), KeepaliveRequest)]
+            all_sent = loop.time()  # every probe is due again by all_sent + interval
+            assert len(probes) == count, f"B got {len(probes)} of {count} probes"
+            # A's loop is busy: B reflects every probe meanwhile, and every probe's interval runs out.
+            for probe in probes:
+                request = parse_gre(probe)
+                assert isinstance(request, KeepaliveRequest)
+                b_sends.sendto(request.reflection, (A, 0))
+            assert loop.time() < configured + interval, "too slow to tell: B answered after the interval"
+            time.sleep(max(0.0, all_sent + interval + 0.2 - loop.time()))
+        await asyncio.sleep(interval / 2)
+        try:
+            assert engine.counters.replies == count, engine.counters
+            assert changes == [], f"{len(changes)} tunnels called down, e.g. {changes[0]}"
+            assert all(engine.is_up(target.name) for target in targets)
+        finally:
+            engine.close()
 
     asyncio.run(story())
 

@@ -1,17 +1,21 @@
 """The Debian package as an administrator receives it: built with packaging/build-deb, read with dpkg-deb.
 
 Installing it for real (dpkg -i, systemctl start) happens in the systemd lab: tests/test_systemd_lab.py.
-Here the package is built once per run and its files, conffiles, dependencies and scripts are checked, and its
-bundled Python environment is run from an extracted copy.
+Here the package is built once per run, offline (in a network namespace with no network, with an empty HOME
+and empty caches: only the wheelhouse `make deps` filled), and its files, conffiles, dependencies and scripts
+are checked, lintian reads it, and its bundled Python environment is run from an extracted copy.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 BUILD_TOOLS = ("dpkg-buildpackage", "dh", "dpkg-deb")
+WHEELHOUSE = REPO / "build" / "wheelhouse"  # `make deps` fills it
 
 
 def run(*args: str | Path, cwd: Path = REPO, env: dict[str, str] | None = None,
@@ -28,10 +33,26 @@ def run(*args: str | Path, cwd: Path = REPO, env: dict[str, str] | None = None,
 
 
 @pytest.fixture(scope="module")
-def deb() -> Path:
+def offline() -> Iterator[tuple[list[str], dict[str, str]]]:
+    """A command prefix and environment with no network and nothing cached: what a build may rely on.
+
+    As root, `unshare --net` gives a network namespace with only a down loopback; anywhere else the build
+    still gets an empty HOME and empty caches.
+    """
+    home = Path(tempfile.mkdtemp(prefix="greupd-empty-home-"))
+    env = {"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), "PIP_CACHE_DIR": str(home / ".cache/pip"),
+           "PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "PIP_NO_INDEX": "1"}
+    prefix = ["unshare", "--net"] if os.geteuid() == 0 and shutil.which("unshare") else []
+    yield prefix, env
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def deb(offline: tuple[list[str], dict[str, str]]) -> Path:
     missing = [tool for tool in BUILD_TOOLS if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (apt-get install dpkg-dev debhelper)")
+    assert any(WHEELHOUSE.glob("pydantic-*.whl")), f"no wheelhouse at {WHEELHOUSE}: run `make deps` first"
     # Under the repo, not /tmp: the systemd lab guest (tests/test_systemd_lab.py) installs this very package, and
     # it sees the host's disk but not its /tmp. One folder per pytest process; those of dead processes go.
     lab = REPO / ".lab" / "deb"
@@ -39,7 +60,8 @@ def deb() -> Path:
         if old.name.isdigit() and not Path(f"/proc/{old.name}").exists():
             shutil.rmtree(old, ignore_errors=True)
     out = lab / str(os.getpid())
-    built = run(REPO / "packaging" / "build-deb", "--out", out)
+    prefix, env = offline
+    built = run(*prefix, REPO / "packaging" / "build-deb", "--out", out, env=env)
     assert built.returncode == 0, built.stderr[-4000:]
     deb = out / f"greupd_{VERSION}_amd64.deb"
     os.environ["GREUPD_LAB_DEB"] = str(deb)  # every GREUPD_* variable reaches the lab guests
@@ -74,37 +96,113 @@ def control_file(deb: Path, name: str) -> str:
     return run("dpkg-deb", "--info", deb, name).stdout
 
 
-def test_package_carries_the_unit_unchanged(contents: dict[str, str], extracted: Path) -> None:
-    units = [p for p in contents if re.fullmatch(r"(/usr)?/lib/systemd/system/greupd\.service", p)]
-    assert len(units) == 1
-    assert (extracted / units[0].lstrip("/")).read_text() == (REPO / "systemd/greupd.service").read_text()
+def test_package_carries_the_units_and_the_user_unchanged(contents: dict[str, str], extracted: Path) -> None:
+    for name in ("greupd.service", "greupd@.service"):
+        units = [p for p in contents if re.fullmatch(rf"(/usr)?/lib/systemd/system/{re.escape(name)}", p)]
+        assert len(units) == 1, name
+        assert (extracted / units[0].lstrip("/")).read_text() == (REPO / "packaging/systemd" / name).read_text()
+    sysusers = (extracted / "usr/lib/sysusers.d/greupd.conf").read_text()
+    assert sysusers == (REPO / "packaging/systemd/greupd.sysusers").read_text()
+    assert re.search(r"^u greupd - ", sysusers, re.M)
 
 
-def test_config_and_route_protocol_name_are_conffiles(deb: Path, extracted: Path) -> None:
+def test_live_config_configures_nothing_and_the_seed_is_an_example(deb: Path, extracted: Path) -> None:
+    # A conffile that held someone else's tunnel and NAT would apply them the moment the service starts.
     assert control_file(deb, "conffiles").split() == ["/etc/greupd/tunnels.toml",
                                                       "/etc/iproute2/rt_protos.d/greupd.conf"]
-    assert (extracted / "etc/greupd/tunnels.toml").read_text() == (REPO / "etc/greupd/tunnels.toml").read_text()
+    live = extracted / "etc/greupd/tunnels.toml"
+    assert live.read_text() == (REPO / "packaging/tunnels.toml").read_text()
+    check = greupd(extracted, "check", live)
+    assert check.returncode == 0, check.stderr
+    assert "0 tunnels from" in check.stdout
+    assert re.search(r"^ip_forward = false", live.read_text(), re.M)  # and no sysctl changed either
+    example = extracted / "usr/share/doc/greupd/examples/tunnels.toml"
+    assert example.read_text() == (REPO / "etc/greupd/tunnels.toml").read_text()
+    check = greupd(extracted, "check", example)
+    assert check.returncode == 0, check.stderr
+    assert "My_Tunnel: gre 172.19.1.1 -> 172.19.1.2" in check.stdout
     names = [line.split() for line in (extracted / "etc/iproute2/rt_protos.d/greupd.conf").read_text().splitlines()
              if line and not line.startswith("#")]
     assert names == [["222", "greupd"]]
 
 
-def test_catalog_man_page_and_command(contents: dict[str, str], extracted: Path) -> None:
+def test_shipped_files_name_the_installed_json_schema(extracted: Path) -> None:
+    schema = extracted / "usr/share/greupd/tunnels.schema.json"
+    assert json.loads(schema.read_text()) == json.loads(greupd(extracted, "schema").stdout)
+    for config in (extracted / "etc/greupd/tunnels.toml", extracted / "usr/share/doc/greupd/examples/tunnels.toml"):
+        # Taplo (VS Code's Even Better TOML) reads the schema from a `#:schema` first line.
+        assert config.read_text().splitlines()[0] == "#:schema file:///usr/share/greupd/tunnels.schema.json"
+
+
+def test_catalog_man_pages_and_command(contents: dict[str, str], extracted: Path) -> None:
     assert "/usr/lib/systemd/catalog/greupd.catalog" in contents
-    assert "/usr/share/man/man8/greupd.8.gz" in contents
     assert contents["/usr/bin/greupd"].startswith("-rwxr-xr-x root/root")
-    rendered = run("man", "-l", extracted / "usr/share/man/man8/greupd.8.gz", env={"MANWIDTH": "100"})
-    assert "greupd status" in rendered.stdout
+    for page, expected in (("man8/greupd.8.gz", "greupd status"), ("man5/tunnels.toml.5.gz", "[tunnel.keepalive]")):
+        assert f"/usr/share/man/{page}" in contents
+        rendered = run("man", "-l", extracted / "usr/share/man" / page, env={"MANWIDTH": "100"})
+        assert expected in rendered.stdout
 
 
-def test_dependencies_and_no_auto_start(deb: Path) -> None:
+def test_dependencies_and_maintainer_scripts(deb: Path) -> None:
     depends = field(deb, "Depends")
     for package in ("python3.11", "libnftables1", "libsystemd0", "iproute2"):
         assert package in depends
     postinst = control_file(deb, "postinst")
-    # Never enabled or started by the install: the shipped config is machine A's example.
+    assert "systemd-sysusers" in postinst and "greupd.conf" in postinst  # the user exists before a unit starts
+    # Never enabled or started by the install; debhelper writes the systemd part, not a hand-made systemctl.
     assert "deb-systemd-invoke start" not in postinst
-    assert "systemctl try-restart greupd.service" in postinst  # but an upgrade restarts a running daemon
+    assert not re.search(r"^\s*systemctl (?!--system daemon-reload)", postinst, re.M)
+    # An upgrade restarts a running daemon only onto a config that passes `greupd check` (else: a warning).
+    check, restart = postinst.index("/usr/bin/greupd check"), postinst.index("deb-systemd-invoke try-restart")
+    assert check < restart
+    assert "not restarting" in postinst
+    # Bytecode ships in the package: no compile in postinst, no cleanup in prerm.
+    assert "compileall" not in postinst
+    assert "__pycache__" not in control_file(deb, "prerm")
+
+
+def test_maintainer_is_a_real_address(deb: Path) -> None:
+    maintainer = field(deb, "Maintainer")
+    assert re.fullmatch(r"[^<>]+ <[^@<>\s]+@[^@<>\s]+\.[a-z]+>", maintainer)
+    assert "localhost" not in maintainer and "localdomain" not in maintainer
+
+
+def test_copyright_is_dep5_with_a_license_paragraph_for_every_license(extracted: Path) -> None:
+    text = (extracted / "usr/share/doc/greupd/copyright").read_text()
+    assert text.startswith("Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n")
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    used = {name for p in paragraphs if p.startswith("Files:")
+            for line in p.splitlines() if line.startswith("License:")
+            for name in re.split(r"\s+or\s+", line.removeprefix("License:").strip())}
+    defined = {p.splitlines()[0].removeprefix("License:").strip() for p in paragraphs if p.startswith("License:")}
+    assert used <= defined, f"no License paragraph for {used - defined}"
+    # A wheel's or sdist's file name is its project's name, "-", then its version (which starts with a digit).
+    bundled = {re.sub(r"[-_.]+", "_", w.name[:re.search(r"-\d", w.name).start()]).lower()  # type: ignore[union-attr]
+               for w in WHEELHOUSE.iterdir() if w.suffix in (".whl", ".gz")}
+    named = {re.sub(r"[-_.]+", "_", m).lower() for m in re.findall(r"wheelhouse/([A-Za-z0-9_.-]+?)-\*", text)}
+    assert bundled <= named, f"bundled without a Files paragraph: {bundled - named}"
+
+
+def test_bytecode_is_compiled_at_build_time(contents: dict[str, str], extracted: Path) -> None:
+    site = "usr/lib/greupd/lib/python3.11/site-packages"
+    pyc = extracted / site / "greupd/__pycache__/cli.cpython-311.pyc"
+    assert f"/{site}/greupd/__pycache__/cli.cpython-311.pyc" in contents
+    # PEP 552 flags: 0b01 = hash-based and not checked against the source (reproducible, never rewritten).
+    assert int.from_bytes(pyc.read_bytes()[4:8], "little") == 0b01
+    assert all(any(p.parent.joinpath("__pycache__").glob(f"{p.stem}.cpython-311.pyc"))
+               for p in (extracted / site / "greupd").glob("*.py"))
+
+
+def test_lintian_is_clean_and_every_override_says_why(deb: Path) -> None:
+    if shutil.which("lintian") is None:
+        pytest.skip("lintian is not installed (make deps installs it)")
+    result = run("lintian", "--fail-on", "error,warning", deb)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not re.search(r"^[EW]: ", result.stdout, re.M), result.stdout
+    overrides = (REPO / "packaging/debian/greupd.lintian-overrides").read_text().split("\n\n")
+    for block in overrides:
+        lines = block.strip().splitlines()
+        assert lines[0].startswith("#"), f"an override without a reason: {block}"
 
 
 def test_bundled_python_is_the_projects_own(contents: dict[str, str], extracted: Path) -> None:
@@ -112,7 +210,7 @@ def test_bundled_python_is_the_projects_own(contents: dict[str, str], extracted:
     assert any(re.fullmatch(rf"{site}/pydantic-2\.[\d.]+\.dist-info", p) for p in contents)
     assert any(re.fullmatch(rf"{site}/pyroute2-0\.9\.[\d.]+\.dist-info", p) for p in contents)
     assert f"{site}/greupd/cli.py" in contents
-    assert not any("/__pycache__/" in p or p.endswith("/bin/pip") for p in contents)
+    assert not any(p.endswith("/bin/pip") for p in contents)
     python = extracted / "usr/lib/greupd/bin/python3"
     probe = run(python, "-I", "-c", "import sys, pydantic, systemd.journal, nftables, scapy.all, greupd.daemon;"
                 " print(sys.prefix, pydantic.VERSION)")
@@ -122,15 +220,24 @@ def test_bundled_python_is_the_projects_own(contents: dict[str, str], extracted:
     assert pydantic_version.startswith("2.")
 
 
-def test_packaged_command_checks_the_shipped_config(extracted: Path, tmp_path: Path) -> None:
-    python = extracted / "usr/lib/greupd/bin/python3"
+def greupd(extracted: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """The packaged command, run from the extracted tree on its own venv."""
+    return run(extracted / "usr/lib/greupd/bin/python3", "-I", extracted / "usr/bin/greupd", *args)
+
+
+def test_packaged_command_asks_no_daemon_when_none_runs(extracted: Path, tmp_path: Path) -> None:
     launcher = (extracted / "usr/bin/greupd").read_text()
     assert launcher.startswith("#!/usr/lib/greupd/bin/python3 -I\n")
-    check = run(python, "-I", extracted / "usr/bin/greupd", "check", "-c", extracted / "etc/greupd/tunnels.toml")
-    assert check.returncode == 0, check.stderr
-    assert "My_Tunnel: gre 172.19.1.1 -> 172.19.1.2" in check.stdout
-    status = run(python, "-I", extracted / "usr/bin/greupd", "status", "--socket", tmp_path / "none.sock")
-    assert status.returncode == 3
+    assert greupd(extracted, "status", "--socket", tmp_path / "none.sock").returncode == 3
+
+
+def test_packaged_command_exits_70_on_a_crash_not_the_config_error_status(extracted: Path) -> None:
+    # The unit's RestartPreventExitStatus=1 stops restarts for a config that does not validate; a crash
+    # (here: the config file is a folder, which nothing in greupd expects to read) must stay restartable.
+    crashed = greupd(extracted, "check", extracted / "etc")
+    assert crashed.returncode in (1, 70), crashed.stderr
+    if crashed.returncode == 70:
+        assert "Traceback" in crashed.stderr
 
 
 def test_package_version_follows_pyproject(deb: Path) -> None:
@@ -139,38 +246,72 @@ def test_package_version_follows_pyproject(deb: Path) -> None:
     assert changelog.startswith(f"greupd ({VERSION})")
 
 
-def test_man_page_source_has_no_warnings() -> None:
+@pytest.mark.parametrize("page", ["greupd.8", "tunnels.toml.5"])
+def test_man_page_source_has_no_warnings(page: str) -> None:
     if shutil.which("groff") is None:
         pytest.skip("groff is not installed")
-    result = run("groff", "-man", "-ww", "-z", REPO / "docs/greupd.8")
+    result = run("groff", "-man", "-ww", "-z", REPO / "docs" / page)
     assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_config_man_page_describes_every_key() -> None:
+    from greupd.config import json_schema
+
+    page = (REPO / "docs/tunnels.toml.5").read_text()
+    schema = json_schema()
+    keys = {key for definition in schema["$defs"].values() for key in definition.get("properties", {})}
+    keys |= set(schema["properties"]) - {"tunnel"}
+    missing = sorted(k for k in keys if not re.search(rf"^\.(?:B|BR|TP)\b.*\b{re.escape(k)}\b", page, re.M))
+    assert not missing, f"tunnels.toml(5) does not describe {missing}"
 
 
 # --- RPM: the spec builds on this Debian host too (rpmbuild --nodeps), which keeps it from rotting ------------
 
-def test_rpm_spec_builds(deb: Path, tmp_path: Path) -> None:  # deb: its build fills the wheelhouse
+def test_rpm_spec_builds_offline_from_the_wheelhouse(offline: tuple[list[str], dict[str, str]],
+                                                     tmp_path: Path) -> None:
     if shutil.which("rpmbuild") is None:
         pytest.skip("rpmbuild is not installed (apt-get install rpm)")
-    wheelhouse = Path(os.environ.get("GREUPD_WHEELHOUSE")
-                      or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "greupd/wheelhouse")
-    if not any(wheelhouse.glob("pydantic-*.whl")):
-        pytest.skip(f"no wheelhouse at {wheelhouse} yet (packaging/build-deb fills it)")
+    assert any(WHEELHOUSE.glob("pydantic-*.whl")), f"no wheelhouse at {WHEELHOUSE}: run `make deps` first"
     sources = tmp_path / "SOURCES"
     sources.mkdir()
-    tarball = sources / f"greupd-{VERSION}.tar.gz"
     packed = run("tar", "--exclude=__pycache__", "--exclude=*.egg-info", f"--transform=s,^,greupd-{VERSION}/,",
-                 "-czf", tarball, "greupd", "pyproject.toml", "README.md", "etc", "systemd", "docs", "packaging")
+                 "-czf", sources / f"greupd-{VERSION}.tar.gz", "greupd", "pyproject.toml", "README.md", "etc", "docs",
+                 "packaging")
     assert packed.returncode == 0, packed.stderr
-    built = run("rpmbuild", "-bb", "--nodeps", "--define", f"_topdir {tmp_path}",
-                # systemd-rpm-macros is Fedora's; on Debian name the unit directory by hand.
-                "--define", "_unitdir /usr/lib/systemd/system", REPO / "packaging/rpm/greupd.spec",
-                env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheelhouse)})
+    packed = run("tar", "-C", WHEELHOUSE.parent, "--exclude=.stamp", "-czf",
+                 sources / f"greupd-{VERSION}-wheelhouse.tar.gz", "wheelhouse")
+    assert packed.returncode == 0, packed.stderr
+    shutil.copy(REPO / "packaging/systemd/greupd.sysusers", sources)
+    prefix, env = offline
+    built = run(*prefix, "rpmbuild", "-bb", "--nodeps", "--define", f"_topdir {tmp_path}",
+                # systemd-rpm-macros is Fedora's; on Debian name its directories, and its sysusers macro, by hand.
+                "--define", "_unitdir /usr/lib/systemd/system", "--define", "_sysusersdir /usr/lib/sysusers.d",
+                "--define", "_journalcatalogdir /usr/lib/systemd/catalog", "--define", "_docdir_fmt %{NAME}",
+                "--define", "sysusers_create_compat() systemd-sysusers %1",
+                REPO / "packaging/rpm/greupd.spec", env=env)
     assert built.returncode == 0, built.stderr[-4000:]
     (rpm,) = (tmp_path / "RPMS").rglob("greupd-*.rpm")
     files = run("rpm", "-qlp", rpm).stdout.split()
-    for path in ("/usr/bin/greupd", "/usr/lib/systemd/system/greupd.service",
-                 "/usr/lib/systemd/catalog/greupd.catalog", "/usr/share/man/man8/greupd.8",
+    for path in ("/usr/bin/greupd", "/usr/lib/systemd/system/greupd.service", "/usr/lib/systemd/system/greupd@.service",
+                 "/usr/lib/sysusers.d/greupd.conf", "/usr/lib/systemd/catalog/greupd.catalog",
+                 "/usr/share/man/man8/greupd.8", "/usr/share/man/man5/tunnels.toml.5",
+                 "/usr/share/greupd/tunnels.schema.json", "/usr/share/doc/greupd/examples/tunnels.toml",
+                 "/usr/lib/greupd/lib/python3.11/site-packages/greupd/__pycache__/cli.cpython-311.pyc",
                  "/etc/iproute2/rt_protos.d/greupd.conf"):
         assert path in files
     assert run("rpm", "-qcp", rpm).stdout.split() == ["/etc/greupd/tunnels.toml",
                                                       "/etc/iproute2/rt_protos.d/greupd.conf"]
+    # Fedora's bundling rule: every library in the venv is a Provides: bundled(python3dist(name)) = version.
+    provides = set(run("rpm", "-qp", "--provides", rpm).stdout.splitlines())
+    site = "/usr/lib/greupd/lib/python3.11/site-packages/"
+    dists = [re.fullmatch(r"(.+)-([^-]+)\.dist-info", p.removeprefix(site)) for p in files
+             if p.startswith(site) and p.endswith(".dist-info")]
+    for dist in dists:
+        assert dist is not None
+        name, version = dist.group(1).lower().replace("_", "-"), dist.group(2)
+        if name != "greupd":
+            assert f"bundled(python3dist({name})) = {version}" in provides, (
+                f"packaging/rpm/greupd.spec lacks Provides: bundled(python3dist({name})) = {version}")
+    # The scriptlets are the systemd macros' (and sysusers'): no compileall, no hand-run catalog update.
+    scripts = run("rpm", "-qp", "--scripts", rpm).stdout
+    assert "compileall" not in scripts and "update-catalog" not in scripts

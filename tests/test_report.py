@@ -176,3 +176,32 @@ def test_a_repaired_drift_counts_once_per_pass_that_acted_on_what_the_kernel_rep
     a.kernel = nothing()
     a.one_pass()  # the same work without an event (a reload, a resync) is no drift repair
     assert counters(a) == (4, 1)
+
+
+# --- which tunnels answer = "daemon" may answer for (#11 H5) -------------------------------------------------
+
+
+def test_only_a_tunnel_whose_own_end_works_is_answerable() -> None:
+    a = RouterA()
+    assert a.reports.answerable() == []  # nothing known before the first pass
+    a.one_pass()
+    assert a.reports.answerable() == ["My_Tunnel"]
+    a.one_pass(dead)  # a dead peer: routes withdrawn, our end still works
+    assert a.reports.answerable() == ["My_Tunnel"]
+    a.one_pass(problems=(PlanProblem("My_Tunnel", "My_Tunnel is a dummy greupd does not own"),))
+    assert a.reports.answerable() == []
+    a.one_pass()
+    assert a.reports.answerable() == ["My_Tunnel"]
+    a.kernel = nothing()  # `ip link del My_Tunnel`, and the pass that would recreate it is refused
+    a.one_pass(errors=(ApplyError("My_Tunnel", SetLinkUp("My_Tunnel", True), "Operation not permitted"),))
+    assert a.reports.answerable() == []
+
+
+def test_a_link_held_down_for_a_dead_peer_stays_answerable() -> None:
+    """action = "link": both ends greupd, both answering; if a link set down for a dead peer stopped the
+    answers, the peer would go down too and neither would ever come back."""
+    a = RouterA(load_config_text(ROUTER_A + 'action = "link"\n'))
+    a.one_pass()
+    a.one_pass(dead)
+    assert not a.kernel.links["My_Tunnel"].up
+    assert a.reports.answerable() == ["My_Tunnel"]

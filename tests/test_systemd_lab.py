@@ -1,8 +1,10 @@
 """greupd as an administrator runs it: the Debian package installed with dpkg, started by systemd (PID 1).
 
-These run in the uml-systemd lab guest (tests/conftest.py dispatches them): systemd as PID 1 on an overlay whose
+These run in the uml-systemd lab guest (lab/pytest_plugin.py dispatches them): systemd as PID 1 on an overlay whose
 writes vanish with the guest, so dpkg -i, /etc and unit files are the guest's alone. Router A of the seed is a
-netns; the packaged greupd.service runs in it (a drop-in adds NetworkNamespacePath=, nothing else changes).
+netns; the packaged greupd.service runs in it (a drop-in adds NetworkNamespacePath=, nothing else changes), as
+the unprivileged user greupd with CAP_NET_ADMIN and CAP_NET_RAW. greupd@NETNS.service, the per-namespace
+template, runs in A's netns unchanged.
 Router B is a plain Linux GRE peer that reflects A's keepalives in its kernel, so "the peer dies" is one
 `ip link set down` away.
 
@@ -167,6 +169,10 @@ def test_package_installs_everything_and_enables_nothing(installed: Path) -> Non
     assert sh("dpkg-query", "-W", "-f", "${Status}", "greupd").stdout == "install ok installed"
     assert sh("systemctl", "is-enabled", "greupd", check=False).stdout.strip() == "disabled"
     assert show("ActiveState") == "inactive"
+    # The system user and group the unit runs as, made by systemd-sysusers from the package's sysusers.d file.
+    assert sh("getent", "passwd", "greupd").stdout.split(":")[6].strip() in ("/usr/sbin/nologin", "/sbin/nologin")
+    assert sh("getent", "group", "greupd").stdout.startswith("greupd:")
+    assert sh("systemctl", "cat", "greupd@.service").returncode == 0
     # ip(8) knows the route protocol by name, and the catalog was indexed by systemd's dpkg trigger.
     sh("ip", "route", "show", "proto", "greupd")
     catalog = sh("journalctl", "--list-catalog", "--no-pager").stdout
@@ -179,10 +185,16 @@ def test_start_returns_with_the_tunnel_in_place(seed: Seed) -> None:
     # Type=notify: start returned after READY=1, so the link and its routes exist already.
     assert show("ActiveState") == "active"
     assert "My_Tunnel" in seed.a.ip("link", "show", "My_Tunnel").stdout
-    assert seed.a.sysctl_get("net.ipv4.ip_forward") == "1"  # written through ReadWritePaths=/proc/sys/net
-    # ... by a daemon confined as the unit says: CAP_NET_ADMIN (12) and CAP_NET_RAW (13) only, no new privileges.
+    # Written through ReadWritePaths=/proc/sys/net by a daemon that is not root: the files are root's 0644, but
+    # the kernel lets a holder of CAP_NET_ADMIN in the netns's user namespace write net.* (net_ctl_permissions).
+    assert seed.a.sysctl_get("net.ipv4.ip_forward") == "1"
+    # ... by a daemon confined as the unit says: user greupd, CAP_NET_ADMIN (12) and CAP_NET_RAW (13) only,
+    # effective through the ambient set, no new privileges.
     proc_status = Path(f"/proc/{show('MainPID')}/status").read_text()
-    assert re.search(r"^CapBnd:\s+0000000000003000$", proc_status, re.M), proc_status
+    uid = sh("id", "-u", "greupd").stdout.strip()
+    assert re.search(rf"^Uid:\s+{uid}\s+{uid}\s+{uid}\s+{uid}$", proc_status, re.M), proc_status
+    for caps in ("CapBnd", "CapEff", "CapAmb"):
+        assert re.search(rf"^{caps}:\s+0000000000003000$", proc_status, re.M), proc_status
     assert re.search(r"^NoNewPrivs:\s+1$", proc_status, re.M), proc_status
     eventually(lambda: show("StatusText") == "1 tunnel: 1 up", what="StatusText '1 tunnel: 1 up'")
     assert "20.10.1.0/24 dev My_Tunnel" in seed.routes()
@@ -286,3 +298,81 @@ def test_a_restart_into_a_broken_config_keeps_the_tunnel_managed(seed: Seed) -> 
     # Still managed: a route deleted by hand comes back.
     seed.a.ip("route", "del", "20.10.1.0/24", "dev", "My_Tunnel")
     eventually(lambda: "20.10.1.0/24 dev My_Tunnel" in seed.routes(), what="the route put back")
+
+
+def as_user(user: str, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command as another user with that user's groups, as a login would."""
+    gid = sh("id", "-g", user).stdout.strip()
+    return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={gid}", "--init-groups", *argv],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_a_member_of_group_greupd_reads_the_status_and_no_one_else(seed: Seed) -> None:
+    start(seed)
+    sh("useradd", "--system", "--no-create-home", "--groups", "greupd", "monitor", check=False)
+    sh("id", "monitor")
+    socket_info = os.stat("/run/greupd/control.sock")
+    assert (oct(socket_info.st_mode & 0o777), socket_info.st_gid) == ("0o660", int(sh("getent", "group", "greupd")
+                                                                                .stdout.split(":")[2]))
+    status = as_user("monitor", "/usr/bin/greupd", "status")
+    assert status.returncode == 0, status.stderr
+    assert re.search(r"My_Tunnel\s+up\s", status.stdout)
+    reload = as_user("monitor", "/usr/bin/greupd", "reload")
+    assert reload.returncode == 1 and "reload is for root" in reload.stderr, reload.stderr
+    outsider = as_user("nobody", "/usr/bin/greupd", "status")
+    assert outsider.returncode == 3 and "permission denied" in outsider.stderr.lower(), outsider.stderr
+
+
+def test_greupd_at_netns_manages_a_tunnel_inside_that_netns(seed: Seed) -> None:
+    netns = seed.a.netns  # greupd@<A's netns>: the packaged template, no drop-in
+    instance = f"greupd@{netns}.service"
+    config = Path(f"/etc/greupd/{netns}/tunnels.toml")
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(a_config(on_exit="remove"))
+    try:
+        sh("systemctl", "start", instance, timeout=180)
+        assert sh("systemctl", "show", "-P", "User", instance).stdout.strip() == "greupd"
+        assert "My_Tunnel" in seed.a.ip("link", "show", "My_Tunnel").stdout  # inside A's netns ...
+        assert sh("ip", "link", "show", "My_Tunnel", check=False).returncode != 0  # ... and not in the guest's
+        socket = f"/run/greupd-netns/{netns}/control.sock"
+        eventually(lambda: '"state": "up"' in greupd("status", "--json", "--socket", socket).stdout,
+                   what="the instance's tunnel up (keepalives answered)")
+        assert "20.10.1.0/24 dev My_Tunnel" in seed.routes()
+        assert seed.a.wait_ping("192.168.8.11")
+        sh("systemctl", "stop", instance, timeout=120)  # on_exit = "remove": the instance cleans up its netns
+        assert seed.a.ip("link", "show", "My_Tunnel", check=False).returncode != 0
+    finally:
+        sh("systemctl", "stop", instance, check=False)
+        sh("systemctl", "reset-failed", instance, check=False)
+        config.unlink()
+
+
+@pytest.fixture
+def services_may_start() -> Iterator[None]:
+    """No policy-rc.d veto: a container host's (Docker's `exit 101`) would stop every restart by a package."""
+    policy = Path("/usr/sbin/policy-rc.d")
+    aside = policy.with_name("policy-rc.d.lab-aside")
+    if policy.exists():
+        policy.rename(aside)  # in the guest's overlay: the host's file stays as it is
+    yield
+    if aside.exists():
+        aside.rename(policy)
+
+
+@pytest.mark.usefixtures("services_may_start")
+def test_an_upgrade_restarts_the_daemon_only_onto_a_config_that_validates(seed: Seed, installed: Path) -> None:
+    start(seed)
+    running = show("MainPID")
+    # The admin's config on disk does not validate when the package is upgraded (here: reinstalled, which runs
+    # postinst as an upgrade): the running daemon is left alone, with a warning, rather than restarted into it.
+    CONFIG.write_text(a_config().replace("interval = 0.2", "interval = 0.001"))
+    upgrade = sh("dpkg", "-i", installed, timeout=600)
+    assert "not restarting greupd.service" in upgrade.stderr, upgrade.stderr
+    assert "tunnel[0].keepalive.interval" in upgrade.stderr
+    assert (show("ActiveState"), show("MainPID")) == ("active", running)
+    # Once the config is fixed, the next upgrade restarts it onto the new code, and the tunnel stays (keep).
+    CONFIG.write_text(a_config())
+    sh("dpkg", "-i", installed, timeout=600)
+    assert show("MainPID") != running
+    eventually(lambda: show("StatusText") == "1 tunnel: 1 up", what="the restarted daemon's tunnel up")
+    assert "20.10.1.0/24 dev My_Tunnel" in seed.routes()

@@ -93,6 +93,11 @@ class ProbeTemplate:
     inner_ip_offset: int
     sequence_offset: int
 
+    @property
+    def outer_header_length(self) -> int:
+        """Where the outer GRE header starts: a socket that builds the outer IP header itself sends the rest."""
+        return (self.packet[0] & 0x0F) * 4
+
     def with_token(self, token: ProbeToken) -> bytes:
         """The probe carrying `token`, checksums valid. The outer header does not change: its IP ID is 0, so
         the kernel picks one (IP_HDRINCL), and the kernel recomputes the outer checksum anyway."""

@@ -3,11 +3,18 @@ peers' probes ourselves so that a Linux peer of a Cisco needs neither ip_forward
 
 Two raw sockets serve every tunnel, both registered with the daemon's asyncio loop:
 
-- `socket(AF_INET, SOCK_RAW, IPPROTO_RAW)` sends whole IP packets (IP_HDRINCL): our probes and our answers.
-  They leave by the underlay route to the remote, which does not depend on the tunnel's own link. So a
-  tunnel whose link greupd set down (`action = "link"`) keeps probing, and comes back up when its peer does.
 - `socket(AF_INET, SOCK_RAW, IPPROTO_GRE)` receives a copy of every GRE packet the host gets, also those a
   kernel tunnel consumes; a socket filter (codec.GRE_SOCKET_FILTER) keeps tunnel traffic out of Python.
+  It also sends our probes, without IP_HDRINCL: the kernel builds the outer header, and each sendmsg names
+  the tunnel's `local` as source (IP_PKTINFO). So the route lookup of a probe is the tunnel's own
+  (ip_tunnel_xmit looks up saddr = local, protocol GRE): `ip rule from <local> lookup ispN` and
+  `ipproto gre` rules pick the same uplink for both, and an IPsec policy for GRE applies to both (review H1).
+- `socket(AF_INET, SOCK_RAW, IPPROTO_RAW)` (IP_HDRINCL) sends our answers to a peer's probes: the reflected
+  packet must leave exactly as the peer wrote it (a greupd peer's token rides in its IP ID, which a
+  kernel-built header would replace), but its lookup too carries saddr = local (IP_PKTINFO) and protocol GRE
+  (an IP_PROTOCOL control message; without it the flow of an IP_HDRINCL socket is IPPROTO_RAW).
+Probes and answers leave by the underlay route to the remote, which does not depend on the tunnel's own link.
+So a tunnel whose link greupd set down (`action = "link"`) keeps probing, and comes back up when its peer does.
 
 Timers are `loop.call_at` handles on the loop's monotonic clock, one per tunnel, their first probe spread at
 random over the interval so that a thousand tunnels do not fire together.
@@ -19,10 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import logging
 import random
 import socket
-from collections.abc import Callable, Sequence
+import struct
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Literal
@@ -53,9 +62,20 @@ AnswerMode = Literal["daemon", "kernel", "off"]
 ANSWER_RATE = 20.0  # reflected requests per second and tunnel: a Cisco probes every 10 s by default
 ANSWER_BURST = 20.0
 _DRAIN_LIMIT = 512  # packets read per wake-up, so a flood cannot starve the rest of the loop
+_DRAIN_BEFORE_MISS = 8192  # before counting a miss: more than the receive buffer holds of replies
 _MAX_PACKET = 65535
 _RECEIVE_BUFFER = 1 << 20
 _SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>; not exported by Python's socket module
+_IP_PKTINFO = 8  # <linux/in.h>; Python has socket.IP_PKTINFO, typeshed does not
+_IP_PROTOCOL = 52  # <linux/in.h>: the flow's protocol for an IP_HDRINCL packet, as a control message (5.19+)
+_PROBE_TTL = 255  # the outer TTL of our probes, as Cisco's tunnels send them
+_GRE_FLOW = (socket.IPPROTO_IP, _IP_PROTOCOL, struct.pack("=i", IPPROTO_GRE))
+
+
+def source_address(local: IPv4Address) -> tuple[int, int, bytes]:
+    """An IP_PKTINFO control message that makes `local` the source of a packet and of its route lookup
+    (struct in_pktinfo: ifindex 0 = any, ipi_spec_dst = local, ipi_addr unused on send)."""
+    return socket.IPPROTO_IP, _IP_PKTINFO, struct.pack("=I4s4s", 0, local.packed, bytes(4))
 
 
 @dataclass(frozen=True)
@@ -106,6 +126,7 @@ class EngineCounters:
     requests_answered: int = 0
     requests_ignored: int = 0  # not for a tunnel of ours with answer = "daemon", or not reflected to its remote
     requests_rate_limited: int = 0
+    requests_unanswerable: int = 0  # for a tunnel of ours whose own end does not work (set_answerable)
     send_errors: int = 0
 
 
@@ -124,6 +145,7 @@ class _Tunnel:
         self.window = ProbeWindow(target.retries + 1)
         self.budget = AnswerBudget(ANSWER_RATE, ANSWER_BURST)
         self.address = (str(target.remote), 0)
+        self.source = source_address(target.local)
         self.next_at = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.send_failing = False
@@ -162,13 +184,18 @@ class KeepaliveEngine:
     read `is_up` after configuring).
     """
 
-    def __init__(self, on_change: Callable[[str, LivenessChange], None]) -> None:
+    def __init__(self, on_change: Callable[[str, LivenessChange], None], spread: bool = True) -> None:
+        """`spread` False: every tunnel's first probe goes out at once (tests that need them together)."""
         self._on_change = on_change
+        self._spread = spread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._send_socket: socket.socket | None = None
         self._receive_socket: socket.socket | None = None
         self._tunnels: dict[str, _Tunnel] = {}
         self._by_endpoints: dict[_Endpoints, _Tunnel] = {}
+        # Tunnels whose own end works (set_answerable); None: not told, answer for all (the engine alone).
+        self._answerable: frozenset[str] | None = None
+        self._answer_flow: list[tuple[int, int, bytes]] = [_GRE_FLOW]
         self._random = random.Random()
         self.counters = EngineCounters()
 
@@ -180,6 +207,7 @@ class KeepaliveEngine:
         send.setblocking(False)
         receive = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_GRE)
         try:
+            receive.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, _PROBE_TTL)  # probes leave on this socket
             attach_socket_filter(receive, GRE_SOCKET_FILTER)
             try:
                 # Thousands of tunnels answer in bursts; the default limit (rmem_max) would drop some.
@@ -196,16 +224,18 @@ class KeepaliveEngine:
         for tunnel in self._tunnels.values():
             self._schedule_first(tunnel)
 
-    def configure(self, targets: Sequence[KeepaliveTarget]) -> None:
-        """Make the engine probe exactly `targets`: new ones start (up), removed ones stop, changed ones keep
-        their verdict (and, if only timing changed, their counters); unchanged ones are not touched."""
+    def configure(self, targets: Sequence[KeepaliveTarget], initial: Mapping[str, bool] | None = None) -> None:
+        """Make the engine probe exactly `targets`: new ones start up (or as `initial` says: the verdicts a
+        restart kept, review H3), removed ones stop, changed ones keep their verdict (and, if only timing
+        changed, their counters); unchanged ones are not touched."""
         wanted = {target.name: target for target in targets}
         for name in set(self._tunnels) - set(wanted):
             self._tunnels.pop(name).cancel()
         for name, target in wanted.items():
             tunnel = self._tunnels.get(name)
             if tunnel is None:
-                self._tunnels[name] = tunnel = _Tunnel(target)
+                up = initial.get(name, True) if initial is not None else True
+                self._tunnels[name] = tunnel = _Tunnel(target, up=up)
                 self._schedule_first(tunnel)
             elif tunnel.target == target:
                 continue
@@ -228,6 +258,12 @@ class KeepaliveEngine:
                 # config.py refuses this; if it happens anyway, replies can only go to one of them
                 log.warning("tunnels %s and %s share remote, local and key: keepalive replies go to %s",
                             other.target.name, tunnel.target.name, other.target.name)
+
+    def set_answerable(self, names: Collection[str]) -> None:
+        """The tunnels whose own end works (owned link present and up, not in error): answer = "daemon"
+        reflects a peer's probes for these only. A reply tells a Cisco that our tunnel carries traffic;
+        for a tunnel whose link is missing or foreign, our kernel would drop that traffic (review H5)."""
+        self._answerable = frozenset(names)
 
     def is_up(self, name: str) -> bool:
         """The keepalive verdict; a tunnel without keepalives is up as far as the engine can tell."""
@@ -257,7 +293,7 @@ class KeepaliveEngine:
     def _schedule_first(self, tunnel: _Tunnel) -> None:
         if self._loop is None:
             return  # start() schedules it
-        tunnel.next_at = self._loop.time() + self._random.uniform(0, tunnel.target.interval)
+        tunnel.next_at = self._loop.time() + (self._random.uniform(0, tunnel.target.interval) if self._spread else 0)
         tunnel.timer = self._loop.call_at(tunnel.next_at, self._tick, tunnel)
 
     def _tick(self, tunnel: _Tunnel) -> None:
@@ -272,11 +308,16 @@ class KeepaliveEngine:
             tunnel.next_at = now + interval
         tunnel.timer = self._loop.call_at(tunnel.next_at, self._tick, tunnel)
 
+        if tunnel.liveness.awaiting_reply:
+            # This tick is about to count a miss: first read what is queued, so that a reply that arrived
+            # while the loop was busy (a long pass, or more replies than one wake-up reads) counts as the
+            # reply it is, not as a miss (review M8).
+            self._drain(_DRAIN_BEFORE_MISS)
         missed = tunnel.liveness.on_timer(now)
         token = new_token()
         tunnel.window.issue(token, now)
         try:
-            self._send_socket.sendto(tunnel.template.with_token(token), tunnel.address)
+            self._send_probe(tunnel, tunnel.template.with_token(token))
         except OSError as exc:
             # No route to the remote, say: the probe is lost like any other and counts as a miss.
             self.counters.send_errors += 1
@@ -290,6 +331,27 @@ class KeepaliveEngine:
         if missed is not None:
             self._report(tunnel, missed)
 
+    def _send_probe(self, tunnel: _Tunnel, probe: bytes) -> None:
+        """Our probe from the GRE socket: its GRE part only, the kernel adds the outer header (source `local`
+        by IP_PKTINFO, TTL 255), so it takes the route the tunnel's own packets take (review H1)."""
+        assert self._receive_socket is not None
+        self._receive_socket.sendmsg([probe[tunnel.template.outer_header_length:]], [tunnel.source], 0,
+                                     tunnel.address)
+
+    def _send_answer(self, tunnel: _Tunnel, packet: bytes) -> None:
+        """A reflected probe, header and all, routed as the tunnel's own GRE: source `local`, protocol GRE."""
+        assert self._send_socket is not None
+        try:
+            self._send_socket.sendmsg([packet], [tunnel.source, *self._answer_flow], 0, tunnel.address)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or not self._answer_flow:
+                raise
+            # A kernel before 5.19 has no IP_PROTOCOL control message: the source alone still picks the
+            # tunnel's `from <local>` rules.
+            log.info("this kernel takes no IP_PROTOCOL control message: answers are routed as protocol 255")
+            self._answer_flow = []
+            self._send_socket.sendmsg([packet], [tunnel.source], 0, tunnel.address)
+
     def _report(self, tunnel: _Tunnel, change: LivenessChange) -> None:
         log.debug("tunnel %s %s: %s", tunnel.target.name, "up" if change.up else "down", change.message)
         self._on_change(tunnel.target.name, change)
@@ -297,8 +359,12 @@ class KeepaliveEngine:
     # --- receiving ------------------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
+        self._drain(_DRAIN_LIMIT)
+
+    def _drain(self, limit: int) -> None:
+        """Read and handle what the GRE socket holds, up to `limit` packets."""
         assert self._loop is not None and self._receive_socket is not None
-        for _ in range(_DRAIN_LIMIT):
+        for _ in range(limit):
             try:
                 data = self._receive_socket.recv(_MAX_PACKET)
             except (BlockingIOError, InterruptedError):
@@ -344,12 +410,15 @@ class KeepaliveEngine:
                 or request.inner_src != request.dst or request.inner_dst != request.src):
             self.counters.requests_ignored += 1
             return
+        if self._answerable is not None and tunnel.target.name not in self._answerable:
+            # Our end of this tunnel does not work: silence, as a Cisco's own peer would give (review H5).
+            self.counters.requests_unanswerable += 1
+            return
         if not tunnel.budget.take(now):
             self.counters.requests_rate_limited += 1
             return
-        assert self._send_socket is not None
         try:
-            self._send_socket.sendto(request.reflection, tunnel.address)
+            self._send_answer(tunnel, request.reflection)
         except OSError as exc:
             self.counters.send_errors += 1
             log.debug("tunnel %s: cannot answer keepalive: %s", tunnel.target.name, exc.strerror or exc)

@@ -29,8 +29,9 @@ class Liveness:
     interval is a miss; `retries` misses in a row take the tunnel down; `up_after` replies in a row bring it
     back.
 
-    It starts UP: a tunnel adopted when the daemon restarts keeps its routes until keepalives prove it dead,
-    rather than being withdrawn and restored on every restart.
+    It starts UP unless told otherwise: a tunnel adopted when the daemon restarts keeps its routes until
+    keepalives prove it dead, rather than being withdrawn and restored on every restart; one whose peer was
+    dead before the restart starts down (the daemon resumes verdicts: greupd/keepalive/restart.py).
 
     Misses are counted per probe sent, never per elapsed time: at most one probe is outstanding, so a loop
     that wakes up five intervals late counts one miss, not five.

@@ -312,6 +312,7 @@ class RtnlSocket:
     # Per sendmsg. Everything the kernel answers to one batch waits in the receive buffer until we read it,
     # and a link reply is ~1.5 KiB: 256 of them fit the 4 MiB buffer with room to spare.
     BATCH_BYTES = 64 << 10
+    REPLY_TIMEOUT = 4.0  # seconds one receive may wait: below half the unit's WatchdogSec=10s
     BATCH_COUNT = 256
 
     def __init__(self) -> None:
@@ -323,8 +324,9 @@ class RtnlSocket:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         for option in (NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK, NETLINK_CAP_ACK):
             self._sock.setsockopt(SOL_NETLINK, option, 1)
-        # A hung kernel answer must not hang the daemon forever (systemd's watchdog would catch it, later).
-        self._sock.settimeout(30)
+        # A hung kernel answer must not hang the daemon: it becomes an OSError (TimeoutError), which the pass
+        # reports and retries, well before systemd's watchdog (WatchdogSec=10s) would abort us (review M8).
+        self._sock.settimeout(self.REPLY_TIMEOUT)
         self._sock.bind((0, 0))
         self.portid: int = self._sock.getsockname()[0]
         self._seq = 0

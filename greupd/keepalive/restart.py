@@ -1,0 +1,114 @@
+"""What a restarted daemon believes about its peers before its first probe is answered (review H3).
+
+A keepalive verdict lives in the daemon's memory. Starting every tunnel "up" would, after a crash, a watchdog
+abort or a package upgrade, re-install the routes of a tunnel whose peer is dead (the backup loses its traffic
+for `retries` intervals) and journal a false "up". So a tunnel starts with what is known of it:
+
+1. the verdict saved in state_dir (`keepalive.json`, written at every flip), if it is of this boot and for the
+   tunnel's current endpoints;
+2. else what the kernel shows greupd left behind: an owned link whose routes are all gone (action "routes"),
+   or that is administratively down (action "link"), was withdrawn for a dead peer;
+3. else up, as before: a tunnel seen for the first time keeps its routes until keepalives prove it dead.
+
+A tunnel started down comes up after `up_after` replies, like any other. `initial_verdicts` is pure;
+`VerdictMemory` is the daemon's side: it resumes them at start and saves them (through greupd/state.py) once per
+loop step after they flip.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+from greupd.config import Config
+from greupd.keepalive.engine import KeepaliveEngine, KeepaliveTarget, targets_from_config
+from greupd.model import Observed
+from greupd.report import now_iso
+from greupd.state import KeepaliveVerdict, StateDir, StateError, endpoints_of
+
+__all__ = ["VerdictMemory", "initial_verdicts", "target_endpoints"]
+log = logging.getLogger("greupd")
+
+
+def target_endpoints(target: KeepaliveTarget) -> str:
+    """What a saved verdict is about: it says nothing about a tunnel whose endpoints or keys changed since."""
+    return endpoints_of(target.local, target.remote, target.okey, target.ikey)
+
+
+def initial_verdicts(targets: Sequence[KeepaliveTarget], saved: Mapping[str, KeepaliveVerdict], config: Config,
+                     observed: Observed | None) -> dict[str, bool]:
+    """Tunnel name -> up, for every target (see the module's docstring for the order of trust)."""
+    tunnels = {tunnel.name: tunnel for tunnel in config.tunnels}
+    verdicts: dict[str, bool] = {}
+    for target in targets:
+        kept = saved.get(target.name)
+        if kept is not None and kept.endpoints == target_endpoints(target):
+            verdicts[target.name] = kept.up
+            continue
+        tunnel = tunnels.get(target.name)
+        link = observed.links.get(target.name) if observed is not None else None
+        up = True
+        if tunnel is not None and tunnel.keepalive is not None and link is not None and link.owned:
+            if tunnel.keepalive.action == "link":
+                up = link.up
+            elif tunnel.routes:
+                up = any(route.ifname == target.name for route in observed.routes) if observed else True
+        verdicts[target.name] = up
+    return verdicts
+
+
+class VerdictMemory:
+    """The keepalive verdicts a restart resumes: when each last flipped, saved once per loop step."""
+
+    def __init__(self, engine: KeepaliveEngine, state: StateDir | None, fail: Callable[[str], None]) -> None:
+        self.engine = engine
+        self.state = state  # None: nothing is kept (a daemon run without a state_dir, as in some tests)
+        self._fail = fail
+        self._since: dict[str, str] = {}
+        self._changed = False
+
+    def flipped(self, name: str) -> None:
+        self._since[name] = now_iso()
+        self._changed = True  # saved by save_if_changed: a thousand tunnels may flip in one loop step
+
+    def resume(self, config: Config, observe: Callable[[], Observed]) -> None:
+        """Configure the engine with what a previous run learned; `observe` is asked only if it is needed."""
+        targets = targets_from_config(config)
+        saved: dict[str, KeepaliveVerdict] = {}
+        if self.state is not None:
+            try:
+                saved = self.state.verdicts()
+            except StateError as exc:
+                self._fail(f"{exc}; keepalives start from what the kernel shows")
+        observed = None
+        if any(target_endpoints(t) != (saved[t.name].endpoints if t.name in saved else None) for t in targets):
+            try:
+                observed = observe()
+            except OSError as exc:
+                self._fail(f"cannot read the kernel's state to resume keepalive verdicts: {exc}")
+        verdicts = initial_verdicts(targets, saved, config, observed)
+        self._since = {name: saved[name].since if name in saved and saved[name].up == up else now_iso()
+                       for name, up in verdicts.items()}
+        self.engine.configure(targets, verdicts)
+        down = sorted(name for name, up in verdicts.items() if not up)
+        if down:
+            log.info("keepalive verdicts resumed: %s down until their peers answer", ", ".join(down))
+        self._save(targets)
+
+    def save_if_changed(self, config: Config) -> None:
+        # After the pass that acted on the flips; a crash in between is covered by reading the kernel at start.
+        if self._changed:
+            self._changed = False
+            self._save(targets_from_config(config))
+
+    def _save(self, targets: Sequence[KeepaliveTarget]) -> None:
+        if self.state is None:
+            return
+        by_name = {t.name: t for t in targets}
+        verdicts = {name: KeepaliveVerdict(self.engine.is_up(name), self._since.get(name, now_iso()),
+                                           target_endpoints(by_name[name]))
+                    for name in self.engine.names() if name in by_name}
+        try:
+            self.state.save_verdicts(verdicts)
+        except StateError as exc:
+            self._fail(f"{exc}; a restart will not know which peers were dead")
