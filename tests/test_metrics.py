@@ -7,6 +7,7 @@ The HTTP listener and the control socket are real sockets on this machine (loopb
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import socket
@@ -23,6 +24,7 @@ from greupd.metrics import MetricsPublisher, ReloadOutcome, render, write_atomic
 from greupd.status import DaemonStatus
 from tests.test_control import StandInDaemon, greupd, router_a, tunnel
 
+REPO = Path(__file__).resolve().parent.parent
 STARTED = 1764360000.0
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -323,3 +325,19 @@ def test_metrics_settings_as_the_spec_writes_them() -> None:
     assert config.daemon.metrics_listen == "127.0.0.1:9474"
     assert load_config_text('[daemon]\nmetrics_listen = "[::1]:9474"\n').daemon.metrics_listen == "[::1]:9474"
     assert load_config_text("").daemon.metrics_listen is None
+
+
+# --- the Grafana dashboard -------------------------------------------------------------------------------------
+
+def test_the_grafana_dashboard_graphs_only_what_greupd_exports() -> None:
+    dashboard = json.loads((REPO / "contrib" / "grafana" / "greupd.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [a["expr"] for a in dashboard["annotations"]["list"] if "expr" in a]
+    used = {name for expr in exprs for name in re.findall(r"\bgreupd_[a-z0-9_]+", expr)}
+    exported = {name for name, _ in samples(render(router_a_with_a_dead_backup(), ReloadOutcome(True, STARTED)))}
+    assert used and used <= exported, used - exported
+    # What the issue asks to see: up/down, state changes, drift repairs, keepalive RTT and rates, reloads.
+    assert {"greupd_tunnel_up", "greupd_tunnel_state_changes_total", "greupd_drift_repairs_total",
+            "greupd_keepalive_rtt_seconds", "greupd_keepalive_sent_total", "greupd_keepalive_received_total",
+            "greupd_config_last_reload_success"} <= used
+    assert all(p["datasource"]["uid"] == "${datasource}" for p in dashboard["panels"] if "datasource" in p)
