@@ -3,8 +3,9 @@
 Three outlets, one rendering, made by `prometheus_client` from the same status `greupd status --json` shows:
 - `greupd metrics` asks the daemon over the control socket (command "metrics") and prints the text;
 - `[daemon] metrics_textfile`: a file for node_exporter's textfile collector, replaced with rename(2) (a scrape
-  never reads half a file) whenever its text changes: after each pass, reload and keepalive verdict, and every
-  REFRESH seconds for the keepalive counters, which move between passes;
+  never reads half a file) whenever its text changes: after each pass, reload and keepalive verdict (at most
+  once per MIN_GAP: a burst of passes is one rewrite), and every REFRESH seconds for the keepalive counters,
+  which move between passes;
 - `[daemon] metrics_listen`: GET /metrics on a TCP address, a small HTTP server in the daemon's own loop.
 
 The textfile holds greupd's own metrics only: node_exporter exports `process_*` of its own, and the same names
@@ -43,6 +44,9 @@ log = logging.getLogger("greupd.metrics")
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds between rewrites of the textfile without a pass: keepalive counters move with every probe.
 REFRESH: Final = 10.0
+# The textfile is rendered at most this often: with a thousand tunnels one rendering takes ~0.1 s of the loop,
+# and a burst of passes (a reload, a thousand verdicts at once) becomes one rewrite at its end.
+MIN_GAP: Final = 1.0
 # A scrape request is a request line and a few headers; anything larger is not Prometheus.
 _MAX_REQUEST: Final = 8192
 # A client that connects and sends nothing must not hold a connection open.
@@ -163,9 +167,12 @@ class MetricsPublisher:
     """
 
     def __init__(self, status: Callable[[], DaemonStatus], settings: Callable[[], DaemonConfig],
-                 start: StartConfig | None, on_error: Callable[[str], None]) -> None:
+                 start: StartConfig | None, on_error: Callable[[str], None], min_gap: float = MIN_GAP) -> None:
         self._settings = settings
         self._on_error = on_error
+        self._min_gap = min_gap
+        self._rendered_at = -min_gap  # time.monotonic() of the textfile's last rendering
+        self._pending: asyncio.TimerHandle | None = None  # a rendering put off by MIN_GAP
         self._reload = ReloadOutcome(start is None or start.rejected is None, time.time())
         collector = DaemonCollector(status, lambda: self._reload)
         self._own = CollectorRegistry(auto_describe=False)  # the textfile's: greupd_* only
@@ -188,11 +195,20 @@ class MetricsPublisher:
     def publish(self) -> None:
         """After a pass, a reload or a rejected one: rewrite the textfile if its text changed, and have the
         listener follow `metrics_listen`. The first call starts the task that refreshes and cleans up."""
+        loop = asyncio.get_running_loop()
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="greupd metrics")
-        self._write_textfile(self._settings().metrics_textfile)
+            self._task = loop.create_task(self._run(), name="greupd metrics")
+        wait = self._rendered_at + self._min_gap - time.monotonic()
+        if wait <= 0:
+            self._write_textfile(self._settings().metrics_textfile)
+        elif self._pending is None:
+            self._pending = loop.call_later(wait, self._write_pending)
         if self._settings().metrics_listen != self._listening_at():
             self._wake.set()
+
+    def _write_pending(self) -> None:
+        self._pending = None
+        self._write_textfile(self._settings().metrics_textfile)
 
     def reloaded(self, result: ReloadResult) -> ReloadResult:
         """Wraps Daemon.reload's answer: the reload counts, applied or rejected; the answer goes on unchanged."""
@@ -220,6 +236,8 @@ class MetricsPublisher:
                     # A bug here must not end the refreshes silently, nor reach the daemon's loop.
                     self._say(f"metrics: {type(exc).__name__}: {exc}")
         finally:
+            if self._pending is not None:
+                self._pending.cancel()
             if self._listener is not None:
                 self._listener.close()
             if self._textfile is not None:
@@ -255,6 +273,7 @@ class MetricsPublisher:
         self._textfile = path
         if path is None:
             return
+        self._rendered_at = time.monotonic()
         text = generate_latest(self._own).decode()
         if text == self._written:
             return

@@ -119,11 +119,12 @@ def test_write_atomically_replaces_the_file_readable_by_node_exporter(tmp_path: 
 class RouterA:
     """The daemon's side of a publisher: a status that changes as router A's tunnel dies and comes back."""
 
-    def __init__(self, settings: DaemonConfig) -> None:
+    def __init__(self, settings: DaemonConfig, min_gap: float = 0.0) -> None:
         self.status = router_a()
         self.settings = settings
         self.errors: list[str] = []
-        self.publisher = MetricsPublisher(lambda: self.status, lambda: self.settings, None, self.errors.append)
+        self.publisher = MetricsPublisher(lambda: self.status, lambda: self.settings, None, self.errors.append,
+                                          min_gap)
 
 
 def textfile_settings(tmp_path: Path) -> DaemonConfig:
@@ -155,6 +156,25 @@ def test_textfile_follows_each_pass_and_a_rejected_reload_and_is_removed_at_exit
     asyncio.run(daemon_loop())
     assert not path.exists()  # the loop ended: a stopped daemon leaves no stale `up` behind
     assert a.errors == []
+
+
+def test_a_burst_of_passes_is_one_rewrite_at_most_once_a_second(tmp_path: Path) -> None:
+    (tmp_path / "textfile").mkdir()
+    a = RouterA(textfile_settings(tmp_path), min_gap=1.0)
+    path = a.settings.metrics_textfile
+    assert path is not None
+
+    async def daemon_loop() -> None:
+        a.publisher.publish()  # the first pass is written at once
+        assert value(path.read_text(), "greupd_config_generation") == 1
+        for generation in range(2, 30):  # passes in a burst, each changing what the file would say
+            a.status["generation"] = generation
+            a.publisher.publish()
+        assert value(path.read_text(), "greupd_config_generation") == 1
+        await asyncio.sleep(1.2)
+        assert value(path.read_text(), "greupd_config_generation") == 29  # the burst's end, one rewrite
+
+    asyncio.run(daemon_loop())
 
 
 def test_a_textfile_that_cannot_be_written_is_said_once_and_nothing_stops(tmp_path: Path) -> None:
