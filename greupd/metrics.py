@@ -51,6 +51,8 @@ MIN_GAP: Final = 1.0
 _MAX_REQUEST: Final = 8192
 # A client that connects and sends nothing must not hold a connection open.
 _REQUEST_TIMEOUT: Final = 10.0
+# Prometheus scrapes one at a time; connections beyond these are closed at once, so a flood costs no memory.
+_MAX_CONNECTIONS: Final = 16
 _STATES: Final[tuple[TunnelState, ...]] = ("up", "down", "disabled", "error")
 
 
@@ -319,6 +321,7 @@ class MetricsListener:
         self.address = address
         self._text = text
         self._server: asyncio.Server | None = None
+        self._connections = 0
 
     async def start(self) -> None:
         host, port = listen_address(self.address)
@@ -338,6 +341,10 @@ class MetricsListener:
             self._server = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._connections >= _MAX_CONNECTIONS:
+            writer.close()
+            return
+        self._connections += 1
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _REQUEST_TIMEOUT)
@@ -351,6 +358,7 @@ class MetricsListener:
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
         finally:
+            self._connections -= 1
             writer.close()
 
     def _answer(self, head: bytes) -> tuple[str, bytes, dict[str, str]]:

@@ -261,6 +261,15 @@ def test_get_metrics_answers_the_scrape_and_nothing_else(listening: RouterA) -> 
         assert (await http(port, b"hello\r\n\r\n"))[0] == "HTTP/1.1 400 Bad Request"
         huge = b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"x" * 20000 + b"\r\n\r\n"
         assert (await http(port, huge))[0] == "HTTP/1.1 400 Bad Request"
+        # Clients that connect and say nothing: beyond 16 at once they are shut out, and a scrape still works
+        # once they are gone.
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
+        await asyncio.sleep(0.1)
+        assert [await r.read() for r, _ in idle[16:]] == [b""] * 4
+        for _, w in idle:
+            w.close()
+        await asyncio.sleep(0.1)
+        assert (await http(port, b"GET /metrics HTTP/1.1\r\n\r\n"))[0] == "HTTP/1.1 200 OK"
 
     asyncio.run(prometheus())
     assert listening.errors == []
