@@ -243,7 +243,8 @@ class MetricsPublisher:
             if self._listener is not None:
                 self._listener.close()
             if self._textfile is not None:
-                self._textfile.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    self._textfile.unlink(missing_ok=True)
 
     def _listening_at(self) -> str | None:
         return self._listener.address if self._listener is not None else self._refused
@@ -269,8 +270,16 @@ class MetricsPublisher:
         log.info("metrics: serving GET /metrics on %s", wanted)
 
     def _write_textfile(self, path: Path | None) -> None:
+        """Never raises: it runs inside the daemon's pass, and a metrics problem must not look like the kernel's."""
+        try:
+            self._replace_textfile(path)
+        except Exception as exc:
+            self._say(f"metrics: {type(exc).__name__}: {exc}")
+
+    def _replace_textfile(self, path: Path | None) -> None:
         if path != self._textfile and self._textfile is not None:
-            self._textfile.unlink(missing_ok=True)  # the setting moved or went away: ours, not to leave behind
+            with contextlib.suppress(OSError):
+                self._textfile.unlink(missing_ok=True)  # the setting moved or went away: ours, not to leave
             self._written = ""
         self._textfile = path
         if path is None:
@@ -283,7 +292,8 @@ class MetricsPublisher:
             write_atomically(path, text)
         except OSError as exc:
             self._say(f"metrics_textfile = {str(path)!r}: cannot write it: {exc.strerror or exc} (under"
-                      " greupd.service, add its directory to ReadWritePaths= in a drop-in)")
+                      " greupd.service its directory must be writable by user greupd, and in ReadWritePaths= of a"
+                      " drop-in)")
             return
         self._written = text
         self._said = None
