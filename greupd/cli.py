@@ -1,4 +1,4 @@
-"""The `greupd` command: run, check, plan, status, reload, schema, import."""
+"""The `greupd` command: run, check, plan, status, metrics, reload, schema, import."""
 
 from __future__ import annotations
 
@@ -146,6 +146,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    """The running daemon's Prometheus text, as GET /metrics would serve it (greupd/metrics.py)."""
+    answer = _ask_daemon(args, "metrics")
+    if isinstance(answer, int):
+        return answer
+    print(answer.get("text", ""), end="")
+    return EXIT_OK
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     # The daemon answers once the new config is applied; DEFAULT_TIMEOUTS["reload"] allows for thousands of tunnels.
     result = _ask_daemon(args, "reload")
@@ -254,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("names", nargs="*", metavar="NAME", help="only these tunnels (exit 1 for an unknown name)")
     status.set_defaults(func=cmd_status)
+    metrics = with_config(with_socket(sub.add_parser("metrics", help="the running daemon's Prometheus metrics")))
+    metrics.set_defaults(func=cmd_metrics)
     from greupd.importer import SOURCES
 
     importer = sub.add_parser("import", help="print a tunnels.toml describing existing GRE tunnels (adopt = true)")

@@ -239,6 +239,41 @@ def _absolute_path(example: str) -> Callable[[object], object]:
     return check
 
 
+def _optional(check: Callable[[object], object]) -> Callable[[object], object]:
+    # TOML has no null: None only comes from code (a default, model_dump() validated again).
+    return lambda value: value if value is None else check(value)
+
+
+def listen_address(value: object) -> tuple[str, int]:
+    """`[daemon] metrics_listen` as (host, port): "127.0.0.1:9474", "[::1]:9474", "0.0.0.0:9474" for every address.
+
+    Only IP literals: a name would be resolved by asyncio in a thread, and at every start (review: no threads).
+    """
+    example = 'e.g. "127.0.0.1:9474" or "[::1]:9474"'
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not an address and port: write it as a string, {example}")
+    host, colon, port = value.rpartition(":")
+    if not colon or not host or value.endswith("]"):
+        raise ValueError(f"{value!r} is not HOST:PORT, {example}")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address (host names are not resolved), {example}") from None
+    if address.version == 6 and not bracketed:
+        raise ValueError(f"{value!r}: an IPv6 address is written in brackets, e.g. \"[{host}]:9474\"")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"{port!r} is not a TCP port: 1..65535, {example}")
+    return str(address), int(port)
+
+
+def _listen(value: object) -> object:
+    listen_address(value)
+    return value
+
+
 Address = Annotated[IPAddress, BeforeValidator(_address)]
 Network = Annotated[IPNetwork, BeforeValidator(_network)]
 Interface = Annotated[IPInterface, BeforeValidator(_interface)]
@@ -518,6 +553,12 @@ class DaemonConfig(_Model):
     on_exit: Literal["keep", "remove"] = "keep"
     # strongSwan's control socket, for [tunnel.ipsec]
     vici_socket: Annotated[Path, BeforeValidator(_absolute_path("/var/run/charon.vici"))] = DEFAULT_VICI_SOCKET
+    # Prometheus metrics (greupd/metrics.py): a file for node_exporter's textfile collector, rewritten atomically
+    # whenever it changes, and GET /metrics on a TCP address; `greupd metrics` prints the same text.
+    metrics_textfile: Annotated[Path | None, BeforeValidator(_optional(_absolute_path(
+        "/var/lib/prometheus/node-exporter/greupd.prom")))] = None
+    metrics_listen: Annotated[str | None, BeforeValidator(_optional(_listen)), WithJsonSchema(
+        {"type": "string", "pattern": r"^(\d{1,3}(\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]):\d{1,5}$"})] = None
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
-"""The control socket: how `greupd status` and `greupd reload` talk to the running daemon.
+"""The control socket: how `greupd status`, `greupd metrics` and `greupd reload` talk to the running daemon.
 
 Protocol: a Unix stream socket (mode 0660: the daemon's user and group; root, the daemon's own user and
 members of its group may connect, and only the first two may reload; see _peer_access); each request is
-one line of JSON, `{"command": "status"}` or `{"command": "reload"}`, and each answer one line of JSON,
-`{"ok": true, "result": ...}` (a DaemonStatus or a ReloadResult, see greupd/status.py) or
-`{"ok": false, "error": "..."}` for a request the daemon could not serve. A rejected config is not a
-protocol error: it is a ReloadResult with ok = false.
+one line of JSON, `{"command": "status"}`, `{"command": "reload"}` or `{"command": "metrics"}`, and each
+answer one line of JSON, `{"ok": true, "result": ...}` (a DaemonStatus, a ReloadResult or a MetricsAnswer, see
+greupd/status.py) or `{"ok": false, "error": "..."}` for a request the daemon could not serve. A rejected
+config is not a protocol error: it is a ReloadResult with ok = false.
 
 `control_socket` is the one place that says where the socket is, for the daemon and the CLI alike. The
 tables people read are made from these answers by the CLI (greupd/cli_format.py), not here.
@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Final, Literal, Protocol, cast, overload
 
 from greupd.config import DEFAULT_CONTROL_SOCKET, Config
-from greupd.status import DaemonStatus, ReloadResult
+from greupd.status import DaemonStatus, MetricsAnswer, ReloadResult
 
-COMMANDS: Final = ("status", "reload")
+COMMANDS: Final = ("status", "reload", "metrics")
 # Seconds a client waits for the answer. A reload answers after the new config is applied to every tunnel and to
 # nftables; `systemctl reload` (ExecReload=greupd reload) must not give up while the daemon is still at it.
-DEFAULT_TIMEOUTS: Final[Mapping[str, float]] = {"status": 5.0, "reload": 120.0}
+DEFAULT_TIMEOUTS: Final[Mapping[str, float]] = {"status": 5.0, "reload": 120.0, "metrics": 5.0}
 # A request is a few bytes; anything near this is not a greupd client.
 _MAX_LINE: Final = 64 * 1024
 # A client that connects and says nothing must not hold a connection open forever.
@@ -70,14 +70,16 @@ def control_socket(config: Config | Callable[[], Path] | None, override: str | P
 # --- the server ----------------------------------------------------------------------------------------------
 
 class ControlServer:
-    """Serves status and reload requests on a Unix socket, inside the daemon's asyncio loop."""
+    """Serves status, reload and metrics requests on a Unix socket, inside the daemon's asyncio loop."""
 
     def __init__(self, path: Path, status: Callable[[], DaemonStatus],
                  reload: Callable[[], Awaitable[ReloadResult]],
-                 *, on_error: Callable[[str], None] | None = None) -> None:
+                 *, on_error: Callable[[str], None] | None = None, metrics: Callable[[], str] | None = None) -> None:
+        """metrics: the Prometheus text (greupd/metrics.py); without it the command is refused."""
         self.path = path
         self._status = status
         self._reload = reload
+        self._metrics = metrics
         self._on_error = on_error
         # Two `greupd reload` at once are two reloads, one after the other: the second asks once the first is
         # answered (a daemon runs each in one loop step; a coalesced pair would count as one generation).
@@ -155,6 +157,11 @@ class ControlServer:
         try:
             if command == "status":
                 return {"ok": True, "result": self._status()}
+            if command == "metrics":
+                if self._metrics is None:
+                    return {"ok": False, "error": "this daemon serves no metrics"}
+                answer: MetricsAnswer = {"text": self._metrics()}
+                return {"ok": True, "result": answer}
             async with self._reload_lock:
                 return {"ok": True, "result": await self._reload()}
         except Exception as exc:
@@ -179,7 +186,7 @@ def parse_request(line: bytes) -> str | None:
 
 def command_error(command: str | None) -> str:
     if command is None:
-        return 'a request is one line of JSON: {"command": "status"} or {"command": "reload"}'
+        return 'a request is one line of JSON: {"command": "status"}, {"command": "reload"} or {"command": "metrics"}'
     return f"unknown command {command!r}; known: {', '.join(COMMANDS)}"
 
 
@@ -253,9 +260,11 @@ def request(path: Path, command: Literal["status"], timeout: float | None = None
 @overload
 def request(path: Path, command: Literal["reload"], timeout: float | None = None) -> ReloadResult: ...
 @overload
+def request(path: Path, command: Literal["metrics"], timeout: float | None = None) -> MetricsAnswer: ...
+@overload
 def request(path: Path, command: str, timeout: float | None = None) -> Mapping[str, object]: ...
 def request(path: Path, command: str,
-            timeout: float | None = None) -> Mapping[str, object] | DaemonStatus | ReloadResult:
+            timeout: float | None = None) -> Mapping[str, object] | DaemonStatus | ReloadResult | MetricsAnswer:
     """Send one command to the daemon and return its result.
 
     Raises ControlUnavailable when nothing answers within `timeout` seconds (default: DEFAULT_TIMEOUTS, long for

@@ -22,6 +22,7 @@ from greupd.events import EventLog
 from greupd.ipsec.supervisor import IpsecSupervisor
 from greupd.keepalive.engine import KeepaliveEngine, LivenessChange, targets_from_config
 from greupd.keepalive.restart import VerdictMemory
+from greupd.metrics import MetricsPublisher
 from greupd.model import Desired, Observed, action_tunnel, desired_state
 from greupd.netlink.kernel import Kernel, KernelWatch
 from greupd.nft.keeper import NftKeeper
@@ -38,8 +39,7 @@ log = logging.getLogger("greupd")
 class Daemon:
     def __init__(self, config_path: Path, config: Config, socket_path: Path | None = None,
                  start: StartConfig | None = None) -> None:
-        self.config_path = config_path
-        self.config = config
+        self.config_path, self.config = config_path, config
         self.socket_path = socket_path or control_socket(config)
         self.generation = 1
         self.start = start  # where the last good config is kept, and a rejection at start (#11 H4)
@@ -47,14 +47,14 @@ class Daemon:
         self.reports = Reports()
         self.events = EventLog()
         self.notifier = Notifier()
-        self._wake = asyncio.Event()
-        self._stop = asyncio.Event()
+        self._wake, self._stop = asyncio.Event(), asyncio.Event()
         self.queue: WorkQueue[ReloadResult] = WorkQueue(self._wake.set)
         self.kernel = Kernel()
         self.watch = KernelWatch(self.kernel, self.queue.mark)
         self.keepalive = KeepaliveEngine(self._on_liveness)
         self.nft = NftKeeper(config.daemon.nft_table, self.queue.mark_nft, self._fail)
         self.ipsec = IpsecSupervisor(config, self.events.ipsec_changed, self._fail)  # runs on its own (supervisor.py)
+        self.metrics = MetricsPublisher(self.status, lambda: self.config.daemon, start, self._fail)  # metrics.py
         self._loop: asyncio.AbstractEventLoop | None = None
         self.verdicts = VerdictMemory(self.keepalive, start.state if start else None, self._fail)  # #11 H3
 
@@ -78,7 +78,8 @@ class Daemon:
 
     async def run(self) -> int:
         loop = self._loop = asyncio.get_running_loop()
-        control = ControlServer(self.socket_path, self.status, self.request_reload, on_error=self.events.error)
+        control = ControlServer(self.socket_path, self.status, self.request_reload, on_error=self.events.error,
+                                metrics=self.metrics.text)
         await control.start()
         self.watch.start(loop)
         self.keepalive.start(loop)
@@ -116,7 +117,7 @@ class Daemon:
         """One turn of the loop: a reload if one was asked for, then whatever is marked and not paused."""
         answers = self.queue.take_reload()
         if answers is not None:
-            settle(answers, self.reload)
+            settle(answers, lambda: self.metrics.reloaded(self.reload()))
         # After a reload too: what was marked meanwhile is still to do, and the wake-up that said so is spent.
         batch = self.queue.take_ready(time.monotonic())
         if batch.names is None or batch.names:
@@ -161,10 +162,11 @@ class Daemon:
         for error in errors:
             if error.tunnel is None:
                 self._fail(str(error))
-        for change in self.reports.update(self.config, observed, plan, errors, after, self.keepalive.is_up):
+        for change in self.reports.update(self.config, observed, plan, errors, after, self.keepalive.is_up, repairs):
             self.events.emit(change)
         self.keepalive.set_answerable(self.reports.answerable())  # #11 H5
         self.notifier.status_if_changed(self._status_text())
+        self.metrics.publish()
         assert self._loop is not None
         fought = [n for n in touched & repairs if n in self.reports.records]
         for pause in self.queue.note_repairs(fought, time.monotonic()):

@@ -2,7 +2,9 @@
 
 Under systemd each event is a structured journal entry (spec.md "journald"): SYSLOG_IDENTIFIER=greupd, a fixed
 MESSAGE_ID per kind of event (explained by packaging/systemd/greupd.catalog under `journalctl -x`), GREUPD_* fields to
-filter on (`journalctl -u greupd GREUPD_TUNNEL=My_Tunnel`), a syslog PRIORITY and a one-line MESSAGE.
+filter on (`journalctl -u greupd GREUPD_TUNNEL=My_Tunnel`), a syslog PRIORITY and a one-line MESSAGE. An event
+about one tunnel also carries INTERFACE=<tunnel>, the field systemd-networkd uses, so `networkctl status
+My_Tunnel` (and `journalctl INTERFACE=My_Tunnel`) shows greupd's events beside the kernel's and networkd's.
 Elsewhere the same MESSAGE goes to stderr as one plain line.
 
 Deciding what an event says (`message_of`, `journal_fields`, `stderr_line`) is pure; `EventLog` only sends.
@@ -241,6 +243,7 @@ def journal_fields(event: Event) -> dict[str, str]:
     match event:
         case TunnelChanged():
             fields["GREUPD_TUNNEL"] = event.tunnel
+            fields["INTERFACE"] = event.tunnel  # networkd's own field: `networkctl status NAME` shows the entry
             fields["GREUPD_STATE"] = event.state
             if event.previous is not None:
                 fields["GREUPD_PREVIOUS_STATE"] = event.previous
@@ -258,8 +261,9 @@ def journal_fields(event: Event) -> dict[str, str]:
             fields["GREUPD_ERROR"] = event.message
             if event.tunnel is not None:
                 fields["GREUPD_TUNNEL"] = event.tunnel
+                fields["INTERFACE"] = event.tunnel
         case IpsecChanged():
-            fields["GREUPD_TUNNEL"] = event.tunnel
+            fields["GREUPD_TUNNEL"] = fields["INTERFACE"] = event.tunnel
             fields["GREUPD_IPSEC_STATE"] = event.state
             if event.previous is not None:
                 fields["GREUPD_IPSEC_PREVIOUS_STATE"] = event.previous

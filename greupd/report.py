@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from greupd.config import Config, TunnelConfig
 from greupd.events import TunnelChanged, tunnel_change_message
 from greupd.keepalive.liveness import LivenessChange
-from greupd.model import Observed, Plan
+from greupd.model import Observed, Plan, action_tunnel
 from greupd.netlink.kernel import ApplyError
 from greupd.status import KeepaliveStatus, TunnelState, TunnelStatus
 
@@ -41,6 +41,8 @@ class TunnelRecord:
     link_present: bool = False
     link_works: bool = False  # owned, and up (or held down by us for a keepalive verdict, action = "link")
     reported: bool = False
+    state_changes: int = 0  # transitions after the first reported state (greupd_tunnel_state_changes_total)
+    drift_repairs: int = 0  # passes that acted on this tunnel because the kernel said it changed
 
 
 class Reports:
@@ -53,10 +55,12 @@ class Reports:
         self._verdicts[name] = change
 
     def update(self, config: Config, before: Observed, plan: Plan, errors: Iterable[ApplyError], after: Observed,
-               is_up: Callable[[str], bool]) -> list[TunnelChanged]:
+               is_up: Callable[[str], bool], repairs: frozenset[str] = frozenset()) -> list[TunnelChanged]:
         """The state changes of one pass. before: the observation it planned from; after: the kernel once the
-        plan was applied (as planned where acknowledged, observed again where refused)."""
+        plan was applied (as planned where acknowledged, observed again where refused); repairs: the tunnels
+        kernel events marked for this pass (a drift repair where the plan acted on one of them)."""
         changes = self._link_losses(config, before)
+        acted_on = {t for a in plan.actions if (t := action_tunnel(a)) is not None}
         problems = {p.tunnel: p.message for p in plan.problems}
         failures: dict[str, str] = {}
         for error in errors:
@@ -66,6 +70,8 @@ class Reports:
             if not after.covers(tunnel.name):
                 continue
             record = self._record(tunnel.name)
+            if tunnel.name in acted_on and tunnel.name in repairs:
+                record.drift_repairs += 1
             link = after.links.get(tunnel.name)
             record.ifindex = link.index if link is not None and link.owned else None
             record.link_present = link is not None and link.owned
@@ -110,6 +116,7 @@ class Reports:
                 "routes": [str(r) for r in tunnel.routes],
                 "routes_installed": record.state == "up" and bool(tunnel.routes),
                 "keepalive": keepalive(tunnel.name) if tunnel.keepalive else None,
+                "state_changes": record.state_changes, "drift_repairs": record.drift_repairs,
             })
         return statuses
 
@@ -130,6 +137,8 @@ class Reports:
         if record.reported and record.state == state:
             return []
         previous = record.state if record.reported else None
+        if previous is not None:
+            record.state_changes += 1
         record.state, record.reason, record.since, record.reported = state, reason, self._clock(), True
         keepalive = tunnel.keepalive
         verdict = self._verdicts.get(tunnel.name)

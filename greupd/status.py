@@ -40,6 +40,8 @@ class TunnelStatus(TypedDict):
     routes: list[str]
     routes_installed: bool
     keepalive: KeepaliveStatus | None
+    state_changes: int  # transitions since the tunnel's first state after start (or after it was configured)
+    drift_repairs: int  # passes that put back what another program changed or removed (kernel events told us)
     ipsec: NotRequired[IpsecStatus]
 
 
@@ -56,3 +58,7 @@ class ReloadResult(TypedDict):
     ok: bool
     generation: int
     error: str | None
+
+
+class MetricsAnswer(TypedDict):
+    text: str  # Prometheus text exposition format 0.0.4 (greupd/metrics.py)

@@ -107,10 +107,10 @@ def pytest_runtest_makereport(
 # --------------------------------------------------------------------------- delegating
 
 
+SECONDS_PER_TEST = 75.0  # a guest batch's timeout: this much per test, at least the guest kind's default
+
+
 @dataclass
-SECONDS_PER_TEST = 75.0
-
-
 class _GuestBatch:
     """One guest boot that ran a batch of tests, and the reports it left per node id."""
 

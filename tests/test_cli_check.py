@@ -139,7 +139,8 @@ def test_schema_is_json_schema_of_the_tunnel_fields() -> None:
     assert set(schema["$defs"]["KeepaliveConfig"]["properties"]) == {
         "interval", "retries", "up_after", "action", "answer"}
     assert set(schema["$defs"]["DaemonConfig"]["properties"]) == {
-        "ip_forward", "control_socket", "state_dir", "nft_table", "on_exit", "vici_socket"}
+        "ip_forward", "control_socket", "state_dir", "nft_table", "on_exit", "vici_socket",
+        "metrics_textfile", "metrics_listen"}
 
 
 def test_schema_accepts_the_spellings_the_example_uses() -> None:

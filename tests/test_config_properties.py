@@ -110,7 +110,8 @@ SPEC_KEEPALIVE: dict[str, object] = {"interval": 10.0, "retries": 3, "up_after":
                                      "answer": "daemon"}
 SPEC_DAEMON: dict[str, object] = {"ip_forward": True, "control_socket": Path("/run/greupd/control.sock"),
                                   "state_dir": Path("/var/lib/greupd"), "nft_table": "greupd", "on_exit": "keep",
-                                  "vici_socket": Path("/var/run/charon.vici")}
+                                  "vici_socket": Path("/var/run/charon.vici"),
+                                  "metrics_textfile": None, "metrics_listen": None}
 # The kernel's own device names, and the largest MTU per mode without/with an output key (spec: review M7).
 KERNEL_NAMES = {"gre0", "gretap0", "erspan0", "ip6gre0", "ip6tnl0", "tunl0", "sit0", "ip_vti0", "ip6_vti0", "all",
                 "default"}
@@ -143,6 +144,8 @@ ANSWERS = st.sampled_from(["daemon", "kernel", "off"])
 SOCKETS = st.from_regex(r"/[A-Za-z0-9_.-]{1,12}(/[A-Za-z0-9_.-]{1,12}){0,3}", fullmatch=True)
 NFT_TABLES = st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,31}", fullmatch=True)
 ON_EXIT = st.sampled_from(["keep", "remove"])
+LISTEN = st.one_of(st.builds("{}:{}".format, st.ip_addresses(v=4), st.integers(1, 65535)),
+                   st.builds("[{}]:{}".format, st.ip_addresses(v=6), st.integers(1, 65535)))
 DURATION_KINDS = st.sampled_from(["ms", "ms as float", "s", "s as int", "m", "float"])
 MILLISECONDS = st.integers(50, 3_600_000)
 SECONDS = st.integers(1, 3600)
@@ -318,6 +321,11 @@ def valid_configs(draw: st.DrawFn) -> Written:
         daemon["nft_table"] = config.daemon["nft_table"] = draw(NFT_TABLES)
     if draw(BOOLS):
         daemon["on_exit"] = config.daemon["on_exit"] = draw(ON_EXIT)
+    if draw(BOOLS):
+        daemon["metrics_textfile"] = textfile = draw(SOCKETS)
+        config.daemon["metrics_textfile"] = Path(textfile)
+    if draw(BOOLS):
+        daemon["metrics_listen"] = config.daemon["metrics_listen"] = draw(LISTEN)
     write_empty = draw(BOOLS)
     if daemon or write_empty:
         config.document["daemon"] = daemon

@@ -31,6 +31,7 @@ from greupd.control import (
     parse_request,
     request,
 )
+from greupd.metrics import ReloadOutcome, render
 from greupd.status import DaemonStatus, ReloadResult, TunnelState, TunnelStatus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,7 +43,8 @@ def tunnel(name: str = "My_Tunnel", state: TunnelState = "up", reason: str = "ke
             "state": state, "since": "2026-11-24T20:15:02Z", "reason": reason, "error": error,
             "ifindex": 7, "routes": ["20.10.1.0/24"], "routes_installed": routes_installed,
             "keepalive": {"interval": 1.0, "retries": 3, "sent": 120, "received": 118,
-                          "missed_in_a_row": 0, "last_rtt_ms": 0.24}}
+                          "missed_in_a_row": 0, "last_rtt_ms": 0.24},
+            "state_changes": 2, "drift_repairs": 1}
 
 
 def router_a(generation: int = 1) -> DaemonStatus:
@@ -62,7 +64,10 @@ class StandInDaemon:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self.server = ControlServer(path, lambda: router_a(self.generation), self._reload,
-                                    on_error=self.errors.append)
+                                    on_error=self.errors.append, metrics=self._metrics)
+
+    def _metrics(self) -> str:
+        return render(router_a(self.generation), ReloadOutcome(ok=True, last_success=1764360000.0))
 
     async def _accept_reload(self) -> ReloadResult:
         self.reloads += 1

@@ -48,6 +48,7 @@ def test_tunnel_down_entry_has_every_spec_field() -> None:
         "SYSLOG_IDENTIFIER": "greupd",
         "GREUPD_EVENT": "tunnel-down",
         "GREUPD_TUNNEL": "My_Tunnel",
+        "INTERFACE": "My_Tunnel",
         "GREUPD_STATE": "down",
         "GREUPD_PREVIOUS_STATE": "up",
         "GREUPD_REASON": "keepalive-timeout",
@@ -63,6 +64,13 @@ def test_tunnel_up_is_a_notice_with_its_own_id() -> None:
 
 def test_first_state_has_no_previous_state_field() -> None:
     assert "GREUPD_PREVIOUS_STATE" not in journal_fields(TunnelChanged("My_Tunnel", "up", None, "config", ""))
+
+
+def test_tunnel_events_name_the_interface_as_networkd_does_and_daemon_events_do_not() -> None:
+    # `networkctl status My_Tunnel` shows journal entries with INTERFACE=My_Tunnel (networkd's own field).
+    assert journal_fields(DaemonError("route refused", "My_Tunnel"))["INTERFACE"] == "My_Tunnel"
+    assert "INTERFACE" not in journal_fields(DaemonError("cannot read the kernel's state"))
+    assert "INTERFACE" not in journal_fields(ConfigReloaded(2, ("/etc/greupd/tunnels.toml",)))
 
 
 def test_message_ids_are_distinct_128_bit_hex() -> None:

@@ -52,13 +52,13 @@ class RouterA:
         self.kernel = nothing()
 
     def one_pass(self, is_up: Callable[[str], bool] = alive, errors: tuple[ApplyError, ...] = (),
-                 problems: tuple[PlanProblem, ...] = ()) -> list[TunnelChanged]:
+                 problems: tuple[PlanProblem, ...] = (), repairs: frozenset[str] = frozenset()) -> list[TunnelChanged]:
         desired = desired_state(self.config, {t.name: is_up(t.name) for t in self.config.tunnels})
         plan = plan_changes(desired, self.kernel)
         plan = Plan(plan.actions, plan.problems + problems)
         names = frozenset(desired.tunnels)
         after = self.kernel.updated(Observed.as_planned(desired, names, dict.fromkeys(names, INDEX)))
-        changes = self.reports.update(self.config, self.kernel, plan, errors, after, is_up)
+        changes = self.reports.update(self.config, self.kernel, plan, errors, after, is_up, repairs)
         self.kernel = after
         return changes
 
@@ -148,6 +148,34 @@ def test_a_partial_pass_reports_only_the_tunnels_it_looked_at() -> None:
     a.one_pass()
     elsewhere = Observed({}, {}, frozenset(), {}, frozenset({"Other"}))
     assert a.reports.update(a.config, elsewhere, Plan(()), (), elsewhere, dead) == []
+
+
+def counters(a: RouterA) -> tuple[int, int]:
+    [status] = a.reports.statuses(a.config, lambda name: None)
+    return status["state_changes"], status["drift_repairs"]
+
+
+def test_a_dead_peer_and_its_return_are_two_state_changes_and_no_repair() -> None:
+    a = RouterA()
+    a.one_pass()
+    assert counters(a) == (0, 0)  # the first state after start is no change
+    a.one_pass(dead)
+    a.one_pass(dead)  # still down: nothing new
+    a.one_pass()
+    assert counters(a) == (2, 0)
+
+
+def test_a_repaired_drift_counts_once_per_pass_that_acted_on_what_the_kernel_reported() -> None:
+    a = RouterA()
+    a.one_pass()
+    a.kernel = nothing()  # `ip link del My_Tunnel`: the kernel's event marks the tunnel for repair
+    a.one_pass(repairs=frozenset({"My_Tunnel"}))
+    assert counters(a) == (2, 1)  # down (link removed), up (link restored), one repair
+    a.one_pass(repairs=frozenset({"My_Tunnel"}))  # an event about our own change: nothing to do, no repair
+    assert counters(a) == (2, 1)
+    a.kernel = nothing()
+    a.one_pass()  # the same work without an event (a reload, a resync) is no drift repair
+    assert counters(a) == (4, 1)
 
 
 # --- which tunnels answer = "daemon" may answer for (#11 H5) -------------------------------------------------

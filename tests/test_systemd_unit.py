@@ -213,7 +213,8 @@ def test_watchdog_interval_rules() -> None:
 def tunnel(name: str, state: TunnelState, reason: str, error: str | None = None) -> TunnelStatus:
     return {"name": name, "mode": "gre", "local": "172.19.1.1", "remote": "172.19.1.2", "state": state,
             "since": "2026-11-24T20:15:02Z", "reason": reason, "error": error, "ifindex": None,
-            "routes": [], "routes_installed": state == "up", "keepalive": None}
+            "routes": [], "routes_installed": state == "up", "keepalive": None, "state_changes": 0,
+            "drift_repairs": 0}
 
 
 def test_status_line() -> None:
