@@ -19,9 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from greupd.control import request
-from greupd.control import connect as _c
-connect = _c
+from greupd.control import connect, request
 from lab.greupd_process import GreupdProcess
 from lab.hosts import Lab
 
