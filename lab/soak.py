@@ -58,12 +58,12 @@ from pathlib import Path
 from typing import Any
 
 from greupd.config import Config, load_config_text
-from greupd.control import ControlUnavailable, request
+from greupd.control import ControlError, ControlUnavailable, request
 from greupd.model import desired_state
 from greupd.netlink.kernel import Kernel
 from greupd.plan import describe, plan_changes
 from lab.greupd_process import REPO, GreupdProcess
-from lab.hosts import Host, Lab, SeedTopology, in_netns, seed_topology
+from lab.hosts import Host, Lab, LabCommandError, SeedTopology, in_netns, seed_topology
 
 KEEPALIVE_INTERVAL = 0.2
 KEEPALIVE_RETRIES = 3
@@ -677,8 +677,11 @@ class Soak:
     def one(self, kind: str) -> None:
         figures = self.figures[kind]
         self.faults += 1
-        fault = self.inject(kind)
         figures.injected += 1
+        try:
+            fault = self.inject(kind)
+        except (Broken, ControlUnavailable, ControlError, LabCommandError) as exc:
+            raise Broken(f"fault #{self.faults} {kind}: {exc}") from None
         try:
             took = self.converge(fault)
         except Broken as exc:
