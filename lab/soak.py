@@ -772,7 +772,7 @@ def nft_inet_available() -> bool:
 
 
 def run_soak(duration: float, seed: int, *, kinds: list[str] | None = None, each_once: bool = False,
-             bound: float = 15.0, restart_bound: float = 120.0, slack: float = 1.0,
+             bound: float = 15.0, restart_bound: float = 120.0, slack: float = 1.5,
              out: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the soak in lab namespaces of the running kernel (which must have ip_gre); the figures as a dict."""
     nft = nft_inet_available()
@@ -802,8 +802,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bound", type=float, default=15.0, help="seconds to converge after a fault (15)")
     parser.add_argument("--restart-bound", type=float, default=120.0,
                         help="seconds to converge after a restart, import time included (120)")
-    parser.add_argument("--slack", type=float, default=1.0,
-                        help="seconds beyond (retries+1) x interval for detecting a dead peer (1.0)")
+    parser.add_argument("--slack", type=float, default=1.5,
+                        help="seconds beyond (retries+1) x interval for detecting a dead peer (1.5)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
