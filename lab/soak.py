@@ -422,34 +422,35 @@ class Soak:
         assert isinstance(fault, Fault)
         return fault
 
-    def _drift(self, kind: str, name: str) -> Fault:
-        fault = Fault(kind, name, time.monotonic())
+    def _drift(self, kind: str, name: str, detail: str) -> Fault:
+        """A fault on tunnel `name`; if that is the only working path now, pings die until it is repaired."""
+        fault = Fault(kind, detail, time.monotonic())
         if self.sole_path(name):
             fault.loss_allowed.append((fault.started, None))
         return fault
 
     def fault_link_delete(self) -> Fault:
         name = self.rng.choice(self.tunnels())
-        fault = self._drift("link-delete", f"ip link del {name}")
+        fault = self._drift("link-delete", name, f"ip link del {name}")
         self.a.ip("link", "del", name)
         return fault
 
     def fault_link_down(self) -> Fault:
         name = self.rng.choice(self.tunnels())
-        fault = self._drift("link-down", f"ip link set {name} down")
+        fault = self._drift("link-down", name, f"ip link set {name} down")
         self.a.ip("link", "set", name, "down")
         return fault
 
     def fault_route_delete(self) -> Fault:
         name = self.rng.choice(self.installed_tunnels())
         route = self.route_of(name)
-        fault = self._drift("route-delete", f"ip route del {route} dev {name}")
+        fault = self._drift("route-delete", name, f"ip route del {route} dev {name}")
         self.a.ip("route", "del", route, "dev", name, "proto", "222")
         return fault
 
     def fault_address_delete(self) -> Fault:
         name = self.rng.choice(self.tunnels())
-        fault = self._drift("address-delete", f"ip addr flush dev {name}")
+        fault = self._drift("address-delete", name, f"ip addr flush dev {name}")
         self.a.ip("addr", "flush", "dev", name, "scope", "global")
         return fault
 
@@ -469,7 +470,7 @@ class Soak:
 
     def fault_foreign_link(self) -> Fault:
         name = self.rng.choice(self.tunnels())
-        fault = self._drift("foreign-link", f"{name} replaced by a dummy link of another program")
+        fault = self._drift("foreign-link", name, f"{name} replaced by a dummy link of another program")
         with self.daemon_stopped():
             self.a.ip_batch(f"link del {name}", f"link add {name} type dummy", f"addr add 10.98.0.1/32 dev {name}")
             fault.started = time.monotonic()
