@@ -254,6 +254,11 @@ class Fault:
     # working path being repaired (end None: until the fault converged).
     loss_allowed: list[tuple[float, float | None]] = field(default_factory=list)
     restart: bool = False
+    number: int = 0
+    converged: float | None = None  # when everything held again
+
+    def __post_init__(self) -> None:
+        self.injected = self.started  # `started` may move on to the part whose convergence is measured
 
 
 # --- the soak ----------------------------------------------------------------------------------------------------
@@ -295,6 +300,7 @@ class Soak:
         self.faults = 0
         self.window_start = 0.0
         self.pinger: Pinger | None = None
+        self.history: list[Fault] = []
         with in_netns(self.a):
             self.kernel = Kernel()
 
@@ -629,21 +635,24 @@ class Soak:
 
     # --- the run ---
 
-    def check_pings(self, fault: Fault | None, converged_at: float) -> int:
-        """Pings lost since the last look, each inside a window where that is allowed; returns how many."""
+    def settle_pings(self, upto: float) -> None:
+        """Look at the pings sent from the last look until `upto` (at least PING_WAIT ago): each lost one must lie
+        in a window some fault allows, and counts for the fault it followed. Looked at lazily, so that no fault
+        waits for its pings' replies."""
         assert self.pinger is not None
-        while time.monotonic() < converged_at + PING_WAIT:
-            time.sleep(0.1)
-        end = converged_at
-        lost = self.pinger.lost_between(self.window_start, end)
-        self.window_start = end
-        allowed = [(start, stop if stop is not None else converged_at)
-                   for start, stop in (fault.loss_allowed if fault else [])]
-        stray = [t for t in lost if not any(start <= t <= stop for start, stop in allowed)]
-        if stray:
-            when = ", ".join(f"{t - (fault.started if fault else self.started):+.2f}s" for t in stray[:10])
-            raise Broken(f"{len(stray)} ping(s) lost where none may be (relative to the fault: {when})")
-        return len(lost)
+        lost = self.pinger.lost_between(self.window_start, upto)
+        self.window_start = max(self.window_start, upto)
+        for sent in lost:
+            after = [f for f in self.history if f.injected <= sent]
+            fault = after[-1] if after else None
+            allowed = any(start <= sent <= (stop if stop is not None else (f.converged or upto))
+                          for f in self.history for start, stop in f.loss_allowed)
+            if not allowed:
+                where = (f"{sent - fault.injected:+.2f}s after fault #{fault.number} {fault.kind} ({fault.detail})"
+                         if fault else "before the first fault")
+                raise Broken(f"a ping was lost where none may be: sent {where}")
+            assert fault is not None
+            self.figures[fault.kind].pings_lost += 1
 
     def run(self, duration: float, kinds: list[str], each_once: bool) -> None:
         self.daemon.start(wait=False)
@@ -652,7 +661,6 @@ class Soak:
         self.pinger = Pinger(self.topo.lan_a, LAN_B_HOST).start()
         time.sleep(1.0)
         self.window_start = time.monotonic()
-        self.check_pings(None, time.monotonic())
         queue = [k for k in kinds if k != "peer-return"]
         if each_once:
             self.rng.shuffle(queue)
@@ -674,6 +682,8 @@ class Soak:
         while not all(p.alive for p in self.peers.values()):
             self.one("peer-return")
         self.final_plan()
+        time.sleep(PING_WAIT)
+        self.settle_pings(time.monotonic() - PING_WAIT)
 
     def one(self, kind: str) -> None:
         figures = self.figures[kind]
@@ -683,11 +693,13 @@ class Soak:
             fault = self.inject(kind)
         except (Broken, ControlUnavailable, ControlError, LabCommandError) as exc:
             raise Broken(f"fault #{self.faults} {kind}: {exc}") from None
+        fault.number = self.faults
+        self.history.append(fault)
         try:
             took = self.converge(fault)
         except Broken as exc:
             raise Broken(f"fault #{self.faults} {kind} ({fault.detail}): {exc}") from None
-        converged_at = time.monotonic()
+        fault.converged = time.monotonic()
         figures.converged += 1
         figures.worst_seconds = max(figures.worst_seconds, took)
         figures.total_seconds += took
@@ -695,13 +707,9 @@ class Soak:
         if foreign != self.foreign:
             raise Broken(f"fault #{self.faults} {kind} ({fault.detail}): something foreign changed:\n"
                          f"{self.foreign}\n--- now:\n{foreign}")
-        try:
-            lost = self.check_pings(fault, converged_at)
-        except Broken as exc:
-            raise Broken(f"fault #{self.faults} {kind} ({fault.detail}): {exc}") from None
-        figures.pings_lost += lost
+        self.settle_pings(time.monotonic() - PING_WAIT)
         self.out(f"[{time.monotonic() - self.started:7.1f}s] #{self.faults} {kind}: {fault.detail}: "
-                 f"converged in {took:.2f}s, {lost} pings lost")
+                 f"converged in {took:.2f}s")
         time.sleep(self.rng.uniform(0.2, 1.0))
 
     def final_plan(self) -> None:
