@@ -60,7 +60,7 @@ from typing import Any
 from greupd.config import Config, load_config_text
 from greupd.control import ControlError, ControlUnavailable, request
 from greupd.model import desired_state
-from greupd.netlink.kernel import Kernel
+from greupd.netlink.kernel import Kernel, KernelWatch
 from greupd.plan import describe, plan_changes
 from lab.greupd_process import REPO, GreupdProcess
 from lab.hosts import Host, Lab, LabCommandError, SeedTopology, in_netns, seed_topology
@@ -73,7 +73,9 @@ LAN_B_HOST = "20.10.1.2"
 PING_INTERVAL = 0.05
 # A reply later than this is a lost ping (and the window a loss is looked for in ends this long before now).
 PING_WAIT = 2.0
-FLOOD_LINKS = 1200
+# Links added (while greupd is stopped) in steps until its event socket overflows, at most this many.
+FLOOD_STEP = 100
+FLOOD_LINKS_MAX = 4000
 UNIT = REPO / "systemd" / "greupd.service"
 
 TUNNEL_NAMES = frozenset({"to_b", "to_c", "spare"})
@@ -609,8 +611,9 @@ class Soak:
         return fault
 
     def fault_netlink_overrun(self) -> Fault:
-        fault = Fault("netlink-overrun", f"greupd stopped, a drift, {FLOOD_LINKS} link events, resumed",
+        fault = Fault("netlink-overrun", "greupd stopped, a drift, link events until its socket overflows, resumed",
                       time.monotonic())
+        flooded = 0
         with self.daemon_stopped():
             installed = self.installed_tunnels()
             if installed:
@@ -618,20 +621,36 @@ class Soak:
                 if self.sole_path(name):
                     fault.loss_allowed.append((fault.started, None))
                 self.a.ip("route", "del", self.route_of(name), "dev", name, "proto", "222")
-            self.a.run("ip", "-batch", "-", input="".join(f"link add flood{i} type dummy\n"
-                                                          for i in range(FLOOD_LINKS)), timeout=600)
+            drops = self.watch_drops()
+            while self.watch_drops() == drops and flooded < FLOOD_LINKS_MAX:
+                self.a.run("ip", "-batch", "-", input="".join(f"link add flood{i} type dummy\n"
+                                                              for i in range(flooded, flooded + FLOOD_STEP)))
+                flooded += FLOOD_STEP
+        overflowed = self.watch_drops() != drops
+        fault.detail = (f"greupd stopped, a drift, {flooded} link events "
+                        f"({'its event socket overflowed' if overflowed else 'NO overflow'}), resumed")
+        figures = self.figures["netlink-overrun"]
+        figures.note_max("most links to overflow", flooded)
         fault.started = time.monotonic()  # resumed: from here greupd has to find out what it missed
         took = self.converge(fault, bound=self.restart_bound)
-        self.figures["netlink-overrun"].note_max("worst seconds to repair after resuming", took)
-        self.a.run("ip", "-batch", "-", input="".join(f"link del flood{i}\n" for i in range(FLOOD_LINKS)),
-                   timeout=600)
+        figures.note_max("worst seconds to repair after resuming", took)
+        self.a.run("ip", "-batch", "-", input="".join(f"link del flood{i}\n" for i in range(flooded)), timeout=600)
         fault.started = time.monotonic()  # and the flood's own removal, seen while running
         overruns = self.daemon.output().count("rtnetlink event queue overflowed")
         if overruns > self.overruns_seen:
-            self.figures["netlink-overrun"].notes["overruns seen"] = (
-                self.figures["netlink-overrun"].notes.get("overruns seen", 0) + 1)
+            figures.notes["resyncs logged"] = figures.notes.get("resyncs logged", 0) + 1
         self.overruns_seen = overruns
         return fault
+
+    def watch_drops(self) -> int | None:
+        """Notifications the kernel dropped for greupd's event socket (/proc/PID/net/netlink, column Drops)."""
+        assert self.daemon.proc is not None
+        table = Path(f"/proc/{self.daemon.proc.pid}/net/netlink").read_text().splitlines()[1:]
+        for row in table:
+            fields = row.split()  # sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
+            if fields[1] == "0" and int(fields[3], 16) == KernelWatch.GROUPS:
+                return int(fields[8])
+        return None
 
     # --- the run ---
 
