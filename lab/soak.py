@@ -30,8 +30,9 @@ After each fault, until it holds (within --bound seconds, restarts within --rest
   - and then: nothing foreign changed (a dummy link with an address and routes, an `ip rule`, nftables tables),
     byte for byte;
   - all along: a dead peer's route never comes back (not after a restart either), and a ping is lost only while
-    a dead peer is being detected ((retries + 1) x interval + --slack after it died), or while the only
-    working path is itself being repaired (a fault on to_c while B is dead).
+    a dead peer is being detected ((retries + 1) x interval + --slack after it died), while the only
+    working path is itself being repaired (a fault on to_c while B is dead), or when its reply was on its way
+    back through the link that carried it at the moment that link went down or away.
 At the end, `greupd plan` itself (the CLI) must say "nothing to change". The figures (faults per kind, converged,
 worst convergence, pings lost per kind) are printed, with the command that replays the run; the exit status is 1
 when an invariant broke (the first broken one ends the run), 0 otherwise.
@@ -73,6 +74,8 @@ LAN_B_HOST = "20.10.1.2"
 PING_INTERVAL = 0.05
 # A reply later than this is a lost ping (and the window a loss is looked for in ends this long before now).
 PING_WAIT = 2.0
+# How long after a link went down a reply may still have been on its way back through it.
+IN_FLIGHT = 0.1
 # Links added (while greupd is stopped) in steps until its event socket overflows, at most this many.
 FLOOD_STEP = 100
 FLOOD_LINKS_MAX = 4000
@@ -437,16 +440,28 @@ class Soak:
             fault.loss_allowed.append((fault.started, None))
         return fault
 
+    def carrier(self) -> str | None:
+        """The tunnel lan_a's pings take now: to_b while B lives, else to_c while C does."""
+        return next((name for name in ("to_b", "to_c") if self.peers[name].alive), None)
+
+    def _link_gone(self, fault: Fault, name: str) -> None:
+        """The link of the tunnel carrying the pings went away: the replies on their way back through it are lost
+        with it (the kernel drops what arrives for a device that is down or gone), whatever greupd does."""
+        if name == self.carrier():
+            fault.loss_allowed.append((fault.injected, time.monotonic() + IN_FLIGHT))
+
     def fault_link_delete(self) -> Fault:
         name = self.rng.choice(self.tunnels())
         fault = self._drift("link-delete", name, f"ip link del {name}")
         self.a.ip("link", "del", name)
+        self._link_gone(fault, name)
         return fault
 
     def fault_link_down(self) -> Fault:
         name = self.rng.choice(self.tunnels())
         fault = self._drift("link-down", name, f"ip link set {name} down")
         self.a.ip("link", "set", name, "down")
+        self._link_gone(fault, name)
         return fault
 
     def fault_route_delete(self) -> Fault:
@@ -481,6 +496,7 @@ class Soak:
         fault = self._drift("foreign-link", name, f"{name} replaced by a dummy link of another program")
         with self.daemon_stopped():
             self.a.ip_batch(f"link del {name}", f"link add {name} type dummy", f"addr add 10.98.0.1/32 dev {name}")
+            self._link_gone(fault, name)
             fault.started = time.monotonic()
         self.foreign_links.add(name)
         before = self.a.ip("-d", "addr", "show", name).stdout
