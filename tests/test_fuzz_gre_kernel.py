@@ -136,7 +136,7 @@ def test_rubbish_at_the_keepalive_socket_neither_stops_greupd_nor_fakes_a_live_p
     a.wait_for("My_Tunnel", "up")
     eventually(lambda: a.tunnel("My_Tunnel")["keepalive"]["received"] >= 3, what="replies from B's kernel")
 
-    throw_rubbish(c, 40)
+    throw_rubbish(c, 25)
     received = a.tunnel("My_Tunnel")["keepalive"]["received"]
     eventually(lambda: a.tunnel("My_Tunnel")["keepalive"]["received"] >= received + 5, what="B's replies still count",
                detail=a.output)
@@ -146,7 +146,7 @@ def test_rubbish_at_the_keepalive_socket_neither_stops_greupd_nor_fakes_a_live_p
     # B dies: rubbish with B's address, keepalive-shaped or not, must not bring its tunnel back.
     seed.b.ip("link", "set", "My_Tunnel", "down")
     a.wait_for("My_Tunnel", "down", timeout=10)
-    throw_rubbish(c, 40)
+    throw_rubbish(c, 25)
     assert a.tunnel("My_Tunnel")["state"] == "down"
     assert not a.tunnel("My_Tunnel")["routes_installed"]
 
