@@ -14,7 +14,7 @@ APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev \
 # virtme-ng (for the qemu guest) lives in the venv; its `vng` is what lab/guest.py runs.
 PIP_EXTRA := virtme-ng
 
-.PHONY: all venv wheelhouse deps apt-deps test pytest lint ruff mypy demo bench clean
+.PHONY: all venv wheelhouse deps apt-deps test pytest lint ruff mypy demo bench soak clean
 
 all: test
 
@@ -86,6 +86,16 @@ demo: deps
 bench: $(STAMP_VENV)
 	@$(MAKE) --no-print-directory deps
 	PY=$(PY) bench/run $(BENCH_ARGS)
+
+# ---------------------------------------------------------------------------------------------
+# soak: greupd under a seeded random sequence of faults in the UML guest (lab/soak.py; minutes). Its figures
+# and the command that replays the run are printed at the end. SOAK_ARGS, e.g. "--duration 1800 --seed 42
+# --json soak.json" (default: 5 minutes, a random seed); the guest is stopped after SOAK_TIMEOUT seconds.
+SOAK_ARGS ?= --duration 300
+SOAK_TIMEOUT ?= 7200
+soak: deps
+	$(PY) -m lab run --guest uml --timeout $(SOAK_TIMEOUT) -- $(PY) -m lab.soak $(SOAK_ARGS)
+# ---------------------------------------------------------------------------------------------
 
 clean:
 	rm -rf $(VENV) .lab build dist .mypy_cache .ruff_cache .pytest_cache

@@ -20,6 +20,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Final, Literal, Protocol, cast, overload
@@ -33,6 +34,8 @@ COMMANDS: Final = ("status", "reload", "metrics")
 DEFAULT_TIMEOUTS: Final[Mapping[str, float]] = {"status": 5.0, "reload": 120.0, "metrics": 5.0}
 # A request is a few bytes; anything near this is not a greupd client.
 _MAX_LINE: Final = 64 * 1024
+# Connections waiting to be accepted; a client finding the queue full retries (connect) until its timeout.
+_BACKLOG: Final = 128
 # A client that connects and says nothing must not hold a connection open forever.
 _IDLE_TIMEOUT: Final = 30.0
 # How long start() waits for an existing socket's daemon to answer before calling the socket stale.
@@ -110,7 +113,7 @@ class ControlServer:
                 sock.bind(str(self.path))
             finally:
                 os.umask(previous_umask)
-            sock.listen(16)
+            sock.listen(_BACKLOG)
             sock.setblocking(False)
             self._inode = os.stat(self.path).st_ino
             self._server = await asyncio.start_unix_server(self._serve_connection, sock=sock, limit=_MAX_LINE)
@@ -138,8 +141,13 @@ class ControlServer:
             while True:
                 try:
                     line = await asyncio.wait_for(reader.readline(), _IDLE_TIMEOUT)
-                except (TimeoutError, ValueError, ConnectionError):
-                    return  # idle, over-long line, or the client went away
+                except ValueError:
+                    # Over-long: the rest of it cannot be told apart from a next request, so say why and hang up.
+                    await _send(writer, {"ok": False, "error": f"request longer than {_MAX_LINE} bytes; "
+                                                               f"{command_error(None)}"})
+                    return
+                except (TimeoutError, ConnectionError):
+                    return  # idle, or the client went away
                 if not line:
                     return
                 await _send(writer, await self._answer(line, may_reload=access == "all"))
@@ -176,7 +184,7 @@ def parse_request(line: bytes) -> str | None:
     """The command a request line asks for, or None when it is not a JSON object with a string command."""
     try:
         request = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[..." nested thousands deep
         return None
     if not isinstance(request, dict):
         return None
@@ -272,19 +280,8 @@ def request(path: Path, command: str,
     """
     if timeout is None:
         timeout = DEFAULT_TIMEOUTS.get(command, DEFAULT_TIMEOUTS["status"])
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    sock = connect(path, timeout)
     try:
-        try:
-            sock.connect(str(path))
-        except FileNotFoundError as exc:
-            raise ControlUnavailable("no control socket") from exc
-        except ConnectionRefusedError as exc:
-            raise ControlUnavailable("connection refused (stale socket)") from exc
-        except PermissionError as exc:
-            raise ControlUnavailable("permission denied (the control socket is root's)") from exc
-        except OSError as exc:
-            raise ControlUnavailable(str(exc)) from exc
         try:
             sock.sendall(json.dumps({"command": command}).encode() + b"\n")
             reply = _read_line(sock)
@@ -308,6 +305,35 @@ def request(path: Path, command: str,
         raise ControlError(f"answer without a result: {reply[:200]!r}")
     # The daemon is the same program: its JSON has the shapes of greupd.status by construction.
     return cast(Mapping[str, object], result)
+
+
+def connect(path: Path, timeout: float) -> socket.socket:
+    """A client socket connected to the daemon (its timeout set), or ControlUnavailable saying why not.
+
+    A Unix socket with a timeout does not wait for a place in a full accept queue (a crowd of clients at once):
+    connect() fails with EAGAIN at once. That is waited out here, up to `timeout`.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+            return sock
+        except BlockingIOError:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise ControlUnavailable(f"the daemon's connection queue stayed full for {timeout:g}s") from None
+            time.sleep(0.01)
+        except OSError as exc:
+            sock.close()
+            if isinstance(exc, FileNotFoundError):
+                raise ControlUnavailable("no control socket") from exc
+            if isinstance(exc, ConnectionRefusedError):
+                raise ControlUnavailable("connection refused (stale socket)") from exc
+            if isinstance(exc, PermissionError):
+                raise ControlUnavailable("permission denied (the control socket is root's)") from exc
+            raise ControlUnavailable(str(exc)) from exc
 
 
 def _read_line(sock: socket.socket) -> bytes:
