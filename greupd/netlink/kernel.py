@@ -215,6 +215,8 @@ class Kernel:
 
     def _execute(self, batch: list[Action]) -> list[tuple[Action, str]]:
         """Run one batch of same-kind actions; return the refused ones with the kernel's reason."""
+        if batch and isinstance(batch[0], CreateLink):
+            return self._create_links([a for a in batch if isinstance(a, CreateLink)])
         refused: list[tuple[Action, str]] = []
         requests: list[tuple[Action, rtnl.Request]] = []
         self._resolve({n for a in batch if not isinstance(a, SetSysctl | CreateLink)
@@ -231,6 +233,37 @@ class Kernel:
         for action in batch:
             if isinstance(action, DeleteLink):
                 self._forget(action.name)
+        return refused
+
+    def _create_links(self, creates: list[CreateLink]) -> list[tuple[Action, str]]:
+        """Create links, then mark as greupd's only those this very request created (review H2).
+
+        The marker needs a request of its own (RTM_NEWLINK ignores IFLA_IFALIAS when it creates a link), and
+        it must never follow a create in the same batch by name: when the create fails with EEXIST (someone
+        made a link of that name since our last look, or loading ip_gre made its fallback gre0 first), the
+        kernel still runs the next request, and the mark would land on their link. So: each create is
+        followed by a lookup of the name, which, the create having succeeded, finds our link and its
+        ifindex; the marks go by ifindex in a second batch, for the creates the kernel acknowledged only.
+        A crash between the two batches leaves an unmarked link: greupd then reports the name as taken
+        rather than claim a link it cannot prove is its own.
+        """
+        outcomes = self._rtnl.transact([r for action in creates
+                                        for r in (rtnl.new_link(action.spec), rtnl.get_link(action.spec.name))])
+        refused: list[tuple[Action, str]] = []
+        created: list[tuple[CreateLink, int]] = []
+        for action, made, found in zip(creates, outcomes[::2], outcomes[1::2], strict=True):
+            if made.errno:
+                refused.append((action, f"{made} (errno {made.errno})"))
+            elif found.errno or not found.replies:
+                refused.append((action, f"created, then not found: {found} (errno {found.errno})"))
+            else:
+                created.append((action, rtnl.link_index(found.replies[0])))
+        marks = self._rtnl.transact([rtnl.set_alias(index, LINK_ALIAS) for _, index in created])
+        for (action, index), marked in zip(created, marks, strict=True):
+            if marked.errno:
+                refused.append((action, f"created, but not marked as greupd's: {marked} (errno {marked.errno})"))
+            else:
+                self._remember(action.spec.name, index, owned=True)
         return refused
 
     def _resolve(self, names: set[str]) -> None:
@@ -257,9 +290,8 @@ class Kernel:
             case SetSysctl(key, value):
                 write_sysctl(key, value)
                 return []
-            case CreateLink(spec):
-                # The marker needs a second request: RTM_NEWLINK ignores IFLA_IFALIAS when it creates a link.
-                return [rtnl.new_link(spec), rtnl.set_alias(spec.name, LINK_ALIAS)]
+            case CreateLink():
+                raise AssertionError("creates go through _create_links")
             case ChangeLink(spec, _):
                 return [rtnl.change_link(self._index(spec.name), spec)]
             case DeleteLink(name, _):

@@ -137,9 +137,10 @@ def change_link(index: int, spec: LinkSpec) -> Request:
     return Request(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, body)
 
 
-def set_alias(name: str, alias: str) -> Request:
-    # By name (ifi_index 0): the link was created a moment ago in the same batch, its index not yet known.
-    body = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _str(IFLA_IFNAME, name) + _str(IFLA_IFALIAS, alias)
+def set_alias(index: int, alias: str) -> Request:
+    # By ifindex, never by name: a name can be taken by someone else's link the moment our create fails
+    # (review H2), while the kernel hands out a netns's ifindexes in turn and reuses none before 2^31 links.
+    body = _IFINFO.pack(socket.AF_UNSPEC, 0, index, 0, 0) + _str(IFLA_IFALIAS, alias)
     return Request(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, body)
 
 
