@@ -135,8 +135,14 @@ class Kernel:
     def _parse(self, replies: Iterable[bytes]) -> list[Message]:
         return list(self._marshal.parse(b"".join(replies)))
 
-    def _dump(self, request: rtnl.Request) -> list[Message]:
-        return self._parse(self._rtnl.dump(request))
+    def _dump(self, request: rtnl.Request, index: int | None = None) -> list[Message]:
+        """A dump, parsed; raises when it failed or kept being interrupted (never a partial list: review M2)."""
+        try:
+            return self._parse(self._rtnl.dump(request))
+        except OSError as exc:
+            if index is not None and exc.errno == errno.ENODEV:
+                return []  # filtered by a link that went away since we looked: its RTM_DELLINK marks it again
+            raise
 
     def observe(self, desired: Desired, scope: Iterable[str] | None = None) -> Observed:
         """A snapshot of the links, addresses and owned routes that matter to `desired`.
@@ -173,9 +179,9 @@ class Kernel:
         if owned:
             few = names is not None and len(owned) <= 8
             indices: list[int | None] = list(owned) if few else [None]
-            addr_msgs = [m for index in indices for m in self._dump(rtnl.dump_addresses(index or 0))]
+            addr_msgs = [m for index in indices for m in self._dump(rtnl.dump_addresses(index or 0), index)]
             route_msgs = [m for index in indices for family in (socket.AF_INET, socket.AF_INET6)
-                          for m in self._dump(rtnl.dump_routes(family, ROUTE_PROTO, index))]
+                          for m in self._dump(rtnl.dump_routes(family, ROUTE_PROTO, index), index)]
             for msg in addr_msgs:
                 if msg["index"] in owned:
                     address = address_from_message(msg, owned[msg["index"]])
