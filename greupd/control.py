@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -48,6 +49,46 @@ class ControlError(Exception):
 
 class ControlSocketBusy(Exception):
     """Another daemon already answers on the control socket: two greupd would fight over the same links."""
+
+
+class AnotherDaemonHere(Exception):
+    """Another greupd runs in this network namespace, whatever its control socket (review L7)."""
+
+
+# An abstract AF_UNIX name: it exists while a socket holds it (never stale after a crash), and abstract names
+# are scoped to the network namespace, which is exactly the scope of the links and routes greupd owns.
+NETNS_LOCK = b"\0greupd"
+
+
+def claim_netns() -> socket.socket:
+    """Hold this netns's greupd lock for as long as the returned socket stays open.
+
+    Two daemons in one netns would each delete the other's links as "not in the config" (the alias names
+    no instance), also with different control sockets and configs.
+    """
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        lock.bind(NETNS_LOCK)
+        lock.listen(1)  # so a second daemon can connect and learn, from SO_PEERCRED, which process holds it
+    except OSError as exc:
+        lock.close()
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise AnotherDaemonHere(
+            f"another greupd already runs in this network namespace{_holder()}; two would delete each other's"
+            " tunnels. Stop that one first, or run this one in another netns") from None
+    return lock
+
+
+def _holder() -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        try:
+            probe.settimeout(1)
+            probe.connect(NETNS_LOCK)
+            pid, _, _ = struct.unpack("=iII", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        except OSError:
+            return ""
+    return f" (pid {pid})"
 
 
 def control_socket(config: Config | Callable[[], Path] | None, override: str | Path | None = None) -> Path:

@@ -10,6 +10,7 @@ What the pass did becomes tunnel state changes in greupd/report.py, which this m
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -17,14 +18,14 @@ import time
 from pathlib import Path
 
 from greupd.config import Config, ConfigError, load_config
-from greupd.control import ControlServer, ControlSocketBusy, control_socket
+from greupd.control import AnotherDaemonHere, ControlServer, ControlSocketBusy, claim_netns, control_socket
 from greupd.events import EventLog
 from greupd.keepalive.engine import KeepaliveEngine, LivenessChange, targets_from_config
 from greupd.model import Desired, Observed, action_tunnel, desired_state
 from greupd.netlink.kernel import Kernel, KernelWatch
 from greupd.nft.keeper import NftKeeper
 from greupd.plan import describe, plan_changes
-from greupd.queue import RETRY_AFTER, WorkQueue, settle
+from greupd.queue import RESYNC_EVERY, RETRY_AFTER, WorkQueue, settle
 from greupd.report import Reports
 from greupd.state import StartConfig, StateError
 from greupd.status import DaemonStatus, ReloadResult, TunnelStatus
@@ -78,6 +79,7 @@ class Daemon:
 
     async def run(self) -> int:
         loop = self._loop = asyncio.get_running_loop()
+        netns_lock = claim_netns()  # before anything else: a second daemon here must not touch the kernel
         control = ControlServer(self.socket_path, self.status, self.request_reload, on_error=self.events.error)
         try:
             await control.start()
@@ -92,8 +94,10 @@ class Daemon:
                              (signal.SIGINT, self._request_stop)):
             loop.add_signal_handler(sig, handler)
         self.keepalive.configure(targets_from_config(self.config))
-        self.reconcile(None)
+        # The table (clamp, NAT, forward accepts) before any route sends traffic into a tunnel (#11): its
+        # rules match interface names, so they can go in before the links exist.
         self.nft.keep(self.config)
+        self.reconcile(None)
         self.nft.start(loop)
         self.notifier.ready(self._status_text())
         if self.start is not None and self.start.rejected is not None:  # trust (#11 H4)
@@ -101,7 +105,8 @@ class Daemon:
         else:
             self._keep_as_last_good()
         self.events.started(self.generation, self.config.files, len(self.config.tunnels))
-        self.notifier.start_watchdog(loop)
+        self.notifier.start_watchdog(loop, on_error=self._fail)
+        loop.call_later(RESYNC_EVERY, self._resync)
         try:
             while True:
                 await self._wake.wait()
@@ -115,6 +120,7 @@ class Daemon:
             self.events.stopping(self.config.daemon.on_exit)
             await control.close()
             self._shutdown()
+            netns_lock.close()
         return 0
 
     def _step(self) -> None:
@@ -124,10 +130,17 @@ class Daemon:
             settle(answers, self.reload)
         # After a reload too: what was marked meanwhile is still to do, and the wake-up that said so is spent.
         batch = self.queue.take_ready(time.monotonic())
+        if batch.nft:  # first: a repair may put routes back, and they need the table
+            self.nft.keep(self.config)
         if batch.names is None or batch.names:
             self.reconcile(batch.names, batch.repairs)
-        if batch.nft:
-            self.nft.keep(self.config)
+
+    def _resync(self) -> None:
+        """The safety net (review M1): a full pass now and then, for what no event and no refusal told us."""
+        assert self._loop is not None
+        self.queue.mark(None)
+        self.queue.mark_nft()
+        self._loop.call_later(RESYNC_EVERY, self._resync)
 
     # --- the pass ------------------------------------------------------------------------------------
 
@@ -169,6 +182,13 @@ class Daemon:
             self.events.emit(change)
         self._publish_status()
         assert self._loop is not None
+        # Refused actions are tried again (review M1): what held them (a foreign route on our prefix, memory
+        # pressure) may go away without an event that concerns us.
+        now = time.monotonic()
+        self.queue.note_applied(t.name for t in self.config.tunnels if after.covers(t.name) and t.name not in refused)
+        for retry in self.queue.note_refused(sorted(refused), now):
+            log.info("tunnel %s: the kernel refused an action; trying again in %.0f s", retry.name, retry.seconds)
+            self._loop.call_later(retry.seconds, self.queue.mark_retry, retry.name)
         fought = [n for n in touched & repairs if n in self.reports.records]
         for pause in self.queue.note_repairs(fought, time.monotonic()):
             self._fail(str(pause))
@@ -192,20 +212,30 @@ class Daemon:
         before = {t.name: t for t in self.config.tunnels}
         after = {t.name: t for t in config.tunnels}
         changed = frozenset(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
+        # Tunnels in error are looked at again too (review M1): a reload is how an admin says "try again".
+        troubled = frozenset(n for n, r in self.reports.records.items() if r.state == "error" and n in after)
+        # The table first with the rules of both configs, so a route the new one adds meets its clamp and
+        # NAT, and a route the old one had keeps them until it is gone; then the table of the new one (#11).
+        both = dataclasses.replace(config, tunnels=(*config.tunnels, *(t for n, t in before.items() if n in changed)))
         self.config = config
         self.last_error = None
         self.queue.forget(after)
-        self.nft.rename(config.daemon.nft_table)
+        self.nft.rename(config.daemon.nft_table, both)
+        self.nft.keep(both)
         self.keepalive.configure(targets_from_config(config))
         # Unchanged tunnels are not even looked at (no flap, and a reload of one tunnel among thousands
         # costs a few requests); drift on them is the watch's business.
-        self.reconcile(changed)
+        self.reconcile(changed | troubled)
         self.nft.keep(config)
         self.generation += 1
         self._keep_as_last_good()
         self.events.config_reloaded(self.generation, [str(f) for f in config.files])
         self.notifier.ready(self._status_text())
-        return {"ok": True, "generation": self.generation, "error": self.last_error}
+        # Accepted, but the kernel may have refused some of it (review L8): say which tunnels, and why.
+        refused = [f"tunnel {r['name']}: {r['error']}" for r in self.tunnel_statuses()
+                   if r["state"] == "error" and r["name"] in changed | troubled]
+        error = "\n".join(filter(None, [self.last_error, *refused])) or None
+        return {"ok": True, "generation": self.generation, "error": error}
 
     def _keep_as_last_good(self) -> None:
         """The config now in force is the one to start with if the file on disk stops validating (#11 H4)."""
@@ -256,6 +286,6 @@ def run_daemon(config_path: Path, config: Config, socket_override: str | None = 
 
     try:
         return asyncio.run(main())
-    except (ControlSocketBusy, ControlSocketUnusable) as exc:
+    except (AnotherDaemonHere, ControlSocketBusy, ControlSocketUnusable) as exc:
         log.error("%s", exc)
         return 1
