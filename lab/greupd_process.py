@@ -122,7 +122,10 @@ class GreupdProcess:
 
 
 def _scratch() -> str:
-    # On the host file system (inside a guest /tmp may be a tmpfs that the host cannot read afterwards).
+    # On the host file system (inside a guest /tmp may be a tmpfs that the host cannot read afterwards), except
+    # in vng, whose view of the host is read-only but for the run dir: there the guest's own /tmp overlay.
+    if os.environ.get("GREUPD_LAB_GUEST") == "vng":
+        return tempfile.gettempdir()
     path = REPO / ".lab" / "scratch"
     path.mkdir(parents=True, exist_ok=True)
     return str(path)
