@@ -26,6 +26,7 @@ import pytest
 
 from lab.greupd_process import GreupdProcess
 from lab.hosts import Host, Lab, seed_topology
+from lab.waiting import wait_until
 
 pytestmark = pytest.mark.needs_nft_gre
 
@@ -51,6 +52,11 @@ class Monitor:
         for line in self.proc.stdout:
             self._lines.put(line)
 
+    def drain(self) -> None:
+        """Forget what was reported so far (a table replaced at start also reports a `delete table`)."""
+        while not self._lines.empty():
+            self._lines.get_nowait()
+
     def wait_for(self, wanted: Callable[[str], bool], what: str, detail: Callable[[], str]) -> str:
         while True:
             try:
@@ -68,6 +74,19 @@ def frozen_look(daemon: GreupdProcess, look: Callable[[], str]) -> str:
         return look()
     finally:
         daemon.signal(signal.SIGCONT)
+
+
+def wait_for_table_gone(daemon: GreupdProcess, tables: Monitor, table: Callable[[], str],
+                        our_routes: Callable[[], str], what: str, detail: Callable[[], str]) -> None:
+    """Each `delete table` greupd commits: replacing the table (add, delete, add in one transaction) reports one
+    too, so look each time, and once the table is really gone, greupd's routes must be gone already."""
+    while True:
+        tables.wait_for(lambda line: line.startswith("delete table inet greupd"), what, detail)
+        seen = frozen_look(daemon, lambda: table() + "\n---\n" + our_routes())
+        present, left = seen.split("\n---\n")
+        if "table inet greupd" not in present:
+            assert left.strip() == "", f"the table went before the route:\n{left}"
+            return
 
 
 def test_the_table_goes_in_before_the_route_and_out_after_it() -> None:
@@ -99,13 +118,14 @@ def test_the_table_goes_in_before_the_route_and_out_after_it() -> None:
         daemon.wait_ready(TIMEOUT)
 
         # A reload that drops the tunnel: the route goes before the table.
+        tables.drain()
         daemon.config_path.write_text(NO_TUNNELS)
         daemon.signal(signal.SIGHUP)
-        tables.wait_for(lambda line: line.startswith("delete table inet greupd"), "table deletion on reload", detail)
-        left = frozen_look(daemon, our_routes)
-        assert left.strip() == "", f"the table went before the route:\n{left}"
+        wait_for_table_gone(daemon, tables, table, our_routes, "table deletion on reload", detail)
 
         # A reload that brings it back: the table before the route again.
+        assert wait_until(lambda: (daemon.status() or {}).get("generation") == 2, TIMEOUT), detail()
+        routes.drain()
         daemon.config_path.write_text(CONFIG)
         daemon.signal(signal.SIGHUP)
         routes.wait_for(route_added, "route on reload", detail)
@@ -114,8 +134,7 @@ def test_the_table_goes_in_before_the_route_and_out_after_it() -> None:
 
         # Stop with on_exit = "remove": the routes go, then the table.
         daemon.wait_for("My_Tunnel", "up", timeout=TIMEOUT)
+        tables.drain()
         daemon.signal(signal.SIGTERM)
-        tables.wait_for(lambda line: line.startswith("delete table inet greupd"), "table deletion at stop", detail)
-        left = frozen_look(daemon, our_routes)
-        assert left.strip() == "", f"the table went before the route:\n{left}"
+        wait_for_table_gone(daemon, tables, table, our_routes, "table deletion at stop", detail)
         assert daemon.proc is not None and daemon.proc.wait(TIMEOUT) == 0
