@@ -164,6 +164,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print(f"greupd: reload rejected, the running config stays in force:\n{result.get('error')}", file=sys.stderr)
         return EXIT_INVALID
     print(f"greupd: reloaded (generation {result.get('generation')})")
+    if result.get("error"):
+        # In force, but the kernel refused part of it (review L8); greupd keeps retrying those tunnels.
+        print(f"greupd: the new config is in force, but not all of it is applied (retrying):\n{result.get('error')}",
+              file=sys.stderr)
     return EXIT_OK
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -50,12 +51,56 @@ class ControlError(Exception):
     """A daemon answered but refused the request (an unknown command: a client newer than the daemon)."""
 
 
-class ControlSocketBusy(Exception):
+class CannotServe(Exception):
+    """The daemon cannot take up its place (its socket, its netns): it stops before touching the kernel."""
+
+
+class ControlSocketBusy(CannotServe):
     """Another daemon already answers on the control socket: two greupd would fight over the same links."""
 
 
-class ControlSocketUnusable(Exception):
+class ControlSocketUnusable(CannotServe):
     """The control socket cannot be created at its path (review L9: read-only under ProtectSystem=strict)."""
+
+
+class AnotherDaemonHere(CannotServe):
+    """Another greupd runs in this network namespace, whatever its control socket (review L7)."""
+
+
+# An abstract AF_UNIX name: it exists while a socket holds it (never stale after a crash), and abstract names
+# are scoped to the network namespace, which is exactly the scope of the links and routes greupd owns.
+NETNS_LOCK = b"\0greupd"
+
+
+def claim_netns() -> socket.socket:
+    """Hold this netns's greupd lock for as long as the returned socket stays open.
+
+    Two daemons in one netns would each delete the other's links as "not in the config" (the alias names
+    no instance), also with different control sockets and configs.
+    """
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        lock.bind(NETNS_LOCK)
+        lock.listen(1)  # so a second daemon can connect and learn, from SO_PEERCRED, which process holds it
+    except OSError as exc:
+        lock.close()
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise AnotherDaemonHere(
+            f"another greupd already runs in this network namespace{_holder()}; two would delete each other's"
+            " tunnels. Stop that one first, or run this one in another netns") from None
+    return lock
+
+
+def _holder() -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        try:
+            probe.settimeout(1)
+            probe.connect(NETNS_LOCK)
+            pid, _, _ = struct.unpack("=iII", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        except OSError:
+            return ""
+    return f" (pid {pid})"
 
 
 def control_socket(config: Config | Callable[[], Path] | None, override: str | Path | None = None) -> Path:
@@ -89,10 +134,13 @@ class ControlServer:
         self._reload_lock = asyncio.Lock()
         self._server: asyncio.Server | None = None
         self._inode: int | None = None
+        self._netns_lock: socket.socket | None = None
 
     async def start(self) -> None:
-        """Bind and listen. Raises ControlSocketBusy when another daemon answers at the path, and
-        ControlSocketUnusable when the path cannot hold a socket."""
+        """Take this netns's greupd lock, bind and listen. Raises AnotherDaemonHere when a greupd already runs
+        in the netns, ControlSocketBusy when another daemon answers at the path, and ControlSocketUnusable when
+        the path cannot hold a socket."""
+        self._netns_lock = claim_netns()  # first: a second daemon here must not touch the kernel
         try:
             await self._start()
         except OSError as exc:
@@ -122,6 +170,9 @@ class ControlServer:
             raise
 
     async def close(self) -> None:
+        if self._netns_lock is not None:
+            self._netns_lock.close()
+            self._netns_lock = None
         if self._server is None:
             return
         self._server.close()

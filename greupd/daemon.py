@@ -17,17 +17,17 @@ import time
 from pathlib import Path
 
 from greupd.config import Config, ConfigError, load_config
-from greupd.control import ControlServer, ControlSocketBusy, ControlSocketUnusable, control_socket
+from greupd.control import CannotServe, ControlServer, control_socket
 from greupd.events import EventLog
 from greupd.ipsec.supervisor import IpsecSupervisor
 from greupd.keepalive.engine import KeepaliveEngine, LivenessChange, targets_from_config
 from greupd.keepalive.restart import VerdictMemory
 from greupd.metrics import MetricsPublisher
-from greupd.model import Desired, Observed, action_tunnel, desired_state
+from greupd.model import Desired, desired_state
 from greupd.netlink.kernel import Kernel, KernelWatch
 from greupd.nft.keeper import NftKeeper
-from greupd.plan import describe, plan_changes
-from greupd.queue import RETRY_AFTER, WorkQueue, settle
+from greupd.queue import RESYNC_EVERY, RETRY_AFTER, Retry, WorkQueue, reload_scope, settle
+from greupd.reconcile import reconcile_pass, remove_everything
 from greupd.report import Reports
 from greupd.state import StartConfig
 from greupd.status import DaemonStatus, ReloadResult, TunnelStatus
@@ -88,7 +88,9 @@ class Daemon:
             loop.add_signal_handler(sig, handler)
         self.keepalive.set_answerable(())  # nothing is known to work before the first pass (#11 H5)
         self.verdicts.resume(self.config, lambda: self.kernel.observe(self.desired()))
-        self.nft.keep(self.config)  # before the links: with [tunnel.ipsec], GRE must not leave before its drop rule
+        # The table (clamp, NAT, forward accepts, IPsec drops) before any route or GRE packet (#11): its rules
+        # match interface names, so they can go in before the links exist.
+        self.nft.keep(self.config)
         self.reconcile(None)
         self.nft.start(loop)
         self.notifier.ready(self._status_text())
@@ -97,7 +99,8 @@ class Daemon:
         else:
             self._keep_as_last_good()
         self.events.started(self.generation, self.config.files, len(self.config.tunnels))
-        self.notifier.start_watchdog(loop)
+        self.notifier.start_watchdog(loop, on_error=self._fail)
+        loop.call_later(RESYNC_EVERY, self._resync)
         try:
             while True:
                 await self._wake.wait()
@@ -109,8 +112,8 @@ class Daemon:
             self.queue.cancel_reloads()
             self.notifier.stopping()
             self.events.stopping(self.config.daemon.on_exit)
-            await control.close()
             self._shutdown()
+            await control.close()  # last: it holds the netns lock while _shutdown may remove our links
         return 0
 
     def _step(self) -> None:
@@ -120,11 +123,18 @@ class Daemon:
             settle(answers, lambda: self.metrics.reloaded(self.reload()))
         # After a reload too: what was marked meanwhile is still to do, and the wake-up that said so is spent.
         batch = self.queue.take_ready(time.monotonic())
+        if batch.nft:  # first: a repair may put routes back, and they need the table
+            self.nft.keep(self.config)
         if batch.names is None or batch.names:
             self.reconcile(batch.names, batch.repairs)
-        if batch.nft:
-            self.nft.keep(self.config)
         self.verdicts.save_if_changed(self.config)
+
+    def _resync(self) -> None:
+        """The safety net (review M1): a full pass now and then, for what no event and no refusal told us."""
+        assert self._loop is not None
+        self.queue.mark(None)
+        self.queue.mark_nft()
+        self._loop.call_later(RESYNC_EVERY, self._resync)
 
     # --- the pass ------------------------------------------------------------------------------------
 
@@ -132,10 +142,7 @@ class Daemon:
         return desired_state(self.config, {name: self.keepalive.is_up(name) for name in self.keepalive.names()})
 
     def reconcile(self, names: frozenset[str] | None, repairs: frozenset[str] = frozenset()) -> None:
-        """Observe, plan, apply for `names` (None: everything), then report what changed.
-
-        `repairs`: the names the kernel told us about; a tunnel that keeps needing repair is being fought over.
-        """
+        """A pass for `names` (None: everything), then what changed; `repairs`: the names kernel events gave."""
         try:
             self._reconcile(names, repairs)
         except OSError as exc:
@@ -146,32 +153,22 @@ class Daemon:
             self._loop.call_later(RETRY_AFTER, self.queue.mark, None)
 
     def _reconcile(self, names: frozenset[str] | None, repairs: frozenset[str]) -> None:
-        desired = self.desired()
-        observed = self.kernel.observe(desired, names)
-        plan = plan_changes(desired, observed)
-        errors = self.kernel.apply(plan.actions) if plan.actions else []
-        if plan.actions:
-            log.debug("applied:\n%s", describe(plan))
-        touched = frozenset(t for a in plan.actions if (t := action_tunnel(a)) is not None)
-        refused = frozenset(e.tunnel for e in errors if e.tunnel is not None)
-        # What the kernel acknowledged is as planned; look again only where it refused something.
-        after = observed.updated(Observed.as_planned(desired, touched - refused,
-                                                     self.kernel.indices(touched - refused)))
-        if refused:
-            after = after.updated(self.kernel.observe(desired, refused))
-        for error in errors:
-            if error.tunnel is None:
-                self._fail(str(error))
-        for change in self.reports.update(self.config, observed, plan, errors, after, self.keepalive.is_up, repairs):
+        done = reconcile_pass(self.kernel, self.desired(), names)
+        for error in (e for e in done.errors if e.tunnel is None):
+            self._fail(str(error))
+        changes = self.reports.update(self.config, done.observed, done.plan, done.errors, done.after,
+                                      self.keepalive.is_up, repairs)
+        for change in changes:
             self.events.emit(change)
         self.keepalive.set_answerable(self.reports.answerable())  # #11 H5
         self.notifier.status_if_changed(self._status_text())
         self.metrics.publish()
         assert self._loop is not None
-        fought = [n for n in touched & repairs if n in self.reports.records]
-        for pause in self.queue.note_repairs(fought, time.monotonic()):
-            self._fail(str(pause))
-            self._loop.call_later(pause.seconds, self.queue.mark, {pause.name})
+        applied = (t.name for t in self.config.tunnels if done.after.covers(t.name) and t.name not in done.refused)
+        fought = [n for n in done.touched & repairs if n in self.reports.records]
+        for wait in self.queue.after_pass(applied, sorted(done.refused), fought, time.monotonic()):
+            (log.info if isinstance(wait, Retry) else self._fail)(str(wait))  # a fight is news, a retry is not
+            self._loop.call_later(wait.seconds, self.queue.due, wait)
 
     def _fail(self, message: str) -> None:
         self.last_error = message
@@ -188,24 +185,27 @@ class Daemon:
             self.notifier.status(self._status_text())
             return {"ok": False, "generation": self.generation, "error": str(exc)}
         self.notifier.reloading()
-        before = {t.name: t for t in self.config.tunnels}
-        after = {t.name: t for t in config.tunnels}
-        changed = frozenset(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
-        self.config = config
-        self.last_error = None
-        self.queue.forget(after)
-        self.nft.rename(config.daemon.nft_table)
+        scope, both = reload_scope(self.config, config, (n for n, r in self.reports.records.items()
+                                                          if r.state == "error"))
+        self.config, self.last_error = config, None
+        self.queue.forget(t.name for t in config.tunnels)
+        self.nft.rename(config.daemon.nft_table, both)
+        self.nft.keep(both)
         self.keepalive.configure(targets_from_config(config))
         self.ipsec.configure(config)
         # Unchanged tunnels are not even looked at (no flap, and a reload of one tunnel among thousands
         # costs a few requests); drift on them is the watch's business.
-        self.reconcile(changed)
+        self.reconcile(scope)
         self.nft.keep(config)
         self.generation += 1
         self._keep_as_last_good()
         self.events.config_reloaded(self.generation, [str(f) for f in config.files])
         self.notifier.ready(self._status_text())
-        return {"ok": True, "generation": self.generation, "error": self.last_error}
+        # Accepted, but the kernel may have refused some of it (review L8): say which tunnels, and why.
+        refused = [f"tunnel {r['name']}: {r['error']}" for r in self.tunnel_statuses()
+                   if r["state"] == "error" and r["name"] in scope]
+        error = "\n".join(filter(None, [self.last_error, *refused])) or None
+        return {"ok": True, "generation": self.generation, "error": error}
 
     def _keep_as_last_good(self) -> None:
         """The config now in force is the one to start with if the file on disk stops validating (#11 H4)."""
@@ -217,8 +217,7 @@ class Daemon:
         self.nft.close()
         self.watch.close()
         if self.config.daemon.on_exit == "remove":
-            empty = Desired({}, {})
-            for error in self.kernel.apply(plan_changes(empty, self.kernel.observe(empty)).actions):
+            for error in remove_everything(self.kernel):
                 self._fail(str(error))
             self.nft.remove()
         self.kernel.close()
@@ -244,6 +243,6 @@ def run_daemon(config_path: Path, config: Config, socket_override: str | None = 
 
     try:
         return asyncio.run(main())
-    except (ControlSocketBusy, ControlSocketUnusable) as exc:
+    except CannotServe as exc:
         log.error("%s", exc)
         return 1

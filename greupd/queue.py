@@ -2,9 +2,11 @@
 
 Every input only marks: a kernel event marks the tunnels it names (or everything, when it cannot tell), a
 keepalive verdict marks its tunnel, an nftables event marks the table, SIGHUP and the control socket mark a
-reload, a failed pass marks everything again after RETRY_AFTER. The loop then takes one `Batch` and runs one
-pass over it. Backoff lives here, never in the reconciler: a tunnel that keeps needing repair is being fought
-over by another program, and is paused instead of turning the fight into a busy loop.
+reload, a failed pass marks everything again after RETRY_AFTER, a tunnel the kernel refused something of is
+marked again after a backoff (RETRY_BACKOFF), and everything is marked every RESYNC_EVERY. The loop then
+takes one `Batch` and runs one pass over it. Backoff lives here, never in the reconciler: a tunnel that keeps
+needing repair is being fought over by another program, and is paused instead of turning the fight into a busy
+loop.
 
 Pure: no loop, no clock of its own; `wake` is called when something was marked, and time is handed in. A
 reload request may bring a future; the loop step that reloads resolves it with the answer (`settle`).
@@ -14,9 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from greupd.config import Config
 
 T = TypeVar("T")
 R = TypeVar("R")  # what a reload answers
@@ -29,6 +35,12 @@ FIGHT_BACKOFF: Final = (1.0, 60.0)
 # After a pass the kernel refused (a dump interrupted by a concurrent change, memory pressure), look at
 # everything again this many seconds later.
 RETRY_AFTER: Final = 1.0
+# A tunnel whose actions the kernel refused (a foreign route holding its prefix, ENOMEM, ENOBUFS) is tried
+# again after 1 s, then 2, 4, ... up to 60 s between tries, until a pass applies it (review M1): whatever
+# held it may go away without an event we hear (another protocol's route is deleted).
+RETRY_BACKOFF: Final = (1.0, 60.0)
+# And, as a safety net for whatever no event and no refusal tells us about, a full pass this often.
+RESYNC_EVERY: Final = 600.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,17 @@ class Pause:
                 f"keeps changing it; next repair in {self.seconds:.0f} s")
 
 
+@dataclass(frozen=True)
+class Retry:
+    """A tunnel the kernel refused something of: mark it again (`mark_retry`) in `seconds`."""
+
+    name: str
+    seconds: float
+
+    def __str__(self) -> str:
+        return f"tunnel {self.name}: the kernel refused an action; trying again in {self.seconds:.0f} s"
+
+
 @dataclass
 class _Fight:
     repairs: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=FIGHT_REPAIRS))
@@ -68,6 +91,8 @@ class WorkQueue(Generic[R]):
         self._wake = wake
         self._dirty: set[str] = set()
         self._liveness_dirty: set[str] = set()  # dirty because of a keepalive verdict, not the kernel
+        self._retry_dirty: set[str] = set()  # dirty because a retry of refused actions is due
+        self._retries: dict[str, tuple[float, float]] = {}  # refused tunnel -> (backoff, when the retry is due)
         self._everything = False
         self._nft = False
         self._reload: list[asyncio.Future[R]] | None = None  # None: no reload asked for
@@ -87,6 +112,12 @@ class WorkQueue(Generic[R]):
         """A keepalive verdict flipped: the routes follow it, which is no fight with anyone."""
         self._dirty.add(name)
         self._liveness_dirty.add(name)
+        self._wake()
+
+    def mark_retry(self, name: str) -> None:
+        """A retry of refused actions is due: look again, which is no repair of anyone else's change."""
+        self._dirty.add(name)
+        self._retry_dirty.add(name)
         self._wake()
 
     def mark_nft(self) -> None:
@@ -118,12 +149,36 @@ class WorkQueue(Generic[R]):
             self._everything = False
             self._dirty.clear()
             self._liveness_dirty.clear()
+            self._retry_dirty.clear()
             return Batch(None, nft=nft)
-        ready = frozenset(n for n in self._dirty if (f := self._fights.get(n)) is None or f.paused_until <= now)
+        # A keepalive verdict is acted on even while the tunnel is paused for a fight (review L3): a dead peer's
+        # routes must go within the detection time, not a minute later.
+        ready = frozenset(n for n in self._dirty
+                          if n in self._liveness_dirty or (f := self._fights.get(n)) is None or f.paused_until <= now)
         self._dirty -= ready
-        repairs = ready - self._liveness_dirty
+        repairs = ready - self._liveness_dirty - self._retry_dirty
         self._liveness_dirty -= ready
+        self._retry_dirty -= ready
         return Batch(ready, repairs, nft)
+
+    # --- refusals -----------------------------------------------------------------------------------
+
+    def note_refused(self, names: Iterable[str], now: float) -> list[Retry]:
+        """The kernel refused actions of `names` at `now`: when to try each again (none if one is pending)."""
+        retries: list[Retry] = []
+        for name in names:
+            backoff, due = self._retries.get(name, (0.0, 0.0))
+            if due > now:
+                continue  # a retry is already on its way; the refusal came from a pass something else asked for
+            backoff = min(max(backoff * 2, RETRY_BACKOFF[0]), RETRY_BACKOFF[1])
+            self._retries[name] = (backoff, now + backoff)
+            retries.append(Retry(name, backoff))
+        return retries
+
+    def note_applied(self, names: Iterable[str]) -> None:
+        """A pass covered `names` and the kernel refused nothing of theirs: the next refusal starts at 1 s."""
+        for name in names:
+            self._retries.pop(name, None)
 
     # --- fights -------------------------------------------------------------------------------------
 
@@ -142,11 +197,36 @@ class WorkQueue(Generic[R]):
                 fight.backoff = 0.0
         return pauses
 
+    def after_pass(self, applied: Iterable[str], refused: Iterable[str], fought: Iterable[str],
+                   now: float) -> list[Retry | Pause]:
+        """What the queue makes of a pass: refused tunnels are tried again later (review M1), tunnels fought
+        over wait; `due(wait)` once each one's seconds have passed."""
+        self.note_applied(applied)
+        return [*self.note_refused(refused, now), *self.note_repairs(fought, now)]
+
+    def due(self, wait: Retry | Pause) -> None:
+        if isinstance(wait, Retry):
+            self.mark_retry(wait.name)
+        else:
+            self.mark({wait.name})
+
     def forget(self, keep: Iterable[str]) -> None:
         """Drop the fight history of tunnels no longer configured (a tunnel added back starts afresh)."""
         wanted = set(keep)
         for name in set(self._fights) - wanted:
             del self._fights[name]
+        for name in set(self._retries) - wanted:
+            del self._retries[name]
+
+
+def reload_scope(old: Config, new: Config, in_error: Iterable[str]) -> tuple[frozenset[str], Config]:
+    """The tunnels a reload looks at: the changed ones, and those in error (a reload is how an admin says "try
+    again", review M1); and a config holding the tunnels of both, whose nftables table goes in first, so a route
+    the new config adds meets its clamp and NAT, and one the old config had keeps them until it is gone (#11)."""
+    before, after = {t.name: t for t in old.tunnels}, {t.name: t for t in new.tunnels}
+    changed = frozenset(n for n in before.keys() | after.keys() if before.get(n) != after.get(n))
+    both = dataclasses.replace(new, tunnels=(*new.tunnels, *(t for n, t in before.items() if n in changed)))
+    return changed | (frozenset(in_error) & after.keys()), both
 
 
 def settle(answers: Iterable[asyncio.Future[T]], work: Callable[[], T]) -> None:

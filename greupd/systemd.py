@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import systemd.daemon
 
@@ -100,16 +100,24 @@ class Notifier:
         if self._watchdog is not None:
             self._send("WATCHDOG=1")
 
-    def start_watchdog(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start_watchdog(self, loop: asyncio.AbstractEventLoop, on_error: Callable[[str], None]) -> None:
         """Ping at half the watchdog interval, from `loop` itself: if the loop is stuck, the pings stop and
-        systemd restarts us. A no-op without a watchdog."""
+        systemd restarts us. A no-op without a watchdog.
+
+        The next ping is scheduled before this one is sent, and a ping that fails (EAGAIN from a busy PID 1)
+        is reported to `on_error`, not raised (review L2): one lost datagram must not end the chain, which
+        would have systemd abort a healthy daemon a watchdog interval later.
+        """
         interval = self._watchdog
         if interval is None:
             return
 
         def ping() -> None:
-            self.watchdog_ping()
             loop.call_later(interval / 2, ping)
+            try:
+                self.watchdog_ping()
+            except OSError as exc:
+                on_error(f"cannot send the watchdog ping to systemd: {exc}; trying again in {interval / 2:g} s")
 
         ping()
 

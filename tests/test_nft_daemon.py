@@ -8,6 +8,8 @@ up where the kernel lacks ip_gre, but the table does not depend on them (rules m
 
 from __future__ import annotations
 
+import select
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,3 +71,27 @@ def test_the_table_is_kept_in_place_and_the_firewall_is_left_alone(router: Host)
     assert daemon.stop() == 0
     assert greupd_table(router) == ""
     assert router.run("nft", "-a", "list", "table", "inet", "filter").stdout == firewall
+
+
+def test_renaming_the_table_puts_the_new_one_in_before_the_old_one_goes(router: Host) -> None:
+    """Review L8: never a moment with neither table (no clamp, no NAT). `nft monitor` reports the kernel's
+    commits in their order, on one socket."""
+    daemon = GreupdProcess(router, CONFIG).start()
+    monitor = router.popen("nft", "monitor", "tables", stdout=subprocess.PIPE, text=True)
+    assert monitor.stdout is not None
+    # Listening once it reports a table of the test's own.
+    router.run("nft", "add", "table", "inet", "probe")
+    while select.select([monitor.stdout], [], [], 0.2)[0] == []:
+        router.run("nft", "delete", "table", "inet", "probe")
+        router.run("nft", "add", "table", "inet", "probe")
+    router.run("nft", "delete", "table", "inet", "probe")
+    assert daemon.reload(CONFIG.replace("[daemon]\n", '[daemon]\nnft_table = "greupd_lan"\n', 1)).returncode == 0
+    assert wait_until(lambda: "ipv4 : 1436" in router.run("nft", "list", "table", "inet", "greupd_lan",
+                                                           check=False).stdout, 10), daemon.output()
+    assert greupd_table(router) == ""
+    monitor.terminate()
+    events = [line.split(" {")[0].strip() for line in monitor.communicate(timeout=10)[0].splitlines()
+              if "table inet" in line]
+    added = events.index("add table inet greupd_lan")
+    assert "delete table inet greupd" in events[added:], events
+    assert "delete table inet greupd" not in events[:added], events

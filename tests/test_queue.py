@@ -9,7 +9,17 @@ import asyncio
 
 import pytest
 
-from greupd.queue import FIGHT_BACKOFF, FIGHT_REPAIRS, FIGHT_WINDOW, Batch, Pause, WorkQueue, settle
+from greupd.queue import (
+    FIGHT_BACKOFF,
+    FIGHT_REPAIRS,
+    FIGHT_WINDOW,
+    RETRY_BACKOFF,
+    Batch,
+    Pause,
+    Retry,
+    WorkQueue,
+    settle,
+)
 
 
 class Wakes:
@@ -85,6 +95,43 @@ def test_the_backoff_doubles_up_to_its_cap_and_resets_after_peace() -> None:
     queue.note_repairs(["to_b"], 10_000.0)
     queue.note_repairs(["to_b"], 10_000.0 + 4 * FIGHT_WINDOW + 1)
     assert fight(queue, "to_b", 10_100.0, 0.1)[0].seconds == FIGHT_BACKOFF[0]
+
+
+def test_a_keepalive_verdict_is_not_held_back_by_a_fight() -> None:
+    """Review L3: a dead peer's routes go within the detection time, whatever pause a fight put on the tunnel."""
+    queue = WorkQueue[None]()
+    [pause] = fight(queue, "to_b", 0.0, 0.1)
+    queue.mark_liveness("to_b")
+    assert queue.take_ready(1.0) == Batch(frozenset({"to_b"}))
+    queue.mark({"to_b"})  # the kernel's events still wait for the pause (from the last repair, at 0.9 s)
+    assert queue.take_ready(1.1) == Batch(frozenset())
+    assert queue.take_ready(0.9 + pause.seconds).names == frozenset({"to_b"})
+
+
+def test_refused_tunnels_are_retried_after_1_s_doubling_to_60_s() -> None:
+    """Review M1: a foreign route holds to_b's prefix (EEXIST); greupd tries again until it gets it."""
+    queue = WorkQueue[None]()
+    now, waits = 0.0, []
+    for _ in range(9):
+        [retry] = queue.note_refused(["to_b"], now)
+        waits.append(retry.seconds)
+        now += retry.seconds
+        queue.mark_retry("to_b")
+        assert queue.take_ready(now) == Batch(frozenset({"to_b"}))  # a retry is no repair: no fight
+    assert waits == [1, 2, 4, 8, 16, 32, 60, 60, 60] and RETRY_BACKOFF == (1.0, 60.0)
+    # The foreign route went; the retry's pass applied everything: the next refusal starts at 1 s again.
+    queue.note_applied(["to_b"])
+    assert queue.note_refused(["to_b"], now) == [Retry("to_b", 1.0)]
+
+
+def test_a_refusal_while_a_retry_is_pending_schedules_no_second_one() -> None:
+    queue = WorkQueue[None]()
+    assert queue.note_refused(["to_b", "to_c"], 0.0) == [Retry("to_b", 1.0), Retry("to_c", 1.0)]
+    assert queue.note_refused(["to_b"], 0.5) == []  # a kernel event's pass, before the retry is due
+    assert queue.note_refused(["to_b"], 1.0) == [Retry("to_b", 2.0)]
+    queue.forget(["to_b"])  # to_c is no longer configured
+    assert queue.note_refused(["to_b"], 1.5) == []
+    assert queue.note_refused(["to_c"], 1.5) == [Retry("to_c", 1.0)]  # added back: starts afresh
 
 
 def test_slow_repairs_are_no_fight() -> None:

@@ -220,3 +220,24 @@ def test_lost_netlink_events_lead_to_a_full_resync(seed: SeedTopology) -> None:
     a.signal(signal.SIGCONT)
     eventually(lambda: "20.10.1.0/24 dev My_Tunnel" in routes(seed.a), timeout=60, what="route after resync")
     assert "resynchronising everything" in a.output()
+
+
+def test_a_route_refused_for_a_foreign_route_is_retried_and_installed_once_that_route_goes(seed: SeedTopology) -> None:
+    """Review M1 and L8: a static route holds the tunnel's prefix (same table and metric: EEXIST). greupd
+    reports it, says so on reload too, and puts its own route in within the backoff once the static one is
+    deleted, though the deletion of another protocol's route is no event greupd listens to."""
+    seed.a.ip("route", "add", "20.10.1.0/24", "via", "172.19.1.2", "proto", "static")
+    a = GreupdProcess(seed.a, SEED_A).start()
+    mine = a.wait_for("My_Tunnel", "error")
+    assert "File exists" in mine["error"] and "20.10.1.0/24" in mine["error"], mine
+
+    reloaded = a.reload()  # the same config: "try again", and tell me what the kernel says
+    assert reloaded.returncode == 0
+    assert "not all of it is applied" in reloaded.stderr and "tunnel My_Tunnel:" in reloaded.stderr, reloaded.stderr
+    assert "File exists" in reloaded.stderr
+
+    seed.a.ip("route", "del", "20.10.1.0/24", "proto", "static")
+    eventually(lambda: "20.10.1.0/24 dev My_Tunnel proto 222" in routes(seed.a), timeout=40,
+               what="greupd's route once the static one is gone", detail=a.output)
+    assert a.wait_for("My_Tunnel", "up")["reason"] == "repaired"
+    assert "trying again in" in a.output()

@@ -8,8 +8,10 @@ and turned back into model values by rtnl's decoders. What comes out must be wha
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
+import struct
 from typing import Any
 
 import pytest
@@ -90,8 +92,9 @@ def test_ip6_modes_send_no_ipv4_only_parameter() -> None:
 
 
 def test_the_marker_and_up_down_requests() -> None:
-    alias = parsed(rtnl.set_alias(TUNNEL, LINK_ALIAS))
-    assert (alias["index"], alias.get_attr("IFLA_IFNAME"), alias.get_attr("IFLA_IFALIAS")) == (0, TUNNEL, "greupd")
+    # By ifindex and without a name: a mark by name could land on whichever link holds the name (review H2).
+    alias = parsed(rtnl.set_alias(INDEX, LINK_ALIAS))
+    assert (alias["index"], alias.get_attr("IFLA_IFNAME"), alias.get_attr("IFLA_IFALIAS")) == (INDEX, None, "greupd")
     for up in (True, False):
         msg = parsed(rtnl.set_link_up(INDEX, up))
         assert (msg["index"], msg["flags"], msg["change"]) == (INDEX, rtnl.IFF_UP if up else 0, rtnl.IFF_UP)
@@ -169,3 +172,70 @@ def test_notification_prefilter_reads_the_fixed_header() -> None:
     link_local = link_local[:3] + bytes([rtnl.RT_SCOPE_LINK]) + link_local[4:]  # ifa_scope
     assert not rtnl.may_concern_us(rtnl.RTM_NEWADDR, nlmsg.message(rtnl.RTM_NEWADDR, 0, 0, 0, link_local),
                                    ROUTE_PROTO)
+
+
+# --- the kernel's answers, as they arrive on the request socket --------------------------------------------
+
+
+def _done(seq: int, errno_: int = 0, text: str = "", flags: int = nlmsg.NLM_F_MULTI) -> bytes:
+    """NLMSG_DONE as netlink_dump_done() writes it: the dump's errno negated, the extended ACK text after it."""
+    body = struct.pack("=i", -errno_)
+    if text:
+        flags |= nlmsg.NLM_F_ACK_TLVS
+        body += nlmsg.attr(nlmsg.NLMSGERR_ATTR_MSG, text.encode() + b"\0")
+    return nlmsg.message(nlmsg.NLMSG_DONE, flags, seq, 0, body)
+
+
+def _link_reply(seq: int, flags: int = nlmsg.NLM_F_MULTI) -> bytes:
+    return nlmsg.message(rtnl.RTM_NEWLINK, flags, seq, 0, rtnl.new_link(SEED_LINK).body)
+
+
+def test_a_complete_dump_is_its_replies() -> None:
+    answers = rtnl.Answers([5], [rtnl.dump_links()])
+    answers.feed(_link_reply(5) + _link_reply(5))
+    assert not answers.complete
+    answers.feed(_done(5))
+    assert answers.complete
+    (outcome,) = answers.outcomes()
+    assert (outcome.errno, len(outcome.replies), outcome.interrupted) == (0, 2, False)
+
+
+def test_a_dump_that_failed_part_way_is_an_error_not_a_shorter_list() -> None:
+    """Review M2: the dumpit callback's error arrives in NLMSG_DONE, after the entries it got to."""
+    answers = rtnl.Answers([5], [rtnl.dump_links()])
+    answers.feed(_link_reply(5) + _done(5, errno.EINVAL, "invalid header for link dump"))
+    (outcome,) = answers.outcomes()
+    assert outcome.errno == errno.EINVAL
+    assert str(outcome) == "Invalid argument: invalid header for link dump"
+
+
+def test_an_interrupted_dump_says_so() -> None:
+    """Review M2: NLM_F_DUMP_INTR on any message of the dump (a link went away meanwhile, an entry may be
+    missing): the caller asks again."""
+    answers = rtnl.Answers([5, 6], [rtnl.dump_links(), rtnl.get_link(TUNNEL)])
+    answers.feed(_link_reply(6, flags=0) + _link_reply(5) + _link_reply(5, nlmsg.NLM_F_MULTI | nlmsg.NLM_F_DUMP_INTR)
+                 + _done(5, flags=nlmsg.NLM_F_MULTI | nlmsg.NLM_F_DUMP_INTR))
+    dumped, looked_up = answers.outcomes()
+    assert dumped.interrupted and dumped.errno == 0
+    assert not looked_up.interrupted and len(looked_up.replies) == 1
+
+
+def test_acks_and_refusals_by_sequence_number() -> None:
+    requests = [rtnl.del_link(INDEX), rtnl.set_link_up(INDEX, True)]
+    answers = rtnl.Answers([0xFFFFFFFF, 1], requests)
+
+    def ack(seq: int, code: int) -> bytes:
+        return nlmsg.message(nlmsg.NLMSG_ERROR, 0, seq, 0, struct.pack("=i", -code) + bytes(nlmsg.HEADER.size))
+
+    answers.feed(ack(1, errno.ENODEV) + ack(7, 0))  # 7: not ours, ignored
+    assert not answers.complete
+    answers.feed(ack(0xFFFFFFFF, 0))
+    assert [o.errno for o in answers.outcomes()] == [0, errno.ENODEV]
+
+
+def test_sequence_numbers_wrap_at_32_bits_and_skip_0() -> None:
+    """Review L1: nlmsg_seq is a u32 (struct.pack raised past it), and 0 is what notifications carry."""
+    assert rtnl.next_seq(0) == 1
+    assert rtnl.next_seq(41) == 42
+    assert rtnl.next_seq(0xFFFFFFFE) == 0xFFFFFFFF
+    assert rtnl.next_seq(0xFFFFFFFF) == 1

@@ -6,6 +6,7 @@ exactly what systemd does; the lab tests (tests/test_systemd_lab.py) then run th
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -182,6 +183,27 @@ def test_watchdog_ping(notify_socket: NotifySocket) -> None:
     notifier = Notifier()
     assert notifier.watchdog_interval() == 10.0
     notifier.watchdog_ping()
+    assert notify_socket.receive() == {"WATCHDOG": "1"}
+
+
+def test_a_failed_watchdog_ping_is_reported_and_the_pings_go_on(notify_socket: NotifySocket) -> None:
+    """Review L2: one ping that systemd's socket refuses must not end the chain (systemd would then abort a
+    healthy daemon a watchdog interval later)."""
+    errors: list[str] = []
+
+    async def two_pings() -> None:
+        loop = asyncio.get_running_loop()
+        notifier = Notifier({"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "200000"})
+        notify_socket.path.unlink()  # PID 1 away for a moment: the first ping fails
+        notifier.start_watchdog(loop, errors.append)
+        notify_socket.sock.close()
+        notify_socket.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify_socket.sock.bind(str(notify_socket.path))  # and back: the next one, 0.1 s later, arrives
+        notify_socket.sock.settimeout(5)
+        await asyncio.sleep(0.35)
+
+    asyncio.run(two_pings())
+    assert len(errors) == 1 and "cannot send the watchdog ping to systemd" in errors[0], errors
     assert notify_socket.receive() == {"WATCHDOG": "1"}
 
 

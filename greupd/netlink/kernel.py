@@ -137,8 +137,14 @@ class Kernel:
     def _parse(self, replies: Iterable[bytes]) -> list[Message]:
         return list(self._marshal.parse(b"".join(replies)))
 
-    def _dump(self, request: rtnl.Request) -> list[Message]:
-        return self._parse(self._rtnl.dump(request))
+    def _dump(self, request: rtnl.Request, index: int | None = None) -> list[Message]:
+        """A dump, parsed; raises when it failed or kept being interrupted (never a partial list: review M2)."""
+        try:
+            return self._parse(self._rtnl.dump(request))
+        except OSError as exc:
+            if index is not None and exc.errno == errno.ENODEV:
+                return []  # filtered by a link that went away since we looked: its RTM_DELLINK marks it again
+            raise
 
     def observe(self, desired: Desired, scope: Iterable[str] | None = None) -> Observed:
         """A snapshot of the links, addresses and owned routes that matter to `desired`.
@@ -175,9 +181,9 @@ class Kernel:
         if owned:
             few = names is not None and len(owned) <= 8
             indices: list[int | None] = list(owned) if few else [None]
-            addr_msgs = [m for index in indices for m in self._dump(rtnl.dump_addresses(index or 0))]
+            addr_msgs = [m for index in indices for m in self._dump(rtnl.dump_addresses(index or 0), index)]
             route_msgs = [m for index in indices for family in (socket.AF_INET, socket.AF_INET6)
-                          for m in self._dump(rtnl.dump_routes(family, ROUTE_PROTO, index))]
+                          for m in self._dump(rtnl.dump_routes(family, ROUTE_PROTO, index), index)]
             for msg in addr_msgs:
                 if msg["index"] in owned:
                     address = address_from_message(msg, owned[msg["index"]])
@@ -242,6 +248,8 @@ class Kernel:
 
     def _execute(self, batch: list[Action]) -> list[tuple[Action, str]]:
         """Run one batch of same-kind actions; return the refused ones with the kernel's reason."""
+        if batch and isinstance(batch[0], CreateLink):
+            return self._create_links([a for a in batch if isinstance(a, CreateLink)])
         refused: list[tuple[Action, str]] = []
         requests: list[tuple[Action, rtnl.Request]] = []
         self._resolve({n for a in batch if not isinstance(a, SetSysctl | CreateLink)
@@ -258,6 +266,37 @@ class Kernel:
         for action in batch:
             if isinstance(action, DeleteLink):
                 self._forget(action.name)
+        return refused
+
+    def _create_links(self, creates: list[CreateLink]) -> list[tuple[Action, str]]:
+        """Create links, then mark as greupd's only those this very request created (review H2).
+
+        The marker needs a request of its own (RTM_NEWLINK ignores IFLA_IFALIAS when it creates a link), and
+        it must never follow a create in the same batch by name: when the create fails with EEXIST (someone
+        made a link of that name since our last look, or loading ip_gre made its fallback gre0 first), the
+        kernel still runs the next request, and the mark would land on their link. So: each create is
+        followed by a lookup of the name, which, the create having succeeded, finds our link and its
+        ifindex; the marks go by ifindex in a second batch, for the creates the kernel acknowledged only.
+        A crash between the two batches leaves an unmarked link: greupd then reports the name as taken
+        rather than claim a link it cannot prove is its own.
+        """
+        outcomes = self._rtnl.transact([r for action in creates
+                                        for r in (rtnl.new_link(action.spec), rtnl.get_link(action.spec.name))])
+        refused: list[tuple[Action, str]] = []
+        created: list[tuple[CreateLink, int]] = []
+        for action, made, found in zip(creates, outcomes[::2], outcomes[1::2], strict=True):
+            if made.errno:
+                refused.append((action, f"{made} (errno {made.errno})"))
+            elif found.errno or not found.replies:
+                refused.append((action, f"created, then not found: {found} (errno {found.errno})"))
+            else:
+                created.append((action, rtnl.link_index(found.replies[0])))
+        marks = self._rtnl.transact([rtnl.set_alias(index, LINK_ALIAS) for _, index in created])
+        for (action, index), marked in zip(created, marks, strict=True):
+            if marked.errno:
+                refused.append((action, f"created, but not marked as greupd's: {marked} (errno {marked.errno})"))
+            else:
+                self._remember(action.spec.name, index, owned=True)
         return refused
 
     def _resolve(self, names: set[str]) -> None:
@@ -284,9 +323,8 @@ class Kernel:
             case SetSysctl(key, value):
                 write_sysctl(key, value)
                 return []
-            case CreateLink(spec):
-                # The marker needs a second request: RTM_NEWLINK ignores IFLA_IFALIAS when it creates a link.
-                return [rtnl.new_link(spec), rtnl.set_alias(spec.name, LINK_ALIAS)]
+            case CreateLink():
+                raise AssertionError("creates go through _create_links")
             case ChangeLink(spec, _):
                 return [rtnl.change_link(self._index(spec.name), spec)]
             case DeleteLink(name, _):

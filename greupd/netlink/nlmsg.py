@@ -16,6 +16,8 @@ from typing import NamedTuple
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 # header flags
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
+NLM_F_DUMP_INTR = 0x10  # on a dump's messages: the table changed meanwhile, the dump may miss entries
+NLM_F_ACK_TLVS = 0x200  # on NLMSG_ERROR / NLMSG_DONE: extended ACK attributes follow
 NLM_F_DUMP = 0x300
 NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 NLM_F_REPLACE = 0x100
@@ -85,10 +87,23 @@ def error_code(body: bytes) -> int:
     return code
 
 
-def ext_ack_message(body: bytes) -> str:
+def ext_ack_message(body: bytes, offset: int = 4 + HEADER.size) -> str:
     """The kernel's text in an NLMSG_ERROR (NETLINK_EXT_ACK), or ""."""
     # struct nlmsgerr: int error; struct nlmsghdr msg (no payload: NETLINK_CAP_ACK); then attributes.
-    for kind, payload in attributes(body, 4 + HEADER.size):
+    for kind, payload in attributes(body, offset):
         if kind == NLMSGERR_ATTR_MSG:
             return payload.split(b"\0", 1)[0].decode(errors="replace")
     return ""
+
+
+def done_code(body: bytes) -> tuple[int, str]:
+    """The errno a dump ended with, and the kernel's text, from NLMSG_DONE's body (0, "" for a complete dump).
+
+    A dump that fails part-way does not answer NLMSG_ERROR: netlink_dump_done() puts the dumpit callback's
+    error in NLMSG_DONE (negated, as in NLMSG_ERROR), extended ACK attributes right after it. Old kernels
+    sent an empty body.
+    """
+    if len(body) < 4:
+        return 0, ""
+    code = error_code(body)
+    return code, ext_ack_message(body, 4) if code else ""

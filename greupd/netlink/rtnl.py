@@ -13,6 +13,7 @@ parser; the `*_from_message` functions turn its messages into model values.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -31,6 +32,7 @@ from greupd.netlink.nlmsg import (
     NLM_F_ACK,
     NLM_F_CREATE,
     NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
     NLM_F_EXCL,
     NLM_F_MULTI,
     NLM_F_REPLACE,
@@ -40,6 +42,7 @@ from greupd.netlink.nlmsg import (
     SO_RCVBUFFORCE,
     SOL_NETLINK,
     attr,
+    done_code,
     error_code,
     ext_ack_message,
     message,
@@ -138,9 +141,10 @@ def change_link(index: int, spec: LinkSpec) -> Request:
     return Request(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, body)
 
 
-def set_alias(name: str, alias: str) -> Request:
-    # By name (ifi_index 0): the link was created a moment ago in the same batch, its index not yet known.
-    body = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _str(IFLA_IFNAME, name) + _str(IFLA_IFALIAS, alias)
+def set_alias(index: int, alias: str) -> Request:
+    # By ifindex, never by name: a name can be taken by someone else's link the moment our create fails
+    # (review H2), while the kernel hands out a netns's ifindexes in turn and reuses none before 2^31 links.
+    body = _IFINFO.pack(socket.AF_UNSPEC, 0, index, 0, 0) + _str(IFLA_IFALIAS, alias)
     return Request(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, body)
 
 
@@ -300,6 +304,7 @@ class Outcome:
     errno: int
     message: str = ""
     replies: tuple[bytes, ...] = ()
+    interrupted: bool = False  # a dump the kernel flagged NLM_F_DUMP_INTR: the replies may miss entries
 
     def __str__(self) -> str:
         text = os.strerror(self.errno)
@@ -314,6 +319,7 @@ class RtnlSocket:
     BATCH_BYTES = 64 << 10
     REPLY_TIMEOUT = 4.0  # seconds one receive may wait: below half the unit's WatchdogSec=10s
     BATCH_COUNT = 256
+    DUMP_ATTEMPTS = 5
 
     def __init__(self) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
@@ -352,42 +358,78 @@ class RtnlSocket:
         return outcomes
 
     def _transact_chunk(self, chunk: Sequence[Request]) -> list[Outcome]:
-        first = self._seq + 1
         data = bytearray()
+        seqs: list[int] = []
         for request in chunk:
-            self._seq += 1
+            self._seq = next_seq(self._seq)
+            seqs.append(self._seq)
             data += message(request.type, request.flags, self._seq, self.portid, request.body)
         self._sock.sendall(bytes(data))
         self.sent += len(chunk)
-        replies: dict[int, list[bytes]] = {}
-        results: dict[int, tuple[int, str]] = {}
-        pending = set(range(first, self._seq + 1))
-        # Plain requests end with an ACK (NLMSG_ERROR, error 0 or -errno); a get without ACK ends with its
-        # one reply; a dump ends with NLMSG_DONE.
-        ack = {first + i: bool(r.flags & NLM_F_ACK) and not (r.flags & NLM_F_DUMP) for i, r in enumerate(chunk)}
-        while pending:
-            for kind, flags, seq, _, body, raw in messages(self._sock.recv(1 << 20)):
-                if seq not in pending:
-                    continue
-                if kind == NLMSG_ERROR:
-                    code = error_code(body)
-                    results[seq] = (code, ext_ack_message(body) if code else "")
-                    pending.discard(seq)
-                elif kind == NLMSG_DONE:
-                    results.setdefault(seq, (0, ""))
-                    pending.discard(seq)
-                else:
-                    replies.setdefault(seq, []).append(raw)
-                    if not ack[seq] and not flags & NLM_F_MULTI:
-                        results.setdefault(seq, (0, ""))
-                        pending.discard(seq)
-        return [Outcome(*results[seq], tuple(replies.get(seq, ()))) for seq in range(first, self._seq + 1)]
+        answers = Answers(seqs, chunk)
+        while not answers.complete:
+            answers.feed(self._sock.recv(1 << 20))
+        return answers.outcomes()
 
     def dump(self, request: Request) -> list[bytes]:
-        (outcome,) = self.transact([request])
-        if outcome.errno:
-            raise OSError(outcome.errno, str(outcome))
-        return list(outcome.replies)
+        """Every reply of a dump. A dump that failed part-way raises; one the kernel says was interrupted by
+        a concurrent change (and may have skipped an entry) is asked again, a few times (review M2)."""
+        for _ in range(self.DUMP_ATTEMPTS):
+            (outcome,) = self.transact([request])
+            if outcome.errno:
+                raise OSError(outcome.errno, str(outcome))
+            if not outcome.interrupted:
+                return list(outcome.replies)
+        raise OSError(errno.EAGAIN, f"dump interrupted by concurrent changes {self.DUMP_ATTEMPTS} times in a row")
+
+
+def next_seq(seq: int) -> int:
+    """The sequence number after `seq`: nlmsg_seq is 32 bits, and 0 is what notifications carry (review L1)."""
+    return seq % 0xFFFFFFFF + 1
+
+
+class Answers:
+    """The kernel's answers to one chunk of requests, gathered from the datagrams as they arrive. Pure.
+
+    Plain requests end with an ACK (NLMSG_ERROR, error 0 or -errno); a get without ACK ends with its one
+    reply; a dump ends with NLMSG_DONE, which carries an errno of its own when the dump failed part-way.
+    """
+
+    def __init__(self, seqs: Sequence[int], chunk: Sequence[Request]) -> None:
+        self._seqs = list(seqs)
+        self._ack = {seq: bool(r.flags & NLM_F_ACK) and not (r.flags & NLM_F_DUMP)
+                     for seq, r in zip(self._seqs, chunk, strict=True)}
+        self._pending = set(self._seqs)
+        self._replies: dict[int, list[bytes]] = {}
+        self._results: dict[int, tuple[int, str]] = {}
+        self._interrupted: set[int] = set()
+
+    @property
+    def complete(self) -> bool:
+        return not self._pending
+
+    def feed(self, data: bytes) -> None:
+        for kind, flags, seq, _, body, raw in messages(data):
+            if seq not in self._pending:
+                continue
+            if flags & NLM_F_DUMP_INTR:
+                self._interrupted.add(seq)
+            if kind == NLMSG_ERROR:
+                code = error_code(body)
+                self._results[seq] = (code, ext_ack_message(body) if code else "")
+                self._pending.discard(seq)
+            elif kind == NLMSG_DONE:
+                self._results.setdefault(seq, done_code(body))
+                self._pending.discard(seq)
+            else:
+                self._replies.setdefault(seq, []).append(raw)
+                if not self._ack[seq] and not flags & NLM_F_MULTI:
+                    self._results.setdefault(seq, (0, ""))
+                    self._pending.discard(seq)
+
+    def outcomes(self) -> list[Outcome]:
+        return [Outcome(*self._results[seq], tuple(self._replies.get(seq, ())), seq in self._interrupted)
+                for seq in self._seqs]
 
 
 def link_index(reply: bytes) -> int:

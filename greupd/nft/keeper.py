@@ -41,13 +41,19 @@ class NftKeeper:
         except NftError as exc:
             self._on_error(f"nftables: {exc}")
 
-    def rename(self, table: str) -> None:
-        """The config names another table: remove ours, and keep (and watch) the new one from now on."""
+    def rename(self, table: str, config: Config) -> None:
+        """The config names another table: put `config`'s rules in the new one, then remove the old one (never
+        a moment with neither: review L8), and keep (and watch) the new one from now on."""
         if table == self.name:
             return
-        self.remove()
+        old = self.table
         self.watch.close()
         self.name, self.table, self.watch = table, NftTable(table), NftWatch(self._on_change, table=table)
+        self.keep(config)
+        try:
+            old.remove()
+        except NftError as exc:
+            self._on_error(f"nftables: {exc}")
         if self._loop is not None:
             self.start(self._loop)
 

@@ -1,0 +1,48 @@
+"""One reconcile pass, the controller's core: observe the kernel, plan (pure), apply, and what it holds after.
+
+The daemon decides when a pass runs and for which tunnels (greupd/queue.py), and what its outcome means for
+tunnel states (greupd/report.py); this module is only the observe -> plan -> apply step between them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from greupd.model import Desired, Observed, Plan, action_tunnel
+from greupd.netlink.kernel import ApplyError, Kernel
+from greupd.plan import describe, plan_changes
+
+log = logging.getLogger("greupd")
+
+
+@dataclass(frozen=True)
+class PassOutcome:
+    observed: Observed  # before the pass
+    plan: Plan
+    errors: list[ApplyError]
+    after: Observed  # what the kernel holds now, as far as the pass touched it
+    touched: frozenset[str]  # tunnels the plan acted on
+    refused: frozenset[str]  # tunnels the kernel refused an action of
+
+
+def reconcile_pass(kernel: Kernel, desired: Desired, names: frozenset[str] | None) -> PassOutcome:
+    """Observe `names` (None: everything), plan, apply. Raises OSError when the kernel cannot be read."""
+    observed = kernel.observe(desired, names)
+    plan = plan_changes(desired, observed)
+    errors = kernel.apply(plan.actions) if plan.actions else []
+    if plan.actions:
+        log.debug("applied:\n%s", describe(plan))
+    touched = frozenset(t for a in plan.actions if (t := action_tunnel(a)) is not None)
+    refused = frozenset(e.tunnel for e in errors if e.tunnel is not None)
+    # What the kernel acknowledged is as planned; look again only where it refused something.
+    after = observed.updated(Observed.as_planned(desired, touched - refused, kernel.indices(touched - refused)))
+    if refused:
+        after = after.updated(kernel.observe(desired, refused))
+    return PassOutcome(observed, plan, errors, after, touched, refused)
+
+
+def remove_everything(kernel: Kernel) -> list[ApplyError]:
+    """on_exit = "remove": every link and route greupd owns goes (and nothing else)."""
+    empty = Desired({}, {})
+    return kernel.apply(plan_changes(empty, kernel.observe(empty)).actions)
