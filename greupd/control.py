@@ -122,8 +122,11 @@ class ControlServer:
 
     def __init__(self, path: Path, status: Callable[[], DaemonStatus],
                  reload: Callable[[], Awaitable[ReloadResult]],
-                 *, on_error: Callable[[str], None] | None = None, metrics: Callable[[], str] | None = None) -> None:
-        """metrics: the Prometheus text (greupd/metrics.py); without it the command is refused."""
+                 *, on_error: Callable[[str], None] | None = None, metrics: Callable[[], str] | None = None,
+                 netns_lock: bool = False) -> None:
+        """metrics: the Prometheus text (greupd/metrics.py); without it the command is refused. netns_lock: hold
+        this netns's greupd lock (`claim_netns`) from start to close: the daemon's server does."""
+        self._claims_netns = netns_lock
         self.path = path
         self._status = status
         self._reload = reload
@@ -140,7 +143,8 @@ class ControlServer:
         """Take this netns's greupd lock, bind and listen. Raises AnotherDaemonHere when a greupd already runs
         in the netns, ControlSocketBusy when another daemon answers at the path, and ControlSocketUnusable when
         the path cannot hold a socket."""
-        self._netns_lock = claim_netns()  # first: a second daemon here must not touch the kernel
+        if self._claims_netns:
+            self._netns_lock = claim_netns()  # first: a second daemon here must not touch the kernel
         try:
             await self._start()
         except OSError as exc:

@@ -79,7 +79,7 @@ class Daemon:
     async def run(self) -> int:
         loop = self._loop = asyncio.get_running_loop()
         control = ControlServer(self.socket_path, self.status, self.request_reload, on_error=self.events.error,
-                                metrics=self.metrics.text)
+                                metrics=self.metrics.text, netns_lock=True)
         await control.start()
         self.watch.start(loop)
         self.keepalive.start(loop)

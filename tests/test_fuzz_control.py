@@ -34,7 +34,7 @@ address = "192.168.8.1"
 peer = "192.168.8.11"
 routes = ["20.10.1.0/24"]
 """
-HOW = 'a request is one line of JSON: {"command": "status"} or {"command": "reload"}'
+HOW = 'a request is one line of JSON: {"command": "status"}, {"command": "reload"} or {"command": "metrics"}'
 MAX_LINE = 64 * 1024
 
 
@@ -108,7 +108,7 @@ def test_nasty_lines_get_the_same_error(daemon: GreupdProcess, line: bytes) -> N
 def test_unknown_commands_are_named_in_the_answer(daemon: GreupdProcess) -> None:
     for command in ("stop", "STATUS", "status ", "", "reload\n"):
         answer = ask(daemon.socket, json.dumps({"command": command}).encode() + b"\n")
-        assert answer == {"ok": False, "error": f"unknown command {command!r}; known: status, reload"}
+        assert answer == {"ok": False, "error": f"unknown command {command!r}; known: status, reload, metrics"}
     still_serving(daemon)
 
 
