@@ -114,13 +114,7 @@ def _plan_tunnel(steps: _Steps, intent: TunnelIntent, observed: Observed, routes
         addresses: frozenset[AddressSpec] = frozenset()
     else:
         assert link is not None
-        changed = intent.link.differs_from(link.spec)
-        if changed:
-            steps.change_links.append(ChangeLink(intent.link, changed))
-        if intent.up and not link.up:
-            steps.links_up.append(SetLinkUp(name, True))
-        elif not intent.up and link.up:
-            steps.links_down.append(SetLinkUp(name, False))
+        _plan_link_in_place(steps, intent, link)
         addresses = observed.addresses.get(name, frozenset())
 
     for key, value in sorted(intent.sysctls.items()):
@@ -132,6 +126,17 @@ def _plan_tunnel(steps: _Steps, intent: TunnelIntent, observed: Observed, routes
     present = set() if fresh else routes
     steps.delete_routes.extend(DeleteRoute(r) for r in sorted(present - intent.routes, key=str))
     steps.add_routes.extend(AddRoute(r) for r in sorted(intent.routes - present, key=str))
+
+
+def _plan_link_in_place(steps: _Steps, intent: TunnelIntent, link: ObservedLink) -> None:
+    """An existing link of the right kind: change what differs, and set it up or down, without recreating it."""
+    changed = intent.link.differs_from(link.spec)
+    if changed:
+        steps.change_links.append(ChangeLink(intent.link, changed))
+    if intent.up and not link.up:
+        steps.links_up.append(SetLinkUp(intent.link.name, True))
+    elif not intent.up and link.up:
+        steps.links_down.append(SetLinkUp(intent.link.name, False))
 
 
 def adoption_mismatch(intent: TunnelIntent, found: LinkSpec) -> str:
@@ -152,13 +157,7 @@ def _plan_adoption(steps: _Steps, intent: TunnelIntent, link: ObservedLink, obse
     """Take over a matching foreign link in place: same ifindex, never down, routes replaced rather than re-added."""
     name = intent.link.name
     steps.adopt_links.append(AdoptLink(name, link.index))
-    changed = intent.link.differs_from(link.spec)
-    if changed:
-        steps.change_links.append(ChangeLink(intent.link, changed))
-    if intent.up and not link.up:
-        steps.links_up.append(SetLinkUp(name, True))
-    elif not intent.up and link.up:
-        steps.links_down.append(SetLinkUp(name, False))
+    _plan_link_in_place(steps, intent, link)
     for key, value in sorted(intent.sysctls.items()):
         if observed.sysctls.get(key) != value:
             steps.link_sysctls.append(SetSysctl(key, value))
