@@ -752,6 +752,9 @@ class Soak:
         time.sleep(self.rng.uniform(0.2, 1.0))
 
     def final_plan(self) -> None:
+        if not self.disk_valid:  # the admin fixes the file first: `greupd plan` rightly refuses a broken one
+            self.daemon.config_path.write_text(self.running_text)
+            self.disk_valid = True
         result = self.daemon.cli("plan", timeout=300)
         if result.returncode != 0 or "# kernel\nnothing to change\n" not in result.stdout:
             raise Broken(f"`greupd plan` at the end: exit {result.returncode}\n{result.stdout}{result.stderr}")
