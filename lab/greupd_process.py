@@ -123,7 +123,10 @@ class GreupdProcess:
 
 def _scratch() -> str:
     # On the host file system (inside a guest /tmp may be a tmpfs that the host cannot read afterwards);
-    # in a guest, its run dir: the one folder the qemu guest may write.
+    # in a guest, its run dir. Except in vng: its run dir is on 9p, where no Unix socket can be created
+    # (ENXIO), so there the guest's own /tmp (an overlay on tmpfs).
+    if os.environ.get("GREUPD_LAB_GUEST") == "vng":
+        return tempfile.mkdtemp(prefix="greupd-scratch-")
     rundir = os.environ.get("GREUPD_LAB_RUNDIR")
     path = Path(rundir) / "scratch" if rundir else REPO / ".lab" / "scratch"
     path.mkdir(parents=True, exist_ok=True)
