@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import json
 import os
@@ -28,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from scapy.packet import Raw, fuzz
 
 from greupd.keepalive.codec import KeepaliveRequest, parse_gre
 from greupd.keepalive.engine import KeepaliveEngine, KeepaliveTarget, LivenessChange
-from lab.hosts import Host, SeedTopology
+from lab.hosts import Host, SeedTopology, in_netns
 from lab.waiting import eventually
 
 REPO = Path(__file__).resolve().parent.parent
@@ -368,24 +367,7 @@ def test_replies_queued_while_the_loop_was_busy_are_not_counted_as_misses(seed: 
     asyncio.run(story())
 
 
-# --- sockets in a lab host, used from this process ------------------------------------------------------
-
-_CLONE_NEWNET = 0x40000000
-
-
-@contextlib.contextmanager
-def in_netns(host: Host) -> Iterator[None]:
-    """Switch this thread into host's network namespace for a while: sockets created meanwhile stay there.
-    (Starting a Python per packet sender costs seconds in the UML guest; this costs nothing.)"""
-    libc = ctypes.CDLL(None, use_errno=True)
-    with open("/proc/thread-self/ns/net") as home, open(f"/run/netns/{host.netns}") as there:
-        if libc.setns(there.fileno(), _CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {host.netns}")
-        try:
-            yield
-        finally:
-            if libc.setns(home.fileno(), _CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back home")
+# --- sockets in a lab host, used from this process (lab.hosts.in_netns) ----------------------------------
 
 
 def gre_socket(host: Host) -> socket.socket:
