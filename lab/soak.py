@@ -100,7 +100,12 @@ def a_config(variant: int, nft: bool) -> str:
                 f'peer = "{peer}"\nroutes = ["{LAN_B}"]\nmetric = {metric}\nttl = {ttl}\n'
                 f'[tunnel.keepalive]\ninterval = {KEEPALIVE_INTERVAL}\nretries = {KEEPALIVE_RETRIES}\n'
                 'up_after = 1\nanswer = "off"\n')
-        return text + ("[tunnel.mss]\nclamp = 1436\n" if nft else "") + "\n"
+        # With inet nftables the table gets every kind of chain an `nft flush ruleset` must bring back: the
+        # clamp (mangle), and NAT (srcnat plus the forward accepts) for the foreign dummy's 10.99.0.0/24,
+        # a source the continuous ping never uses (NAT of the pinged LAN would pin its conntrack entry to one
+        # tunnel's address and lose the replies after a failover, which is NAT's nature, not greupd's).
+        nft_part = '[tunnel.mss]\nclamp = 1436\n[tunnel.nat]\ninto_tunnel = ["10.99.0.0/24"]\n'
+        return text + (nft_part if nft else "") + "\n"
 
     text = '[daemon]\nip_forward = true\non_exit = "keep"\n\n'
     text += tunnel("to_b", "172.19.1.2", "192.168.8.1", "192.168.8.11", 0, 64)
