@@ -360,7 +360,7 @@ class Soak:
         with in_netns(self.a):
             # Scoped to the names the tunnels ever have: a full dump parses every flood link too (seconds in UML).
             observed = self.kernel.observe(desired, TUNNEL_NAMES)
-            table_ok = self._nft_matches()
+            table_difference = self._nft_difference()
         plan = plan_changes(desired, observed)
         for route in observed.routes:
             peer = self.peers.get(route.ifname)
@@ -369,8 +369,8 @@ class Soak:
         problems = {p.tunnel for p in plan.problems}
         if plan.actions or problems != self.foreign_links:
             return f"plan:\n{describe(plan)}"
-        if not table_ok:
-            return "the nftables table differs from its rendering"
+        if table_difference is not None:
+            return table_difference
         try:
             status = request(self.daemon.socket, "status", timeout=5)
         except ControlUnavailable as exc:
@@ -384,13 +384,20 @@ class Soak:
             return f"greupd status: last_error {status['last_error']!r}, not a start with the last good config"
         return None
 
-    def _nft_matches(self) -> bool:
+    def _nft_difference(self) -> str | None:
         if not self.nft:
-            return True
+            return None
         from greupd.nft.render import render_ruleset
-        from greupd.nft.table import NftTable
+        from greupd.nft.table import NftError, NftTable
 
-        return NftTable(self.running_config.daemon.nft_table).matches(render_ruleset(self.running_config))
+        try:
+            if NftTable(self.running_config.daemon.nft_table).matches(render_ruleset(self.running_config)):
+                return None
+        except NftError as exc:
+            # A listing that races a transaction (greupd replacing its table as we read it) can fail with
+            # ENOENT: a moment of change, looked at again on the next poll like any other difference.
+            return f"the nftables table could not be listed: {exc}"
+        return "the nftables table differs from its rendering"
 
     def converge(self, fault: Fault, bound: float | None = None) -> float:
         """Seconds from the fault until everything holds; Broken if not within the bound."""
