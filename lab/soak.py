@@ -707,7 +707,8 @@ class Soak:
 
     def run(self, duration: float, kinds: list[str], each_once: bool) -> None:
         self.daemon.start(wait=False)
-        self.converge(Fault("start", "greupd run", time.monotonic(), restart=True))
+        seconds = self.converge(Fault("start", "greupd run", time.monotonic(), restart=True))
+        self.out(f"soak: greupd started and converged in {seconds:.1f}s; faults begin")
         self.foreign = self.foreign_state()
         self.pinger = Pinger(self.topo.lan_a, LAN_B_HOST).start()
         time.sleep(1.0)
