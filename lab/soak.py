@@ -50,6 +50,7 @@ import re
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -768,7 +769,12 @@ class Soak:
         if not self.disk_valid:  # the admin fixes the file first: `greupd plan` rightly refuses a broken one
             self.daemon.config_path.write_text(self.running_text)
             self.disk_valid = True
-        result = self.daemon.cli("plan", timeout=300)
+        # The CLI starts as slowly as the daemon (imports): in the qemu guest under load that took 250-490 s.
+        limit = max(300.0, self.restart_bound)
+        try:
+            result = self.daemon.cli("plan", timeout=limit)
+        except subprocess.TimeoutExpired:
+            raise Broken(f"`greupd plan` at the end did not finish within {limit:g}s") from None
         if result.returncode != 0 or "# kernel\nnothing to change\n" not in result.stdout:
             raise Broken(f"`greupd plan` at the end: exit {result.returncode}\n{result.stdout}{result.stderr}")
 
