@@ -200,7 +200,7 @@ def _plan_for_tools(config: Config, as_json: bool, detailed: bool) -> int:
     if as_json:
         print(json.dumps({"changes": changes, "errors": errors,
                           "nftables": {"table": report.table, "action": report.nft_action,
-                                       "ruleset": report.ruleset_text},
+                                       "ruleset": report.ruleset_text, "warnings": list(report.warnings)},
                           "config": [str(f) for f in config.files]}, indent=2))
     else:
         print(describe_plan(report))

@@ -56,6 +56,7 @@ def format_status(status: DaemonStatus, now: datetime | None = None) -> str:
     lines = [f"greupd pid {status['pid']}, config {status['config']}, generation {status['generation']}"]
     if status["last_error"]:
         lines.append(f"last error: {status['last_error']}")
+    lines.extend(f"warning: {line}" for line in status.get("warnings", []))
     header = ("NAME", "STATE", "SINCE", "REASON", "REMOTE", "KEEPALIVE sent/recv", "ROUTES")
     rows = [header]
     notes: list[str] = []
@@ -86,6 +87,7 @@ class PlanReport:
     nft_action: str | None  # create-nft-table, replace-nft-table, remove-nft-table; None: nothing to do
     nft_error: str | None  # nftables could not be asked, and the config needs a table
     ipsec_text: str = ""  # the strongSwan connections greupd keeps loaded ([tunnel.ipsec]), swanctl.conf syntax
+    warnings: tuple[str, ...] = ()  # other tables' forward drops that defeat our accepts (nft/foreign.py, M9)
 
     def changes(self) -> list[dict[str, object]]:
         """One object per change, for `plan --json`: the tunnel, a stable action word, the text `plan` prints."""
@@ -117,6 +119,7 @@ def plan_report(config: Config) -> PlanReport:
     from greupd.ipsec.connections import describe_connections, desired_connections
     from greupd.model import desired_state
     from greupd.netlink.kernel import Kernel
+    from greupd.nft.foreign import observe_forward_drops, tunnels_with_accepts, warnings
     from greupd.nft.render import describe_ruleset, render_ruleset
     from greupd.nft.table import NftError, NftTable
     from greupd.plan import plan_changes
@@ -131,17 +134,21 @@ def plan_report(config: Config) -> PlanReport:
     table = NftTable(config.daemon.nft_table)
     action: str | None = None
     error: str | None = None
+    found: list[str] = []
     try:
         if not table.matches(ruleset):
             action = ("replace-nft-table" if table.present() else "create-nft-table") if ruleset.wanted \
                 else "remove-nft-table"
+        if tunnels_with_accepts(config):
+            found = warnings(config, observe_forward_drops(table.query, config.daemon.nft_table))
     except NftError as exc:
         # With nothing to put in a table, nftables that cannot be asked cannot hold one of ours either.
         error = f"nftables: {exc}" if ruleset.wanted else None
     connections = desired_connections(config)
     ipsec = (f"\n# strongSwan connections greupd keeps loaded in charon ({config.daemon.vici_socket})\n"
              f"{describe_connections(connections)}") if connections else ""
-    return PlanReport(plan, f"inet {config.daemon.nft_table}", describe_ruleset(ruleset), action, error, ipsec)
+    return PlanReport(plan, f"inet {config.daemon.nft_table}", describe_ruleset(ruleset), action, error, ipsec,
+                      tuple(found))
 
 
 _NFT_STATE = {None: "unchanged", "create-nft-table": "to be created", "replace-nft-table": "to be replaced",
@@ -153,5 +160,6 @@ def describe_plan(report: PlanReport) -> str:
     from greupd.plan import describe
 
     state = f"unknown ({report.nft_error})" if report.nft_error else _NFT_STATE[report.nft_action]
+    warned = "".join(f"\n# warning: {line}" for line in report.warnings)
     return (f"# kernel\n{describe(report.plan)}\n\n# nftables table {report.table} ({state})\n{report.ruleset_text}"
-            f"{report.ipsec_text}")
+            f"{warned}{report.ipsec_text}")

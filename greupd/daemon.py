@@ -230,7 +230,8 @@ class Daemon:
 
     def status(self) -> DaemonStatus:
         return {"config": str(self.config_path), "generation": self.generation, "last_error": self.last_error,
-                "pid": os.getpid(), "netlink_requests": self.kernel.requests, "tunnels": self.tunnel_statuses()}
+                "pid": os.getpid(), "netlink_requests": self.kernel.requests, "tunnels": self.tunnel_statuses(),
+                "warnings": list(self.nft.warnings)}  # standing conditions, e.g. another table's forward drop (M9)
 
 
 def run_daemon(config_path: Path, config: Config, socket_override: str | None = None,

@@ -27,6 +27,11 @@ LINK_ALIAS = "greupd"
 TOS_INHERIT = 1
 # The kernel stores an IPv6 route's metric 0 as 1024 (IP6_RT_PRIO_USER).
 IPV6_DEFAULT_METRIC = 1024
+IPV6_FORWARDING = "net/ipv6/conf/all/forwarding"
+
+
+def accept_ra_key(ifname: str) -> str:
+    return f"net/ipv6/conf/{ifname}/accept_ra"
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,9 @@ class Observed:
     # Routes of any other protocol through a foreign link that a tunnel with `adopt` may take over (its
     # addresses are in `addresses` too): the candidates for a take-over in place.
     foreign_routes: frozenset[RouteSpec] = frozenset()
+    # Interfaces the kernel configures from router advertisements now (accept_ra = 1, routes of protocol ra)
+    # while IPv6 forwarding is off; looked for only when Desired switches forwarding on (review M4).
+    ra_interfaces: frozenset[str] = frozenset()
 
     def covers(self, name: str) -> bool:
         return self.scope is None or name in self.scope
@@ -140,6 +148,7 @@ class Observed:
             {**self.sysctls, **newer.sysctls},
             self.scope,
             frozenset({r for r in self.foreign_routes if r.ifname not in seen} | newer.foreign_routes),
+            newer.ra_interfaces,
         )
 
 
@@ -349,7 +358,7 @@ def desired_state(config: Config, alive: Mapping[str, bool] | None = None) -> De
         sysctls["net/ipv4/ip_forward"] = "1"
         if any(t.mode in IPV6_MODES or (t.address is not None and t.address.version == 6)
                or any(r.version == 6 for r in t.routes) for t in config.tunnels if t.enabled):
-            sysctls["net/ipv6/conf/all/forwarding"] = "1"
+            sysctls[IPV6_FORWARDING] = "1"
     if any(t.keepalive is not None and t.keepalive.answer == "kernel" for t in config.tunnels if t.enabled):
         sysctls["net/ipv4/conf/all/rp_filter"] = "0"
     return Desired(tunnels, sysctls)

@@ -10,6 +10,7 @@ changed where it differs, its routes for the configured prefixes replaced by our
 from __future__ import annotations
 
 from greupd.model import (
+    IPV6_FORWARDING,
     Action,
     AddAddress,
     AddressSpec,
@@ -31,6 +32,7 @@ from greupd.model import (
     SetSysctl,
     TakeOverRoute,
     TunnelIntent,
+    accept_ra_key,
 )
 
 
@@ -64,6 +66,11 @@ def plan_changes(desired: Desired, observed: Observed) -> Plan:
     problems: list[PlanProblem] = []
     for key, value in sorted(desired.sysctls.items()):
         if observed.sysctls.get(key) != value:
+            if key == IPV6_FORWARDING and value == "1":
+                # Review M4: with forwarding on, accept_ra = 1 ignores router advertisements, and switching
+                # it on purges the routers they taught (rt6_purge_dflt_routers spares accept_ra = 2 only).
+                # Keep what the host learns by SLAAC today; 2 acts as 1 whenever forwarding is off again.
+                steps.sysctls.extend(SetSysctl(accept_ra_key(name), "2") for name in sorted(observed.ra_interfaces))
             steps.sysctls.append(SetSysctl(key, value))
 
     routes_by_link: dict[str, set[RouteSpec]] = {}

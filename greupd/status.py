@@ -52,6 +52,9 @@ class DaemonStatus(TypedDict):
     pid: int
     netlink_requests: NotRequired[int]  # rtnetlink requests sent since start (benchmarks: a reload should send few)
     tunnels: list[TunnelStatus]
+    # What holds now and defeats part of the config, one line each, for as long as it holds: another table's
+    # forward chain that drops what greupd's forward accepts let through (nft/foreign.py, review M9).
+    warnings: NotRequired[list[str]]
 
 
 class ReloadResult(TypedDict):

@@ -95,3 +95,41 @@ def test_renaming_the_table_puts_the_new_one_in_before_the_old_one_goes(router: 
     added = events.index("add table inet greupd_lan")
     assert "delete table inet greupd" in events[added:], events
     assert "delete table inet greupd" not in events[:added], events
+
+
+DOCKER_FORWARD = """
+table ip filter {
+    chain FORWARD { type filter hook forward priority filter; policy accept;
+        counter
+    }
+}
+"""
+
+
+def test_another_tables_forward_drop_that_defeats_the_nat_accepts_is_reported_while_it_lasts(router: Host) -> None:
+    """Review M9: an accept in greupd's forward chain cannot override a drop in another table's forward chain
+    (Docker's iptables-nft `FORWARD` policy DROP). greupd says so, naming the tunnel, and never edits that
+    table; the policy change is a chain event another process commits, seen by the watch."""
+    daemon = GreupdProcess(router, CONFIG).start()
+    assert daemon.status()["warnings"] == []  # type: ignore[index]
+    router.run("nft", "-f", "-", input=DOCKER_FORWARD)
+    router.run("nft", "chain", "ip", "filter", "FORWARD", "{ policy drop; }")  # `iptables -P FORWARD DROP`
+    docker = router.run("nft", "-a", "list", "table", "ip", "filter").stdout
+
+    def warned() -> list[str]:
+        status = daemon.status(check=False)
+        return list(status.get("warnings", [])) if status else []
+
+    assert wait_until(lambda: bool(warned()), 10), daemon.output()
+    (warning,) = warned()
+    assert warning.startswith("nftables: table ip filter chain FORWARD (hook forward priority 0): policy drop:"
+                              " the forward accepts greupd keeps for My_Tunnel ([tunnel.nat]) cannot override it")
+    assert warning in daemon.output()  # journalled (here: stderr) once it appeared
+    assert "warning: nftables: table ip filter chain FORWARD" in daemon.cli("status", check=True).stdout
+    assert "# warning: nftables: table ip filter chain FORWARD" in daemon.cli("plan", check=True).stdout
+    assert router.run("nft", "-a", "list", "table", "ip", "filter").stdout == docker  # never edited
+
+    router.run("nft", "delete", "table", "ip", "filter")
+    assert wait_until(lambda: not warned(), 10), daemon.output()
+    assert f"no longer: {warning}" in daemon.output()
+    assert daemon.stop() == 0

@@ -294,10 +294,16 @@ def test_a_transaction_is_worth_a_look_when_someone_else_touched_our_table() -> 
     assert worth("greupd", _object(2, "greupd") + _object(2, "filter"), _newgen(555)) == [True]
     # our own apply: not reported
     assert worth("greupd", _object(2, "greupd") + _object(0, "greupd"), _newgen(100)) == [False]
-    # someone else's table only
-    assert worth("greupd", _object(0, "filter"), _newgen(555)) == [False]
-    assert worth(None, _object(0, "filter"), _newgen(555)) == [True]
-    # a table of the same name in another family is not ours
-    assert worth("greupd", _object(0, "greupd", family=2), _newgen(555)) == [False]
+    # someone else's rules only (kube-proxy's iptables-nft churn): no look
+    assert worth("greupd", _object(6, "filter"), _newgen(555)) == [False]
+    assert worth(None, _object(6, "filter"), _newgen(555)) == [True]
+    # someone else's ip, ip6 or inet table or chain (a forward chain's policy may now drop what we accept, M9)
+    assert worth("greupd", _object(0, "filter"), _newgen(555)) == [True]
+    assert worth("greupd", _object(3, "filter", family=2), _newgen(555)) == [True]
+    assert worth("greupd", _object(5, "filter", family=10), _newgen(555)) == [True]
+    # ... but not a bridge table (bridged frames, not routed packets), nor a rule in a table of our name in
+    # another family
+    assert worth("greupd", _object(0, "filter", family=7), _newgen(555)) == [False]
+    assert worth("greupd", _object(6, "greupd", family=2), _newgen(555)) == [False]
     # each transaction is judged on its own
     assert worth("greupd", _object(6, "greupd") + _newgen(555) + _object(6, "filter") + _newgen(555)) == [True, False]

@@ -184,6 +184,20 @@ def test_kernel_answer_sets_martian_sysctls() -> None:
     assert desired.sysctls["net/ipv4/conf/all/rp_filter"] == "0"
 
 
+def test_switching_ipv6_forwarding_on_first_keeps_router_advertisements_where_the_host_uses_them() -> None:
+    """Review M4: the interfaces configured by SLAAC get accept_ra = 2 before forwarding goes on; only then."""
+    desired = desired_state(load_config_text(SEED_A.replace("20.10.1.0/24", "2001:db8::/64")))
+    off: dict[str, str | None] = {"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0"}
+    uplinks = replace(empty_kernel(off), ra_interfaces=frozenset({"wan1", "wan0"}))
+
+    sysctls = [str(a) for a in plan_changes(desired, uplinks).actions if isinstance(a, SetSysctl)]
+    assert sysctls == ["sysctl net.ipv4.ip_forward=1", "sysctl net.ipv6.conf.wan0.accept_ra=2",
+                       "sysctl net.ipv6.conf.wan1.accept_ra=2", "sysctl net.ipv6.conf.all.forwarding=1"]
+    # forwarding already on (by hand, or by us earlier): not ours to change, nothing learnt left to keep
+    on = replace(uplinks, sysctls={**off, "net/ipv6/conf/all/forwarding": "1"})
+    assert not any("accept_ra" in str(a) for a in plan_changes(desired, on).actions)
+
+
 # --- properties: from any kernel state that holds only our objects and foreign ones, one plan converges ---
 
 names = st.sampled_from(["t0", "t1", "t2", "t3"])

@@ -26,6 +26,7 @@ from pyroute2.netlink.rtnl import (
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from greupd.model import (
+    IPV6_FORWARDING,
     LINK_ALIAS,
     ROUTE_PROTO,
     Action,
@@ -45,6 +46,7 @@ from greupd.model import (
     SetLinkUp,
     SetSysctl,
     TakeOverRoute,
+    accept_ra_key,
     action_tunnel,
 )
 from greupd.netlink import nlmsg, rtnl
@@ -66,6 +68,8 @@ class ApplyError:
     def __str__(self) -> str:
         return f"{self.action}: {self.message}"
 
+
+RTPROT_RA = 9  # include/uapi/linux/rtnetlink.h: routes the kernel learnt from router advertisements
 
 # --- sysctls ----------------------------------------------------------------------------------------------
 
@@ -202,8 +206,24 @@ class Kernel:
             if names is None or name in names:
                 keys |= set(intent.sysctls)
         sysctls = {key: read_sysctl(key) for key in keys}
+        switching_on = desired.sysctls.get(IPV6_FORWARDING) == "1" and sysctls.get(IPV6_FORWARDING) == "0"
         return Observed(links, {k: frozenset(v) for k, v in addresses.items()}, frozenset(routes), sysctls,
-                        names, frozenset(foreign_routes))
+                        names, frozenset(foreign_routes), self._ra_interfaces() if switching_on else frozenset())
+
+    def _ra_interfaces(self) -> frozenset[str]:
+        """The interfaces the kernel configures from router advertisements: accept_ra = 1 and routes of
+        protocol ra (the default router, route information). Read only when greupd is about to switch IPv6
+        forwarding on (review M4), so once per host, not once per pass."""
+        found = set()
+        for msg in self._dump(rtnl.dump_routes(socket.AF_INET6, RTPROT_RA)):
+            oif = msg.get_attr("RTA_OIF")
+            try:
+                name = socket.if_indextoname(oif) if msg["proto"] == RTPROT_RA and oif else None
+            except OSError:
+                continue  # gone since the dump
+            if name is not None and read_sysctl(accept_ra_key(name)) == "1":
+                found.add(name)
+        return frozenset(found)
 
     def _observe_adoptable(self, desired: Desired, links: Mapping[str, ObservedLink],
                            addresses: dict[str, set[AddressSpec]], routes: set[RouteSpec]) -> set[RouteSpec]:

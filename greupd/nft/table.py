@@ -128,6 +128,11 @@ class NftTable:
                 return True
         return False
 
+    def query(self, command: JsonObject) -> list[Json]:
+        """The objects one `list` command returns (any table: nft/foreign.py reads other tables' chains)."""
+        self._context()
+        return [obj for obj in self._run([command]) if not (isinstance(obj, dict) and "metainfo" in obj)]
+
     def observe(self) -> str | None:
         """The normalized listing of our table, or None when it does not exist."""
         if not self.present():

@@ -34,6 +34,11 @@ NFT_MSG_NEWGEN = 15
 NFTA_GEN_PROC_PID = 2
 NFTA_OBJECT_TABLE = 1  # NFTA_TABLE_NAME, NFTA_CHAIN_TABLE, NFTA_RULE_TABLE, NFTA_SET_TABLE, ... are all 1
 NFPROTO_INET = 1
+NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10
+ROUTED_FAMILIES = frozenset({NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6})
+# Table and chain messages (NEW, DEL, DESTROY): a chain's policy change is a NEWCHAIN. Rules of other tables
+# are left to the periodic resync: iptables-nft users such as kube-proxy rewrite theirs every few seconds.
+TABLE_AND_CHAIN_MESSAGES = frozenset({0, 2, 3, 5, 26, 27})
 _NFGENMSG = struct.Struct("=BBH")  # family, version, res_id
 RECEIVE_BUFFER = 1 << 20  # a `flush ruleset` of a big ruleset is one message per rule
 
@@ -77,8 +82,10 @@ def parse_events(datagram: bytes) -> list[NftEvent]:
 class TransactionFilter:
     """Decides, event by event, whether a committed transaction is worth a look.
 
-    A transaction is worth it when it touched the watched table (any table if none is given) and was
-    committed by another process. Its object events come before its NEWGEN, so they are held until then.
+    A transaction is worth it when it touched the watched table (any table if none is given), or a table or
+    chain of another ip, ip6 or inet table (a forward chain with policy drop there defeats our accepts:
+    nft/foreign.py), and was committed by another process. Its object events come before its NEWGEN, so
+    they are held until then.
     """
 
     table: str | None
@@ -90,8 +97,9 @@ class TransactionFilter:
             worth = self._touched and event.pid != self.own_pid
             self._touched = False
             return worth
-        if self.table is None or (event.family == NFPROTO_INET and event.table == self.table):
-            self._touched = True
+        ours = self.table is None or (event.family == NFPROTO_INET and event.table == self.table)
+        routed_chains = event.kind in TABLE_AND_CHAIN_MESSAGES and event.family in ROUTED_FAMILIES
+        self._touched |= ours or routed_chains
         return False
 
 
