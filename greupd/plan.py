@@ -70,7 +70,10 @@ def plan_changes(desired: Desired, observed: Observed) -> Plan:
     for route in observed.routes:
         routes_by_link.setdefault(route.ifname, set()).add(route)
 
-    for name in sorted(set(desired.tunnels) | set(observed.links)):
+    # A scoped pass (a drift repair, a reload of a few tunnels) plans its scope only, whatever the config's size.
+    names = set(desired.tunnels) | set(observed.links) if observed.scope is None else \
+        {n for n in observed.scope if n in desired.tunnels or n in observed.links}
+    for name in sorted(names):
         if not observed.covers(name):
             continue
         intent = desired.tunnels.get(name)

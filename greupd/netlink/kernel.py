@@ -101,6 +101,7 @@ class Kernel:
         self._tunnels_by_index: dict[int, str] = {}
         # Names of the tunnels the last observation was asked about: a link appearing under one is news.
         self._desired_names: frozenset[str] = frozenset()
+        self._desired_of: Mapping[str, object] | None = None
 
     @property
     def requests(self) -> int:
@@ -166,7 +167,8 @@ class Kernel:
             if found and (found[1].owned or found[0] in desired.tunnels or names is not None):
                 links[found[0]] = found[1]
 
-        self._desired_names = frozenset(desired.tunnels)
+        if desired.tunnels is not self._desired_of:  # the same Desired pass after pass (model.DesiredMemo)
+            self._desired_names, self._desired_of = frozenset(desired.tunnels), desired.tunnels
         if names is None:
             self._indices.clear()
             self._tunnels_by_index.clear()
@@ -198,9 +200,9 @@ class Kernel:
         foreign_routes = self._observe_adoptable(desired, links, addresses, routes)
 
         keys = set(desired.sysctls)
-        for name, intent in desired.tunnels.items():
-            if names is None or name in names:
-                keys |= set(intent.sysctls)
+        for intent in desired.tunnels.values() if names is None else \
+                (i for n in names if (i := desired.tunnels.get(n)) is not None):
+            keys |= set(intent.sysctls)
         sysctls = {key: read_sysctl(key) for key in keys}
         return Observed(links, {k: frozenset(v) for k, v in addresses.items()}, frozenset(routes), sysctls,
                         names, frozenset(foreign_routes))
