@@ -158,9 +158,10 @@ class SetSysctl:
 @dataclass(frozen=True)
 class CreateLink:
     spec: LinkSpec
+    up: bool = False  # created up (IFF_UP in the same request): one request, one kernel notification less
 
     def __str__(self) -> str:
-        return f"create link {_describe_link(self.spec)}"
+        return f"create link {_describe_link(self.spec)}{', up' if self.up else ''}"
 
 
 @dataclass(frozen=True)

@@ -111,9 +111,7 @@ def _plan_tunnel(steps: _Steps, intent: TunnelIntent, observed: Observed, routes
         # A link cannot change kind in place (gre -> gretap): replace it.
         steps.delete_links.append(DeleteLink(name, f"kind {link.spec.kind} -> {intent.link.kind}"))
     if fresh:
-        steps.create_links.append(CreateLink(intent.link))
-        if intent.up:
-            steps.links_up.append(SetLinkUp(name, True))
+        steps.create_links.append(CreateLink(intent.link, intent.up))
         addresses: frozenset[AddressSpec] = frozenset()
     else:
         assert link is not None

@@ -61,9 +61,9 @@ def simulate(observed: Observed, actions: tuple[Action, ...]) -> Observed:
         match action:
             case SetSysctl(key, value):
                 sysctls[key] = value
-            case CreateLink(spec):
+            case CreateLink(spec, up):
                 assert spec.name not in links, f"create over existing {spec.name}"
-                links[spec.name] = ObservedLink(next_index, spec, False, True)
+                links[spec.name] = ObservedLink(next_index, spec, up, True)
                 addresses[spec.name] = set()
                 next_index += 1
             case ChangeLink(spec, _):
@@ -97,8 +97,7 @@ def test_seed_tunnel_from_nothing_is_created_in_order() -> None:
     plan = plan_changes(desired, empty_kernel({"net/ipv4/ip_forward": "0"}))
     assert describe(plan).splitlines() == [
         "sysctl net.ipv4.ip_forward=1",
-        "create link My_Tunnel type gre local 172.19.1.1 remote 172.19.1.2 ttl 64",
-        "set link My_Tunnel up",
+        "create link My_Tunnel type gre local 172.19.1.1 remote 172.19.1.2 ttl 64, up",
         "add address 192.168.8.1 peer 192.168.8.11 dev My_Tunnel",
         "add route 20.10.1.0/24 dev My_Tunnel metric 0",
     ]

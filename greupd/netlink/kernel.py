@@ -272,8 +272,9 @@ class Kernel:
         A crash between the two batches leaves an unmarked link: greupd then reports the name as taken
         rather than claim a link it cannot prove is its own.
         """
-        outcomes = self._rtnl.transact([r for action in creates
-                                        for r in (rtnl.new_link(action.spec), rtnl.get_link(action.spec.name))])
+        # Created up when the plan says so (IFF_UP in the create itself, as `ip link add ... up` would need two).
+        requests = [r for a in creates for r in (rtnl.new_link(a.spec, a.up), rtnl.get_link(a.spec.name))]
+        outcomes = self._rtnl.transact(requests)
         refused: list[tuple[Action, str]] = []
         created: list[tuple[CreateLink, int]] = []
         for action, made, found in zip(creates, outcomes[::2], outcomes[1::2], strict=True):

@@ -125,8 +125,10 @@ def _linkinfo(spec: LinkSpec) -> bytes:
     return attr(IFLA_LINKINFO, _str(IFLA_INFO_KIND, spec.kind) + attr(IFLA_INFO_DATA, data))
 
 
-def new_link(spec: LinkSpec) -> Request:
-    body = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _str(IFLA_IFNAME, spec.name) + _linkinfo(spec)
+def new_link(spec: LinkSpec, up: bool = False) -> Request:
+    """Create a link; `up`: IFF_UP in ifi_flags and ifi_change, which the kernel applies on creation too."""
+    flags = IFF_UP if up else 0
+    body = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, flags, flags) + _str(IFLA_IFNAME, spec.name) + _linkinfo(spec)
     if spec.mtu is not None:
         body += _u32(IFLA_MTU, spec.mtu)
     return Request(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body)
