@@ -20,6 +20,7 @@ from greupd.model import (
     DeleteLink,
     DeleteRoute,
     Desired,
+    DesiredMemo,
     LinkSpec,
     Observed,
     ObservedLink,
@@ -260,3 +261,18 @@ def test_a_scoped_look_replaces_only_its_tunnels_in_a_snapshot() -> None:
     assert set(merged.links) == {"My_Tunnel"} and merged.scope is None
     assert {r.ifname for r in merged.routes} == {"My_Tunnel"}
     assert merged.addresses["My_Tunnel"] == full.addresses["My_Tunnel"] and "other" not in merged.addresses
+
+
+def test_the_desired_state_kept_between_passes_is_the_one_computed_afresh() -> None:
+    """The daemon keeps its desired state (model.DesiredMemo); a keepalive verdict rebuilds that tunnel only."""
+    config = load_config_text(SEED_A + OTHER)
+    memo = DesiredMemo()
+    first = memo.of(config, {"My_Tunnel": True, "other": True})
+    assert first == desired_state(config) and memo.of(config, {"My_Tunnel": True, "other": True}) is first
+    dead = memo.of(config, {"My_Tunnel": False, "other": True})
+    assert dead == desired_state(config, {"My_Tunnel": False})
+    assert dead.tunnels["other"] is first.tunnels["other"]
+    assert memo.of(config, {"My_Tunnel": True, "other": True}) == first
+    reloaded = load_config_text((SEED_A + OTHER).replace('name = "My_Tunnel"', 'name = "My_Tunnel"\nttl = 100'))
+    assert desired_state(reloaded) != first
+    assert memo.of(reloaded, {"My_Tunnel": True, "other": True}) == desired_state(reloaded)
