@@ -202,8 +202,8 @@ class Daemon:
         self.events.config_reloaded(self.generation, [str(f) for f in config.files])
         self.notifier.ready(self._status_text())
         # Accepted, but the kernel may have refused some of it (review L8): say which tunnels, and why.
-        refused = [f"tunnel {r['name']}: {r['error']}" for r in self.tunnel_statuses()
-                   if r["state"] == "error" and r["name"] in scope]
+        refused = [f"tunnel {name}: {r.error}" for name in sorted(scope)
+                   if (r := self.reports.records.get(name)) is not None and r.state == "error"]
         error = "\n".join(filter(None, [self.last_error, *refused])) or None
         return {"ok": True, "generation": self.generation, "error": error}
 
