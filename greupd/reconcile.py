@@ -45,7 +45,6 @@ def reconcile_pass(kernel: Kernel, desired: Desired, names: frozenset[str] | Non
     after = observed.updated(Observed.as_planned(desired, touched - refused, kernel.indices(touched - refused)))
     if refused:
         after = after.updated(kernel.observe(desired, refused))
-    kernel.expect(after.links, after.scope)
     return PassOutcome(observed, plan, errors, after, touched, refused)
 
 

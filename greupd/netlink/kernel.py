@@ -95,9 +95,6 @@ class Kernel:
         # Names of the tunnels the last observation was asked about: a link appearing under one is news.
         self._desired_names: frozenset[str] = frozenset()
         self._desired_of: Mapping[str, object] | None = None
-        # The link each tunnel shows as far as the last pass knows (seen, or acknowledged as planned): a link
-        # notification that says just that (the kernel's echo of our own change) is no news (KernelWatch).
-        self._expected: dict[str, ObservedLink] = {}
 
     @property
     def requests(self) -> int:
@@ -111,24 +108,6 @@ class Kernel:
 
     def close(self) -> None:
         self._rtnl.close()
-
-    def expect(self, links: Mapping[str, ObservedLink], scope: Iterable[str] | None) -> None:
-        """After a pass: the tunnels of `scope` (None: all) now have these links (absent from `links`: none)."""
-        if scope is None:
-            self._expected = dict(links)
-            return
-        for name in scope:
-            if (link := links.get(name)) is not None:
-                self._expected[name] = link
-            else:
-                self._expected.pop(name, None)
-
-    def is_expected(self, name: str, link: ObservedLink) -> bool:
-        """Whether `link` is what the last pass left (what a pass would find nothing to change in)."""
-        expected = self._expected.get(name)
-        if expected is None or (expected.index, expected.up, expected.owned) != (link.index, link.up, link.owned):
-            return False
-        return expected.spec.kind == link.spec.kind and not expected.spec.differs_from(link.spec)
 
     def tunnel_at(self, index: int) -> str | None:
         """The tunnel whose link (greupd's own) has this ifindex, as last seen or created."""
@@ -418,14 +397,9 @@ class KernelWatch:
         """The tunnel a notification that passed rtnl.may_concern_us is about, if any."""
         if kind in (rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK):
             name, index = rtnl.link_name_and_index(raw)
-            tunnel = name if name is not None and self._kernel.concerns(name) else self._kernel.tunnel_at(index)
-            if kind == rtnl.RTM_NEWLINK and tunnel is not None and tunnel == name:
-                # Linux < 6.3 stamps link notifications with port 0, so our own changes come back here: a link
-                # exactly as the last pass left it needs no look (a reload of one ttl: no second pass).
-                found = rtnl.link_from_message(raw)
-                if found is not None and self._kernel.is_expected(tunnel, found[1]):
-                    return None
-            return tunnel
+            if name is not None and self._kernel.concerns(name):
+                return name
+            return self._kernel.tunnel_at(index)
         # Link-local addresses and routes of other protocols (IPv6 autoconfiguration, multicast) come and go
         # on our links without concerning us: may_concern_us has dropped those already.
         if kind in (rtnl.RTM_NEWADDR, rtnl.RTM_DELADDR):
