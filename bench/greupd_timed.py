@@ -24,7 +24,7 @@ import time
 from types import FrameType
 
 SAMPLE_EVERY = 0.002
-TOP = 30
+TOP = int(os.environ.get("BENCH_PROFILE_TOP", "30"))
 
 
 def _notify(message: str) -> None:

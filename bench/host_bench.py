@@ -128,6 +128,95 @@ def _dumps_here(trials: int) -> Json:
     return asyncio.run(measure())
 
 
+def request_encoding(count: int, trials: int) -> Json:
+    """The requests of `count` new tunnels (create up, look up, mark, address, two routes), framed into one
+    buffer: by greupd/netlink/rtnl.py, and by pyroute2's IPBatch (its request compiler, which sends nothing).
+    Encoding only: the kernel's work for the same messages is the same whichever side built them."""
+    from pyroute2 import IPBatch
+
+    from greupd.config import load_config_text
+    from greupd.model import LINK_ALIAS, ROUTE_PROTO, desired_state
+    from greupd.netlink import nlmsg, rtnl
+
+    intents = list(desired_state(load_config_text(scenario.greupd_toml(count))).tunnels.values())
+
+    def by_rtnl() -> bytes:
+        requests = []
+        for index, t in enumerate(intents, 100):
+            requests += [rtnl.new_link(t.link, True), rtnl.get_link(t.link.name), rtnl.set_alias(index, LINK_ALIAS),
+                         *(rtnl.address(True, index, a) for a in t.addresses),
+                         *(rtnl.route(True, index, r, ROUTE_PROTO) for r in t.routes)]
+        return b"".join(nlmsg.message(r.type, r.flags, seq, 0, r.body) for seq, r in enumerate(requests, 1))
+
+    def by_ipbatch() -> bytes:
+        ipb = IPBatch()
+        for index, t in enumerate(intents, 100):
+            link = t.link
+            ipb.link("add", ifname=link.name, kind="gre", gre_local=str(link.local), gre_remote=str(link.remote),
+                     gre_ikey=link.ikey, gre_okey=link.okey, gre_iflags=0x2000, gre_oflags=0x2000, gre_ttl=link.ttl,
+                     state="up")
+            ipb.link("get", ifname=link.name)
+            ipb.link("set", index=index, ifalias=LINK_ALIAS)
+            for a in t.addresses:
+                ipb.addr("add", index=index, local=str(a.local.ip), address=str(a.peer),
+                         prefixlen=a.local.network.prefixlen)
+            for r in t.routes:
+                ipb.route("add", dst=str(r.dst), oif=index, proto=ROUTE_PROTO, table=r.table, priority=r.metric)
+        return bytes(ipb.batch)
+
+    ours, theirs = by_rtnl(), by_ipbatch()
+    messages = sum(1 for _ in nlmsg.messages(ours))
+    assert messages == sum(1 for _ in nlmsg.messages(theirs))
+    return {"tunnels": count, "messages": messages, "rtnl": timed(by_rtnl, trials),
+            "ipbatch": timed(by_ipbatch, trials)}
+
+
+def ready_natively(trials: int) -> Json:
+    """`greupd run` (via bench.greupd_timed) with one tunnel and its keepalive, spawn to READY=1, in a netns of
+    this machine. Its kernel has no GRE, so the create is refused and the tunnel reported in error: everything
+    else (Python, imports, config, the netlink requests, the keepalive engine and its probe) is as in real use."""
+    import socket
+
+    netns = f"benchready{os.getpid()}"
+    directory = Path(tempfile.mkdtemp(prefix="bench-ready-"))
+    config = directory / "tunnels.toml"
+    config.write_text(scenario.greupd_toml(1, keepalive=(1.0, 3, 1)))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(directory / "notify.sock"))
+    notify.settimeout(60)
+    env = {**os.environ, "NOTIFY_SOCKET": str(directory / "notify.sock"), "GREUPD_CONFIG": str(config),
+           "GREUPD_CONTROL_SOCKET": str(directory / "control.sock"), "GREUPD_STATE_DIR": str(directory / "state"),
+           "GREUPD_LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO)}
+    samples: list[Json] = []
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    try:
+        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+        for trial in range(trials + 1):  # the first warms the page cache, as on a machine that ran greupd before
+            start = time.monotonic()
+            proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "bench.greupd_timed"],
+                                    cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            imported = ready = None
+            cpu = 0.0
+            try:
+                while ready is None:
+                    data = notify.recv(65536).decode(errors="replace")
+                    if data.startswith("BENCH_IMPORTED="):
+                        imported = float(data.split("=", 1)[1]) - start
+                    elif "READY=1" in data.split("\n"):
+                        ready = time.monotonic() - start
+                cpu = _cpu_seconds(proc.pid)  # a figure the machine's load does not stretch, unlike wall time
+            finally:
+                proc.terminate()
+                proc.wait(30)
+            if trial:
+                samples.append({"imported": imported, "seconds": ready, "cpu_seconds": cpu})
+    finally:
+        notify.close()
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+        shutil.rmtree(directory, ignore_errors=True)
+    return {"trials": samples}
+
+
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -215,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             "import_scapy_all": command([py, "-c", "import scapy.all"], trials),
         },
         "cpu": cpu_parts(count, trials),
+        "ready_one_tunnel_keepalive": ready_natively(trials),
+        "request_encoding": request_encoding(100, trials),
         "dumps": dump_parsing(count, trials),
         "keepalive": [keepalive_engine(count, interval, 10 if a.quick else 30) for interval in (1.0, 0.1)],
     }

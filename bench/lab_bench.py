@@ -59,6 +59,8 @@ def log(*parts: object) -> None:
 class Sizes:
     convergence: tuple[int, ...]
     convergence_trials: dict[int, int]
+    uml_convergence: int  # N of the plain UML guest's convergence (no systemd, no udev beside it)
+    uml_convergence_trials: int
     networkd_trials: dict[int, int]  # networkd is much slower at large N: fewer trials, and a time limit
     networkd_timeout: float
     drift_small: int  # tunnels in the small config of the drift benchmark
@@ -73,11 +75,13 @@ class Sizes:
     networkd_drift_wait: float
 
 
-FULL = Sizes(convergence=(10, 100, 1000), convergence_trials={10: 5, 100: 5, 1000: 3},
+FULL = Sizes(convergence=(10, 100, 1000), convergence_trials={10: 5, 100: 5, 1000: 3}, uml_convergence=1000,
+             uml_convergence_trials=3,
              networkd_trials={10: 5, 100: 3, 1000: 1}, networkd_timeout=600.0, drift_small=50, drift_trials=200,
              drift_large_trials=50, large=1000, reload_trials=10, dead_peer_tunnels=10, dead_peer_trials=50,
              window=30.0, startup_trials=3, networkd_drift_wait=10.0)
-QUICK = Sizes(convergence=(10, 100), convergence_trials={10: 2, 100: 2}, networkd_trials={10: 2, 100: 1},
+QUICK = Sizes(convergence=(10, 100), convergence_trials={10: 2, 100: 2}, uml_convergence=100,
+              uml_convergence_trials=2, networkd_trials={10: 2, 100: 1},
               networkd_timeout=120.0, drift_small=20, drift_trials=20, drift_large_trials=10, large=100,
               reload_trials=3, dead_peer_tunnels=5, dead_peer_trials=10, window=5.0, startup_trials=1,
               networkd_drift_wait=3.0)
@@ -722,6 +726,15 @@ def suite_uml(sizes: Sizes, results: Json) -> None:
 
     log("start-up")
     results["startup"] = startup(sizes)
+
+    count = sizes.uml_convergence
+    log(f"convergence, {count} tunnels, greupd and ip -batch interleaved")
+    rows: dict[str, list[Json]] = {"greupd": [], "ip_batch": [], "networkd": []}
+    for trial in range(sizes.uml_convergence_trials):
+        for tool in (("ip_batch", "greupd") if trial % 2 == 0 else ("greupd", "ip_batch")):
+            rows[tool].append(converge_greupd(count) if tool == "greupd" else converge_ip_batch(count))
+            log(f"convergence N={count} trial {trial} {tool}: {rows[tool][-1]}")
+    results["convergence"] = {str(count): rows}
 
     log(f"drift, {sizes.drift_small} tunnels")
     with Lab("dr") as lab:

@@ -751,7 +751,54 @@ def _read(file: Path) -> _Source:
 _TOML_AT = re.compile(r"\s*\((?:at line (\d+), column \d+|at end of document)\)\s*$")
 
 
+# `[[tunnel]]` alone on its line (a comment may follow): where a tunnel's table starts.
+_TUNNEL_HEADER = re.compile(r"^[ \t]*\[\[tunnel\]\][ \t]*(?:#.*)?$", re.MULTILINE)
+# The parsed pieces of the last texts read (see _parse_in_pieces), by their text.
+_PIECES: dict[str, dict[str, Any]] = {}
+
+
+def _parse_in_pieces(text: str) -> dict[str, Any] | None:
+    """tomllib.loads(text), from pieces cut at each `[[tunnel]]` line, each piece parsed once and kept.
+
+    A reload that changes one tunnel among thousands then parses that tunnel's table only (tomllib, pure
+    Python, takes ~40 us a table natively and several times that in a slow VM). None whenever the cut might
+    not give what the whole text gives, and the caller parses the whole text (which also places any error):
+    a piece that does not parse (a cut inside a multi-line string or array leaves it unterminated), or a key
+    other than `tunnel` in two pieces, or `tunnel` as anything but an array of tables.
+    """
+    starts = [0, *(m.start() for m in _TUNNEL_HEADER.finditer(text))]
+    pieces = [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True) if b > a]
+    data: dict[str, Any] = {"tunnel": []}
+    for number, piece in enumerate(pieces):
+        parsed = _PIECES.get(piece)
+        if parsed is None:
+            try:
+                parsed = tomllib.loads(piece)
+            except tomllib.TOMLDecodeError:
+                return None
+        _PIECES[piece] = parsed
+        for key, value in parsed.items():
+            if key == "tunnel":
+                # Only from a piece that starts with its [[tunnel]] line: `tunnel = [...]` before the first
+                # one would be an error in the whole text (a static array cannot be appended to).
+                if not isinstance(value, list) or (number == 0 and starts[1:2] != [0]):
+                    return None
+                data["tunnel"] += value
+            elif key in data:
+                return None
+            else:
+                data[key] = value
+    if not data["tunnel"]:
+        del data["tunnel"]
+    return data
+
+
 def _parse(file: Path, text: str) -> _Source:
+    if len(_PIECES) > 4 * text.count("[[tunnel]]") + 64:
+        _PIECES.clear()  # old pieces, of texts edited since: keep the cache about the size of the config
+    data = _parse_in_pieces(text)
+    if data is not None:
+        return _Source(file, data, text)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -905,6 +952,12 @@ def _last_writer(sources: list[_Source], section: str, loc: Path_) -> _Source | 
     return next((s for s in reversed(sources) if _written(s.data.get(section), loc)), None)
 
 
+# The tunnels of the last config validated, by the text of their merged table: a reload that changes one
+# tunnel among thousands validates that one (pydantic costs ~0.1 ms a table). TunnelConfig is frozen, so a
+# tunnel object can be shared by the old config and the new one.
+_VALIDATED: dict[str, TunnelConfig] = {}
+
+
 def _validate(sources: list[_Source]) -> Config:
     problems: list[ConfigProblem] = []
     daemon_raw: dict[str, Any] = {}
@@ -943,6 +996,7 @@ def _validate(sources: list[_Source]) -> Config:
     problems += _defaults_problems(defaults_raw, in_defaults)
 
     tunnels: list[tuple[TunnelConfig, _Source, int]] = []
+    validated: dict[str, TunnelConfig] = {}
     for source in sources:
         entries = source.data.get("tunnel", [])
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -958,12 +1012,19 @@ def _validate(sources: list[_Source]) -> Config:
                     return in_defaults(loc) or (source, ("tunnel", index))
                 return source, ("tunnel", index)
 
-            try:
-                tunnel = TunnelConfig.model_validate(_deep_merge(_defaults_for(defaults_raw, entry), entry))
-            except ValidationError as exc:
-                problems += _problems(exc, in_tunnel)
-                continue
-            tunnels.append((tunnel, source, index))
+            merged = _deep_merge(_defaults_for(defaults_raw, entry), entry)
+            key = repr(merged)  # TOML values only: the text of the table as validated, defaults included
+            tunnel_or_none = _VALIDATED.get(key)
+            if tunnel_or_none is None:
+                try:
+                    tunnel_or_none = TunnelConfig.model_validate(merged)
+                except ValidationError as exc:
+                    problems += _problems(exc, in_tunnel)
+                    continue
+            validated[key] = tunnel_or_none
+            tunnels.append((tunnel_or_none, source, index))
+    _VALIDATED.clear()
+    _VALIDATED.update(validated)
     problems += _cross_tunnel_problems(tunnels)
     if not daemon.ip_forward:
         problems += _forwarding_problems(tunnels, in_defaults)
@@ -1020,9 +1081,11 @@ def _defaults_problems(defaults_raw: dict[str, Any], place: _Place) -> list[Conf
 def _cross_tunnel_problems(tunnels: list[tuple[TunnelConfig, _Source, int]]) -> list[ConfigProblem]:
     problems = []
     names: dict[str, tuple[_Source, int]] = {}
-    endpoints: dict[tuple[str, IPAddress, IPAddress, int | None], str] = {}
+    # Keyed by (version, int), not ipaddress objects: an IPv4Address hashes through hex(), and a thousand
+    # tunnels' endpoints and routes made this check a third of a reload.
+    endpoints: dict[tuple[str, int, int, int, int | None], str] = {}
     # The kernel keeps one route per (prefix, table, metric): the second tunnel's would be refused (EEXIST).
-    routes: dict[tuple[IPNetwork, int, int], str] = {}
+    routes: dict[tuple[int, int, int, int, int], str] = {}
     for tunnel, source, index in tunnels:
         if tunnel.name in names:
             other, other_index = names[tunnel.name]
@@ -1034,7 +1097,7 @@ def _cross_tunnel_problems(tunnels: list[tuple[TunnelConfig, _Source, int]]) -> 
             names[tunnel.name] = (source, index)
         # The kernel demultiplexes received GRE by (local, remote, key): two tunnels sharing all three collide.
         kind = "l2" if tunnel.mode in ETHERNET_MODES else "l3"
-        ident = (kind, tunnel.local, tunnel.remote, tunnel.input_key)
+        ident = (kind, tunnel.local.version, int(tunnel.local), int(tunnel.remote), tunnel.input_key)
         if ident in endpoints and tunnel.enabled:
             problems.append(ConfigProblem(
                 source.file, _line_of(source.lines, ("tunnel", index)), f"tunnel[{index}]",
@@ -1045,7 +1108,7 @@ def _cross_tunnel_problems(tunnels: list[tuple[TunnelConfig, _Source, int]]) -> 
         for number, prefix in enumerate(tunnel.routes if tunnel.enabled else ()):
             # IPv6 stores metric 0 as 1024 (IP6_RT_PRIO_USER), so the two are the same route.
             metric = 1024 if prefix.version == 6 and tunnel.metric == 0 else tunnel.metric
-            route = (prefix, tunnel.table, metric)
+            route = (prefix.version, int(prefix.network_address), prefix.prefixlen, tunnel.table, metric)
             if route in routes:
                 owner = "this tunnel" if routes[route] == tunnel.name else f"tunnel {routes[route]!r}"
                 problems.append(ConfigProblem(

@@ -23,7 +23,7 @@ from greupd.ipsec.supervisor import IpsecSupervisor
 from greupd.keepalive.engine import KeepaliveEngine, LivenessChange, targets_from_config
 from greupd.keepalive.restart import VerdictMemory
 from greupd.metrics import MetricsPublisher
-from greupd.model import Desired, desired_state
+from greupd.model import Desired, DesiredMemo
 from greupd.netlink.kernel import Kernel, KernelWatch
 from greupd.nft.keeper import NftKeeper
 from greupd.queue import RESYNC_EVERY, RETRY_AFTER, Retry, WorkQueue, reload_scope, settle
@@ -31,7 +31,7 @@ from greupd.reconcile import reconcile_pass, remove_everything
 from greupd.report import Reports
 from greupd.state import StartConfig
 from greupd.status import DaemonStatus, ReloadResult, TunnelStatus
-from greupd.systemd import Notifier, status_line
+from greupd.systemd import Notifier
 
 log = logging.getLogger("greupd")
 
@@ -44,7 +44,7 @@ class Daemon:
         self.generation = 1
         self.start = start  # where the last good config is kept, and a rejection at start (#11 H4)
         self.last_error: str | None = start.rejection() if start is not None else None
-        self.reports = Reports()
+        self.reports, self._desired = Reports(), DesiredMemo()
         self.events = EventLog()
         self.notifier = Notifier()
         self._wake, self._stop = asyncio.Event(), asyncio.Event()
@@ -139,7 +139,7 @@ class Daemon:
     # --- the pass ------------------------------------------------------------------------------------
 
     def desired(self) -> Desired:
-        return desired_state(self.config, {name: self.keepalive.is_up(name) for name in self.keepalive.names()})
+        return self._desired.of(self.config, {name: self.keepalive.is_up(name) for name in self.keepalive.names()})
 
     def reconcile(self, names: frozenset[str] | None, repairs: frozenset[str] = frozenset()) -> None:
         """A pass for `names` (None: everything), then what changed; `repairs`: the names kernel events gave."""
@@ -164,7 +164,7 @@ class Daemon:
         self.notifier.status_if_changed(self._status_text())
         self.metrics.publish()
         assert self._loop is not None
-        applied = (t.name for t in self.config.tunnels if done.after.covers(t.name) and t.name not in done.refused)
+        applied = done.applied(self.reports.tunnels(self.config))
         fought = [n for n in done.touched & repairs if n in self.reports.records]
         for wait in self.queue.after_pass(applied, sorted(done.refused), fought, time.monotonic()):
             (log.info if isinstance(wait, Retry) else self._fail)(str(wait))  # a fight is news, a retry is not
@@ -202,8 +202,8 @@ class Daemon:
         self.events.config_reloaded(self.generation, [str(f) for f in config.files])
         self.notifier.ready(self._status_text())
         # Accepted, but the kernel may have refused some of it (review L8): say which tunnels, and why.
-        refused = [f"tunnel {r['name']}: {r['error']}" for r in self.tunnel_statuses()
-                   if r["state"] == "error" and r["name"] in scope]
+        refused = [f"tunnel {name}: {r.error}" for name in sorted(scope)
+                   if (r := self.reports.records.get(name)) is not None and r.state == "error"]
         error = "\n".join(filter(None, [self.last_error, *refused])) or None
         return {"ok": True, "generation": self.generation, "error": error}
 
@@ -223,7 +223,7 @@ class Daemon:
         self.kernel.close()
 
     def _status_text(self) -> str:
-        return status_line(self.tunnel_statuses())
+        return self.reports.status_text(self.config)
 
     def tunnel_statuses(self) -> list[TunnelStatus]:
         return self.ipsec.annotate(self.reports.statuses(self.config, self.keepalive.status))

@@ -167,9 +167,10 @@ class SetSysctl:
 @dataclass(frozen=True)
 class CreateLink:
     spec: LinkSpec
+    up: bool = False  # created up (IFF_UP in the same request): one request, one kernel notification less
 
     def __str__(self) -> str:
-        return f"create link {_describe_link(self.spec)}"
+        return f"create link {_describe_link(self.spec)}{', up' if self.up else ''}"
 
 
 @dataclass(frozen=True)
@@ -362,3 +363,27 @@ def desired_state(config: Config, alive: Mapping[str, bool] | None = None) -> De
     if any(t.keepalive is not None and t.keepalive.answer == "kernel" for t in config.tunnels if t.enabled):
         sysctls["net/ipv4/conf/all/rp_filter"] = "0"
     return Desired(tunnels, sysctls)
+
+
+class DesiredMemo:
+    """desired_state kept between passes: a drift repair of one tunnel among thousands need not rebuild the
+    intent of every tunnel. Built again for a new config; for a keepalive flip, only the flipped tunnels."""
+
+    def __init__(self) -> None:
+        self._config: Config | None = None
+        self._by_name: dict[str, TunnelConfig] = {}
+        self._alive: dict[str, bool] = {}
+        self._desired = Desired({}, {})
+
+    def of(self, config: Config, alive: Mapping[str, bool]) -> Desired:
+        if config is not self._config:
+            self._config, self._by_name = config, {t.name: t for t in config.tunnels}
+            self._alive, self._desired = dict(alive), desired_state(config, alive)
+        elif alive != self._alive:
+            tunnels = dict(self._desired.tunnels)
+            for name in alive.keys() | self._alive.keys():
+                tunnel = self._by_name.get(name)
+                if alive.get(name, True) != self._alive.get(name, True) and tunnel is not None and tunnel.enabled:
+                    tunnels[name] = tunnel_intent(tunnel, alive.get(name, True))
+            self._alive, self._desired = dict(alive), Desired(tunnels, self._desired.sysctls)
+        return self._desired

@@ -77,7 +77,10 @@ def plan_changes(desired: Desired, observed: Observed) -> Plan:
     for route in observed.routes:
         routes_by_link.setdefault(route.ifname, set()).add(route)
 
-    for name in sorted(set(desired.tunnels) | set(observed.links)):
+    # A scoped pass (a drift repair, a reload of a few tunnels) plans its scope only, whatever the config's size.
+    names = set(desired.tunnels) | set(observed.links) if observed.scope is None else \
+        {n for n in observed.scope if n in desired.tunnels or n in observed.links}
+    for name in sorted(names):
         if not observed.covers(name):
             continue
         intent = desired.tunnels.get(name)
@@ -115,9 +118,7 @@ def _plan_tunnel(steps: _Steps, intent: TunnelIntent, observed: Observed, routes
         # A link cannot change kind in place (gre -> gretap): replace it.
         steps.delete_links.append(DeleteLink(name, f"kind {link.spec.kind} -> {intent.link.kind}"))
     if fresh:
-        steps.create_links.append(CreateLink(intent.link))
-        if intent.up:
-            steps.links_up.append(SetLinkUp(name, True))
+        steps.create_links.append(CreateLink(intent.link, intent.up))
         addresses: frozenset[AddressSpec] = frozenset()
     else:
         assert link is not None

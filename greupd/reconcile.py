@@ -7,6 +7,7 @@ tunnel states (greupd/report.py); this module is only the observe -> plan -> app
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from greupd.model import Desired, Observed, Plan, action_tunnel
@@ -24,6 +25,11 @@ class PassOutcome:
     after: Observed  # what the kernel holds now, as far as the pass touched it
     touched: frozenset[str]  # tunnels the plan acted on
     refused: frozenset[str]  # tunnels the kernel refused an action of
+
+    def applied(self, configured: Collection[str]) -> list[str]:
+        """The configured tunnels this pass looked at and the kernel refused nothing of (scope only)."""
+        looked_at = configured if self.after.scope is None else (n for n in self.after.scope if n in configured)
+        return [n for n in looked_at if n not in self.refused]
 
 
 def reconcile_pass(kernel: Kernel, desired: Desired, names: frozenset[str] | None) -> PassOutcome:

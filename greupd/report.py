@@ -10,7 +10,7 @@ verdict came with (`LivenessChange.message`) is kept here until the pass that ac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -20,6 +20,7 @@ from greupd.keepalive.liveness import LivenessChange
 from greupd.model import Observed, Plan, action_tunnel
 from greupd.netlink.kernel import ApplyError
 from greupd.status import KeepaliveStatus, TunnelState, TunnelStatus
+from greupd.systemd import StatusBrief, status_line
 
 # The reason a tunnel comes back up, by the reason it went down.
 _RESTORED = {"keepalive-timeout": "keepalive-restored", "link-removed": "link-restored"}
@@ -46,10 +47,40 @@ class TunnelRecord:
 
 
 class Reports:
+    """Cheap per pass for a few tunnels among thousands (a drift repair): the bookkeeping of a scoped pass
+    touches the tunnels it looked at only, and the STATUS= line and the answerable set are computed again
+    only when some record changed."""
+
     def __init__(self, clock: Callable[[], str] = now_iso) -> None:
         self.records: dict[str, TunnelRecord] = {}
         self._clock = clock
+        self._now: str | None = None  # the pass's time: one clock read per pass, not one per transition
         self._verdicts: dict[str, LivenessChange] = {}  # the last flip per tunnel, for its sentence
+        self._config: Config | None = None
+        self._by_name: dict[str, TunnelConfig] = {}
+        self._order: dict[str, int] = {}
+        self._version = 0  # bumped whenever a record's state, reason, error or link_works changes
+        self._answerable: tuple[int, list[str]] | None = None
+        self._status_text: tuple[Config, int, str] | None = None  # for (config, version)
+
+    def tunnels(self, config: Config) -> Mapping[str, TunnelConfig]:
+        """`config`'s tunnels by name, in config order (built once per config)."""
+        if config is not self._config:
+            self._config, self._by_name = config, {t.name: t for t in config.tunnels}
+            self._order = {name: i for i, name in enumerate(self._by_name)}
+            for gone in set(self.records) - self._by_name.keys():
+                del self.records[gone]
+            for gone in set(self._verdicts) - self._by_name.keys():
+                del self._verdicts[gone]
+            self._version += 1
+        return self._by_name
+
+    def _looked_at(self, config: Config, observed: Observed) -> list[TunnelConfig]:
+        """The configured tunnels `observed` covers, in config order."""
+        by_name = self.tunnels(config)
+        if observed.scope is None:
+            return list(by_name.values())
+        return sorted((by_name[n] for n in observed.scope if n in by_name), key=lambda t: self._order[t.name])
 
     def note_liveness(self, name: str, change: LivenessChange) -> None:
         self._verdicts[name] = change
@@ -59,6 +90,7 @@ class Reports:
         """The state changes of one pass. before: the observation it planned from; after: the kernel once the
         plan was applied (as planned where acknowledged, observed again where refused); repairs: the tunnels
         kernel events marked for this pass (a drift repair where the plan acted on one of them)."""
+        self._now = None
         changes = self._link_losses(config, before)
         acted_on = {t for a in plan.actions if (t := action_tunnel(a)) is not None}
         problems = {p.tunnel: p.message for p in plan.problems}
@@ -66,9 +98,7 @@ class Reports:
         for error in errors:
             if error.tunnel is not None:
                 failures.setdefault(error.tunnel, str(error))
-        for tunnel in config.tunnels:
-            if not after.covers(tunnel.name):
-                continue
+        for tunnel in self._looked_at(config, after):
             record = self._record(tunnel.name)
             if tunnel.name in acted_on and tunnel.name in repairs:
                 record.drift_repairs += 1
@@ -77,12 +107,17 @@ class Reports:
             record.link_present = link is not None and link.owned
             held_down = (tunnel.keepalive is not None and tunnel.keepalive.action == "link"
                          and not is_up(tunnel.name))
-            record.link_works = record.link_present and link is not None and (link.up or held_down)
+            works = record.link_present and link is not None and (link.up or held_down)
+            if works != record.link_works:
+                record.link_works = works
+                self._version += 1
             if not tunnel.enabled:
                 changes += self._transition(tunnel, "disabled", "config")
             elif tunnel.name in problems or tunnel.name in failures:
                 message = problems.get(tunnel.name) or failures[tunnel.name]
-                record.error = message
+                if record.error != message:
+                    record.error = message
+                    self._version += 1
                 changes += self._transition(tunnel, "error", "conflict" if tunnel.name in problems
                                             else "apply-failed", error=message)
             elif not is_up(tunnel.name):
@@ -92,23 +127,36 @@ class Reports:
                 record.error = None
                 reason = _RESTORED.get(record.reason, "repaired" if record.state == "error" else "config")
                 changes += self._transition(tunnel, "up", reason)
-        configured = {t.name for t in config.tunnels}
-        for gone in set(self.records) - configured:
-            del self.records[gone]
-        for gone in set(self._verdicts) - configured:
-            del self._verdicts[gone]
         return changes
 
     def answerable(self) -> list[str]:
         """The tunnels whose own end works, so that answer = "daemon" may reflect their peers' probes (#11 H5):
         an owned link that is up (or that we hold down for a dead peer: not answering then would keep two
         greupd ends with action = "link" down for ever), and no error (name clash, refused apply)."""
-        return [name for name, record in self.records.items() if record.link_works and record.state != "error"]
+        if self._answerable is None or self._answerable[0] != self._version:
+            names = [name for name, record in self.records.items() if record.link_works and record.state != "error"]
+            self._answerable = (self._version, names)
+        return list(self._answerable[1])
+
+    def status_text(self, config: Config) -> str:
+        """systemd's STATUS= line, computed again only when a record changed since the last time."""
+        by_name = self.tunnels(config)
+        if self._status_text is None or self._status_text[0] is not config or self._status_text[1] != self._version:
+            unreported = TunnelRecord(since="")
+            briefs: list[StatusBrief] = []
+            for name in by_name:
+                record = self.records.get(name) or unreported
+                briefs.append({"name": name, "state": record.state, "reason": record.reason, "error": record.error})
+            self._status_text = (config, self._version, status_line(briefs))
+        return self._status_text[2]
 
     def statuses(self, config: Config, keepalive: Callable[[str], KeepaliveStatus | None]) -> list[TunnelStatus]:
         statuses: list[TunnelStatus] = []
+        unreported: TunnelRecord | None = None
         for tunnel in config.tunnels:
-            record = self.records.get(tunnel.name, TunnelRecord())
+            record = self.records.get(tunnel.name)
+            if record is None:
+                record = unreported = unreported or TunnelRecord()
             statuses.append({
                 "name": tunnel.name, "mode": tunnel.mode, "local": str(tunnel.local),
                 "remote": str(tunnel.remote), "state": record.state, "since": record.since,
@@ -122,9 +170,9 @@ class Reports:
 
     def _link_losses(self, config: Config, observed: Observed) -> list[TunnelChanged]:
         changes: list[TunnelChanged] = []
-        for tunnel in config.tunnels:
+        for tunnel in self._looked_at(config, observed):
             record = self.records.get(tunnel.name)
-            if record is None or not observed.covers(tunnel.name) or not tunnel.enabled:
+            if record is None or not tunnel.enabled:
                 continue
             if record.link_present and tunnel.name not in observed.links:
                 changes += self._transition(tunnel, "down", "link-removed")
@@ -139,7 +187,10 @@ class Reports:
         previous = record.state if record.reported else None
         if previous is not None:
             record.state_changes += 1
-        record.state, record.reason, record.since, record.reported = state, reason, self._clock(), True
+        if self._now is None:
+            self._now = self._clock()
+        record.state, record.reason, record.since, record.reported = state, reason, self._now, True
+        self._version += 1
         keepalive = tunnel.keepalive
         verdict = self._verdicts.get(tunnel.name)
         said = verdict.message if verdict is not None and verdict.reason == reason else None
@@ -156,4 +207,5 @@ class Reports:
         record = self.records.get(name)
         if record is None:
             record = self.records[name] = TunnelRecord()
+            self._version += 1
         return record

@@ -10,11 +10,22 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import TypedDict
 
 import systemd.daemon
 
 from greupd.events import one_line
-from greupd.status import TunnelState, TunnelStatus
+from greupd.status import TunnelState
+
+
+class StatusBrief(TypedDict):
+    """What the STATUS= line needs of a tunnel (a TunnelStatus is one, with more)."""
+
+    name: str
+    state: TunnelState
+    reason: str
+    error: str | None
+
 
 # The order in which a status line counts states: the healthy first, the ones a person must look at last.
 _STATE_ORDER: tuple[TunnelState, ...] = ("up", "down", "disabled", "error")
@@ -122,13 +133,13 @@ class Notifier:
         ping()
 
 
-def _trouble(tunnel: TunnelStatus) -> str:
+def _trouble(tunnel: StatusBrief) -> str:
     if tunnel["state"] == "error" and tunnel.get("error"):
         return f"{tunnel['name']}: {tunnel['error']}"
     return f"{tunnel['name']}: {tunnel['reason'].replace('-', ' ')}"
 
 
-def status_line(statuses: Sequence[TunnelStatus]) -> str:
+def status_line(statuses: Sequence[StatusBrief]) -> str:
     """The STATUS= text: `3 tunnels: 2 up, 1 down (to-c: keepalive timeout)`."""
     count = len(statuses)
     head = f"{count} tunnel{'' if count == 1 else 's'}"

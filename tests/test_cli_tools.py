@@ -87,7 +87,7 @@ def test_plan_for_tools_in_an_empty_router(lab: Lab) -> None:
     assert "create link My_Tunnel" in detailed.stdout
     plan = json.loads(process.cli("plan", "--json").stdout)
     assert [(c["tunnel"], c["action"]) for c in plan["changes"]] == [
-        ("My_Tunnel", "create-link"), ("My_Tunnel", "set-link-up"), ("My_Tunnel", "add-address"),
+        ("My_Tunnel", "create-link"), ("My_Tunnel", "add-address"),
         ("My_Tunnel", "add-route")]
     assert plan["errors"] == []
 

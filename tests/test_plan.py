@@ -20,6 +20,7 @@ from greupd.model import (
     DeleteLink,
     DeleteRoute,
     Desired,
+    DesiredMemo,
     LinkSpec,
     Observed,
     ObservedLink,
@@ -61,9 +62,9 @@ def simulate(observed: Observed, actions: tuple[Action, ...]) -> Observed:
         match action:
             case SetSysctl(key, value):
                 sysctls[key] = value
-            case CreateLink(spec):
+            case CreateLink(spec, up):
                 assert spec.name not in links, f"create over existing {spec.name}"
-                links[spec.name] = ObservedLink(next_index, spec, False, True)
+                links[spec.name] = ObservedLink(next_index, spec, up, True)
                 addresses[spec.name] = set()
                 next_index += 1
             case ChangeLink(spec, _):
@@ -97,8 +98,7 @@ def test_seed_tunnel_from_nothing_is_created_in_order() -> None:
     plan = plan_changes(desired, empty_kernel({"net/ipv4/ip_forward": "0"}))
     assert describe(plan).splitlines() == [
         "sysctl net.ipv4.ip_forward=1",
-        "create link My_Tunnel type gre local 172.19.1.1 remote 172.19.1.2 ttl 64",
-        "set link My_Tunnel up",
+        "create link My_Tunnel type gre local 172.19.1.1 remote 172.19.1.2 ttl 64, up",
         "add address 192.168.8.1 peer 192.168.8.11 dev My_Tunnel",
         "add route 20.10.1.0/24 dev My_Tunnel metric 0",
     ]
@@ -275,3 +275,18 @@ def test_a_scoped_look_replaces_only_its_tunnels_in_a_snapshot() -> None:
     assert set(merged.links) == {"My_Tunnel"} and merged.scope is None
     assert {r.ifname for r in merged.routes} == {"My_Tunnel"}
     assert merged.addresses["My_Tunnel"] == full.addresses["My_Tunnel"] and "other" not in merged.addresses
+
+
+def test_the_desired_state_kept_between_passes_is_the_one_computed_afresh() -> None:
+    """The daemon keeps its desired state (model.DesiredMemo); a keepalive verdict rebuilds that tunnel only."""
+    config = load_config_text(SEED_A + OTHER)
+    memo = DesiredMemo()
+    first = memo.of(config, {"My_Tunnel": True, "other": True})
+    assert first == desired_state(config) and memo.of(config, {"My_Tunnel": True, "other": True}) is first
+    dead = memo.of(config, {"My_Tunnel": False, "other": True})
+    assert dead == desired_state(config, {"My_Tunnel": False})
+    assert dead.tunnels["other"] is first.tunnels["other"]
+    assert memo.of(config, {"My_Tunnel": True, "other": True}) == first
+    reloaded = load_config_text((SEED_A + OTHER).replace('name = "My_Tunnel"', 'name = "My_Tunnel"\nttl = 100'))
+    assert desired_state(reloaded) != first
+    assert memo.of(reloaded, {"My_Tunnel": True, "other": True}) == desired_state(reloaded)

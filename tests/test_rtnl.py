@@ -1,9 +1,10 @@
 """The rtnetlink codec without a kernel: every request greupd sends, read back by pyroute2's own parser.
 
-rtnl.py encodes requests by hand (for speed) and decodes the kernel's messages through pyroute2; here each
-request of the seed's story (tunnel My_Tunnel from A 172.19.1.1 to B 172.19.1.2, its address, its routes,
-and the ip6gre and gretap variants) is encoded, framed, parsed by MarshalRtnl as if the kernel had sent it,
-and turned back into model values by rtnl's decoders. What comes out must be what went in.
+rtnl.py encodes requests and decodes the kernel's messages by hand (for speed); here each request of the
+seed's story (tunnel My_Tunnel from A 172.19.1.1 to B 172.19.1.2, its address, its routes, and the ip6gre and
+gretap variants) is encoded, framed, parsed by pyroute2's MarshalRtnl as if the kernel had sent it (an
+independent reading of the wire format), and turned back into model values by rtnl's own decoders, which
+read the same bytes as the kernel would send them. What comes out must be what went in.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ def parsed(request: rtnl.Request) -> Any:
     return msg
 
 
+def wire(request: rtnl.Request) -> bytes:
+    """The request as one framed message, as the kernel's answer or notification would carry it."""
+    return nlmsg.message(request.type, request.flags, 1, 0, request.body)
+
+
 def gre_data(msg: Any) -> dict[str, Any]:
     """IFLA_INFO_DATA of a link message as pyroute2 names it, without the family prefix."""
     data = msg.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")
@@ -70,7 +76,7 @@ def test_new_link_reads_back_as_the_link_it_creates(spec: LinkSpec) -> None:
     assert msg["header"]["flags"] & nlmsg.NLM_F_CREATE and msg["header"]["flags"] & nlmsg.NLM_F_EXCL
     assert msg.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_KIND") == spec.kind
     # Not up and not ours yet: the alias comes with a second request (set_alias), the up state with a third.
-    assert rtnl.link_from_message(msg) == (TUNNEL, ObservedLink(0, spec, False, False))
+    assert rtnl.link_from_message(wire(rtnl.new_link(spec))) == (TUNNEL, ObservedLink(0, spec, False, False))
 
 
 @pytest.mark.parametrize("spec", LINKS, ids=lambda s: f"{s.kind}-mtu{s.mtu}")
@@ -109,13 +115,15 @@ def test_link_messages_of_the_ready_link_and_a_foreign_one() -> None:
     up = rtnl.set_link_up(INDEX, True)
     body = (up.body + rtnl._str(rtnl.IFLA_IFNAME, TUNNEL) + rtnl._str(rtnl.IFLA_IFALIAS, LINK_ALIAS)
             + rtnl._linkinfo(SEED_LINK))
-    (msg,) = MarshalRtnl().parse(nlmsg.message(rtnl.RTM_NEWLINK, 0, 0, 0, body))
-    assert rtnl.link_from_message(msg) == (TUNNEL, ObservedLink(INDEX, SEED_LINK, True, True))
+    raw = nlmsg.message(rtnl.RTM_NEWLINK, 0, 0, 0, body)
+    (msg,) = MarshalRtnl().parse(raw)
+    assert msg.get_attr("IFLA_IFALIAS") == LINK_ALIAS
+    assert rtnl.link_from_message(raw) == (TUNNEL, ObservedLink(INDEX, SEED_LINK, True, True))
+    assert rtnl.link_name_and_index(raw) == (TUNNEL, INDEX)
 
     dummy = rtnl.set_link_up(3, False).body + rtnl._str(rtnl.IFLA_IFNAME, TUNNEL) + nlmsg.attr(
         rtnl.IFLA_LINKINFO, rtnl._str(rtnl.IFLA_INFO_KIND, "dummy"))
-    (msg,) = MarshalRtnl().parse(nlmsg.message(rtnl.RTM_NEWLINK, 0, 0, 0, dummy))
-    name, link = rtnl.link_from_message(msg)  # type: ignore[misc]
+    name, link = rtnl.link_from_message(nlmsg.message(rtnl.RTM_NEWLINK, 0, 0, 0, dummy))  # type: ignore[misc]
     assert (name, link.index, link.spec.kind, link.up, link.owned) == (TUNNEL, 3, "dummy", False, False)
 
 
@@ -126,7 +134,10 @@ def test_address_reads_back(spec: AddressSpec, add: bool) -> None:
     assert msg["header"]["type"] == (rtnl.RTM_NEWADDR if add else rtnl.RTM_DELADDR)
     assert msg["index"] == INDEX
     assert msg["family"] == (socket.AF_INET6 if spec.local.version == 6 else socket.AF_INET)
-    assert rtnl.address_from_message(msg, TUNNEL) == spec
+    raw = wire(rtnl.address(add, INDEX, spec))
+    assert rtnl.address_from_message(raw, {INDEX: TUNNEL}) == spec
+    assert rtnl.address_from_message(raw, {INDEX + 1: "other"}) is None
+    assert rtnl.address_index(raw) == INDEX
 
 
 @pytest.mark.parametrize("spec", ROUTES, ids=str)
@@ -138,8 +149,11 @@ def test_route_reads_back(spec: RouteSpec, add: bool) -> None:
     assert msg["table"] == (spec.table if spec.table < 256 else rtnl.RT_TABLE_COMPAT)
     device_route = spec.gateway is None and spec.dst.version == 4
     assert msg["scope"] == (rtnl.RT_SCOPE_LINK if device_route else rtnl.RT_SCOPE_UNIVERSE)
-    assert rtnl.route_from_message(msg, {INDEX: TUNNEL}) == spec
-    assert rtnl.route_from_message(msg, {INDEX + 1: "other"}) is None
+    raw = wire(rtnl.route(add, INDEX, spec, ROUTE_PROTO))
+    assert rtnl.route_from_message(raw, {INDEX: TUNNEL}) == spec
+    assert rtnl.route_from_message(raw, {INDEX + 1: "other"}) is None
+    assert rtnl.route_protocol_and_type(raw) == (ROUTE_PROTO, rtnl.RTN_UNICAST)
+    assert rtnl.route_oif(raw) == INDEX
 
 
 def test_adoption_marks_by_index_and_replaces_routes() -> None:
@@ -150,7 +164,7 @@ def test_adoption_marks_by_index_and_replaces_routes() -> None:
         msg = parsed(rtnl.replace_route(INDEX, spec, ROUTE_PROTO))
         assert msg["header"]["flags"] & nlmsg.NLM_F_REPLACE and not msg["header"]["flags"] & nlmsg.NLM_F_EXCL
         assert msg["proto"] == ROUTE_PROTO
-        assert rtnl.route_from_message(msg, {INDEX: TUNNEL}) == spec
+        assert rtnl.route_from_message(wire(rtnl.replace_route(INDEX, spec, ROUTE_PROTO)), {INDEX: TUNNEL}) == spec
 
 
 def test_dumps_ask_the_kernel_to_filter() -> None:
@@ -163,7 +177,7 @@ def test_dumps_ask_the_kernel_to_filter() -> None:
 
 
 def test_notification_prefilter_reads_the_fixed_header() -> None:
-    """A link-local address and a kernel route on our link are skipped before pyroute2 decodes them."""
+    """A link-local address and a kernel route on our link are skipped before any attribute is decoded."""
     ours = nlmsg.message(rtnl.RTM_NEWROUTE, 0, 0, 0, rtnl.route(True, INDEX, ROUTES[0], ROUTE_PROTO).body)
     kernels = nlmsg.message(rtnl.RTM_NEWROUTE, 0, 0, 0, rtnl.route(True, INDEX, ROUTES[0], 2).body)
     assert rtnl.may_concern_us(rtnl.RTM_NEWROUTE, ours, ROUTE_PROTO)

@@ -9,14 +9,12 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterable
 
-from pyroute2.netlink.rtnl.marshal import MarshalRtnl
-
 from greupd.gre import IPV6_MODES, IPAddress, IPInterface
 from greupd.importer import GRE_MODES, FoundRoute, FoundTunnel, carry_routes
-from greupd.model import LINK_ALIAS, ROUTE_PROTO, TOS_INHERIT, ObservedLink
+from greupd.model import LINK_ALIAS, ROUTE_PROTO, TOS_INHERIT, ObservedLink, RouteSpec
 from greupd.netlink import rtnl
 from greupd.netlink.kernel import read_sysctl
-from greupd.netlink.rtnl import Message, address_from_message, link_from_message, route_from_message
+from greupd.netlink.rtnl import address_from_message, link_from_message, route_from_message
 
 # The kernel makes these when ip_gre/ip6_gre load, for packets no configured tunnel claims: not a user's tunnel.
 FALLBACK_DEVICES = frozenset({"gre0", "gretap0", "erspan0", "ip6gre0"})
@@ -29,10 +27,9 @@ class KernelSnapshot:
 
     def __init__(self) -> None:
         sock = rtnl.RtnlSocket()
-        marshal = MarshalRtnl()
         try:
-            def dump(request: rtnl.Request) -> list[Message]:
-                return list(marshal.parse(b"".join(sock.dump(request))))
+            def dump(request: rtnl.Request) -> list[bytes]:
+                return sock.dump(request)
 
             self.links = dump(rtnl.dump_links())
             self.addresses = dump(rtnl.dump_addresses(0))
@@ -56,25 +53,25 @@ def tunnels_from_kernel(snapshot: KernelSnapshot | None = None) -> list[FoundTun
     names = {index: tunnel.name for index, (tunnel, _) in found.items()}
 
     for msg in snapshot.addresses:
-        if msg["index"] in found:
-            address = address_from_message(msg, names[msg["index"]])
-            if address is not None:
-                _carry_address(found[msg["index"]][0], address.local, address.peer)
+        address = address_from_message(msg, names)
+        if address is not None:
+            _carry_address(found[rtnl.address_index(msg)][0], address.local, address.peer)
 
     routes: dict[int, list[FoundRoute]] = {index: [] for index in found}
-    for msg in sorted(snapshot.routes, key=lambda m: (m["family"], m.get_attr("RTA_PRIORITY") or 0)):
-        if msg["type"] != rtnl.RTN_UNICAST or msg["proto"] == RTPROT_KERNEL:
-            continue
-        route = route_from_message(msg, names)
-        if route is None or route.table == RT_TABLE_LOCAL:
-            continue
-        tunnel = found[msg.get_attr("RTA_OIF")][0]
+    kept: list[tuple[RouteSpec, int, int]] = []
+    for msg in snapshot.routes:
+        protocol, kind = rtnl.route_protocol_and_type(msg)
+        found_route = route_from_message(msg, names) if kind == rtnl.RTN_UNICAST and protocol != RTPROT_KERNEL else None
+        oif = rtnl.route_oif(msg)
+        if found_route is not None and found_route.table != RT_TABLE_LOCAL and oif is not None:
+            kept.append((found_route, protocol, oif))
+    for route, protocol, index in sorted(kept, key=lambda d: (d[0].dst.version, d[0].metric)):
+        tunnel = found[index][0]
         via = f" via {route.gateway}" if route.gateway else ""
-        text = f"{route.dst}{via} dev {tunnel.name}" + (" proto greupd" if msg["proto"] == ROUTE_PROTO else "")
+        text = f"{route.dst}{via} dev {tunnel.name}" + (" proto greupd" if protocol == ROUTE_PROTO else "")
         if route.gateway is not None and tunnel.mode in ("gretap", "ip6gretap") and tunnel.peer is None:
             tunnel.peer = str(route.gateway)  # an Ethernet tunnel's routes go via its peer: greupd's gateway
-        routes[msg.get_attr("RTA_OIF")].append(
-            FoundRoute(str(route.dst), route.metric, route.table, text))
+        routes[index].append(FoundRoute(str(route.dst), route.metric, route.table, text))
     for index, (tunnel, _) in found.items():
         carry_routes(tunnel, routes[index])
     return [tunnel for tunnel, _ in sorted(found.values(), key=lambda t: t[0].name)]

@@ -16,15 +16,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyroute2.netlink.rtnl import (
-    RTMGRP_IPV4_IFADDR,
-    RTMGRP_IPV4_ROUTE,
-    RTMGRP_IPV6_IFADDR,
-    RTMGRP_IPV6_ROUTE,
-    RTMGRP_LINK,
-)
-from pyroute2.netlink.rtnl.marshal import MarshalRtnl
-
 from greupd.model import (
     IPV6_FORWARDING,
     LINK_ALIAS,
@@ -50,11 +41,14 @@ from greupd.model import (
     action_tunnel,
 )
 from greupd.netlink import nlmsg, rtnl
-from greupd.netlink.rtnl import Message, address_from_message, link_from_message, route_from_message
+from greupd.netlink.rtnl import address_from_message, link_from_message, route_from_message
 
 log = logging.getLogger(__name__)
 
 SYSCTL_ROOT = Path("/proc/sys")
+# rtnetlink multicast groups, as bind() masks (include/uapi/linux/rtnetlink.h)
+RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
+RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
 
 
 @dataclass(frozen=True)
@@ -97,7 +91,6 @@ class Kernel:
 
     def __init__(self) -> None:
         self._rtnl = rtnl.RtnlSocket()
-        self._marshal = MarshalRtnl()
         # ifindex by name, from the last observation and our own creations: requests name devices by index.
         self._indices: dict[str, int] = {}
         # The same links the other way round, ours only: KernelWatch maps a notification's ifindex back to
@@ -105,6 +98,7 @@ class Kernel:
         self._tunnels_by_index: dict[int, str] = {}
         # Names of the tunnels the last observation was asked about: a link appearing under one is news.
         self._desired_names: frozenset[str] = frozenset()
+        self._desired_of: Mapping[str, object] | None = None
 
     @property
     def requests(self) -> int:
@@ -138,13 +132,10 @@ class Kernel:
         if index is not None and self._tunnels_by_index.get(index) == name:
             del self._tunnels_by_index[index]
 
-    def _parse(self, replies: Iterable[bytes]) -> list[Message]:
-        return list(self._marshal.parse(b"".join(replies)))
-
-    def _dump(self, request: rtnl.Request, index: int | None = None) -> list[Message]:
-        """A dump, parsed; raises when it failed or kept being interrupted (never a partial list: review M2)."""
+    def _dump(self, request: rtnl.Request, index: int | None = None) -> list[bytes]:
+        """A dump's messages; raises when it failed or kept being interrupted (never a partial list: review M2)."""
         try:
-            return self._parse(self._rtnl.dump(request))
+            return self._rtnl.dump(request)
         except OSError as exc:
             if index is not None and exc.errno == errno.ENODEV:
                 return []  # filtered by a link that went away since we looked: its RTM_DELLINK marks it again
@@ -164,13 +155,14 @@ class Kernel:
             for outcome in outcomes:
                 if outcome.errno not in (0, errno.ENODEV):
                     raise OSError(outcome.errno, str(outcome))
-            messages = self._parse(r for outcome in outcomes for r in outcome.replies)
+            messages = [r for outcome in outcomes for r in outcome.replies]
         for msg in messages:
             found = link_from_message(msg)
             if found and (found[1].owned or found[0] in desired.tunnels or names is not None):
                 links[found[0]] = found[1]
 
-        self._desired_names = frozenset(desired.tunnels)
+        if desired.tunnels is not self._desired_of:  # the same Desired pass after pass (model.DesiredMemo)
+            self._desired_names, self._desired_of = frozenset(desired.tunnels), desired.tunnels
         if names is None:
             self._indices.clear()
             self._tunnels_by_index.clear()
@@ -189,12 +181,11 @@ class Kernel:
             route_msgs = [m for index in indices for family in (socket.AF_INET, socket.AF_INET6)
                           for m in self._dump(rtnl.dump_routes(family, ROUTE_PROTO, index), index)]
             for msg in addr_msgs:
-                if msg["index"] in owned:
-                    address = address_from_message(msg, owned[msg["index"]])
-                    if address is not None:
-                        addresses[address.ifname].add(address)
+                address = address_from_message(msg, owned)
+                if address is not None:
+                    addresses[address.ifname].add(address)
             for msg in route_msgs:
-                if msg["proto"] == ROUTE_PROTO:
+                if rtnl.route_protocol_and_type(msg)[0] == ROUTE_PROTO:
                     route = route_from_message(msg, owned)
                     if route is not None:
                         routes.add(route)
@@ -202,9 +193,9 @@ class Kernel:
         foreign_routes = self._observe_adoptable(desired, links, addresses, routes)
 
         keys = set(desired.sysctls)
-        for name, intent in desired.tunnels.items():
-            if names is None or name in names:
-                keys |= set(intent.sysctls)
+        for intent in desired.tunnels.values() if names is None else \
+                (i for n in names if (i := desired.tunnels.get(n)) is not None):
+            keys |= set(intent.sysctls)
         sysctls = {key: read_sysctl(key) for key in keys}
         switching_on = desired.sysctls.get(IPV6_FORWARDING) == "1" and sysctls.get(IPV6_FORWARDING) == "0"
         return Observed(links, {k: frozenset(v) for k, v in addresses.items()}, frozenset(routes), sysctls,
@@ -238,14 +229,15 @@ class Kernel:
         for index, name in adoptable.items():
             addresses[name] = set()
             for msg in self._dump(rtnl.dump_addresses(index)):
-                address = address_from_message(msg, name) if msg["index"] == index else None
+                address = address_from_message(msg, {index: name})
                 if address is not None:
                     addresses[name].add(address)
             for family in (socket.AF_INET, socket.AF_INET6):
                 for msg in self._dump(rtnl.dump_routes(family, 0, index)):  # protocol 0: any
-                    route = route_from_message(msg, adoptable) if msg["type"] == rtnl.RTN_UNICAST else None
+                    protocol, kind = rtnl.route_protocol_and_type(msg)
+                    route = route_from_message(msg, adoptable) if kind == rtnl.RTN_UNICAST else None
                     if route is not None:
-                        (routes if msg["proto"] == ROUTE_PROTO else foreign).add(route)
+                        (routes if protocol == ROUTE_PROTO else foreign).add(route)
         return foreign
 
     def apply(self, actions: Iterable[Action]) -> list[ApplyError]:
@@ -300,8 +292,9 @@ class Kernel:
         A crash between the two batches leaves an unmarked link: greupd then reports the name as taken
         rather than claim a link it cannot prove is its own.
         """
-        outcomes = self._rtnl.transact([r for action in creates
-                                        for r in (rtnl.new_link(action.spec), rtnl.get_link(action.spec.name))])
+        # Created up when the plan says so (IFF_UP in the create itself, as `ip link add ... up` would need two).
+        requests = [r for a in creates for r in (rtnl.new_link(a.spec, a.up), rtnl.get_link(a.spec.name))]
+        outcomes = self._rtnl.transact(requests)
         refused: list[tuple[Action, str]] = []
         created: list[tuple[CreateLink, int]] = []
         for action, made, found in zip(creates, outcomes[::2], outcomes[1::2], strict=True):
@@ -379,7 +372,6 @@ class KernelWatch:
     def __init__(self, kernel: Kernel, on_change: Callable[[set[str] | None], None]) -> None:
         self._kernel = kernel
         self._on_change = on_change
-        self._marshal = MarshalRtnl()
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
                                    socket.NETLINK_ROUTE)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -415,24 +407,24 @@ class KernelWatch:
             for kind, _, _, pid, _, raw in nlmsg.messages(data):
                 if pid == own_portid or not rtnl.may_concern_us(kind, raw, ROUTE_PROTO):
                     continue
-                for msg in self._marshal.parse(raw):
-                    name = self._tunnel_of(msg)
-                    if name is not None:
-                        names.add(name)
+                name = self._tunnel_of(kind, raw)
+                if name is not None:
+                    names.add(name)
         if names:
             self._on_change(names)
 
-    def _tunnel_of(self, msg: Message) -> str | None:
-        kind = msg["header"]["type"]
+    def _tunnel_of(self, kind: int, raw: bytes) -> str | None:
+        """The tunnel a notification that passed rtnl.may_concern_us is about, if any."""
         if kind in (rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK):
-            name = msg.get_attr("IFLA_IFNAME")
+            name, index = rtnl.link_name_and_index(raw)
             if name is not None and self._kernel.concerns(name):
-                return str(name)
-            return self._kernel.tunnel_at(msg["index"])
+                return name
+            return self._kernel.tunnel_at(index)
         # Link-local addresses and routes of other protocols (IPv6 autoconfiguration, multicast) come and go
-        # on our links without concerning us: no need to look again for those.
-        if kind in (rtnl.RTM_NEWADDR, rtnl.RTM_DELADDR) and msg["scope"] == rtnl.RT_SCOPE_UNIVERSE:
-            return self._kernel.tunnel_at(msg["index"])
-        if kind in (rtnl.RTM_NEWROUTE, rtnl.RTM_DELROUTE) and msg["proto"] == ROUTE_PROTO:
-            return self._kernel.tunnel_at(msg.get_attr("RTA_OIF"))
+        # on our links without concerning us: may_concern_us has dropped those already.
+        if kind in (rtnl.RTM_NEWADDR, rtnl.RTM_DELADDR):
+            return self._kernel.tunnel_at(rtnl.address_index(raw))
+        if kind in (rtnl.RTM_NEWROUTE, rtnl.RTM_DELROUTE):
+            oif = rtnl.route_oif(raw)
+            return self._kernel.tunnel_at(oif) if oif is not None else None
         return None
