@@ -206,10 +206,11 @@ class Kernel:
         protocol ra (the default router, route information). Read only when greupd is about to switch IPv6
         forwarding on (review M4), so once per host, not once per pass."""
         found = set()
-        for msg in self._dump(rtnl.dump_routes(socket.AF_INET6, RTPROT_RA)):
-            oif = msg.get_attr("RTA_OIF")
+        for raw in self._dump(rtnl.dump_routes(socket.AF_INET6, RTPROT_RA)):
+            oif = rtnl.route_oif(raw)
             try:
-                name = socket.if_indextoname(oif) if msg["proto"] == RTPROT_RA and oif else None
+                name = socket.if_indextoname(oif) if rtnl.route_protocol_and_type(raw)[0] == RTPROT_RA and oif \
+                    else None
             except OSError:
                 continue  # gone since the dump
             if name is not None and read_sysctl(accept_ra_key(name)) == "1":
