@@ -31,7 +31,10 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import heapq
+import itertools
 import logging
+import math
 import random
 import socket
 import struct
@@ -46,8 +49,9 @@ from greupd.keepalive.codec import (
     IPPROTO_GRE,
     KeepaliveRequest,
     MalformedPacket,
+    Packet,
+    ProbeBytes,
     ProbeReply,
-    ProbeTemplate,
     SocketFilter,
     build_probe_template,
     new_token,
@@ -65,6 +69,8 @@ AnswerMode = Literal["daemon", "kernel", "off"]
 
 ANSWER_RATE = 20.0  # reflected requests per second and tunnel: a Cisco probes every 10 s by default
 ANSWER_BURST = 20.0
+_GRID = 0.01  # s: first probes fall on this grid, so tunnels with the same interval share their wake-ups
+_COALESCE = 0.0005  # s: probes due this soon go out in the wake-up at hand
 _DRAIN_LIMIT = 512  # packets read per wake-up, so a flood cannot starve the rest of the loop
 _DRAIN_BEFORE_MISS = 8192  # before counting a miss: more than the receive buffer holds of replies
 _MAX_PACKET = 65535
@@ -141,27 +147,22 @@ _Endpoints = tuple[int, int, int | None]
 class _Tunnel:
     """The engine's mutable state of one target."""
 
+    __slots__ = ("address", "budget", "endpoints", "entry", "liveness", "next_at", "probe", "send_failing",
+                 "source", "target", "window")
+
     def __init__(self, target: KeepaliveTarget, up: bool = True) -> None:
         self.target = target
-        self.template: ProbeTemplate = build_probe_template(target.local, target.remote, target.okey, target.ikey)
+        self.probe = ProbeBytes(build_probe_template(target.local, target.remote, target.okey, target.ikey))
         self.liveness = Liveness(target.interval, target.retries, target.up_after, up=up)
         # retries+1 tokens: a reply may arrive up to `retries` intervals late and still count, once.
         self.window = ProbeWindow(target.retries + 1)
         self.budget = AnswerBudget(ANSWER_RATE, ANSWER_BURST)
         self.address = (str(target.remote), 0)
-        self.source = source_address(target.local)
+        self.source = [source_address(target.local)]
+        self.endpoints: _Endpoints = (int(target.remote), int(target.local), target.ikey)
         self.next_at = 0.0
-        self.timer: asyncio.TimerHandle | None = None
+        self.entry = -1  # the number of its current entry in the engine's schedule; -1: not scheduled
         self.send_failing = False
-
-    @property
-    def endpoints(self) -> _Endpoints:
-        return int(self.target.remote), int(self.target.local), self.target.ikey
-
-    def cancel(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
 
 def attach_socket_filter(sock: socket.socket, program: SocketFilter) -> None:
@@ -201,6 +202,11 @@ class KeepaliveEngine:
         self._answerable: frozenset[str] | None = None
         self._answer_flow: list[tuple[int, int, bytes]] = [_GRE_FLOW]
         self._random = random.Random()
+        # (when, entry number, tunnel): every tunnel's next probe; entries a tunnel no longer holds are skipped
+        self._schedule: list[tuple[float, int, _Tunnel]] = []
+        self._entries = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._view = memoryview(bytearray(_MAX_PACKET))
         self.counters = EngineCounters()
 
     # --- the API the daemon calls ---------------------------------------------------------------------
@@ -228,13 +234,18 @@ class KeepaliveEngine:
         for tunnel in self._tunnels.values():
             self._schedule_first(tunnel)
 
+    @property
+    def _probe_socket(self) -> socket.socket:
+        assert self._receive_socket is not None
+        return self._receive_socket
+
     def configure(self, targets: Sequence[KeepaliveTarget], initial: Mapping[str, bool] | None = None) -> None:
         """Make the engine probe exactly `targets`: new ones start up (or as `initial` says: the verdicts a
         restart kept, review H3), removed ones stop, changed ones keep their verdict (and, if only timing
         changed, their counters); unchanged ones are not touched."""
         wanted = {target.name: target for target in targets}
         for name in set(self._tunnels) - set(wanted):
-            self._tunnels.pop(name).cancel()
+            self._tunnels.pop(name).entry = -1  # its entry in the schedule is skipped
         for name, target in wanted.items():
             tunnel = self._tunnels.get(name)
             if tunnel is None:
@@ -244,7 +255,7 @@ class KeepaliveEngine:
             elif tunnel.target == target:
                 continue
             elif tunnel.target.endpoints != target.endpoints:
-                tunnel.cancel()
+                tunnel.entry = -1
                 self._tunnels[name] = tunnel = _Tunnel(target, up=tunnel.liveness.up)
                 self._schedule_first(tunnel)
             else:
@@ -253,7 +264,6 @@ class KeepaliveEngine:
                 tunnel.liveness.reconfigure(target.interval, target.retries, target.up_after)
                 tunnel.window.resize(target.retries + 1)
                 if target.interval != old_interval:
-                    tunnel.cancel()
                     self._schedule_first(tunnel)
         self._by_endpoints = {}
         for tunnel in self._tunnels.values():
@@ -282,8 +292,12 @@ class KeepaliveEngine:
         return list(self._tunnels)
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._schedule.clear()
         for tunnel in self._tunnels.values():
-            tunnel.cancel()
+            tunnel.entry = -1  # start() schedules them again
         if self._loop is not None and self._receive_socket is not None:
             self._loop.remove_reader(self._receive_socket.fileno())
         for sock in (self._send_socket, self._receive_socket):
@@ -295,33 +309,84 @@ class KeepaliveEngine:
     # --- probing --------------------------------------------------------------------------------------
 
     def _schedule_first(self, tunnel: _Tunnel) -> None:
+        """The tunnel's first probe: now (spread False), or at a random point of the grid within one interval,
+        so that a thousand tunnels neither fire together nor each on their own."""
         if self._loop is None:
             return  # start() schedules it
-        tunnel.next_at = self._loop.time() + (self._random.uniform(0, tunnel.target.interval) if self._spread else 0)
-        tunnel.timer = self._loop.call_at(tunnel.next_at, self._tick, tunnel)
-
-    def _tick(self, tunnel: _Tunnel) -> None:
-        assert self._loop is not None and self._send_socket is not None
         now = self._loop.time()
-        interval = tunnel.target.interval
-        # Scheduled before anything can raise, so that one tunnel's trouble never stops its probing. A loop
-        # that stalled skips the probes it missed rather than sending them in a burst, and gives the probe it
-        # sends now a whole interval.
-        tunnel.next_at += interval
-        if tunnel.next_at <= now:
-            tunnel.next_at = now + interval
-        tunnel.timer = self._loop.call_at(tunnel.next_at, self._tick, tunnel)
+        if self._spread:
+            slots = max(1, int(tunnel.target.interval / _GRID))
+            first = (math.floor(now / _GRID) + 1 + self._random.randrange(slots)) * _GRID
+        else:
+            first = now
+        self._schedule_at(tunnel, first)
 
-        if tunnel.liveness.awaiting_reply:
-            # This tick is about to count a miss: first read what is queued, so that a reply that arrived
-            # while the loop was busy (a long pass, or more replies than one wake-up reads) counts as the
-            # reply it is, not as a miss (review M8).
-            self._drain(_DRAIN_BEFORE_MISS)
-        missed = tunnel.liveness.on_timer(now)
+    def _schedule_at(self, tunnel: _Tunnel, when: float) -> None:
+        tunnel.next_at = when
+        tunnel.entry = entry = next(self._entries)
+        heapq.heappush(self._schedule, (when, entry, tunnel))
+        if self._timer is None or when < self._timer.when():
+            self._arm()
+
+    def _arm(self) -> None:
+        """The engine's one timer, at the earliest entry of the schedule still valid."""
+        assert self._loop is not None
+        schedule = self._schedule
+        while schedule and schedule[0][2].entry != schedule[0][1]:
+            heapq.heappop(schedule)  # the tunnel was removed or rescheduled since
+        if self._timer is not None:
+            if schedule and self._timer.when() <= schedule[0][0]:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if schedule:
+            self._timer = self._loop.call_at(schedule[0][0], self._tick)
+
+    def _tick(self) -> None:
+        """Every probe that is due, in one wake-up: the first probes of tunnels are spread on a grid of
+        _GRID and their intervals are (nearly always) multiples of it, so with a thousand tunnels each
+        wake-up sends many probes instead of one."""
+        assert self._loop is not None
+        self._timer = None
+        try:
+            now = self._loop.time()
+            due = []
+            schedule = self._schedule
+            limit = now + _COALESCE
+            while schedule and schedule[0][0] <= limit:
+                _, entry, tunnel = heapq.heappop(schedule)
+                if tunnel.entry == entry:
+                    due.append(tunnel)
+            if any(tunnel.liveness.awaiting_reply for tunnel in due):
+                # Misses are about to be counted: first read what is queued, so that a reply that arrived
+                # while the loop was busy (a long pass, or more replies than one wake-up reads) counts as the
+                # reply it is, not as a miss (review M8).
+                self._drain(_DRAIN_BEFORE_MISS)
+            for tunnel in due:
+                self._probe(tunnel, now)
+        finally:
+            self._arm()
+
+    def _probe(self, tunnel: _Tunnel, now: float) -> None:
+        """Count the outstanding probe missed if it is (its interval is over: this is its deadline), send the
+        next one. The next one is scheduled first, so that one tunnel's trouble never stops its probing. A
+        loop that stalled skips the probes it missed rather than sending them in a burst, on the same grid."""
+        interval = tunnel.target.interval
+        next_at = tunnel.next_at + interval
+        if next_at <= now:
+            next_at += interval * (math.floor((now - next_at) / interval) + 1)
+        tunnel.next_at = next_at
+        tunnel.entry = entry = next(self._entries)
+        heapq.heappush(self._schedule, (next_at, entry, tunnel))
+
+        liveness = tunnel.liveness
+        missed = liveness.on_timer(now)
         token = new_token()
         tunnel.window.issue(token, now)
         try:
-            self._send_probe(tunnel, tunnel.template.with_token(token))
+            # Our probe from the GRE socket: its GRE part only, the kernel adds the outer header (source
+            # `local` by IP_PKTINFO, TTL 255), so it takes the route the tunnel's own packets take (review H1).
+            self._probe_socket.sendmsg([tunnel.probe.stamp(token)], tunnel.source, 0, tunnel.address)
         except OSError as exc:
             # No route to the remote, say: the probe is lost like any other and counts as a miss.
             self.counters.send_errors += 1
@@ -331,22 +396,15 @@ class KeepaliveEngine:
             tunnel.send_failing = True
         else:
             tunnel.send_failing = False
-        missed = tunnel.liveness.on_probe_sent(now) or missed
+        missed = liveness.on_probe_sent(now) or missed
         if missed is not None:
             self._report(tunnel, missed)
-
-    def _send_probe(self, tunnel: _Tunnel, probe: bytes) -> None:
-        """Our probe from the GRE socket: its GRE part only, the kernel adds the outer header (source `local`
-        by IP_PKTINFO, TTL 255), so it takes the route the tunnel's own packets take (review H1)."""
-        assert self._receive_socket is not None
-        self._receive_socket.sendmsg([probe[tunnel.template.outer_header_length:]], [tunnel.source], 0,
-                                     tunnel.address)
 
     def _send_answer(self, tunnel: _Tunnel, packet: bytes) -> None:
         """A reflected probe, header and all, routed as the tunnel's own GRE: source `local`, protocol GRE."""
         assert self._send_socket is not None
         try:
-            self._send_socket.sendmsg([packet], [tunnel.source, *self._answer_flow], 0, tunnel.address)
+            self._send_socket.sendmsg([packet], [*tunnel.source, *self._answer_flow], 0, tunnel.address)
         except OSError as exc:
             if exc.errno != errno.EINVAL or not self._answer_flow:
                 raise
@@ -354,7 +412,7 @@ class KeepaliveEngine:
             # tunnel's `from <local>` rules.
             log.info("this kernel takes no IP_PROTOCOL control message: answers are routed as protocol 255")
             self._answer_flow = []
-            self._send_socket.sendmsg([packet], [tunnel.source], 0, tunnel.address)
+            self._send_socket.sendmsg([packet], tunnel.source, 0, tunnel.address)
 
     def _report(self, tunnel: _Tunnel, change: LivenessChange) -> None:
         log.debug("tunnel %s %s: %s", tunnel.target.name, "up" if change.up else "down", change.message)
@@ -366,26 +424,29 @@ class KeepaliveEngine:
         self._drain(_DRAIN_LIMIT)
 
     def _drain(self, limit: int) -> None:
-        """Read and handle what the GRE socket holds, up to `limit` packets."""
+        """Read and handle what the GRE socket holds, up to `limit` packets, into one buffer (no allocation
+        per packet but what a message keeps)."""
         assert self._loop is not None and self._receive_socket is not None
+        receive, view = self._receive_socket.recv_into, self._view
+        now = self._loop.time()
         for _ in range(limit):
             try:
-                data = self._receive_socket.recv(_MAX_PACKET)
+                size = receive(view)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # a pending socket error is reported once; the next read goes on
                 log.warning("reading the GRE socket: %s", exc.strerror or exc)
                 return
-            self.on_packet(data, self._loop.time())
+            self.on_packet(view[:size], now)
 
-    def on_packet(self, data: bytes, now: float) -> None:
+    def on_packet(self, data: Packet, now: float) -> None:
         """One packet from the GRE socket, received at `now`; never raises for what the packet contains."""
         self.counters.packets += 1
         try:
             message = parse_gre(data)
         except MalformedPacket as exc:
             self.counters.malformed += 1
-            log.debug("malformed GRE packet (%s): %s", exc, data[:64].hex())
+            log.debug("malformed GRE packet (%s): %s", exc, bytes(data[:64]).hex())
             return
         if message is None:
             self.counters.traffic += 1
