@@ -206,6 +206,9 @@ class KeepaliveEngine:
         self._schedule: list[tuple[float, int, _Tunnel]] = []
         self._entries = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
+        # While replies keep coming the socket is read at the grid's points, not on every arrival: when the
+        # reader is paused, until when (see _on_readable).
+        self._reader_paused_until: float | None = None
         self._view = memoryview(bytearray(_MAX_PACKET))
         self.counters = EngineCounters()
 
@@ -292,6 +295,7 @@ class KeepaliveEngine:
         return list(self._tunnels)
 
     def close(self) -> None:
+        self._reader_paused_until = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -329,30 +333,35 @@ class KeepaliveEngine:
             self._arm()
 
     def _arm(self) -> None:
-        """The engine's one timer, at the earliest entry of the schedule still valid."""
+        """The engine's one timer, at the earliest valid entry of the schedule or the end of a read pause."""
         assert self._loop is not None
         schedule = self._schedule
         while schedule and schedule[0][2].entry != schedule[0][1]:
             heapq.heappop(schedule)  # the tunnel was removed or rescheduled since
+        when = schedule[0][0] if schedule else None
+        if self._reader_paused_until is not None and (when is None or self._reader_paused_until < when):
+            when = self._reader_paused_until
         if self._timer is not None:
-            if schedule and self._timer.when() <= schedule[0][0]:
+            if when is not None and self._timer.when() <= when:
                 return
             self._timer.cancel()
             self._timer = None
-        if schedule:
-            self._timer = self._loop.call_at(schedule[0][0], self._tick)
+        if when is not None:
+            self._timer = self._loop.call_at(when, self._tick)
 
     def _tick(self) -> None:
         """Every probe that is due, in one wake-up: the first probes of tunnels are spread on a grid of
         _GRID and their intervals are (nearly always) multiples of it, so with a thousand tunnels each
-        wake-up sends many probes instead of one."""
+        wake-up sends many probes instead of one. Then what the socket holds is read: replies that came back
+        during the sends (a peer in the same kernel answers inside our sendmsg), or while reading was
+        paused."""
         assert self._loop is not None
         self._timer = None
         try:
             now = self._loop.time()
+            limit = now + _COALESCE
             due = []
             schedule = self._schedule
-            limit = now + _COALESCE
             while schedule and schedule[0][0] <= limit:
                 _, entry, tunnel = heapq.heappop(schedule)
                 if tunnel.entry == entry:
@@ -361,9 +370,17 @@ class KeepaliveEngine:
                 # Misses are about to be counted: first read what is queued, so that a reply that arrived
                 # while the loop was busy (a long pass, or more replies than one wake-up reads) counts as the
                 # reply it is, not as a miss (review M8).
-                self._drain(_DRAIN_BEFORE_MISS)
+                self._drain(_DRAIN_BEFORE_MISS, now)
             for tunnel in due:
                 self._probe(tunnel, now)
+            paused_until = self._reader_paused_until
+            if due or (paused_until is not None and paused_until <= limit):
+                read = self._drain(_DRAIN_LIMIT, now)
+                if paused_until is not None and paused_until <= limit:
+                    if read:
+                        self._pause_reader(now)  # still busy: the next point of the grid reads again
+                    else:
+                        self._resume_reader()
         finally:
             self._arm()
 
@@ -421,23 +438,41 @@ class KeepaliveEngine:
     # --- receiving ------------------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        self._drain(_DRAIN_LIMIT)
-
-    def _drain(self, limit: int) -> None:
-        """Read and handle what the GRE socket holds, up to `limit` packets, into one buffer (no allocation
-        per packet but what a message keeps)."""
-        assert self._loop is not None and self._receive_socket is not None
-        receive, view = self._receive_socket.recv_into, self._view
+        """A packet arrived: read what is there, then leave the socket to the timer until the next point of
+        the grid, so that a thousand replies a second cost a hundred wake-ups, not a thousand. A reply
+        is read at most _GRID after it arrived; if nothing came meanwhile, reading on arrival resumes."""
+        assert self._loop is not None
         now = self._loop.time()
-        for _ in range(limit):
+        if self._drain(_DRAIN_LIMIT, now):
+            self._pause_reader(now)
+            self._arm()
+
+    def _pause_reader(self, now: float) -> None:
+        assert self._loop is not None and self._receive_socket is not None
+        if self._reader_paused_until is None:
+            self._loop.remove_reader(self._receive_socket.fileno())
+        self._reader_paused_until = (math.floor(now / _GRID) + 1) * _GRID
+
+    def _resume_reader(self) -> None:
+        assert self._loop is not None and self._receive_socket is not None
+        self._reader_paused_until = None
+        self._loop.add_reader(self._receive_socket.fileno(), self._on_readable)
+
+    def _drain(self, limit: int, now: float) -> int:
+        """Read and handle what the GRE socket holds, up to `limit` packets, into one buffer (no allocation
+        per packet but what a message keeps); return how many were read."""
+        assert self._receive_socket is not None
+        receive, view = self._receive_socket.recv_into, self._view
+        for count in range(limit):
             try:
                 size = receive(view)
             except (BlockingIOError, InterruptedError):
-                return
+                return count
             except OSError as exc:  # a pending socket error is reported once; the next read goes on
                 log.warning("reading the GRE socket: %s", exc.strerror or exc)
-                return
+                return count
             self.on_packet(view[:size], now)
+        return limit
 
     def on_packet(self, data: Packet, now: float) -> None:
         """One packet from the GRE socket, received at `now`; never raises for what the packet contains."""
