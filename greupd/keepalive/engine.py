@@ -38,6 +38,7 @@ import math
 import random
 import socket
 import struct
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -78,6 +79,9 @@ _RECEIVE_BUFFER = 1 << 20
 _SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>; not exported by Python's socket module
 _IP_PKTINFO = 8  # <linux/in.h>; Python has socket.IP_PKTINFO, typeshed does not
 _IP_PROTOCOL = 52  # <linux/in.h>: the flow's protocol for an IP_HDRINCL packet, as a control message (5.19+)
+_SO_TIMESTAMPNS = 35  # <asm-generic/socket.h> (also SCM_TIMESTAMPNS); not exported by Python's socket module
+_TIMESPEC = struct.Struct("@qq")  # struct timespec on a 64-bit kernel
+_TIMESTAMP_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
 _PROBE_TTL = 255  # the outer TTL of our probes, as Cisco's tunnels send them
 _GRE_FLOW = (socket.IPPROTO_IP, _IP_PROTOCOL, struct.pack("=i", IPPROTO_GRE))
 
@@ -227,6 +231,7 @@ class KeepaliveEngine:
                 receive.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RECEIVE_BUFFER)
             except PermissionError:  # without CAP_NET_ADMIN, as much as rmem_max allows
                 receive.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
+            receive.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
             receive.setblocking(False)
         except OSError:
             send.close()
@@ -460,18 +465,29 @@ class KeepaliveEngine:
 
     def _drain(self, limit: int, now: float) -> int:
         """Read and handle what the GRE socket holds, up to `limit` packets, into one buffer (no allocation
-        per packet but what a message keeps); return how many were read."""
+        per packet but what a message keeps); return how many were read.
+
+        Each packet is handled at the time the kernel received it (SO_TIMESTAMPNS, on the real-time clock,
+        brought onto the loop's clock here), not when we read it: a reply read at the next point of the
+        grid, or after a long pass, still shows the round trip it had."""
         assert self._receive_socket is not None
-        receive, view = self._receive_socket.recv_into, self._view
+        receive, view = self._receive_socket.recvmsg_into, self._view
+        buffers = [view]
+        real_minus_loop = time.time() - time.monotonic()  # the loop's clock is time.monotonic()
         for count in range(limit):
             try:
-                size = receive(view)
+                size, control, _, _ = receive(buffers, _TIMESTAMP_SPACE)
             except (BlockingIOError, InterruptedError):
                 return count
             except OSError as exc:  # a pending socket error is reported once; the next read goes on
                 log.warning("reading the GRE socket: %s", exc.strerror or exc)
                 return count
-            self.on_packet(view[:size], now)
+            received = now
+            for level, kind, data in control:
+                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+                    seconds, nanoseconds = _TIMESPEC.unpack_from(data)
+                    received = seconds + nanoseconds * 1e-9 - real_minus_loop
+            self.on_packet(view[:size], received)
         return limit
 
     def on_packet(self, data: Packet, now: float) -> None:
@@ -497,7 +513,7 @@ class KeepaliveEngine:
             self.counters.unmatched_replies += 1
             return
         self.counters.replies += 1
-        change = tunnel.liveness.on_reply(now, now - sent_at)
+        change = tunnel.liveness.on_reply(now, max(0.0, now - sent_at))
         if change is not None:
             self._report(tunnel, change)
 
