@@ -20,8 +20,15 @@ Under IPsec the kernel looks up the ESP policy by the flow's protocol, and an IP
 IPPROTO_RAW: its GRE would miss the `dynamic[gre]` policy and leave in cleartext (seen in the lab). So for
 tunnels with [tunnel.ipsec] each packet carries an IP_PROTOCOL control message saying GRE (see `_send`).
 
-Timers are `loop.call_at` handles on the loop's monotonic clock, one per tunnel, their first probe spread at
-random over the interval so that a thousand tunnels do not fire together.
+One timer serves every tunnel (a `loop.call_at` handle on the loop's monotonic clock, at the earliest entry
+of a heap of next probes). A tunnel's first probe falls on a random point of a 10 ms grid within its
+interval, so that a thousand tunnels do not fire together, and as intervals are nearly always multiples of
+the grid, the tunnels of one point share a wake-up: 1000 tunnels x 1 s are 100 wake-ups of 10 probes a
+second, not 1000.
+A probe's deadline is the next probe's send time (Cisco counts a miss when it sends the next keepalive), so
+the tick that sends also counts the misses, exactly at send time + interval. While replies keep coming, the
+socket is read at the grid's points and after each batch of probes rather than on every arrival, each packet
+taken at the kernel's receive time (SO_TIMESTAMPNS).
 
 `python -m greupd.keepalive` (__main__.py) runs this engine alone.
 """
