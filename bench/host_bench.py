@@ -140,6 +140,12 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
+def _tx_packets(netns: str, ifname: str) -> int:
+    proc = subprocess.run(["ip", "netns", "exec", netns, "cat", f"/sys/class/net/{ifname}/statistics/tx_packets"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
 def keepalive_engine(count: int, interval: float, window: float) -> Json:
     """The keepalive engine alone (`python -m greupd.keepalive`, no links or routes: it needs none, only raw
     sockets) probing `count` peers, answered by a second engine (answer = "daemon") in another netns, on this
@@ -167,16 +173,21 @@ def keepalive_engine(count: int, interval: float, window: float) -> Json:
                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         prober = procs[-1]
         time.sleep(5 + 3 * interval)
+        sent_before = _tx_packets(a, "eth0")
         before, start = _cpu_seconds(prober.pid), time.monotonic()
         time.sleep(window)
         cpu, elapsed = _cpu_seconds(prober.pid) - before, time.monotonic() - start
+        probes = _tx_packets(a, "eth0") - sent_before  # the prober sends nothing else (answer = "off")
         rss = _rss_mb(prober.pid)
         for proc in reversed(procs):
             proc.terminate()
             proc.wait(30)
         report = json.loads((directory / f"{a}.json").read_text())
         tunnels = report["tunnels"].values()
+        # probes_per_s: a starved prober (a loaded machine) skips probes, and its CPU % looks better than it is
         return {"tunnels": count, "interval": interval, "seconds": elapsed, "cpu_percent": 100 * cpu / elapsed,
+                "probes_per_s": probes / elapsed, "cpu_us_per_probe": 1e6 * cpu / max(probes, 1),
+                "load_average": Path("/proc/loadavg").read_text().split()[:3],
                 "rss_mb": rss, "up": sum(bool(t["up"]) for t in tunnels),
                 "sent": sum(t["sent"] for t in tunnels), "received": sum(t["received"] for t in tunnels)}
     finally:
