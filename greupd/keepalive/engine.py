@@ -445,7 +445,14 @@ class KeepaliveEngine:
 
     def _report(self, tunnel: _Tunnel, change: LivenessChange) -> None:
         log.debug("tunnel %s %s: %s", tunnel.target.name, "up" if change.up else "down", change.message)
-        self._on_change(tunnel.target.name, change)
+        try:
+            self._on_change(tunnel.target.name, change)
+        except Exception as exc:
+            # The loop's handler logs it, as for any callback; the tick that called us still has other
+            # tunnels' probes to send and replies to read, and must go on.
+            assert self._loop is not None
+            self._loop.call_exception_handler({"message": f"keepalive verdict of {tunnel.target.name}",
+                                               "exception": exc})
 
     # --- receiving ------------------------------------------------------------------------------------
 
