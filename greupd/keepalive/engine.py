@@ -249,11 +249,6 @@ class KeepaliveEngine:
         for tunnel in self._tunnels.values():
             self._schedule_first(tunnel)
 
-    @property
-    def _probe_socket(self) -> socket.socket:
-        assert self._receive_socket is not None
-        return self._receive_socket
-
     def configure(self, targets: Sequence[KeepaliveTarget], initial: Mapping[str, bool] | None = None) -> None:
         """Make the engine probe exactly `targets`: new ones start up (or as `initial` says: the verdicts a
         restart kept, review H3), removed ones stop, changed ones keep their verdict (and, if only timing
@@ -408,6 +403,7 @@ class KeepaliveEngine:
         tunnel.entry = entry = next(self._entries)
         heapq.heappush(self._schedule, (next_at, entry, tunnel))
 
+        assert self._receive_socket is not None
         liveness = tunnel.liveness
         missed = liveness.on_timer(now)
         token = new_token()
@@ -415,7 +411,7 @@ class KeepaliveEngine:
         try:
             # Our probe from the GRE socket: its GRE part only, the kernel adds the outer header (source
             # `local` by IP_PKTINFO, TTL 255), so it takes the route the tunnel's own packets take (review H1).
-            self._probe_socket.sendmsg([tunnel.probe.stamp(token)], tunnel.source, 0, tunnel.address)
+            self._receive_socket.sendmsg([tunnel.probe.stamp(token)], tunnel.source, 0, tunnel.address)
         except OSError as exc:
             # No route to the remote, say: the probe is lost like any other and counts as a miss.
             self.counters.send_errors += 1
