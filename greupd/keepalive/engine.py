@@ -52,6 +52,7 @@ from ipaddress import IPv4Address
 from typing import Literal
 
 from greupd.config import Config
+from greupd.keepalive.batch import Datagram, Receiver, Sender, batching_available
 from greupd.keepalive.codec import (
     GRE_SOCKET_FILTER,
     IPPROTO_GRE,
@@ -79,6 +80,8 @@ ANSWER_RATE = 20.0  # reflected requests per second and tunnel: a Cisco probes e
 ANSWER_BURST = 20.0
 _GRID = 0.01  # s: first probes fall on this grid, so tunnels with the same interval share their wake-ups
 _COALESCE = 0.0005  # s: probes due this soon go out in the wake-up at hand
+_RECEIVE_BATCH = 64  # datagrams per recvmmsg
+_RECEIVE_SLOT = 2048  # bytes per datagram read by recvmmsg: keepalives are far smaller; longer is cut, malformed
 _DRAIN_LIMIT = 512  # packets read per wake-up, so a flood cannot starve the rest of the loop
 _DRAIN_BEFORE_MISS = 8192  # before counting a miss: more than the receive buffer holds of replies
 _MAX_PACKET = 65535
@@ -158,8 +161,8 @@ _Endpoints = tuple[int, int, int | None]
 class _Tunnel:
     """The engine's mutable state of one target."""
 
-    __slots__ = ("address", "budget", "endpoints", "entry", "liveness", "next_at", "probe", "send_failing",
-                 "source", "target", "window")
+    __slots__ = ("address", "budget", "datagram", "endpoints", "entry", "liveness", "next_at", "probe",
+                 "send_failing", "source", "target", "window")
 
     def __init__(self, target: KeepaliveTarget, up: bool = True) -> None:
         self.target = target
@@ -170,6 +173,9 @@ class _Tunnel:
         self.budget = AnswerBudget(ANSWER_RATE, ANSWER_BURST)
         self.address = (str(target.remote), 0)
         self.source = [source_address(target.local)]
+        # The same probe as a message for sendmmsg (batch.py), pointing into the probe's own buffer
+        self.datagram = Datagram(self.probe.buffer, target.local, target.remote, _IP_PKTINFO) \
+            if batching_available() else None
         self.endpoints: _Endpoints = (int(target.remote), int(target.local), target.ikey)
         self.next_at = 0.0
         self.entry = -1  # the number of its current entry in the engine's schedule; -1: not scheduled
@@ -221,6 +227,8 @@ class KeepaliveEngine:
         # reader is paused, until when (see _on_readable).
         self._reader_paused_until: float | None = None
         self._view = memoryview(bytearray(_MAX_PACKET))
+        self._sender: Sender | None = None  # sendmmsg/recvmmsg when libc has them (batch.py)
+        self._receiver: Receiver | None = None
         self.counters = EngineCounters()
 
     # --- the API the daemon calls ---------------------------------------------------------------------
@@ -245,6 +253,9 @@ class KeepaliveEngine:
             receive.close()
             raise
         self._loop, self._send_socket, self._receive_socket = loop, send, receive
+        if batching_available():
+            self._sender = Sender(receive)
+            self._receiver = Receiver(receive, _RECEIVE_BATCH, _RECEIVE_SLOT, _SO_TIMESTAMPNS)
         loop.add_reader(receive.fileno(), self._on_readable)
         for tunnel in self._tunnels.values():
             self._schedule_first(tunnel)
@@ -315,6 +326,7 @@ class KeepaliveEngine:
             if sock is not None:
                 sock.close()
         self._send_socket = self._receive_socket = None
+        self._sender = self._receiver = None
         self._loop = None
 
     # --- probing --------------------------------------------------------------------------------------
@@ -378,8 +390,11 @@ class KeepaliveEngine:
                 # while the loop was busy (a long pass, or more replies than one wake-up reads) counts as the
                 # reply it is, not as a miss (review M8).
                 self._drain(_DRAIN_BEFORE_MISS, now)
-            for tunnel in due:
-                self._probe(tunnel, now)
+            if self._sender is not None and due:
+                self._probe_batch(due, now)
+            else:
+                for tunnel in due:
+                    self._probe(tunnel, now)
             paused_until = self._reader_paused_until
             if due or (paused_until is not None and paused_until <= limit):
                 read = self._drain(_DRAIN_LIMIT, now)
@@ -392,9 +407,35 @@ class KeepaliveEngine:
             self._arm()
 
     def _probe(self, tunnel: _Tunnel, now: float) -> None:
-        """Count the outstanding probe missed if it is (its interval is over: this is its deadline), send the
-        next one. The next one is scheduled first, so that one tunnel's trouble never stops its probing. A
-        loop that stalled skips the probes it missed rather than sending them in a burst, on the same grid."""
+        """One probe, one sendmsg (where libc has no sendmmsg)."""
+        assert self._receive_socket is not None
+        missed = self._next_probe(tunnel, now)
+        try:
+            # Our probe from the GRE socket: its GRE part only, the kernel adds the outer header (source
+            # `local` by IP_PKTINFO, TTL 255), so it takes the route the tunnel's own packets take (review H1).
+            self._receive_socket.sendmsg([tunnel.probe.buffer], tunnel.source, 0, tunnel.address)
+        except OSError as exc:
+            self._probe_sent(tunnel, now, missed, exc)
+        else:
+            self._probe_sent(tunnel, now, missed, None)
+
+    def _probe_batch(self, due: list[_Tunnel], now: float) -> None:
+        """Every due probe in one sendmmsg: the same messages as _probe's, from the same GRE socket (H1)."""
+        assert self._sender is not None
+        missed = [self._next_probe(tunnel, now) for tunnel in due]
+        datagrams = []
+        for tunnel in due:
+            assert tunnel.datagram is not None  # made with every tunnel where batching is available
+            datagrams.append(tunnel.datagram)
+        refused = dict(self._sender.send(datagrams))
+        for index, tunnel in enumerate(due):
+            self._probe_sent(tunnel, now, missed[index], refused.get(index))
+
+    def _next_probe(self, tunnel: _Tunnel, now: float) -> LivenessChange | None:
+        """Schedule the tunnel's next probe, count the outstanding one missed if its interval is over (this
+        is its deadline), and write a fresh token into the probe's buffer. Scheduling comes first, so that
+        one tunnel's trouble never stops its probing; a loop that stalled skips the probes it missed rather
+        than sending them in a burst, on the same grid."""
         interval = tunnel.target.interval
         next_at = tunnel.next_at + interval
         if next_at <= now:
@@ -402,26 +443,22 @@ class KeepaliveEngine:
         tunnel.next_at = next_at
         tunnel.entry = entry = next(self._entries)
         heapq.heappush(self._schedule, (next_at, entry, tunnel))
-
-        assert self._receive_socket is not None
-        liveness = tunnel.liveness
-        missed = liveness.on_timer(now)
+        missed = tunnel.liveness.on_timer(now)
         token = new_token()
         tunnel.window.issue(token, now)
-        try:
-            # Our probe from the GRE socket: its GRE part only, the kernel adds the outer header (source
-            # `local` by IP_PKTINFO, TTL 255), so it takes the route the tunnel's own packets take (review H1).
-            self._receive_socket.sendmsg([tunnel.probe.stamp(token)], tunnel.source, 0, tunnel.address)
-        except OSError as exc:
+        tunnel.probe.stamp(token)
+        return missed
+
+    def _probe_sent(self, tunnel: _Tunnel, now: float, missed: LivenessChange | None,
+                    error: OSError | None) -> None:
+        if error is not None:
             # No route to the remote, say: the probe is lost like any other and counts as a miss.
             self.counters.send_errors += 1
             if not tunnel.send_failing:
                 log.warning("tunnel %s: cannot send keepalive to %s: %s", tunnel.target.name,
-                            tunnel.target.remote, exc.strerror or exc)
-            tunnel.send_failing = True
-        else:
-            tunnel.send_failing = False
-        missed = liveness.on_probe_sent(now) or missed
+                            tunnel.target.remote, error.strerror or error)
+        tunnel.send_failing = error is not None
+        missed = tunnel.liveness.on_probe_sent(now) or missed
         if missed is not None:
             self._report(tunnel, missed)
 
@@ -481,9 +518,11 @@ class KeepaliveEngine:
         brought onto the loop's clock here), not when we read it: a reply read at the next point of the
         grid, or after a long pass, still shows the round trip it had."""
         assert self._receive_socket is not None
+        real_minus_loop = time.time() - time.monotonic()  # the loop's clock is time.monotonic()
+        if self._receiver is not None:
+            return self._drain_batches(limit, now, real_minus_loop)
         receive, view = self._receive_socket.recvmsg_into, self._view
         buffers = [view]
-        real_minus_loop = time.time() - time.monotonic()  # the loop's clock is time.monotonic()
         for count in range(limit):
             try:
                 size, control, _, _ = receive(buffers, _TIMESTAMP_SPACE)
@@ -499,6 +538,23 @@ class KeepaliveEngine:
                     received = seconds + nanoseconds * 1e-9 - real_minus_loop
             self.on_packet(view[:size], received)
         return limit
+
+    def _drain_batches(self, limit: int, now: float, real_minus_loop: float) -> int:
+        """_drain with recvmmsg: up to _RECEIVE_BATCH packets per system call."""
+        assert self._receiver is not None
+        count = 0
+        while count < limit:
+            try:
+                packets = self._receiver.receive()
+            except OSError as exc:  # a pending socket error is reported once; the next read goes on
+                log.warning("reading the GRE socket: %s", exc.strerror or exc)
+                return count
+            for data, received in packets:
+                self.on_packet(data, received - real_minus_loop if received is not None else now)
+            count += len(packets)
+            if len(packets) < _RECEIVE_BATCH:
+                return count  # the queue is empty (a packet that came meanwhile wakes the reader)
+        return count
 
     def on_packet(self, data: Packet, now: float) -> None:
         """One packet from the GRE socket, received at `now`; never raises for what the packet contains."""
