@@ -4,6 +4,7 @@
   keeps tunnel traffic out.
 - `liveness`: the state machine per tunnel (`Liveness`), pure: time and events in, transitions out.
 - `engine`: `KeepaliveEngine`, the raw sockets and its one timer on the asyncio loop.
+- `batch`: sendmmsg/recvmmsg through ctypes, a tick's probes in one system call.
 - `__main__`: `python -m greupd.keepalive`, the engine alone.
 """
 

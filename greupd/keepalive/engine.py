@@ -28,7 +28,8 @@ second, not 1000.
 A probe's deadline is the next probe's send time (Cisco counts a miss when it sends the next keepalive), so
 the tick that sends also counts the misses, exactly at send time + interval. While replies keep coming, the
 socket is read at the grid's points and after each batch of probes rather than on every arrival, each packet
-taken at the kernel's receive time (SO_TIMESTAMPNS).
+taken at the kernel's receive time (SO_TIMESTAMPNS). A tick's probes go out in one sendmmsg and replies come
+in 64 to a recvmmsg (batch.py), where libc has them.
 
 `python -m greupd.keepalive` (__main__.py) runs this engine alone.
 """
