@@ -80,7 +80,9 @@ AnswerMode = Literal["daemon", "kernel", "off"]
 ANSWER_RATE = 20.0  # reflected requests per second and tunnel: a Cisco probes every 10 s by default
 ANSWER_BURST = 20.0
 _GRID = 0.01  # s: first probes fall on this grid, so tunnels with the same interval share their wake-ups
-_COALESCE = 0.0005  # s: probes due this soon go out in the wake-up at hand
+# s: probes due this soon go out in the wake-up at hand. At least the clock's resolution: asyncio runs a timer
+# up to that early, and a tick that found nothing due would be re-armed for the same instant and spin.
+_COALESCE = max(0.0005, time.get_clock_info("monotonic").resolution)
 _RECEIVE_BATCH = 64  # datagrams per recvmmsg
 _RECEIVE_SLOT = 2048  # bytes per datagram read by recvmmsg: keepalives are far smaller; longer is cut, malformed
 _DRAIN_LIMIT = 512  # packets read per wake-up, so a flood cannot starve the rest of the loop
