@@ -51,7 +51,7 @@ def command(argv: list[str], trials: int) -> list[float]:
 
 def cpu_parts(count: int, trials: int) -> Json:
     from greupd.config import load_config_text
-    from greupd.keepalive.codec import build_probe_template, new_token, parse_gre
+    from greupd.keepalive.codec import ProbeBytes, build_probe_template, new_token, parse_gre
     from greupd.model import Observed, ObservedLink, desired_state
     from greupd.plan import plan_changes
 
@@ -70,6 +70,7 @@ def cpu_parts(count: int, trials: int) -> Json:
 
     template = build_probe_template(IPv4Address(scenario.LOCAL), IPv4Address(scenario.REMOTE), 1, 1)
     reply = template.with_token(new_token())[template.inner_ip_offset:]
+    probe = ProbeBytes(template)
     probes = 10000
     return {
         "tunnels": count,
@@ -77,7 +78,8 @@ def cpu_parts(count: int, trials: int) -> Json:
         "desired_state": timed(lambda: desired_state(config), trials),
         "plan_cold": timed(lambda: plan_changes(desired, empty), trials),
         "plan_reload": timed(lambda: plan_changes(desired, converged), trials),
-        "probe_build_us": [s / probes * 1e6 for s in timed(lambda: [template.with_token(new_token())
+        # what the engine does per probe: a fresh token written into the tunnel's own buffer
+        "probe_build_us": [s / probes * 1e6 for s in timed(lambda: [probe.stamp(new_token())
                                                                      for _ in range(probes)], trials)],
         "reply_parse_us": [s / probes * 1e6 for s in timed(lambda: [parse_gre(reply) for _ in range(probes)],
                                                             trials)],
