@@ -6,7 +6,8 @@
 
 Suites: host (kernel-independent parts, natively, no guest), systemd (the uml-systemd guest: cold
 convergence of greupd vs `ip -batch` vs systemd-networkd, and networkd under drift), uml (the UML guest:
-start-up, reload, drift repair, dead-peer detection, keepalive cost, idle wake-ups, profiles).
+start-up, reload, drift repair, dead-peer detection, keepalive cost, idle wake-ups, profiles); keepalive (only
+with --only: the uml suite's dead-peer and keepalive-cost parts alone, in bench/results/keepalive.json).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from lab import guest
 
 REPO = Path(__file__).resolve().parent.parent
 SUITES = ("host", "systemd", "uml")
-GUEST: dict[str, guest.GuestKind] = {"systemd": "uml-systemd", "uml": "uml"}
+GUEST: dict[str, guest.GuestKind] = {"systemd": "uml-systemd", "uml": "uml", "keepalive": "uml"}
+ALONE = ("keepalive",)  # the keepalive part of the uml suite, run only when asked for (--only keepalive)
 TIMEOUT = 3600.0
 
 
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small N and few trials, results under .lab/bench-quick")
-    p.add_argument("--only", action="append", choices=(*SUITES, "render"),
+    p.add_argument("--only", action="append", choices=(*SUITES, *ALONE, "render"),
                    help="run only these suites (repeatable); 'render' only rewrites BENCHMARKS.md")
     p.add_argument("--results", type=Path, help="where the raw JSON goes (default bench/results)")
     a = p.parse_args(argv)
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = a.only or [*SUITES, "render"]
     started = time.monotonic()
     ok = True
-    for suite in SUITES:
+    for suite in (*SUITES, *ALONE):
         if suite not in chosen:
             continue
         out = results / f"{suite}.json"

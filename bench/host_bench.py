@@ -51,7 +51,7 @@ def command(argv: list[str], trials: int) -> list[float]:
 
 def cpu_parts(count: int, trials: int) -> Json:
     from greupd.config import load_config_text
-    from greupd.keepalive.codec import build_probe_template, new_token, parse_gre
+    from greupd.keepalive.codec import ProbeBytes, build_probe_template, new_token, parse_gre
     from greupd.model import Observed, ObservedLink, desired_state
     from greupd.plan import plan_changes
 
@@ -70,6 +70,7 @@ def cpu_parts(count: int, trials: int) -> Json:
 
     template = build_probe_template(IPv4Address(scenario.LOCAL), IPv4Address(scenario.REMOTE), 1, 1)
     reply = template.with_token(new_token())[template.inner_ip_offset:]
+    probe = ProbeBytes(template)
     probes = 10000
     return {
         "tunnels": count,
@@ -77,7 +78,8 @@ def cpu_parts(count: int, trials: int) -> Json:
         "desired_state": timed(lambda: desired_state(config), trials),
         "plan_cold": timed(lambda: plan_changes(desired, empty), trials),
         "plan_reload": timed(lambda: plan_changes(desired, converged), trials),
-        "probe_build_us": [s / probes * 1e6 for s in timed(lambda: [template.with_token(new_token())
+        # what the engine does per probe: a fresh token written into the tunnel's own buffer
+        "probe_build_us": [s / probes * 1e6 for s in timed(lambda: [probe.stamp(new_token())
                                                                      for _ in range(probes)], trials)],
         "reply_parse_us": [s / probes * 1e6 for s in timed(lambda: [parse_gre(reply) for _ in range(probes)],
                                                             trials)],
@@ -229,6 +231,12 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
+def _tx_packets(netns: str, ifname: str) -> int:
+    proc = subprocess.run(["ip", "netns", "exec", netns, "cat", f"/sys/class/net/{ifname}/statistics/tx_packets"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
 def keepalive_engine(count: int, interval: float, window: float) -> Json:
     """The keepalive engine alone (`python -m greupd.keepalive`, no links or routes: it needs none, only raw
     sockets) probing `count` peers, answered by a second engine (answer = "daemon") in another netns, on this
@@ -256,16 +264,21 @@ def keepalive_engine(count: int, interval: float, window: float) -> Json:
                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         prober = procs[-1]
         time.sleep(5 + 3 * interval)
+        sent_before = _tx_packets(a, "eth0")
         before, start = _cpu_seconds(prober.pid), time.monotonic()
         time.sleep(window)
         cpu, elapsed = _cpu_seconds(prober.pid) - before, time.monotonic() - start
+        probes = _tx_packets(a, "eth0") - sent_before  # the prober sends nothing else (answer = "off")
         rss = _rss_mb(prober.pid)
         for proc in reversed(procs):
             proc.terminate()
             proc.wait(30)
         report = json.loads((directory / f"{a}.json").read_text())
         tunnels = report["tunnels"].values()
+        # probes_per_s: a starved prober (a loaded machine) skips probes, and its CPU % looks better than it is
         return {"tunnels": count, "interval": interval, "seconds": elapsed, "cpu_percent": 100 * cpu / elapsed,
+                "probes_per_s": probes / elapsed, "cpu_us_per_probe": 1e6 * cpu / max(probes, 1),
+                "load_average": Path("/proc/loadavg").read_text().split()[:3],
                 "rss_mb": rss, "up": sum(bool(t["up"]) for t in tunnels),
                 "sent": sum(t["sent"] for t in tunnels), "received": sum(t["received"] for t in tunnels)}
     finally:

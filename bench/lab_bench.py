@@ -718,6 +718,43 @@ def keepalive_cost(sizes: Sizes, interval: float, profile_dir: Path | None = Non
             "up_at_end": after["up"]}, profile
 
 
+def suite_keepalive(sizes: Sizes, results: Json, profile_dir: Path | None = None) -> None:
+    """The keepalive part of the uml suite (dead-peer detection, keepalive cost), also run alone:
+    `bench/run --only keepalive` (bench/results/keepalive.json, not rendered; `make bench` measures it as
+    part of the uml suite)."""
+    large = sizes.large
+    profiles: Json = results.setdefault("profiles", {})
+    alone = profile_dir is None
+    if profile_dir is None:
+        profile_dir = Path(tempfile.mkdtemp(prefix="bench-profiles-", dir="/run"))
+    log("dead peer")
+    with Lab("dp") as lab:
+        a, b = peered_hosts(lab, sizes.dead_peer_tunnels)
+        interval = 0.1
+        daemon = Daemon(a, scenario.greupd_toml(sizes.dead_peer_tunnels, keepalive=(interval, 3, 1)))
+        try:
+            daemon.start()
+            wait_all_up(daemon, sizes.dead_peer_tunnels, 30)
+            results["dead_peer"] = {"interval": interval, "retries": 3, "up_after": 1,
+                                    "tunnels": sizes.dead_peer_tunnels,
+                                    **dead_peer_trials(a, b, sizes.dead_peer_tunnels, sizes.dead_peer_trials,
+                                                       interval, same_tunnel=False)}
+            time.sleep(12)  # let the fight-detection window of the rotating trials pass
+            results["dead_peer_same_tunnel"] = dead_peer_trials(a, b, 1, 12, interval, same_tunnel=True)
+        finally:
+            daemon.close()
+
+    for interval in (1.0, 0.1):
+        log(f"keepalive cost, {large} x {interval} s")
+        results[f"keepalive_{interval}"], profile = keepalive_cost(
+            sizes, interval, profile_dir if interval == 1.0 else None)
+        if profile is not None:
+            profiles[f"keepalive_{interval}s"] = profile
+        log(results[f"keepalive_{interval}"])
+    if alone:
+        shutil.rmtree(profile_dir, ignore_errors=True)
+
+
 def suite_uml(sizes: Sizes, results: Json) -> None:
     """Fills `results` as it goes: a later failure keeps what was measured before it."""
     profiles: Json = {}
@@ -771,30 +808,7 @@ def suite_uml(sizes: Sizes, results: Json) -> None:
             daemon.close()
             delete_tunnels(host.netns, large)
 
-    log("dead peer")
-    with Lab("dp") as lab:
-        a, b = peered_hosts(lab, sizes.dead_peer_tunnels)
-        interval = 0.1
-        daemon = Daemon(a, scenario.greupd_toml(sizes.dead_peer_tunnels, keepalive=(interval, 3, 1)))
-        try:
-            daemon.start()
-            wait_all_up(daemon, sizes.dead_peer_tunnels, 30)
-            results["dead_peer"] = {"interval": interval, "retries": 3, "up_after": 1,
-                                    "tunnels": sizes.dead_peer_tunnels,
-                                    **dead_peer_trials(a, b, sizes.dead_peer_tunnels, sizes.dead_peer_trials,
-                                                       interval, same_tunnel=False)}
-            time.sleep(12)  # let the fight-detection window of the rotating trials pass
-            results["dead_peer_same_tunnel"] = dead_peer_trials(a, b, 1, 12, interval, same_tunnel=True)
-        finally:
-            daemon.close()
-
-    for interval in (1.0, 0.1):
-        log(f"keepalive cost, {large} x {interval} s")
-        results[f"keepalive_{interval}"], profile = keepalive_cost(
-            sizes, interval, profile_dir if interval == 1.0 else None)
-        if profile is not None:
-            profiles[f"keepalive_{interval}s"] = profile
-        log(results[f"keepalive_{interval}"])
+    suite_keepalive(sizes, results, profile_dir)
     shutil.rmtree(profile_dir, ignore_errors=True)
 
 
@@ -821,7 +835,7 @@ def results_file(path: Path) -> Iterator[Json]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.lab_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=("systemd", "uml"), required=True)
+    p.add_argument("--suite", choices=("systemd", "uml", "keepalive"), required=True)
     p.add_argument("--quick", action="store_true", help="small N and few trials: a smoke run")
     p.add_argument("--out", type=Path, default=None, help="JSON output (default: $GREUPD_LAB_RUNDIR/bench.json)")
     a = p.parse_args(argv)
@@ -834,6 +848,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if a.suite == "systemd":
                 data.update(suite_systemd(sizes))
+            elif a.suite == "keepalive":
+                suite_keepalive(sizes, data)
             else:
                 suite_uml(sizes, data)
         except BaseException as exc:

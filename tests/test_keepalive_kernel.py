@@ -397,6 +397,7 @@ def send_keepalives(host: Host, src: str, dst: str, okey: int | None, ikey: int 
     (matched by inner IP ID and sequence number)."""
     with contextlib.closing(gre_socket(host)) as receiver, contextlib.closing(raw_sender(host)) as sender:
         sent: set[tuple[int, int | None]] = set()
+        probes = []
         for _ in range(count):
             ip_id, seq = random.randint(1, 0xFFFF), random.getrandbits(32) if sequence else None
             inner = GRE(proto=0, key_present=int(ikey is not None), key=ikey)
@@ -404,8 +405,12 @@ def send_keepalives(host: Host, src: str, dst: str, okey: int | None, ikey: int 
                 inner.seqnum_present, inner.sequence_number = 1, seq
             probe = (IP(src=src, dst=dst, ttl=255) / GRE(key_present=int(okey is not None), key=okey)
                      / IP(src=dst, dst=inner_dst or src, id=ip_id, ttl=255) / inner)
-            sender.sendto(bytes(probe), (dst, 0))
+            probes.append(bytes(probe))
             sent.add((ip_id, seq))
+        # Built first, sent after: a flood (gap 0) must arrive faster than the rate limit refills, which
+        # scapy building each probe in a slow guest (milliseconds each) would not give.
+        for probe_bytes in probes:
+            sender.sendto(probe_bytes, (dst, 0))
             if gap:
                 time.sleep(gap)
         answered = set()

@@ -20,11 +20,17 @@ from greupd.keepalive.codec import (
     GRE_SOCKET_FILTER,
     KeepaliveRequest,
     MalformedPacket,
+    ProbeBytes,
     ProbeReply,
     SocketFilter,
+    _general_message,
+    _Unusual,
+    _usual_message,
     build_probe_template,
     new_token,
     parse_gre,
+    probe_shape,
+    scapy_probe_shape,
     split_token,
 )
 
@@ -63,6 +69,22 @@ def test_patched_probe_is_byte_for_byte_what_scapy_builds(local: IPv4Address, re
                                                           okey: int | None, ikey: int | None, token: int) -> None:
     template = build_probe_template(local, remote, okey, ikey)
     assert template.with_token(token) == bytes(scapy_probe(local, remote, okey, ikey, token))
+
+
+@pytest.mark.parametrize(("has_okey", "has_ikey"), [(False, False), (False, True), (True, False), (True, True)])
+def test_the_stored_probe_shapes_are_what_scapy_builds(has_okey: bool, has_ikey: bool) -> None:
+    # The daemon starts probing without importing scapy; the bytes it starts from are scapy's.
+    assert probe_shape(has_okey, has_ikey) == scapy_probe_shape(has_okey, has_ikey)
+
+
+@given(okey=keys, ikey=keys, tokens_in_a_row=st.lists(tokens, min_size=2, max_size=5))
+def test_the_engines_buffer_stamped_again_and_again_is_each_time_what_scapy_builds(
+        okey: int | None, ikey: int | None, tokens_in_a_row: list[int]) -> None:
+    template = build_probe_template(A, B, okey, ikey)
+    probe = ProbeBytes(template)  # one buffer per tunnel, rewritten in place for every probe
+    for token in tokens_in_a_row:
+        expected = bytes(scapy_probe(A, B, okey, ikey, token))
+        assert bytes(probe.stamp(token)) == expected[template.outer_header_length:]
 
 
 @given(okey=keys, ikey=keys, token=tokens)
@@ -203,6 +225,27 @@ def test_truncated_and_mangled_probes_never_raise_anything_else(okey: int | None
             packet[index] = value
     _parse_or_malformed(bytes(packet[:cut]))
     _parse_or_malformed(bytes(packet))
+
+
+@given(okey=keys, ikey=keys, token=tokens, request=st.booleans(), cut=st.integers(0, 80),
+       flips=st.lists(st.tuples(st.integers(0, 79), st.integers(0, 255)), max_size=4))
+def test_the_fast_path_reads_what_the_general_path_reads(okey: int | None, ikey: int | None, token: int,
+                                                          request: bool, cut: int,
+                                                          flips: list[tuple[int, int]]) -> None:
+    """parse_gre reads the usual packet in one struct read; wherever it does, it must say exactly what the
+    general reader (options, checksums, every way of being broken) says."""
+    template = build_probe_template(A, B, okey, ikey)
+    packet = bytearray(template.with_token(token))
+    if not request:
+        packet = packet[template.inner_ip_offset:]
+    for index, value in flips:
+        if index < len(packet):
+            packet[index] = value
+    for data in (bytes(packet), bytes(packet[:cut])):
+        usual = _usual_message(data)
+        if isinstance(usual, _Unusual):
+            continue
+        assert usual == _general_message(data)
 
 
 # --- the socket filter, run by a small classic-BPF interpreter ----------------------------------------

@@ -1,8 +1,10 @@
 """Cisco-compatible GRE keepalives: probes out, replies in, an up/down verdict per tunnel.
 
-- `codec`: the probe and reply packets (scapy, once), and the socket filter that keeps tunnel traffic out.
+- `codec`: the probe and reply packets (shapes built by scapy, stored as bytes), and the socket filter that
+  keeps tunnel traffic out.
 - `liveness`: the state machine per tunnel (`Liveness`), pure: time and events in, transitions out.
-- `engine`: `KeepaliveEngine`, the raw sockets and timers on the asyncio loop.
+- `engine`: `KeepaliveEngine`, the raw sockets and its one timer on the asyncio loop.
+- `batch`: sendmmsg/recvmmsg through ctypes, a tick's probes in one system call.
 - `__main__`: `python -m greupd.keepalive`, the engine alone.
 """
 

@@ -20,8 +20,16 @@ Under IPsec the kernel looks up the ESP policy by the flow's protocol, and an IP
 IPPROTO_RAW: its GRE would miss the `dynamic[gre]` policy and leave in cleartext (seen in the lab). So for
 tunnels with [tunnel.ipsec] each packet carries an IP_PROTOCOL control message saying GRE (see `_send`).
 
-Timers are `loop.call_at` handles on the loop's monotonic clock, one per tunnel, their first probe spread at
-random over the interval so that a thousand tunnels do not fire together.
+One timer serves every tunnel (a `loop.call_at` handle on the loop's monotonic clock, at the earliest entry
+of a heap of next probes). A tunnel's first probe falls on a random point of a 10 ms grid within its
+interval, so that a thousand tunnels do not fire together, and as intervals are nearly always multiples of
+the grid, the tunnels of one point share a wake-up: 1000 tunnels x 1 s are 100 wake-ups of 10 probes a
+second, not 1000.
+A probe's deadline is the next probe's send time (Cisco counts a miss when it sends the next keepalive), so
+the tick that sends also counts the misses, exactly at send time + interval. While replies keep coming, the
+socket is read at the grid's points and after each batch of probes rather than on every arrival, each packet
+taken at the kernel's receive time (SO_TIMESTAMPNS). A tick's probes go out in one sendmmsg and replies come
+in 64 to a recvmmsg (batch.py), where libc has them.
 
 `python -m greupd.keepalive` (__main__.py) runs this engine alone.
 """
@@ -31,23 +39,29 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import heapq
+import itertools
 import logging
+import math
 import random
 import socket
 import struct
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Literal
 
 from greupd.config import Config
+from greupd.keepalive.batch import Datagram, Receiver, Sender, batching_available
 from greupd.keepalive.codec import (
     GRE_SOCKET_FILTER,
     IPPROTO_GRE,
     KeepaliveRequest,
     MalformedPacket,
+    Packet,
+    ProbeBytes,
     ProbeReply,
-    ProbeTemplate,
     SocketFilter,
     build_probe_template,
     new_token,
@@ -65,6 +79,12 @@ AnswerMode = Literal["daemon", "kernel", "off"]
 
 ANSWER_RATE = 20.0  # reflected requests per second and tunnel: a Cisco probes every 10 s by default
 ANSWER_BURST = 20.0
+_GRID = 0.01  # s: first probes fall on this grid, so tunnels with the same interval share their wake-ups
+# s: probes due this soon go out in the wake-up at hand. At least the clock's resolution: asyncio runs a timer
+# up to that early, and a tick that found nothing due would be re-armed for the same instant and spin.
+_COALESCE = max(0.0005, time.get_clock_info("monotonic").resolution)
+_RECEIVE_BATCH = 64  # datagrams per recvmmsg
+_RECEIVE_SLOT = 2048  # bytes per datagram read by recvmmsg: keepalives are far smaller; longer is cut, malformed
 _DRAIN_LIMIT = 512  # packets read per wake-up, so a flood cannot starve the rest of the loop
 _DRAIN_BEFORE_MISS = 8192  # before counting a miss: more than the receive buffer holds of replies
 _MAX_PACKET = 65535
@@ -72,6 +92,9 @@ _RECEIVE_BUFFER = 1 << 20
 _SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>; not exported by Python's socket module
 _IP_PKTINFO = 8  # <linux/in.h>; Python has socket.IP_PKTINFO, typeshed does not
 _IP_PROTOCOL = 52  # <linux/in.h>: the flow's protocol for an IP_HDRINCL packet, as a control message (5.19+)
+_SO_TIMESTAMPNS = 35  # <asm-generic/socket.h> (also SCM_TIMESTAMPNS); not exported by Python's socket module
+_TIMESPEC = struct.Struct("@qq")  # struct timespec on a 64-bit kernel
+_TIMESTAMP_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
 _PROBE_TTL = 255  # the outer TTL of our probes, as Cisco's tunnels send them
 _GRE_FLOW = (socket.IPPROTO_IP, _IP_PROTOCOL, struct.pack("=i", IPPROTO_GRE))
 
@@ -141,27 +164,25 @@ _Endpoints = tuple[int, int, int | None]
 class _Tunnel:
     """The engine's mutable state of one target."""
 
+    __slots__ = ("address", "budget", "datagram", "endpoints", "entry", "liveness", "next_at", "probe",
+                 "send_failing", "source", "target", "window")
+
     def __init__(self, target: KeepaliveTarget, up: bool = True) -> None:
         self.target = target
-        self.template: ProbeTemplate = build_probe_template(target.local, target.remote, target.okey, target.ikey)
+        self.probe = ProbeBytes(build_probe_template(target.local, target.remote, target.okey, target.ikey))
         self.liveness = Liveness(target.interval, target.retries, target.up_after, up=up)
         # retries+1 tokens: a reply may arrive up to `retries` intervals late and still count, once.
         self.window = ProbeWindow(target.retries + 1)
         self.budget = AnswerBudget(ANSWER_RATE, ANSWER_BURST)
         self.address = (str(target.remote), 0)
-        self.source = source_address(target.local)
+        self.source = [source_address(target.local)]
+        # The same probe as a message for sendmmsg (batch.py), pointing into the probe's own buffer
+        self.datagram = Datagram(self.probe.buffer, target.local, target.remote, _IP_PKTINFO) \
+            if batching_available() else None
+        self.endpoints: _Endpoints = (int(target.remote), int(target.local), target.ikey)
         self.next_at = 0.0
-        self.timer: asyncio.TimerHandle | None = None
+        self.entry = -1  # the number of its current entry in the engine's schedule; -1: not scheduled
         self.send_failing = False
-
-    @property
-    def endpoints(self) -> _Endpoints:
-        return int(self.target.remote), int(self.target.local), self.target.ikey
-
-    def cancel(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
 
 def attach_socket_filter(sock: socket.socket, program: SocketFilter) -> None:
@@ -201,6 +222,16 @@ class KeepaliveEngine:
         self._answerable: frozenset[str] | None = None
         self._answer_flow: list[tuple[int, int, bytes]] = [_GRE_FLOW]
         self._random = random.Random()
+        # (when, entry number, tunnel): every tunnel's next probe; entries a tunnel no longer holds are skipped
+        self._schedule: list[tuple[float, int, _Tunnel]] = []
+        self._entries = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        # While replies keep coming the socket is read at the grid's points, not on every arrival: when the
+        # reader is paused, until when (see _on_readable).
+        self._reader_paused_until: float | None = None
+        self._view = memoryview(bytearray(_MAX_PACKET))
+        self._sender: Sender | None = None  # sendmmsg/recvmmsg when libc has them (batch.py)
+        self._receiver: Receiver | None = None
         self.counters = EngineCounters()
 
     # --- the API the daemon calls ---------------------------------------------------------------------
@@ -218,12 +249,16 @@ class KeepaliveEngine:
                 receive.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RECEIVE_BUFFER)
             except PermissionError:  # without CAP_NET_ADMIN, as much as rmem_max allows
                 receive.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
+            receive.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
             receive.setblocking(False)
         except OSError:
             send.close()
             receive.close()
             raise
         self._loop, self._send_socket, self._receive_socket = loop, send, receive
+        if batching_available():
+            self._sender = Sender(receive)
+            self._receiver = Receiver(receive, _RECEIVE_BATCH, _RECEIVE_SLOT, _SO_TIMESTAMPNS)
         loop.add_reader(receive.fileno(), self._on_readable)
         for tunnel in self._tunnels.values():
             self._schedule_first(tunnel)
@@ -234,7 +269,7 @@ class KeepaliveEngine:
         changed, their counters); unchanged ones are not touched."""
         wanted = {target.name: target for target in targets}
         for name in set(self._tunnels) - set(wanted):
-            self._tunnels.pop(name).cancel()
+            self._tunnels.pop(name).entry = -1  # its entry in the schedule is skipped
         for name, target in wanted.items():
             tunnel = self._tunnels.get(name)
             if tunnel is None:
@@ -244,7 +279,7 @@ class KeepaliveEngine:
             elif tunnel.target == target:
                 continue
             elif tunnel.target.endpoints != target.endpoints:
-                tunnel.cancel()
+                tunnel.entry = -1
                 self._tunnels[name] = tunnel = _Tunnel(target, up=tunnel.liveness.up)
                 self._schedule_first(tunnel)
             else:
@@ -253,7 +288,6 @@ class KeepaliveEngine:
                 tunnel.liveness.reconfigure(target.interval, target.retries, target.up_after)
                 tunnel.window.resize(target.retries + 1)
                 if target.interval != old_interval:
-                    tunnel.cancel()
                     self._schedule_first(tunnel)
         self._by_endpoints = {}
         for tunnel in self._tunnels.values():
@@ -282,71 +316,160 @@ class KeepaliveEngine:
         return list(self._tunnels)
 
     def close(self) -> None:
+        self._reader_paused_until = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._schedule.clear()
         for tunnel in self._tunnels.values():
-            tunnel.cancel()
+            tunnel.entry = -1  # start() schedules them again
         if self._loop is not None and self._receive_socket is not None:
             self._loop.remove_reader(self._receive_socket.fileno())
         for sock in (self._send_socket, self._receive_socket):
             if sock is not None:
                 sock.close()
         self._send_socket = self._receive_socket = None
+        self._sender = self._receiver = None
         self._loop = None
 
     # --- probing --------------------------------------------------------------------------------------
 
     def _schedule_first(self, tunnel: _Tunnel) -> None:
+        """The tunnel's first probe: now (spread False), or at a random point of the grid within one interval,
+        so that a thousand tunnels neither fire together nor each on their own."""
         if self._loop is None:
             return  # start() schedules it
-        tunnel.next_at = self._loop.time() + (self._random.uniform(0, tunnel.target.interval) if self._spread else 0)
-        tunnel.timer = self._loop.call_at(tunnel.next_at, self._tick, tunnel)
-
-    def _tick(self, tunnel: _Tunnel) -> None:
-        assert self._loop is not None and self._send_socket is not None
         now = self._loop.time()
-        interval = tunnel.target.interval
-        # Scheduled before anything can raise, so that one tunnel's trouble never stops its probing. A loop
-        # that stalled skips the probes it missed rather than sending them in a burst, and gives the probe it
-        # sends now a whole interval.
-        tunnel.next_at += interval
-        if tunnel.next_at <= now:
-            tunnel.next_at = now + interval
-        tunnel.timer = self._loop.call_at(tunnel.next_at, self._tick, tunnel)
+        if self._spread:
+            slots = max(1, int(tunnel.target.interval / _GRID))
+            first = (math.floor(now / _GRID) + 1 + self._random.randrange(slots)) * _GRID
+        else:
+            first = now
+        self._schedule_at(tunnel, first)
 
-        if tunnel.liveness.awaiting_reply:
-            # This tick is about to count a miss: first read what is queued, so that a reply that arrived
-            # while the loop was busy (a long pass, or more replies than one wake-up reads) counts as the
-            # reply it is, not as a miss (review M8).
-            self._drain(_DRAIN_BEFORE_MISS)
+    def _schedule_at(self, tunnel: _Tunnel, when: float) -> None:
+        tunnel.next_at = when
+        tunnel.entry = entry = next(self._entries)
+        heapq.heappush(self._schedule, (when, entry, tunnel))
+        if self._timer is None or when < self._timer.when():
+            self._arm()
+
+    def _arm(self) -> None:
+        """The engine's one timer, at the earliest valid entry of the schedule or the end of a read pause."""
+        assert self._loop is not None
+        schedule = self._schedule
+        while schedule and schedule[0][2].entry != schedule[0][1]:
+            heapq.heappop(schedule)  # the tunnel was removed or rescheduled since
+        when = schedule[0][0] if schedule else None
+        if self._reader_paused_until is not None and (when is None or self._reader_paused_until < when):
+            when = self._reader_paused_until
+        if self._timer is not None:
+            if when is not None and self._timer.when() <= when:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if when is not None:
+            self._timer = self._loop.call_at(when, self._tick)
+
+    def _tick(self) -> None:
+        """Every probe that is due, in one wake-up: the first probes of tunnels are spread on a grid of
+        _GRID and their intervals are (nearly always) multiples of it, so with a thousand tunnels each
+        wake-up sends many probes instead of one. Then what the socket holds is read: replies that came back
+        during the sends (a peer in the same kernel answers inside our sendmsg), or while reading was
+        paused."""
+        assert self._loop is not None
+        self._timer = None
+        try:
+            now = self._loop.time()
+            limit = now + _COALESCE
+            due = []
+            schedule = self._schedule
+            while schedule and schedule[0][0] <= limit:
+                _, entry, tunnel = heapq.heappop(schedule)
+                if tunnel.entry == entry:
+                    due.append(tunnel)
+            if any(tunnel.liveness.awaiting_reply for tunnel in due):
+                # Misses are about to be counted: first read what is queued, so that a reply that arrived
+                # while the loop was busy (a long pass, or more replies than one wake-up reads) counts as the
+                # reply it is, not as a miss (review M8).
+                self._drain(_DRAIN_BEFORE_MISS, now)
+            if self._sender is not None and due:
+                self._probe_batch(due, now)
+            else:
+                for tunnel in due:
+                    self._probe(tunnel, now)
+            paused_until = self._reader_paused_until
+            if due or (paused_until is not None and paused_until <= limit):
+                read = self._drain(_DRAIN_LIMIT, now)
+                if paused_until is not None and paused_until <= limit:
+                    if read:
+                        self._pause_reader(now)  # still busy: the next point of the grid reads again
+                    else:
+                        self._resume_reader()
+        finally:
+            self._arm()
+
+    def _probe(self, tunnel: _Tunnel, now: float) -> None:
+        """One probe, one sendmsg (where libc has no sendmmsg)."""
+        assert self._receive_socket is not None
+        missed = self._next_probe(tunnel, now)
+        try:
+            # Our probe from the GRE socket: its GRE part only, the kernel adds the outer header (source
+            # `local` by IP_PKTINFO, TTL 255), so it takes the route the tunnel's own packets take (review H1).
+            self._receive_socket.sendmsg([tunnel.probe.buffer], tunnel.source, 0, tunnel.address)
+        except OSError as exc:
+            self._probe_sent(tunnel, now, missed, exc)
+        else:
+            self._probe_sent(tunnel, now, missed, None)
+
+    def _probe_batch(self, due: list[_Tunnel], now: float) -> None:
+        """Every due probe in one sendmmsg: the same messages as _probe's, from the same GRE socket (H1)."""
+        assert self._sender is not None
+        missed = [self._next_probe(tunnel, now) for tunnel in due]
+        datagrams = []
+        for tunnel in due:
+            assert tunnel.datagram is not None  # made with every tunnel where batching is available
+            datagrams.append(tunnel.datagram)
+        refused = dict(self._sender.send(datagrams))
+        for index, tunnel in enumerate(due):
+            self._probe_sent(tunnel, now, missed[index], refused.get(index))
+
+    def _next_probe(self, tunnel: _Tunnel, now: float) -> LivenessChange | None:
+        """Schedule the tunnel's next probe, count the outstanding one missed if its interval is over (this
+        is its deadline), and write a fresh token into the probe's buffer. Scheduling comes first, so that
+        one tunnel's trouble never stops its probing; a loop that stalled skips the probes it missed rather
+        than sending them in a burst, on the same grid."""
+        interval = tunnel.target.interval
+        next_at = tunnel.next_at + interval
+        if next_at <= now:
+            next_at += interval * (math.floor((now - next_at) / interval) + 1)
+        tunnel.next_at = next_at
+        tunnel.entry = entry = next(self._entries)
+        heapq.heappush(self._schedule, (next_at, entry, tunnel))
         missed = tunnel.liveness.on_timer(now)
         token = new_token()
         tunnel.window.issue(token, now)
-        try:
-            self._send_probe(tunnel, tunnel.template.with_token(token))
-        except OSError as exc:
+        tunnel.probe.stamp(token)
+        return missed
+
+    def _probe_sent(self, tunnel: _Tunnel, now: float, missed: LivenessChange | None,
+                    error: OSError | None) -> None:
+        if error is not None:
             # No route to the remote, say: the probe is lost like any other and counts as a miss.
             self.counters.send_errors += 1
             if not tunnel.send_failing:
                 log.warning("tunnel %s: cannot send keepalive to %s: %s", tunnel.target.name,
-                            tunnel.target.remote, exc.strerror or exc)
-            tunnel.send_failing = True
-        else:
-            tunnel.send_failing = False
+                            tunnel.target.remote, error.strerror or error)
+        tunnel.send_failing = error is not None
         missed = tunnel.liveness.on_probe_sent(now) or missed
         if missed is not None:
             self._report(tunnel, missed)
-
-    def _send_probe(self, tunnel: _Tunnel, probe: bytes) -> None:
-        """Our probe from the GRE socket: its GRE part only, the kernel adds the outer header (source `local`
-        by IP_PKTINFO, TTL 255), so it takes the route the tunnel's own packets take (review H1)."""
-        assert self._receive_socket is not None
-        self._receive_socket.sendmsg([probe[tunnel.template.outer_header_length:]], [tunnel.source], 0,
-                                     tunnel.address)
 
     def _send_answer(self, tunnel: _Tunnel, packet: bytes) -> None:
         """A reflected probe, header and all, routed as the tunnel's own GRE: source `local`, protocol GRE."""
         assert self._send_socket is not None
         try:
-            self._send_socket.sendmsg([packet], [tunnel.source, *self._answer_flow], 0, tunnel.address)
+            self._send_socket.sendmsg([packet], [*tunnel.source, *self._answer_flow], 0, tunnel.address)
         except OSError as exc:
             if exc.errno != errno.EINVAL or not self._answer_flow:
                 raise
@@ -354,38 +477,96 @@ class KeepaliveEngine:
             # tunnel's `from <local>` rules.
             log.info("this kernel takes no IP_PROTOCOL control message: answers are routed as protocol 255")
             self._answer_flow = []
-            self._send_socket.sendmsg([packet], [tunnel.source], 0, tunnel.address)
+            self._send_socket.sendmsg([packet], tunnel.source, 0, tunnel.address)
 
     def _report(self, tunnel: _Tunnel, change: LivenessChange) -> None:
         log.debug("tunnel %s %s: %s", tunnel.target.name, "up" if change.up else "down", change.message)
-        self._on_change(tunnel.target.name, change)
+        try:
+            self._on_change(tunnel.target.name, change)
+        except Exception as exc:
+            # The loop's handler logs it, as for any callback; the tick that called us still has other
+            # tunnels' probes to send and replies to read, and must go on.
+            assert self._loop is not None
+            self._loop.call_exception_handler({"message": f"keepalive verdict of {tunnel.target.name}",
+                                               "exception": exc})
 
     # --- receiving ------------------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        self._drain(_DRAIN_LIMIT)
+        """A packet arrived: read what is there, then leave the socket to the timer until the next point of
+        the grid, so that a thousand replies a second cost a hundred wake-ups, not a thousand. A reply
+        is read at most _GRID after it arrived; if nothing came meanwhile, reading on arrival resumes."""
+        assert self._loop is not None
+        now = self._loop.time()
+        if self._drain(_DRAIN_LIMIT, now):
+            self._pause_reader(now)
+            self._arm()
 
-    def _drain(self, limit: int) -> None:
-        """Read and handle what the GRE socket holds, up to `limit` packets."""
+    def _pause_reader(self, now: float) -> None:
         assert self._loop is not None and self._receive_socket is not None
-        for _ in range(limit):
+        if self._reader_paused_until is None:
+            self._loop.remove_reader(self._receive_socket.fileno())
+        self._reader_paused_until = (math.floor(now / _GRID) + 1) * _GRID
+
+    def _resume_reader(self) -> None:
+        assert self._loop is not None and self._receive_socket is not None
+        self._reader_paused_until = None
+        self._loop.add_reader(self._receive_socket.fileno(), self._on_readable)
+
+    def _drain(self, limit: int, now: float) -> int:
+        """Read and handle what the GRE socket holds, up to `limit` packets, into one buffer (no allocation
+        per packet but what a message keeps); return how many were read.
+
+        Each packet is handled at the time the kernel received it (SO_TIMESTAMPNS, on the real-time clock,
+        brought onto the loop's clock here), not when we read it: a reply read at the next point of the
+        grid, or after a long pass, still shows the round trip it had."""
+        assert self._receive_socket is not None
+        real_minus_loop = time.time() - time.monotonic()  # the loop's clock is time.monotonic()
+        if self._receiver is not None:
+            return self._drain_batches(limit, now, real_minus_loop)
+        receive, view = self._receive_socket.recvmsg_into, self._view
+        buffers = [view]
+        for count in range(limit):
             try:
-                data = self._receive_socket.recv(_MAX_PACKET)
+                size, control, _, _ = receive(buffers, _TIMESTAMP_SPACE)
             except (BlockingIOError, InterruptedError):
-                return
+                return count
             except OSError as exc:  # a pending socket error is reported once; the next read goes on
                 log.warning("reading the GRE socket: %s", exc.strerror or exc)
-                return
-            self.on_packet(data, self._loop.time())
+                return count
+            received = now
+            for level, kind, data in control:
+                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+                    seconds, nanoseconds = _TIMESPEC.unpack_from(data)
+                    received = seconds + nanoseconds * 1e-9 - real_minus_loop
+            self.on_packet(view[:size], received)
+        return limit
 
-    def on_packet(self, data: bytes, now: float) -> None:
+    def _drain_batches(self, limit: int, now: float, real_minus_loop: float) -> int:
+        """_drain with recvmmsg: up to _RECEIVE_BATCH packets per system call."""
+        assert self._receiver is not None
+        count = 0
+        while count < limit:
+            try:
+                packets = self._receiver.receive()
+            except OSError as exc:  # a pending socket error is reported once; the next read goes on
+                log.warning("reading the GRE socket: %s", exc.strerror or exc)
+                return count
+            for data, received in packets:
+                self.on_packet(data, received - real_minus_loop if received is not None else now)
+            count += len(packets)
+            if len(packets) < _RECEIVE_BATCH:
+                return count  # the queue is empty (a packet that came meanwhile wakes the reader)
+        return count
+
+    def on_packet(self, data: Packet, now: float) -> None:
         """One packet from the GRE socket, received at `now`; never raises for what the packet contains."""
         self.counters.packets += 1
         try:
             message = parse_gre(data)
         except MalformedPacket as exc:
             self.counters.malformed += 1
-            log.debug("malformed GRE packet (%s): %s", exc, data[:64].hex())
+            log.debug("malformed GRE packet (%s): %s", exc, bytes(data[:64]).hex())
             return
         if message is None:
             self.counters.traffic += 1
@@ -401,7 +582,7 @@ class KeepaliveEngine:
             self.counters.unmatched_replies += 1
             return
         self.counters.replies += 1
-        change = tunnel.liveness.on_reply(now, now - sent_at)
+        change = tunnel.liveness.on_reply(now, max(0.0, now - sent_at))
         if change is not None:
             self._report(tunnel, change)
 
