@@ -88,10 +88,10 @@ def _driver(action: str, config_path: str) -> None:
     elif action == "refused":
         # A masquerade in a filter chain: libnftables passes it, the kernel refuses it (EOPNOTSUPP).
         good = ruleset.rules[0]
-        masquerade = next(r for r in ruleset.rules if r.chain == "postrouting")
+        masquerade = next(r for r in ruleset.rules if r.chain == "masquerade_into_My_Tunnel")
         misplaced = Rule(good.chain, masquerade.tunnel, masquerade.comment, masquerade.statements)
         try:
-            table.apply(Ruleset(ruleset.table, ruleset.chains, (good, misplaced)))
+            table.apply(Ruleset(ruleset.table, ruleset.chains, (good, misplaced), ruleset.sets))
         except NftError as exc:
             result.update(error=str(exc), tunnel=exc.tunnel, rule=exc.rule)
     elif action == "keep":
@@ -175,7 +175,8 @@ def test_apply_installs_the_table_and_reapply_changes_nothing(router: Host) -> N
     assert first["matched_before"] is False and first["matched_after"] is True and first["canonical"] is True
     assert listed == first["described"]  # `greupd plan` shows exactly what nft will list
     assert ('tcp option maxseg size set meta nfproto map { ipv4 : 1436, ipv6 : 1416 }'
-            ' comment "My_Tunnel: clamp mss out"') in listed
+            ' comment "clamp mss to 1436 (ipv6: 1416)"') in listed
+    assert 'elements = { "My_Tunnel" : jump clamp_1436 }' in listed
     assert second["matched_before"] is True
     assert nft(router, "list", "ruleset") == listed
     assert drive(router, "matches", SEED) == {"matches": True}
@@ -192,6 +193,7 @@ def test_pmtu_ipv6_and_host_prefixes_are_taken_as_rendered(router: Host, tmp_pat
     assert listed == result["described"]
     assert "tcp option maxseg size set rt mtu" in listed
     assert "ip6 saddr 2001:db8:10::/48" in listed and "ip saddr 10.0.0.7 " in listed
+    assert "ip saddr 0.0.0.0/0 masquerade" in listed
 
 
 def test_foreign_table_stays_byte_identical_through_apply_reapply_and_remove(router: Host) -> None:

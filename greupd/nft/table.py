@@ -16,6 +16,7 @@ from greupd.nft.render import (
     FAMILY,
     Json,
     JsonObject,
+    NamedSet,
     Ruleset,
     add_commands,
     clear_commands,
@@ -38,12 +39,15 @@ class NftError(Exception):
 
 
 def normalize_listing(objects: Iterable[Json]) -> str:
-    """A canonical text of table/chain/rule objects, for equality: handles dropped, chains by name.
+    """A canonical text of table/chain/set/map/rule objects, for equality: handles dropped, chains and sets by
+    name.
 
-    Rule order inside a chain matters and is kept; the order of chains does not.
+    Rule order inside a chain matters and is kept; the order of chains and sets does not, nor the order of a
+    set's elements (the kernel lists them in its hash order).
     """
     table: Json = None
     chains: dict[str, Json] = {}
+    sets: dict[str, Json] = {}
     rules: dict[str, list[Json]] = {}
     other: list[Json] = []
     for obj in objects:
@@ -61,11 +65,17 @@ def normalize_listing(objects: Iterable[Json]) -> str:
             table = body
         elif kind == "chain":
             chains[str(body.get("name"))] = body
+        elif kind in ("set", "map"):
+            elements = body.get("elem")
+            if isinstance(elements, list):
+                body["elem"] = sorted(elements, key=lambda e: json.dumps(e, sort_keys=True))
+            sets[f"{kind} {body.get('name')}"] = body
         elif kind == "rule":
             rules.setdefault(str(body.get("chain")), []).append(body)
         else:
-            other.append({kind: body})  # sets, maps, counters: we make none, so any is a difference
-    return json.dumps({"table": table, "chains": chains, "rules": rules, "other": other}, sort_keys=True)
+            other.append({kind: body})  # counters, quotas, flowtables: we make none, so any is a difference
+    return json.dumps({"table": table, "chains": chains, "sets": sets, "rules": rules, "other": other},
+                      sort_keys=True)
 
 
 # --- the kernel side --------------------------------------------------------------------------------------
@@ -178,9 +188,17 @@ class NftTable:
         libnftables reports JSON input errors without a position, and the batch was rolled back whole;
         a dry run sends the same batch for the kernel to validate, then aborts it.
         """
-        base = [*clear_commands(ruleset.table), *add_commands(table_objects(ruleset.table, ruleset.chains, ()))]
-        skeleton = f"table {FAMILY} {ruleset.table} and its chains"
+        empty = [NamedSet(s.name, s.key, s.verdicts, ()) for s in ruleset.sets]
+        base = [*clear_commands(ruleset.table),
+                *add_commands(table_objects(ruleset.table, ruleset.chains, (), empty))]
+        skeleton = f"table {FAMILY} {ruleset.table} and its chains, sets and maps"
         candidates: list[tuple[str | None, str, list[JsonObject]]] = [(None, skeleton, base)]
+        for named in ruleset.sets:
+            for element in named.elements:
+                add: JsonObject = {"element": {"family": FAMILY, "table": ruleset.table, "name": named.name,
+                                               "elem": [element.json]}}
+                candidates.append((element.tunnel, f"{named.kind} {named.name}: {element.text}",
+                                   [*base, {"add": add}]))
         for rule in ruleset.rules:
             (obj,) = table_objects(ruleset.table, (), (rule,))[1:]
             candidates.append((rule.tunnel, f"chain {rule.chain}: {rule.text}", [*base, {"add": obj}]))
