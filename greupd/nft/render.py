@@ -52,6 +52,7 @@ not marked; it is masqueraded either way.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -256,6 +257,7 @@ _SYN = _statement("tcp flags syn / syn,rst",
 IPV6_HEADER_EXTRA = 20  # a 40-byte IPv6 header against IPv4's 20
 
 
+@functools.cache
 def _clamp(clamp: int | Literal["pmtu"]) -> Statement:
     # The kernel never raises an MSS with this statement (nft_exthdr: "increase can cause connection to
     # stall"), so `set` is a clamp, like iptables' TCPMSS: a SYN that already asks for less keeps its value.
@@ -275,6 +277,7 @@ def _clamp(clamp: int | Literal["pmtu"]) -> Statement:
                       {"mangle": {"key": {"tcp option": {"name": "maxseg", "field": "size"}}, "value": value}})
 
 
+@functools.cache  # 1000 tunnels often share one LAN prefix
 def _saddr(prefix: IPNetwork) -> Statement:
     protocol = "ip" if prefix.version == 4 else "ip6"
     # nft keeps a full-length prefix as a plain address; render it the way the kernel gives it back.
@@ -461,8 +464,11 @@ def render_ruleset(config: Config) -> Ruleset:
              FORWARD_CHAIN, *(c for c in jumped if c.name.startswith("forward_into_")),
              NAT_CHAIN, *(c for c in jumped if c.name.startswith("masquerade_into_")),
              IPSEC_OUT_CHAIN, IPSEC_IN_CHAIN]
-    chains = tuple(c for c in order if any(r.chain == c.name for r in rules))
-    ordered = tuple(r for c in chains for r in rules if r.chain == c.name)
+    by_chain: dict[str, list[Rule]] = {}
+    for rule in rules:
+        by_chain.setdefault(rule.chain, []).append(rule)
+    chains = tuple(c for c in order if c.name in by_chain)
+    ordered = tuple(r for c in chains for r in by_chain[c.name])
     set_order = [CLAMP_MAP, FORWARD_INTO_MAP, FROM_TUNNEL_SET, MASQUERADE_INTO_MAP, FROM_TUNNEL_OUT_SET,
                  *(name for name, _, _ in IPSEC_SETS.values())]
     named = tuple(sorted([*sets, *ipsec], key=lambda s: set_order.index(s.name)))
