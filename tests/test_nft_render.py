@@ -416,3 +416,53 @@ def test_a_transaction_is_worth_a_look_when_someone_else_touched_our_table() -> 
     assert worth("greupd", _object(0, "greupd", family=2), _newgen(555)) == [False]
     # each transaction is judged on its own
     assert worth("greupd", _object(6, "greupd") + _newgen(555) + _object(6, "filter") + _newgen(555)) == [True, False]
+
+
+# --- the delta: a tunnel more or less is a few elements and chains, not a new table ------------------------
+
+
+def test_a_tunnel_added_is_its_elements_and_chains_and_removed_again_in_reverse() -> None:
+    from greupd.nft.delta import delta_commands
+
+    seed = load_config(SEED)
+    backup = ('[[tunnel]]\nname = "Backup"\nlocal = "172.19.1.1"\nremote = "172.19.1.3"\n[tunnel.mss]\nclamp = 1436\n'
+              '[tunnel.nat]\ninto_tunnel = ["10.10.2.0/24"]\nfrom_tunnel = ["eth1"]\n')
+    one = render_ruleset(seed)
+    two = render_ruleset(load_config_text(SEED.read_text() + backup))
+
+    def summary(commands: list[dict[str, Json]] | None) -> list[str]:
+        assert commands is not None
+        out = []
+        for command in commands:
+            ((verb, obj),) = command.items()
+            assert isinstance(obj, dict)
+            ((kind, body),) = obj.items()
+            assert isinstance(body, dict)
+            name = body.get("name", body.get("chain"))
+            out.append(f"{verb} {kind} {name}" + (f" {body['elem']}" if "elem" in body else ""))
+        return out
+
+    assert summary(delta_commands(one, two)) == [
+        "add chain forward_into_Backup", "add rule forward_into_Backup",
+        "add chain masquerade_into_Backup", "add rule masquerade_into_Backup",
+        "add element clamp [['Backup', {'jump': {'target': 'clamp_1436'}}]]",
+        "add element forward_into [['Backup', {'jump': {'target': 'forward_into_Backup'}}]]",
+        "add element from_tunnel [{'concat': ['Backup', 'eth1']}]",
+        "add element masquerade_into [['Backup', {'jump': {'target': 'masquerade_into_Backup'}}]]",
+    ]  # eth1 is in from_tunnel_out already
+    assert summary(delta_commands(two, one)) == [
+        "delete element clamp ['Backup']", "delete element forward_into ['Backup']",
+        "delete element from_tunnel [{'concat': ['Backup', 'eth1']}]", "delete element masquerade_into ['Backup']",
+        "flush chain forward_into_Backup", "delete chain forward_into_Backup",
+        "flush chain masquerade_into_Backup", "delete chain masquerade_into_Backup",
+    ]
+    pmtu = render_ruleset(load_config_text(SEED.read_text().replace("clamp = 1436", 'clamp = "pmtu"')))
+    assert summary(delta_commands(one, pmtu)) == [
+        "add chain clamp_pmtu", "add rule clamp_pmtu",
+        "delete element clamp ['My_Tunnel']", "add element clamp [['My_Tunnel', {'jump': {'target': 'clamp_pmtu'}}]]",
+        "flush chain clamp_1436", "delete chain clamp_1436",
+    ]
+    # A set that comes or goes changes the hooked chains' rules: only a new table will do.
+    no_nat = render_ruleset(load_config_text(SEED.read_text().replace('from_tunnel = ["eth1"]', "")))
+    assert delta_commands(one, no_nat) is None
+    assert delta_commands(one, Ruleset("greupd")) is None

@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from greupd.nft.delta import delta_commands
 from greupd.nft.render import (
     FAMILY,
     Json,
@@ -97,6 +98,9 @@ class NftTable:
         # expression differently from how we render it; recognising our own last apply keeps that from
         # looking like drift (which would re-apply on every event it causes: a loop).
         self._applied: tuple[Ruleset, str] | None = None
+        # What the last matches() saw. When it is what our last apply left, the next apply may send only the
+        # difference (delta.py: a tunnel added is a few element adds, not 1000 tunnels' worth of table).
+        self._seen: str | None = None
 
     # libnftables --------------------------------------------------------------------------------------
 
@@ -149,7 +153,7 @@ class NftTable:
         self._check_name(ruleset)
         if not ruleset.wanted:
             return not self.present()
-        seen = self.observe()
+        seen = self._seen = self.observe()
         if seen is None:
             return False
         if seen == normalize_listing(ruleset.objects()):
@@ -159,14 +163,27 @@ class NftTable:
     # writing ------------------------------------------------------------------------------------------
 
     def apply(self, ruleset: Ruleset) -> None:
-        """Replace our table with `ruleset` in one transaction (or remove it when nothing is wanted)."""
+        """Make our table `ruleset` in one transaction (or remove it when nothing is wanted).
+
+        The transaction replaces the whole table, unless the matches() just before saw the kernel holding what
+        our last apply left and only tunnels came or went: then it changes just their elements and chains.
+        """
         self._check_name(ruleset)
         if not ruleset.wanted:
             self.remove()
             return
         self._context()  # missing libnftables is its own error, not a refused rule
+        unchanged = self._applied is not None and self._seen is not None and self._seen == self._applied[1]
+        delta = delta_commands(self._applied[0], ruleset) if unchanged and self._applied else None
+        self._seen = None
         try:
-            self._run(ruleset.commands())
+            if delta is None:
+                self._run(ruleset.commands())
+            elif delta:
+                try:
+                    self._run(delta)
+                except NftError:
+                    self._run(ruleset.commands())  # the kernel held something else after all: replace it
         except NftError as exc:
             raise self._locate(ruleset, exc) from None
         seen = self.observe()
@@ -174,7 +191,7 @@ class NftTable:
 
     def remove(self) -> None:
         """Delete our table if it exists; other tables are not touched."""
-        self._applied = None
+        self._applied = self._seen = None
         if self.present():
             self._run(clear_commands(self.table))
 
