@@ -6,8 +6,9 @@
 
 Suites: host (kernel-independent parts, natively, no guest), systemd (the uml-systemd guest: cold
 convergence of greupd vs `ip -batch` vs systemd-networkd, and networkd under drift), uml (the UML guest:
-start-up, reload, drift repair, dead-peer detection, keepalive cost, idle wake-ups, profiles); keepalive (only
-with --only: the uml suite's dead-peer and keepalive-cost parts alone, in bench/results/keepalive.json).
+start-up, reload, drift repair, dead-peer detection, keepalive cost, idle wake-ups, profiles), nft (the vng
+guest: forwarding rate through greupd's nftables table, 1 tunnel against 1000); keepalive (only with --only:
+the uml suite's dead-peer and keepalive-cost parts alone, in bench/results/keepalive.json).
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from bench import host_bench, render
 from lab import guest
 
 REPO = Path(__file__).resolve().parent.parent
-SUITES = ("host", "systemd", "uml")
-GUEST: dict[str, guest.GuestKind] = {"systemd": "uml-systemd", "uml": "uml", "keepalive": "uml"}
+SUITES = ("host", "systemd", "uml", "nft")
+GUEST: dict[str, guest.GuestKind] = {"systemd": "uml-systemd", "uml": "uml", "keepalive": "uml", "nft": "vng"}
 ALONE = ("keepalive",)  # the keepalive part of the uml suite, run only when asked for (--only keepalive)
+# The module each guest suite runs (default bench.lab_bench --suite NAME); nft: bench/forwarding.py.
+SUITE_MODULE = {"nft": ["bench.forwarding"]}
 TIMEOUT = 3600.0
 
 
@@ -48,7 +51,8 @@ def stamp(out: Path, version: str) -> None:
 
 def run_guest_suite(suite: str, out: Path, quick: bool) -> bool:
     kind = GUEST[suite]
-    argv = [sys.executable, "-m", "bench.lab_bench", "--suite", suite, *(["--quick"] if quick else [])]
+    module = SUITE_MODULE.get(suite, ["bench.lab_bench", "--suite", suite])
+    argv = [sys.executable, "-m", *module, *(["--quick"] if quick else [])]
     print(f"bench: suite {suite} in the {kind} guest ...", file=sys.stderr, flush=True)
     result = guest.run(kind, argv, cwd=REPO, timeout=TIMEOUT, stream=sys.stderr, collect=["bench.json"])
     raw = result.files.get("bench.json")

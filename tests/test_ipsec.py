@@ -208,15 +208,19 @@ def test_require_drops_gre_to_and_from_the_remote_that_esp_does_not_carry(psk: P
     text = describe_ruleset(render_ruleset(load(seed_a(f'psk_file = "{psk}"'))))
     assert text == (
         "table inet greupd {\n"
+        "\tset ipsec_remotes_v4 {\n"
+        "\t\ttype ipv4_addr\n"
+        '\t\telements = { 172.19.1.2 comment "My_Tunnel" }\n'
+        "\t}\n\n"
         "\tchain ipsec_out {\n"
         "\t\ttype filter hook output priority filter; policy accept;\n"
-        '\t\tip daddr 172.19.1.2 meta l4proto gre rt ipsec missing drop comment "My_Tunnel: no cleartext GRE to'
-        ' 172.19.1.2"\n'
+        "\t\tmeta l4proto gre ip daddr @ipsec_remotes_v4 rt ipsec missing drop"
+        ' comment "ipsec require: no cleartext GRE to these remotes"\n'
         "\t}\n\n"
         "\tchain ipsec_in {\n"
         "\t\ttype filter hook input priority filter; policy accept;\n"
-        '\t\tip saddr 172.19.1.2 meta l4proto gre meta ipsec missing drop comment "My_Tunnel: no cleartext GRE'
-        ' from 172.19.1.2"\n'
+        "\t\tmeta l4proto gre ip saddr @ipsec_remotes_v4 meta ipsec missing drop"
+        ' comment "ipsec require: no cleartext GRE from these remotes"\n'
         "\t}\n"
         "}\n")
 
@@ -224,16 +228,22 @@ def test_require_drops_gre_to_and_from_the_remote_that_esp_does_not_carry(psk: P
 def test_the_drop_rules_in_libnftables_json(psk: Path) -> None:
     ruleset = render_ruleset(load(seed_a(f'psk_file = "{psk}"', mode="ip6gre")))
     rules: list[Any] = [o["rule"] for o in ruleset.objects() if "rule" in o]
+    gre = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "gre"}}
     assert [r["expr"] for r in rules] == [
-        [{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "daddr"}}, "right": "2001:db8::2"}},
-         {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "gre"}},
+        [gre,
+         {"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "daddr"}},
+                    "right": "@ipsec_remotes_v6"}},
          {"match": {"op": "==", "left": {"rt": {"key": "ipsec"}}, "right": False}},
          {"drop": None}],
-        [{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}}, "right": "2001:db8::2"}},
-         {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "gre"}},
+        [gre,
+         {"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}},
+                    "right": "@ipsec_remotes_v6"}},
          {"match": {"op": "==", "left": {"meta": {"key": "ipsec"}}, "right": False}},
          {"drop": None}],
     ]
+    sets: list[Any] = [o["set"] for o in ruleset.objects() if "set" in o]
+    assert [(s["name"], s["type"], s["elem"]) for s in sets] == [
+        ("ipsec_remotes_v6", "ipv6_addr", [{"elem": {"val": "2001:db8::2", "comment": "My_Tunnel"}}])]
     chains: list[Any] = [o["chain"] for o in ruleset.objects() if "chain" in o]
     assert [(c["name"], c["hook"], c["prio"]) for c in chains] == [
         ("ipsec_out", "output", 0), ("ipsec_in", "input", 0)]

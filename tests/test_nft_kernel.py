@@ -69,7 +69,7 @@ remote = "172.19.1.2"
 # --- the driver: runs inside the netns --------------------------------------------------------------------
 
 
-def _driver(action: str, config_path: str) -> None:
+def _driver(action: str, config_path: str, *more: str) -> None:
     ruleset = render_ruleset(load_config(Path(config_path)))
     table = NftTable(ruleset.table)
     result: dict[str, object] = {}
@@ -88,14 +88,25 @@ def _driver(action: str, config_path: str) -> None:
     elif action == "refused":
         # A masquerade in a filter chain: libnftables passes it, the kernel refuses it (EOPNOTSUPP).
         good = ruleset.rules[0]
-        masquerade = next(r for r in ruleset.rules if r.chain == "postrouting")
+        masquerade = next(r for r in ruleset.rules if r.chain == "masquerade_into_My_Tunnel")
         misplaced = Rule(good.chain, masquerade.tunnel, masquerade.comment, masquerade.statements)
         try:
-            table.apply(Ruleset(ruleset.table, ruleset.chains, (good, misplaced)))
+            table.apply(Ruleset(ruleset.table, ruleset.chains, (good, misplaced), ruleset.sets))
         except NftError as exc:
             result.update(error=str(exc), tunnel=exc.tunnel, rule=exc.rule)
     elif action == "keep":
         result.update(asyncio.run(_keep(table, ruleset)))
+    elif action == "steps":
+        # The keeper's way, config after config: apply when the kernel differs. What table is there after each?
+        steps = []
+        for path in (config_path, *more):
+            ruleset = render_ruleset(load_config(Path(path)))
+            if not table.matches(ruleset):
+                table.apply(ruleset)
+            listed = subprocess.run(["nft", "-j", "list", "tables"], capture_output=True, text=True).stdout
+            handles = [o["table"]["handle"] for o in json.loads(listed)["nftables"] if "table" in o]
+            steps.append({"table_handle": handles, "canonical": NftTable(ruleset.table).matches(ruleset)})
+        result["steps"] = steps
     print(json.dumps(result), flush=True)
 
 
@@ -175,7 +186,8 @@ def test_apply_installs_the_table_and_reapply_changes_nothing(router: Host) -> N
     assert first["matched_before"] is False and first["matched_after"] is True and first["canonical"] is True
     assert listed == first["described"]  # `greupd plan` shows exactly what nft will list
     assert ('tcp option maxseg size set meta nfproto map { ipv4 : 1436, ipv6 : 1416 }'
-            ' comment "My_Tunnel: clamp mss out"') in listed
+            ' comment "clamp mss to 1436 (ipv6: 1416)"') in listed
+    assert 'elements = { "My_Tunnel" : jump clamp_1436 }' in listed
     assert second["matched_before"] is True
     assert nft(router, "list", "ruleset") == listed
     assert drive(router, "matches", SEED) == {"matches": True}
@@ -192,6 +204,7 @@ def test_pmtu_ipv6_and_host_prefixes_are_taken_as_rendered(router: Host, tmp_pat
     assert listed == result["described"]
     assert "tcp option maxseg size set rt mtu" in listed
     assert "ip6 saddr 2001:db8:10::/48" in listed and "ip saddr 10.0.0.7 " in listed
+    assert "ip saddr 0.0.0.0/0 masquerade" in listed
 
 
 def test_foreign_table_stays_byte_identical_through_apply_reapply_and_remove(router: Host) -> None:
@@ -229,6 +242,39 @@ def test_someone_adding_a_rule_to_our_table_is_a_difference(router: Host) -> Non
     assert drive(router, "matches", SEED) == {"matches": False}
     drive(router, "apply", SEED)
     assert "drop" not in nft(router, "list", "table", "inet", "greupd")
+
+
+BACKUP = """
+[[tunnel]]
+name = "Backup"
+local = "172.19.1.1"
+remote = "172.19.1.3"
+[tunnel.mss]
+clamp = 1400
+[tunnel.nat]
+into_tunnel = ["10.10.2.0/24"]
+from_tunnel = ["eth2"]
+"""
+
+
+def test_a_tunnel_added_or_removed_changes_its_elements_not_the_whole_table(router: Host, tmp_path: Path) -> None:
+    grown, pmtu, both = tmp_path / "grown.toml", tmp_path / "pmtu.toml", tmp_path / "both.toml"
+    grown.write_text(SEED.read_text() + BACKUP)
+    pmtu.write_text(SEED.read_text().replace("clamp = 1436", 'clamp = "pmtu"'))
+    both.write_text(pmtu.read_text() + BACKUP)
+    configs = [SEED, grown, SEED, pmtu, both]
+
+    proc = router.run(sys.executable, "-m", "tests.test_nft_kernel", "steps", *map(str, configs), env=_env(),
+                      timeout=120)
+    steps = json.loads(proc.stdout.splitlines()[-1])["steps"]
+
+    # Each time the kernel holds exactly what the config renders (a fresh look agrees), and it is the same
+    # table throughout: the tunnel's elements and chains came and went, the table was never replaced.
+    assert [s["canonical"] for s in steps] == [True] * len(configs)
+    assert len({tuple(s["table_handle"]) for s in steps}) == 1, steps
+    listed = nft(router, "list", "table", "inet", "greupd")
+    assert '"Backup" : jump clamp_1400' in listed and '"My_Tunnel" : jump clamp_pmtu' in listed
+    assert "chain clamp_1436" not in listed and "chain forward_into_Backup" in listed
 
 
 def test_flush_and_delete_are_undone_by_the_watcher(router: Host) -> None:
@@ -270,4 +316,4 @@ def test_a_rule_the_kernel_refuses_is_an_nft_error_naming_tunnel_and_rule(router
 
 
 if __name__ == "__main__":
-    _driver(sys.argv[1], sys.argv[2])
+    _driver(sys.argv[1], *sys.argv[2:])

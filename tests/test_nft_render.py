@@ -50,30 +50,63 @@ def test_seed_config_clamps_both_ways_and_masquerades_both_ways() -> None:
 
     assert describe_ruleset(ruleset) == (
         "table inet greupd {\n"
+        "\tmap clamp {\n"
+        "\t\ttype ifname : verdict\n"
+        '\t\telements = { "My_Tunnel" : jump clamp_1436 }\n'
+        "\t}\n"
+        "\n"
+        "\tmap forward_into {\n"
+        "\t\ttype ifname : verdict\n"
+        '\t\telements = { "My_Tunnel" : jump forward_into_My_Tunnel }\n'
+        "\t}\n"
+        "\n"
+        "\tset from_tunnel {\n"
+        "\t\ttype ifname . ifname\n"
+        '\t\telements = { "My_Tunnel" . "eth1" }\n'
+        "\t}\n"
+        "\n"
+        "\tmap masquerade_into {\n"
+        "\t\ttype ifname : verdict\n"
+        '\t\telements = { "My_Tunnel" : jump masquerade_into_My_Tunnel }\n'
+        "\t}\n"
+        "\n"
+        "\tset from_tunnel_out {\n"
+        "\t\ttype ifname\n"
+        '\t\telements = { "eth1" }\n'
+        "\t}\n"
+        "\n"
         "\tchain mss_clamp {\n"
         "\t\ttype filter hook forward priority mangle; policy accept;\n"
-        '\t\toifname "My_Tunnel" tcp flags syn / syn,rst'
-        ' tcp option maxseg size set meta nfproto map { ipv4 : 1436, ipv6 : 1416 }'
-        ' comment "My_Tunnel: clamp mss out"\n'
-        '\t\tiifname "My_Tunnel" tcp flags syn / syn,rst'
-        ' tcp option maxseg size set meta nfproto map { ipv4 : 1436, ipv6 : 1416 }'
-        ' comment "My_Tunnel: clamp mss in"\n'
+        '\t\ttcp flags syn / syn,rst oifname vmap @clamp comment "clamp the mss of syns leaving by a tunnel"\n'
+        '\t\ttcp flags syn / syn,rst iifname vmap @clamp comment "clamp the mss of syns arriving from a tunnel"\n'
+        "\t}\n"
+        "\n"
+        "\tchain clamp_1436 {\n"
+        "\t\ttcp option maxseg size set meta nfproto map { ipv4 : 1436, ipv6 : 1416 }"
+        ' comment "clamp mss to 1436 (ipv6: 1416)"\n'
         "\t}\n"
         "\n"
         "\tchain forward {\n"
         "\t\ttype filter hook forward priority filter; policy accept;\n"
-        '\t\tip saddr 10.10.1.0/24 oifname "My_Tunnel" accept'
-        ' comment "My_Tunnel: forward 10.10.1.0/24 into the tunnel"\n'
-        '\t\tiifname "My_Tunnel" oifname "eth1" meta mark set meta mark | 0x20000000 accept'
-        ' comment "My_Tunnel: forward from the tunnel to eth1"\n'
+        '\t\toifname vmap @forward_into comment "into_tunnel: the accepts of the tunnel the packet leaves by"\n'
+        "\t\tiifname . oifname @from_tunnel meta mark set meta mark | 0x20000000 accept"
+        ' comment "from_tunnel: mark what leaves a tunnel by one of its interfaces"\n'
+        "\t}\n"
+        "\n"
+        "\tchain forward_into_My_Tunnel {\n"
+        '\t\tip saddr 10.10.1.0/24 accept comment "My_Tunnel: forward 10.10.1.0/24 into the tunnel"\n'
         "\t}\n"
         "\n"
         "\tchain postrouting {\n"
         "\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
-        '\t\tip saddr 10.10.1.0/24 oifname "My_Tunnel" masquerade'
-        ' comment "My_Tunnel: masquerade 10.10.1.0/24 into the tunnel"\n'
-        '\t\tmeta mark & 0x20000000 == 0x20000000 oifname "eth1" masquerade'
-        ' comment "My_Tunnel: masquerade from the tunnel to eth1"\n'
+        '\t\toifname vmap @masquerade_into comment "into_tunnel: the masquerades of the tunnel the packet leaves'
+        ' by"\n'
+        "\t\tmeta mark & 0x20000000 == 0x20000000 oifname @from_tunnel_out masquerade"
+        ' comment "from_tunnel: masquerade what was marked"\n'
+        "\t}\n"
+        "\n"
+        "\tchain masquerade_into_My_Tunnel {\n"
+        '\t\tip saddr 10.10.1.0/24 masquerade comment "My_Tunnel: masquerade 10.10.1.0/24 into the tunnel"\n'
         "\t}\n"
         "}\n"
     )
@@ -85,27 +118,56 @@ def test_seed_ruleset_is_one_transaction_that_replaces_the_table() -> None:
 
     assert commands[:3] == [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
     kinds = [next(iter(c["add"])) for c in commands[2:]]  # type: ignore[arg-type]
-    assert kinds == ["table", "chain", "chain", "chain", *["rule"] * 6]
+    # Chains before the maps whose elements jump to them, sets before the rules that look them up.
+    assert kinds == ["table", *["chain"] * 6, "map", "map", "set", "map", "set", *["rule"] * 9]
     json.dumps(commands)  # what libnftables gets
+
+
+def test_the_hooked_chains_hold_the_same_rules_for_one_tunnel_and_for_a_thousand(tmp_path: Path) -> None:
+    """Review M5: a forwarded packet walks the hooked chains; their length must not grow with the tunnels."""
+    psk = tmp_path / "psk"
+    psk.write_text("a secret of sorts")
+    psk.chmod(0o600)
+
+    def seed_like(count: int) -> Ruleset:
+        clamps = ('"pmtu"', "1436")
+        tunnels = "".join(
+            f'[[tunnel]]\nname = "t{i}"\nlocal = "172.19.1.1"\nremote = "172.20.{i // 250}.{i % 250 + 1}"\n'
+            f'[tunnel.mss]\nclamp = {clamps[i % 2]}\n'
+            f'[tunnel.nat]\ninto_tunnel = ["10.10.1.0/24"]\nfrom_tunnel = ["eth1"]\n'
+            f'[tunnel.ipsec]\npsk_file = "{psk}"\n'
+            for i in range(count))
+        return render_ruleset(load_config_text(tunnels))
+
+    def hooked(ruleset: Ruleset) -> list[str]:
+        return [r.text for r in ruleset.rules if any(c.name == r.chain and c.hook for c in ruleset.chains)]
+
+    one, many = seed_like(2), seed_like(1000)
+
+    assert hooked(one) == hooked(many)
+    assert len(hooked(many)) == 8  # 2 in mss_clamp, 2 in forward, 2 in postrouting, 1 each in ipsec_out/in
+    sizes = {s.name: len(s.elements) for s in many.sets}
+    assert sizes == {"clamp": 1000, "forward_into": 1000, "from_tunnel": 1000, "masquerade_into": 1000,
+                     "from_tunnel_out": 1, "ipsec_remotes_v4": 1000}
+    # What a packet leaving by one tunnel meets after the lookup: that tunnel's rules, one per prefix.
+    assert [r.text.split(" comment")[0] for r in many.rules if r.chain == "forward_into_t999"] == [
+        "ip saddr 10.10.1.0/24 accept"]
 
 
 def test_pmtu_clamps_to_the_route_mtu() -> None:
     ruleset = render_ruleset(config('[tunnel.mss]\nclamp = "pmtu"'))
 
-    assert rule_lines(ruleset)[1:] == [
-        'oifname "My_Tunnel" tcp flags syn / syn,rst tcp option maxseg size set rt mtu'
-        ' comment "My_Tunnel: clamp mss out"',
-        'iifname "My_Tunnel" tcp flags syn / syn,rst tcp option maxseg size set rt mtu'
-        ' comment "My_Tunnel: clamp mss in"',
-    ]
-    assert [c.name for c in ruleset.chains] == ["mss_clamp"]  # no nat chain: conntrack/NAT not needed
+    assert rule_lines(ruleset)[-1] == 'tcp option maxseg size set rt mtu comment "clamp mss to the route mtu"'
+    assert [c.name for c in ruleset.chains] == ["mss_clamp", "clamp_pmtu"]  # no nat chain: no conntrack/NAT
+    [clamp] = ruleset.sets
+    assert [e.text for e in clamp.elements] == ['"My_Tunnel" : jump clamp_pmtu']
 
 
 def test_a_fixed_clamp_gives_ipv6_syns_20_bytes_less() -> None:
     # clamp = 1436 fits IPv4 in a 1476-byte GRE tunnel (1476 - 20 - 20); an IPv6 SYN through the same tunnel
     # carries a 40-byte header, so its segments must be 1416 or they are 20 bytes too big (review M6).
-    [out, _] = render_ruleset(config("[tunnel.mss]\nclamp = 1436")).rules
-    [mangle] = [s.json for s in out.statements if "mangle" in s.json]  # type: ignore[operator]
+    [clamp] = [r for r in render_ruleset(config("[tunnel.mss]\nclamp = 1436")).rules if r.chain == "clamp_1436"]
+    [mangle] = [s.json for s in clamp.statements]
     assert mangle == {"mangle": {"key": {"tcp option": {"name": "maxseg", "field": "size"}}, "value": {"map": {
         "key": {"meta": {"key": "nfproto"}}, "data": {"set": [["ipv4", 1436], ["ipv6", 1416]]}}}}}
 
@@ -145,11 +207,13 @@ def test_nat_from_tunnel_marks_in_forward_and_masquerades_on_the_mark() -> None:
     assert [c.name for c in ruleset.chains] == ["forward", "postrouting"]
     mark = f"{FROM_TUNNEL_MARK:#010x}"
     assert [r.text.split(" comment ")[0] for r in ruleset.rules] == [
-        f'iifname "My_Tunnel" oifname "eth1" meta mark set meta mark | {mark} accept',
-        f'iifname "My_Tunnel" oifname "eth2" meta mark set meta mark | {mark} accept',
-        f'meta mark & {mark} == {mark} oifname "eth1" masquerade',
-        f'meta mark & {mark} == {mark} oifname "eth2" masquerade',
+        f"iifname . oifname @from_tunnel meta mark set meta mark | {mark} accept",
+        f"meta mark & {mark} == {mark} oifname @from_tunnel_out masquerade",
     ]
+    assert {s.name: [e.text for e in s.elements] for s in ruleset.sets} == {
+        "from_tunnel": ['"My_Tunnel" . "eth1"', '"My_Tunnel" . "eth2"'],
+        "from_tunnel_out": ['"eth1"', '"eth2"'],
+    }
 
 
 def test_nat_prefixes_of_both_families_and_single_hosts() -> None:
@@ -157,20 +221,35 @@ def test_nat_prefixes_of_both_families_and_single_hosts() -> None:
                                     daemon='nft_table = "edge"'))
 
     assert ruleset.table == "edge"
-    assert [r.text.split(" comment ")[0] for r in ruleset.rules if r.chain == "postrouting"] == [
-        'ip6 saddr 2001:db8::/32 oifname "My_Tunnel" masquerade',
-        'ip saddr 10.0.0.7 oifname "My_Tunnel" masquerade',  # nft lists a /32 as the address
+    assert [r.text.split(" comment ")[0] for r in ruleset.rules if r.chain == "masquerade_into_My_Tunnel"] == [
+        "ip6 saddr 2001:db8::/32 masquerade",
+        "ip saddr 10.0.0.7 masquerade",  # nft lists a /32 as the address
     ]
+    assert [r.tunnel for r in ruleset.rules if r.chain.endswith("_into_My_Tunnel")] == ["My_Tunnel"] * 4
 
 
-def test_two_tunnels_keep_config_order_within_each_chain() -> None:
-    text = (f"{TUNNEL}\n[tunnel.mss]\nclamp = 1436\n"
-            '[[tunnel]]\nname = "Backup"\nlocal = "172.19.1.1"\nremote = "172.19.1.3"\n'
-            "[tunnel.mss]\nclamp = 1400\n")
+def test_two_tunnels_keep_config_order_in_the_map_and_share_a_clamp_chain() -> None:
+    backup = '[[tunnel]]\nname = "Backup"\nlocal = "172.19.1.1"\nremote = "172.19.1.{}"\n[tunnel.mss]\nclamp = {}\n'
+    text = f"{TUNNEL}\n[tunnel.mss]\nclamp = 1436\n" + backup.format(3, 1400) + backup.replace("Backup", "Third")\
+        .format(4, 1436)
     ruleset = render_ruleset(load_config_text(text))
 
-    assert [(r.chain, r.tunnel) for r in ruleset.rules] == [
-        ("mss_clamp", "My_Tunnel"), ("mss_clamp", "My_Tunnel"), ("mss_clamp", "Backup"), ("mss_clamp", "Backup")]
+    [clamp] = ruleset.sets
+    assert [e.text for e in clamp.elements] == [
+        '"My_Tunnel" : jump clamp_1436', '"Backup" : jump clamp_1400', '"Third" : jump clamp_1436']
+    assert [c.name for c in ruleset.chains] == ["mss_clamp", "clamp_1436", "clamp_1400"]
+
+
+def test_what_several_tunnels_share_is_one_element() -> None:
+    text = (f'{TUNNEL}\n[tunnel.nat]\nfrom_tunnel = ["eth1", "eth1"]\n'
+            '[[tunnel]]\nname = "Backup"\nlocal = "172.19.1.1"\nremote = "172.19.1.3"\n'
+            '[tunnel.nat]\nfrom_tunnel = ["eth1"]\n')
+    ruleset = render_ruleset(load_config_text(text))
+
+    assert {s.name: [e.text for e in s.elements] for s in ruleset.sets} == {
+        "from_tunnel": ['"My_Tunnel" . "eth1"', '"Backup" . "eth1"'],
+        "from_tunnel_out": ['"eth1"'],  # a duplicate would be refused by the kernel, or merged and look like drift
+    }
 
 
 def test_normalized_listing_ignores_handles_and_metainfo_but_not_an_extra_rule() -> None:
@@ -186,6 +265,23 @@ def test_normalized_listing_ignores_handles_and_metainfo_but_not_an_extra_rule()
     assert normalize_listing(listed) == normalize_listing(ruleset.objects())
     assert normalize_listing([*listed, extra]) != normalize_listing(ruleset.objects())
     assert normalize_listing(list(reversed(listed))) != normalize_listing(ruleset.objects())  # rule order
+
+
+def test_normalized_listing_ignores_the_order_of_a_sets_elements() -> None:
+    ruleset = render_ruleset(load_config_text(f'{TUNNEL}\n[tunnel.nat]\nfrom_tunnel = ["eth1", "eth2", "eth3"]'))
+    shuffled: list[Json] = []
+    fewer: list[Json] = []
+    for obj in ruleset.objects():
+        body = obj.get("set")
+        if isinstance(body, dict) and isinstance(body.get("elem"), list):
+            obj = {"set": {**body, "elem": list(reversed(body["elem"]))}}  # type: ignore[arg-type]
+        shuffled.append(obj)
+        if not (isinstance(body, dict) and body.get("name") == "from_tunnel_out"):
+            fewer.append(obj)
+
+    assert shuffled != ruleset.objects()
+    assert normalize_listing(shuffled) == normalize_listing(ruleset.objects())
+    assert normalize_listing(fewer) != normalize_listing(ruleset.objects())
 
 
 def test_nft_error_names_the_tunnel_and_rule() -> None:
@@ -232,22 +328,41 @@ def test_rendered_rules_match_what_each_tunnel_asks(specs: list[dict[str, object
         for i, spec in enumerate(specs)
     )
     ruleset = render_ruleset(Config(DaemonConfig(nft_table=table), tunnels))
+    elements = {s.name: [e.text for e in s.elements] for s in ruleset.sets}
+    enabled = [t for t in tunnels if t.enabled]
 
     for tunnel in tunnels:
-        mine = [r for r in ruleset.rules if r.tunnel == tunnel.name]
-        expected = 0 if not tunnel.enabled else (
-            (tunnel.mss.clamp != "off") * 2 + 2 * len(tunnel.nat.into_tunnel) + 2 * len(tunnel.nat.from_tunnel))
-        assert len(mine) == expected
-        assert all(r.comment.startswith(f"{tunnel.name}: ") for r in mine)
+        name = tunnel.name
+        clamp = tunnel.mss.clamp if tunnel.enabled else "off"
+        into = tunnel.nat.into_tunnel if tunnel.enabled else []
+        assert (f'"{name}" : jump clamp_{clamp}' in elements.get("clamp", [])) == (clamp != "off")
+        assert (f'"{name}" : jump forward_into_{name}' in elements.get("forward_into", [])) == bool(into)
+        assert (f'"{name}" : jump masquerade_into_{name}' in elements.get("masquerade_into", [])) == bool(into)
+        for chain in (f"forward_into_{name}", f"masquerade_into_{name}"):
+            mine = [r for r in ruleset.rules if r.chain == chain]
+            assert len(mine) == len(into)
+            assert all(r.tunnel == name and r.comment.startswith(f"{name}: ") for r in mine)
+    assert elements.get("from_tunnel", []) == list(dict.fromkeys(
+        f'"{t.name}" . "{i}"' for t in enabled for i in t.nat.from_tunnel))
+    assert elements.get("from_tunnel_out", []) == list(dict.fromkeys(
+        f'"{i}"' for t in enabled for i in t.nat.from_tunnel))
+    # The chains a packet walks hold one lookup per purpose, however many tunnels ask.
+    assert len([r for r in ruleset.rules if r.chain in ("mss_clamp", "forward", "postrouting")]) <= 6
     assert ruleset.wanted == bool(ruleset.rules)
     assert {r.chain for r in ruleset.rules} == {c.name for c in ruleset.chains}
     order = [c.name for c in ruleset.chains]
     assert [r.chain for r in ruleset.rules] == sorted((r.chain for r in ruleset.rules), key=order.index)
+    looked_up = {t.split("@")[1].split()[0] for r in ruleset.rules for t in [r.text] if "@" in t}
+    assert looked_up == set(elements) and all(elements.values())  # no set without its rule, none empty
+    jumps = {e.split("jump ")[1] for texts in elements.values() for e in texts if "jump " in e}
+    assert jumps == {c.name for c in ruleset.chains if c.hook is None}  # and no chain left unreachable
     commands = ruleset.commands()
     assert json.loads(json.dumps(commands)) == commands
-    assert len(commands) == (2 + 1 + len(ruleset.chains) + len(ruleset.rules) if ruleset.wanted else 2)
+    assert len(commands) == (2 + 1 + len(ruleset.chains) + len(ruleset.sets) + len(ruleset.rules)
+                             if ruleset.wanted else 2)
     described = describe_ruleset(ruleset)
-    assert described.count("\n\t\t") == (len(ruleset.chains) + len(ruleset.rules))
+    assert described.count("\n\tchain ") == len(ruleset.chains)
+    assert described.count(" comment ") == len(ruleset.rules)
     assert ruleset == render_ruleset(Config(DaemonConfig(nft_table=table), tunnels))  # a value: same in, same out
 
 
@@ -307,3 +422,53 @@ def test_a_transaction_is_worth_a_look_when_someone_else_touched_our_table() -> 
     assert worth("greupd", _object(6, "greupd", family=2), _newgen(555)) == [False]
     # each transaction is judged on its own
     assert worth("greupd", _object(6, "greupd") + _newgen(555) + _object(6, "filter") + _newgen(555)) == [True, False]
+
+
+# --- the delta: a tunnel more or less is a few elements and chains, not a new table ------------------------
+
+
+def test_a_tunnel_added_is_its_elements_and_chains_and_removed_again_in_reverse() -> None:
+    from greupd.nft.delta import delta_commands
+
+    seed = load_config(SEED)
+    backup = ('[[tunnel]]\nname = "Backup"\nlocal = "172.19.1.1"\nremote = "172.19.1.3"\n[tunnel.mss]\nclamp = 1436\n'
+              '[tunnel.nat]\ninto_tunnel = ["10.10.2.0/24"]\nfrom_tunnel = ["eth1"]\n')
+    one = render_ruleset(seed)
+    two = render_ruleset(load_config_text(SEED.read_text() + backup))
+
+    def summary(commands: list[dict[str, Json]] | None) -> list[str]:
+        assert commands is not None
+        out = []
+        for command in commands:
+            ((verb, obj),) = command.items()
+            assert isinstance(obj, dict)
+            ((kind, body),) = obj.items()
+            assert isinstance(body, dict)
+            name = body.get("name", body.get("chain"))
+            out.append(f"{verb} {kind} {name}" + (f" {body['elem']}" if "elem" in body else ""))
+        return out
+
+    assert summary(delta_commands(one, two)) == [
+        "add chain forward_into_Backup", "add rule forward_into_Backup",
+        "add chain masquerade_into_Backup", "add rule masquerade_into_Backup",
+        "add element clamp [['Backup', {'jump': {'target': 'clamp_1436'}}]]",
+        "add element forward_into [['Backup', {'jump': {'target': 'forward_into_Backup'}}]]",
+        "add element from_tunnel [{'concat': ['Backup', 'eth1']}]",
+        "add element masquerade_into [['Backup', {'jump': {'target': 'masquerade_into_Backup'}}]]",
+    ]  # eth1 is in from_tunnel_out already
+    assert summary(delta_commands(two, one)) == [
+        "delete element clamp ['Backup']", "delete element forward_into ['Backup']",
+        "delete element from_tunnel [{'concat': ['Backup', 'eth1']}]", "delete element masquerade_into ['Backup']",
+        "flush chain forward_into_Backup", "delete chain forward_into_Backup",
+        "flush chain masquerade_into_Backup", "delete chain masquerade_into_Backup",
+    ]
+    pmtu = render_ruleset(load_config_text(SEED.read_text().replace("clamp = 1436", 'clamp = "pmtu"')))
+    assert summary(delta_commands(one, pmtu)) == [
+        "add chain clamp_pmtu", "add rule clamp_pmtu",
+        "delete element clamp ['My_Tunnel']", "add element clamp [['My_Tunnel', {'jump': {'target': 'clamp_pmtu'}}]]",
+        "flush chain clamp_1436", "delete chain clamp_1436",
+    ]
+    # A set that comes or goes changes the hooked chains' rules: only a new table will do.
+    no_nat = render_ruleset(load_config_text(SEED.read_text().replace('from_tunnel = ["eth1"]', "")))
+    assert delta_commands(one, no_nat) is None
+    assert delta_commands(one, Ruleset("greupd")) is None

@@ -7,31 +7,52 @@ Everything goes through libnftables' JSON API (the `nftables` Python bindings, i
 config without MSS clamp or NAT never needs them). greupd owns exactly one table, `inet <daemon.nft_table>`,
 and touches no other: it replaces its own table as a whole, so other tables stay byte-identical.
 
-What a tunnel asks for, and the rules that carry it out:
+A packet pays the same whatever the number of tunnels (code review M5): the tunnels are elements of named
+sets and verdict maps (hash lookups), never one rule each in a chain every packet walks. What a tunnel
+asks for, and where it lands:
 
-    [tunnel.mss] clamp = 1436 | "pmtu"      chain mss_clamp (filter, forward, priority mangle):
-                                              oifname TUN tcp flags syn / syn,rst tcp option maxseg size set N
-                                              iifname TUN tcp flags syn / syn,rst tcp option maxseg size set N
-                                              (N = 1436, or `rt mtu` for "pmtu")
-    [tunnel.nat] into_tunnel = [P]          chain forward (filter, forward, priority filter):
-                                              ip saddr P oifname TUN accept
+    [tunnel.mss] clamp = 1436 | "pmtu"      map clamp (ifname : verdict): TUN : jump clamp_1436 | clamp_pmtu
+                                            chain mss_clamp (filter, forward, priority mangle):
+                                              tcp flags syn / syn,rst oifname vmap @clamp
+                                              tcp flags syn / syn,rst iifname vmap @clamp
+                                            chain clamp_1436: tcp option maxseg size set meta nfproto map
+                                                              { ipv4 : 1436, ipv6 : 1416 }
+                                            chain clamp_pmtu: tcp option maxseg size set rt mtu
+    [tunnel.nat] into_tunnel = [P]          map forward_into: TUN : jump forward_into_TUN
+                                            chain forward (filter, forward, priority filter):
+                                              oifname vmap @forward_into
+                                            chain forward_into_TUN: ip saddr P accept
+                                            map masquerade_into: TUN : jump masquerade_into_TUN
                                             chain postrouting (nat, postrouting, priority srcnat):
-                                              ip saddr P oifname TUN masquerade
-    [tunnel.nat] from_tunnel = [IF]         chain forward:
-                                              iifname TUN oifname IF meta mark set meta mark | MARK accept
+                                              oifname vmap @masquerade_into
+                                            chain masquerade_into_TUN: ip saddr P masquerade
+    [tunnel.nat] from_tunnel = [IF]         set from_tunnel (ifname . ifname): TUN . IF
+                                            chain forward:
+                                              iifname . oifname @from_tunnel meta mark set meta mark | MARK accept
+                                            set from_tunnel_out (ifname): IF
                                             chain postrouting:
-                                              meta mark & MARK == MARK oifname IF masquerade
-    [tunnel.ipsec] require = true           chain ipsec_out (filter, output, priority filter):
-                                              ip daddr REMOTE meta l4proto gre rt ipsec missing drop
+                                              meta mark & MARK == MARK oifname @from_tunnel_out masquerade
+    [tunnel.ipsec] require = true           set ipsec_remotes_v4 (ipv4_addr; v6: ipsec_remotes_v6): REMOTE
+                                            chain ipsec_out (filter, output, priority filter):
+                                              meta l4proto gre ip daddr @ipsec_remotes_v4 rt ipsec missing drop
                                             chain ipsec_in (filter, input, priority filter):
-                                              ip saddr REMOTE meta l4proto gre meta ipsec missing drop
+                                              meta l4proto gre ip saddr @ipsec_remotes_v4 meta ipsec missing drop
 
-Only the chains that have rules are created: a config with a clamp but no NAT registers no nat hook (and
-so does not switch conntrack on), and a config with neither has no table at all.
+Per packet: the forward hook does at most a SYN test and two map lookups in mss_clamp, one map lookup and one
+set lookup in forward (then the rules of the one tunnel the packet leaves by); postrouting is consulted for
+a connection's first packet only; ipsec_out/ipsec_in test the protocol, then one set lookup. Only the
+chains, sets and maps that have something in them are created: a config with a clamp but no NAT registers no
+nat hook (and so does not switch conntrack on), and a config with none of these has no table at all.
+
+Same behaviour as the rule-per-tunnel table this replaces, with one difference in a corner: a packet that
+leaves tunnel T1 by tunnel T2, where T1 lists T2 in from_tunnel and T2 lists the source in into_tunnel, is
+accepted by T2's into_tunnel rule first now (it was config order), so it is masqueraded by that rule and
+not marked; it is masqueraded either way.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -77,21 +98,31 @@ def _statement(text: str, value: Json) -> Statement:
 
 @dataclass(frozen=True)
 class Chain:
+    """A base chain (type, hook and priority given) or a regular chain, reached only by a jump (hook None)."""
+
     name: str
-    type: Literal["filter", "nat"]
-    hook: Literal["forward", "postrouting", "output", "input"]
-    priority: int
+    type: Literal["filter", "nat"] | None = None
+    hook: Literal["forward", "postrouting", "output", "input"] | None = None
+    priority: int = 0
 
     @property
-    def text(self) -> str:
+    def text(self) -> str | None:
+        if self.hook is None:
+            return None
         priority = PRIORITY_NAMES.get(self.priority, str(self.priority))
         return f"type {self.type} hook {self.hook} priority {priority}; policy accept;"
+
+    @property
+    def json(self) -> JsonObject:
+        if self.hook is None:
+            return {"name": self.name}
+        return {"name": self.name, "type": self.type, "hook": self.hook, "prio": self.priority, "policy": "accept"}
 
 
 @dataclass(frozen=True)
 class Rule:
     chain: str
-    tunnel: str
+    tunnel: str | None  # whose rule; None for a rule that serves every tunnel (a set or map lookup)
     comment: str  # stored in the kernel with the rule, so `nft list ruleset` tells whose and why
     statements: tuple[Statement, ...]
 
@@ -101,12 +132,60 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Element:
+    """One element of a named set or map, as `nft list` prints it and as libnftables JSON."""
+
+    text: str
+    json_text: str
+    tunnel: str  # the (first) tunnel that asks for it, for error messages
+
+    @property
+    def json(self) -> Json:
+        value: Json = json.loads(self.json_text)
+        return value
+
+
+@dataclass(frozen=True)
+class NamedSet:
+    """A named set (`type` a key) or verdict map (`verdicts`), looked up by one rule whatever its size."""
+
+    name: str
+    key: tuple[str, ...]  # the key's data types, several for a concatenation
+    verdicts: bool
+    elements: tuple[Element, ...]
+
+    @property
+    def kind(self) -> Literal["set", "map"]:
+        return "map" if self.verdicts else "set"
+
+    def json(self, table: str) -> JsonObject:
+        body: JsonObject = {"family": FAMILY, "table": table, "name": self.name,
+                            "type": self.key[0] if len(self.key) == 1 else list(self.key)}
+        if self.verdicts:
+            body["map"] = "verdict"
+        if self.elements:
+            body["elem"] = [e.json for e in self.elements]
+        return {self.kind: body}
+
+    @property
+    def lines(self) -> list[str]:
+        """As `nft list` prints it: ipv4 addresses two to a line, anything else one (nftables' calculate_delim)."""
+        per_line = 2 if self.key == ("ipv4_addr",) and not self.verdicts else 1
+        texts = [e.text for e in self.elements]
+        rows = [", ".join(texts[i:i + per_line]) for i in range(0, len(texts), per_line)]
+        type_text = " . ".join(self.key) + (" : verdict" if self.verdicts else "")
+        return [f"\t{self.kind} {self.name} {{", f"\t\ttype {type_text}",
+                "\t\telements = { " + ",\n\t\t\t     ".join(rows) + " }", "\t}"]
+
+
+@dataclass(frozen=True)
 class Ruleset:
     """The whole desired content of greupd's table; no rules means "no table"."""
 
     table: str
     chains: tuple[Chain, ...] = ()
     rules: tuple[Rule, ...] = ()
+    sets: tuple[NamedSet, ...] = ()
     family: ClassVar[str] = FAMILY
 
     @property
@@ -114,16 +193,16 @@ class Ruleset:
         return bool(self.rules)
 
     def objects(self) -> list[JsonObject]:
-        """Table, chains and rules as `nft -j list table` shows them (without handles); none if not wanted."""
-        return table_objects(self.table, self.chains, self.rules) if self.wanted else []
+        """Table, chains, sets and rules as `nft -j list table` shows them (without handles); none if not wanted."""
+        return table_objects(self.table, self.chains, self.rules, self.sets) if self.wanted else []
 
     def commands(self) -> list[JsonObject]:
         """One libnftables transaction that makes the kernel hold exactly this ruleset.
 
-        `add table; delete table; add table; add chain...; add rule...` in one batch: the add makes the
-        delete valid when the table does not exist yet, the delete drops whatever was in it (ours from an
-        older config, or anything someone added), and the kernel commits the batch atomically, so packets
-        never meet a half-written table or a window without the clamp and NAT. With no rules the
+        `add table; delete table; add table; add chain...; add set...; add rule...` in one batch: the add
+        makes the delete valid when the table does not exist yet, the delete drops whatever was in it (ours
+        from an older config, or anything someone added), and the kernel commits the batch atomically, so
+        packets never meet a half-written table or a window without the clamp and NAT. With no rules the
         transaction is `add table; delete table`: remove ours if present, and no error if not.
         """
         return [*clear_commands(self.table), *add_commands(self.objects())]
@@ -138,18 +217,20 @@ def add_commands(objects: Iterable[JsonObject]) -> list[JsonObject]:
     return [{"add": obj} for obj in objects]
 
 
-def table_objects(table: str, chains: Iterable[Chain], rules: Iterable[Rule]) -> list[JsonObject]:
+def table_objects(table: str, chains: Iterable[Chain], rules: Iterable[Rule],
+                  sets: Iterable[NamedSet] = ()) -> list[JsonObject]:
+    """In the order one transaction can add them: a map's `jump` needs its chain, a rule's `@set` its set."""
     objects: list[JsonObject] = [{"table": {"family": FAMILY, "name": table}}]
     for chain in chains:
-        objects.append({"chain": {"family": FAMILY, "table": table, "name": chain.name, "type": chain.type,
-                                  "hook": chain.hook, "prio": chain.priority, "policy": "accept"}})
+        objects.append({"chain": {"family": FAMILY, "table": table, **chain.json}})
+    objects += [named.json(table) for named in sets]
     for rule in rules:
         objects.append({"rule": {"family": FAMILY, "table": table, "chain": rule.chain, "comment": rule.comment,
                                  "expr": [s.json for s in rule.statements]}})
     return objects
 
 
-# --- rendering: Config -> Ruleset (pure) -----------------------------------------------------------------
+# --- pieces of rules --------------------------------------------------------------------------------------
 
 
 def _match(left: Json, right: Json) -> JsonObject:
@@ -164,6 +245,10 @@ def _ifname(direction: Literal["iifname", "oifname"], name: str) -> Statement:
     return _statement(f'{direction} "{name}"', _match(_meta(direction), name))
 
 
+def _vmap(direction: Literal["iifname", "oifname"], named: str) -> Statement:
+    return _statement(f"{direction} vmap @{named}", {"vmap": {"key": _meta(direction), "data": f"@{named}"}})
+
+
 # `tcp flags & (syn|rst) == syn`: SYNs and SYN-ACKs, the segments that carry an MSS option.
 _SYN = _statement("tcp flags syn / syn,rst",
                   _match({"&": [{"payload": {"protocol": "tcp", "field": "flags"}}, ["syn", "rst"]]}, "syn"))
@@ -172,6 +257,7 @@ _SYN = _statement("tcp flags syn / syn,rst",
 IPV6_HEADER_EXTRA = 20  # a 40-byte IPv6 header against IPv4's 20
 
 
+@functools.cache
 def _clamp(clamp: int | Literal["pmtu"]) -> Statement:
     # The kernel never raises an MSS with this statement (nft_exthdr: "increase can cause connection to
     # stall"), so `set` is a clamp, like iptables' TCPMSS: a SYN that already asks for less keeps its value.
@@ -191,6 +277,7 @@ def _clamp(clamp: int | Literal["pmtu"]) -> Statement:
                       {"mangle": {"key": {"tcp option": {"name": "maxseg", "field": "size"}}, "value": value}})
 
 
+@functools.cache  # 1000 tunnels often share one LAN prefix
 def _saddr(prefix: IPNetwork) -> Statement:
     protocol = "ip" if prefix.version == 4 else "ip6"
     # nft keeps a full-length prefix as a plain address; render it the way the kernel gives it back.
@@ -213,37 +300,103 @@ _HAS_MARK = _statement(f"meta mark & {FROM_TUNNEL_MARK:#010x} == {FROM_TUNNEL_MA
 MSS_CHAIN = Chain("mss_clamp", "filter", "forward", MANGLE)
 FORWARD_CHAIN = Chain("forward", "filter", "forward", FILTER)
 NAT_CHAIN = Chain("postrouting", "nat", "postrouting", SRCNAT)
+BASE_CHAINS = (MSS_CHAIN, FORWARD_CHAIN, NAT_CHAIN)
+
+CLAMP_MAP = "clamp"
+FORWARD_INTO_MAP = "forward_into"
+MASQUERADE_INTO_MAP = "masquerade_into"
+FROM_TUNNEL_SET = "from_tunnel"
+FROM_TUNNEL_OUT_SET = "from_tunnel_out"
 
 
-def tunnel_rules(tunnel: TunnelConfig) -> list[Rule]:
-    """The rules one tunnel asks for, in chain order; none for a disabled tunnel."""
-    if not tunnel.enabled:
-        return []
-    name = tunnel.name
-    rules: list[Rule] = []
-    if tunnel.mss.clamp != "off":
-        clamp = _clamp(tunnel.mss.clamp)
-        # Both ways: SYNs (and SYN-ACKs) leaving through the tunnel tell the far side how big to send, and
-        # those arriving from it tell our side; the peer may clamp nothing (a hand-made Linux tunnel).
-        rules.append(Rule(MSS_CHAIN.name, name, f"{name}: clamp mss out",
-                          (_ifname("oifname", name), _SYN, clamp)))
-        rules.append(Rule(MSS_CHAIN.name, name, f"{name}: clamp mss in",
-                          (_ifname("iifname", name), _SYN, clamp)))
-    for prefix in tunnel.nat.into_tunnel:
-        # The accepts stand for the seed's FORWARD ACCEPT rules. An accept ends only our own chain: a drop
-        # in another table's forward chain still applies (nftables evaluates every base chain of a hook).
-        rules.append(Rule(FORWARD_CHAIN.name, name, f"{name}: forward {prefix} into the tunnel",
-                          (_saddr(prefix), _ifname("oifname", name), _ACCEPT)))
-    for ifname in tunnel.nat.from_tunnel:
-        rules.append(Rule(FORWARD_CHAIN.name, name, f"{name}: forward from the tunnel to {ifname}",
-                          (_ifname("iifname", name), _ifname("oifname", ifname), _SET_MARK, _ACCEPT)))
-    for prefix in tunnel.nat.into_tunnel:
-        rules.append(Rule(NAT_CHAIN.name, name, f"{name}: masquerade {prefix} into the tunnel",
-                          (_saddr(prefix), _ifname("oifname", name), _MASQUERADE)))
-    for ifname in tunnel.nat.from_tunnel:
-        rules.append(Rule(NAT_CHAIN.name, name, f"{name}: masquerade from the tunnel to {ifname}",
-                          (_HAS_MARK, _ifname("oifname", ifname), _MASQUERADE)))
-    return rules
+def _jump(key: str, chain: str, tunnel: str) -> Element:
+    return Element(f'"{key}" : jump {chain}', json.dumps([key, {"jump": {"target": chain}}]), tunnel)
+
+
+def _name(key: str, tunnel: str) -> Element:
+    return Element(f'"{key}"', json.dumps(key), tunnel)
+
+
+def _pair(first: str, second: str, tunnel: str) -> Element:
+    return Element(f'"{first}" . "{second}"', json.dumps({"concat": [first, second]}), tunnel)
+
+
+def _clamp_chain(clamp: int | Literal["pmtu"]) -> str:
+    return f"clamp_{clamp}"
+
+
+def _clamp_comment(clamp: int | Literal["pmtu"]) -> str:
+    if clamp == "pmtu":
+        return "clamp mss to the route mtu"
+    return f"clamp mss to {clamp} (ipv6: {clamp - IPV6_HEADER_EXTRA})"
+
+
+class _Builder:
+    """Collects chains, rules and set elements, tunnel by tunnel, in config order."""
+
+    def __init__(self) -> None:
+        self.chains: dict[str, Chain] = {}
+        self.rules: list[Rule] = []
+        self.elements: dict[str, dict[str, Element]] = {}  # set name -> element text -> element (no duplicates)
+
+    def rule(self, chain: Chain, tunnel: str | None, comment: str, *statements: Statement) -> None:
+        self.chains.setdefault(chain.name, chain)
+        self.rules.append(Rule(chain.name, tunnel, comment, statements))
+
+    def element(self, named: str, element: Element) -> None:
+        self.elements.setdefault(named, {}).setdefault(element.text, element)
+
+    def tunnel(self, tunnel: TunnelConfig) -> None:
+        name = tunnel.name
+        clamp = tunnel.mss.clamp
+        if clamp != "off":
+            # Both ways: SYNs (and SYN-ACKs) leaving through the tunnel tell the far side how big to send, and
+            # those arriving from it tell our side; the peer may clamp nothing (a hand-made Linux tunnel).
+            chain = _clamp_chain(clamp)
+            if chain not in self.chains:
+                self.rule(Chain(chain), None, _clamp_comment(clamp), _clamp(clamp))
+            self.element(CLAMP_MAP, _jump(name, chain, name))
+        if tunnel.nat.into_tunnel:
+            forward, masquerade = Chain(f"forward_into_{name}"), Chain(f"masquerade_into_{name}")
+            # The accepts stand for the seed's FORWARD ACCEPT rules. An accept ends only our own chain: a
+            # drop in another table's forward chain still applies (nftables evaluates every base chain).
+            for prefix in tunnel.nat.into_tunnel:
+                self.rule(forward, name, f"{name}: forward {prefix} into the tunnel", _saddr(prefix), _ACCEPT)
+            for prefix in tunnel.nat.into_tunnel:
+                self.rule(masquerade, name, f"{name}: masquerade {prefix} into the tunnel", _saddr(prefix),
+                          _MASQUERADE)
+            self.element(FORWARD_INTO_MAP, _jump(name, forward.name, name))
+            self.element(MASQUERADE_INTO_MAP, _jump(name, masquerade.name, name))
+        for ifname in tunnel.nat.from_tunnel:
+            self.element(FROM_TUNNEL_SET, _pair(name, ifname, name))
+            self.element(FROM_TUNNEL_OUT_SET, _name(ifname, name))
+
+    def base_rules(self) -> list[Rule]:
+        """The rules of the hooked chains: one lookup each, whatever the number of tunnels."""
+        has = self.elements.__contains__
+        rules = []
+        if has(CLAMP_MAP):
+            rules += [Rule(MSS_CHAIN.name, None, "clamp the mss of syns leaving by a tunnel",
+                           (_SYN, _vmap("oifname", CLAMP_MAP))),
+                      Rule(MSS_CHAIN.name, None, "clamp the mss of syns arriving from a tunnel",
+                           (_SYN, _vmap("iifname", CLAMP_MAP)))]
+        if has(FORWARD_INTO_MAP):
+            rules.append(Rule(FORWARD_CHAIN.name, None, "into_tunnel: the accepts of the tunnel the packet leaves by",
+                              (_vmap("oifname", FORWARD_INTO_MAP),)))
+        if has(FROM_TUNNEL_SET):
+            pair = _statement(f"iifname . oifname @{FROM_TUNNEL_SET}",
+                              _match({"concat": [_meta("iifname"), _meta("oifname")]}, f"@{FROM_TUNNEL_SET}"))
+            rules.append(Rule(FORWARD_CHAIN.name, None,
+                              "from_tunnel: mark what leaves a tunnel by one of its interfaces",
+                              (pair, _SET_MARK, _ACCEPT)))
+        if has(MASQUERADE_INTO_MAP):
+            rules.append(Rule(NAT_CHAIN.name, None, "into_tunnel: the masquerades of the tunnel the packet leaves by",
+                              (_vmap("oifname", MASQUERADE_INTO_MAP),)))
+        if has(FROM_TUNNEL_OUT_SET):
+            out = _statement(f"oifname @{FROM_TUNNEL_OUT_SET}", _match(_meta("oifname"), f"@{FROM_TUNNEL_OUT_SET}"))
+            rules.append(Rule(NAT_CHAIN.name, None, "from_tunnel: masquerade what was marked",
+                              (_HAS_MARK, out, _MASQUERADE)))
+        return rules
 
 
 # --- [tunnel.ipsec] require = true: no GRE in cleartext to or from the remote ------------------------------
@@ -251,51 +404,86 @@ def tunnel_rules(tunnel: TunnelConfig) -> list[Rule]:
 # seen in clear with the verdict attached: on the way out, `rt ipsec` says the route is an IPsec bundle (the
 # packet will be encrypted); on the way in, `meta ipsec` (secpath) says it was decrypted. GRE without it is
 # what leaks while SAs are negotiated, rekeyed or lost, or while charon is gone: dropped.
-# `meta l4proto` rather than `ip6 nexthdr`: ip6gre's encapsulation limit option comes before the GRE header.
+# `meta l4proto` rather than `ip6 nexthdr`: ip6gre's encapsulation limit option comes before the GRE header;
+# tested first, so every other packet this host sends or receives stops at one comparison.
 IPSEC_OUT_CHAIN = Chain("ipsec_out", "filter", "output", FILTER)
 IPSEC_IN_CHAIN = Chain("ipsec_in", "filter", "input", FILTER)
 _GRE = _statement("meta l4proto gre", _match(_meta("l4proto"), "gre"))
 _NOT_ENCRYPTED = _statement("rt ipsec missing", _match({"rt": {"key": "ipsec"}}, False))
 _NOT_DECRYPTED = _statement("meta ipsec missing", _match(_meta("ipsec"), False))
 _DROP = _statement("drop", {"drop": None})
+IPSEC_SETS = {4: ("ipsec_remotes_v4", "ipv4_addr", "ip"), 6: ("ipsec_remotes_v6", "ipv6_addr", "ip6")}
 
 
-def _address(field: Literal["saddr", "daddr"], address: IPAddress) -> Statement:
-    protocol = "ip" if address.version == 4 else "ip6"
-    return _statement(f"{protocol} {field} {address}",
-                      _match({"payload": {"protocol": protocol, "field": field}}, str(address)))
+def _ipsec_sets(tunnels: Iterable[TunnelConfig]) -> list[NamedSet]:
+    """The remotes whose GRE must come and go inside ESP, per family; each commented with its tunnels."""
+    remotes: dict[IPAddress, list[str]] = {}
+    for tunnel in tunnels:
+        if tunnel.ipsec is not None and tunnel.ipsec.require:
+            remotes.setdefault(tunnel.remote, []).append(tunnel.name)
+    sets = []
+    for version, (name, key, _) in IPSEC_SETS.items():
+        elements = tuple(Element(f'{remote} comment "{", ".join(names)}"',
+                                 json.dumps({"elem": {"val": str(remote), "comment": ", ".join(names)}}), names[0])
+                         for remote, names in remotes.items() if remote.version == version)
+        if elements:
+            sets.append(NamedSet(name, (key,), False, elements))
+    return sets
 
 
-def ipsec_rules(tunnel: TunnelConfig) -> list[Rule]:
-    """The drops that keep a tunnel's GRE inside ESP; none unless it has [tunnel.ipsec] with require."""
-    if not tunnel.enabled or tunnel.ipsec is None or not tunnel.ipsec.require:
-        return []
-    name, remote = tunnel.name, tunnel.remote
-    return [
-        Rule(IPSEC_OUT_CHAIN.name, name, f"{name}: no cleartext GRE to {remote}",
-             (_address("daddr", remote), _GRE, _NOT_ENCRYPTED, _DROP)),
-        Rule(IPSEC_IN_CHAIN.name, name, f"{name}: no cleartext GRE from {remote}",
-             (_address("saddr", remote), _GRE, _NOT_DECRYPTED, _DROP)),
-    ]
+def _ipsec_rules(sets: Iterable[NamedSet]) -> list[Rule]:
+    rules = []
+    for named in sets:
+        protocol = next(p for n, _, p in IPSEC_SETS.values() if n == named.name)
+
+        def address(field: Literal["saddr", "daddr"], named: NamedSet = named, protocol: str = protocol) -> Statement:
+            return _statement(f"{protocol} {field} @{named.name}",
+                              _match({"payload": {"protocol": protocol, "field": field}}, f"@{named.name}"))
+
+        rules += [Rule(IPSEC_OUT_CHAIN.name, None, "ipsec require: no cleartext GRE to these remotes",
+                       (_GRE, address("daddr"), _NOT_ENCRYPTED, _DROP)),
+                  Rule(IPSEC_IN_CHAIN.name, None, "ipsec require: no cleartext GRE from these remotes",
+                       (_GRE, address("saddr"), _NOT_DECRYPTED, _DROP))]
+    return rules
 
 
 def render_ruleset(config: Config) -> Ruleset:
     """The table greupd should hold for this config; `wanted` is False when no enabled tunnel needs one."""
-    rules = [rule for tunnel in config.tunnels for rule in (*tunnel_rules(tunnel), *ipsec_rules(tunnel))]
-    every_chain = (MSS_CHAIN, FORWARD_CHAIN, NAT_CHAIN, IPSEC_OUT_CHAIN, IPSEC_IN_CHAIN)
-    chains = tuple(c for c in every_chain if any(r.chain == c.name for r in rules))
-    ordered = tuple(r for c in chains for r in rules if r.chain == c.name)
-    return Ruleset(config.daemon.nft_table, chains, ordered)
+    enabled = [t for t in config.tunnels if t.enabled]
+    builder = _Builder()
+    for tunnel in enabled:
+        builder.tunnel(tunnel)
+    sets = [NamedSet(name, ("ifname", "ifname") if name == FROM_TUNNEL_SET else ("ifname",),
+                     name in (CLAMP_MAP, FORWARD_INTO_MAP, MASQUERADE_INTO_MAP), tuple(elements.values()))
+            for name, elements in builder.elements.items()]
+    ipsec = _ipsec_sets(enabled)
+    rules = [*builder.base_rules(), *builder.rules, *_ipsec_rules(ipsec)]
+    # Chains in reading order: each hooked chain, then the chains it jumps to.
+    jumped = list(builder.chains.values())
+    order = [MSS_CHAIN, *(c for c in jumped if c.name.startswith("clamp_")),
+             FORWARD_CHAIN, *(c for c in jumped if c.name.startswith("forward_into_")),
+             NAT_CHAIN, *(c for c in jumped if c.name.startswith("masquerade_into_")),
+             IPSEC_OUT_CHAIN, IPSEC_IN_CHAIN]
+    by_chain: dict[str, list[Rule]] = {}
+    for rule in rules:
+        by_chain.setdefault(rule.chain, []).append(rule)
+    chains = tuple(c for c in order if c.name in by_chain)
+    ordered = tuple(r for c in chains for r in by_chain[c.name])
+    set_order = [CLAMP_MAP, FORWARD_INTO_MAP, FROM_TUNNEL_SET, MASQUERADE_INTO_MAP, FROM_TUNNEL_OUT_SET,
+                 *(name for name, _, _ in IPSEC_SETS.values())]
+    named = tuple(sorted([*sets, *ipsec], key=lambda s: set_order.index(s.name)))
+    return Ruleset(config.daemon.nft_table, chains, ordered, named)
 
 
 def describe_ruleset(ruleset: Ruleset) -> str:
-    """The ruleset in nft syntax, as `nft list table inet <name>` prints it once applied."""
+    """The ruleset in nft syntax, as `nft list table inet <name>` prints it once applied (nft lists a set's
+    elements in the kernel's hash order; here they are in config order)."""
     if not ruleset.wanted:
         return (f"# no table {ruleset.family} {ruleset.table}: no enabled tunnel asks for an MSS clamp, NAT"
                 " or IPsec\n")
-    blocks = []
+    blocks = ["\n".join(named.lines) for named in ruleset.sets]
     for chain in ruleset.chains:
-        lines = [f"\tchain {chain.name} {{", f"\t\t{chain.text}"]
+        lines = [f"\tchain {chain.name} {{", *([f"\t\t{chain.text}"] if chain.text else [])]
         lines += [f"\t\t{rule.text}" for rule in ruleset.rules if rule.chain == chain.name]
         blocks.append("\n".join([*lines, "\t}"]))
     return f"table {ruleset.family} {ruleset.table} {{\n" + "\n\n".join(blocks) + "\n}\n"

@@ -12,10 +12,12 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from greupd.nft.delta import delta_commands
 from greupd.nft.render import (
     FAMILY,
     Json,
     JsonObject,
+    NamedSet,
     Ruleset,
     add_commands,
     clear_commands,
@@ -38,12 +40,15 @@ class NftError(Exception):
 
 
 def normalize_listing(objects: Iterable[Json]) -> str:
-    """A canonical text of table/chain/rule objects, for equality: handles dropped, chains by name.
+    """A canonical text of table/chain/set/map/rule objects, for equality: handles dropped, chains and sets by
+    name.
 
-    Rule order inside a chain matters and is kept; the order of chains does not.
+    Rule order inside a chain matters and is kept; the order of chains and sets does not, nor the order of a
+    set's elements (the kernel lists them in its hash order).
     """
     table: Json = None
     chains: dict[str, Json] = {}
+    sets: dict[str, Json] = {}
     rules: dict[str, list[Json]] = {}
     other: list[Json] = []
     for obj in objects:
@@ -61,11 +66,17 @@ def normalize_listing(objects: Iterable[Json]) -> str:
             table = body
         elif kind == "chain":
             chains[str(body.get("name"))] = body
+        elif kind in ("set", "map"):
+            elements = body.get("elem")
+            if isinstance(elements, list):
+                body["elem"] = sorted(elements, key=lambda e: json.dumps(e, sort_keys=True))
+            sets[f"{kind} {body.get('name')}"] = body
         elif kind == "rule":
             rules.setdefault(str(body.get("chain")), []).append(body)
         else:
-            other.append({kind: body})  # sets, maps, counters: we make none, so any is a difference
-    return json.dumps({"table": table, "chains": chains, "rules": rules, "other": other}, sort_keys=True)
+            other.append({kind: body})  # counters, quotas, flowtables: we make none, so any is a difference
+    return json.dumps({"table": table, "chains": chains, "sets": sets, "rules": rules, "other": other},
+                      sort_keys=True)
 
 
 # --- the kernel side --------------------------------------------------------------------------------------
@@ -87,6 +98,9 @@ class NftTable:
         # expression differently from how we render it; recognising our own last apply keeps that from
         # looking like drift (which would re-apply on every event it causes: a loop).
         self._applied: tuple[Ruleset, str] | None = None
+        # What the last matches() saw. When it is what our last apply left, the next apply may send only the
+        # difference (delta.py: a tunnel added is a few element adds, not 1000 tunnels' worth of table).
+        self._seen: str | None = None
 
     # libnftables --------------------------------------------------------------------------------------
 
@@ -144,7 +158,7 @@ class NftTable:
         self._check_name(ruleset)
         if not ruleset.wanted:
             return not self.present()
-        seen = self.observe()
+        seen = self._seen = self.observe()
         if seen is None:
             return False
         if seen == normalize_listing(ruleset.objects()):
@@ -154,14 +168,27 @@ class NftTable:
     # writing ------------------------------------------------------------------------------------------
 
     def apply(self, ruleset: Ruleset) -> None:
-        """Replace our table with `ruleset` in one transaction (or remove it when nothing is wanted)."""
+        """Make our table `ruleset` in one transaction (or remove it when nothing is wanted).
+
+        The transaction replaces the whole table, unless the matches() just before saw the kernel holding what
+        our last apply left and only tunnels came or went: then it changes just their elements and chains.
+        """
         self._check_name(ruleset)
         if not ruleset.wanted:
             self.remove()
             return
         self._context()  # missing libnftables is its own error, not a refused rule
+        unchanged = self._applied is not None and self._seen is not None and self._seen == self._applied[1]
+        delta = delta_commands(self._applied[0], ruleset) if unchanged and self._applied else None
+        self._seen = None
         try:
-            self._run(ruleset.commands())
+            if delta is None:
+                self._run(ruleset.commands())
+            elif delta:
+                try:
+                    self._run(delta)
+                except NftError:
+                    self._run(ruleset.commands())  # the kernel held something else after all: replace it
         except NftError as exc:
             raise self._locate(ruleset, exc) from None
         seen = self.observe()
@@ -169,7 +196,7 @@ class NftTable:
 
     def remove(self) -> None:
         """Delete our table if it exists; other tables are not touched."""
-        self._applied = None
+        self._applied = self._seen = None
         if self.present():
             self._run(clear_commands(self.table))
 
@@ -183,9 +210,17 @@ class NftTable:
         libnftables reports JSON input errors without a position, and the batch was rolled back whole;
         a dry run sends the same batch for the kernel to validate, then aborts it.
         """
-        base = [*clear_commands(ruleset.table), *add_commands(table_objects(ruleset.table, ruleset.chains, ()))]
-        skeleton = f"table {FAMILY} {ruleset.table} and its chains"
+        empty = [NamedSet(s.name, s.key, s.verdicts, ()) for s in ruleset.sets]
+        base = [*clear_commands(ruleset.table),
+                *add_commands(table_objects(ruleset.table, ruleset.chains, (), empty))]
+        skeleton = f"table {FAMILY} {ruleset.table} and its chains, sets and maps"
         candidates: list[tuple[str | None, str, list[JsonObject]]] = [(None, skeleton, base)]
+        for named in ruleset.sets:
+            for element in named.elements:
+                add: JsonObject = {"element": {"family": FAMILY, "table": ruleset.table, "name": named.name,
+                                               "elem": [element.json]}}
+                candidates.append((element.tunnel, f"{named.kind} {named.name}: {element.text}",
+                                   [*base, {"add": add}]))
         for rule in ruleset.rules:
             (obj,) = table_objects(ruleset.table, (), (rule,))[1:]
             candidates.append((rule.tunnel, f"chain {rule.chain}: {rule.text}", [*base, {"add": obj}]))
