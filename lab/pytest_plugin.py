@@ -255,9 +255,12 @@ def _record_durations(reports: dict[str, list[TestReport]]) -> None:
 
 def _say(config: pytest.Config, line: str) -> None:
     tr = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
     if tr is not None:
         started = config.stash.get(_STARTED, None)
-        tr.write_line(line if started is None else f"{line} [at {time.monotonic() - started:.0f} s]")
+        # Also from inside a test's teardown (a handover), where the output would be captured with the test's.
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            tr.write_line(line if started is None else f"{line} [at {time.monotonic() - started:.0f} s]")
 
 
 def _start(session: pytest.Session, kinds: Collection[guest.GuestKind]) -> None:
