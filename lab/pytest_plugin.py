@@ -11,11 +11,13 @@ Delegated tests are not skipped: every selected test of a guest kind runs in ONE
 (pytest on exactly those node ids), and the host replays each test's reports from the guest so the
 summary counts them as if they had run here. Host-side fixtures are never set up for them.
 
-When: the host's own tests run first, the delegated ones after them. The ``uml`` and ``vng`` batches
+When: the host's own tests run first, the delegated ones after them. The ``uml`` tests are split over
+two UML guests (SHARDS; balanced by their recorded times, see balance()); those and the ``vng`` batch
 boot as soon as collection ends, in threads, and run while the host's tests do (a guest spends most
 of its time booting, importing and waiting on timers, so the two cores are not idle twice); the
-``uml-systemd`` batch boots once the host's tests are done (AFTER_HOST_TESTS). GREUPD_LAB_SERIAL=1
-boots one guest at a time instead, each when pytest reaches its first test.
+``uml-systemd`` batch boots once the host hands it the .deb, else when the host's tests are done
+(AFTER_HOST_TESTS). GREUPD_LAB_SERIAL=1 boots one guest at a time instead, each when pytest reaches
+its first test.
 
 CI rule (CI=true): a kernel-marked test that skips is a failure, and so is a guest that cannot
 boot. Inside a guest (GREUPD_LAB_GUEST set) nothing is delegated further.
