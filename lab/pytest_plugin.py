@@ -196,8 +196,9 @@ class _GuestBatch:
 class _PendingBatch:
     """One guest boot running a batch of tests in a thread of its own, while pytest goes on here."""
 
-    def __init__(self, config: pytest.Config, kind: guest.GuestKind, name: str, items: list[pytest.Item]) -> None:
-        self.config, self.kind, self.name, self.items = config, kind, name, items
+    def __init__(self, config: pytest.Config, kind: guest.GuestKind, name: str, items: list[pytest.Item],
+                 of_kind: int) -> None:
+        self.config, self.kind, self.name, self.items, self.of_kind = config, kind, name, items, of_kind
         self.cancel = threading.Event()
         self.result: guest.GuestResult | None = None
         self.thread = threading.Thread(target=self._run, name=f"lab-{name}", daemon=True)
@@ -209,9 +210,10 @@ class _PendingBatch:
             argv.append("-" + "v" * self.config.option.verbose)
         argv += ["--rootdir", str(self.config.rootpath), *[i.nodeid for i in self.items]]
         # The batch's time grows with its tests (a busy 2-core machine runs a UML test in 20-60 s): the guest's
-        # timeout does too, unless GREUPD_LAB_TIMEOUT says otherwise. A hung guest still ends.
+        # timeout does too, unless GREUPD_LAB_TIMEOUT says otherwise. A hung guest still ends. Counted over all
+        # of the kind's tests, not the shard's: one slow test (ansible: 600-1150 s at load 20) can fill a shard.
         timeout = None if os.environ.get("GREUPD_LAB_TIMEOUT") else max(
-            guest.DEFAULT_TIMEOUT[self.kind], SECONDS_PER_TEST * len(self.items))
+            guest.DEFAULT_TIMEOUT[self.kind], SECONDS_PER_TEST * self.of_kind)
         try:
             self.result = guest.run(self.kind, argv, cwd=self.config.rootpath, env={"GREUPD_LAB_REPORT": "1"},
                                     collect=[REPORT_FILE], cancel=self.cancel, timeout=timeout)
@@ -285,7 +287,8 @@ def _start(session: pytest.Session, kinds: Collection[guest.GuestKind]) -> None:
     for name, items in batches.items():
         if name not in pending:
             kind = items[0].stash[_DELEGATE]
-            pending[name] = _PendingBatch(session.config, kind, name, items)
+            of_kind = sum(1 for i in session.items if i.stash.get(_DELEGATE, None) == kind)
+            pending[name] = _PendingBatch(session.config, kind, name, items, of_kind)
             if not guest.unavailable(kind):
                 started.append(f"{name} ({len(items)} tests)")
     if started:
