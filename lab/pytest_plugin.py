@@ -11,11 +11,13 @@ Delegated tests are not skipped: every selected test of a guest kind runs in ONE
 (pytest on exactly those node ids), and the host replays each test's reports from the guest so the
 summary counts them as if they had run here. Host-side fixtures are never set up for them.
 
-When: the host's own tests run first, the delegated ones after them. The ``uml`` and ``vng`` batches
+When: the host's own tests run first, the delegated ones after them. The ``uml`` tests are split over
+two UML guests (SHARDS; balanced by their recorded times, see balance()); those and the ``vng`` batch
 boot as soon as collection ends, in threads, and run while the host's tests do (a guest spends most
 of its time booting, importing and waiting on timers, so the two cores are not idle twice); the
-``uml-systemd`` batch boots once the host's tests are done (AFTER_HOST_TESTS). GREUPD_LAB_SERIAL=1
-boots one guest at a time instead, each when pytest reaches its first test.
+``uml-systemd`` batch boots once the host hands it the .deb, else when the host's tests are done
+(AFTER_HOST_TESTS). GREUPD_LAB_SERIAL=1 boots one guest at a time instead, each when pytest reaches
+its first test.
 
 CI rule (CI=true): a kernel-marked test that skips is a failure, and so is a guest that cannot
 boot. Inside a guest (GREUPD_LAB_GUEST set) nothing is delegated further.
@@ -23,12 +25,13 @@ boot. Inside a guest (GREUPD_LAB_GUEST set) nothing is delegated further.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import threading
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Collection, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,12 +45,26 @@ _When = Literal["setup", "call", "teardown"]
 _Outcome = Literal["passed", "failed", "skipped"]
 REPORT_FILE = "report.jsonl"  # in the guest's run dir
 _DELEGATE = pytest.StashKey[guest.GuestKind]()
-_RESULTS = pytest.StashKey[dict[guest.GuestKind, "_GuestBatch"]]()
-_PENDING = pytest.StashKey[dict[guest.GuestKind, "_PendingBatch"]]()
-# Batches that boot only once the host's own tests are done: the systemd tests install the .deb that
+_BATCH = pytest.StashKey[str]()  # the batch (one guest boot) a delegated test runs in: "uml", "uml/2", ...
+_RESULTS = pytest.StashKey[dict[str, "_GuestBatch"]]()
+_PENDING = pytest.StashKey[dict[str, "_PendingBatch"]]()
+_STARTED = pytest.StashKey[float]()  # time.monotonic() when collection ended, for the timeline lines
+# Batches that boot only once the host hands them something: the systemd tests install the .deb that
 # tests/test_packaging.py builds on the host (handed over in GREUPD_LAB_DEB); without it the guest
-# builds one itself, minutes of UML time. The other batches boot at the start and run beside them.
-AFTER_HOST_TESTS: frozenset[guest.GuestKind] = frozenset({"uml-systemd"})
+# builds one itself, minutes of UML time. Such a batch boots as soon as the variable is set (after the
+# host test that sets it), else once the host's tests are done. The other batches boot at the start.
+AFTER_HOST_TESTS: dict[guest.GuestKind, str] = {"uml-systemd": "GREUPD_LAB_DEB"}
+# The host's test files that hand something over run before the host's other tests, so the batch
+# waiting for it boots minutes sooner (in a make test at load 20 the .deb came 660 s in, otherwise).
+HANDING_OVER = ("test_packaging.py",)
+# How many guests share a kind's tests. A UML guest runs on one host CPU and spends most of a test
+# waiting (keepalive timers, process start-up through ptrace), so two guests side by side finish the
+# batch in about half the time; the tests are split by their recorded durations (DURATIONS).
+# GREUPD_LAB_UML_SHARDS=N changes it; GREUPD_LAB_SERIAL=1 means one.
+SHARDS: dict[guest.GuestKind, int] = {"uml": 2}
+# Seconds per delegated test as last measured in its guest (node id -> setup + call + teardown), to
+# balance the shards: the checked-in file, overlaid by the one each run writes under .lab/.
+DURATIONS = Path(__file__).with_name("durations.json")
 
 
 def _ci() -> bool:
@@ -81,10 +98,67 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=f"{'/'.join(names)}: {why}"))
         else:
             item.stash[_DELEGATE] = kind
-    # The host's own tests first, then the guests' (whose batches run meanwhile, see _start), the
-    # batches that boot last at the end. Stable: each file keeps its order.
+    # The host's own tests first (those that hand something over to a guest before the rest), then the
+    # guests' batch by batch (they run meanwhile, see _start), the batches that boot last at the end.
+    # Stable: each file keeps its order.
     late = [k for k in guest.KINDS if k not in AFTER_HOST_TESTS] + sorted(AFTER_HOST_TESTS)
-    items.sort(key=lambda i: 0 if (k := i.stash.get(_DELEGATE, None)) is None else 1 + late.index(k))
+    for kind in late:
+        _shard(kind, [i for i in items if i.stash.get(_DELEGATE, None) == kind])
+    batches = [_batch_name(k, n) for k in late for n in range(1, _shards(k) + 1)]
+
+    def order(item: pytest.Item) -> int:
+        if (batch := item.stash.get(_BATCH, None)) is not None:
+            return 2 + batches.index(batch)
+        return 0 if item.path.name in HANDING_OVER else 1
+
+    items.sort(key=order)
+
+
+def _shards(kind: guest.GuestKind) -> int:
+    if _serial():
+        return 1
+    if kind == "uml" and os.environ.get("GREUPD_LAB_UML_SHARDS", "").isdigit():
+        return max(1, int(os.environ["GREUPD_LAB_UML_SHARDS"]))
+    return SHARDS.get(kind, 1)
+
+
+def _batch_name(kind: guest.GuestKind, shard: int) -> str:
+    return f"{kind}/{shard}" if _shards(kind) > 1 else kind
+
+
+def recorded_durations() -> dict[str, float]:
+    """Node id -> seconds the test last took in its guest (checked in, then this checkout's last run)."""
+    known: dict[str, float] = {}
+    for path in (DURATIONS, guest.lab_dir() / DURATIONS.name):
+        with contextlib.suppress(OSError, ValueError):
+            known.update(json.loads(path.read_text()))
+    return known
+
+
+def balance(estimates: dict[str, float], shards: int) -> list[list[str]]:
+    """Node ids split into `shards` lists of about equal total time: longest first, each onto the
+    shard that has the least so far. Each list keeps the order the ids came in."""
+    loads = [0.0] * shards
+    where: dict[str, int] = {}
+    for nodeid in sorted(estimates, key=lambda n: -estimates[n]):
+        emptiest = loads.index(min(loads))
+        where[nodeid] = emptiest
+        loads[emptiest] += estimates[nodeid]
+    return [[n for n in estimates if where[n] == shard] for shard in range(shards)]
+
+
+def _shard(kind: guest.GuestKind, items: list[pytest.Item]) -> None:
+    shards = _shards(kind)
+    if shards == 1:
+        for item in items:
+            item.stash[_BATCH] = _batch_name(kind, 1)
+        return
+    known = recorded_durations()
+    typical = sorted(known.values())[len(known) // 2] if known else SECONDS_PER_TEST  # a new test
+    parts = balance({i.nodeid: known.get(i.nodeid, typical) for i in items}, shards)
+    batch = {nodeid: _batch_name(kind, n) for n, part in enumerate(parts, 1) for nodeid in part}
+    for item in items:
+        item.stash[_BATCH] = batch[item.nodeid]
 
 
 # --------------------------------------------------------------------------- CI rule
@@ -107,7 +181,8 @@ def pytest_runtest_makereport(
 # --------------------------------------------------------------------------- delegating
 
 
-SECONDS_PER_TEST = 75.0  # a guest batch's timeout: this much per test, at least the guest kind's default
+# A systemd test took ~80 s, the ansible test 600-1150 s, at load 20; a timeout only ends a guest that hangs.
+SECONDS_PER_TEST = 120.0  # a guest batch's timeout: this much per test, at least the guest kind's default
 
 
 @dataclass
@@ -122,11 +197,12 @@ class _GuestBatch:
 class _PendingBatch:
     """One guest boot running a batch of tests in a thread of its own, while pytest goes on here."""
 
-    def __init__(self, config: pytest.Config, kind: guest.GuestKind, items: list[pytest.Item]) -> None:
-        self.config, self.kind, self.items = config, kind, items
+    def __init__(self, config: pytest.Config, kind: guest.GuestKind, name: str, items: list[pytest.Item],
+                 of_kind: int) -> None:
+        self.config, self.kind, self.name, self.items, self.of_kind = config, kind, name, items, of_kind
         self.cancel = threading.Event()
         self.result: guest.GuestResult | None = None
-        self.thread = threading.Thread(target=self._run, name=f"lab-{kind}", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=f"lab-{name}", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
@@ -135,9 +211,10 @@ class _PendingBatch:
             argv.append("-" + "v" * self.config.option.verbose)
         argv += ["--rootdir", str(self.config.rootpath), *[i.nodeid for i in self.items]]
         # The batch's time grows with its tests (a busy 2-core machine runs a UML test in 20-60 s): the guest's
-        # timeout does too, unless GREUPD_LAB_TIMEOUT says otherwise. A hung guest still ends.
+        # timeout does too, unless GREUPD_LAB_TIMEOUT says otherwise. A hung guest still ends. Counted over all
+        # of the kind's tests, not the shard's: one slow test (ansible: 600-1150 s at load 20) can fill a shard.
         timeout = None if os.environ.get("GREUPD_LAB_TIMEOUT") else max(
-            guest.DEFAULT_TIMEOUT[self.kind], SECONDS_PER_TEST * len(self.items))
+            guest.DEFAULT_TIMEOUT[self.kind], SECONDS_PER_TEST * self.of_kind)
         try:
             self.result = guest.run(self.kind, argv, cwd=self.config.rootpath, env={"GREUPD_LAB_REPORT": "1"},
                                     collect=[REPORT_FILE], cancel=self.cancel, timeout=timeout)
@@ -165,31 +242,56 @@ class _PendingBatch:
         # The guest pytest's own summary line, e.g. "3 passed in 12.1s", or what went wrong.
         last = res.output.strip().splitlines()[-1:] if res.status is not None else []
         note = f"; {res.error}" if res.error else f": {last[0]}" if last else ""
-        _say(self.config, f"lab: ran {done} tests in the {self.kind} guest ({res.seconds:.1f} s, "
+        shard = f" {self.name}" if self.name != self.kind else ""
+        _say(self.config, f"lab: ran {done} tests in the {self.kind} guest{shard} ({res.seconds:.1f} s, "
                           f"of which {waited:.1f} s waited for here){note}")
+        _record_durations(reports)
         return _GuestBatch(self.kind, res, reports)
+
+
+def _record_durations(reports: dict[str, list[TestReport]]) -> None:
+    """Keep each finished test's time in .lab/durations.json, for the next run's shards (see balance)."""
+    took = {nodeid: round(sum(r.duration for r in reps), 1) for nodeid, reps in reports.items()
+            if any(r.when == "teardown" for r in reps)}
+    if not took or os.environ.get("GREUPD_LAB_GUEST"):
+        return
+    path = guest.lab_dir() / DURATIONS.name
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known.update(took)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
+    except OSError:  # a read-only checkout: the shards just use the checked-in times
+        pass
 
 
 def _say(config: pytest.Config, line: str) -> None:
     tr = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
     if tr is not None:
-        tr.write_line(line)
+        started = config.stash.get(_STARTED, None)
+        # Also from inside a test's teardown (a handover), where the output would be captured with the test's.
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            tr.write_line(line if started is None else f"{line} [at {time.monotonic() - started:.0f} s]")
 
 
-def _batch_items(session: pytest.Session, kind: guest.GuestKind) -> list[pytest.Item]:
-    # The session's final item list (after -k/-m deselection): exactly what the guest runs.
-    return [i for i in session.items if i.stash.get(_DELEGATE, None) == kind]
-
-
-def _start(session: pytest.Session, kinds: Iterable[guest.GuestKind]) -> None:
+def _start(session: pytest.Session, kinds: Collection[guest.GuestKind]) -> None:
     pending = session.stash.setdefault(_PENDING, {})
+    batches: dict[str, list[pytest.Item]] = {}
+    for item in session.items:  # the session's final list (after -k/-m deselection): what the guests run
+        if item.stash.get(_DELEGATE, None) in kinds:
+            batches.setdefault(item.stash[_BATCH], []).append(item)
     started = []
-    for kind in kinds:
-        items = _batch_items(session, kind)
-        if kind not in pending and items:
-            pending[kind] = _PendingBatch(session.config, kind, items)
+    for name, items in batches.items():
+        if name not in pending:
+            kind = items[0].stash[_DELEGATE]
+            of_kind = sum(1 for i in session.items if i.stash.get(_DELEGATE, None) == kind)
+            pending[name] = _PendingBatch(session.config, kind, name, items, of_kind)
             if not guest.unavailable(kind):
-                started.append(f"{kind} ({len(items)} tests)")
+                started.append(f"{name} ({len(items)} tests)")
     if started:
         _say(session.config, f"lab: booting guests: {', '.join(started)}")
 
@@ -200,8 +302,22 @@ def _serial() -> bool:
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     # The guests that need nothing from the host's tests boot now and run beside them.
+    session.config.stash[_STARTED] = time.monotonic()
     if not session.config.option.collectonly and not _serial():
         _start(session, [k for k in guest.KINDS if k not in AFTER_HOST_TESTS])
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """A batch waiting for a handover from the host's tests boots as soon as it is there."""
+    session = item.session
+    if _serial() or os.environ.get("GREUPD_LAB_GUEST"):
+        return
+    ready = [k for k, var in AFTER_HOST_TESTS.items() if os.environ.get(var)]
+    if ready and any(i.stash.get(_BATCH, None) not in session.stash.get(_PENDING, {})
+                     for i in session.items if i.stash.get(_DELEGATE, None) in ready):
+        _say(session.config, f"lab: {', '.join(AFTER_HOST_TESTS[k] for k in ready)} handed over")
+        _start(session, ready)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -244,13 +360,14 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     kind = item.stash.get(_DELEGATE, None)
     if kind is None:
         return None
+    name = item.stash[_BATCH]
     done = item.session.stash.setdefault(_RESULTS, {})
-    if kind not in done:
+    if name not in done:
         # The host's own tests are over (they come first): every batch not yet booted boots now.
         _start(item.session, [kind] if _serial() else guest.KINDS)
-        done[kind] = item.session.stash[_PENDING][kind].wait()
+        done[name] = item.session.stash[_PENDING][name].wait()
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    for rep in _replay(item, done[kind]):
+    for rep in _replay(item, done[name]):
         item.ihook.pytest_runtest_logreport(report=rep)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from lab import guest, kernel
+from lab import guest, kernel, pytest_plugin
 from lab.hosts import Host, Lab, LabCommandError, SeedTopology, netns_list
 
 GRE_KEY = 0x2000  # GRE_KEY in gre_iflags/gre_oflags: the ikey/okey fields are used
@@ -133,6 +133,15 @@ def test_missing_guest_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_guest_binds_back_the_folders_it_needs_from_tmp() -> None:
     kept = guest.folders_under_tmp(["/tmp/greupd/.lab/uml-1", "/tmp/greupd", "/tmp/venv/bin/..", "/work/x", "/tmp"])
     assert kept == [Path("/tmp/greupd"), Path("/tmp/venv")]
+
+
+def test_the_uml_batch_is_split_into_shards_of_about_equal_time() -> None:
+    """Two UML guests side by side: the slow soak alone in one, the many short tests in the other."""
+    took = {"soak": 105.0, "ping": 10.0, "drift": 30.0, "reload": 20.0, "fight": 40.0, "import": 5.0}
+    shards = pytest_plugin.balance(took, 2)
+    assert sorted(n for shard in shards for n in shard) == sorted(took)  # every test once, none dropped
+    assert shards == [["soak"], ["ping", "drift", "reload", "fight", "import"]]  # each keeps the file's order
+    assert pytest_plugin.balance({"only": 5.0}, 2) == [["only"], []]
 
 
 @pytest.mark.needs_root
