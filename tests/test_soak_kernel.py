@@ -25,8 +25,10 @@ SHORT_KINDS = [kind for kind in KINDS if kind != "watchdog"]
 
 def test_every_fault_once_and_the_network_stays_as_planned() -> None:
     progress: list[str] = []
-    report = run_soak(0, SEED, kinds=SHORT_KINDS, each_once=True, out=progress.append)
-    replay = f"python -m lab.soak --each-once --seed {SEED} --faults {','.join(SHORT_KINDS)}"
+    # slack 3 s, as in the 30-minute run of record: at load 20 on this 2-core machine the one-CPU guest's
+    # detection of a dead peer (nominal 0.8 s) reached 2.43 s, over 1.5 s of slack, with nothing wrong.
+    report = run_soak(0, SEED, kinds=SHORT_KINDS, each_once=True, slack=3.0, out=progress.append)
+    replay = f"python -m lab.soak --each-once --seed {SEED} --slack 3 --faults {','.join(SHORT_KINDS)}"
     figures = format_report(report, replay) + "\n" + "\n".join(progress)
     assert report["broken"] is None, figures
     # Every kind ran (nft-flush only where nftables has the inet family), and each converged.
