@@ -47,7 +47,7 @@ _PENDING = pytest.StashKey[dict[guest.GuestKind, "_PendingBatch"]]()
 # Batches that boot only once the host's own tests are done: the systemd tests install the .deb that
 # tests/test_packaging.py builds on the host (handed over in GREUPD_LAB_DEB); without it the guest
 # builds one itself, minutes of UML time. The other batches boot at the start and run beside them.
-AFTER_HOST_TESTS: frozenset[guest.GuestKind] = frozenset({"uml-systemd"})
+AFTER_HOST_TESTS: frozenset[guest.GuestKind] = frozenset({"uml-systemd", "vng-systemd"})
 
 
 def _ci() -> bool:
