@@ -351,6 +351,9 @@ def _vng_systemd_init(rundir: Path, disk: PythonDisk | None, kept: Sequence[Path
         "ip link set lo up",
         # The host's root is a container's (/.dockerenv): systemd would take itself for one and skip units.
         "rm -f /run/ov/root/.dockerenv",
+        # binfmt_misc is not in the kernel's module tree on the disk: its units would only fail.
+        *(f"ln -sf /dev/null /run/ov/root/etc/systemd/system/{unit}"
+          for unit in ("systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount")),
         *kmod,
         *_lab_unit(rundir),
         f"echo booted > {r}/booted",
