@@ -363,6 +363,58 @@ def test_greupd_at_ns1_manages_a_tunnel_inside_netns_ns1(seed: Seed) -> None:
             config.unlink()
 
 
+VICI_GROUP = "vici"
+CHARON_GROUP_CONF = Path("/etc/strongswan.d/greupd-vici.conf")
+
+
+def ipsec_status() -> dict[str, object]:
+    tunnel = json.loads(greupd("status", "--json", check=True).stdout)["tunnels"][0]
+    ipsec: dict[str, object] = tunnel["ipsec"]
+    return ipsec
+
+
+@pytest.fixture
+def charon() -> Iterator[None]:
+    """strongSwan's own unit (charon-systemd), as Debian ships it; stopped and its settings gone afterwards."""
+    if not Path("/usr/sbin/charon-systemd").exists():
+        pytest.skip("charon-systemd is not installed (apt-get install charon-systemd)")
+    yield
+    sh("systemctl", "stop", "strongswan", check=False, timeout=120)
+    CHARON_GROUP_CONF.unlink(missing_ok=True)
+
+
+@pytest.mark.usefixtures("charon")
+def test_user_greupd_reaches_charon_through_a_group_of_its_own(seed: Seed) -> None:
+    """[tunnel.ipsec] under User=greupd: charon's VICI socket is 0770 root:root, so greupd needs a group it shares
+    with charon. greupd(8)'s recipe: `charon { group = vici }`, and SupplementaryGroups=vici for greupd."""
+    psk = Path("/etc/greupd/psk/My_Tunnel")
+    psk.parent.mkdir(parents=True, exist_ok=True)
+    psk.write_text("a-pre-shared-key-of-32-characters\n")
+    sh("chown", "greupd:greupd", psk)
+    psk.chmod(0o600)
+    CONFIG.write_text(a_config() + f'\n[tunnel.ipsec]\npsk_file = "{psk}"\nrequire = false\n')
+    sh("systemctl", "start", "strongswan", timeout=180)
+    vici = os.stat("/run/charon.vici")
+    assert (oct(vici.st_mode & 0o777), vici.st_gid) == ("0o770", 0)  # strongSwan's umask(007), owner root
+    start(seed)
+    eventually(lambda: "ermission denied" in str(ipsec_status()["error"]), what="greupd refused by charon's socket")
+    refused = ipsec_status()
+    assert refused["charon"] is False
+    assert "SupplementaryGroups=vici" in str(refused["error"])  # the error says what to do
+
+    sh("groupadd", "--system", VICI_GROUP)
+    CHARON_GROUP_CONF.write_text(f"charon {{\n    group = {VICI_GROUP}\n}}\ncharon-systemd {{\n"
+                                 f"    group = {VICI_GROUP}\n}}\n")
+    (DROP_IN.parent / "vici.conf").write_text(f"[Service]\nSupplementaryGroups={VICI_GROUP}\n")
+    sh("systemctl", "daemon-reload")
+    sh("systemctl", "restart", "strongswan", timeout=180)
+    assert os.stat("/run/charon.vici").st_gid == int(sh("getent", "group", VICI_GROUP).stdout.split(":")[2])
+    sh("systemctl", "restart", "greupd", timeout=180)
+    eventually(lambda: ipsec_status()["charon"] is True, what="greupd's VICI session with charon")
+    # What greupd loaded over that session, as strongSwan's own tool lists it.
+    assert "greupd-My_Tunnel" in sh("swanctl", "--list-conns").stdout
+
+
 @pytest.fixture
 def services_may_start() -> Iterator[None]:
     """No policy-rc.d veto: a container host's (Docker's `exit 101`) would stop every restart by a package."""
