@@ -4,8 +4,9 @@ Loaded by tests/conftest.py (``pytest_plugins = ["lab.pytest_plugin"]``); the ma
 in pyproject.toml.
 
 - ``needs_root``: a fresh netns on the running kernel (skips when not root, outside CI).
-- ``needs_gre`` / ``needs_systemd`` / ``needs_nft_gre``: on the running kernel if it can (found by
-  trying, see lab/kernel.py), else delegated to a guest: ``uml``, ``uml-systemd``, ``vng``.
+- ``needs_gre`` / ``needs_systemd`` / ``needs_nft_gre`` / ``needs_systemd_nft``: on the running kernel if it can
+  (found by trying, see lab/kernel.py), else delegated to a guest: ``uml``, ``uml-systemd``, ``vng``,
+  ``vng-systemd``.
 
 Delegated tests are not skipped: every selected test of a guest kind runs in ONE boot of that guest
 (pytest on exactly those node ids), and the host replays each test's reports from the guest so the
@@ -44,7 +45,7 @@ REPORT_FILE = "report.jsonl"  # in the guest's run dir
 _DELEGATE = pytest.StashKey[guest.GuestKind]()
 _RESULTS = pytest.StashKey[dict[guest.GuestKind, "_GuestBatch"]]()
 _PENDING = pytest.StashKey[dict[guest.GuestKind, "_PendingBatch"]]()
-# Batches that boot only once the host's own tests are done: the systemd tests install the .deb that
+# Batches that boot only once the host's own tests are done: the systemd tests (both kinds) install the .deb that
 # tests/test_packaging.py builds on the host (handed over in GREUPD_LAB_DEB); without it the guest
 # builds one itself, minutes of UML time. The other batches boot at the start and run beside them.
 AFTER_HOST_TESTS: frozenset[guest.GuestKind] = frozenset({"uml-systemd", "vng-systemd"})
