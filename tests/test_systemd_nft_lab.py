@@ -48,7 +48,16 @@ class RouterA:
 
 
 @pytest.fixture(scope="module")
-def router_a(installed: Path) -> Iterator[RouterA]:  # noqa: F811 (the imported fixture)
+def no_man_db_rebuild() -> None:
+    """Before dpkg -i: man-db's trigger would re-index every manual page on the system at emulated speed (minutes).
+
+    Its switch is this file (man-db's postinst and trigger test it); the guest's overlay drops it, the host keeps it.
+    test_systemd_lab.py reads the installed man page already."""
+    Path("/var/lib/man-db/auto-update").unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def router_a(no_man_db_rebuild: None, installed: Path) -> Iterator[RouterA]:  # noqa: F811 (the imported fixture)
     with Lab() as lab:
         seed = seed_topology(lab)
         plain_peer(seed.b)
