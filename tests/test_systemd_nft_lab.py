@@ -9,7 +9,9 @@ Python runs ~30-50x slower there than here: one boot, few tests, each telling a 
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +38,14 @@ UP = "1 tunnel: 1 up"
 SLOW = 600.0  # seconds for a start or a verdict: greupd imports and plans at emulated speed
 
 
+def step(what: str) -> None:
+    """A line in the guest's run dir (on the host at once): where a slow emulated run spends its time."""
+    rundir = os.environ.get("GREUPD_LAB_RUNDIR")
+    if rundir:
+        with open(Path(rundir) / "progress", "a") as log:
+            log.write(f"{time.monotonic():.1f} {what}\n")
+
+
 class RouterA:
     def __init__(self, a: Host, b: Host) -> None:
         self.a, self.b = a, b
@@ -54,10 +64,12 @@ def no_man_db_rebuild() -> None:
     Its switch is this file (man-db's postinst and trigger test it); the guest's overlay drops it, the host keeps it.
     test_systemd_lab.py reads the installed man page already."""
     Path("/var/lib/man-db/auto-update").unlink(missing_ok=True)
+    step("dpkg -i")
 
 
 @pytest.fixture(scope="module")
 def router_a(no_man_db_rebuild: None, installed: Path) -> Iterator[RouterA]:  # noqa: F811 (the imported fixture)
+    step("installed; the seed topology")
     with Lab() as lab:
         seed = seed_topology(lab)
         plain_peer(seed.b)
@@ -77,7 +89,9 @@ def router_a(no_man_db_rebuild: None, installed: Path) -> Iterator[RouterA]:  # 
 
 def test_the_unit_runs_as_greupd_with_tunnel_routes_nftables_and_keepalives(router_a: RouterA) -> None:
     a, b = router_a.a, router_a.b
+    step("systemctl start greupd")
     sh("systemctl", "start", "greupd", timeout=SLOW)  # Type=notify: back once the first pass is applied
+    step("started")
     assert show("ActiveState") == "active"
     # User greupd, CAP_NET_ADMIN and CAP_NET_RAW only (ambient), no new privileges.
     proc_status = Path(f"/proc/{show('MainPID')}/status").read_text()
@@ -94,20 +108,24 @@ def test_the_unit_runs_as_greupd_with_tunnel_routes_nftables_and_keepalives(rout
     assert "maxseg size set" in table and "1436" in table, table
     assert "masquerade" in table and "10.10.1.0/24" in table and '"eth1"' in table, table
     # Flushed by someone else (`nft flush ruleset`): put back, as greupd's watch on nftables sees it go.
+    step("nft flush ruleset")
     a.run("nft", "flush", "ruleset")
     eventually(lambda: "masquerade" in router_a.table(), timeout=SLOW, what="the table put back after a flush")
 
     # Keepalives: B answers, the tunnel is up and pings cross it; B dies, the route goes; B returns, it comes back.
     eventually(lambda: show("StatusText") == UP, timeout=SLOW, what=f"StatusText {UP!r}")
     assert a.wait_ping("192.168.8.11", timeout=60)
+    step("B dies")
     b.ip("link", "set", "to_a", "down")
     eventually(lambda: "20.10.1.0/24" not in router_a.routes(), timeout=SLOW, what="the route withdrawn")
     eventually(lambda: show("StatusText").startswith("1 tunnel: 1 down"), timeout=SLOW, what="StatusText: down")
+    step("B returns")
     b.ip("link", "set", "to_a", "up")
     eventually(lambda: "20.10.1.0/24 dev My_Tunnel" in router_a.routes(), timeout=SLOW, what="the route back")
     eventually(lambda: show("StatusText") == UP, timeout=SLOW, what=f"StatusText {UP!r} again")
 
     # A monitoring agent in group greupd reads the status; the table is still the one greupd rendered.
+    step("greupd status as a member of group greupd")
     sh("useradd", "--system", "--no-create-home", "--groups", "greupd", "monitor")
     status = as_user("monitor", "/usr/bin/greupd", "status")
     assert status.returncode == 0, status.stderr
