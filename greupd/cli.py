@@ -16,8 +16,10 @@ from greupd.config import (
     DEFAULT_CONTROL_SOCKET,
     Config,
     ConfigError,
+    NetnsInstance,
     json_schema,
     load_config,
+    netns_instance,
     unvalidated_path,
 )
 from greupd.status import DaemonStatus
@@ -29,17 +31,55 @@ EXIT_NO_DAEMON = 3
 EXIT_CHANGES = 2  # plan --detailed-exitcode: there is something to change
 
 
+def _instance(args: argparse.Namespace) -> NetnsInstance | None:
+    """greupd@NETNS's paths with `-n NETNS` (checked in main), else None."""
+    netns: str | None = getattr(args, "netns", None)
+    return netns_instance(netns) if netns else None
+
+
 def _config_path(args: argparse.Namespace) -> Path:
+    """-c / PATH, else greupd@NETNS's with -n, else $GREUPD_CONFIG, else /etc/greupd/tunnels.toml."""
     given: str | None = args.config or getattr(args, "path", None)
+    instance = _instance(args)
+    if not given and instance is not None:
+        return instance.config
     return Path(given or os.environ.get("GREUPD_CONFIG") or DEFAULT_CONFIG)
 
 
 def _socket_path(args: argparse.Namespace) -> Path:
     from greupd.control import control_socket
 
+    instance = _instance(args)
+    given = getattr(args, "socket", None)
+    if not given and instance is not None:
+        # greupd@NETNS.service sets GREUPD_CONTROL_SOCKET, which wins over the config's key: no need to read it.
+        return instance.control_socket
     # Read without validating (review M10): a half-edited config must not hide the daemon from `reload`/`status`.
     return control_socket(lambda: unvalidated_path(_config_path(args), "control_socket", DEFAULT_CONTROL_SOCKET),
-                          getattr(args, "socket", None))
+                          given)
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def enter_netns(instance: NetnsInstance) -> None:
+    """Read the kernel inside /run/netns/NETNS from now on (`ip -n`): for plan and import, before any socket opens.
+
+    setns(2) through libc: os.setns is Python 3.12+. Raises OSError naming the namespace (missing, not root).
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        fd = os.open(instance.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot open network namespace {instance.netns!r}: {exc.strerror}") from None
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot enter network namespace {instance.netns!r}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def _load_or_report(path: Path) -> Config | None:
@@ -94,7 +134,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = _load_or_report(_config_path(args))
     if config is None:
         return EXIT_INVALID
+    if not _entered(args):
+        return EXIT_INVALID
     return _plan_for_tools(config, args.json, args.detailed_exitcode)
+
+
+def _entered(args: argparse.Namespace) -> bool:
+    """With -n NETNS: into that namespace (plan and import read its kernel), or say why not."""
+    instance = _instance(args)
+    if instance is None:
+        return True
+    try:
+        enter_netns(instance)
+    except OSError as exc:
+        print(f"greupd: {exc.strerror}", file=sys.stderr)
+        return False
+    return True
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -223,6 +278,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     from greupd.importer import ImportProblem
     from greupd.importer.sources import import_config
 
+    if args.source == "kernel" and not _entered(args):
+        return EXIT_INVALID
     words: list[str] = list(args.words)
     path: Path | None = None
     # For the file formats the first word is PATH when it looks like one; tunnel names never contain "/".
@@ -239,6 +296,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="greupd", description="Declarative, self-healing GRE tunnels.")
     parser.add_argument("--version", action="version", version=f"greupd {__version__}")
+    parser.add_argument("-n", "--netns", metavar="NETNS",
+                        help="the greupd@NETNS instance, as `ip -n`: its socket (status, metrics, reload), its config "
+                             "(/etc/greupd/NETNS/tunnels.toml), and for plan and import the kernel inside NETNS")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser, positional: bool = False) -> argparse.ArgumentParser:
@@ -288,6 +348,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "path", None) and args.config:
         parser.error("give the config file either as PATH or with -c, not both")
+    if args.netns is not None:
+        try:
+            netns_instance(args.netns)
+        except ValueError as exc:
+            parser.error(f"-n/--netns: {exc}")
+        if args.command == "run":
+            parser.error(f"-n/--netns is for asking greupd@{args.netns}, not for running it: "
+                         f"systemctl start greupd@{args.netns} (or ip netns exec {args.netns} greupd run)")
     code: int = args.func(args)
     return code
 

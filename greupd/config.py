@@ -38,6 +38,29 @@ DEFAULT_CONTROL_SOCKET = Path("/run/greupd/control.sock")
 DEFAULT_VICI_SOCKET = Path("/var/run/charon.vici")
 DEFAULT_STATE_DIR = Path("/var/lib/greupd")
 
+
+@dataclass(frozen=True)
+class NetnsInstance:
+    """What greupd@NETNS.service uses (packaging/systemd/greupd@.service; tests/test_systemd_unit.py compares):
+    the daemon in network namespace /run/netns/NETNS. `greupd -n NETNS ...` finds it here, as `ip -n` does."""
+
+    netns: str
+    config: Path
+    control_socket: Path
+    state_dir: Path
+
+    @property
+    def netns_path(self) -> Path:
+        return Path("/run/netns") / self.netns
+
+
+def netns_instance(netns: str) -> NetnsInstance:
+    """The paths of greupd@NETNS; ValueError for a name `ip netns` could not have made (it becomes a path)."""
+    if not netns or netns in (".", "..") or "/" in netns or "\0" in netns or len(netns) > 255:
+        raise ValueError(f"{netns!r} is not a network namespace name (as `ip netns list` prints them)")
+    return NetnsInstance(netns, Path("/etc/greupd") / netns / "tunnels.toml",
+                         Path("/run/greupd-netns") / netns / "control.sock", DEFAULT_STATE_DIR / "netns" / netns)
+
 # Cisco keepalives are defined for GRE over IPv4 carrying IP (the reply is an inner GRE packet the peer routes back).
 KEEPALIVE_MODES: frozenset[str] = frozenset({"gre"})
 # [defaults] keys a mode has no use for: a default applies to the tunnels it fits, and is not an error on the

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Final
 from greupd import __version__
 from greupd.config import DaemonConfig, listen_address
 from greupd.state import StartConfig
-from greupd.status import DaemonStatus, ReloadResult, TunnelState
+from greupd.status import DaemonStatus, IpsecState, ReloadResult, TunnelState
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -55,6 +55,7 @@ _REQUEST_TIMEOUT: Final = 10.0
 # Prometheus scrapes one at a time; connections beyond these are closed at once, so a flood costs no memory.
 _MAX_CONNECTIONS: Final = 16
 _STATES: Final[tuple[TunnelState, ...]] = ("up", "down", "disabled", "error")
+_IPSEC_STATES: Final[tuple[IpsecState, ...]] = ("established", "connecting", "down")
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class DaemonCollector:
             yield CounterMetricFamily("greupd_netlink_requests", "rtnetlink requests sent since the daemon started",
                                       status["netlink_requests"])
         yield from _tunnel_families(status)
+        yield from _ipsec_families(status)
 
 
 def _gauge(name: str, documentation: str, value: float, **labels: str) -> GaugeMetricFamily:
@@ -151,6 +153,30 @@ def _tunnel_families(status: DaemonStatus) -> Iterator[Metric]:
             rtt.add_metric(name, keepalive["last_rtt_ms"] / 1000)
     yield from (info, up, state, changes, since, repairs, installed, configured, sent, received, missed, rtt,
                 interval)
+
+
+def _ipsec_families(status: DaemonStatus) -> Iterator[Metric]:
+    """Tunnels with [tunnel.ipsec]: is ESP there (IKE_SA established, CHILD_SA installed), and is charon reached.
+
+    Absent without [tunnel.ipsec] anywhere: a dashboard tells "no IPsec configured" from "charon unreachable".
+    """
+    with_ipsec = [(t["name"], t["ipsec"]) for t in status["tunnels"] if "ipsec" in t]
+    if not with_ipsec:
+        return
+    tunnel = ["tunnel"]
+    sa_up = GaugeMetricFamily("greupd_ipsec_sa_up", "1 if the tunnel's IPsec SAs are established "
+                              "(IKE_SA established, CHILD_SA installed): its GRE travels in ESP", labels=tunnel)
+    state = GaugeMetricFamily("greupd_ipsec_state", "1 for the tunnel's IPsec state (established, connecting, "
+                              "down), 0 for the others", labels=["tunnel", "state"])
+    charon = GaugeMetricFamily("greupd_ipsec_charon_connected",
+                               "1 if greupd holds a VICI session with charon ([daemon] vici_socket)")
+    for name, ipsec in with_ipsec:
+        sa_up.add_metric([name], int(ipsec["state"] == "established"))
+        for each in _IPSEC_STATES:
+            state.add_metric([name, each], int(ipsec["state"] == each))
+    # One session serves every tunnel; each tunnel's status carries the same flag.
+    charon.add_metric([], int(any(ipsec["charon"] for _, ipsec in with_ipsec)))
+    yield from (sa_up, state, charon)
 
 
 def _timestamp(iso: str) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal, NotRequired, TypedDict
 
 TunnelState = Literal["up", "down", "disabled", "error"]
+IpsecState = Literal["established", "connecting", "down"]
 
 
 class KeepaliveStatus(TypedDict):
@@ -19,7 +20,7 @@ class KeepaliveStatus(TypedDict):
 class IpsecStatus(TypedDict):
     """`"ipsec"` of a tunnel with [tunnel.ipsec]."""
 
-    state: Literal["established", "connecting", "down"]
+    state: IpsecState
     connection: str  # the connection's name in charon (swanctl --list-conns): greupd-<tunnel>
     ike_sa: str | None  # charon's IKE_SA state: ESTABLISHED, CONNECTING, ... (None: no IKE_SA)
     child_sa: str | None  # INSTALLED, REKEYING, ... (None: no CHILD_SA)

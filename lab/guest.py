@@ -9,6 +9,8 @@ Kinds (see /work/shared/kernel-lab.md):
 - ``vng``: the full Debian kernel (GRE and nftables ``inet`` together) under qemu without KVM,
   booted by virtme-ng, with Python, the venv and the checkout on a block device (lab/python_disk.py).
   Slow: the CPU is emulated (Python ~30-50x slower than native; see lab/README.md).
+- ``vng-systemd``: the same kernel and disk, with ``uml-systemd``'s overlay of / and real systemd as
+  PID 1 (the kernel's init is our script, not virtme-ng-init): the packaged unit with nftables ``inet``.
 
 The guest writes the command's output and exit status to a run directory under the repository's
 ``.lab/`` (on the host's disk, which every kind of guest shares), and the host reads them once the
@@ -39,7 +41,7 @@ from typing import Literal, TextIO, get_args
 
 from lab.python_disk import PythonDisk, python_disk
 
-GuestKind = Literal["uml", "uml-systemd", "vng"]
+GuestKind = Literal["uml", "uml-systemd", "vng", "vng-systemd"]
 KINDS: tuple[GuestKind, ...] = get_args(GuestKind)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +60,7 @@ MODULES = (
 # Variables the guest's command sees (besides every GREUPD_* one); PID 1 starts with none at all.
 PASSTHROUGH_ENV = ("CI", "PATH", "HOME", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "PYTHONHASHSEED", "TERM")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-DEFAULT_TIMEOUT: dict[GuestKind, float] = {"uml": 900, "uml-systemd": 900, "vng": 1800}
+DEFAULT_TIMEOUT: dict[GuestKind, float] = {"uml": 900, "uml-systemd": 900, "vng": 1800, "vng-systemd": 2400}
 UNIT = "greupd-lab.service"
 VNG_BLACKLIST = (
     *("kvm", "kvm_amd", "kvm_intel", "ahci", "libahci", "sr_mod", "cdrom", "sg", "i2c_i801", "lpc_ich"),
@@ -124,8 +126,12 @@ def vng_binary() -> str | None:
     return str(beside) if beside.exists() else shutil.which("vng")
 
 
-def vng_python_disk() -> PythonDisk | None:
-    """Python, the venv and this checkout on a block device for the vng guest (see lab/python_disk.py).
+# The packaged greupd (vng-systemd) runs on Debian's python3.11: its interpreter and stdlib go on the disk too.
+PACKAGED_PYTHON = (Path("/usr/lib/python3.11"), Path("/usr/bin/python3.11"))
+
+
+def vng_python_disk(kind: GuestKind = "vng") -> PythonDisk | None:
+    """Python, the venv and this checkout on a block device for the vng guests (see lab/python_disk.py).
 
     GREUPD_LAB_VNG_DISK=0 boots without it (everything over 9p, as virtme-ng does by itself).
     """
@@ -134,6 +140,8 @@ def vng_python_disk() -> PythonDisk | None:
     image = vng_kernel() or ""
     version = Path(image).name.removeprefix("vmlinuz-")
     has_modules = bool(version) and (Path("/lib/modules") / version).is_dir()
+    if kind == "vng-systemd":
+        return python_disk(REPO, lab_dir(), version if has_modules else None, PACKAGED_PYTHON, "vng-systemd-python")
     return python_disk(REPO, lab_dir(), version if has_modules else None)
 
 
@@ -148,6 +156,8 @@ def unavailable(kind: GuestKind) -> str | None:
         if kind == "uml-systemd" and not os.access("/lib/systemd/systemd", os.X_OK):
             return "no /lib/systemd/systemd (apt-get install systemd)"
         return None
+    if kind == "vng-systemd" and not os.access("/lib/systemd/systemd", os.X_OK):
+        return "no /lib/systemd/systemd (apt-get install systemd)"
     image = vng_kernel()
     if not image or not os.path.exists(image):
         return f"no kernel image {image or '/boot/vmlinuz-*-amd64'} (apt-get install linux-image-amd64)"
@@ -174,7 +184,7 @@ def guest_env(kind: GuestKind, extra: Mapping[str, str] | None = None) -> dict[s
     env.setdefault("HOME", "/root")
     env.setdefault("LANG", "C.UTF-8")
     env["PYTHONUNBUFFERED"] = "1"
-    if kind == "vng":  # vng's root is read-only 9p (only the run dir is writable); /tmp is an overlay
+    if kind in ("vng", "vng-systemd"):  # the root is read-only 9p (only the run dir is writable)
         env.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", "/tmp/.hypothesis")
     env.update(extra or {})
     env["GREUPD_LAB_GUEST"] = kind
@@ -263,13 +273,6 @@ def _uml_init(kind: GuestKind, rundir: Path, kept: Sequence[Path] = ()) -> str:
     # uml-systemd: writes must not reach the host's disk (systemd-tmpfiles would clean the host's
     # /tmp, journald would write /var/log), so run systemd in an overlay with a tmpfs upper layer;
     # only the run dir is bound through, so the status and output reach the host.
-    unit = (
-        "[Unit]\nDescription=greupd lab command\n\n"
-        # Type=simple: the boot transaction (whose goal is this unit) ends once the command starts,
-        # so the command sees a system that is "running", not "initializing".
-        "[Service]\nType=simple\nStandardOutput=journal+console\n"
-        f"ExecStart=/bin/sh -c 'sh {r}/cmd.sh; exec /bin/systemctl poweroff --force'\n"
-    )
     lines += [
         "mkdir -p /run/ov",
         "mount -t tmpfs -o mode=0755 tmpfs /run/ov",
@@ -281,13 +284,80 @@ def _uml_init(kind: GuestKind, rundir: Path, kept: Sequence[Path] = ()) -> str:
         "mount -t tmpfs -o mode=1777 tmpfs /run/ov/root/tmp",
         *(f"mkdir -p /run/ov/root{q} && mount --bind {q} /run/ov/root{q}" for q in map(shlex.quote, map(str, kept))),
         f"mount --bind {r} /run/ov/root{r}",
-        f"cat > /run/ov/root/etc/systemd/system/{UNIT} <<'UNIT_EOF'\n{unit}UNIT_EOF",
-        # udev's coldplug of UML's few devices costs ~10 s (a process per uevent) and comes before
-        # sysinit.target; nothing here needs it. udevd itself still runs for new devices.
-        "ln -sf /dev/null /run/ov/root/etc/systemd/system/systemd-udev-trigger.service",
+        *_lab_unit(rundir),
         # Hand the API file systems over; systemd mounts /run (tmpfs) and cgroup2 itself.
         "stamp systemd",
         "for fs in /dev /proc /sys; do mount --move $fs /run/ov/root$fs; done",
+        f"exec chroot /run/ov/root /lib/systemd/systemd --unit={UNIT} --show-status=false",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _lab_unit(rundir: Path) -> list[str]:
+    """Shell lines: install the unit systemd starts (the command, then power off) in the overlay's /etc."""
+    r = shlex.quote(str(rundir))
+    unit = (
+        "[Unit]\nDescription=greupd lab command\n\n"
+        # Type=simple: the boot transaction (whose goal is this unit) ends once the command starts,
+        # so the command sees a system that is "running", not "initializing".
+        "[Service]\nType=simple\nStandardOutput=journal+console\n"
+        f"ExecStart=/bin/sh -c 'sh {r}/cmd.sh; exec /bin/systemctl poweroff --force'\n"
+    )
+    return [
+        f"cat > /run/ov/root/etc/systemd/system/{UNIT} <<'UNIT_EOF'\n{unit}UNIT_EOF",
+        # udev's coldplug costs ~10 s in UML (a process per uevent), far more under emulation, and comes
+        # before sysinit.target; nothing here needs it. udevd itself still runs for new devices.
+        "ln -sf /dev/null /run/ov/root/etc/systemd/system/systemd-udev-trigger.service",
+    ]
+
+
+def _vng_systemd_init(rundir: Path, disk: PythonDisk | None, kept: Sequence[Path] = ()) -> str:
+    """PID 1 of the vng-systemd guest: the kernel's init, run by virtme-ng's initramfs on the host's root (9p, ro).
+
+    virtme-ng-init, which would mount the run dir and the rest, is not there (it would be PID 1 instead of
+    systemd): mount the API file systems, the run dir (virtme-ng's 9p tag) and the Python disk, then the same
+    overlay as uml-systemd (writes vanish with the guest) and exec systemd in it.
+    """
+    r = shlex.quote(str(rundir))
+    setup = (disk.guest_lines(MODULES, rundir, root="/run/ov/root") if disk
+             else [f"modprobe -a -q {' '.join(MODULES)} 2>/dev/null"])
+    if disk and disk.kernel_version:
+        # Kernel threads share PID 1's root, so after the chroot the kernel's modprobe helper runs in the overlay,
+        # where systemd's own /run hides /run/lab-disk: the module tree is bound into the run dir there instead.
+        (rundir / "kmod").mkdir(exist_ok=True)
+        kmod = ["mount --bind /run/lab-disk/kmod /run/ov/root" + r + "/kmod"]
+        (rundir / "modprobe").write_text(_modprobe_wrapper(rundir, f"{rundir}/kmod"))
+    else:
+        kmod = []
+    lines = [
+        "#!/bin/sh",
+        f"export PATH={DEFAULT_PATH}",
+        "mount -t proc proc /proc",
+        "mount -t devtmpfs devtmpfs /dev",
+        'stamp() { read -r up _ </proc/uptime; echo "lab-init: $1 at $up s" >/dev/kmsg; }',
+        "stamp start",
+        "mount -t sysfs sysfs /sys",
+        "mount -t tmpfs -o mode=0755 tmpfs /run",
+        f"mount -t 9p -o trans=virtio,version=9p2000.L,access=any,msize=524288 {VNG_RUNDIR_TAG} {r}"
+        f" || mount -t virtiofs {VNG_RUNDIR_TAG} {r}",
+        "mkdir -p /run/ov",
+        "mount -t tmpfs -o mode=0755 tmpfs /run/ov",
+        "mkdir -p /run/ov/upper /run/ov/work /run/ov/root",
+        "mount -t overlay overlay -o lowerdir=/,upperdir=/run/ov/upper,workdir=/run/ov/work /run/ov/root",
+        "mount -t tmpfs -o mode=1777 tmpfs /run/ov/root/tmp",
+        *(f"mkdir -p /run/ov/root{q} && mount --bind {q} /run/ov/root{q}" for q in map(shlex.quote, map(str, kept))),
+        f"mount --bind {r} /run/ov/root{r}",
+        *setup,
+        "ip link set lo up",
+        # The host's root is a container's (/.dockerenv): systemd would take itself for one and skip units.
+        "rm -f /run/ov/root/.dockerenv",
+        # binfmt_misc is not in the kernel's module tree on the disk: its units would only fail.
+        *(f"ln -sf /dev/null /run/ov/root/etc/systemd/system/{unit}"
+          for unit in ("systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount")),
+        *kmod,
+        *_lab_unit(rundir),
+        f"echo booted > {r}/booted",
+        "stamp systemd",
         f"exec chroot /run/ov/root /lib/systemd/systemd --unit={UNIT} --show-status=false",
     ]
     return "\n".join(lines) + "\n"
@@ -314,6 +384,24 @@ def _vng_init(rundir: Path, disk: PythonDisk | None = None) -> str:
 # --------------------------------------------------------------------------- running
 
 
+# The 9p tag virtme-ng gives the first --rwdir (virtme_initmount0), mounted by our own init in vng-systemd.
+VNG_RUNDIR_TAG = "virtme.initmount0"
+
+
+def _vng_systemd_cmdline(rundir: Path) -> str:
+    """The kernel command line of vng-systemd: virtme-ng's, with our init instead of virtme-ng-init.
+
+    virtme-ng has no option for another init (its --systemd boots the host's own units on a read-only
+    root), so a second -append, after virtme-ng's in qemu's argv (the last one counts), replaces its
+    command line; virtme-ng's initramfs still mounts the host's root (9p) and runs init= from it.
+    """
+    return " ".join([
+        "console=ttyS0", "earlyprintk=serial,ttyS0,115200", "panic=-1", "loglevel=6",
+        f"module_blacklist={','.join(VNG_BLACKLIST)}",
+        f"init={rundir}/init",
+    ])
+
+
 def _guest_argv(kind: GuestKind, rundir: Path, disk: PythonDisk | None = None) -> list[str]:
     if kind in ("uml", "uml-systemd"):
         return [
@@ -328,6 +416,11 @@ def _guest_argv(kind: GuestKind, rundir: Path, disk: PythonDisk | None = None) -
             "con0=fd:0,fd:1",
             f"uml_dir={rundir}",  # UML's mconsole socket dir; left in the run dir if the guest is killed
         ]
+    # "=": the value starts with "-". virtme-ng hands it to a shell, which splits it (hence the quoting).
+    opts = [disk.qemu_opts()] if disk else []
+    if kind == "vng-systemd":
+        opts.append(f"-append {shlex.quote(_vng_systemd_cmdline(rundir))}")
+    qemu_opts = [f"--qemu-opts={' '.join(opts)}"] if opts else []
     return [
         # Niced: the vng batch runs beside the UML ones (lab/pytest_plugin.py), whose keepalive and
         # failover tests time detection to a few hundred ms; qemu's emulation is what can wait.
@@ -345,7 +438,7 @@ def _guest_argv(kind: GuestKind, rundir: Path, disk: PythonDisk | None = None) -
         # emulation kvm_amd alone takes ~10 s. The kernel refuses these, so the coldplug ends sooner.
         "--append",
         f"module_blacklist={','.join(VNG_BLACKLIST)}",
-        *([f"--qemu-opts={disk.qemu_opts()}"] if disk else []),  # "=": the value starts with "-"
+        *qemu_opts,
         "--exec",
         f"sh {rundir}/init",
     ]
@@ -353,7 +446,7 @@ def _guest_argv(kind: GuestKind, rundir: Path, disk: PythonDisk | None = None) -
 
 def _host_env(kind: GuestKind) -> dict[str, str]:
     env = dict(os.environ)
-    if kind == "vng":  # vng runs virtme-run and friends by name: they sit beside it (in the venv)
+    if kind in ("vng", "vng-systemd"):  # vng runs virtme-run and friends by name: they sit beside it (in the venv)
         env["PATH"] = f"{Path(str(vng_binary())).parent}:{env.get('PATH', DEFAULT_PATH)}"
     return env
 
@@ -410,6 +503,9 @@ def run(
     if kind == "vng":
         disk = vng_python_disk()
         init = _vng_init(rundir, disk)
+    elif kind == "vng-systemd":
+        disk = vng_python_disk(kind)
+        init = _vng_systemd_init(rundir, disk, kept)
     else:
         init = _uml_init(kind, rundir, kept)
         (rundir / "modprobe").write_text(_modprobe_wrapper(rundir, f"{rundir}/mods"))

@@ -10,18 +10,20 @@ import subprocess
 from lab.guest import GuestKind
 
 # Capabilities: "root" = root with working netns; "gre" = ip_gre; "nft_gre" = ip_gre and nftables
-# family inet in one kernel; "systemd" = a lab guest whose PID 1 is systemd.
+# family inet in one kernel; "systemd" = a lab guest whose PID 1 is systemd (UML, or qemu with nft_gre).
 MARKERS: dict[str, frozenset[str]] = {
     "needs_root": frozenset({"root"}),
     "needs_gre": frozenset({"root", "gre"}),
     "needs_nft_gre": frozenset({"root", "gre", "nft_gre"}),
     "needs_systemd": frozenset({"root", "systemd"}),
+    "needs_systemd_nft": frozenset({"root", "gre", "nft_gre", "systemd"}),
 }
 # What each guest offers, in order of preference (cheapest boot first).
 GUEST_CAPS: dict[GuestKind, frozenset[str]] = {
     "uml": frozenset({"root", "gre"}),
     "uml-systemd": frozenset({"root", "gre", "systemd"}),
     "vng": frozenset({"root", "gre", "nft_gre"}),
+    "vng-systemd": frozenset({"root", "gre", "nft_gre", "systemd"}),
 }
 
 
@@ -53,7 +55,7 @@ def capabilities() -> frozenset[str]:
     finally:
         _ok("ip", "netns", "del", ns)
     # Tests install units and restart services: only ever on a guest's throwaway systemd.
-    if current_guest() == "uml-systemd" and os.path.isdir("/run/systemd/system"):
+    if current_guest() in ("uml-systemd", "vng-systemd") and os.path.isdir("/run/systemd/system"):
         caps.add("systemd")
     return frozenset(caps)
 

@@ -4,8 +4,9 @@ Loaded by tests/conftest.py (``pytest_plugins = ["lab.pytest_plugin"]``); the ma
 in pyproject.toml.
 
 - ``needs_root``: a fresh netns on the running kernel (skips when not root, outside CI).
-- ``needs_gre`` / ``needs_systemd`` / ``needs_nft_gre``: on the running kernel if it can (found by
-  trying, see lab/kernel.py), else delegated to a guest: ``uml``, ``uml-systemd``, ``vng``.
+- ``needs_gre`` / ``needs_systemd`` / ``needs_nft_gre`` / ``needs_systemd_nft``: on the running kernel if it can
+  (found by trying, see lab/kernel.py), else delegated to a guest: ``uml``, ``uml-systemd``, ``vng``,
+  ``vng-systemd``.
 
 Delegated tests are not skipped: every selected test of a guest kind runs in ONE boot of that guest
 (pytest on exactly those node ids), and the host replays each test's reports from the guest so the
@@ -15,7 +16,7 @@ When: the host's own tests run first, the delegated ones after them. The ``uml``
 two UML guests (SHARDS; balanced by their recorded times, see balance()); those and the ``vng`` batch
 boot as soon as collection ends, in threads, and run while the host's tests do (a guest spends most
 of its time booting, importing and waiting on timers, so the two cores are not idle twice); the
-``uml-systemd`` batch boots once the host hands it the .deb, else when the host's tests are done
+``uml-systemd`` and ``vng-systemd`` batches boot once the host hands them the .deb, else when the host's tests are done
 (AFTER_HOST_TESTS). GREUPD_LAB_SERIAL=1 boots one guest at a time instead, each when pytest reaches
 its first test.
 
@@ -49,11 +50,11 @@ _BATCH = pytest.StashKey[str]()  # the batch (one guest boot) a delegated test r
 _RESULTS = pytest.StashKey[dict[str, "_GuestBatch"]]()
 _PENDING = pytest.StashKey[dict[str, "_PendingBatch"]]()
 _STARTED = pytest.StashKey[float]()  # time.monotonic() when collection ended, for the timeline lines
-# Batches that boot only once the host hands them something: the systemd tests install the .deb that
+# Batches that boot only once the host hands them something: the systemd tests (both kinds) install the .deb that
 # tests/test_packaging.py builds on the host (handed over in GREUPD_LAB_DEB); without it the guest
 # builds one itself, minutes of UML time. Such a batch boots as soon as the variable is set (after the
 # host test that sets it), else once the host's tests are done. The other batches boot at the start.
-AFTER_HOST_TESTS: dict[guest.GuestKind, str] = {"uml-systemd": "GREUPD_LAB_DEB"}
+AFTER_HOST_TESTS: dict[guest.GuestKind, str] = {"uml-systemd": "GREUPD_LAB_DEB", "vng-systemd": "GREUPD_LAB_DEB"}
 # The host's test files that hand something over run before the host's other tests, so the batch
 # waiting for it boots minutes sooner (in a make test at load 20 the .deb came 660 s in, otherwise).
 HANDING_OVER = ("test_packaging.py",)

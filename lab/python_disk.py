@@ -56,8 +56,11 @@ class PythonDisk:
         return (f"-drive file={self.image},if=none,id=labpy,format=raw,readonly=on "
                 f"-device virtio-blk-pci,drive=labpy,serial={SERIAL}")
 
-    def guest_lines(self, modules: Sequence[str], rundir: Path) -> list[str]:
-        """Shell lines for the guest's init: mount the disk, bind its folders, load modules from it."""
+    def guest_lines(self, modules: Sequence[str], rundir: Path, root: str = "") -> list[str]:
+        """Shell lines for the guest's init: mount the disk, bind its folders, load modules from it.
+
+        root: where the guest's root will be (the vng-systemd guest binds into the overlay it chroots into).
+        """
         m = GUEST_MOUNT
         lines = [
             # virtio_blk and ext4 come over 9p (a handful of files); everything after that from the disk.
@@ -69,7 +72,7 @@ class PythonDisk:
         # All binds by one `mount -a` on a fstab of our own: a `mount` process each would cost ~0.5-1 s apiece
         # under emulation (its binary and libraries read over 9p), ~40 s for the ~50 of them.
         fstab = rundir / "fstab"
-        fstab.write_text("".join(f"{_fstab_path(f'{m}/{b.name}')} {_fstab_path(str(b.path))} none bind 0 0\n"
+        fstab.write_text("".join(f"{_fstab_path(f'{m}/{b.name}')} {_fstab_path(root + str(b.path))} none bind 0 0\n"
                                  for b in self.binds))
         lines.append(f"mount -a -T {shlex.quote(str(fstab))}")
         lines.append("stamp disk-mounted")  # stamp(): defined by the init script (lab/guest.py)
@@ -96,8 +99,11 @@ def _venv_includes_system_site() -> bool:
     return cfg.exists() and "include-system-site-packages = true" in cfg.read_text()
 
 
-def _python_binds(repo: Path) -> list[tuple[str, Path, frozenset[str]]]:
-    """(image folder, host folder, names to leave out at its top) for what Python reads."""
+def _python_binds(repo: Path, extra: Sequence[Path] = ()) -> list[tuple[str, Path, frozenset[str]]]:
+    """(image folder, host folder, names to leave out at its top) for what Python reads.
+
+    extra: more host folders or files (the vng-systemd guest's packaged greupd runs on Debian's python3.11).
+    """
     stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
     skip = STDLIB_SKIP - ({"site-packages"} if _venv_includes_system_site() or sys.prefix == sys.base_prefix
                           else set())
@@ -115,6 +121,10 @@ def _python_binds(repo: Path) -> list[tuple[str, Path, frozenset[str]]]:
     for package in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")
                           and any(p.glob("*.py"))):
         found.append((f"src-{package.name}", package, frozenset()))
+    resolved = {top for _, top, _ in found}
+    for n, path in enumerate(p.resolve() for p in extra):
+        if path.exists() and path not in resolved:
+            found.append((f"extra-{n}", path, STDLIB_SKIP - {"site-packages"} if path.is_dir() else frozenset()))
     return found
 
 
@@ -182,33 +192,38 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def _compile(binds: Sequence[tuple[str, Path, frozenset[str]]]) -> None:
     # The guest cannot write bytecode (its root is read-only) and compiles at emulated speed: every
     # module gets its .pyc here, on the host, once (compileall skips those that are up to date).
-    for _name, top, skip in binds:
-        if top.is_dir():
+    # The extra folders are the system's (Debian's python3.11 ships its own bytecode): left as they are.
+    for bind, top, skip in binds:
+        if top.is_dir() and not bind.startswith("extra-"):
             left_out = ["-x", "/(" + "|".join(sorted(skip)) + ")/"] if skip else []
             subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", *left_out, str(top)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def python_disk(repo: Path, cache: Path, kernel_version: str | None) -> PythonDisk:
-    """The image for this interpreter, venv, checkout and kernel, built when missing (cached in ``cache``)."""
-    binds = _python_binds(repo)
+def python_disk(repo: Path, cache: Path, kernel_version: str | None, extra: Sequence[Path] = (),
+                name: str = "vng-python") -> PythonDisk:
+    """The image for this interpreter, venv, checkout and kernel, built when missing (cached in ``cache``).
+
+    name: the image's name before its hash; one image of each name is kept (each guest kind has its own).
+    """
+    binds = _python_binds(repo, extra)
     modules = _module_files(kernel_version) if kernel_version and shutil.which("modprobe") else []
-    image = cache / f"vng-python-{_digest(binds, modules, repo)}.img"
-    result = PythonDisk(image, tuple(Bind(name, top) for name, top, _ in binds),
+    image = cache / f"{name}-{_digest(binds, modules, repo)}.img"
+    result = PythonDisk(image, tuple(Bind(folder, top) for folder, top, _ in binds),
                         kernel_version if modules else None)
     if image.exists():
         return result
     _compile(binds)
     cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="vng-python-", dir=cache) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{name}-", dir=cache) as tmp:
         stage = Path(tmp) / "stage"
-        for name, top, skip in binds:
+        for folder, top, skip in binds:
             if top.is_file():
-                _link_or_copy(top, stage / name)
+                _link_or_copy(top, stage / folder)
                 continue
-            (stage / name).mkdir(parents=True)
+            (stage / folder).mkdir(parents=True)
             for path in _files(top, skip):
-                _link_or_copy(path, stage / name / path.relative_to(top))
+                _link_or_copy(path, stage / folder / path.relative_to(top))
         if modules and kernel_version:
             kmod = stage / "kmod" / "lib" / "modules" / kernel_version
             for ko in modules:
@@ -223,7 +238,7 @@ def python_disk(repo: Path, cache: Path, kernel_version: str | None) -> PythonDi
         subprocess.run(["mkfs.ext4", "-q", "-O", "^has_journal", "-E", "root_owner=0:0", "-d", str(stage),
                         str(partial), f"{size_mb * 5 // 4 + 64}M"], check=True)
         os.replace(partial, image)
-    for old in cache.glob("vng-python-*.img"):
+    for old in cache.glob(f"{name}-*.img"):
         if old != image:
             old.unlink(missing_ok=True)
     return result

@@ -1,7 +1,7 @@
 """Fixtures for the tests that build netns hosts; the lab's plugin decides where each kernel test runs.
 
-A test marked ``needs_root``, ``needs_gre``, ``needs_nft_gre`` or ``needs_systemd`` runs on this kernel
-when it can, else in a guest kernel that can (one boot per guest kind): see lab/pytest_plugin.py. Under
+A test marked ``needs_root``, ``needs_gre``, ``needs_nft_gre``, ``needs_systemd`` or ``needs_systemd_nft`` runs on
+this kernel when it can, else in a guest kernel that can (one boot per guest kind): see lab/pytest_plugin.py. Under
 CI=true that plugin makes a kernel-marked test that skips (or a guest that cannot boot) a failure.
 """
 

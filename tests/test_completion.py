@@ -33,6 +33,12 @@ def test_commands_then_their_options() -> None:
     assert complete("greupd check --j") == ["--json"]
 
 
+def test_dash_n_comes_before_the_command_and_is_not_one() -> None:
+    assert "-n" in complete("greupd -") and "--netns" in complete("greupd --")
+    assert complete("greupd -n ns1 st") == ["status"]
+    assert complete("greupd --netns ns1 status --j") == ["--json"]
+
+
 def test_import_sources_and_config_files() -> None:
     assert complete("greupd import --from n") == ["netplan", "networkd"]
     assert complete("greupd import --from ifupdown ") == ["FILE"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -128,6 +129,20 @@ def test_missing_guest_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     res = guest.run("uml", ["true"])
     assert res.status is None and not res.booted
     assert res.error is not None and "no user-mode-linux kernel" in res.error
+
+
+def test_the_vng_systemd_guest_boots_our_init_and_it_execs_systemd_in_an_overlay(tmp_path: Path) -> None:
+    """virtme-ng has no option for another init: a second -append (qemu keeps the last) names ours."""
+    argv = guest._guest_argv("vng-systemd", tmp_path)
+    (opts,) = [a for a in argv if a.startswith("--qemu-opts=")]
+    words = shlex.split(opts.removeprefix("--qemu-opts="))  # virtme-ng hands it to a shell
+    cmdline = words[words.index("-append") + 1].split()
+    assert f"init={tmp_path}/init" in cmdline and "console=ttyS0" in cmdline
+    init = guest._vng_systemd_init(tmp_path, None).splitlines()
+    assert init[-1] == f"exec chroot /run/ov/root /lib/systemd/systemd --unit={guest.UNIT} --show-status=false"
+    assert any(line.startswith("mount -t 9p -o trans=virtio") and line.split()[5] == guest.VNG_RUNDIR_TAG
+               for line in init)
+    assert "mount -t overlay overlay -o lowerdir=/,upperdir=/run/ov/upper,workdir=/run/ov/work /run/ov/root" in init
 
 
 def test_the_guest_binds_back_the_folders_it_needs_from_tmp() -> None:

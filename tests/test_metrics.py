@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from greupd.config import ConfigError, DaemonConfig, load_config_text
 from greupd.control import request
 from greupd.metrics import MetricsPublisher, ReloadOutcome, render, write_atomically
-from greupd.status import DaemonStatus
+from greupd.status import DaemonStatus, IpsecState
 from tests.test_control import StandInDaemon, greupd, router_a, tunnel
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,9 +85,47 @@ def test_a_tunnel_without_keepalives_or_a_reply_yet_has_no_keepalive_samples() -
     assert ("greupd_keepalive_rtt_seconds", frozenset({("tunnel", "to_c")})) not in found  # no reply yet: no rtt
 
 
+def router_a_over_ipsec(c_state: IpsecState = "connecting", charon: bool = True) -> DaemonStatus:
+    """My_Tunnel's ESP is up; the backup to C is still negotiating (or charon is gone); to_d has no [tunnel.ipsec]."""
+    status = router_a_with_a_dead_backup()
+    my_tunnel, to_c, _ = status["tunnels"]
+    my_tunnel["ipsec"] = {"state": "established", "connection": "greupd-My_Tunnel", "ike_sa": "ESTABLISHED",
+                          "child_sa": "INSTALLED", "charon": charon, "error": None}
+    to_c["ipsec"] = {"state": c_state, "connection": "greupd-to_c", "ike_sa": "CONNECTING" if charon else None,
+                     "child_sa": None, "charon": charon, "error": None if charon else "charon not reached yet"}
+    return status
+
+
+def test_ipsec_sa_state_per_tunnel() -> None:
+    text = render(router_a_over_ipsec(), ReloadOutcome(ok=True, last_success=STARTED))
+    assert value(text, "greupd_ipsec_sa_up", tunnel="My_Tunnel") == 1
+    assert value(text, "greupd_ipsec_sa_up", tunnel="to_c") == 0
+    assert value(text, "greupd_ipsec_state", tunnel="to_c", state="connecting") == 1
+    assert value(text, "greupd_ipsec_state", tunnel="to_c", state="established") == 0
+    assert value(text, "greupd_ipsec_state", tunnel="My_Tunnel", state="established") == 1
+    assert value(text, "greupd_ipsec_charon_connected") == 1
+    found = samples(text)
+    assert not [name for name, labels in found if name.startswith("greupd_ipsec") and ("tunnel", "to_d") in labels]
+
+
+def test_ipsec_follows_the_sas_and_charon() -> None:
+    established = render(router_a_over_ipsec("established"), ReloadOutcome(ok=True, last_success=STARTED))
+    assert value(established, "greupd_ipsec_sa_up", tunnel="to_c") == 1
+    charon_gone = render(router_a_over_ipsec("down", charon=False), ReloadOutcome(ok=True, last_success=STARTED))
+    assert value(charon_gone, "greupd_ipsec_sa_up", tunnel="to_c") == 0
+    assert value(charon_gone, "greupd_ipsec_state", tunnel="to_c", state="down") == 1
+    assert value(charon_gone, "greupd_ipsec_charon_connected") == 0
+
+
+def test_without_ipsec_there_are_no_ipsec_metrics() -> None:
+    found = samples(render(router_a_with_a_dead_backup(), ReloadOutcome(ok=True, last_success=STARTED)))
+    assert not [name for name, _ in found if name.startswith("greupd_ipsec")]
+
+
 def test_names_follow_the_prometheus_rules() -> None:
     families = list(text_string_to_metric_families(
-        render(router_a_with_a_dead_backup(), ReloadOutcome(ok=False, last_success=STARTED))))
+        render(router_a_over_ipsec(), ReloadOutcome(ok=False, last_success=STARTED))))
+    assert {"greupd_ipsec_sa_up", "greupd_ipsec_state", "greupd_ipsec_charon_connected"} <= {f.name for f in families}
     for family in families:
         assert re.fullmatch(r"greupd_[a-z0-9_]+", family.name), family.name
         assert family.documentation, family.name

@@ -165,6 +165,23 @@ def test_maintainer_is_a_real_address(deb: Path) -> None:
     maintainer = field(deb, "Maintainer")
     assert re.fullmatch(r"[^<>]+ <[^@<>\s]+@[^@<>\s]+\.[a-z]+>", maintainer)
     assert "localhost" not in maintainer and "localdomain" not in maintainer
+    # No placeholder domain (RFC 2606's .example/.invalid/.test): mail to it could never arrive.
+    assert not re.search(r"\.(example|invalid|test|localhost)>$", maintainer), maintainer
+
+
+def test_every_package_names_the_same_maintainer() -> None:
+    """Debian's Maintainer, its changelog trailer, DEP-5's Upstream-Contact and the RPM changelog: one address.
+
+    No RPM Packager: tag: Fedora's guidelines leave it to the build system (koji, COPR) that signs the package."""
+    packaging = REPO / "packaging"
+    maintainer = re.search(r"^Maintainer: (.+)$", (packaging / "debian/control").read_text(), re.M)
+    assert maintainer
+    address = maintainer.group(1)
+    assert re.search(rf"^ -- {re.escape(address)}  ", (packaging / "debian/changelog").read_text(), re.M)
+    assert f"Upstream-Contact: {address}\n" in (packaging / "debian/copyright").read_text()
+    spec = (packaging / "rpm/greupd.spec").read_text()
+    assert re.search(rf"^\* \w{{3}} \w{{3}} \d+ \d{{4}} {re.escape(address)} - ", spec, re.M)
+    assert not re.search(r"^Packager:", spec, re.M)
 
 
 def test_copyright_is_dep5_with_a_license_paragraph_for_every_license(extracted: Path) -> None:

@@ -4,7 +4,7 @@ These run in the uml-systemd lab guest (lab/pytest_plugin.py dispatches them): s
 writes vanish with the guest, so dpkg -i, /etc and unit files are the guest's alone. Router A of the seed is a
 netns; the packaged greupd.service runs in it (a drop-in adds NetworkNamespacePath=, nothing else changes), as
 the unprivileged user greupd with CAP_NET_ADMIN and CAP_NET_RAW. greupd@NETNS.service, the per-namespace
-template, runs in A's netns unchanged.
+template, runs unchanged as greupd@ns1, in A's netns under the name ns1.
 Router B is a plain Linux GRE peer that reflects A's keepalives in its kernel, so "the peer dies" is one
 `ip link set down` away.
 
@@ -14,6 +14,7 @@ over in GREUPD_LAB_DEB); otherwise it is built here, which takes minutes in the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -323,28 +324,95 @@ def test_a_member_of_group_greupd_reads_the_status_and_no_one_else(seed: Seed) -
     assert outsider.returncode == 3 and "permission denied" in outsider.stderr.lower(), outsider.stderr
 
 
-def test_greupd_at_netns_manages_a_tunnel_inside_that_netns(seed: Seed) -> None:
-    netns = seed.a.netns  # greupd@<A's netns>: the packaged template, no drop-in
-    instance = f"greupd@{netns}.service"
-    config = Path(f"/etc/greupd/{netns}/tunnels.toml")
+@contextlib.contextmanager
+def netns_named(name: str, host: Host) -> Iterator[None]:
+    """`ip netns` lists `name` as one more name of the host's netns (what `ip netns attach` does, by a bind mount)."""
+    path = Path("/run/netns") / name
+    path.touch()
+    sh("mount", "--bind", f"/run/netns/{host.netns}", path)
+    try:
+        yield
+    finally:
+        sh("umount", path, check=False)
+        path.unlink()
+
+
+def test_greupd_at_ns1_manages_a_tunnel_inside_netns_ns1(seed: Seed) -> None:
+    """greupd@ns1, the packaged template unchanged, with router A's netns named ns1; `greupd -n ns1` asks it."""
+    instance = "greupd@ns1.service"
+    config = Path("/etc/greupd/ns1/tunnels.toml")
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(a_config(on_exit="remove"))
-    try:
-        sh("systemctl", "start", instance, timeout=180)
-        assert sh("systemctl", "show", "-P", "User", instance).stdout.strip() == "greupd"
-        assert "My_Tunnel" in seed.a.ip("link", "show", "My_Tunnel").stdout  # inside A's netns ...
-        assert sh("ip", "link", "show", "My_Tunnel", check=False).returncode != 0  # ... and not in the guest's
-        socket = f"/run/greupd-netns/{netns}/control.sock"
-        eventually(lambda: '"state": "up"' in greupd("status", "--json", "--socket", socket).stdout,
-                   what="the instance's tunnel up (keepalives answered)")
-        assert "20.10.1.0/24 dev My_Tunnel" in seed.routes()
-        assert seed.a.wait_ping("192.168.8.11")
-        sh("systemctl", "stop", instance, timeout=120)  # on_exit = "remove": the instance cleans up its netns
-        assert seed.a.ip("link", "show", "My_Tunnel", check=False).returncode != 0
-    finally:
-        sh("systemctl", "stop", instance, check=False)
-        sh("systemctl", "reset-failed", instance, check=False)
-        config.unlink()
+    with netns_named("ns1", seed.a):
+        try:
+            sh("systemctl", "start", instance, timeout=180)
+            assert sh("systemctl", "show", "-P", "User", instance).stdout.strip() == "greupd"
+            assert "My_Tunnel" in sh("ip", "-n", "ns1", "link", "show", "My_Tunnel").stdout  # inside ns1 ...
+            assert sh("ip", "link", "show", "My_Tunnel", check=False).returncode != 0  # ... and not in the guest's
+            # `greupd -n ns1` finds the instance's socket (/run/greupd-netns/ns1/control.sock) by itself.
+            eventually(lambda: '"state": "up"' in greupd("-n", "ns1", "status", "--json").stdout,
+                       what="the instance's tunnel up (keepalives answered)")
+            assert "20.10.1.0/24 dev My_Tunnel" in sh("ip", "-n", "ns1", "route", "show", "proto", "greupd").stdout
+            assert seed.a.wait_ping("192.168.8.11")
+            assert greupd("status").returncode == 3  # greupd.service is not running: -n made the difference
+            sh("systemctl", "stop", instance, timeout=120)  # on_exit = "remove": the instance cleans up its netns
+            assert seed.a.ip("link", "show", "My_Tunnel", check=False).returncode != 0
+        finally:
+            sh("systemctl", "stop", instance, check=False)
+            sh("systemctl", "reset-failed", instance, check=False)
+            config.unlink()
+
+
+VICI_GROUP = "vici"
+CHARON_GROUP_CONF = Path("/etc/strongswan.d/greupd-vici.conf")
+
+
+def ipsec_status() -> dict[str, object]:
+    tunnel = json.loads(greupd("status", "--json", check=True).stdout)["tunnels"][0]
+    ipsec: dict[str, object] = tunnel["ipsec"]
+    return ipsec
+
+
+@pytest.fixture
+def charon() -> Iterator[None]:
+    """strongSwan's own unit (charon-systemd), as Debian ships it; stopped and its settings gone afterwards."""
+    if not Path("/usr/sbin/charon-systemd").exists():
+        pytest.skip("charon-systemd is not installed (apt-get install charon-systemd)")
+    yield
+    sh("systemctl", "stop", "strongswan", check=False, timeout=120)
+    CHARON_GROUP_CONF.unlink(missing_ok=True)
+
+
+@pytest.mark.usefixtures("charon")
+def test_user_greupd_reaches_charon_through_a_group_of_its_own(seed: Seed) -> None:
+    """[tunnel.ipsec] under User=greupd: charon's VICI socket is 0770 root:root, so greupd needs a group it shares
+    with charon. greupd(8)'s recipe: `charon { group = vici }`, and SupplementaryGroups=vici for greupd."""
+    psk = Path("/etc/greupd/psk/My_Tunnel")
+    psk.parent.mkdir(parents=True, exist_ok=True)
+    psk.write_text("a-pre-shared-key-of-32-characters\n")
+    sh("chown", "greupd:greupd", psk)
+    psk.chmod(0o600)
+    CONFIG.write_text(a_config() + f'\n[tunnel.ipsec]\npsk_file = "{psk}"\nrequire = false\n')
+    sh("systemctl", "start", "strongswan", timeout=180)
+    vici = os.stat("/run/charon.vici")
+    assert (oct(vici.st_mode & 0o777), vici.st_gid) == ("0o770", 0)  # strongSwan's umask(007), owner root
+    start(seed)
+    eventually(lambda: "ermission denied" in str(ipsec_status()["error"]), what="greupd refused by charon's socket")
+    refused = ipsec_status()
+    assert refused["charon"] is False
+    assert "SupplementaryGroups=vici" in str(refused["error"])  # the error says what to do
+
+    sh("groupadd", "--system", VICI_GROUP)
+    CHARON_GROUP_CONF.write_text(f"charon {{\n    group = {VICI_GROUP}\n}}\ncharon-systemd {{\n"
+                                 f"    group = {VICI_GROUP}\n}}\n")
+    (DROP_IN.parent / "vici.conf").write_text(f"[Service]\nSupplementaryGroups={VICI_GROUP}\n")
+    sh("systemctl", "daemon-reload")
+    sh("systemctl", "restart", "strongswan", timeout=180)
+    assert os.stat("/run/charon.vici").st_gid == int(sh("getent", "group", VICI_GROUP).stdout.split(":")[2])
+    sh("systemctl", "restart", "greupd", timeout=180)
+    eventually(lambda: ipsec_status()["charon"] is True, what="greupd's VICI session with charon")
+    # What greupd loaded over that session, as strongSwan's own tool lists it.
+    assert "greupd-My_Tunnel" in sh("swanctl", "--list-conns").stdout
 
 
 @pytest.fixture

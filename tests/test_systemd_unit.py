@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from greupd.config import netns_instance
 from greupd.status import TunnelState, TunnelStatus
 from greupd.systemd import Notifier, status_line, watchdog_interval_from
 
@@ -76,6 +77,17 @@ def test_template_runs_one_daemon_per_netns_and_is_otherwise_the_unit() -> None:
            "ConfigurationDirectory"}
     s = unit_settings()
     assert {k: v for k, v in t.items() if k not in own} == {k: v for k, v in s.items() if k not in own}
+
+
+def test_greupd_dash_n_finds_what_the_template_gives_an_instance() -> None:
+    """`greupd -n ns1 status` asks the socket greupd@ns1 listens on: one table of paths, checked against the unit."""
+    t = unit_settings(TEMPLATE)
+    env = dict(word.split("=", 1) for word in t["Environment"][0].split())
+    ns1 = netns_instance("ns1")
+    assert Path(env["GREUPD_CONFIG"].replace("%i", "ns1")) == ns1.config
+    assert Path(env["GREUPD_CONTROL_SOCKET"].replace("%i", "ns1")) == ns1.control_socket
+    assert Path("/var/lib") / t["StateDirectory"][0].replace("%i", "ns1") == ns1.state_dir
+    assert Path(t["NetworkNamespacePath"][0].replace("%i", "ns1")) == ns1.netns_path
 
 
 def test_exposure_score_is_recorded_in_the_unit() -> None:

@@ -65,6 +65,11 @@ class ViciSession:
         try:
             self._reader, self._writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(str(self.path)), REQUEST_TIMEOUT)
+        except PermissionError as exc:
+            # charon makes its socket 0770, owned by its own user and group (root:root unless strongswan.conf says
+            # `charon { group = ... }`): a daemon running as user greupd must share that group (greupd(8), IPSEC).
+            raise ViciError(f"cannot reach charon at {self.path}: {exc.strerror}: give charon a group greupd is in"
+                            " (strongswan.conf: charon { group = vici }; greupd: SupplementaryGroups=vici)") from None
         except (OSError, TimeoutError) as exc:
             raise ViciError(f"cannot reach charon at {self.path}: {getattr(exc, 'strerror', None) or exc}") from None
 
