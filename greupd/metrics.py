@@ -163,6 +163,8 @@ def _ipsec_families(status: DaemonStatus) -> Iterator[Metric]:
     with_ipsec = [(t["name"], t["ipsec"]) for t in status["tunnels"] if "ipsec" in t]
     if not with_ipsec:
         return
+    from prometheus_client.metrics_core import GaugeMetricFamily  # imported when first rendered: start-up
+
     tunnel = ["tunnel"]
     sa_up = GaugeMetricFamily("greupd_ipsec_sa_up", "1 if the tunnel's IPsec SAs are established "
                               "(IKE_SA established, CHILD_SA installed): its GRE travels in ESP", labels=tunnel)
