@@ -33,21 +33,20 @@ trial measures, so a case switch is one small transaction.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
+from bench.record import machine, results_file
 from lab.hosts import Host, Lab, in_netns
 
 Json = dict[str, Any]
@@ -397,24 +396,6 @@ def section(results: Json) -> tuple[list[str], list[str]]:
 
 
 # --------------------------------------------------------------------------- main
-
-
-def machine() -> Json:
-    """As bench/lab_bench.py's (not imported from there: its imports cost seconds under emulation)."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith(("model name", "cpu model"))), platform.machine())
-    mem = Path("/proc/meminfo").read_text().split("\n")[0].split()[1]
-    return {"kernel": platform.release(), "guest": os.environ.get("GREUPD_LAB_GUEST", "none"),
-            "cpus": os.cpu_count(), "cpu": cpu, "mem_mb": int(mem) // 1024, "python": platform.python_version()}
-
-
-@contextlib.contextmanager
-def results_file(path: Path) -> Iterator[Json]:
-    data: Json = {}
-    try:
-        yield data
-    finally:
-        path.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
 def main(argv: list[str] | None = None) -> int:

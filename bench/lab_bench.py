@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -29,12 +27,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench import nl, scenario
+from bench.record import machine, results_file
 from greupd.control import request
 from lab.greupd_process import GreupdProcess
 from lab.hosts import Host, Lab
@@ -813,23 +812,6 @@ def suite_uml(sizes: Sizes, results: Json) -> None:
 
 
 # --------------------------------------------------------------------------- main
-
-
-def machine() -> Json:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith(("model name", "cpu model"))), platform.machine())
-    mem = Path("/proc/meminfo").read_text().split("\n")[0].split()[1]
-    return {"kernel": platform.release(), "guest": os.environ.get("GREUPD_LAB_GUEST", "none"),
-            "cpus": os.cpu_count(), "cpu": cpu, "mem_mb": int(mem) // 1024, "python": platform.python_version()}
-
-
-@contextlib.contextmanager
-def results_file(path: Path) -> Iterator[Json]:
-    data: Json = {}
-    try:
-        yield data
-    finally:
-        path.write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -274,16 +274,7 @@ def _uml_init(kind: GuestKind, rundir: Path, kept: Sequence[Path] = ()) -> str:
     # /tmp, journald would write /var/log), so run systemd in an overlay with a tmpfs upper layer;
     # only the run dir is bound through, so the status and output reach the host.
     lines += [
-        "mkdir -p /run/ov",
-        "mount -t tmpfs -o mode=0755 tmpfs /run/ov",
-        "mkdir -p /run/ov/upper /run/ov/work /run/ov/root",
-        "mount -t overlay overlay -o lowerdir=/,upperdir=/run/ov/upper,workdir=/run/ov/work /run/ov/root",
-        # A fresh /tmp, as on a booting machine; else systemd-tmpfiles' "D /tmp" walks (and, in the
-        # overlay, whites out) the host's whole /tmp through hostfs: 12 s and more. The kept folders
-        # (a checkout under /tmp) are bound through as they are: the host's, writable.
-        "mount -t tmpfs -o mode=1777 tmpfs /run/ov/root/tmp",
-        *(f"mkdir -p /run/ov/root{q} && mount --bind {q} /run/ov/root{q}" for q in map(shlex.quote, map(str, kept))),
-        f"mount --bind {r} /run/ov/root{r}",
+        *_systemd_overlay(rundir, kept),
         *_lab_unit(rundir),
         # Hand the API file systems over; systemd mounts /run (tmpfs) and cgroup2 itself.
         "stamp systemd",
@@ -291,6 +282,25 @@ def _uml_init(kind: GuestKind, rundir: Path, kept: Sequence[Path] = ()) -> str:
         f"exec chroot /run/ov/root /lib/systemd/systemd --unit={UNIT} --show-status=false",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _systemd_overlay(rundir: Path, kept: Sequence[Path]) -> list[str]:
+    """Shell lines: the root systemd runs in, an overlay of / with a tmpfs upper layer (writes vanish with the
+    guest; systemd-tmpfiles would otherwise clean the host's /tmp and journald write its /var/log), at
+    /run/ov/root, with the run dir bound through so the status and output reach the host."""
+    r = shlex.quote(str(rundir))
+    return [
+        "mkdir -p /run/ov",
+        "mount -t tmpfs -o mode=0755 tmpfs /run/ov",
+        "mkdir -p /run/ov/upper /run/ov/work /run/ov/root",
+        "mount -t overlay overlay -o lowerdir=/,upperdir=/run/ov/upper,workdir=/run/ov/work /run/ov/root",
+        # A fresh /tmp, as on a booting machine; else systemd-tmpfiles' "D /tmp" walks (and, in the
+        # overlay, whites out) the host's whole /tmp: 12 s and more in UML. The kept folders (a checkout
+        # under /tmp) are bound through as they are: the host's, writable.
+        "mount -t tmpfs -o mode=1777 tmpfs /run/ov/root/tmp",
+        *(f"mkdir -p /run/ov/root{q} && mount --bind {q} /run/ov/root{q}" for q in map(shlex.quote, map(str, kept))),
+        f"mount --bind {r} /run/ov/root{r}",
+    ]
 
 
 def _lab_unit(rundir: Path) -> list[str]:
@@ -340,13 +350,7 @@ def _vng_systemd_init(rundir: Path, disk: PythonDisk | None, kept: Sequence[Path
         "mount -t tmpfs -o mode=0755 tmpfs /run",
         f"mount -t 9p -o trans=virtio,version=9p2000.L,access=any,msize=524288 {VNG_RUNDIR_TAG} {r}"
         f" || mount -t virtiofs {VNG_RUNDIR_TAG} {r}",
-        "mkdir -p /run/ov",
-        "mount -t tmpfs -o mode=0755 tmpfs /run/ov",
-        "mkdir -p /run/ov/upper /run/ov/work /run/ov/root",
-        "mount -t overlay overlay -o lowerdir=/,upperdir=/run/ov/upper,workdir=/run/ov/work /run/ov/root",
-        "mount -t tmpfs -o mode=1777 tmpfs /run/ov/root/tmp",
-        *(f"mkdir -p /run/ov/root{q} && mount --bind {q} /run/ov/root{q}" for q in map(shlex.quote, map(str, kept))),
-        f"mount --bind {r} /run/ov/root{r}",
+        *_systemd_overlay(rundir, kept),
         *setup,
         "ip link set lo up",
         # The host's root is a container's (/.dockerenv): systemd would take itself for one and skip units.
