@@ -472,3 +472,18 @@ def test_a_tunnel_added_is_its_elements_and_chains_and_removed_again_in_reverse(
     no_nat = render_ruleset(load_config_text(SEED.read_text().replace('from_tunnel = ["eth1"]', "")))
     assert delta_commands(one, no_nat) is None
     assert delta_commands(one, Ruleset("greupd")) is None
+
+
+def test_a_reloads_transitional_table_holds_a_changed_tunnel_once_in_its_new_version() -> None:
+    """Reload first installs a table for the old and the new config together (routes of either find their
+    clamp and NAT); a tunnel whose clamp changed is in it twice. Two map elements with one key would make
+    the kernel refuse the whole transaction (EEXIST), so the new version's element is the one kept."""
+    from greupd.queue import reload_scope
+
+    shipped = (Path(__file__).resolve().parents[1] / "etc" / "greupd" / "tunnels.toml").read_text()
+    old = load_config_text(shipped)
+    new = load_config_text(shipped.replace("clamp = 1436", "clamp = 1400"))
+    scope, both = reload_scope(old, new, ())
+    assert scope == {"My_Tunnel"} and [t.name for t in both.tunnels] == ["My_Tunnel", "My_Tunnel"]
+    clamp = next(s for s in render_ruleset(both).sets if s.name == "clamp")
+    assert [e.text for e in clamp.elements] == ['"My_Tunnel" : jump clamp_1400']

@@ -337,14 +337,17 @@ class _Builder:
     def __init__(self) -> None:
         self.chains: dict[str, Chain] = {}
         self.rules: list[Rule] = []
-        self.elements: dict[str, dict[str, Element]] = {}  # set name -> element text -> element (no duplicates)
+        self.elements: dict[str, dict[str, Element]] = {}  # set name -> element key -> element (no duplicates)
 
     def rule(self, chain: Chain, tunnel: str | None, comment: str, *statements: Statement) -> None:
         self.chains.setdefault(chain.name, chain)
         self.rules.append(Rule(chain.name, tunnel, comment, statements))
 
     def element(self, named: str, element: Element) -> None:
-        self.elements.setdefault(named, {}).setdefault(element.text, element)
+        # Keyed by what the kernel looks up (a map's key without its verdict): the same key twice with two
+        # verdicts is EEXIST for the whole transaction. It happens in a reload's transitional table, which
+        # holds a changed tunnel in its new version first and its old one after: the first one wins.
+        self.elements.setdefault(named, {}).setdefault(element.text.split(" : ", 1)[0], element)
 
     def tunnel(self, tunnel: TunnelConfig) -> None:
         name = tunnel.name
