@@ -46,7 +46,7 @@ from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
-from bench.record import machine, results_file
+from bench.record import results_file
 from lab.hosts import Host, Lab, in_netns
 
 Json = dict[str, Any]
@@ -407,16 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or Path(os.environ.get("GREUPD_LAB_RUNDIR", ".")) / "bench.json"
     sizes = QUICK if a.quick else FULL
     started = time.monotonic()
-    with results_file(out) as data:
-        data["meta"] = {"suite": "nft", "quick": a.quick, "machine": machine(),
-                        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-        try:
-            data["forwarding"] = run(sizes)
-        except BaseException as exc:
-            data["error"] = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            data["meta"]["seconds"] = time.monotonic() - started
+    with results_file(out, "nft", a.quick) as data:
+        data["forwarding"] = run(sizes)
     log(f"done in {time.monotonic() - started:.0f} s -> {out}")
     return 0
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import nl, scenario
-from bench.record import machine, results_file
+from bench.record import results_file
 from greupd.control import request
 from lab.greupd_process import GreupdProcess
 from lab.hosts import Host, Lab
@@ -824,21 +824,13 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or Path(os.environ.get("GREUPD_LAB_RUNDIR", ".")) / "bench.json"
     sizes = QUICK if a.quick else FULL
     started = time.monotonic()
-    with results_file(out) as data:
-        data["meta"] = {"suite": a.suite, "quick": a.quick, "machine": machine(),
-                        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-        try:
-            if a.suite == "systemd":
-                data.update(suite_systemd(sizes))
-            elif a.suite == "keepalive":
-                suite_keepalive(sizes, data)
-            else:
-                suite_uml(sizes, data)
-        except BaseException as exc:
-            data["error"] = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            data["meta"]["seconds"] = time.monotonic() - started
+    with results_file(out, a.suite, a.quick) as data:
+        if a.suite == "systemd":
+            data.update(suite_systemd(sizes))
+        elif a.suite == "keepalive":
+            suite_keepalive(sizes, data)
+        else:
+            suite_uml(sizes, data)
     log(f"done in {time.monotonic() - started:.0f} s -> {out}")
     return 0
 

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import platform
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,17 @@ def machine() -> Json:
 
 
 @contextlib.contextmanager
-def results_file(path: Path) -> Iterator[Json]:
-    """A dict that is written to `path` as JSON when the suite ends, also when it fails half-way."""
-    data: Json = {}
+def results_file(path: Path, suite: str, quick: bool) -> Iterator[Json]:
+    """A dict, its `meta` filled in, that is written to `path` as JSON when the suite ends, also when it fails
+    half-way (then with the `error` that stopped it); `meta.seconds` is how long the suite ran."""
+    started = time.monotonic()
+    data: Json = {"meta": {"suite": suite, "quick": quick, "machine": machine(),
+                           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}}
     try:
         yield data
+    except BaseException as exc:
+        data["error"] = f"{type(exc).__name__}: {exc}"
+        raise
     finally:
+        data["meta"]["seconds"] = time.monotonic() - started
         path.write_text(json.dumps(data, indent=1, sort_keys=True))

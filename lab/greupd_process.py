@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +121,20 @@ class GreupdProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def logged_at(self, pattern: str, after: float) -> float | None:
+        """Wall-clock time of the first log line matching `pattern` stamped at or after `after` (1 ms of slack:
+        greupd stamps its lines in milliseconds)."""
+        for line in self.output().splitlines():
+            stamp, _, rest = line.partition(" ")
+            if re.search(pattern, rest):
+                try:
+                    when = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+                except ValueError:
+                    continue
+                if when >= after - 0.001:
+                    return when
+        return None
 
 
 def _scratch() -> str:

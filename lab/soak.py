@@ -56,7 +56,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -566,7 +565,7 @@ class Soak:
                 raise Broken(f"{name} still {state} {self.bound:g}s after its peer died")
             time.sleep(0.02)
         # The daemon's own log line says when it decided (a status poll adds its own delay under load).
-        logged = log_time(self.daemon.output(), rf"tunnel {name} down: ", after=died)
+        logged = self.daemon.logged_at(rf"tunnel {name} down: ", after=died)
         detected = (logged if logged is not None else time.time()) - died
         self.figures["peer-death"].note_max("worst detection seconds", detected)
         if detected > self.detect_bound:
@@ -800,20 +799,6 @@ class Soak:
                 "faults_converged": sum(f.converged for f in self.figures.values()),
                 "worst_convergence_seconds": round(max((f.worst_seconds for f in converged), default=0.0), 2),
                 "pings_sent": sent, "pings_answered": replied, "kinds": kinds, "broken": broken}
-
-
-def log_time(output: str, pattern: str, after: float) -> float | None:
-    """Wall-clock time of the first greupd log line matching `pattern` stamped at or after `after`."""
-    for line in output.splitlines():
-        stamp, _, rest = line.partition(" ")
-        if re.search(pattern, rest):
-            try:
-                when = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
-            except ValueError:
-                continue
-            if when >= after - 0.001:
-                return when
-    return None
 
 
 def format_report(report: dict[str, Any], replay: str) -> str:

@@ -13,7 +13,6 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import pytest
 
@@ -81,21 +80,6 @@ def route_to_service(a: Host) -> str:
     return a.ip("route", "get", SERVICE).stdout
 
 
-def event_time(output: str, pattern: str, after: float) -> float:
-    """Wall-clock time of the first stderr event line matching `pattern` logged after `after`."""
-    for line in output.splitlines():
-        stamp, _, rest = line.partition(" ")
-        if re.search(pattern, rest):
-            try:
-                when = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
-            except ValueError:
-                continue
-            if when >= after:
-                return when
-    raise AssertionError(f"no event {pattern!r} after {after}:\n{output}")
-
-
-
 def test_dead_primary_fails_over_to_the_backup_and_comes_back(failover: Failover) -> None:
     seed, a = failover.seed, failover.a
     assert a.wait_for("to_b", "up")["keepalive"]["received"] >= 0
@@ -109,7 +93,8 @@ def test_dead_primary_fails_over_to_the_backup_and_comes_back(failover: Failover
     # The link went down somewhere in the `ip` command's run, which a busy UML guest stretches past a second.
     command = time.time() - killed
     a.wait_for("to_b", "down", timeout=10)
-    went_down = event_time(a.output(), r"tunnel to_b down: 3 keepalives missed", killed - 1)
+    went_down = a.logged_at(r"tunnel to_b down: 3 keepalives missed", killed - 1)
+    assert went_down is not None, a.output()
     assert went_down - killed <= INTERVAL * (RETRIES + 1) + 0.5 + command, \
         f"detection took {went_down - killed:.2f}s, of which `ip link set down` {command:.2f}s"
     assert "dev to_c" in route_to_service(seed.a)
