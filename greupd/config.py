@@ -41,7 +41,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/greupd")
 
 @dataclass(frozen=True)
 class NetnsInstance:
-    """What greupd@NETNS.service uses (packaging/systemd/greupd@.service; tests/test_systemd_unit.py compares):
+    """What greupd@NETNS.service uses (systemd/greupd@.service; tests/test_systemd_unit.py compares):
     the daemon in network namespace /run/netns/NETNS. `greupd -n NETNS ...` finds it here, as `ip -n` does."""
 
     netns: str

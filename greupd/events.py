@@ -1,7 +1,7 @@
 """The daemon's event log: one journal entry per tunnel state change, reload, rejection or error.
 
 Under systemd each event is a structured journal entry (spec.md "journald"): SYSLOG_IDENTIFIER=greupd, a fixed
-MESSAGE_ID per kind of event (explained by packaging/systemd/greupd.catalog under `journalctl -x`), GREUPD_* fields to
+MESSAGE_ID per kind of event (explained by systemd/greupd.catalog under `journalctl -x`), GREUPD_* fields to
 filter on (`journalctl -u greupd GREUPD_TUNNEL=My_Tunnel`), a syslog PRIORITY and a one-line MESSAGE. An event
 about one tunnel also carries INTERFACE=<tunnel>, the field systemd-networkd uses, so `networkctl status
 My_Tunnel` (and `journalctl INTERFACE=My_Tunnel`) shows greupd's events beside the kernel's and networkd's.
@@ -42,7 +42,7 @@ class EventKind(StrEnum):
     IPSEC_DOWN = "ipsec-down"
 
 
-# Fixed forever: users filter on them (`journalctl MESSAGE_ID=...`) and packaging/systemd/greupd.catalog is
+# Fixed forever: users filter on them (`journalctl MESSAGE_ID=...`) and systemd/greupd.catalog is
 # keyed by them.
 MESSAGE_IDS: Final[Mapping[EventKind, str]] = {
     EventKind.TUNNEL_UP: "d4f49aef516941b5849861850165daf6",

@@ -171,7 +171,7 @@ def test_eventlog_picks_stderr_when_journal_stream_is_someone_elses(tmp_path: Pa
 
 
 def test_catalog_has_an_entry_per_message_id() -> None:
-    catalog = (REPO / "packaging" / "systemd" / "greupd.catalog").read_text()
+    catalog = (REPO / "systemd" / "greupd.catalog").read_text()
     headers = re.findall(r"^-- ([0-9a-f]{32})$", catalog, flags=re.M)
     assert sorted(headers) == sorted(MESSAGE_IDS.values())
 
@@ -181,7 +181,7 @@ def test_journalctl_indexes_the_catalog(tmp_path: Path) -> None:
         pytest.skip("journalctl is not installed")
     catalog_dir = tmp_path / "usr/lib/systemd/catalog"
     catalog_dir.mkdir(parents=True)
-    shutil.copy(REPO / "packaging" / "systemd" / "greupd.catalog", catalog_dir)
+    shutil.copy(REPO / "systemd" / "greupd.catalog", catalog_dir)
     # --root keeps the host's catalog database untouched.
     subprocess.run(["journalctl", f"--root={tmp_path}", "--update-catalog"], check=True, timeout=60)
     listed = subprocess.run(["journalctl", f"--root={tmp_path}", "--list-catalog"], check=True, timeout=60,

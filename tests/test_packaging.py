@@ -100,9 +100,9 @@ def test_package_carries_the_units_and_the_user_unchanged(contents: dict[str, st
     for name in ("greupd.service", "greupd@.service"):
         units = [p for p in contents if re.fullmatch(rf"(/usr)?/lib/systemd/system/{re.escape(name)}", p)]
         assert len(units) == 1, name
-        assert (extracted / units[0].lstrip("/")).read_text() == (REPO / "packaging/systemd" / name).read_text()
+        assert (extracted / units[0].lstrip("/")).read_text() == (REPO / "systemd" / name).read_text()
     sysusers = (extracted / "usr/lib/sysusers.d/greupd.conf").read_text()
-    assert sysusers == (REPO / "packaging/systemd/greupd.sysusers").read_text()
+    assert sysusers == (REPO / "systemd/greupd.sysusers").read_text()
     assert re.search(r"^u greupd - ", sysusers, re.M)
 
 
@@ -293,12 +293,12 @@ def test_rpm_spec_builds_offline_from_the_wheelhouse(offline: tuple[list[str], d
     sources.mkdir()
     packed = run("tar", "--exclude=__pycache__", "--exclude=*.egg-info", f"--transform=s,^,greupd-{VERSION}/,",
                  "-czf", sources / f"greupd-{VERSION}.tar.gz", "greupd", "pyproject.toml", "README.md", "etc", "docs",
-                 "packaging")
+                 "packaging", "systemd")
     assert packed.returncode == 0, packed.stderr
     packed = run("tar", "-C", WHEELHOUSE.parent, "--exclude=.stamp", "-czf",
                  sources / f"greupd-{VERSION}-wheelhouse.tar.gz", "wheelhouse")
     assert packed.returncode == 0, packed.stderr
-    shutil.copy(REPO / "packaging/systemd/greupd.sysusers", sources)
+    shutil.copy(REPO / "systemd/greupd.sysusers", sources)
     prefix, env = offline
     built = run(*prefix, "rpmbuild", "-bb", "--nodeps", "--define", f"_topdir {tmp_path}",
                 # systemd-rpm-macros is Fedora's; on Debian name its directories, and its sysusers macro, by hand.
