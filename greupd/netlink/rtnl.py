@@ -276,8 +276,8 @@ def _gre_value(attribute: GreAttribute, data: Mapping[int, bytes], kind: str) ->
             return _BE32.unpack_from(payload)[0] if keyed and payload and len(payload) >= 4 else (0 if keyed else None)
         case "encap_limit":
             # The flags word also carries the kernel's own capability bits (IP6_TNL_F_CAP_*): read only ours.
-            flags = _u32_of(data.get(attribute.flags_number)) or 0
-            if flags & IP6_TNL_F_IGN_ENCAP_LIMIT:
+            tunnel_flags = _u32_of(data.get(attribute.flags_number)) or 0
+            if tunnel_flags & IP6_TNL_F_IGN_ENCAP_LIMIT:
                 return "none"
             return payload[0] if payload else None
 
