@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -102,9 +103,9 @@ def test_an_entry_greupd_would_refuse_is_printed_commented_with_the_reason() -> 
 
 
 def test_an_encap_limit_found_is_written_after_pmtudisc_and_loads_as_found() -> None:
+    limits: list[tuple[str, int | Literal["none"] | None]] = [("NoLimit6", "none"), ("Zero6", 0), ("Plain6", None)]
     found = [FoundTunnel(name=name, mode="ip6gre", local="2001:db8:1::1", remote=f"2001:db8:1::{n}", origin="test",
-                         ttl=64, encap_limit=limit) for n, (name, limit) in enumerate(
-                             (("NoLimit6", "none"), ("Zero6", 0), ("Plain6", None)), start=2)]
+                         ttl=64, encap_limit=limit) for n, (name, limit) in enumerate(limits, start=2)]
     text = render(found, "kernel")
     assert 'ttl = 64\nencap_limit = "none"\nadopt = true' in entry(text, "NoLimit6")
     assert "encap_limit = 0\n" in entry(text, "Zero6")
