@@ -23,8 +23,8 @@ ETHERNET_MODES: frozenset[str] = frozenset({"gretap", "ip6gretap"})
 
 # An ip6 tunnel's Tunnel Encapsulation Limit (RFC 2473 section 4.1.1): how many more tunnel entry points a packet
 # may pass, sent as an 8-byte destination option in every packet; "none" sends no option (the kernel's
-# IP6_TNL_F_IGN_ENCAP_LIMIT, `ip link ... encaplimit none`). 4 is iproute2's (and networkd's) default, so a tunnel
-# made by hand and greupd's are alike; the kernel alone would give 0 (a limit of 0: no nested tunnel passes it).
+# IP6_TNL_F_IGN_ENCAP_LIMIT, `ip link ... encaplimit none`). 4 is iproute2's default, so a tunnel made by hand
+# and greupd's are alike; a request without the attribute gives 0 (a limit of 0: no nested tunnel passes it).
 EncapLimit = int | Literal["none"]
 DEFAULT_ENCAP_LIMIT = 4
 IP6_TNL_F_IGN_ENCAP_LIMIT = 0x1  # include/uapi/linux/ip6_tunnel.h
