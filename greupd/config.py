@@ -66,7 +66,8 @@ KEEPALIVE_MODES: frozenset[str] = frozenset({"gre"})
 # [defaults] keys a mode has no use for: a default applies to the tunnels it fits, and is not an error on the
 # others (a [defaults.keepalive] beside an ip6gre tunnel). Written in the tunnel itself they are errors.
 _DEFAULTS_NOT_FOR: Mapping[str, frozenset[str]] = {
-    "gretap": frozenset({"keepalive"}),
+    "gre": frozenset({"encap_limit"}),
+    "gretap": frozenset({"keepalive", "encap_limit"}),
     "ip6gre": frozenset({"keepalive", "tos", "pmtudisc"}),
     "ip6gretap": frozenset({"keepalive", "tos", "pmtudisc"}),
 }
@@ -451,6 +452,9 @@ class TunnelConfig(_Model):
     tos: Annotated[Annotated[StrictInt, Field(ge=0, le=255, multiple_of=4)] | Literal["inherit"],
                    BeforeValidator(_tos)] = "inherit"
     pmtudisc: StrictBool = True
+    # ip6 modes only; None: 4, as iproute2 makes an ip6gre tunnel (gre.DEFAULT_ENCAP_LIMIT).
+    encap_limit: Annotated[Annotated[StrictInt, Field(ge=0, le=255)] | Literal["none"] | None,
+                           BeforeValidator(_whole_number("encap_limit", 0, 255, "none"))] = None
     # 68: the smallest MTU an IPv4 link may have (RFC 791), and the kernel's floor for GRE devices.
     mtu: Annotated[Annotated[StrictInt, Field(ge=68, le=65535)] | None,
                    BeforeValidator(_whole_number("mtu", 68, 65535))] = None
@@ -509,6 +513,10 @@ class TunnelConfig(_Model):
                                        " leave tos out")
         if self.mode in IPV6_MODES and not self.pmtudisc:
             raise _FieldProblem("pmtudisc", f"pmtudisc is a setting of the IPv4 modes, not {self.mode}")
+        if self.mode not in IPV6_MODES and self.encap_limit is not None:
+            # IPv4 has no Tunnel Encapsulation Limit option: ip_gre would ignore it, so say so.
+            raise _FieldProblem("encap_limit", f"encap_limit is a setting of the IPv6 modes (ip6gre, ip6gretap),"
+                                               f" not {self.mode}; leave it out")
         if self.mtu is not None:
             highest = MAX_MTU[self.mode][self.output_key is not None]
             if self.mtu > highest:

@@ -21,6 +21,14 @@ MODES: frozenset[str] = frozenset(get_args(Mode))
 IPV6_MODES: frozenset[str] = frozenset({"ip6gre", "ip6gretap"})
 ETHERNET_MODES: frozenset[str] = frozenset({"gretap", "ip6gretap"})
 
+# An ip6 tunnel's Tunnel Encapsulation Limit (RFC 2473 section 4.1.1): how many more tunnel entry points a packet
+# may pass, sent as an 8-byte destination option in every packet; "none" sends no option (the kernel's
+# IP6_TNL_F_IGN_ENCAP_LIMIT, `ip link ... encaplimit none`). 4 is iproute2's default, so a tunnel made by hand
+# and greupd's are alike; a request without the attribute gives 0 (a limit of 0: no nested tunnel passes it).
+EncapLimit = int | Literal["none"]
+DEFAULT_ENCAP_LIMIT = 4
+IP6_TNL_F_IGN_ENCAP_LIMIT = 0x1  # include/uapi/linux/ip6_tunnel.h
+
 
 @dataclass(frozen=True)
 class GreAttribute:
@@ -33,16 +41,26 @@ class GreAttribute:
     field: str  # LinkSpec field
     number: int  # IFLA_GRE_* (include/uapi/linux/if_tunnel.h); ip6gre shares the numbering
     name: str  # the attribute's name after IFLA_GRE_ / IFLA_IP6GRE_, as pyroute2 decodes it
-    codec: Literal["address", "u8", "flag", "key"]  # key: __be32 key plus GRE_KEY in its __be16 flags attribute
-    flags_number: int = 0  # key only: IFLA_GRE_[IO]FLAGS, where GRE_KEY says whether there is a key
-    flags_name: str = ""  # key only: its name, as `name`
+    # key: __be32 key plus GRE_KEY in its __be16 flags attribute; encap_limit: u8 limit plus
+    # IP6_TNL_F_IGN_ENCAP_LIMIT in the ip6 tunnel's u32 flags attribute ("none")
+    codec: Literal["address", "u8", "flag", "key", "encap_limit"]
+    # key: IFLA_GRE_[IO]FLAGS, where GRE_KEY says whether there is a key; encap_limit: IFLA_GRE_FLAGS
+    flags_number: int = 0
+    flags_name: str = ""  # key, encap_limit: its name, as `name`
     ipv4_only: bool = False  # None in a LinkSpec of an ip6 mode: not applicable there, neither sent nor compared
+    ipv6_only: bool = False  # None in a LinkSpec of an IPv4 mode: likewise
     shown: Literal["always", "keyed", "never"] = "always"  # in a link's one-line description; keyed: with a key
     zero: str | None = None  # how the description writes 0 (ttl 0 is "inherit")
+
+    def applies_to(self, kind: str) -> bool:
+        """Does a link of this kind (mode) have the parameter at all?"""
+        ip6 = kind in IPV6_MODES
+        return not (self.ipv4_only and ip6) and not (self.ipv6_only and not ip6)
 
 
 IFLA_GRE_IFLAGS, IFLA_GRE_OFLAGS, IFLA_GRE_IKEY, IFLA_GRE_OKEY = 2, 3, 4, 5
 IFLA_GRE_LOCAL, IFLA_GRE_REMOTE, IFLA_GRE_TTL, IFLA_GRE_TOS, IFLA_GRE_PMTUDISC = 6, 7, 8, 9, 10
+IFLA_GRE_ENCAP_LIMIT, IFLA_GRE_FLAGS = 11, 13
 
 GRE_ATTRIBUTES: tuple[GreAttribute, ...] = (
     GreAttribute("local", IFLA_GRE_LOCAL, "LOCAL", "address"),
@@ -54,4 +72,6 @@ GRE_ATTRIBUTES: tuple[GreAttribute, ...] = (
     GreAttribute("ttl", IFLA_GRE_TTL, "TTL", "u8", zero="inherit"),
     GreAttribute("tos", IFLA_GRE_TOS, "TOS", "u8", ipv4_only=True, shown="never"),
     GreAttribute("pmtudisc", IFLA_GRE_PMTUDISC, "PMTUDISC", "flag", ipv4_only=True, shown="never"),
+    GreAttribute("encap_limit", IFLA_GRE_ENCAP_LIMIT, "ENCAP_LIMIT", "encap_limit", flags_number=IFLA_GRE_FLAGS,
+                 flags_name="FLAGS", ipv6_only=True, shown="never"),
 )

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from greupd.gre import GRE_ATTRIBUTES, IPV6_MODES, IPAddress, IPInterface, IPNetwork
+from greupd.gre import DEFAULT_ENCAP_LIMIT, GRE_ATTRIBUTES, IPV6_MODES, EncapLimit, IPAddress, IPInterface, IPNetwork
 from greupd.ipsec.connections import default_ipsec_mtu
 
 if TYPE_CHECKING:  # only read here: importing it would make the wire codec (rtnl imports model) load pydantic
@@ -48,11 +48,14 @@ class LinkSpec:
     tos: int | None = TOS_INHERIT  # None: not applicable (ip6 modes)
     pmtudisc: bool | None = True  # None: not applicable (ip6 modes)
     mtu: int | None = None  # None: whatever the kernel chose; not managed
+    encap_limit: EncapLimit | None = None  # ip6 modes: 0..255 or "none" (no option); None: not applicable (IPv4)
 
     def differs_from(self, observed: LinkSpec) -> tuple[str, ...]:
         """Names of the fields where `observed` does not match this desired spec."""
-        # ip6-only gaps (tos, pmtudisc) and mtu at None are not managed; a None key means "no key" and is compared.
-        fields = [a.field for a in GRE_ATTRIBUTES if not (a.ipv4_only and getattr(self, a.field) is None)]
+        # One family's parameters at None on the other (tos, pmtudisc on ip6; encap_limit on IPv4) and mtu at None
+        # are not managed; a None key means "no key" and is compared.
+        fields = [a.field for a in GRE_ATTRIBUTES
+                  if not ((a.ipv4_only or a.ipv6_only) and getattr(self, a.field) is None)]
         if self.mtu is not None:
             fields.append("mtu")
         return tuple(f for f in fields if getattr(self, f) != getattr(observed, f))
@@ -320,6 +323,7 @@ def link_spec(tunnel: TunnelConfig) -> LinkSpec:
         ttl=0 if tunnel.ttl == "inherit" else tunnel.ttl,
         tos=None if ip6 else (TOS_INHERIT if tunnel.tos == "inherit" else tunnel.tos),
         pmtudisc=None if ip6 else tunnel.pmtudisc,
+        encap_limit=(DEFAULT_ENCAP_LIMIT if tunnel.encap_limit is None else tunnel.encap_limit) if ip6 else None,
         # Under IPsec the kernel's default (underlay MTU less GRE's header) would not leave room for ESP.
         mtu=tunnel.mtu if tunnel.mtu is not None or tunnel.ipsec is None else default_ipsec_mtu(tunnel),
     )

@@ -132,7 +132,7 @@ def test_schema_is_json_schema_of_the_tunnel_fields() -> None:
     tunnel = schema["$defs"]["TunnelConfig"]
     assert tunnel["additionalProperties"] is False  # unknown keys are errors for editors too
     assert set(tunnel["required"]) == {"name", "local", "remote"}
-    assert {"name", "mode", "local", "remote", "key", "ikey", "okey", "ttl", "tos", "pmtudisc", "mtu",
+    assert {"name", "mode", "local", "remote", "key", "ikey", "okey", "ttl", "tos", "pmtudisc", "encap_limit", "mtu",
             "address", "peer", "routes", "metric", "table", "enabled", "adopt", "keepalive", "mss", "nat",
             "ipsec"} == set(
         tunnel["properties"])

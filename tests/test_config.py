@@ -226,6 +226,29 @@ def test_a_keepalive_default_applies_to_gre_tunnels_and_leaves_the_others_valid(
     assert (gre.tos, gretap.tos, ip6gre.tos) == (16, 16, "inherit")
 
 
+def test_encap_limit_is_iproute2s_4_unless_written_and_none_drops_the_option() -> None:
+    # Unwritten it stays None in the config: model.link_spec turns that into 4, as `ip link add ... type ip6gre`.
+    default, = load_config_text(SEED_A6).tunnels
+    assert default.encap_limit is None
+    for written, expected in (("0", 0), ("255", 255), ('"none"', "none")):
+        [tunnel] = load_config_text(SEED_A6 + f"encap_limit = {written}\n").tunnels
+        assert tunnel.encap_limit == expected
+    [tap] = load_config_text(SEED_A6.replace('"ip6gre"', '"ip6gretap"') + "encap_limit = 7\n").tunnels
+    assert tap.encap_limit == 7
+    problem = only_problem(SEED_A6 + "encap_limit = 256\n")
+    assert (problem.field, problem.line) == ("tunnel[0].encap_limit", 7)
+    assert problem.message == "encap_limit must be 0..255 or \"none\", not 256"
+
+
+def test_an_encap_limit_default_applies_to_the_ip6_tunnels_only() -> None:
+    text = '[defaults]\nencap_limit = "none"\n' + SEED_A + SEED_A6
+    gre, ip6gre = load_config_text(text).tunnels
+    assert (gre.encap_limit, ip6gre.encap_limit) == (None, "none")
+    # A bad value in [defaults] is reported there, even with no ip6 tunnel to inherit it.
+    problem = only_problem('[defaults]\nencap_limit = -1\n' + SEED_A)
+    assert (problem.field, problem.line) == ("defaults.encap_limit", 2)
+
+
 def test_keepalive_false_opts_one_tunnel_out_of_the_default() -> None:
     text = '[defaults.keepalive]\ninterval = "2s"\n' + SEED_A + \
         SEED_A.replace("My_Tunnel", "Quiet").replace("1.2", "1.3") + "keepalive = false\n"

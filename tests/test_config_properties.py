@@ -102,7 +102,8 @@ def emit(document: Mapping[str, TomlValue], path: tuple[str, ...] = ()) -> str:
 
 SPEC_TUNNEL: dict[str, object] = {
     "mode": "gre", "key": None, "ikey": None, "okey": None, "ttl": 64, "tos": "inherit", "pmtudisc": True,
-    "mtu": None, "address": None, "peer": None, "routes": [], "metric": 0, "table": 254, "enabled": True,
+    "encap_limit": None, "mtu": None, "address": None, "peer": None, "routes": [], "metric": 0, "table": 254,
+    "enabled": True,
     "adopt": False, "keepalive": None, "mss": {"clamp": "off"}, "nat": {"into_tunnel": [], "from_tunnel": []},
     "ipsec": None,
 }
@@ -137,6 +138,7 @@ DEFAULT_MTUS = st.integers(68, min(min(highest) for highest in MAX_MTU.values())
 METRICS = st.integers(0, 0xFFFFFFFF)
 TABLES = st.integers(1, 0xFFFFFFFF).filter(lambda t: t not in (253, 255))
 INNER = st.sampled_from(["none", "prefix", "peer"])
+ENCAP_LIMITS: st.SearchStrategy[int | str] = st.one_of(st.integers(0, 255), st.just("none"))
 CLAMPS: st.SearchStrategy[int | str] = st.one_of(st.sampled_from(["pmtu", "off"]), st.integers(536, 65495))
 ONE_TO_255 = st.integers(1, 255)
 ACTIONS = st.sampled_from(["routes", "link"])
@@ -216,8 +218,8 @@ def tunnels(draw: st.DrawFn, name: str, defaults: Mapping[str, TomlValue],
     ip6_mode = False
 
     def inherited(key: str) -> object:
-        if ip6_mode and key in ("tos", "pmtudisc"):
-            return SPEC_TUNNEL[key]  # a default of the IPv4 modes only
+        if (ip6_mode and key in ("tos", "pmtudisc")) or (not ip6_mode and key == "encap_limit"):
+            return SPEC_TUNNEL[key]  # a default of one family's modes only
         return defaults.get(key, SPEC_TUNNEL[key])
 
     def choose(key: str, value: TomlValue, spelling: TomlValue | None = None) -> None:
@@ -250,6 +252,10 @@ def tunnels(draw: st.DrawFn, name: str, defaults: Mapping[str, TomlValue],
     choose("pmtudisc", draw(BOOLS) if ttl == "inherit" and not ip6_mode else True)
     tos = "inherit" if ip6_mode else draw(TOSES)
     choose("tos", tos)
+    if ip6_mode and draw(BOOLS):
+        choose("encap_limit", draw(ENCAP_LIMITS))
+    else:
+        meant["encap_limit"] = inherited("encap_limit")
     if draw(BOOLS):
         choose("mtu", draw(MTUS[mode][bool({"key", "okey"} & set(keying))]))
     else:
@@ -336,6 +342,8 @@ def valid_configs(draw: st.DrawFn) -> Written:
         defaults["tos"] = draw(TOSES)
     if draw(BOOLS):
         defaults["mtu"] = draw(DEFAULT_MTUS)
+    if draw(BOOLS):
+        defaults["encap_limit"] = draw(ENCAP_LIMITS)
     if draw(BOOLS):
         defaults["metric"] = draw(METRICS)
     if draw(BOOLS):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -99,6 +100,17 @@ def test_an_entry_greupd_would_refuse_is_printed_commented_with_the_reason() -> 
     assert '# name = "a-name-far-too-long"' in text and "not an interface name" in text
     assert "already used by tunnel[0]" in text
     assert [t.name for t in load_config_text(text).tunnels] == ["twin"]
+
+
+def test_an_encap_limit_found_is_written_after_pmtudisc_and_loads_as_found() -> None:
+    limits: list[tuple[str, int | Literal["none"] | None]] = [("NoLimit6", "none"), ("Zero6", 0), ("Plain6", None)]
+    found = [FoundTunnel(name=name, mode="ip6gre", local="2001:db8:1::1", remote=f"2001:db8:1::{n}", origin="test",
+                         ttl=64, encap_limit=limit) for n, (name, limit) in enumerate(limits, start=2)]
+    text = render(found, "kernel")
+    assert 'ttl = 64\nencap_limit = "none"\nadopt = true' in entry(text, "NoLimit6")
+    assert "encap_limit = 0\n" in entry(text, "Zero6")
+    assert "encap_limit" not in entry(text, "Plain6")  # 4, greupd's default, as `ip link add` made it
+    assert [t.encap_limit for t in load_config_text(text).tunnels] == ["none", 0, None]
 
 
 def test_iptables_save_output_is_read_per_table() -> None:

@@ -191,7 +191,10 @@ def test_the_tunnel_mtu_leaves_room_for_esp(psk: Path) -> None:
     keyed = load(seed_a(f'psk_file = "{psk}"', extra="key = 42")).tunnels[0]
     assert default_ipsec_mtu(keyed) == 1391
     v6 = load(seed_a(f'psk_file = "{psk}"', mode="ip6gre")).tunnels[0]
+    # 40 (outer IPv6) + 8 (the Tunnel Encapsulation Limit option) + 4 (GRE); with encap_limit = "none", no option.
     assert default_ipsec_mtu(v6) == 1500 - 48 - 4 - ESP_OVERHEAD
+    v6_no_limit = load(seed_a(f'psk_file = "{psk}"', mode="ip6gre", extra='encap_limit = "none"')).tunnels[0]
+    assert default_ipsec_mtu(v6_no_limit) == 1500 - 40 - 4 - ESP_OVERHEAD
 
 
 def test_an_mtu_the_operator_wrote_is_kept_and_plain_tunnels_keep_the_kernel_default(psk: Path) -> None:

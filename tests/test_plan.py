@@ -163,6 +163,42 @@ def test_ttl_change_is_in_place_and_mode_change_replaces() -> None:
     assert kinds[:2] == ["DeleteLink", "CreateLink"]
 
 
+SEED_A6 = """
+[[tunnel]]
+name = "My_Tunnel6"
+mode = "ip6gre"
+local = "2001:db8:ff::1"
+remote = "2001:db8:ff::2"
+routes = ["2001:db8:20::/64"]
+"""
+
+
+def test_ip6gre_gets_iproute2s_encap_limit_and_the_ipv4_modes_none() -> None:
+    ip6gre = desired_state(load_config_text(SEED_A6)).tunnels["My_Tunnel6"].link
+    gre = desired_state(load_config_text(SEED_A)).tunnels["My_Tunnel"].link
+    assert (ip6gre.encap_limit, gre.encap_limit) == (4, None)
+
+
+def test_encap_limit_change_is_in_place() -> None:
+    """A reload to encap_limit = "none" (and back to a number) changes the link it has, like ttl: no flap."""
+    current = simulate(empty_kernel(), plan_changes(desired_state(load_config_text(SEED_A6)), empty_kernel()).actions)
+    for written, shown in (('"none"', "none"), ("0", "0")):
+        config = load_config_text(SEED_A6 + f"encap_limit = {written}\n")
+        plan = plan_changes(desired_state(config), current)
+        assert [str(a) for a in plan.actions] == [f"change link My_Tunnel6: encap_limit {shown}"]
+        assert plan_changes(desired_state(config), simulate(current, plan.actions)).actions == ()
+
+
+def test_an_ip6gre_link_of_an_older_greupd_gets_the_limit_in_place() -> None:
+    """greupd before review L5 sent no limit, so the kernel gave its links 0: they are changed, not replaced."""
+    desired = desired_state(load_config_text(SEED_A6))
+    link = desired.tunnels["My_Tunnel6"].link
+    older = Observed({"My_Tunnel6": ObservedLink(9, replace(link, encap_limit=0), True, True)}, {},
+                     frozenset(desired.tunnels["My_Tunnel6"].routes), dict(desired.sysctls))
+    plan = plan_changes(desired, older)
+    assert plan.actions == (ChangeLink(link, ("encap_limit",)),)
+
+
 def test_scoped_observation_plans_only_its_tunnels() -> None:
     config = load_config_text(SEED_A + OTHER)
     observed = Observed({}, {}, frozenset(), {}, scope=frozenset({"other"}))

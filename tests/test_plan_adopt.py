@@ -84,6 +84,23 @@ def test_adoption_changes_what_differs_in_place_and_adds_missing_routes() -> Non
     assert not any(type(a).__name__ in ("DeleteLink", "CreateLink", "DeleteRoute") for a in plan.actions)
 
 
+def test_an_ip6gre_tunnel_made_by_ip_link_is_adopted_without_a_change_and_encaplimit_none_is_changed() -> None:
+    """`ip link add ... type ip6gre` gives encaplimit 4, greupd's default: adopting it changes nothing of the link.
+    One made with `encaplimit none` for a config that does not say so is adopted and changed in place."""
+    config = load_config_text(
+        '[[tunnel]]\nname = "Backup_v6"\nmode = "ip6gre"\nlocal = "2001:db8:1::1"\nremote = "2001:db8:1::2"\n'
+        "adopt = true\n")
+    by_ip = LinkSpec("Backup_v6", "ip6gre", ipaddress.ip_address("2001:db8:1::1"),
+                     ipaddress.ip_address("2001:db8:1::2"), ttl=64, tos=None, pmtudisc=None, mtu=1448, encap_limit=4)
+    desired = desired_state(config)
+    for found, changes in ((by_ip, []), (replace(by_ip, encap_limit="none"), ["change link Backup_v6: encap_limit 4"])):
+        observed = Observed({"Backup_v6": ObservedLink(5, found, True, owned=False)}, {}, frozenset(),
+                            dict(desired.sysctls))
+        plan = plan_changes(desired, observed)
+        assert plan.problems == ()
+        assert describe(plan).splitlines() == ["adopt link Backup_v6 (ifindex 5): set alias greupd", *changes]
+
+
 def test_a_route_with_another_metric_is_not_taken_over() -> None:
     other_metric = replace(HAND_ROUTE, metric=5)
     plan = plan_changes(desired_state(load_config_text(SEED_A)), seed_by_hand(routes=frozenset({other_metric})))

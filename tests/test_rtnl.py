@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
-from greupd.gre import GRE_ATTRIBUTES
+from greupd.gre import GRE_ATTRIBUTES, IFLA_GRE_FLAGS
 from greupd.model import LINK_ALIAS, ROUTE_PROTO, AddressSpec, LinkSpec, ObservedLink, RouteSpec
 from greupd.netlink import nlmsg, rtnl
 
@@ -33,9 +33,11 @@ LINKS = [
     LinkSpec(TUNNEL, "gretap", ipaddress.ip_address("172.19.1.1"), ipaddress.ip_address("172.19.1.2"),
              ikey=0, okey=None, ttl=255, tos=0, mtu=1462),
     LinkSpec(TUNNEL, "ip6gre", ipaddress.ip_address("fd00::1"), ipaddress.ip_address("fd00::2"),
-             ikey=42, okey=42, ttl=64, tos=None, pmtudisc=None),
+             ikey=42, okey=42, ttl=64, tos=None, pmtudisc=None, encap_limit=4),
     LinkSpec(TUNNEL, "ip6gretap", ipaddress.ip_address("fd00::1"), ipaddress.ip_address("fd00::2"),
-             ikey=None, okey=7, ttl=0, tos=None, pmtudisc=None, mtu=1448),
+             ikey=None, okey=7, ttl=0, tos=None, pmtudisc=None, mtu=1448, encap_limit="none"),
+    LinkSpec(TUNNEL, "ip6gre", ipaddress.ip_address("fd00::1"), ipaddress.ip_address("fd00::2"),
+             tos=None, pmtudisc=None, encap_limit=0),
 ]
 ADDRESSES = [
     AddressSpec(TUNNEL, ipaddress.ip_interface("10.0.0.1/30")),
@@ -70,7 +72,8 @@ def gre_data(msg: Any) -> dict[str, Any]:
     return {name.split("GRE_", 1)[1]: value for name, value in data["attrs"]}
 
 
-@pytest.mark.parametrize("spec", LINKS, ids=lambda s: f"{s.kind}-mtu{s.mtu}-ikey{s.ikey}-okey{s.okey}")
+@pytest.mark.parametrize("spec", LINKS,
+                         ids=lambda s: f"{s.kind}-mtu{s.mtu}-ikey{s.ikey}-okey{s.okey}-encaplimit{s.encap_limit}")
 def test_new_link_reads_back_as_the_link_it_creates(spec: LinkSpec) -> None:
     msg = parsed(rtnl.new_link(spec))
     assert msg["header"]["flags"] & nlmsg.NLM_F_CREATE and msg["header"]["flags"] & nlmsg.NLM_F_EXCL
@@ -79,7 +82,7 @@ def test_new_link_reads_back_as_the_link_it_creates(spec: LinkSpec) -> None:
     assert rtnl.link_from_message(wire(rtnl.new_link(spec))) == (TUNNEL, ObservedLink(0, spec, False, False))
 
 
-@pytest.mark.parametrize("spec", LINKS, ids=lambda s: f"{s.kind}-mtu{s.mtu}")
+@pytest.mark.parametrize("spec", LINKS, ids=lambda s: f"{s.kind}-mtu{s.mtu}-encaplimit{s.encap_limit}")
 def test_change_link_carries_every_parameter_by_index(spec: LinkSpec) -> None:
     change, new = parsed(rtnl.change_link(INDEX, spec)), parsed(rtnl.new_link(spec))
     assert change["index"] == INDEX
@@ -95,6 +98,37 @@ def test_ip6_modes_send_no_ipv4_only_parameter() -> None:
     ipv4_only = {a.name for a in GRE_ATTRIBUTES if a.ipv4_only}
     assert ipv4_only and not ipv4_only & set(sent)
     assert {a.name for a in GRE_ATTRIBUTES if not a.ipv4_only} <= set(sent)
+
+
+def test_ipv4_modes_send_no_ipv6_only_parameter() -> None:
+    # ip_gre has no encapsulation limit: IFLA_GRE_ENCAP_LIMIT and IFLA_GRE_FLAGS are never sent to it.
+    for spec in LINKS[:3]:
+        sent = gre_data(parsed(rtnl.new_link(spec)))
+        assert not {"ENCAP_LIMIT", "FLAGS"} & set(sent), sent
+
+
+@pytest.mark.parametrize(("encap_limit", "limit", "flags"), [(4, 4, 0), (0, 0, 0), (255, 255, 0), ("none", 4, 1)])
+def test_encap_limit_is_sent_as_ip_link_sends_encaplimit(encap_limit: int | str, limit: int, flags: int) -> None:
+    """`ip link add ... type ip6gre encaplimit N|none`: the u8 limit, and IP6_TNL_F_IGN_ENCAP_LIMIT (0x1) in the
+    u32 flags for "none" (the limit then stays iproute2's 4, which the kernel ignores). On create and change alike:
+    ip6gre_changelink starts from zeroed parameters, so a change without them would set the limit to 0."""
+    spec = LinkSpec(TUNNEL, "ip6gre", ipaddress.ip_address("fd00::1"), ipaddress.ip_address("fd00::2"),
+                    tos=None, pmtudisc=None, encap_limit=encap_limit)  # type: ignore[arg-type]
+    for request in (rtnl.new_link(spec), rtnl.change_link(INDEX, spec)):
+        sent = gre_data(parsed(request))
+        assert (sent["ENCAP_LIMIT"], sent["FLAGS"]) == (limit, flags)
+
+
+def test_the_kernels_own_flag_bits_do_not_change_the_encap_limit_read() -> None:
+    """The kernel reports IP6_TNL_F_CAP_XMIT / CAP_RCV (0x10000, 0x20000) in the same flags word it dumps."""
+    spec = LINKS[3]
+    body = rtnl.new_link(spec).body
+    for flags, expected in ((0x30000, 4), (0x30001, "none")):
+        dumped = body.replace(nlmsg.attr(IFLA_GRE_FLAGS, struct.pack("=I", 0)),
+                              nlmsg.attr(IFLA_GRE_FLAGS, struct.pack("=I", flags)))
+        assert dumped != body
+        _, link = rtnl.link_from_message(nlmsg.message(rtnl.RTM_NEWLINK, 0, 0, 0, dumped))  # type: ignore[misc]
+        assert link.spec.encap_limit == expected
 
 
 def test_the_marker_and_up_down_requests() -> None:

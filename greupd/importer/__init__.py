@@ -38,6 +38,7 @@ class FoundTunnel:
     ttl: int | Literal["inherit"] = "inherit"
     tos: int | Literal["inherit"] | None = None  # None: not written (ip6 modes, or the source does not say)
     pmtudisc: bool | None = None
+    encap_limit: int | Literal["none"] | None = None  # None: not written (IPv4 modes, or greupd's default, 4)
     mtu: int | None = None
     address: str | None = None  # "A" (with peer) or "A/len"
     peer: str | None = None

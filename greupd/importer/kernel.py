@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterable
 
-from greupd.gre import IPV6_MODES, IPAddress, IPInterface
+from greupd.gre import DEFAULT_ENCAP_LIMIT, IPV6_MODES, IPAddress, IPInterface
 from greupd.importer import GRE_MODES, FoundRoute, FoundTunnel, carry_routes
 from greupd.model import LINK_ALIAS, ROUTE_PROTO, TOS_INHERIT, ObservedLink, RouteSpec
 from greupd.netlink import rtnl
@@ -85,7 +85,9 @@ def _tunnel(name: str, link: ObservedLink) -> FoundTunnel:
         origin=f"the running kernel (ifindex {link.index})", ikey=spec.ikey, okey=spec.okey,
         ttl="inherit" if spec.ttl == 0 else spec.ttl,
         tos=None if ip6 or spec.tos is None else ("inherit" if spec.tos == TOS_INHERIT else spec.tos),
-        pmtudisc=None if ip6 else spec.pmtudisc, mtu=spec.mtu)
+        pmtudisc=None if ip6 else spec.pmtudisc, mtu=spec.mtu,
+        # Written only when it is not greupd's default, so that adopting the link changes nothing of it.
+        encap_limit=None if spec.encap_limit == DEFAULT_ENCAP_LIMIT else spec.encap_limit)
     if link.owned:
         tunnel.notes.append(f"already greupd's (alias {LINK_ALIAS}): adopt changes nothing for it")
     if not link.up:

@@ -38,7 +38,8 @@ def entry_lines(tunnel: FoundTunnel) -> list[str]:
     else:
         fields += [(k, v) for k, v in (("ikey", tunnel.ikey), ("okey", tunnel.okey)) if v is not None]
     fields.append(("ttl", tunnel.ttl))
-    fields += [(k, v) for k, v in (("tos", tunnel.tos), ("pmtudisc", tunnel.pmtudisc), ("mtu", tunnel.mtu),
+    fields += [(k, v) for k, v in (("tos", tunnel.tos), ("pmtudisc", tunnel.pmtudisc),
+                                   ("encap_limit", tunnel.encap_limit), ("mtu", tunnel.mtu),
                                    ("address", tunnel.address), ("peer", tunnel.peer)) if v is not None]
     if tunnel.routes:
         fields.append(("routes", tunnel.routes))

@@ -33,9 +33,10 @@ ViciMessage = dict[str, ViciValue]
 # integrity check value (up to 32, HMAC-SHA-512), plus 8 for the UDP header when NAT-T encapsulates ESP.
 # AES-GCM (the default) needs 37 of these 81; the margin keeps any proposal an operator picks from fragmenting.
 ESP_OVERHEAD = 8 + 16 + 15 + 2 + 32 + 8
-# What ip_gre adds to each packet (outer IP header + GRE header, + 4 with a key); ip6gre's default
-# encapsulation limit adds an 8-byte destination option; gretap carries an Ethernet header inside.
-_OUTER_IP = {4: 20, 6: 40 + 8}
+# What ip_gre adds to each packet (outer IP header + GRE header, + 4 with a key); ip6gre's encapsulation
+# limit adds an 8-byte destination option, unless encap_limit = "none"; gretap carries an Ethernet header inside.
+_OUTER_IP = {4: 20, 6: 40}
+_ENCAP_LIMIT_OPTION = 8
 _GRE_HEADER = 4
 _GRE_KEY = 4
 _ETHERNET = 14
@@ -173,6 +174,8 @@ def default_ipsec_mtu(tunnel: TunnelConfig) -> int:
     family = 6 if tunnel.mode in IPV6_MODES else 4
     keyed = tunnel.input_key is not None or tunnel.output_key is not None
     overhead = _OUTER_IP[family] + _GRE_HEADER + (_GRE_KEY if keyed else 0) + ESP_OVERHEAD
+    if family == 6 and tunnel.encap_limit != "none":
+        overhead += _ENCAP_LIMIT_OPTION
     if tunnel.mode in ("gretap", "ip6gretap"):
         overhead += _ETHERNET
     return UNDERLAY_MTU - overhead

@@ -22,7 +22,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from greupd.gre import GRE_ATTRIBUTES, IPV6_MODES, MODES, GreAttribute, IPAddress
+from greupd.gre import (
+    DEFAULT_ENCAP_LIMIT,
+    GRE_ATTRIBUTES,
+    IP6_TNL_F_IGN_ENCAP_LIMIT,
+    IPV6_MODES,
+    MODES,
+    GreAttribute,
+    IPAddress,
+)
 from greupd.model import LINK_ALIAS, AddressSpec, LinkSpec, ObservedLink, RouteSpec
 from greupd.netlink.nlmsg import (
     HEADER,
@@ -116,12 +124,20 @@ def _gre_attribute(attribute: GreAttribute, value: Any) -> bytes:
         case "key":
             return (_be16(attribute.flags_number, GRE_KEY if value is not None else 0)
                     + _be32(attribute.number, value or 0))
+        case "encap_limit":
+            # As `ip link add ... type ip6gre [encaplimit none]` sends it: the limit (4 with "none", which the
+            # kernel then ignores) and the u32 flags word, whose IP6_TNL_F_IGN_ENCAP_LIMIT drops the option.
+            # Sent on every create and change: ip6gre_changelink starts from zeroed parameters, so an encap
+            # limit left out would become 0 (review L5).
+            ignored = value == "none"
+            return (_u8(attribute.number, DEFAULT_ENCAP_LIMIT if ignored else value)
+                    + _u32(attribute.flags_number, IP6_TNL_F_IGN_ENCAP_LIMIT if ignored else 0))
 
 
 def _linkinfo(spec: LinkSpec) -> bytes:
     # IFLA_GRE_* numbering is shared by gre, gretap, ip6gre and ip6gretap; None: not applicable to the mode.
     data = b"".join(_gre_attribute(a, value) for a in GRE_ATTRIBUTES
-                    if (value := getattr(spec, a.field)) is not None or a.codec == "key")
+                    if a.applies_to(spec.kind) and ((value := getattr(spec, a.field)) is not None or a.codec == "key"))
     return attr(IFLA_LINKINFO, _str(IFLA_INFO_KIND, spec.kind) + attr(IFLA_INFO_DATA, data))
 
 
@@ -244,7 +260,7 @@ def _u32_of(payload: bytes | None) -> int | None:
 def _gre_value(attribute: GreAttribute, data: Mapping[int, bytes], kind: str) -> Any:
     """One LinkSpec field from IFLA_INFO_DATA (the kernel's IFLA_GRE_* / IFLA_IP6GRE_*, same numbers)."""
     ip6 = kind in IPV6_MODES
-    if attribute.ipv4_only and ip6:
+    if not attribute.applies_to(kind):
         return None
     payload = data.get(attribute.number)
     match attribute.codec:
@@ -258,6 +274,12 @@ def _gre_value(attribute: GreAttribute, data: Mapping[int, bytes], kind: str) ->
             flags = data.get(attribute.flags_number)
             keyed = flags is not None and len(flags) >= 2 and _BE16.unpack_from(flags)[0] & GRE_KEY
             return _BE32.unpack_from(payload)[0] if keyed and payload and len(payload) >= 4 else (0 if keyed else None)
+        case "encap_limit":
+            # The flags word also carries the kernel's own capability bits (IP6_TNL_F_CAP_*): read only ours.
+            tunnel_flags = _u32_of(data.get(attribute.flags_number)) or 0
+            if tunnel_flags & IP6_TNL_F_IGN_ENCAP_LIMIT:
+                return "none"
+            return payload[0] if payload else None
 
 
 def link_from_message(raw: bytes) -> tuple[str, ObservedLink] | None:
