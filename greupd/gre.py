@@ -60,7 +60,8 @@ class GreAttribute:
 
 IFLA_GRE_IFLAGS, IFLA_GRE_OFLAGS, IFLA_GRE_IKEY, IFLA_GRE_OKEY = 2, 3, 4, 5
 IFLA_GRE_LOCAL, IFLA_GRE_REMOTE, IFLA_GRE_TTL, IFLA_GRE_TOS, IFLA_GRE_PMTUDISC = 6, 7, 8, 9, 10
-IFLA_GRE_ENCAP_LIMIT, IFLA_GRE_FLAGS = 11, 13
+IFLA_GRE_LINK, IFLA_GRE_ENCAP_LIMIT, IFLA_GRE_FLOWINFO, IFLA_GRE_FLAGS = 1, 11, 12, 13
+IFLA_GRE_FWMARK = 20
 
 GRE_ATTRIBUTES: tuple[GreAttribute, ...] = (
     GreAttribute("local", IFLA_GRE_LOCAL, "LOCAL", "address"),
@@ -75,3 +76,31 @@ GRE_ATTRIBUTES: tuple[GreAttribute, ...] = (
     GreAttribute("encap_limit", IFLA_GRE_ENCAP_LIMIT, "ENCAP_LIMIT", "encap_limit", flags_number=IFLA_GRE_FLAGS,
                  flags_name="FLAGS", ipv6_only=True, shown="never"),
 )
+
+# --- what a change keeps --------------------------------------------------------------------------------------
+#
+# A change (RTM_NEWLINK on the existing ifindex) is decoded by ipgre_netlink_parms (net/ipv4/ip_gre.c) and
+# ip6gre_netlink_parms (net/ipv6/ip6_gre.c), which start from a zeroed parameter struct: every parameter a request
+# leaves out is reset, also those greupd does not manage and somebody set by hand on a link greupd adopted (`ip
+# tunnel ... csum`, `tclass inherit`, `dev eth0`). So a change echoes them as the kernel reported them, an allowlist
+# of what those two functions read back as a plain value. Left out on purpose:
+# - IFLA_GRE_ENCAP_TYPE/FLAGS/SPORT/DPORT (FOU/GUE): ipgre_newlink_encap_setup and ip6gre_changelink_common apply
+#   them only when one is present, so the kernel keeps them when a change sends none.
+# - IFLA_GRE_IGNORE_DF (IPv4): ipgre_netlink_parms sets t->ignore_df only when present, so it is kept as well.
+# - IFLA_GRE_COLLECT_METADATA: a one-way switch (ipgre_netlink_parms sets collect_md and turns the device type to
+#   ARPHRD_NONE whenever it is present), not a value to echo; a metadata device is no point-to-point tunnel.
+# - IFLA_GRE_ERSPAN_*: erspan kinds only; greupd's modes never carry an ERSPAN header.
+KeptAttributes = tuple[tuple[int, bytes], ...]  # (IFLA_GRE_* number, the payload as the kernel reported it)
+KEPT_ON_CHANGE: frozenset[int] = frozenset({
+    IFLA_GRE_LINK,  # both: parms->link, the underlay device bound to (`ip link ... dev eth0`); absent: unbound
+    IFLA_GRE_IFLAGS, IFLA_GRE_OFLAGS,  # both: GRE_CSUM, GRE_SEQ beside greupd's GRE_KEY; merged, see below
+    IFLA_GRE_FLOWINFO,  # ip6gre_netlink_parms: parms->flowinfo (`flowlabel`, `tclass` values)
+    IFLA_GRE_FLAGS,  # ip6gre_netlink_parms: parms->flags (`tclass inherit`, ...) beside greupd's; merged
+    # ip6gre_netlink_parms: parms->fwmark, zeroed when absent. (ipgre_changelink starts from t->fwmark and keeps
+    # it; echoing the same mark changes nothing there.)
+    IFLA_GRE_FWMARK,
+})
+GRE_KEY = 0x2000  # in IFLA_GRE_[IO]FLAGS (__be16): there is a key; greupd's, from the key fields
+# Bits of the ip6 tunnel's u32 flags (include/uapi/linux/ip6_tunnel.h) a change does not echo: greupd's own, and
+# IP6_TNL_F_CAP_XMIT / CAP_RCV / CAP_PER_PACKET, which the kernel computes itself (ip6gre_tnl_link_config_common).
+IP6_TNL_FLAGS_NOT_KEPT = IP6_TNL_F_IGN_ENCAP_LIMIT | 0x10000 | 0x20000 | 0x40000

@@ -10,7 +10,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from greupd.gre import DEFAULT_ENCAP_LIMIT, GRE_ATTRIBUTES, IPV6_MODES, EncapLimit, IPAddress, IPInterface, IPNetwork
+from greupd.gre import (
+    DEFAULT_ENCAP_LIMIT,
+    GRE_ATTRIBUTES,
+    IPV6_MODES,
+    EncapLimit,
+    IPAddress,
+    IPInterface,
+    IPNetwork,
+    KeptAttributes,
+)
 from greupd.ipsec.connections import default_ipsec_mtu
 
 if TYPE_CHECKING:  # only read here: importing it would make the wire codec (rtnl imports model) load pydantic
@@ -109,6 +118,9 @@ class ObservedLink:
     spec: LinkSpec  # kind and parameters as the kernel reports them (for a foreign link: its kind only)
     up: bool
     owned: bool
+    # The parameters greupd does not manage (gre.KEPT_ON_CHANGE) as the kernel reported them, which a change in
+    # place sends back. Not compared: they are not greupd's to judge, so never drift.
+    kept: KeptAttributes = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -180,6 +192,9 @@ class CreateLink:
 class ChangeLink:
     spec: LinkSpec
     fields: tuple[str, ...]
+    # What the kernel reported of the link's other parameters (ObservedLink.kept): the change sends them back,
+    # because the kernel resets every parameter a change leaves out, also on a link adopted from someone else.
+    kept: KeptAttributes = ()
 
     def __str__(self) -> str:
         changes = " ".join(f"{f} {_value(getattr(self.spec, f))}" for f in self.fields)

@@ -140,7 +140,8 @@ def _plan_link_in_place(steps: _Steps, intent: TunnelIntent, link: ObservedLink)
     """An existing link of the right kind: change what differs, and set it up or down, without recreating it."""
     changed = intent.link.differs_from(link.spec)
     if changed:
-        steps.change_links.append(ChangeLink(intent.link, changed))
+        # The link's other parameters go back as the kernel reported them: a change resets what it leaves out.
+        steps.change_links.append(ChangeLink(intent.link, changed, link.kept))
     if intent.up and not link.up:
         steps.links_up.append(SetLinkUp(intent.link.name, True))
     elif not intent.up and link.up:

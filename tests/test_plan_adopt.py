@@ -14,6 +14,7 @@ from greupd.model import (
     AddressSpec,
     AddRoute,
     AdoptLink,
+    ChangeLink,
     CreateLink,
     DeleteLink,
     LinkSpec,
@@ -219,3 +220,24 @@ def test_adoption_converges_in_one_pass_and_keeps_every_ifindex(case: tuple[str,
     for route in kernel.foreign_routes:
         if (route.ifname, route.dst, route.table, route.metric) not in claimed:
             assert route in foreign_left
+
+
+# `ip tunnel add My_Tunnel mode gre ... csum dev eth0` and a mark, as the kernel reports them (IFLA_GRE_IFLAGS and
+# OFLAGS with GRE_CSUM, IFLA_GRE_LINK 2, IFLA_GRE_FWMARK 7): greupd does not manage them.
+HAND_MADE_EXTRAS = ((2, b"\x80\x00"), (3, b"\x80\x00"), (1, b"\x02\x00\x00\x00"), (20, b"\x07\x00\x00\x00"))
+
+
+def test_an_adopted_links_own_parameters_go_with_its_change_and_are_never_drift() -> None:
+    """A change in place carries what the kernel reported of the parameters greupd does not manage, so the kernel
+    (which resets what a change leaves out) keeps them; they alone never make a change."""
+    observed = seed_by_hand()
+    link = replace(observed.links["My_Tunnel"], kept=HAND_MADE_EXTRAS)
+    observed = replace(observed, links={"My_Tunnel": link})
+    config = load_config_text(SEED_A.replace('ttl = "inherit"', "ttl = 64"))
+    (change,) = [a for a in plan_changes(desired_state(config), observed).actions if isinstance(a, ChangeLink)]
+    assert (change.fields, change.kept) == (("ttl",), HAND_MADE_EXTRAS)
+
+    adopted = Observed({"My_Tunnel": replace(link, owned=True)}, {"My_Tunnel": frozenset({HAND_ADDRESS})},
+                       frozenset({HAND_ROUTE}), {})
+    assert plan_changes(desired_state(load_config_text(SEED_A)), adopted).actions == ()
+    assert link == replace(link, kept=())  # not part of what the planner compares

@@ -13,6 +13,7 @@ import errno
 import ipaddress
 import socket
 import struct
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -69,7 +70,13 @@ def wire(request: rtnl.Request) -> bytes:
 def gre_data(msg: Any) -> dict[str, Any]:
     """IFLA_INFO_DATA of a link message as pyroute2 names it, without the family prefix."""
     data = msg.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")
-    return {name.split("GRE_", 1)[1]: value for name, value in data["attrs"]}
+    return {name.split("GRE_", 1)[1]: value for name, value in data["attrs"] if "GRE_" in name}
+
+
+def raw_gre_data(request: rtnl.Request) -> dict[int, bytes]:
+    """IFLA_INFO_DATA by number, for what pyroute2 has no name for (an ip6gre link's IFLA_GRE_FWMARK)."""
+    info = dict(nlmsg.attributes(dict(nlmsg.attributes(request.body, rtnl._IFINFO.size))[rtnl.IFLA_LINKINFO]))
+    return dict(nlmsg.attributes(info[rtnl.IFLA_INFO_DATA]))
 
 
 @pytest.mark.parametrize("spec", LINKS,
@@ -287,3 +294,72 @@ def test_sequence_numbers_wrap_at_32_bits_and_skip_0() -> None:
     assert rtnl.next_seq(41) == 42
     assert rtnl.next_seq(0xFFFFFFFE) == 0xFFFFFFFF
     assert rtnl.next_seq(0xFFFFFFFF) == 1
+
+
+# --- a change keeps what greupd does not manage (gre.KEPT_ON_CHANGE) ------------------------------------------
+
+GRE_CSUM, GRE_KEY, GRE_SEQ = 0x8000, 0x2000, 0x1000
+IP6_TNL_F_USE_ORIG_TCLASS, IP6_TNL_F_USE_ORIG_FLOWLABEL, IP6_TNL_F_CAPS = 0x2, 0x4, 0x30000
+
+
+def kernel_link(kind: str, data: list[tuple[int, bytes]]) -> bytes:
+    """An RTM_NEWLINK as the kernel dumps a link of ours (IFLA_INFO_DATA attributes in its fill_info order)."""
+    body = (rtnl.set_link_up(INDEX, True).body + rtnl._str(rtnl.IFLA_IFNAME, TUNNEL)
+            + rtnl._str(rtnl.IFLA_IFALIAS, LINK_ALIAS)
+            + nlmsg.attr(rtnl.IFLA_LINKINFO, rtnl._str(rtnl.IFLA_INFO_KIND, kind) + nlmsg.attr(
+                rtnl.IFLA_INFO_DATA, b"".join(nlmsg.attr(number, payload) for number, payload in data))))
+    return nlmsg.message(rtnl.RTM_NEWLINK, 0, 0, 0, body)
+
+
+def test_a_change_sends_back_csum_seq_underlay_and_mark_of_a_gre_link_made_by_hand() -> None:
+    """`ip link add My_Tunnel type gre local .. remote .. key 42 icsum ocsum iseq dev eth0 fwmark 7 encap fou ..
+    ignore-df nopmtudisc`: ipgre_changelink resets the link (IFLA_GRE_LINK), the csum and seq flags unless a change
+    sends them; the FOU encapsulation, ignore-df and the mark it keeps by itself, so only the mark goes back."""
+    reply = kernel_link("gre", [
+        (1, struct.pack("=I", 2)), (2, struct.pack(">H", GRE_KEY | GRE_CSUM | GRE_SEQ)),
+        (3, struct.pack(">H", GRE_KEY | GRE_CSUM)), (4, struct.pack(">I", 42)), (5, struct.pack(">I", 42)),
+        (6, ipaddress.ip_address("172.19.1.1").packed), (7, ipaddress.ip_address("172.19.1.2").packed),
+        (8, b"\x00"), (9, b"\x00"), (10, b"\x00"), (20, struct.pack("=I", 7)),
+        (14, struct.pack("=H", 1)), (16, struct.pack(">H", 0)), (17, struct.pack(">H", 5555)), (15, b"\0\0"),
+        (19, b"\x01"), (18, b""),
+    ])
+    _, link = rtnl.link_from_message(reply)  # type: ignore[misc]
+    assert (link.spec.ikey, link.spec.okey, link.spec.ttl, link.spec.pmtudisc) == (42, 42, 0, False)
+    assert [number for number, _ in link.kept] == [1, 2, 3, 20]
+
+    wanted = replace(link.spec, ttl=64)
+    sent = gre_data(parsed(rtnl.change_link(INDEX, wanted, link.kept)))
+    assert (sent["IFLAGS"], sent["OFLAGS"]) == (GRE_KEY | GRE_CSUM | GRE_SEQ, GRE_KEY | GRE_CSUM)
+    assert (sent["LINK"], sent["FWMARK"], sent["TTL"], sent["IKEY"]) == (2, 7, 64, 42)
+    assert not {"ENCAP_TYPE", "ENCAP_DPORT", "IGNORE_DF", "COLLECT_METADATA"} & set(sent), sent
+    # The key bit is greupd's alone: a link changed to no key keeps its checksums and loses the key.
+    unkeyed = gre_data(parsed(rtnl.change_link(INDEX, replace(wanted, ikey=None, okey=None), link.kept)))
+    assert (unkeyed["IFLAGS"], unkeyed["OFLAGS"]) == (GRE_CSUM | GRE_SEQ, GRE_CSUM)
+    # Nothing to keep (a create, or a link nobody touched): what greupd sends alone, as before.
+    assert gre_data(parsed(rtnl.change_link(INDEX, wanted)))["IFLAGS"] == GRE_KEY
+    assert "LINK" not in gre_data(parsed(rtnl.change_link(INDEX, wanted)))
+
+
+def test_a_change_sends_back_tclass_and_flowlabel_inherit_of_an_ip6gre_link() -> None:
+    """`ip link add ... type ip6gre ... encaplimit none tclass inherit flowlabel inherit fwmark 7`: ip6gre_netlink_parms
+    zeroes the flags word, the flow info and the mark unless a change sends them. The encap-limit bit stays greupd's,
+    the capability bits the kernel's (it computes them), and the ERSPAN ones are not a GRE tunnel's."""
+    reply = kernel_link("ip6gre", [
+        (1, struct.pack("=I", 0)), (2, b"\0\0"), (3, b"\0\0"), (4, b"\0" * 4), (5, b"\0" * 4),
+        (6, ipaddress.ip_address("fd00::1").packed), (7, ipaddress.ip_address("fd00::2").packed), (8, b"\x40"),
+        (11, b"\x04"), (12, struct.pack(">I", 0x00012345)),
+        (13, struct.pack("=I", 1 | IP6_TNL_F_USE_ORIG_TCLASS | IP6_TNL_F_USE_ORIG_FLOWLABEL | IP6_TNL_F_CAPS)),
+        (20, struct.pack("=I", 7)), (22, b"\x01"), (21, struct.pack("=I", 0)),
+    ])
+    _, link = rtnl.link_from_message(reply)  # type: ignore[misc]
+    assert link.spec.encap_limit == "none"
+    assert [number for number, _ in link.kept] == [1, 2, 3, 12, 13, 20]
+
+    for limit, ignore in ((4, 0), ("none", 1)):
+        request = rtnl.change_link(INDEX, replace(link.spec, encap_limit=limit), link.kept)
+        sent = gre_data(parsed(request))
+        assert sent["FLAGS"] == ignore | IP6_TNL_F_USE_ORIG_TCLASS | IP6_TNL_F_USE_ORIG_FLOWLABEL
+        assert (sent["LINK"], sent["ENCAP_LIMIT"], sent["FLOWINFO"]) == (0, 4, 0x00012345)
+        by_number = raw_gre_data(request)  # pyroute2 names no ip6gre attribute past ENCAP_DPORT (17)
+        assert by_number[20] == struct.pack("=I", 7)  # IFLA_GRE_FWMARK
+        assert not {21, 22} & set(by_number)  # IFLA_GRE_ERSPAN_INDEX, _VER

@@ -339,8 +339,8 @@ class Kernel:
                 return []
             case CreateLink():
                 raise AssertionError("creates go through _create_links")
-            case ChangeLink(spec, _):
-                return [rtnl.change_link(self._index(spec.name), spec)]
+            case ChangeLink(spec, _, kept):
+                return [rtnl.change_link(self._index(spec.name), spec, kept)]
             case DeleteLink(name, _):
                 return [rtnl.del_link(self._index(name))]
             case SetLinkUp(name, up):

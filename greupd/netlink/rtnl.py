@@ -25,11 +25,15 @@ from typing import Any
 from greupd.gre import (
     DEFAULT_ENCAP_LIMIT,
     GRE_ATTRIBUTES,
+    GRE_KEY,
     IP6_TNL_F_IGN_ENCAP_LIMIT,
+    IP6_TNL_FLAGS_NOT_KEPT,
     IPV6_MODES,
+    KEPT_ON_CHANGE,
     MODES,
     GreAttribute,
     IPAddress,
+    KeptAttributes,
 )
 from greupd.model import LINK_ALIAS, AddressSpec, LinkSpec, ObservedLink, RouteSpec
 from greupd.netlink.nlmsg import (
@@ -71,7 +75,6 @@ RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
 RTN_UNICAST = 1
 RT_TABLE_COMPAT = 252  # rtm_table for ids that do not fit its byte; RTA_TABLE carries the real one
 IFF_UP = 0x1
-GRE_KEY = 0x2000
 
 _IFINFO = struct.Struct("=BxHiII")
 _IFADDR = struct.Struct("=BBBBI")
@@ -113,7 +116,9 @@ class Request:
 # --- model values -> requests ------------------------------------------------------------------------------
 
 
-def _gre_attribute(attribute: GreAttribute, value: Any) -> bytes:
+def _gre_attribute(attribute: GreAttribute, value: Any, kept: Mapping[int, bytes]) -> bytes:
+    """One parameter's attributes; `kept`: what the kernel reported of the link a change is for (else empty),
+    whose flag bits beside greupd's own go back with them (gre.KEPT_ON_CHANGE)."""
     match attribute.codec:
         case "address":
             return _ip(attribute.number, value)
@@ -122,7 +127,8 @@ def _gre_attribute(attribute: GreAttribute, value: Any) -> bytes:
         case "flag":
             return _u8(attribute.number, int(value))
         case "key":
-            return (_be16(attribute.flags_number, GRE_KEY if value is not None else 0)
+            others = (_be16_of(kept.get(attribute.flags_number)) or 0) & ~GRE_KEY  # e.g. GRE_CSUM, GRE_SEQ
+            return (_be16(attribute.flags_number, (GRE_KEY if value is not None else 0) | others)
                     + _be32(attribute.number, value or 0))
         case "encap_limit":
             # As `ip link add ... type ip6gre [encaplimit none]` sends it: the limit (4 with "none", which the
@@ -130,14 +136,23 @@ def _gre_attribute(attribute: GreAttribute, value: Any) -> bytes:
             # Sent on every create and change: ip6gre_changelink starts from zeroed parameters, so an encap
             # limit left out would become 0 (review L5).
             ignored = value == "none"
+            others = (_u32_of(kept.get(attribute.flags_number)) or 0) & ~IP6_TNL_FLAGS_NOT_KEPT  # `tclass inherit`
             return (_u8(attribute.number, DEFAULT_ENCAP_LIMIT if ignored else value)
-                    + _u32(attribute.flags_number, IP6_TNL_F_IGN_ENCAP_LIMIT if ignored else 0))
+                    + _u32(attribute.flags_number, (IP6_TNL_F_IGN_ENCAP_LIMIT if ignored else 0) | others))
 
 
-def _linkinfo(spec: LinkSpec) -> bytes:
+# The kept attributes greupd does not encode itself (its own flag words take the kept bits in _gre_attribute).
+_KEPT_AS_REPORTED = KEPT_ON_CHANGE - {a.number for a in GRE_ATTRIBUTES} - {a.flags_number for a in GRE_ATTRIBUTES}
+
+
+def _linkinfo(spec: LinkSpec, kept: KeptAttributes = ()) -> bytes:
     # IFLA_GRE_* numbering is shared by gre, gretap, ip6gre and ip6gretap; None: not applicable to the mode.
-    data = b"".join(_gre_attribute(a, value) for a in GRE_ATTRIBUTES
+    reported = dict(kept)
+    data = b"".join(_gre_attribute(a, value, reported) for a in GRE_ATTRIBUTES
                     if a.applies_to(spec.kind) and ((value := getattr(spec, a.field)) is not None or a.codec == "key"))
+    # The kept parameters greupd does not send itself go after its own, as the kernel reported them; the flag
+    # words greupd sends were merged above.
+    data += b"".join(attr(number, payload) for number, payload in kept if number in _KEPT_AS_REPORTED)
     return attr(IFLA_LINKINFO, _str(IFLA_INFO_KIND, spec.kind) + attr(IFLA_INFO_DATA, data))
 
 
@@ -150,8 +165,10 @@ def new_link(spec: LinkSpec, up: bool = False) -> Request:
     return Request(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body)
 
 
-def change_link(index: int, spec: LinkSpec) -> Request:
-    body = _IFINFO.pack(socket.AF_UNSPEC, 0, index, 0, 0) + _linkinfo(spec)
+def change_link(index: int, spec: LinkSpec, kept: KeptAttributes = ()) -> Request:
+    """Change a link in place to `spec`. `kept`: the parameters greupd does not manage as the kernel reported
+    them (ObservedLink.kept), sent back so that the change keeps them: the kernel resets what a change leaves out."""
+    body = _IFINFO.pack(socket.AF_UNSPEC, 0, index, 0, 0) + _linkinfo(spec, kept)
     if spec.mtu is not None:
         body += _u32(IFLA_MTU, spec.mtu)
     return Request(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, body)
@@ -257,6 +274,10 @@ def _u32_of(payload: bytes | None) -> int | None:
     return _U32.unpack_from(payload)[0] if payload is not None and len(payload) >= 4 else None
 
 
+def _be16_of(payload: bytes | None) -> int | None:
+    return _BE16.unpack_from(payload)[0] if payload is not None and len(payload) >= 2 else None
+
+
 def _gre_value(attribute: GreAttribute, data: Mapping[int, bytes], kind: str) -> Any:
     """One LinkSpec field from IFLA_INFO_DATA (the kernel's IFLA_GRE_* / IFLA_IP6GRE_*, same numbers)."""
     ip6 = kind in IPV6_MODES
@@ -300,7 +321,8 @@ def link_from_message(raw: bytes) -> tuple[str, ObservedLink] | None:
     data = dict(attributes(info[IFLA_INFO_DATA])) if IFLA_INFO_DATA in info else {}
     parameters = {a.field: _gre_value(a, data, kind) for a in GRE_ATTRIBUTES}
     spec = LinkSpec(name=name, kind=kind, **parameters, mtu=mtu)
-    return name, ObservedLink(index, spec, up, owned)
+    kept = tuple((number, payload) for number, payload in data.items() if number in KEPT_ON_CHANGE)
+    return name, ObservedLink(index, spec, up, owned, kept)
 
 
 def link_name_and_index(raw: bytes) -> tuple[str | None, int]:
