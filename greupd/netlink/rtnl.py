@@ -259,6 +259,7 @@ def dump_links() -> Request:
 # natively and more per message than the rest of a drift repair).
 
 _LINK_ATTRS = HEADER.size + _IFINFO.size
+_KEPT_NUMBERS = tuple(sorted(KEPT_ON_CHANGE))
 _ADDR_ATTRS = HEADER.size + _IFADDR.size
 _ROUTE_ATTRS = HEADER.size + _RTMSG.size
 _U32 = struct.Struct("=I")
@@ -321,7 +322,7 @@ def link_from_message(raw: bytes) -> tuple[str, ObservedLink] | None:
     data = dict(attributes(info[IFLA_INFO_DATA])) if IFLA_INFO_DATA in info else {}
     parameters = {a.field: _gre_value(a, data, kind) for a in GRE_ATTRIBUTES}
     spec = LinkSpec(name=name, kind=kind, **parameters, mtu=mtu)
-    kept = tuple((number, payload) for number, payload in data.items() if number in KEPT_ON_CHANGE)
+    kept = tuple((number, data[number]) for number in _KEPT_NUMBERS if number in data)
     return name, ObservedLink(index, spec, up, owned, kept)
 
 
