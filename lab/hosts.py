@@ -179,6 +179,14 @@ class Host:
             )
         return proc
 
+    def ifindex(self, link: str) -> int:
+        """The link's interface index: the same index before and after a change means it was not recreated."""
+        return int(self.ip("-o", "link", "show", link).stdout.split(":", 1)[0])
+
+    def link_details(self, link: str) -> str:
+        """`ip -d link show`: the link's kind-specific parameters (ttl, key, encaplimit, ...) as iproute2 words."""
+        return self.ip("-d", "link", "show", link).stdout
+
     def ip_batch(self, *commands: str) -> None:
         """Several ip commands ("addr add ... dev eth0") in one process; stops at the first error."""
         proc = subprocess.run(

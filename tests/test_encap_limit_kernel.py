@@ -58,12 +58,6 @@ def router() -> Iterator[Host]:
         yield a
 
 
-def link_details(host: Host, name: str) -> str:
-    return host.ip("-d", "link", "show", name).stdout
-
-
-def ifindex(host: Host, name: str) -> int:
-    return int(host.ip("-o", "link", "show", name).stdout.split(":", 1)[0])
 
 
 def mtu(host: Host, name: str) -> int:
@@ -75,9 +69,9 @@ def mtu(host: Host, name: str) -> int:
 def test_ip_link_shows_encaplimit_4_by_default_none_and_0_as_configured(router: Host) -> None:
     daemon = GreupdProcess(router, ROUTER).start()
 
-    assert "encaplimit 4 " in link_details(router, "t_default")
-    assert "encaplimit none " in link_details(router, "t_none")
-    assert "encaplimit 0 " in link_details(router, "t_tap")
+    assert "encaplimit 4 " in router.link_details("t_default")
+    assert "encaplimit none " in router.link_details("t_none")
+    assert "encaplimit 0 " in router.link_details("t_tap")
     # The kernel leaves room for the 8-byte option only where it is sent: 1500 - 40 (IPv6) - 4 (GRE) [- 8].
     assert (mtu(router, "t_default"), mtu(router, "t_none")) == (1448, 1456)
     # What greupd created reads back as what it wants: nothing to change, and nothing being done.
@@ -90,12 +84,12 @@ def test_ip_link_shows_encaplimit_4_by_default_none_and_0_as_configured(router: 
     assert after["netlink_requests"] == settled["netlink_requests"], daemon.output()
 
     # Somebody sets a limit by hand: greupd puts its own back, on the same link.
-    index = ifindex(router, "t_none")
+    index = router.ifindex("t_none")
     router.ip("link", "set", "t_none", "type", "ip6gre", "local", "2001:db8:ff::1", "remote", "2001:db8:ff::3",
               "encaplimit", "9")
-    eventually(lambda: "encaplimit none " in link_details(router, "t_none"), 20, "drift repaired",
+    eventually(lambda: "encaplimit none " in router.link_details("t_none"), 20, "drift repaired",
                daemon.output)
-    assert ifindex(router, "t_none") == index
+    assert router.ifindex("t_none") == index
 
 
 @dataclass
@@ -167,14 +161,14 @@ def limits_seen_at_b(pair: Pair) -> set[int | str]:
 
 
 def test_a_ping_through_ip6gre_with_no_limit_then_a_reload_to_the_default_keeps_the_link(pair: Pair) -> None:
-    index = ifindex(pair.a, "Tunnel6")
+    index = pair.a.ifindex("Tunnel6")
     assert limits_seen_at_b(pair) == {"none"}
 
     result = pair.greupd.reload(a_config())
     assert result.returncode == 0, result.stderr
-    eventually(lambda: "encaplimit 4 " in link_details(pair.a, "Tunnel6"), 20, "encaplimit 4 after the reload",
+    eventually(lambda: "encaplimit 4 " in pair.a.link_details("Tunnel6"), 20, "encaplimit 4 after the reload",
                pair.greupd.output)
-    assert ifindex(pair.a, "Tunnel6") == index  # changed in place: the same link, its address and routes kept
+    assert pair.a.ifindex("Tunnel6") == index  # changed in place: the same link, its address and routes kept
     assert limits_seen_at_b(pair) == {4}
 
 

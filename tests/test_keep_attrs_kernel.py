@@ -56,12 +56,6 @@ def router() -> Iterator[Host]:
         yield a
 
 
-def link_details(host: Host, name: str) -> str:
-    return host.ip("-d", "link", "show", name).stdout
-
-
-def ifindex(host: Host, name: str) -> int:
-    return int(host.ip("-o", "link", "show", name).stdout.split(":", 1)[0])
 
 
 def missing(details: str, kept: tuple[str, ...]) -> list[str]:
@@ -69,17 +63,17 @@ def missing(details: str, kept: tuple[str, ...]) -> list[str]:
 
 
 def test_adopting_with_another_ttl_and_encap_limit_keeps_the_hand_made_parameters(router: Host) -> None:
-    assert missing(link_details(router, "Hand4"), GRE_KEPT) == [], link_details(router, "Hand4")
-    assert missing(link_details(router, "Hand6"), IP6GRE_KEPT) == [], link_details(router, "Hand6")
-    indices = ifindex(router, "Hand4"), ifindex(router, "Hand6")
+    assert missing(router.link_details("Hand4"), GRE_KEPT) == [], router.link_details("Hand4")
+    assert missing(router.link_details("Hand6"), IP6GRE_KEPT) == [], router.link_details("Hand6")
+    indices = router.ifindex("Hand4"), router.ifindex("Hand6")
 
     daemon = GreupdProcess(router, CONFIG).start()
     daemon.wait_for("Hand4", "up")
     daemon.wait_for("Hand6", "up")
 
-    gre, ip6gre = link_details(router, "Hand4"), link_details(router, "Hand6")
+    gre, ip6gre = router.link_details("Hand4"), router.link_details("Hand6")
     assert " ttl 64 " in gre and " encaplimit none " in ip6gre, (gre, ip6gre, daemon.output())
-    assert (ifindex(router, "Hand4"), ifindex(router, "Hand6")) == indices  # changed in place, both adopted
+    assert (router.ifindex("Hand4"), router.ifindex("Hand6")) == indices  # changed in place, both adopted
     assert "alias greupd" in gre and "alias greupd" in ip6gre
     assert missing(gre, GRE_KEPT) == [], gre
     assert missing(ip6gre, IP6GRE_KEPT) == [], ip6gre
@@ -93,8 +87,8 @@ def test_adopting_with_another_ttl_and_encap_limit_keeps_the_hand_made_parameter
     def repaired() -> bool:
         now = daemon.status()
         return now is not None and now["netlink_requests"] > settled["netlink_requests"] and (
-            " ttl 64 " in link_details(router, "Hand4"))
+            " ttl 64 " in router.link_details("Hand4"))
 
     eventually(repaired, 20, "ttl drift repaired", daemon.output)
-    assert missing(link_details(router, "Hand4"), GRE_KEPT) == [], link_details(router, "Hand4")
-    assert ifindex(router, "Hand4") == indices[0]
+    assert missing(router.link_details("Hand4"), GRE_KEPT) == [], router.link_details("Hand4")
+    assert router.ifindex("Hand4") == indices[0]

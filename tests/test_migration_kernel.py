@@ -34,9 +34,6 @@ def seed_by_hand(router: Host, local: str, remote: str, address: str, peer: str,
                     f"route add {lan} dev My_Tunnel")
 
 
-def ifindex(host: Host, name: str) -> int:
-    return int(host.ip("-o", "link", "show", name).stdout.split(":", 1)[0])
-
 
 def plan_json(greupd: GreupdProcess) -> dict[str, Any]:
     result = greupd.cli("plan", "--json")
@@ -57,7 +54,7 @@ def test_hand_made_seed_tunnel_is_adopted_without_losing_a_ping(seed: SeedTopolo
     seed_by_hand(seed.a, "172.19.1.1", "172.19.1.2", "192.168.8.1", "192.168.8.11", "20.10.1.0/24")
     seed_by_hand(seed.b, "172.19.1.2", "172.19.1.1", "192.168.8.11", "192.168.8.1", "10.10.1.0/24")
     assert seed.lan_a.wait_ping("20.10.1.2", timeout=10)
-    index = ifindex(seed.a, "My_Tunnel")
+    index = seed.a.ifindex("My_Tunnel")
     ping = seed.lan_a.popen("ping", "-n", "-i", "0.05", "20.10.1.2", stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -70,7 +67,7 @@ def test_hand_made_seed_tunnel_is_adopted_without_losing_a_ping(seed: SeedTopolo
 
     a.start()
     assert a.wait_for("My_Tunnel", "up")["ifindex"] == index
-    assert ifindex(seed.a, "My_Tunnel") == index
+    assert seed.a.ifindex("My_Tunnel") == index
     assert "proto 222" in seed.a.ip("route", "show", "20.10.1.0/24").stdout
     assert "alias greupd" in seed.a.ip("-d", "link", "show", "My_Tunnel").stdout
     assert a.cli("plan", "--detailed-exitcode").returncode == 0

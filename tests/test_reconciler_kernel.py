@@ -34,10 +34,6 @@ def seed() -> Iterator[SeedTopology]:
 
 
 
-def ifindex(host: Host, name: str) -> int:
-    out = host.ip("-o", "link", "show", name).stdout
-    return int(out.split(":", 1)[0])
-
 
 def routes(host: Host, *args: str) -> str:
     return host.ip("route", "show", *args).stdout
@@ -131,13 +127,13 @@ def three_tunnels(ttl3: int = 64, with_t2: bool = True, with_t4: bool = False) -
 
 def test_reload_adds_removes_and_changes_only_what_changed(seed: SeedTopology) -> None:
     a = GreupdProcess(seed.a, three_tunnels()).start()
-    before = {name: ifindex(seed.a, name) for name in ("t_1", "t_3")}
+    before = {name: seed.a.ifindex(name) for name in ("t_1", "t_3")}
     route_t1 = routes(seed.a, "40.0.1.0/24")
     result = a.reload(three_tunnels(ttl3=32, with_t2=False, with_t4=True))
     assert result.returncode == 0, result.stderr
     links = seed.a.ip("link", "show").stdout
     assert "t_2" not in links and "t_4" in links
-    assert {name: ifindex(seed.a, name) for name in ("t_1", "t_3")} == before
+    assert {name: seed.a.ifindex(name) for name in ("t_1", "t_3")} == before
     assert "ttl 32" in seed.a.ip("-d", "link", "show", "t_3").stdout
     assert routes(seed.a, "40.0.1.0/24") == route_t1
     status = a.status()
@@ -147,7 +143,7 @@ def test_reload_adds_removes_and_changes_only_what_changed(seed: SeedTopology) -
 
 def test_invalid_reload_keeps_everything_running_and_reports_the_error(seed: SeedTopology) -> None:
     a = GreupdProcess(seed.a, SEED_A).start()
-    index = ifindex(seed.a, "My_Tunnel")
+    index = seed.a.ifindex("My_Tunnel")
     result = a.reload(SEED_A + "\n[[tunnel]]\nname = \"bad\"\nlocal = \"172.19.1.1\"\nremtoe = \"1.2.3.4\"\n")
     assert result.returncode == 1
     assert "remtoe" in result.stderr and "tunnels.toml:" in result.stderr
@@ -155,7 +151,7 @@ def test_invalid_reload_keeps_everything_running_and_reports_the_error(seed: See
     assert status is not None
     assert status["generation"] == 1 and "remtoe" in status["last_error"]
     assert a.tunnel("My_Tunnel")["state"] == "up"
-    assert ifindex(seed.a, "My_Tunnel") == index
+    assert seed.a.ifindex("My_Tunnel") == index
     assert a.proc is not None and a.proc.poll() is None
 
 
@@ -177,7 +173,7 @@ def test_sigkill_and_restart_keeps_the_tunnel_and_loses_no_ping(seed: SeedTopolo
     a = GreupdProcess(seed.a, SEED_A).start()
     GreupdProcess(seed.b, SEED_B).start()
     assert seed.lan_a.wait_ping("20.10.1.2")
-    index = ifindex(seed.a, "My_Tunnel")
+    index = seed.a.ifindex("My_Tunnel")
     pinger = seed.lan_a.popen("ping", "-n", "-q", "-i", "0.05", "-c", "100", "-W", "1", "20.10.1.2",
                               stdout=__import__("subprocess").PIPE, text=True)
     time.sleep(1)
@@ -188,7 +184,7 @@ def test_sigkill_and_restart_keeps_the_tunnel_and_loses_no_ping(seed: SeedTopolo
     again.start()
     output, _ = pinger.communicate(timeout=60)
     assert " 0% packet loss" in output, output
-    assert ifindex(seed.a, "My_Tunnel") == index
+    assert seed.a.ifindex("My_Tunnel") == index
     assert again.tunnel("My_Tunnel")["state"] == "up"
     assert "down" not in again.output()  # adopted, never flapped
 
