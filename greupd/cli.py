@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
+import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import cast
+from typing import NoReturn, cast
 
 from greupd import __version__
 from greupd.config import (
@@ -16,6 +18,7 @@ from greupd.config import (
     DEFAULT_CONTROL_SOCKET,
     Config,
     ConfigError,
+    ConfigProblem,
     NetnsInstance,
     json_schema,
     load_config,
@@ -24,11 +27,18 @@ from greupd.config import (
 )
 from greupd.status import DaemonStatus
 
+# Exit statuses: greupd(8)'s EXIT STATUS table, per command (tests/test_exit_statuses.py holds the two together).
+# 0-3 are spec.md's; the rest are sysexits(3)'s where one fits, so that no status means two things to a script.
 EXIT_OK = 0
-EXIT_INVALID = 1
-EXIT_USAGE = 2
-EXIT_NO_DAEMON = 3
+EXIT_INVALID = 1  # the config is invalid (check, plan, run, reload), a name unknown (status, import), a plan error
 EXIT_CHANGES = 2  # plan --detailed-exitcode: there is something to change
+EXIT_NO_DAEMON = 3  # nothing answers on the control socket
+EXIT_TUNNELS_DOWN = 4  # status --check: a tunnel is down or in error
+EXIT_USAGE = 64  # EX_USAGE: a command line argparse refuses (was 2, which plan --detailed-exitcode means "changes")
+EXIT_CRASH = 70  # EX_SOFTWARE: a bug (traceback), or a daemon that failed to answer; never 1, which stops restarts
+EXIT_NO_PERMISSION = 77  # EX_NOPERM: the control socket or the daemon refused us; run without its capabilities
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: whoever read our output stopped reading (`greupd plan | head -1`)
 
 
 def _instance(args: argparse.Namespace) -> NetnsInstance | None:
@@ -131,28 +141,71 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    config = _load_or_report(_config_path(args))
-    if config is None:
-        return EXIT_INVALID
-    if not _entered(args):
-        return EXIT_INVALID
+    path = _config_path(args)
+    if args.json:
+        # --json prints JSON whatever happens (N10): a tool parses stdout before it looks at the exit status.
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            return _plan_failed_json(EXIT_INVALID, [_problem_json(p) for p in exc.problems], files=[str(path)])
+    else:
+        loaded = _load_or_report(path)
+        if loaded is None:
+            return EXIT_INVALID
+        config = loaded
+    entered = _enter(args)
+    if entered is not None:
+        status, why = entered
+        if args.json:
+            return _plan_failed_json(status, [_error_json(why)], files=[str(f) for f in config.files])
+        print(f"greupd: {why}", file=sys.stderr)
+        return status
     return _plan_for_tools(config, args.json, args.detailed_exitcode)
 
 
-def _entered(args: argparse.Namespace) -> bool:
-    """With -n NETNS: into that namespace (plan and import read its kernel), or say why not."""
+def _entered(args: argparse.Namespace) -> int | None:
+    """With -n NETNS: into that namespace (plan and import read its kernel); else the status after saying why."""
+    entered = _enter(args)
+    if entered is None:
+        return None
+    status, why = entered
+    print(f"greupd: {why}", file=sys.stderr)
+    return status
+
+
+def _enter(args: argparse.Namespace) -> tuple[int, str] | None:
+    """With -n NETNS: into that namespace; None when done (or no -n), else the exit status and why not."""
     instance = _instance(args)
     if instance is None:
-        return True
+        return None
     try:
         enter_netns(instance)
     except OSError as exc:
-        print(f"greupd: {exc.strerror}", file=sys.stderr)
-        return False
-    return True
+        # setns(2) needs CAP_SYS_ADMIN: EPERM is a missing privilege, ENOENT a namespace that does not exist.
+        return (EXIT_NO_PERMISSION if exc.errno == errno.EPERM else EXIT_INVALID), str(exc.strerror)
+    return None
+
+
+# linux/capability.h: what `greupd run` cannot do without (links, routes, nftables; the keepalives' raw sockets).
+_CAP_NET_ADMIN, _CAP_NET_RAW = 12, 13
+
+
+def missing_capabilities(status: str) -> list[str]:
+    """The capabilities `greupd run` needs that a /proc/PID/status text's CapEff lacks."""
+    effective = next((int(line.split()[1], 16) for line in status.splitlines() if line.startswith("CapEff:")), 0)
+    return [name for name, bit in (("CAP_NET_ADMIN", _CAP_NET_ADMIN), ("CAP_NET_RAW", _CAP_NET_RAW))
+            if not effective >> bit & 1]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # Before anything is read or created (N13): without these the daemon would die on its first raw socket with a
+    # traceback, its control socket left behind.
+    missing = missing_capabilities(Path("/proc/self/status").read_text())
+    if missing:
+        lacks = "has neither" if len(missing) == 2 else f"lacks {missing[0]}"
+        print(f"greupd: run needs CAP_NET_ADMIN and CAP_NET_RAW, and this process {lacks} "
+              f"(run it as root or under greupd.service)", file=sys.stderr)
+        return EXIT_NO_PERMISSION
     path = _config_path(args)
     # trust (#11 H4): a config on disk that does not validate starts the last good one instead, if any.
     from greupd.state import StartRefused, start_config
@@ -179,11 +232,16 @@ def _ask_daemon(args: argparse.Namespace, command: str) -> Mapping[str, object] 
     try:
         return request(path, command)
     except ControlUnavailable as exc:
+        if isinstance(exc.__cause__, PermissionError):  # connect(2): EACCES on the socket or a folder above it
+            print(f"greupd: permission denied on {path}: {exc.__cause__.strerror} (root and group greupd may "
+                  f"ask; reload is for root)", file=sys.stderr)
+            return EXIT_NO_PERMISSION
         print(f"greupd: no daemon answers on {path}: {exc}", file=sys.stderr)
         return EXIT_NO_DAEMON
     except ControlError as exc:
         print(f"greupd: the daemon on {path} refused: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        # control.py's ControlServer answers "permission denied..." to a peer its credentials do not allow.
+        return EXIT_NO_PERMISSION if str(exc).startswith("permission denied") else EXIT_CRASH
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -192,12 +250,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     answer = _ask_daemon(args, "status")
     if isinstance(answer, int):
         return answer
+    status = cast(DaemonStatus, answer)
     if getattr(args, "names", None):
-        filtered = _only_named(cast(DaemonStatus, answer), args.names)
+        filtered = _only_named(status, args.names)
         if filtered is None:
             return EXIT_INVALID
-        answer = filtered
-    print(json.dumps(answer, indent=2) if args.json else format_status(cast(DaemonStatus, answer)))
+        status = filtered
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    if args.check and any(t["state"] in ("down", "error") for t in status["tunnels"]):
+        return EXIT_TUNNELS_DOWN
     return EXIT_OK
 
 
@@ -246,22 +307,42 @@ def _check_json(path: Path) -> int:
 def _plan_for_tools(config: Config, as_json: bool, detailed: bool) -> int:
     from greupd.cli_format import describe_plan, plan_report
 
+    files = [str(f) for f in config.files]
     try:
         report = plan_report(config)
     except OSError as exc:
-        print(f"greupd: cannot read the kernel's state: {exc}", file=sys.stderr)
+        why = f"cannot read the kernel's state: {exc}"
+        if as_json:
+            return _plan_failed_json(EXIT_INVALID, [_error_json(why)], files)
+        print(f"greupd: {why}", file=sys.stderr)
         return EXIT_INVALID
-    changes, errors = report.changes(), report.errors()
+    changes, errors = report.changes(), [_error_json(**e) for e in report.errors()]
     if as_json:
         print(json.dumps({"changes": changes, "errors": errors,
                           "nftables": {"table": report.table, "action": report.nft_action,
                                        "ruleset": report.ruleset_text, "warnings": list(report.warnings)},
-                          "config": [str(f) for f in config.files]}, indent=2))
+                          "config": files}, indent=2))
     else:
         print(describe_plan(report))
     if not detailed:
         return EXIT_OK
     return EXIT_INVALID if errors else EXIT_CHANGES if changes else EXIT_OK
+
+
+def _plan_failed_json(status: int, errors: list[dict[str, object]], files: list[str]) -> int:
+    """`plan --json` when there is no plan to show: changes and nftables null (unknown, not "none"), the errors."""
+    print(json.dumps({"changes": None, "errors": errors, "nftables": None, "config": files}, indent=2))
+    return status
+
+
+def _error_json(message: object, tunnel: object = None) -> dict[str, object]:
+    """One of plan --json's errors: every one has the same keys, null where they do not apply."""
+    return {"tunnel": tunnel, "file": None, "line": None, "field": None, "message": message}
+
+
+def _problem_json(problem: ConfigProblem) -> dict[str, object]:
+    return {"tunnel": None, "file": str(problem.file), "line": problem.line, "field": problem.field,
+            "message": problem.message}
 
 
 def _only_named(status: DaemonStatus, names: Sequence[str]) -> DaemonStatus | None:
@@ -278,8 +359,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     from greupd.importer import ImportProblem
     from greupd.importer.sources import import_config
 
-    if args.source == "kernel" and not _entered(args):
-        return EXIT_INVALID
+    if args.source == "kernel" and (status := _entered(args)) is not None:
+        return status
     words: list[str] = list(args.words)
     path: Path | None = None
     # For the file formats the first word is PATH when it looks like one; tunnel names never contain "/".
@@ -293,8 +374,16 @@ def cmd_import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with greupd's usage status (its subcommands' parsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="greupd", description="Declarative, self-healing GRE tunnels.")
+    parser = _Parser(prog="greupd", description="Declarative, self-healing GRE tunnels.")
     parser.add_argument("--version", action="version", version=f"greupd {__version__}")
     parser.add_argument("-n", "--netns", metavar="NETNS",
                         help="the greupd@NETNS instance, as `ip -n`: its socket (status, metrics, reload), its config "
@@ -321,10 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan = with_config(sub.add_parser("plan", help="print what run or a reload would change"), positional=True)
     plan.add_argument("--json", action="store_true", help='print {"changes": [...], "errors": [...]}')
     plan.add_argument("--detailed-exitcode", action="store_true",
-                      help="exit 0 when nothing would change, 2 when something would, 1 on an error")
+                      help=f"exit {EXIT_OK} when nothing would change, {EXIT_CHANGES} when something would, "
+                           f"{EXIT_INVALID} on an error")
     plan.set_defaults(func=cmd_plan)
     status = with_config(with_socket(sub.add_parser("status", help="ask the running daemon")))
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--check", action="store_true",
+                        help=f"exit {EXIT_TUNNELS_DOWN} while a tunnel (of those named) is down or in error")
     status.add_argument("names", nargs="*", metavar="NAME", help="only these tunnels (exit 1 for an unknown name)")
     status.set_defaults(func=cmd_status)
     metrics = with_config(with_socket(sub.add_parser("metrics", help="the running daemon's Prometheus metrics")))
@@ -344,6 +436,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The greupd command; every way it ends is one of greupd(8)'s exit statuses, never a stray traceback."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe could only be reported
+        return code
+    except BrokenPipeError:
+        if _stdout_closed():
+            # Our reader went away (`greupd plan | head -1`): stop quietly, as a program killed by SIGPIPE would.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_PIPE_CLOSED
+        return _crashed()  # some socket's, not our reader's: a bug like any other
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception:
+        return _crashed()
+
+
+def _crashed() -> int:
+    """A bug: its traceback, and EXIT_CRASH. Not 1: greupd.service's RestartPreventExitStatus=1 means "the config
+    does not validate", which a restart cannot fix, while a crash is worth a restart."""
+    traceback.print_exc()
+    return EXIT_CRASH
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe or socket whose reading end is gone (poll(2) reports POLLERR)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _fd, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "path", None) and args.config:

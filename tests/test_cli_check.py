@@ -162,7 +162,7 @@ def test_check_takes_the_config_as_a_plain_argument_too() -> None:
 
 def test_check_with_both_a_path_and_dash_c_is_a_usage_error() -> None:
     result = greupd("check", "-c", str(EXAMPLE), str(EXAMPLE))
-    assert result.returncode == 2
+    assert result.returncode == 64  # EX_USAGE
     assert "either as PATH or with -c" in result.stderr
 
 

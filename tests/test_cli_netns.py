@@ -59,7 +59,7 @@ def test_what_is_given_explicitly_wins_over_dash_n(monkeypatch: pytest.MonkeyPat
 def test_a_name_no_netns_can_have_is_a_usage_error(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as stop:
         main(["-n", name, "status"])
-    assert stop.value.code == 2
+    assert stop.value.code == 64  # EX_USAGE (2 is plan --detailed-exitcode's "changes")
     assert "-n/--netns:" in capsys.readouterr().err
     with pytest.raises(ValueError, match="is not a network namespace name"):
         netns_instance(name)
@@ -68,7 +68,7 @@ def test_a_name_no_netns_can_have_is_a_usage_error(name: str, capsys: pytest.Cap
 def test_dash_n_does_not_run_a_daemon(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as stop:
         main(["-n", "ns1", "run"])
-    assert stop.value.code == 2
+    assert stop.value.code == 64  # EX_USAGE (2 is plan --detailed-exitcode's "changes")
     assert "systemctl start greupd@ns1" in capsys.readouterr().err
 
 
@@ -110,4 +110,7 @@ def test_dash_n_plan_reads_the_kernel_inside_that_netns(tmp_path: Path) -> None:
         assert outside.returncode == 0 and json.loads(outside.stdout)["errors"] == [], outside.stdout
     missing = plan("-n", "greupd-test-nowhere")
     assert missing.returncode == 1
-    assert "cannot open network namespace 'greupd-test-nowhere'" in missing.stderr
+    # --json: the reason is in the JSON (N10), changes unknown
+    (error,) = json.loads(missing.stdout)["errors"]
+    assert error["message"].startswith("cannot open network namespace 'greupd-test-nowhere'")
+    assert json.loads(missing.stdout)["changes"] is None
