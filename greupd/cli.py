@@ -181,8 +181,8 @@ def _enter(args: argparse.Namespace) -> tuple[int, str] | None:
     try:
         enter_netns(instance)
     except OSError as exc:
-        # setns(2) needs CAP_SYS_ADMIN: EPERM is a missing privilege, ENOENT a namespace that does not exist.
-        return (EXIT_NO_PERMISSION if exc.errno == errno.EPERM else EXIT_INVALID), str(exc.strerror)
+        # setns(2) needs CAP_SYS_ADMIN: EPERM/EACCES is a missing privilege, ENOENT a namespace that is not there.
+        return (EXIT_NO_PERMISSION if exc.errno in (errno.EPERM, errno.EACCES) else EXIT_INVALID), str(exc.strerror)
     return None
 
 
