@@ -68,9 +68,11 @@ def test_ansible_plans_in_check_mode_applies_then_stays_quiet(seed: SeedTopology
     assert recap["a"]["changed"] == 2 and recap["b"]["changed"] == 2, out  # the plan and the file would change
     assert a.config_path.read_text() == "" and "My_Tunnel" not in seed.a.ip("link", "show").stdout
 
+    for host in inventory.values():  # the play ends once both tunnels are up (status --check exits 0)
+        host.update(greupd_check_tunnels=True, greupd_check_tunnels_timeout=60)
     rc, recap, out = playbook(inventory, scratch)
     assert rc == 0, out
-    assert a.wait_for("My_Tunnel", "up") and b.wait_for("My_Tunnel", "up")
+    assert a.tunnel("My_Tunnel")["state"] == "up" and b.tunnel("My_Tunnel")["state"] == "up"
     assert seed.lan_a.wait_ping("20.10.1.2", timeout=10)
 
     rc, recap, out = playbook(inventory, scratch, "--check")
@@ -92,3 +94,29 @@ def test_ansible_never_installs_a_config_greupd_rejects(lab: Lab) -> None:
     assert "tunnel[0].remote: '172.19.1.300' is not an IPv4 or IPv6 address" in out
     assert processes["a"].config_path.read_text() == ""
     assert 'remote = "172.19.1.1"' in processes["b"].config_path.read_text()
+
+
+@pytest.mark.needs_root
+def test_ansible_waits_for_the_tunnels_and_fails_a_router_whose_tunnel_stays_in_error(lab: Lab) -> None:
+    """greupd_check_tunnels: the play ends on `greupd status --check` (exit 4 while a tunnel is down or in error).
+
+    Any kernel: a static route holds the tunnel's prefix at metric 0, which greupd does not take (the kernel says
+    File exists; on a kernel without ip_gre the link itself fails first): the plan has changes (exit 2), the
+    config lands and is reloaded, and the tunnel stays in error.
+    """
+    router = lab.host("a")
+    router.ip("link", "add", "lan0", "type", "veth", "peer", "name", "lan1")
+    router.ip("link", "set", "lan0", "up")
+    router.ip("route", "add", "20.10.1.0/24", "dev", "lan0", "metric", "0")
+    greupd = GreupdProcess(router, "").start()
+    inventory = {"a": {**router_vars(greupd, tunnel("172.19.1.1", "172.19.1.2", "192.168.8.1", "192.168.8.11",
+                                                     "20.10.1.0/24")),
+                       "greupd_check_tunnels": True, "greupd_check_tunnels_timeout": 4}}
+    rc, recap, out = playbook(inventory, greupd.dir)
+    assert rc != 0 and recap["a"]["failed"] == 1, out
+    assert "Wait until no tunnel is down or in error" in out and '"rc": 4' in out, out
+    assert greupd.tunnel("My_Tunnel")["state"] == "error"  # the config was installed and reloaded, then waited on
+
+    inventory["a"]["greupd_tunnels"] = []  # no tunnel: none can be down
+    rc, recap, out = playbook(inventory, greupd.dir)
+    assert rc == 0 and recap["a"]["failed"] == 0, out
