@@ -8,6 +8,9 @@ Crashes and Ctrl-C cannot be provoked from outside, so for those the command's f
 raises, in a process that otherwise runs `greupd` as installed. The last test holds the cases to the table:
 every (command, status) the table lists has a case here, and no case exits with a status the table does not
 list for that command.
+
+A new command (build_parser() finds it) needs: its rows in the table ("every command" rows include it), a case
+for each status it has there besides 64, 70 and 130 (those are generic), and an entry in PRINTING (its 141).
 """
 
 from __future__ import annotations
