@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
+import fcntl
 import json
 import os
 import socket
@@ -67,40 +67,72 @@ class AnotherDaemonHere(CannotServe):
     """Another greupd runs in this network namespace, whatever its control socket (review L7)."""
 
 
-# An abstract AF_UNIX name: it exists while a socket holds it (never stale after a crash), and abstract names
-# are scoped to the network namespace, which is exactly the scope of the links and routes greupd owns.
-NETNS_LOCK = b"\0greupd"
+# One greupd per network namespace (review L7): a lock file per netns, named by the netns' inode, held with flock(2)
+# while the daemon runs (the kernel drops it when the process dies: never stale after a crash). It lives where only
+# root and greupd can create or open files (review M3, newcomer-3 High 3: the abstract name `\0greupd` used before
+# could be bound first by any user in the netns, and the refusal, exit 1, is one systemd never retries).
+# /run/greupd is greupd.service's RuntimeDirectory= (0750 greupd); greupd run as root makes it (0755) if missing.
+LOCK_DIR: Final = Path("/run/greupd")
 
 
-def claim_netns() -> socket.socket:
-    """Hold this netns's greupd lock for as long as the returned socket stays open.
+class NetnsLock:
+    """This netns's greupd lock, held until close(). Two daemons in one netns would each delete the other's links as
+    "not in the config" (the alias names no instance), also with different control sockets and configs."""
 
-    Two daemons in one netns would each delete the other's links as "not in the config" (the alias names
-    no instance), also with different control sockets and configs.
-    """
-    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        lock.bind(NETNS_LOCK)
-        lock.listen(1)  # so a second daemon can connect and learn, from SO_PEERCRED, which process holds it
-    except OSError as exc:
-        lock.close()
-        if exc.errno != errno.EADDRINUSE:
-            raise
-        raise AnotherDaemonHere(
-            f"another greupd already runs in this network namespace{_holder()}; two would delete each other's"
-            " tunnels. Stop that one first, or run this one in another netns") from None
-    return lock
-
-
-def _holder() -> str:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+    def __init__(self, lock_dir: Path = LOCK_DIR) -> None:
+        net = os.stat("/proc/thread-self/ns/net")
+        self.path = lock_dir / f"netns-{net.st_dev}-{net.st_ino}.lock"
         try:
-            probe.settimeout(1)
-            probe.connect(NETNS_LOCK)
-            pid, _, _ = struct.unpack("=iII", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-        except OSError:
-            return ""
-    return f" (pid {pid})"
+            _make_lock_dir(lock_dir)
+            self._fd = self._take()
+        except OSError as exc:
+            raise CannotServe(f"cannot take this network namespace's greupd lock {self.path}: {exc.strerror or exc}"
+                              " (greupd run needs root, or greupd.service, whose RuntimeDirectory= makes "
+                              f"{lock_dir} for user greupd)") from exc
+
+    def _take(self) -> int:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise AnotherDaemonHere(
+                    f"another greupd already runs in this network namespace{f' (pid {holder})' if holder else ''};"
+                    " two would delete each other's tunnels. Stop that one first, or run this one in another netns"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            # The holder before us unlinks the file as it stops: locking an unlinked file locks nothing. Try again.
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            os.close(fd)
+        directory = os.stat(self.path.parent)
+        if os.geteuid() == 0 and directory.st_uid != 0:
+            os.fchown(fd, directory.st_uid, directory.st_gid)  # root's leftover must not lock user greupd out
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message a second daemon gives
+        return fd
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()  # while still holding it: see _take
+        os.close(self._fd)
+        self._fd = -1
+
+
+def _make_lock_dir(lock_dir: Path) -> None:
+    with contextlib.suppress(FileExistsError):
+        lock_dir.mkdir(mode=0o755)
+    mode = os.stat(lock_dir).st_mode
+    if mode & stat.S_IWOTH or not stat.S_ISDIR(mode):
+        raise CannotServe(f"{lock_dir} must be a directory only root and greupd may write to (chmod o-w), or any user"
+                          " could keep greupd from starting")
 
 
 def control_socket(config: Config | Callable[[], Path] | None, override: str | Path | None = None) -> Path:
@@ -137,14 +169,14 @@ class ControlServer:
         self._reload_lock = asyncio.Lock()
         self._server: asyncio.Server | None = None
         self._inode: int | None = None
-        self._netns_lock: socket.socket | None = None
+        self._netns_lock: NetnsLock | None = None
 
     async def start(self) -> None:
         """Take this netns's greupd lock, bind and listen. Raises AnotherDaemonHere when a greupd already runs
         in the netns, ControlSocketBusy when another daemon answers at the path, and ControlSocketUnusable when
         the path cannot hold a socket."""
         if self._claims_netns:
-            self._netns_lock = claim_netns()  # first: a second daemon here must not touch the kernel
+            self._netns_lock = NetnsLock()  # first: a second daemon here must not touch the kernel
         try:
             await self._start()
         except OSError as exc:
