@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import fcntl
 import json
 import os
@@ -332,12 +334,14 @@ class _PeerSocket(Protocol):
     """socket.socket, or the asyncio TransportSocket that get_extra_info("socket") hands out."""
 
     def getsockopt(self, level: int, optname: int, buflen: int) -> bytes: ...
+    def fileno(self) -> int: ...
 
 
 # SO_PEERGROUPS (Linux 4.13): the peer's supplementary groups as the kernel saw them at connect(). Python 3.11
 # has no name for it; 59 is its number in asm-generic/socket.h, which x86 and arm use.
 _SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
 _MAX_PEER_GROUPS: Final = 256  # Python's getsockopt() reads at most 1024 bytes: 256 gid_t
+_NGROUPS_MAX: Final = 65536  # the kernel's limit (linux/limits.h)
 
 
 def _peer_access(sock: _PeerSocket | None) -> Literal["all", "status"] | None:
@@ -356,11 +360,29 @@ def _peer_access(sock: _PeerSocket | None) -> Literal["all", "status"] | None:
         return "status"
     try:
         groups = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * _MAX_PEER_GROUPS)
-    except OSError:
-        return None  # ERANGE: more groups than we read; ENOPROTOOPT: a kernel older than 4.13
+    except OSError as exc:
+        if exc.errno != errno.ERANGE:
+            return None  # ENOPROTOOPT: a kernel older than 4.13
+        try:
+            groups = peer_groups_beyond_256(sock.fileno())  # review L8: LDAP users are often in hundreds
+        except OSError:
+            return None
     if os.getegid() in struct.unpack(f"{len(groups) // 4}I", groups[: len(groups) // 4 * 4]):
         return "status"
     return None
+
+
+def peer_groups_beyond_256(fd: int) -> bytes:
+    """SO_PEERGROUPS with room for every group the kernel allows, through libc: Python's getsockopt() stops at
+    1024 bytes. (Not /proc/<pid>/status: under greupd.service's ProtectProc=invisible user greupd cannot see a
+    monitoring agent's process there, and a pid can be reused; SO_PEERGROUPS is what the peer was at connect().)"""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buffer = ctypes.create_string_buffer(4 * _NGROUPS_MAX)
+    length = ctypes.c_uint32(len(buffer))
+    if libc.getsockopt(fd, socket.SOL_SOCKET, _SO_PEERGROUPS, buffer, ctypes.byref(length)) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+    return buffer.raw[:length.value]
 
 
 def _remove_stale_socket(path: Path) -> None:

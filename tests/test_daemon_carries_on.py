@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -132,3 +133,41 @@ def test_backoff_doubles_from_a_tenth_of_a_second_and_resets_after_a_success() -
     assert delays[-1] == MAX_BACKOFF and delays == sorted(delays)
     backoff.succeeded()
     assert backoff.failed() == 0.1
+
+
+# Run in a process of its own: it lowers its descriptor limit until accept(2) fails with EMFILE.
+ACCEPT_STARVED = """
+import asyncio, resource, socket, sys
+from greupd.loop_guard import LoopErrors
+
+said = []
+
+async def main() -> None:
+    LoopErrors(said.append).install(asyncio.get_running_loop())
+    await asyncio.start_unix_server(lambda reader, writer: None, path=sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    clients = []
+    try:
+        while True:  # clients until this process has no descriptor left for the server's accept
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            client.connect_ex(sys.argv[1])
+            clients.append(client)
+    except OSError:
+        pass
+    await asyncio.sleep(3.5)  # asyncio tries the accept again every second
+    print(len(said))
+    print(said[0] if said else "")
+
+asyncio.run(main())
+"""
+
+
+def test_accept_out_of_descriptors_is_said_once_not_at_every_try(tmp_path: Path) -> None:
+    """newcomer-3 Medium 5: 1,100 clients at `ulimit -n 1024` gave 27k asyncio tracebacks on stderr."""
+    done = subprocess.run([sys.executable, "-c", ACCEPT_STARVED, str(tmp_path / "s.sock")], capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    count, message = done.stdout.splitlines()
+    assert count == "1", done.stdout + done.stderr
+    assert message.startswith("cannot accept connections: Too many open files (errno 24)")
+    assert "Traceback" not in done.stderr and "out of system resource" not in done.stderr, done.stderr
