@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import resource
 import select
 import socket
@@ -162,3 +163,15 @@ def test_a_kernel_without_ip_gre_is_named_with_the_fix(router: Host) -> None:
                " loaded. Load it with `modprobe ip_gre`" in tunnel["error"], tunnel
         assert "`modprobe ip_gre`" in daemon.output()
     assert daemon.stop() == 0
+
+
+def test_every_line_the_daemon_writes_has_one_format(router: Host) -> None:
+    """newcomer-3 Low 16: events had `<time> greupd <level>: ...`, log records a bare `greupd: ...`."""
+    daemon = GreupdProcess(router, SHIPPED).start()
+    assert daemon.reload().returncode == 0  # a refused create (no GRE here) is logged by the retry, too
+    assert daemon.stop() == 0
+    lines = daemon.output().splitlines()
+    assert any("the kernel refused an action; trying again" in line for line in lines)  # a log record's line
+    odd = [line for line in lines
+           if not re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z greupd (info|notice|warning|error): ", line)]
+    assert odd == [], odd
