@@ -414,6 +414,7 @@ class MetricsListener:
         self._text = text
         self._socket: socket.socket | None = None
         self._server: asyncio.Server | None = None
+        self._starting = self._closed = False
         # Open connections, oldest first -> still waiting for its request head (evictable, see _MAX_CONNECTIONS).
         self._slots: dict[asyncio.StreamWriter, bool] = {}
 
@@ -436,28 +437,36 @@ class MetricsListener:
 
     @property
     def serving(self) -> bool:
-        return self._server is not None
+        return self._server is not None or self._starting
 
     async def serve(self) -> None:
         if self._socket is None:
             self.bind()
-        self._server = await asyncio.start_server(self._serve, sock=self._socket, limit=_MAX_REQUEST)
+        self._starting = True
+        try:
+            server = await asyncio.start_server(self._serve, sock=self._socket, limit=_MAX_REQUEST)
+        finally:
+            self._starting = False
+        if self._closed:  # a reload moved metrics_listen while the server was being set up: the server closes it
+            server.close()
+            return
+        self._server = server
 
     @property
     def port(self) -> int | None:
         """The bound TCP port (tests listen on port 0)."""
-        if self._socket is None:
+        if self._socket is None or self._closed:
             return None
         port: int = self._socket.getsockname()[1]
         return port
 
     def close(self) -> None:
+        self._closed = True
         if self._server is not None:
             self._server.close()
             self._server = None
-        elif self._socket is not None:
-            self._socket.close()
-        self._socket = None
+        elif self._socket is not None and not self._starting:
+            self._socket.close()  # (while starting, the loop has it registered: serve() closes it through its server)
 
     def _make_room(self) -> bool:
         """Close the connection that has waited longest for its request head; False if every slot is answering."""
