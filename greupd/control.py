@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
+import fcntl
 import json
 import os
+import resource
 import socket
 import stat
 import struct
@@ -39,6 +42,13 @@ _MAX_LINE: Final = 64 * 1024
 _BACKLOG: Final = 128
 # A client that connects and says nothing must not hold a connection open forever.
 _IDLE_TIMEOUT: Final = 30.0
+# Nor one that asks and never reads the answers (newcomer-3 Medium 5: `drain()` waited forever).
+_WRITE_TIMEOUT: Final = 10.0
+# Connections served at once, at most; fewer if the descriptor limit is low (a quarter of it: the rest is the
+# daemon's own). When they are all taken, the one that has waited longest for a request is closed to make room:
+# 1,100 idle clients ran the daemon out of descriptors (EMFILE for its own sysctl, state and textfile writes) and
+# kept `greupd status` and `systemctl reload` out for their 30 s (newcomer-3 Medium 5).
+_MAX_CONNECTIONS: Final = 256
 # How long start() waits for an existing socket's daemon to answer before calling the socket stale.
 _PROBE_TIMEOUT: Final = 1.0
 
@@ -67,40 +77,72 @@ class AnotherDaemonHere(CannotServe):
     """Another greupd runs in this network namespace, whatever its control socket (review L7)."""
 
 
-# An abstract AF_UNIX name: it exists while a socket holds it (never stale after a crash), and abstract names
-# are scoped to the network namespace, which is exactly the scope of the links and routes greupd owns.
-NETNS_LOCK = b"\0greupd"
+# One greupd per network namespace (review L7): a lock file per netns, named by the netns' inode, held with flock(2)
+# while the daemon runs (the kernel drops it when the process dies: never stale after a crash). It lives where only
+# root and greupd can create or open files (review M3, newcomer-3 High 3: the abstract name `\0greupd` used before
+# could be bound first by any user in the netns, and the refusal, exit 1, is one systemd never retries).
+# /run/greupd is greupd.service's RuntimeDirectory= (0750 greupd); greupd run as root makes it (0755) if missing.
+LOCK_DIR: Final = Path("/run/greupd")
 
 
-def claim_netns() -> socket.socket:
-    """Hold this netns's greupd lock for as long as the returned socket stays open.
+class NetnsLock:
+    """This netns's greupd lock, held until close(). Two daemons in one netns would each delete the other's links as
+    "not in the config" (the alias names no instance), also with different control sockets and configs."""
 
-    Two daemons in one netns would each delete the other's links as "not in the config" (the alias names
-    no instance), also with different control sockets and configs.
-    """
-    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        lock.bind(NETNS_LOCK)
-        lock.listen(1)  # so a second daemon can connect and learn, from SO_PEERCRED, which process holds it
-    except OSError as exc:
-        lock.close()
-        if exc.errno != errno.EADDRINUSE:
-            raise
-        raise AnotherDaemonHere(
-            f"another greupd already runs in this network namespace{_holder()}; two would delete each other's"
-            " tunnels. Stop that one first, or run this one in another netns") from None
-    return lock
-
-
-def _holder() -> str:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+    def __init__(self, lock_dir: Path = LOCK_DIR) -> None:
+        net = os.stat("/proc/thread-self/ns/net")
+        self.path = lock_dir / f"netns-{net.st_dev}-{net.st_ino}.lock"
         try:
-            probe.settimeout(1)
-            probe.connect(NETNS_LOCK)
-            pid, _, _ = struct.unpack("=iII", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-        except OSError:
-            return ""
-    return f" (pid {pid})"
+            _make_lock_dir(lock_dir)
+            self._fd = self._take()
+        except OSError as exc:
+            raise CannotServe(f"cannot take this network namespace's greupd lock {self.path}: {exc.strerror or exc}"
+                              " (greupd run needs root, or greupd.service, whose RuntimeDirectory= makes "
+                              f"{lock_dir} for user greupd)") from exc
+
+    def _take(self) -> int:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise AnotherDaemonHere(
+                    f"another greupd already runs in this network namespace{f' (pid {holder})' if holder else ''};"
+                    " two would delete each other's tunnels. Stop that one first, or run this one in another netns"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            # The holder before us unlinks the file as it stops: locking an unlinked file locks nothing. Try again.
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            os.close(fd)
+        directory = os.stat(self.path.parent)
+        if os.geteuid() == 0 and directory.st_uid != 0:
+            os.fchown(fd, directory.st_uid, directory.st_gid)  # root's leftover must not lock user greupd out
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message a second daemon gives
+        return fd
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()  # while still holding it: see _take
+        os.close(self._fd)
+        self._fd = -1
+
+
+def _make_lock_dir(lock_dir: Path) -> None:
+    with contextlib.suppress(FileExistsError):
+        lock_dir.mkdir(mode=0o755)
+    mode = os.stat(lock_dir).st_mode
+    if mode & stat.S_IWOTH or not stat.S_ISDIR(mode):
+        raise CannotServe(f"{lock_dir} must be a directory only root and greupd may write to (chmod o-w), or any user"
+                          " could keep greupd from starting")
 
 
 def control_socket(config: Config | Callable[[], Path] | None, override: str | Path | None = None) -> Path:
@@ -137,14 +179,17 @@ class ControlServer:
         self._reload_lock = asyncio.Lock()
         self._server: asyncio.Server | None = None
         self._inode: int | None = None
-        self._netns_lock: socket.socket | None = None
+        # Open connections, oldest first -> waiting for a request (idle: may be closed to make room).
+        self._connections: dict[asyncio.StreamWriter, bool] = {}
+        self._max_connections = min(_MAX_CONNECTIONS, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
+        self._netns_lock: NetnsLock | None = None
 
     async def start(self) -> None:
         """Take this netns's greupd lock, bind and listen. Raises AnotherDaemonHere when a greupd already runs
         in the netns, ControlSocketBusy when another daemon answers at the path, and ControlSocketUnusable when
         the path cannot hold a socket."""
         if self._claims_netns:
-            self._netns_lock = claim_netns()  # first: a second daemon here must not touch the kernel
+            self._netns_lock = NetnsLock()  # first: a second daemon here must not touch the kernel
         try:
             await self._start()
         except OSError as exc:
@@ -187,15 +232,30 @@ class ControlServer:
             if os.stat(self.path).st_ino == self._inode:
                 self.path.unlink()
 
+    def _make_room(self) -> bool:
+        """Close the connection that has waited longest for a request; False if every one is being answered."""
+        oldest = next((w for w, idle in self._connections.items() if idle), None)
+        if oldest is None:
+            return False
+        del self._connections[oldest]
+        oldest.transport.abort()
+        return True
+
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._connections) >= self._max_connections and not self._make_room():
+            writer.transport.abort()
+            return
+        self._connections[writer] = True
         try:
             access = _peer_access(writer.get_extra_info("socket"))
             if access is None:
                 await _send(writer, {"ok": False, "error": "permission denied"})
                 return
-            while True:
+            while writer in self._connections:
+                self._connections[writer] = True
                 try:
-                    line = await asyncio.wait_for(reader.readline(), _IDLE_TIMEOUT)
+                    async with asyncio.timeout(_IDLE_TIMEOUT):
+                        line = await reader.readline()
                 except ValueError:
                     # Over-long: the rest of it cannot be told apart from a next request, so say why and hang up.
                     await _send(writer, {"ok": False, "error": f"request longer than {_MAX_LINE} bytes; "
@@ -203,10 +263,13 @@ class ControlServer:
                     return
                 except (TimeoutError, ConnectionError):
                     return  # idle, or the client went away
-                if not line:
+                if not line or writer not in self._connections:
+                    return  # the client is done, or we closed it to make room
+                self._connections[writer] = False
+                if not await _send(writer, await self._answer(line, may_reload=access == "all")):
                     return
-                await _send(writer, await self._answer(line, may_reload=access == "all"))
         finally:
+            self._connections.pop(writer, None)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
@@ -253,22 +316,32 @@ def command_error(command: str | None) -> str:
     return f"unknown command {command!r}; known: {', '.join(COMMANDS)}"
 
 
-async def _send(writer: asyncio.StreamWriter, answer: Mapping[str, object]) -> None:
+async def _send(writer: asyncio.StreamWriter, answer: Mapping[str, object]) -> bool:
+    """Write one answer; False when the client is gone or has not read for _WRITE_TIMEOUT (then it is dropped)."""
     writer.write(json.dumps(answer).encode() + b"\n")
-    with contextlib.suppress(ConnectionError):
-        await writer.drain()
+    try:
+        async with asyncio.timeout(_WRITE_TIMEOUT):
+            await writer.drain()
+    except TimeoutError:
+        writer.transport.abort()
+        return False
+    except ConnectionError:
+        return False
+    return True
 
 
 class _PeerSocket(Protocol):
     """socket.socket, or the asyncio TransportSocket that get_extra_info("socket") hands out."""
 
     def getsockopt(self, level: int, optname: int, buflen: int) -> bytes: ...
+    def fileno(self) -> int: ...
 
 
 # SO_PEERGROUPS (Linux 4.13): the peer's supplementary groups as the kernel saw them at connect(). Python 3.11
 # has no name for it; 59 is its number in asm-generic/socket.h, which x86 and arm use.
 _SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
 _MAX_PEER_GROUPS: Final = 256  # Python's getsockopt() reads at most 1024 bytes: 256 gid_t
+_NGROUPS_MAX: Final = 65536  # the kernel's limit (linux/limits.h)
 
 
 def _peer_access(sock: _PeerSocket | None) -> Literal["all", "status"] | None:
@@ -287,11 +360,29 @@ def _peer_access(sock: _PeerSocket | None) -> Literal["all", "status"] | None:
         return "status"
     try:
         groups = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * _MAX_PEER_GROUPS)
-    except OSError:
-        return None  # ERANGE: more groups than we read; ENOPROTOOPT: a kernel older than 4.13
+    except OSError as exc:
+        if exc.errno != errno.ERANGE:
+            return None  # ENOPROTOOPT: a kernel older than 4.13
+        try:
+            groups = peer_groups_beyond_256(sock.fileno())  # review L8: LDAP users are often in hundreds
+        except OSError:
+            return None
     if os.getegid() in struct.unpack(f"{len(groups) // 4}I", groups[: len(groups) // 4 * 4]):
         return "status"
     return None
+
+
+def peer_groups_beyond_256(fd: int) -> bytes:
+    """SO_PEERGROUPS with room for every group the kernel allows, through libc: Python's getsockopt() stops at
+    1024 bytes. (Not /proc/<pid>/status: under greupd.service's ProtectProc=invisible user greupd cannot see a
+    monitoring agent's process there, and a pid can be reused; SO_PEERGROUPS is what the peer was at connect().)"""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buffer = ctypes.create_string_buffer(4 * _NGROUPS_MAX)
+    length = ctypes.c_uint32(len(buffer))
+    if libc.getsockopt(fd, socket.SOL_SOCKET, _SO_PEERGROUPS, buffer, ctypes.byref(length)) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+    return buffer.raw[:length.value]
 
 
 def _remove_stale_socket(path: Path) -> None:

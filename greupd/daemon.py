@@ -12,16 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 
 from greupd.config import Config, ConfigError, load_config
 from greupd.control import CannotServe, ControlServer, control_socket
-from greupd.events import EventLog
+from greupd.events import EventLog, log_like_events
 from greupd.ipsec.supervisor import IpsecSupervisor
 from greupd.keepalive.engine import KeepaliveEngine, LivenessChange, targets_from_config
 from greupd.keepalive.restart import VerdictMemory
+from greupd.loop_guard import describe, guard_loop, run_steps
 from greupd.metrics import MetricsPublisher
 from greupd.model import Desired, DesiredMemo
 from greupd.netlink.kernel import Kernel, KernelWatch
@@ -46,7 +46,7 @@ class Daemon:
         self.last_error: str | None = start.rejection() if start is not None else None
         self.reports, self._desired = Reports(), DesiredMemo()
         self.events = EventLog()
-        self.notifier = Notifier()
+        self.notifier = Notifier(on_error=self._fail)
         self._wake, self._stop = asyncio.Event(), asyncio.Event()
         self.queue: WorkQueue[ReloadResult] = WorkQueue(self._wake.set)
         self.kernel = Kernel()
@@ -78,14 +78,12 @@ class Daemon:
 
     async def run(self) -> int:
         loop = self._loop = asyncio.get_running_loop()
+        guard_loop(loop, self._fail, reload=self.queue.mark_reload, stop=self._request_stop)  # signals, I4
         control = ControlServer(self.socket_path, self.status, self.request_reload, on_error=self.events.error,
                                 metrics=self.metrics.text, netns_lock=True)
         await control.start()
         self.watch.start(loop)
         self.keepalive.start(loop)
-        for sig, handler in ((signal.SIGHUP, self.queue.mark_reload), (signal.SIGTERM, self._request_stop),
-                             (signal.SIGINT, self._request_stop)):
-            loop.add_signal_handler(sig, handler)
         self.keepalive.set_answerable(())  # nothing is known to work before the first pass (#11 H5)
         self.verdicts.resume(self.config, lambda: self.kernel.observe(self.desired()))
         # The table (clamp, NAT, forward accepts, IPsec drops) before any route or GRE packet (#11): its rules
@@ -93,7 +91,7 @@ class Daemon:
         self.nft.keep(self.config)
         self.reconcile(None)
         self.nft.start(loop)
-        self.notifier.ready(self._status_text())
+        self.notifier.ready(self.reports.status_text(self.config))
         if self.start is not None and self.start.rejected is not None:
             self.events.config_rejected(str(self.start.rejected))
         else:
@@ -102,12 +100,7 @@ class Daemon:
         self.notifier.start_watchdog(loop, on_error=self._fail)
         loop.call_later(RESYNC_EVERY, self._resync)
         try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                if self._stop.is_set():
-                    break
-                self._step()
+            await run_steps(loop, self._wake, self._stop, self._step, self._fail, again=self.queue.mark_everything)
         finally:
             self.queue.cancel_reloads()
             self.notifier.stopping()
@@ -132,8 +125,7 @@ class Daemon:
     def _resync(self) -> None:
         """The safety net (review M1): a full pass now and then, for what no event and no refusal told us."""
         assert self._loop is not None
-        self.queue.mark(None)
-        self.queue.mark_nft()
+        self.queue.mark_everything()
         self._loop.call_later(RESYNC_EVERY, self._resync)
 
     # --- the pass ------------------------------------------------------------------------------------
@@ -161,7 +153,7 @@ class Daemon:
         for change in changes:
             self.events.emit(change)
         self.keepalive.set_answerable(self.reports.answerable())  # #11 H5
-        self.notifier.status_if_changed(self._status_text())
+        self.notifier.status_if_changed(self.reports.status_text(self.config))
         self.metrics.publish()
         assert self._loop is not None
         applied = done.applied(self.reports.tunnels(self.config))
@@ -177,14 +169,33 @@ class Daemon:
     # --- reload, status, stop -------------------------------------------------------------------------
 
     def reload(self) -> ReloadResult:
+        """Whatever fails, ConfigError or not, rejects the reload, and the old config stays in force (review L1)."""
+        old = self.config
         try:
             config = load_config(self.config_path)
-        except ConfigError as exc:
-            self.last_error = f"reload rejected, previous config stays in force:\n{exc}"
-            self.events.config_rejected(str(exc))
-            self.notifier.status(self._status_text())
-            return {"ok": False, "generation": self.generation, "error": str(exc)}
-        self.notifier.reloading()
+            self.notifier.reloading()
+            scope = self._take(config)
+        except Exception as exc:
+            why = str(exc) if isinstance(exc, ConfigError) else f"{self.config_path}: {describe(exc)}"
+            if self.config is not old:  # failed while applying: the old config back in every part that took it
+                log.error("reload failed while applying the new config", exc_info=True)
+                self._take(old)
+                why = f"{self.config_path}: valid, but cannot apply it ({describe(exc)}); the previous config is back"
+            self.last_error = f"reload rejected, previous config stays in force:\n{why}"
+            self.events.config_rejected(why)
+            self.notifier.ready(self.reports.status_text(self.config))
+            return {"ok": False, "generation": self.generation, "error": why}
+        self.generation += 1
+        self._keep_as_last_good()
+        self.events.config_reloaded(self.generation, [str(f) for f in config.files])
+        self.notifier.ready(self.reports.status_text(self.config))
+        # Accepted, but the kernel may have refused some of it (review L8): say which tunnels, and why.
+        refused = [f"tunnel {name}: {r.error}" for name in sorted(scope)
+                   if (r := self.reports.records.get(name)) is not None and r.state == "error"]
+        error = "\n".join(filter(None, [self.last_error, *refused])) or None
+        return {"ok": True, "generation": self.generation, "error": error}
+
+    def _take(self, config: Config) -> frozenset[str]:
         scope, both = reload_scope(self.config, config, (n for n, r in self.reports.records.items()
                                                           if r.state == "error"))
         self.config, self.last_error = config, None
@@ -197,15 +208,7 @@ class Daemon:
         # costs a few requests); drift on them is the watch's business.
         self.reconcile(scope)
         self.nft.keep(config)
-        self.generation += 1
-        self._keep_as_last_good()
-        self.events.config_reloaded(self.generation, [str(f) for f in config.files])
-        self.notifier.ready(self._status_text())
-        # Accepted, but the kernel may have refused some of it (review L8): say which tunnels, and why.
-        refused = [f"tunnel {name}: {r.error}" for name in sorted(scope)
-                   if (r := self.reports.records.get(name)) is not None and r.state == "error"]
-        error = "\n".join(filter(None, [self.last_error, *refused])) or None
-        return {"ok": True, "generation": self.generation, "error": error}
+        return scope
 
     def _keep_as_last_good(self) -> None:
         """The config now in force is the one to start with if the file on disk stops validating (#11 H4)."""
@@ -222,9 +225,6 @@ class Daemon:
             self.nft.remove()
         self.kernel.close()
 
-    def _status_text(self) -> str:
-        return self.reports.status_text(self.config)
-
     def tunnel_statuses(self) -> list[TunnelStatus]:
         return self.ipsec.annotate(self.reports.statuses(self.config, self.keepalive.status))
 
@@ -237,7 +237,7 @@ class Daemon:
 def run_daemon(config_path: Path, config: Config, socket_override: str | None = None,
                start: StartConfig | None = None) -> int:
     """Entry point of `greupd run`, with the config the CLI has just loaded and validated."""
-    logging.basicConfig(level=os.environ.get("GREUPD_LOG_LEVEL", "INFO"), format="greupd: %(message)s")
+    log_like_events(os.environ.get("GREUPD_LOG_LEVEL", "INFO"))  # one format for every line (newcomer-3 Low 16)
 
     async def main() -> int:
         return await Daemon(config_path, config, control_socket(config, socket_override), start).run()

@@ -12,6 +12,7 @@ Deciding what an event says (`message_of`, `journal_fields`, `stderr_line`) is p
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -277,8 +278,21 @@ def one_line(text: str) -> str:
 
 def stderr_line(event: Event, when: datetime) -> str:
     """`2026-11-24T20:15:02.120Z greupd warning: tunnel My_Tunnel down: ...`; no journal adds the time for us."""
+    return stamped_line(priority_of(event), message_of(event), when)
+
+
+def stamped_line(priority: int, message: str, when: datetime) -> str:
+    """The one format of every line greupd's daemon writes to stderr: events and log records alike (newcomer-3
+    Low 16: some lines were bare `greupd: ...`)."""
     stamp = when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
-    return f"{stamp} {SYSLOG_IDENTIFIER} {_PRIORITY_NAMES[priority_of(event)]}: {message_of(event)}"
+    return f"{stamp} {SYSLOG_IDENTIFIER} {_PRIORITY_NAMES[priority]}: {message}"
+
+
+def priority_of_level(level: int) -> int:
+    """A logging level as a syslog priority (DEBUG is info: the journal's debug entries are hidden by default)."""
+    if level >= logging.ERROR:
+        return PRIORITY_ERR
+    return PRIORITY_WARNING if level >= logging.WARNING else PRIORITY_INFO
 
 
 def journald_attached(environ: Mapping[str, str], stderr_fd: int = 2) -> bool:
@@ -355,6 +369,35 @@ class EventLog:
 
     def ipsec_changed(self, tunnel: str, state: str, previous: str | None, message: str) -> None:
         self.emit(IpsecChanged(tunnel, state, previous, message))
+
+
+class LogRecords(logging.Handler):
+    """Log records (the keepalive engine's, nftables', a traceback) where the events go and as they look: a journal
+    entry with PRIORITY under journald, else a stamped line on stderr (a traceback's lines follow its first)."""
+
+    def __init__(self, *, journal: bool | None = None, stream: TextIO | None = None) -> None:
+        super().__init__()
+        self._events = EventLog(journal=journal, stream=stream)
+        self.setFormatter(logging.Formatter("%(message)s"))  # level and name are in the line's own format
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message, priority = self.format(record), priority_of_level(record.levelno)
+            if self._events.to_journal:
+                try:
+                    _journal_send({"MESSAGE": message, "PRIORITY": str(priority),
+                                   "SYSLOG_IDENTIFIER": SYSLOG_IDENTIFIER})
+                    return
+                except OSError:
+                    pass  # as EventLog: stderr is where systemd collects it anyway
+            self._events._write(stamped_line(priority, message, datetime.now(UTC)))
+        except Exception:
+            self.handleError(record)
+
+
+def log_like_events(level: str | int = logging.INFO) -> None:
+    """The daemon's logging: every record through LogRecords (the CLI's own messages are not logging's)."""
+    logging.basicConfig(level=level, handlers=[LogRecords()], force=True)
 
 
 def _journal_send(fields: Mapping[str, str]) -> None:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -45,14 +47,20 @@ log = logging.getLogger("greupd.metrics")
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds between rewrites of the textfile without a pass: keepalive counters move with every probe.
 REFRESH: Final = 10.0
-# The textfile is rendered at most this often: with a thousand tunnels one rendering takes ~0.1 s of the loop,
-# and a burst of passes (a reload, a thousand verdicts at once) becomes one rewrite at its end.
+# greupd's metrics are rendered at most this often: with a thousand tunnels one rendering takes 0.1-0.5 s of the
+# loop. A burst of passes (a reload, a thousand verdicts at once) becomes one textfile rewrite at its end, and
+# scrapes within this time of a rendering share it (review M4: 16 scrapes at once were 16 renderings, ~7 s).
 MIN_GAP: Final = 1.0
 # A scrape request is a request line and a few headers; anything larger is not Prometheus.
 _MAX_REQUEST: Final = 8192
-# A client that connects and sends nothing must not hold a connection open.
+# The whole request head must arrive within this (a total deadline, not per byte: slowloris).
 _REQUEST_TIMEOUT: Final = 10.0
-# Prometheus scrapes one at a time; connections beyond these are closed at once, so a flood costs no memory.
+# A client that does not read the answer is dropped after this (review M4: one that never read held its slot).
+_WRITE_TIMEOUT: Final = 10.0
+# Prometheus scrapes one at a time. When all slots are taken, the connection that has waited longest for its
+# request head is closed to make room (newcomer-3 Medium 7): a real scrape sends its head at once, so slow
+# senders cannot starve it however many they are, and no per-address count is needed (one attacker has many
+# addresses; several Prometheus may share one). Slots all busy answering: 503.
 _MAX_CONNECTIONS: Final = 16
 _STATES: Final[tuple[TunnelState, ...]] = ("up", "down", "disabled", "error")
 _IPSEC_STATES: Final[tuple[IpsecState, ...]] = ("established", "connecting", "down")
@@ -210,11 +218,13 @@ class MetricsPublisher:
         self._settings = settings
         self._on_error = on_error
         self._min_gap = min_gap
-        self._rendered_at = -min_gap  # time.monotonic() of the textfile's last rendering
+        self._rendered_at = -min_gap  # time.monotonic() of the last rendering of greupd's metrics
+        self._rendered = ""  # that rendering, shared by the textfile, GET /metrics and `greupd metrics`
+        self._stale = True  # a pass, reload or verdict since that rendering: the textfile wants a new one
         self._pending: asyncio.TimerHandle | None = None  # a rendering put off by MIN_GAP
         self._reload = ReloadOutcome(start is None or start.rejected is None, time.time())
         self._collector = DaemonCollector(status, lambda: self._reload)
-        # (the textfile's: greupd_* only; the control socket's and GET /metrics', with the process' own)
+        # (greupd_*, the textfile's; process_*, which the control socket and GET /metrics add)
         self._registries: tuple[CollectorRegistry, CollectorRegistry] | None = None  # made when first needed
         self._textfile: Path | None = None  # the file we wrote last, to remove when the setting changes
         self._written = ""
@@ -224,29 +234,40 @@ class MetricsPublisher:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
-    def _registry(self, scraped: bool) -> CollectorRegistry:
+    def _registry(self, process: bool) -> CollectorRegistry:
         # prometheus_client is imported here, not at start: a daemon without metrics_* settings never scraped
         # starts ~30 ms sooner (natively) without it.
         if self._registries is None:
             from prometheus_client import CollectorRegistry, ProcessCollector
 
-            own, every = CollectorRegistry(auto_describe=False), CollectorRegistry(auto_describe=False)
+            own, processes = CollectorRegistry(auto_describe=False), CollectorRegistry(auto_describe=False)
             own.register(self._collector)
-            every.register(self._collector)
-            ProcessCollector(registry=every)
-            self._registries = own, every
-        return self._registries[1 if scraped else 0]
+            ProcessCollector(registry=processes)
+            self._registries = own, processes
+        return self._registries[1 if process else 0]
 
-    def text(self) -> str:
-        """What `greupd metrics` and GET /metrics answer."""
+    def _greupd_text(self, fresh: bool) -> str:
+        """greupd's metrics, rendered anew only if `fresh` is wanted and something changed since, or the last
+        rendering is MIN_GAP old. One loop, synchronous rendering: never two at a time."""
         from prometheus_client import generate_latest
 
-        return generate_latest(self._registry(scraped=True)).decode()
+        now = time.monotonic()
+        if (fresh and self._stale) or now - self._rendered_at >= self._min_gap or not self._rendered:
+            self._rendered_at, self._stale = now, False
+            self._rendered = generate_latest(self._registry(process=False)).decode()
+        return self._rendered
+
+    def text(self) -> str:
+        """What `greupd metrics` and GET /metrics answer: greupd's (shared, see _greupd_text), then the process'."""
+        from prometheus_client import generate_latest
+
+        return self._greupd_text(fresh=False) + generate_latest(self._registry(process=True)).decode()
 
     def publish(self) -> None:
         """After a pass, a reload or a rejected one: rewrite the textfile if its text changed, and have the
         listener follow `metrics_listen`. The first call starts the task that refreshes and cleans up."""
         loop = asyncio.get_running_loop()
+        self._stale = True
         if self._task is None:
             self._task = loop.create_task(self._run(), name="greupd metrics")
         wait = self._rendered_at + self._min_gap - time.monotonic()
@@ -262,11 +283,17 @@ class MetricsPublisher:
         self._write_textfile(self._settings().metrics_textfile)
 
     def reloaded(self, result: ReloadResult) -> ReloadResult:
-        """Wraps Daemon.reload's answer: the reload counts, applied or rejected; the answer goes on unchanged."""
+        """Wraps Daemon.reload's answer: the reload counts, applied or rejected. An applied one binds
+        metrics_listen at once, and a failure to is part of the answer (newcomer-3 Low 15: `greupd reload` said
+        "reloaded" while the journal said the port was in use)."""
         self._reload = ReloadOutcome(result["ok"], time.time() if result["ok"] else self._reload.last_success)
-        self._refused = None  # a reload is how an admin says "try again" (the port may be free by now)
+        self._refused, self._said = None, None  # a reload is how an admin says "try again" (the port may be free)
+        problem = self._follow_listen(self._settings().metrics_listen) if result["ok"] else None
         self.publish()
-        return result
+        if problem is None:
+            return result
+        return {**result, "error": "\n".join(filter(None, [result["error"], f"{problem} (tried again at the next"
+                                                                           " reload)"]))}
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -281,7 +308,9 @@ class MetricsPublisher:
                     refresh.cancel()
                 self._wake.clear()
                 try:
-                    await self._follow_listen(self._settings().metrics_listen)
+                    self._follow_listen(self._settings().metrics_listen)
+                    if self._listener is not None and not self._listener.serving:
+                        await self._listener.serve()
                     self._write_textfile(self._settings().metrics_textfile)
                 except Exception as exc:
                     # A bug here must not end the refreshes silently, nor reach the daemon's loop.
@@ -298,25 +327,30 @@ class MetricsPublisher:
     def _listening_at(self) -> str | None:
         return self._listener.address if self._listener is not None else self._refused
 
-    async def _follow_listen(self, wanted: str | None) -> None:
+    def _follow_listen(self, wanted: str | None) -> str | None:
+        """Bind `metrics_listen` if it changed (synchronously: a reload's answer says when it cannot); the task
+        then serves it. Returns the problem, if any."""
         if self._listening_at() == wanted:
-            return
+            return None
         if self._listener is not None:
             self._listener.close()
             self._listener = None
         self._refused = None
         if wanted is None:
-            return
+            return None
         listener = MetricsListener(wanted, self.text)
         try:
-            await listener.start()
+            listener.bind()
         except OSError as exc:
             # Metrics are not worth a tunnel: the daemon carries on, and tries again at the next reload.
-            self._say(f"metrics_listen = {wanted!r}: cannot listen: {exc.strerror or exc}")
+            problem = f"metrics_listen = {wanted!r}: cannot listen: {exc.strerror or exc}"
+            self._say(problem)
             self._refused = wanted
-            return
+            return problem
         self._listener = listener
+        self._wake.set()  # the task starts serving it
         log.info("metrics: serving GET /metrics on %s", wanted)
+        return None
 
     def _write_textfile(self, path: Path | None) -> None:
         """Never raises: it runs inside the daemon's pass, and a metrics problem must not look like the kernel's."""
@@ -333,10 +367,7 @@ class MetricsPublisher:
         self._textfile = path
         if path is None:
             return
-        self._rendered_at = time.monotonic()
-        from prometheus_client import generate_latest
-
-        text = generate_latest(self._registry(scraped=False)).decode()
+        text = self._greupd_text(fresh=True)
         if text == self._written:
             return
         try:
@@ -381,45 +412,101 @@ class MetricsListener:
     def __init__(self, address: str, text: Callable[[], str]) -> None:
         self.address = address
         self._text = text
+        self._socket: socket.socket | None = None
         self._server: asyncio.Server | None = None
-        self._connections = 0
+        self._starting = self._closed = False
+        # Open connections, oldest first -> still waiting for its request head (evictable, see _MAX_CONNECTIONS).
+        self._slots: dict[asyncio.StreamWriter, bool] = {}
 
-    async def start(self) -> None:
+    def bind(self) -> None:
+        """Bind and listen now (raises OSError: an address in use, not ours); serve() then answers."""
         host, port = listen_address(self.address)
-        self._server = await asyncio.start_server(self._serve, host, port, limit=_MAX_REQUEST)
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's start_server
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # "[::]" is IPv6's, as asyncio does
+            sock.bind((host, port))
+            sock.listen(100)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._socket = sock
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None or self._starting
+
+    async def serve(self) -> None:
+        if self._socket is None:
+            self.bind()
+        self._starting = True
+        try:
+            server = await asyncio.start_server(self._serve, sock=self._socket, limit=_MAX_REQUEST)
+        finally:
+            self._starting = False
+        if self._closed:  # a reload moved metrics_listen while the server was being set up: the server closes it
+            server.close()
+            return
+        self._server = server
 
     @property
     def port(self) -> int | None:
         """The bound TCP port (tests listen on port 0)."""
-        if self._server is None or not self._server.sockets:
+        if self._socket is None or self._closed:
             return None
-        port: int = self._server.sockets[0].getsockname()[1]
+        port: int = self._socket.getsockname()[1]
         return port
 
     def close(self) -> None:
+        self._closed = True
         if self._server is not None:
             self._server.close()
             self._server = None
+        elif self._socket is not None and not self._starting:
+            self._socket.close()  # (while starting, the loop has it registered: serve() closes it through its server)
+
+    def _make_room(self) -> bool:
+        """Close the connection that has waited longest for its request head; False if every slot is answering."""
+        oldest = next((w for w, reading in self._slots.items() if reading), None)
+        if oldest is None:
+            return False
+        del self._slots[oldest]
+        oldest.transport.abort()
+        return True
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._connections >= _MAX_CONNECTIONS:
-            writer.close()
+        if len(self._slots) >= _MAX_CONNECTIONS and not self._make_room():
+            writer.write(_response("503 Service Unavailable", b"every connection is busy answering\n",
+                                   {"Retry-After": "1"}))
+            writer.close()  # a few hundred bytes: they fit in the socket buffer, nothing to wait for
             return
-        self._connections += 1
+        self._slots[writer] = True
         try:
             try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _REQUEST_TIMEOUT)
+                async with asyncio.timeout(_REQUEST_TIMEOUT):
+                    head = await reader.readuntil(b"\r\n\r\n")
             except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
                 head = b""  # incomplete, too large or too slow: not a scrape
+            if writer not in self._slots:
+                return  # closed to make room for a newer connection
+            self._slots[writer] = False
             status, body, extra = self._answer(head)
             if head.startswith(b"HEAD "):
                 extra["Content-Length"] = str(len(body))
                 body = b""
             writer.write(_response(status, body, extra))
-            with contextlib.suppress(ConnectionError):
-                await writer.drain()
+            try:
+                async with asyncio.timeout(_WRITE_TIMEOUT):
+                    await writer.drain()
+            except TimeoutError:
+                writer.transport.abort()  # it does not read: its slot is worth more to the next scrape
+            except ConnectionError:
+                pass
         finally:
-            self._connections -= 1
+            self._slots.pop(writer, None)
             writer.close()
 
     def _answer(self, head: bytes) -> tuple[str, bytes, dict[str, str]]:

@@ -120,6 +120,11 @@ class WorkQueue(Generic[R]):
         self._retry_dirty.add(name)
         self._wake()
 
+    def mark_everything(self) -> None:
+        """Every tunnel and the table: the resync, and a loop step that failed half-way (its work may be lost)."""
+        self.mark(None)
+        self.mark_nft()
+
     def mark_nft(self) -> None:
         self._nft = True
         self._wake()

@@ -55,12 +55,15 @@ def watchdog_interval_from(environ: Mapping[str, str], pid: int) -> float | None
 class Notifier:
     """sd_notify(3) messages about this daemon's life.
 
-    Errors from the notify socket (systemd gone, socket full) raise OSError: they mean the service manager
-    cannot see us, which is not something to paper over.
+    Errors from the notify socket (systemd gone, socket full) raise OSError, or, given `on_error`, are reported
+    there (the daemon's: its last_error and journal): the service manager cannot see us, which is worth saying,
+    but no reason to end the daemon or reject a reload (review L1).
     """
 
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, environ: Mapping[str, str] | None = None,
+                 on_error: Callable[[str], None] | None = None) -> None:
         env = os.environ if environ is None else environ
+        self._on_error = on_error
         self._enabled = bool(env.get("NOTIFY_SOCKET"))
         self._watchdog = watchdog_interval_from(env, os.getpid()) if self._enabled else None
         self._published_status = ""
@@ -72,7 +75,12 @@ class Notifier:
     def _send(self, *assignments: str) -> None:
         if self._enabled:
             # systemd.daemon.notify reads NOTIFY_SOCKET itself; one datagram carries every assignment.
-            systemd.daemon.notify("\n".join(assignments))
+            try:
+                systemd.daemon.notify("\n".join(assignments))
+            except OSError as exc:
+                if self._on_error is None:
+                    raise
+                self._on_error(f"cannot notify systemd ({assignments[0]}): {exc}")
 
     def ready(self, status: str | None = None) -> None:
         """Start-up (or a reload) is complete: `systemctl start` and `systemctl reload` return now."""

@@ -150,6 +150,17 @@ def test_a_member_of_the_daemons_group_may_ask_for_the_status_but_not_reload(sha
     assert "PermissionError" in ask_as(nobody, str(nobody), daemon.path, "status")
 
 
+@pytest.mark.needs_root
+def test_a_member_of_more_than_256_groups_gets_the_status(shared_daemon: StandInDaemon) -> None:
+    """Review L8: Python's getsockopt() reads at most 256 groups, and a monitoring agent in 300 (LDAP) was refused
+    although the daemon's group is among them; now the rest are read through libc."""
+    many = ",".join([*(str(gid) for gid in range(20000, 20300)), str(os.getegid())])  # the daemon's group: 301st
+    member = json.loads(ask_as(65534, many, shared_daemon.path, "status"))
+    assert member["ok"] and member["result"]["tunnels"][0]["name"] == "My_Tunnel", member
+    assert "PermissionError" in ask_as(65534, ",".join(str(gid) for gid in range(20000, 20300)), shared_daemon.path,
+                                       "status")  # 300 groups, not the daemon's: the socket's mode keeps it out
+
+
 def test_reload_accepted_bumps_generation(daemon: StandInDaemon) -> None:
     result = request(daemon.path, "reload")
     assert result == {"ok": True, "generation": 2, "error": None}

@@ -86,7 +86,7 @@ def test_a_control_socket_that_cannot_be_created_is_a_clear_error(router: Host) 
     daemon.socket = daemon.config_path / "control.sock"
     daemon.start(wait=False)
     assert daemon.proc is not None and daemon.proc.wait(60) == 1
-    assert f"greupd: cannot create the control socket {daemon.socket}: File exists (under greupd.service" \
+    assert f"greupd error: cannot create the control socket {daemon.socket}: File exists (under greupd.service" \
         in daemon.output()
     assert "Traceback" not in daemon.output()
     assert greupd_table(router) == ""  # stopped before touching anything

@@ -53,6 +53,9 @@ def test_unit_is_a_notify_service_with_reload_and_watchdog() -> None:
     assert s["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_NET_RAW"]
     assert "/proc/sys/net" in s["ReadWritePaths"]  # ip_forward, accept_local, rp_filter
     assert s["RestartPreventExitStatus"] == ["1"]  # a config that does not validate: a restart cannot fix it
+    # Every greupd's netns lock lives in /run/greupd (review M3): a stop must not delete one another daemon holds.
+    assert s["RuntimeDirectoryPreserve"] == ["yes"]
+    assert int(s["LimitNOFILE"][0]) >= 4096  # a crowd of control clients must not reach the limit (newcomer-3 M5)
 
 
 def test_unit_runs_as_user_greupd_with_two_ambient_capabilities() -> None:
@@ -72,8 +75,8 @@ def test_template_runs_one_daemon_per_netns_and_is_otherwise_the_unit() -> None:
     assert t["NetworkNamespacePath"] == ["/run/netns/%i"]
     assert t["Environment"] == ["GREUPD_CONFIG=/etc/greupd/%i/tunnels.toml"
                                 " GREUPD_CONTROL_SOCKET=/run/greupd-netns/%i/control.sock"]
-    # Not under /run/greupd, which stopping greupd.service removes.
-    assert t["RuntimeDirectory"] == ["greupd-netns/%i"]
+    # The socket not under /run/greupd, which is greupd.service's; /run/greupd for the per-netns lock files (M3).
+    assert t["RuntimeDirectory"] == ["greupd-netns/%i greupd"]
     assert t["StateDirectory"] == ["greupd/netns/%i"]
     own = {"Description", "NetworkNamespacePath", "Environment", "RuntimeDirectory", "StateDirectory",
            "ConfigurationDirectory"}

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from greupd.gre import IPV6_MODES
 from greupd.model import (
     IPV6_FORWARDING,
     LINK_ALIAS,
@@ -300,7 +301,8 @@ class Kernel:
         created: list[tuple[CreateLink, int]] = []
         for action, made, found in zip(creates, outcomes[::2], outcomes[1::2], strict=True):
             if made.errno:
-                refused.append((action, f"{made} (errno {made.errno})"))
+                hint = missing_module_hint(action.spec.kind, made.errno)
+                refused.append((action, f"{made} (errno {made.errno}){hint}"))
             elif found.errno or not found.replies:
                 refused.append((action, f"created, then not found: {found} (errno {found.errno})"))
             else:
@@ -429,3 +431,14 @@ class KernelWatch:
             oif = rtnl.route_oif(raw)
             return self._kernel.tunnel_at(oif) if oif is not None else None
         return None
+
+
+def missing_module_hint(kind: str, error: int) -> str:
+    """What a refused create means when the kernel does not know the link kind (newcomer-3 Medium 8): RTM_NEWLINK
+    answers EOPNOTSUPP, "Unknown device type", when no module provides the kind and none could be loaded."""
+    if error != errno.EOPNOTSUPP:
+        return ""
+    module = "ip6_gre" if kind in IPV6_MODES else "ip_gre"
+    return (f"; this kernel has no {kind} links: its {module} module is missing or not loaded. Load it with"
+            f" `modprobe {module}` (in a container, on the host; to load it at boot, add {module} to"
+            " /etc/modules-load.d/greupd.conf)")
