@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,22 +14,76 @@ from greupd.config.models import Config
 from greupd.config.problems import ConfigError, ConfigProblem
 from greupd.config.validate import ParsedFile, deep_merge, validate
 
+# The largest config file read: 16 MiB. A config of 20,000 tunnels is about 2 MB; a bound keeps a file that is
+# not a config (a log, an image, a sparse file) from filling the daemon's memory.
+MAX_FILE_BYTES = 16 * 1024 * 1024
+DROPINS = "tunnels.d"
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
 
 def config_files(path: Path) -> list[Path]:
-    """The main file, then tunnels.d/*.toml beside it in name order."""
-    dropins = path.parent / "tunnels.d"
-    extra = sorted(p for p in dropins.glob("*.toml") if p.is_file()) if dropins.is_dir() else []
-    return [path, *extra]
-
-
-def _read(file: Path) -> ParsedFile:
+    """The main file, then tunnels.d/*.toml beside it in name order (names starting with "." left out: editors'
+    lock and backup files). ConfigError when tunnels.d is there but cannot be listed: a config without its
+    drop-ins would delete their tunnels."""
+    dropins = path.parent / DROPINS
     try:
-        text = file.read_text(encoding="utf-8")
+        # os.scandir, not Path.glob: on Python 3.11 glob swallows a PermissionError and yields nothing.
+        with os.scandir(dropins) as entries:
+            names = sorted(e.name for e in entries if e.name.endswith(".toml") and not e.name.startswith("."))
+    except FileNotFoundError:
+        return [path]
     except OSError as exc:
-        raise ConfigError([ConfigProblem(file, None, "", f"cannot read: {exc.strerror or exc}")]) from None
+        raise ConfigError([ConfigProblem(dropins, None, "", f"cannot list the drop-in directory:"
+                                         f" {exc.strerror or exc} (as uid {os.geteuid()}); the tunnels its files"
+                                         " define would be missing, so nothing is loaded")]) from None
+    return [path, *(dropins / name for name in names)]
+
+
+def read_config_text(file: Path) -> str:
+    """The text of one config file; ConfigError naming the file for anything that is not a readable regular
+    file of UTF-8 text of at most MAX_FILE_BYTES.
+
+    Opened with O_NONBLOCK and checked with fstat before reading: a FIFO would block the daemon's loop in
+    open() until a writer came, and /dev/zero would be read forever.
+    """
+    def problem(message: str, line: int | None = None) -> ConfigError:
+        return ConfigError([ConfigProblem(file, line, "", message)])
+
+    try:
+        descriptor = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        if file.is_symlink():
+            raise problem(f"a symlink to {os.readlink(file)}, which does not exist") from None
+        raise problem(f"cannot read: {exc.strerror or exc}") from None
+    except OSError as exc:
+        raise problem(f"cannot read: {exc.strerror or exc} (as uid {os.geteuid()})") from None
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((name for test, name in _KINDS if test(info.st_mode)), "a special file")
+            via = f" (through the symlink to {os.readlink(file)})" if file.is_symlink() else ""
+            raise problem(f"is {kind}{via}, not a regular file: a config is a text file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise problem(f"is {info.st_size} bytes, more than a config file may have ({MAX_FILE_BYTES} bytes)")
+        chunks, size = [], 0
+        while chunk := os.read(descriptor, 1 << 20):  # a file that grows while read stops at the bound too
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_FILE_BYTES:
+                raise problem(f"is more than a config file may have ({MAX_FILE_BYTES} bytes)")
+    except OSError as exc:
+        raise problem(f"cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(descriptor)
+    data = b"".join(chunks)
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError([ConfigProblem(file, None, "", f"not UTF-8 text: {exc.reason}")]) from None
-    return _parse(file, text)
+        raise problem(f"not UTF-8 text: {exc.reason} (byte {exc.start})", data[:exc.start].count(b"\n") + 1) \
+            from None
+    # What text mode reads (universal newlines), as the loader always did: CRLF files are valid.
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 _TOML_AT = re.compile(r"\s*\((?:at line (\d+), column \d+|at end of document)\)\s*$")
@@ -56,7 +112,7 @@ def _parse_in_pieces(text: str) -> dict[str, Any] | None:
         if parsed is None:
             try:
                 parsed = tomllib.loads(piece)
-            except tomllib.TOMLDecodeError:
+            except (tomllib.TOMLDecodeError, RecursionError):
                 return None
         _PIECES[piece] = parsed
         for key, value in parsed.items():
@@ -76,6 +132,10 @@ def _parse_in_pieces(text: str) -> dict[str, Any] | None:
 
 
 def _parse(file: Path, text: str) -> ParsedFile:
+    if text.startswith("\ufeff"):
+        # Some Windows editors write one; TOML forbids it, and tomllib would only say "Invalid statement".
+        raise ConfigError([ConfigProblem(file, 1, "", "the file starts with a UTF-8 byte order mark (BOM, bytes"
+                                         " EF BB BF), which TOML does not allow: save it as UTF-8 without BOM")])
     if len(_PIECES) > 4 * text.count("[[tunnel]]") + 64:
         _PIECES.clear()  # old pieces, of texts edited since: keep the cache about the size of the config
     data = _parse_in_pieces(text)
@@ -91,21 +151,70 @@ def _parse(file: Path, text: str) -> ParsedFile:
             line = int(position.group(1)) if position.group(1) else text.count("\n") + 1
         message = _TOML_AT.sub("", str(exc))
         raise ConfigError([ConfigProblem(file, line, "", f"TOML syntax: {message}")]) from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively: a few hundred levels exhaust Python's stack.
+        depth, line = _deepest(text)
+        raise ConfigError([ConfigProblem(file, line, "", f"arrays or tables nested {depth} deep, more than the TOML"
+                                         " parser can read (a config nests them 2 or 3 deep)")]) from None
     return ParsedFile(file, data, text)
 
 
+def _deepest(text: str) -> tuple[int, int]:
+    """How deep brackets nest in `text`, and the line where they are deepest (strings and comments skipped)."""
+    depth = deepest = 0
+    line = where = 1
+    quote: str | None = None
+    comment = False
+    for char in text:
+        if char == "\n":
+            line, comment, quote = line + 1, False, None  # a hint only: multi-line strings count as code
+        elif comment:
+            continue
+        elif quote is not None:
+            quote = None if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char == "#":
+            comment = True
+        elif char in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, where = depth, line
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return deepest, where
 
 
 def load_config(path: Path) -> Config:
-    """Read, merge and validate the config at `path` (and its tunnels.d); raise ConfigError listing every problem."""
-    return validate([_read(file) for file in config_files(path)])
+    """Read, merge and validate the config at `path` (and its tunnels.d); raise ConfigError listing every problem.
+
+    Whatever stands in the way of reading a file is a ConfigError naming it: a reload keeps the running config
+    and a start falls back to the last good one, never runs with a file left out.
+    """
+    parsed: list[ParsedFile] = []
+    problems: list[ConfigProblem] = []
+    for file in config_files(path):
+        try:
+            parsed.append(_parse(file, read_config_text(file)))
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    return _validate_parsed(parsed)
+
+
+def _validate_parsed(parsed: list[ParsedFile]) -> Config:
+    try:
+        return validate(parsed)
+    except RecursionError:
+        raise ConfigError([ConfigProblem(parsed[0].file, None, "", "nested too deeply to validate")]) from None
 
 
 def load_config_sources(sources: Sequence[tuple[Path, str]]) -> Config:
     """Validate files given as (name, text), main file first: a config kept as text (the last good one)."""
     if not sources:
         raise ConfigError([ConfigProblem(Path("<none>"), None, "", "no config files")])
-    return validate([_parse(file, text) for file, text in sources])
+    return _validate_parsed([_parse(file, text) for file, text in sources])
 
 
 def read_daemon_table(path: Path) -> dict[str, object]:
@@ -115,18 +224,22 @@ def read_daemon_table(path: Path) -> dict[str, object]:
     socket, `greupd run` finding state_dir. A file that does not parse adds nothing.
     """
     merged: dict[str, Any] = {}
-    for file in config_files(path):
+    try:
+        files = config_files(path)
+    except ConfigError:
+        files = [path]
+    for file in files:
         try:
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
+            text = read_config_text(file)
+        except ConfigError:
             continue
         try:
             daemon = tomllib.loads(text).get("daemon")
-        except tomllib.TOMLDecodeError:
+        except (tomllib.TOMLDecodeError, RecursionError):
             # The syntax error is usually in the tunnel being edited: try the [daemon] table on its own.
             try:
                 daemon = tomllib.loads(_daemon_block(text)).get("daemon")
-            except tomllib.TOMLDecodeError:
+            except (tomllib.TOMLDecodeError, RecursionError):
                 continue
         if isinstance(daemon, dict):
             merged = deep_merge(merged, daemon)
@@ -159,6 +272,6 @@ def unvalidated_path(path: Path, key: str, default: Path) -> Path:
 
 def load_config_text(text: str, file: Path = Path("<string>")) -> Config:
     """Validate TOML text alone, with no drop-ins (tests, `greupd check -`)."""
-    return validate([_parse(file, text)])
+    return _validate_parsed([_parse(file, text)])
 
 
