@@ -104,7 +104,7 @@ Proposals = Annotated[str, BeforeValidator(_proposals), WithJsonSchema({"type": 
 class IpsecConfig(_Model):
     """GRE over IPsec: ESP in transport mode for IP protocol 47 between local and remote, through strongSwan."""
 
-    psk_file: FilePath | None = None  # the pre-shared key, in a root-only file; never in tunnels.toml
+    psk_file: FilePath | None = None  # the pre-shared key, in a mode 600 file (keyfiles.py); never in tunnels.toml
     cert: FilePath | None = None  # or certificates: ours, our private key, and the CA that signed the peer's
     key: FilePath | None = None
     ca: FilePath | None = None

@@ -113,7 +113,8 @@ def _last_writer(sources: list[ParsedFile], section: str, loc: Path_) -> ParsedF
 
 # The tunnels of the last config validated, by the text of their merged table: a reload that changes one
 # tunnel among thousands validates that one (pydantic costs ~0.1 ms a table). TunnelConfig is frozen, so a
-# tunnel object can be shared by the old config and the new one.
+# tunnel object can be shared by the old config and the new one. A tunnel with [tunnel.ipsec] is validated at
+# every load all the same: the key files it names live on disk, not in the text.
 _VALIDATED: dict[str, TunnelConfig] = {}
 
 
@@ -174,6 +175,10 @@ def validate(sources: list[ParsedFile]) -> Config:
             merged = deep_merge(_defaults_for(defaults_raw, entry), entry)
             key = repr(merged)  # TOML values only: the text of the table as validated, defaults included
             tunnel_or_none = _VALIDATED.get(key)
+            if tunnel_or_none is not None and tunnel_or_none.ipsec is not None:
+                # Its text is unchanged, but the key files it names may not be (chmod 644 since): check them again
+                # (review L4). Validating the whole tunnel again places the error as a first load would.
+                tunnel_or_none = None
             if tunnel_or_none is None:
                 try:
                     tunnel_or_none = TunnelConfig.model_validate(merged)
