@@ -75,8 +75,8 @@ KERNEL_NAMES: Mapping[str, str] = {
 }
 
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
-_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*")
-_UNIT_SECONDS = {"s": 1.0, "m": 60.0, None: 1.0}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*")
+_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 TABLE_NAMES = {"main": 254}
 
 
@@ -150,7 +150,7 @@ def parse_duration(value: object) -> float:
             number, unit = float(match.group(1)), match.group(2)
             # Divide rather than multiply by 0.001, so "51ms" is the float nearest 0.051, equal to 0.051.
             return number / 1000 if unit == "ms" else number * _UNIT_SECONDS[unit]
-    raise ValueError(f"{value!r} is not a duration: seconds, or a string such as \"300ms\", \"2s\", \"1m\"")
+    raise ValueError(f"{value!r} is not a duration: seconds, or a string such as \"300ms\", \"2s\", \"1m\", \"1h\"")
 
 
 def format_duration(seconds: float) -> str:
@@ -225,7 +225,14 @@ def whole_number(what: str, low: int, high: int, *words: str) -> Callable[[objec
 def keepalive_interval(value: object) -> float:
     seconds = parse_duration(value)
     if not 0.05 <= seconds <= 3600:  # also false for nan
-        raise ValueError(f"interval must be 0.05..3600 seconds (\"50ms\"..\"60m\"), not {value!r}")
+        raise ValueError(f"interval must be 0.05..3600 seconds (\"50ms\"..\"1h\"), not {value!r}")
+    return seconds
+
+
+def dpd_delay_seconds(value: object) -> float:
+    seconds = parse_duration(value)
+    if not 1 <= seconds <= 3600:  # also false for nan
+        raise ValueError(f"dpd_delay must be 1..3600 seconds (\"1s\"..\"1h\"), not {value!r}")
     return seconds
 
 
@@ -286,7 +293,7 @@ Address = Annotated[IPAddress, BeforeValidator(_address)]
 Network = Annotated[IPNetwork, BeforeValidator(_network)]
 Interface = Annotated[IPInterface, BeforeValidator(_interface)]
 # The JSON Schema says what a person may write (editors check tunnels.toml against it), not the parsed type.
-DURATION_TEXT = {"type": "string", "pattern": r"^\s*(\d+(\.\d*)?|\.\d+)\s*(ms|s|m)?\s*$"}
+DURATION_TEXT = {"type": "string", "pattern": r"^\s*(\d+(\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$"}
 GreKey = Annotated[int, BeforeValidator(_gre_key), WithJsonSchema(
     {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 0xFFFFFFFF}, {"type": "string", "format": "ipv4"}]})]
 Seconds = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(

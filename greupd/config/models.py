@@ -37,16 +37,17 @@ from greupd.config.fields import (
     TableId,
     TunnelName,
     absolute_path,
+    dpd_delay_seconds,
     keepalive_interval,
     keepalive_or_off,
     listen,
     nft_table_name,
     optional,
-    parse_duration,
     tos_value,
     whole_number,
 )
 from greupd.config.keyfiles import secret_file_problem
+from greupd.config.problems import ConfigProblem
 from greupd.gre import ETHERNET_MODES, IPV6_MODES, IPAddress, Mode
 
 
@@ -113,8 +114,8 @@ class IpsecConfig(_Model):
     proposals: Proposals = DEFAULT_IKE_PROPOSALS  # IKE
     esp_proposals: Proposals = DEFAULT_ESP_PROPOSALS
     start_action: Literal["trap", "start"] = "trap"  # trap: negotiate on the first GRE packet; start: at once
-    dpd_delay: Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(
-        {"anyOf": [{"type": "number", "minimum": 1}, DURATION_TEXT]}), Field(ge=1, le=3600)] = 10.0
+    dpd_delay: Annotated[float, BeforeValidator(dpd_delay_seconds), WithJsonSchema(
+        {"anyOf": [{"type": "number", "minimum": 1, "maximum": 3600}, DURATION_TEXT]}), Field(ge=1, le=3600)] = 10.0
     require: StrictBool = True  # GRE to/from the remote that is not ESP-protected is dropped (nftables)
 
     @model_validator(mode="after")
@@ -302,6 +303,8 @@ class Config:
     files: tuple[Path, ...] = ()
     # The text of each file as it was validated, for keeping this config as the last good one (state.py).
     sources: tuple[tuple[Path, str], ...] = field(default=(), compare=False, repr=False)
+    # What validates but will not work as meant (two tunnels with the same peer): `greupd check` prints them.
+    warnings: tuple[ConfigProblem, ...] = field(default=(), compare=False, repr=False)
 
     def tunnel(self, name: str) -> TunnelConfig | None:
         return next((t for t in self.tunnels if t.name == name), None)

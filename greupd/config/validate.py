@@ -197,7 +197,7 @@ def validate(sources: list[ParsedFile]) -> Config:
         order = {source.file: number for number, source in enumerate(sources)}
         raise ConfigError(sorted(dict.fromkeys(problems), key=lambda p: (order.get(p.file, 0), p.line or 0)))
     return Config(daemon, tuple(t for t, _, _ in tunnels), tuple(s.file for s in sources),
-                  tuple((s.file, s.text) for s in sources))
+                  tuple((s.file, s.text) for s in sources), tuple(_inner_warnings(tunnels)))
 
 
 def _defaults_for(defaults_raw: dict[str, Any], entry: Mapping[str, Any]) -> dict[str, Any]:
@@ -284,5 +284,44 @@ def _cross_tunnel_problems(tunnels: list[tuple[TunnelConfig, ParsedFile, int]]) 
             else:
                 routes[route] = tunnel.name
     return problems
+
+
+def _inner_warnings(tunnels: list[tuple[TunnelConfig, ParsedFile, int]]) -> list[ConfigProblem]:
+    """The same peer, or the same inner subnet, on two enabled tunnels (newcomer-3 N17): a warning, not an error.
+
+    The kernel takes both, each address with its connected route, but reaches that peer or subnet through one
+    device only (the connected route that came first), so one tunnel's inner traffic leaves through the other.
+    Not an error: a config may mean it (a tunnel kept for a failover by hand), and the same local address with
+    different peers (unnumbered point-to-point links) is common and fine.
+    """
+    inner: dict[tuple[int, int, int], str] = {}  # (version, peer or subnet, prefix length) -> tunnel
+    found = []
+    for tunnel, source, index in tunnels:
+        if tunnel.enabled and (warning := _inner_warning(tunnel, source, index, inner)) is not None:
+            found.append(warning)
+    return found
+
+
+def _inner_warning(tunnel: TunnelConfig, source: ParsedFile, index: int,
+                   inner: dict[tuple[int, int, int], str]) -> ConfigProblem | None:
+    if tunnel.address is None:
+        return None
+    key: tuple[int, int, int]
+    if tunnel.peer is not None:
+        key = (tunnel.peer.version, int(tunnel.peer), tunnel.peer.max_prefixlen)
+        field, what = "peer", f"peer {tunnel.peer}"
+    elif tunnel.address.network.prefixlen < tunnel.address.max_prefixlen:
+        network = tunnel.address.network
+        key = (network.version, int(network.network_address), network.prefixlen)
+        field, what = "address", f"inner network {network} (address {tunnel.address})"
+    else:
+        return None
+    other = inner.setdefault(key, tunnel.name)
+    if other == tunnel.name:
+        return None
+    return ConfigProblem(source.file, line_of(source.lines, ("tunnel", index, field)), f"tunnel[{index}].{field}",
+                         f"{what} is also tunnel {other!r}'s: the kernel accepts both, but reaches it through one"
+                         " of the two devices only (the connected route that came first), so one tunnel's inner"
+                         " traffic would leave through the other; give each tunnel its own")
 
 
