@@ -208,6 +208,11 @@ class StartConfig:
         return None
 
 
+def last_good_saved(start: StartConfig | None) -> str | None:
+    """When the last good config that runs instead of the file on disk was saved; None when the file runs."""
+    return start.kept.saved if start is not None and start.rejected is not None and start.kept is not None else None
+
+
 class StartRefused(Exception):
     """Neither the config on disk nor a last good one can be run; the message lists every problem."""
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,11 @@ class GreupdProcess:
     def cli(self, *argv: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return self.host.run(sys.executable, "-m", "greupd", *argv, check=check, timeout=timeout, env=self.env)
 
-    def start(self, wait: bool = True, timeout: float = 60) -> GreupdProcess:
+    def start(self, wait: bool = True, timeout: float = 60, prefix: Sequence[str] = ()) -> GreupdProcess:
+        """prefix: a command to run the daemon under, e.g. setpriv dropping capabilities."""
         out = self.log.open("ab")
-        self.proc = self.host.popen(sys.executable, "-m", "greupd", "run", stdout=out, stderr=subprocess.STDOUT,
-                                    env=self.env)
+        self.proc = self.host.popen(*prefix, sys.executable, "-m", "greupd", "run", stdout=out,
+                                    stderr=subprocess.STDOUT, env=self.env)
         if wait:
             self.wait_ready(timeout)
         return self
