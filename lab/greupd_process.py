@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ class GreupdProcess:
         self.log = self.dir / "greupd.log"
         self.config_path.write_text(config)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.prefix: tuple[str, ...] = ()  # a command to run the daemon under, e.g. setpriv dropping capabilities
 
     @property
     def env(self) -> dict[str, str]:
@@ -43,10 +43,9 @@ class GreupdProcess:
     def cli(self, *argv: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return self.host.run(sys.executable, "-m", "greupd", *argv, check=check, timeout=timeout, env=self.env)
 
-    def start(self, wait: bool = True, timeout: float = 60, prefix: Sequence[str] = ()) -> GreupdProcess:
-        """prefix: a command to run the daemon under, e.g. setpriv dropping capabilities."""
+    def start(self, wait: bool = True, timeout: float = 60) -> GreupdProcess:
         out = self.log.open("ab")
-        self.proc = self.host.popen(*prefix, sys.executable, "-m", "greupd", "run", stdout=out,
+        self.proc = self.host.popen(*self.prefix, sys.executable, "-m", "greupd", "run", stdout=out,
                                     stderr=subprocess.STDOUT, env=self.env)
         if wait:
             self.wait_ready(timeout)

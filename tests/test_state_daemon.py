@@ -124,7 +124,8 @@ def test_a_reload_that_cannot_read_a_file_is_rejected_and_deletes_nothing(router
     dropins = daemon.dir / "tunnels.d"
     dropins.mkdir()
     (dropins / "10-backup.toml").write_text(BACKUP)
-    daemon.start(prefix=AS_THE_UNITS_USER)
+    daemon.prefix = AS_THE_UNITS_USER
+    daemon.start()
     assert names(daemon) == ["My_Tunnel", "Backup"]
     assert "1300" in greupd_table(router)
     generation = daemon.status()["generation"]  # type: ignore[index]
