@@ -34,10 +34,23 @@ def config_files(path: Path) -> list[Path]:
     except FileNotFoundError:
         return [path]
     except OSError as exc:
-        raise ConfigError([ConfigProblem(dropins, None, "", f"cannot list the drop-in directory:"
-                                         f" {exc.strerror or exc} (as uid {os.geteuid()}); the tunnels its files"
-                                         " define would be missing, so nothing is loaded")]) from None
+        raise ConfigError([ConfigProblem(dropins, None, "", f"cannot list the drop-in directory: {_why(exc)};"
+                                         " the tunnels its files define would be missing, so nothing is loaded")]) \
+            from None
     return [path, *(dropins / name for name in names)]
+
+
+def _why(exc: OSError) -> str:
+    """The errno's text; for a permission, also whose (the daemon runs as user greupd, `greupd check` as root)."""
+    text = exc.strerror or str(exc)
+    return f"{text} (as uid {os.geteuid()})" if isinstance(exc, PermissionError) else text
+
+
+def _link_target(file: Path) -> str | None:
+    try:
+        return os.readlink(file)
+    except OSError:  # not a symlink (EINVAL), or gone meanwhile
+        return None
 
 
 def read_config_text(file: Path) -> str:
@@ -53,16 +66,17 @@ def read_config_text(file: Path) -> str:
     try:
         descriptor = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError as exc:
-        if file.is_symlink():
-            raise problem(f"a symlink to {os.readlink(file)}, which does not exist") from None
-        raise problem(f"cannot read: {exc.strerror or exc}") from None
+        if (target := _link_target(file)) is not None:
+            raise problem(f"a symlink to {target}, which does not exist") from None
+        raise problem(f"cannot read: {_why(exc)}") from None
     except OSError as exc:
-        raise problem(f"cannot read: {exc.strerror or exc} (as uid {os.geteuid()})") from None
+        raise problem(f"cannot read: {_why(exc)}") from None
     try:
         info = os.fstat(descriptor)
         if not stat.S_ISREG(info.st_mode):
             kind = next((name for test, name in _KINDS if test(info.st_mode)), "a special file")
-            via = f" (through the symlink to {os.readlink(file)})" if file.is_symlink() else ""
+            target = _link_target(file)
+            via = f" (through the symlink to {target})" if target is not None else ""
             raise problem(f"is {kind}{via}, not a regular file: a config is a text file")
         if info.st_size > MAX_FILE_BYTES:
             raise problem(f"is {info.st_size} bytes, more than a config file may have ({MAX_FILE_BYTES} bytes)")
@@ -73,7 +87,7 @@ def read_config_text(file: Path) -> str:
             if size > MAX_FILE_BYTES:
                 raise problem(f"is more than a config file may have ({MAX_FILE_BYTES} bytes)")
     except OSError as exc:
-        raise problem(f"cannot read: {exc.strerror or exc}") from None
+        raise problem(f"cannot read: {_why(exc)}") from None
     finally:
         os.close(descriptor)
     data = b"".join(chunks)
