@@ -29,7 +29,7 @@ from greupd.nft.keeper import NftKeeper
 from greupd.queue import RESYNC_EVERY, RETRY_AFTER, Retry, WorkQueue, reload_scope, settle
 from greupd.reconcile import reconcile_pass, remove_everything
 from greupd.report import Reports
-from greupd.state import StartConfig
+from greupd.state import StartConfig, last_good_saved
 from greupd.status import DaemonStatus, ReloadResult, TunnelStatus
 from greupd.systemd import Notifier
 
@@ -93,10 +93,10 @@ class Daemon:
         self.nft.start(loop)
         self.notifier.ready(self.reports.status_text(self.config))
         if self.start is not None and self.start.rejected is not None:
-            self.events.config_rejected(str(self.start.rejected))
+            self.events.config_rejected(str(self.start.rejected), at_start=True)
         else:
             self._keep_as_last_good()
-        self.events.started(self.generation, self.config.files, len(self.config.tunnels))
+        self.events.started(self.generation, self.config.files, len(self.config.tunnels), last_good_saved(self.start))
         self.notifier.start_watchdog(loop, on_error=self._fail)
         loop.call_later(RESYNC_EVERY, self._resync)
         try:

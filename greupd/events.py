@@ -109,6 +109,7 @@ class ConfigReloaded:
 class ConfigRejected:
     error: str  # every problem, one a line (str(ConfigError)) or an apply error
     generation: int | None = None  # the generation that stays in force
+    at_start: bool = False  # rejected by `greupd run`: the last good config runs instead (newcomer-3 N16)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class DaemonStarted:
     generation: int
     files: tuple[str, ...]
     tunnels: int | None = None
+    last_good: str | None = None  # when it was saved, if the last good config runs instead of the file on disk
 
 
 @dataclass(frozen=True)
@@ -209,14 +211,17 @@ def message_of(event: Event) -> str:
             return one_line(message) if message else f"tunnel {name} {state}: {reason.replace('-', ' ')}"
         case ConfigReloaded(generation=generation, files=files):
             return f"config reloaded: generation {generation} from {_files(files)}"
-        case ConfigRejected(error=error, generation=generation):
+        case ConfigRejected(error=error, generation=generation, at_start=at_start):
             first, more = _first_line_and_rest(error)
             rest = f" (and {more} more problem{'s' if more != 1 else ''})" if more else ""
+            if at_start:
+                return f"config rejected at start, the last good config runs instead: {first}{rest}"
             kept = f"generation {generation}" if generation is not None else "the running config"
             return f"config rejected, {kept} stays in force: {first}{rest}"
-        case DaemonStarted(generation=generation, files=files, tunnels=tunnels):
+        case DaemonStarted(generation=generation, files=files, tunnels=tunnels, last_good=last_good):
             count = f"{tunnels} tunnel{'s' if tunnels != 1 else ''} from " if tunnels is not None else ""
-            return f"started: {count}{_files(files)} (generation {generation})"
+            which = f" with the last good config (saved {last_good}):" if last_good is not None else ":"
+            return f"started{which} {count}{_files(files)} (generation {generation})"
         case DaemonStopping(on_exit=on_exit):
             what = "leaving tunnels and routes in place" if on_exit == "keep" else "removing tunnels and routes"
             return f"stopping: {what} (on_exit = {on_exit})"
@@ -355,11 +360,12 @@ class EventLog:
     def config_reloaded(self, generation: int, files: Iterable[Path | str]) -> None:
         self.emit(ConfigReloaded(generation, tuple(str(f) for f in files)))
 
-    def config_rejected(self, error: str, generation: int | None = None) -> None:
-        self.emit(ConfigRejected(error, generation))
+    def config_rejected(self, error: str, generation: int | None = None, at_start: bool = False) -> None:
+        self.emit(ConfigRejected(error, generation, at_start))
 
-    def started(self, generation: int, files: Iterable[Path | str], tunnels: int | None = None) -> None:
-        self.emit(DaemonStarted(generation, tuple(str(f) for f in files), tunnels))
+    def started(self, generation: int, files: Iterable[Path | str], tunnels: int | None = None,
+                last_good: str | None = None) -> None:
+        self.emit(DaemonStarted(generation, tuple(str(f) for f in files), tunnels, last_good))
 
     def stopping(self, on_exit: str) -> None:
         self.emit(DaemonStopping(on_exit))

@@ -24,7 +24,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from greupd.config import DEFAULT_STATE_DIR, Config, ConfigError, load_config, load_config_sources, unvalidated_path
+from greupd.config import (
+    DEFAULT_STATE_DIR,
+    Config,
+    ConfigError,
+    ConfigProblem,
+    load_config,
+    load_config_sources,
+    unvalidated_path,
+)
 
 LAST_GOOD = "last-good.json"
 KEEPALIVE = "keepalive.json"
@@ -200,6 +208,11 @@ class StartConfig:
         return None
 
 
+def last_good_saved(start: StartConfig | None) -> str | None:
+    """When the last good config that runs instead of the file on disk was saved; None when the file runs."""
+    return start.kept.saved if start is not None and start.rejected is not None and start.kept is not None else None
+
+
 class StartRefused(Exception):
     """Neither the config on disk nor a last good one can be run; the message lists every problem."""
 
@@ -216,6 +229,10 @@ def start_config(config_path: Path, environ: Mapping[str, str] = os.environ) -> 
         return StartConfig(load_config(config_path), state)
     except ConfigError as exc:
         rejected = exc
+    except (OSError, RecursionError) as exc:
+        # load_config makes every reading problem a ConfigError naming the file; should one still slip through,
+        # it is a config that cannot be read, and the last good one runs (review H2: a crash here loops the unit).
+        rejected = ConfigError([ConfigProblem(config_path, None, "", f"cannot load: {exc}")])
     try:
         kept = state.last_good()
     except StateError as exc:

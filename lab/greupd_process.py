@@ -30,6 +30,7 @@ class GreupdProcess:
         self.log = self.dir / "greupd.log"
         self.config_path.write_text(config)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.prefix: tuple[str, ...] = ()  # a command to run the daemon under, e.g. setpriv dropping capabilities
 
     @property
     def env(self) -> dict[str, str]:
@@ -44,8 +45,8 @@ class GreupdProcess:
 
     def start(self, wait: bool = True, timeout: float = 60) -> GreupdProcess:
         out = self.log.open("ab")
-        self.proc = self.host.popen(sys.executable, "-m", "greupd", "run", stdout=out, stderr=subprocess.STDOUT,
-                                    env=self.env)
+        self.proc = self.host.popen(*self.prefix, sys.executable, "-m", "greupd", "run", stdout=out,
+                                    stderr=subprocess.STDOUT, env=self.env)
         if wait:
             self.wait_ready(timeout)
         return self

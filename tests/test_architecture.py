@@ -65,3 +65,20 @@ def test_greupd_imports_have_no_circle() -> None:
 def test_the_daemon_is_wiring_only() -> None:
     lines = len((PACKAGE / "daemon.py").read_text(encoding="utf-8").splitlines())
     assert lines < DAEMON_MAX_LINES, f"greupd/daemon.py has {lines} lines; keep it the wiring (< {DAEMON_MAX_LINES})"
+
+
+CONFIG_MAX_LINES = 400
+
+
+def test_the_config_loader_is_a_module_of_its_own_apart_from_the_models_and_the_line_locator() -> None:
+    # Issue #21 build item 4: config.py had grown to 1,168 lines holding files, parsing, models and the locator.
+    config = PACKAGE / "config"
+    assert (config / "loader.py").is_file(), "the loader (files, tunnels.d, limits) is greupd/config/loader.py"
+    graph = _imports()
+    # The models and the line locator know nothing of files: the loader uses them, never the other way round.
+    for module in ("greupd.config.models", "greupd.config.fields", "greupd.config.lines", "greupd.config.validate"):
+        assert "greupd.config.loader" not in graph[module], f"{module} imports the loader"
+    assert "greupd.config.models" not in graph["greupd.config.lines"]
+    for path in sorted(config.glob("*.py")):
+        lines = len(path.read_text(encoding="utf-8").splitlines())
+        assert lines < CONFIG_MAX_LINES, f"{path.relative_to(PACKAGE.parent)} has {lines} lines (< {CONFIG_MAX_LINES})"

@@ -1,6 +1,6 @@
 """A reload of one tunnel among many: only the edited [[tunnel]] table is parsed and validated again.
 
-config.py keeps the pieces of the text it parsed (cut at each `[[tunnel]]` line) and the tunnels it validated;
+config/loader.py keeps the pieces of the text it parsed (cut at each `[[tunnel]]` line) and the tunnels it validated;
 what it gives must be exactly what parsing and validating the whole text gives, whatever the text.
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from greupd import config
 from greupd.config import ConfigError, load_config, load_config_text
+from greupd.config import loader as config
 
 TWO_TUNNELS = """
 [daemon]

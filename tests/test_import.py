@@ -147,3 +147,54 @@ def test_import_cli_names_exit_1_for_an_unknown_tunnel() -> None:
 def test_version() -> None:
     result = greupd("--version")
     assert result.returncode == 0 and result.stdout.startswith("greupd ")
+
+
+# --- sources that are odd, not wrong: each tunnel stands alone, and every comment stays one line (review L2) ----
+
+
+def test_a_netplan_key_that_is_not_a_key_is_a_comment_for_that_tunnel_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "60-tunnels.yaml").write_text(
+        "network:\n  tunnels:\n"
+        "    Bad:\n      mode: gre\n      local: 172.19.1.1\n      remote: 172.19.1.9\n      key: abc\n"
+        "    My_Tunnel:\n      mode: gre\n      local: 172.19.1.1\n      remote: 172.19.1.2\n")
+    text = import_config("netplan", tmp_path, [])
+    assert (f"# Bad: from {tmp_path / '60-tunnels.yaml'}\n# not carried over, its description cannot be read:"
+            " key 'abc' is not a GRE key (a number or a dotted quad)\n") in text
+    assert [t.name for t in load_config_text(text).tunnels] == ["My_Tunnel"]
+
+
+def test_a_networkd_route_in_a_named_table_is_a_note(tmp_path: Path) -> None:
+    for name in ("30-My_Tunnel.netdev", "30-My_Tunnel.network"):
+        (tmp_path / name).write_text((IMPORTS / "networkd" / name).read_text())
+    with (tmp_path / "30-My_Tunnel.network").open("a") as network:
+        network.write("\n[Route]\nDestination=20.10.3.0/24\nTable=vpn\n")
+    text = import_config("networkd", tmp_path, [])
+    assert ("# route not carried over (Table=vpn: write its number from /etc/iproute2/rt_tables as the tunnel's"
+            " table): Destination=20.10.3.0/24\n") in text
+    [tunnel] = load_config_text(text).tunnels
+    assert [str(r) for r in tunnel.routes] == ["20.10.1.0/24", "20.10.2.0/24"]
+
+
+def test_an_ifupdown_line_the_shell_cannot_split_is_a_note(tmp_path: Path) -> None:
+    interfaces = (IMPORTS / "ifupdown" / "interfaces").read_text().replace(
+        "    up logger \"My_Tunnel is up\"\n", "    up echo \"it's\n").replace("source interfaces.d/*\n", "")
+    (tmp_path / "interfaces").write_text(interfaces)
+    text = import_config("ifupdown", tmp_path / "interfaces", [])
+    assert "# not carried over (No closing quotation): up echo \"it's\n" in text
+    assert load_config_text(text).tunnel("My_Tunnel") is not None
+
+
+def test_a_multi_line_value_from_the_source_stays_in_its_comment(tmp_path: Path) -> None:
+    # netplan's `description: |` became a note whose second line was live TOML: a [daemon] table of its own.
+    (tmp_path / "60-tunnels.yaml").write_text(
+        "network:\n  tunnels:\n"
+        "    My_Tunnel:\n      mode: gre\n      local: 172.19.1.1\n      remote: 172.19.1.2\n"
+        "      description: |\n        to B\n        [daemon]\n        control_socket = \"x.sock\"\n"
+        '    "two\\nlines":\n      mode: gre\n      local: 172.19.1.1\n      remote: 172.19.1.3\n')
+    text = import_config("netplan", tmp_path, [])
+    assert "# netplan key not carried over: description: to B [daemon] control_socket = \"x.sock\" \n" in text
+    assert '# name = "two\\u000alines"' in text  # refused (not an interface name), and still one line
+    assert all(line.startswith("#") or not line or "daemon" not in line for line in text.splitlines())
+    config = load_config_text(text)
+    assert [t.name for t in config.tunnels] == ["My_Tunnel"]
+    assert config.daemon == load_config_text("").daemon

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+import greupd.state as state_module
 from greupd.config import DEFAULT_STATE_DIR, load_config
 from greupd.state import (
     KEEPALIVE,
@@ -119,6 +121,58 @@ def test_a_last_good_config_that_this_greupd_rejects_refuses_the_start_naming_bo
         start_config(etc, env)
     assert "the last good config (saved 2026-11-01T00:00:00Z) does not validate either" in refused.value.why
     assert f"{etc}:5: tunnel[0].routes[0]: route 0.0.0.0/0 in table main" in refused.value.why
+
+
+def _break_nested(etc: Path) -> str:
+    etc.write_text(SEED_A.replace('routes = ["20.10.1.0/24"]', "routes = " + "[" * 500 + "]" * 500))
+    return f"{etc}:5: arrays or tables nested 500 deep"
+
+
+def _break_fifo(etc: Path) -> str:
+    etc.unlink()
+    os.mkfifo(etc)  # nobody writes to it: an open() without O_NONBLOCK would block the start forever
+    return f"{etc}: is a FIFO (named pipe), not a regular file"
+
+
+def _break_dangling_dropin(etc: Path) -> str:
+    (etc.parent / "tunnels.d" / "10-backup.toml").unlink()
+    (etc.parent / "tunnels.d" / "10-backup.toml").symlink_to("/nonexistent")
+    return f"{etc.parent / 'tunnels.d' / '10-backup.toml'}: a symlink to /nonexistent, which does not exist"
+
+
+def _break_dropin_dir(etc: Path) -> str:
+    dropins = etc.parent / "tunnels.d"
+    (dropins / "10-backup.toml").unlink()
+    dropins.rmdir()
+    dropins.symlink_to("tunnels.d")  # a loop: ELOOP even for root
+    return f"{dropins}: cannot list the drop-in directory: Too many levels of symbolic links"
+
+
+@pytest.mark.parametrize("breaking", [_break_nested, _break_fifo, _break_dangling_dropin, _break_dropin_dir],
+                         ids=["nested-toml", "fifo", "dangling-dropin", "dropin-dir-loop"])
+def test_a_config_that_cannot_be_read_starts_the_last_good_one(
+        etc: Path, env: dict[str, str], breaking: Callable[[Path], str]) -> None:
+    # newcomer-3 N2, N6, N11, review H2: each of these crashed the start, blocked it, or started without Backup.
+    good = start_config(etc, env)
+    good.state.save_last_good(etc, good.config)
+    said = breaking(etc)
+    start = start_config(etc, env)
+    assert [t.name for t in start.config.tunnels] == ["My_Tunnel", "Backup"]
+    assert start.rejected is not None and str(start.rejected).startswith(said)
+
+
+def test_an_error_load_config_does_not_foresee_still_starts_the_last_good_one(
+        etc: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    good = start_config(etc, env)
+    good.state.save_last_good(etc, good.config)
+
+    def unforeseen(path: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(state_module, "load_config", unforeseen)
+    start = start_config(etc, env)
+    assert start.config == good.config
+    assert str(start.rejected) == f"{etc}: cannot load: [Errno 13] Permission denied: '{etc}'"
 
 
 @pytest.mark.parametrize("content", ["", "{", "[]", '{"format": 1}', '{"format": 1, "config": "/x", "files": []}',

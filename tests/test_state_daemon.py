@@ -10,6 +10,8 @@ ends in state "error", but the nftables table (clamp, NAT) is managed all the sa
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,7 +55,8 @@ def test_a_restart_into_a_broken_config_runs_the_last_good_one_until_it_is_fixed
     assert status["last_error"].startswith("config rejected at start, running the last good config (saved ")
     assert f"{daemon.config_path}:{error_line}: TOML syntax: " in status["last_error"]
     assert [t["name"] for t in status["tunnels"]] == ["My_Tunnel"]
-    assert "config rejected, the running config stays in force: " in daemon.output()
+    assert "config rejected at start, the last good config runs instead: " in daemon.output()
+    assert "started with the last good config (saved " in daemon.output()  # newcomer-3 N16: not "started: 1 tunnel"
     # Still managing: the table of the last good config is put back after someone deletes it.
     assert "ipv4 : 1436, ipv6 : 1416" in greupd_table(router)
     router.run("nft", "delete", "table", "inet", "greupd")
@@ -90,3 +93,90 @@ def test_a_control_socket_that_cannot_be_created_is_a_clear_error(router: Host) 
         in daemon.output()
     assert "Traceback" not in daemon.output()
     assert greupd_table(router) == ""  # stopped before touching anything
+
+
+# --- files that cannot be read (review H2, newcomer-3 N2, N6, N11) ----------------------------------------------
+
+# Router A's backup tunnel, in a drop-in. Its MSS clamp (1300) shows in the nftables table while greupd manages it.
+BACKUP = """[[tunnel]]
+name = "Backup"
+local = "172.19.2.1"
+remote = "172.19.2.2"
+routes = ["20.10.1.0/24"]
+metric = 10
+
+[tunnel.mss]
+clamp = 1300
+"""
+# Root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH obeys file modes, as user greupd under greupd.service does: a
+# root-owned directory of mode 000 is as closed to it as a 0700 one is to user greupd.
+AS_THE_UNITS_USER = ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--")
+
+
+def names(daemon: GreupdProcess) -> list[str]:
+    status = daemon.status()
+    assert status is not None
+    return [t["name"] for t in status["tunnels"]]
+
+
+def test_a_reload_that_cannot_read_a_file_is_rejected_and_deletes_nothing(router: Host) -> None:
+    daemon = GreupdProcess(router, SHIPPED)
+    dropins = daemon.dir / "tunnels.d"
+    dropins.mkdir()
+    (dropins / "10-backup.toml").write_text(BACKUP)
+    daemon.prefix = AS_THE_UNITS_USER
+    daemon.start()
+    assert names(daemon) == ["My_Tunnel", "Backup"]
+    assert "1300" in greupd_table(router)
+    generation = daemon.status()["generation"]  # type: ignore[index]
+
+    # SIGHUP while tunnels.toml is a FIFO nobody writes to: open() used to block the loop (status unanswered).
+    daemon.config_path.rename(daemon.dir / "tunnels.toml.bak")
+    os.mkfifo(daemon.config_path)
+    daemon.signal(signal.SIGHUP)
+    assert wait_until(lambda: "is a FIFO" in str((daemon.status(check=False) or {}).get("last_error")), 20), \
+        daemon.output()
+    status = daemon.status()
+    assert status is not None and status["generation"] == generation
+    assert [t["name"] for t in status["tunnels"]] == ["My_Tunnel", "Backup"]
+    assert f"{daemon.config_path}: is a FIFO (named pipe), not a regular file" in status["last_error"]
+    daemon.config_path.unlink()
+    (daemon.dir / "tunnels.toml.bak").rename(daemon.config_path)
+
+    # tunnels.d closed to the daemon (umask 077): Path.glob swallowed the EACCES, the reload dropped Backup and
+    # deleted its link, routes and table entries.
+    dropins.chmod(0o000)
+    try:
+        refused = daemon.reload()
+    finally:
+        dropins.chmod(0o755)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"{dropins}: cannot list the drop-in directory: Permission denied" in refused.stderr
+    assert names(daemon) == ["My_Tunnel", "Backup"]
+    assert daemon.status()["generation"] == generation  # type: ignore[index]
+    assert "1300" in greupd_table(router)
+    assert daemon.proc is not None and daemon.proc.poll() is None
+    assert "Traceback" not in daemon.output()
+
+    assert daemon.reload().returncode == 0  # readable again: the same config, taken
+    assert names(daemon) == ["My_Tunnel", "Backup"]
+    assert daemon.stop() == 0
+
+
+def test_a_start_with_toml_nested_too_deeply_runs_the_last_good_config(router: Host) -> None:
+    # newcomer-3 N2: tomllib's RecursionError crashed `greupd run` before the last-good fallback, every restart.
+    daemon = GreupdProcess(router, SHIPPED).start()
+    daemon.kill()
+    nested = SHIPPED + "nested = " + "[" * 500 + "]" * 500 + "\n"
+    daemon.config_path.write_text(nested)
+    daemon.start()
+    status = daemon.status()
+    assert status is not None
+    assert status["last_error"].startswith("config rejected at start, running the last good config (saved ")
+    line = nested.count("\n")
+    assert f"{daemon.config_path}:{line}: arrays or tables nested 500 deep" in status["last_error"]
+    assert [t["name"] for t in status["tunnels"]] == ["My_Tunnel"]
+    assert "ipv4 : 1436, ipv6 : 1416" in greupd_table(router)
+    assert "started with the last good config (saved " in daemon.output()
+    assert "Traceback" not in daemon.output()
+    assert daemon.stop() == 0

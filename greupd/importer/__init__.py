@@ -17,7 +17,8 @@ from greupd.gre import MODES as GRE_MODES
 
 Source = Literal["kernel", "netplan", "networkd", "ifupdown"]
 SOURCES: tuple[Source, ...] = ("kernel", "netplan", "networkd", "ifupdown")
-__all__ = ["GRE_MODES", "SOURCES", "FoundRoute", "FoundTunnel", "ImportProblem", "Source", "carry_routes"]
+__all__ = ["GRE_MODES", "SOURCES", "FoundRoute", "FoundTunnel", "ImportProblem", "Source", "carry_routes",
+           "unreadable"]
 
 
 class ImportProblem(Exception):
@@ -47,6 +48,14 @@ class FoundTunnel:
     table: int = 254
     notes: list[str] = field(default_factory=list)  # what was not carried over, and why
     suggestions: list[str] = field(default_factory=list)  # TOML lines to uncomment (e.g. [tunnel.nat])
+    problem: str | None = None  # why the source's description of this tunnel could not be read: not carried over
+
+
+def unreadable(name: str, origin: str, exc: Exception) -> FoundTunnel:
+    """A tunnel whose description a reader could not make sense of (a key "abc"): written as a comment that says
+    why, and the other tunnels carried over as usual, rather than a traceback for the whole import."""
+    return FoundTunnel(name=name, mode="gre", local="", remote="", origin=origin,
+                       problem=str(exc) or type(exc).__name__)
 
 
 @dataclass

@@ -15,7 +15,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from greupd.importer import FoundRoute, FoundTunnel, ImportProblem, carry_routes
+from greupd.importer import FoundRoute, FoundTunnel, ImportProblem, carry_routes, unreadable
 from greupd.importer.iptables import IptablesRule, parse_rule, suggest
 
 DEFAULT_PATH = Path("/etc/network/interfaces")
@@ -94,7 +94,11 @@ def tunnels_from_ifupdown(path: Path = DEFAULT_PATH) -> list[FoundTunnel]:
         mode = (stanza.option("mode") or "").lower()
         if stanza.method != "tunnel" or mode not in _MODES:
             continue
-        tunnel, found_rules = _tunnel(stanza, _MODES[mode])
+        try:
+            tunnel, found_rules = _tunnel(stanza, _MODES[mode])
+        except ValueError as exc:  # an address or key ifupdown would not take either: this tunnel only
+            tunnels.append(unreadable(stanza.name, f"{stanza.file} (iface {stanza.name})", exc))
+            continue
         tunnels.append(tunnel)
         rules += found_rules
     suggest(tunnels, rules)
@@ -136,7 +140,11 @@ def _tunnel(stanza: Stanza, mode: str) -> tuple[FoundTunnel, list[IptablesRule]]
     for key_word, command in stanza.options:
         if key_word not in _UP:
             continue
-        argv = shlex.split(command)
+        try:
+            argv = shlex.split(command)
+        except ValueError as exc:  # `up echo "it's`: a line the shell would refuse too
+            tunnel.notes.append(f"not carried over ({exc}): {key_word} {command}")
+            continue
         route = _route(argv, stanza.name)
         if route is not None:
             routes.append(route)

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from greupd.importer import GRE_MODES, FoundRoute, FoundTunnel, ImportProblem, carry_routes
+from greupd.importer import GRE_MODES, FoundRoute, FoundTunnel, ImportProblem, carry_routes, unreadable
 
 DEFAULT_PATH = Path("/etc/netplan")
 # Keys this reader carries; any other key of a tunnel becomes a note.
@@ -38,7 +38,10 @@ def tunnels_from_netplan(path: Path = DEFAULT_PATH) -> list[FoundTunnel]:
             raise ImportProblem(f"{file}: network.tunnels must be a mapping of tunnel names")
         for name, body in tunnels.items():
             if isinstance(body, dict) and str(body.get("mode", "")).lower() in GRE_MODES:
-                found[str(name)] = _tunnel(str(name), body, file)
+                try:
+                    found[str(name)] = _tunnel(str(name), body, file)
+                except (ValueError, TypeError) as exc:  # a key "abc", a metric [1]: this tunnel only
+                    found[str(name)] = unreadable(str(name), str(file), exc)
     return list(found.values())
 
 
@@ -93,4 +96,8 @@ def _key(value: object) -> int | None:
     try:
         return int(ipaddress.IPv4Address(str(value)))
     except ValueError:
+        pass
+    try:
         return int(str(value))
+    except ValueError:
+        raise ValueError(f"key {value!r} is not a GRE key (a number or a dotted quad)") from None

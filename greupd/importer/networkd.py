@@ -11,7 +11,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from greupd.importer import GRE_MODES, FoundRoute, FoundTunnel, ImportProblem, carry_routes
+from greupd.importer import GRE_MODES, FoundRoute, FoundTunnel, ImportProblem, carry_routes, unreadable
 
 DEFAULT_PATH = Path("/etc/systemd/network")
 _TABLES = {"main": 254, "default": 253, "local": 255}
@@ -60,7 +60,10 @@ def tunnels_from_networkd(path: Path = DEFAULT_PATH) -> list[FoundTunnel]:
         name = netdev.value("NetDev", "Name")
         if kind in GRE_MODES and name:
             network = next((n for n in networks if name in (n.value("Match", "Name") or "").split()), None)
-            tunnels.append(_tunnel(name, kind, netdev, network))
+            try:
+                tunnels.append(_tunnel(name, kind, netdev, network))
+            except ValueError as exc:  # this tunnel only
+                tunnels.append(unreadable(name, str(netdev.path), exc))
     return tunnels
 
 
@@ -111,6 +114,11 @@ def _tunnel(name: str, kind: str, netdev: UnitFile, network: UnitFile | None) ->
         if route.get("Gateway") and kind in ("gretap", "ip6gretap") and tunnel.peer is None:
             tunnel.peer = route["Gateway"]
         table = route.get("Table", "main")
+        if table not in _TABLES and not table.isdigit():
+            # A name from /etc/iproute2/rt_tables: greupd's table is a number (or "main").
+            tunnel.notes.append(f"route not carried over (Table={table}: write its number from"
+                                f" /etc/iproute2/rt_tables as the tunnel's table): Destination={destination}")
+            continue
         routes.append(FoundRoute(str(ipaddress.ip_network(destination, strict=False)), int(route.get("Metric", 0)),
                                  _TABLES.get(table) or int(table), f"Destination={destination}"))
     carry_routes(tunnel, routes)

@@ -7,16 +7,31 @@ file as a whole always validates.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from greupd.config import ConfigError, load_config_text
 from greupd.importer import FoundTunnel
 
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
 
 def _string(value: str) -> str:
-    # A TOML basic string; tunnel fields are addresses, names and prefixes, but quote safely anyway.
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    # A TOML basic string; tunnel fields are addresses, names and prefixes, but quote safely anyway: a control
+    # character (a newline in a netplan name) is escaped, so the string cannot end the line it stands on.
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", escaped) + '"'
+
+
+def one_line(text: str) -> str:
+    """Text for a `# ` comment: its line breaks and other control characters as spaces. A newline in a source's
+    value (a netplan `description: |`) would otherwise end the comment, and the rest be live TOML (review L2)."""
+    return _CONTROL.sub(" ", text)
+
+
+def _comment(text: str) -> str:
+    return f"# {one_line(text)}"
 
 
 def _value(value: object) -> str:
@@ -57,25 +72,28 @@ def render(tunnels: Iterable[FoundTunnel], source: str, notes: Iterable[str] = (
     lines = [f"# Written by `greupd import --from {source}`. Every tunnel has adopt = true: `greupd run` takes the",
              "# existing link over in place (same ifindex, no flap) and replaces its routes for the prefixes",
              "# below with greupd's, in one step each. Check it first: greupd check FILE; greupd plan FILE.",
-             *(f"# {note}" for note in notes)]
+             *(_comment(note) for note in notes)]
     daemon = ["", "[daemon]", "ip_forward = false  # net.ipv4.ip_forward is off on this host today"] \
         if ip_forward is False else []
     lines += daemon
     accepted: list[str] = []  # entries printed live so far: a later one must not clash with them (names, keys)
     for tunnel in tunnels:
-        lines += ["", f"# {tunnel.name}: from {tunnel.origin}"]
+        lines += ["", _comment(f"{tunnel.name}: from {tunnel.origin}")]
+        if tunnel.problem is not None:
+            lines.append(_comment(f"not carried over, its description cannot be read: {tunnel.problem}"))
+            continue
         entry = entry_lines(tunnel)
         problem = _problem("\n".join([*daemon, *accepted, *entry]) + "\n")
         if problem is None:
             accepted += entry
             lines += entry
         else:
-            lines.append(f"# not carried over, greupd would refuse it: {problem}")
-            lines += [f"# {line}" for line in entry]
-        lines += [f"# {note}" for note in tunnel.notes]
+            lines.append(_comment(f"not carried over, greupd would refuse it: {problem}"))
+            lines += [_comment(line) for line in entry]
+        lines += [_comment(note) for note in tunnel.notes]
         if tunnel.suggestions:
             lines.append("# greupd's nftables table does the same; uncomment and delete the iptables rules together:")
-            lines += [f"# {line}" for line in tunnel.suggestions]
+            lines += [_comment(line) for line in tunnel.suggestions]
     return "\n".join(lines) + "\n"
 
 
