@@ -357,6 +357,12 @@ def _usual_message(data: Packet) -> GreMessage | _Unusual | None:
     return KeepaliveRequest(src, dst, key, inner_src, inner_dst, bytes(data[offset:offset + inner_len]))
 
 
+def plain_ipv4(header: Packet) -> bool:
+    """An IPv4 header without options (IHL 5) that is no fragment (MF and offset 0): the only inner header
+    greupd reflects (review L6). `header` is at least 20 bytes, as a KeepaliveRequest's reflection is."""
+    return header[0] == 0x45 and not _U16.unpack_from(header, 6)[0] & (IP_MF | IP_OFFSET)
+
+
 def parse_gre(data: Packet) -> GreMessage | None:
     """Read one packet from the raw IPPROTO_GRE socket (IP header included).
 

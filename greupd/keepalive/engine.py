@@ -66,6 +66,7 @@ from greupd.keepalive.codec import (
     build_probe_template,
     new_token,
     parse_gre,
+    plain_ipv4,
 )
 from greupd.keepalive.liveness import AnswerBudget, Liveness, LivenessChange, ProbeWindow
 from greupd.netlink.nlmsg import SO_RCVBUFFORCE
@@ -153,6 +154,7 @@ class EngineCounters:
     requests_answered: int = 0
     requests_ignored: int = 0  # not for a tunnel of ours with answer = "daemon", or not reflected to its remote
     requests_rate_limited: int = 0
+    requests_not_plain: int = 0  # inner IP header with options or fragment bits: never reflected (review L6)
     requests_unanswerable: int = 0  # for a tunnel of ours whose own end does not work (set_answerable)
     send_errors: int = 0
 
@@ -379,10 +381,10 @@ class KeepaliveEngine:
         paused."""
         assert self._loop is not None
         self._timer = None
+        now = self._loop.time()
+        due: list[_Tunnel] = []
         try:
-            now = self._loop.time()
             limit = now + _COALESCE
-            due = []
             schedule = self._schedule
             while schedule and schedule[0][0] <= limit:
                 _, entry, tunnel = heapq.heappop(schedule)
@@ -407,6 +409,12 @@ class KeepaliveEngine:
                     else:
                         self._resume_reader()
         finally:
+            # Whatever raised on the way (a bug: none is known), no popped tunnel leaves the schedule for good,
+            # which would leave it "up" with no probes at all (review L5): the ones not rescheduled yet get
+            # their next slot, as if this probe had been lost.
+            for tunnel in due:
+                if tunnel.entry >= 0 and tunnel.next_at <= now + _COALESCE:
+                    self._advance(tunnel, now)
             self._arm()
 
     def _probe(self, tunnel: _Tunnel, now: float) -> None:
@@ -439,6 +447,16 @@ class KeepaliveEngine:
         is its deadline), and write a fresh token into the probe's buffer. Scheduling comes first, so that
         one tunnel's trouble never stops its probing; a loop that stalled skips the probes it missed rather
         than sending them in a burst, on the same grid."""
+        self._advance(tunnel, now)
+        missed = tunnel.liveness.on_timer(now)
+        token = new_token()
+        tunnel.window.issue(token, now)
+        tunnel.probe.stamp(token)
+        return missed
+
+    def _advance(self, tunnel: _Tunnel, now: float) -> None:
+        """Put the tunnel's next probe in the schedule, one interval after the last slot (or later, on the
+        same grid, if the loop stalled)."""
         interval = tunnel.target.interval
         next_at = tunnel.next_at + interval
         if next_at <= now:
@@ -446,11 +464,6 @@ class KeepaliveEngine:
         tunnel.next_at = next_at
         tunnel.entry = entry = next(self._entries)
         heapq.heappush(self._schedule, (next_at, entry, tunnel))
-        missed = tunnel.liveness.on_timer(now)
-        token = new_token()
-        tunnel.window.issue(token, now)
-        tunnel.probe.stamp(token)
-        return missed
 
     def _probe_sent(self, tunnel: _Tunnel, now: float, missed: LivenessChange | None,
                     error: OSError | None) -> None:
@@ -594,6 +607,11 @@ class KeepaliveEngine:
         if (tunnel is None or tunnel.target.answer != "daemon"
                 or request.inner_src != request.dst or request.inner_dst != request.src):
             self.counters.requests_ignored += 1
+            return
+        if not plain_ipv4(request.reflection):
+            # Reflected verbatim, options would have us send source-routed or oddly optioned packets to the
+            # remote on a forger's behalf; no keepalive needs them (Cisco's and ours have none).
+            self.counters.requests_not_plain += 1
             return
         if self._answerable is not None and tunnel.target.name not in self._answerable:
             # Our end of this tunnel does not work: silence, as a Cisco's own peer would give (review H5).
