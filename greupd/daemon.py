@@ -229,9 +229,13 @@ class Daemon:
         return self.ipsec.annotate(self.reports.statuses(self.config, self.keepalive.status))
 
     def status(self) -> DaemonStatus:
-        return {"config": str(self.config_path), "generation": self.generation, "last_error": self.last_error,
-                "pid": os.getpid(), "netlink_requests": self.kernel.requests, "tunnels": self.tunnel_statuses(),
-                "warnings": list(self.nft.warnings)}  # standing conditions, e.g. another table's forward drop (M9)
+        status: DaemonStatus = {
+            "config": str(self.config_path), "generation": self.generation, "last_error": self.last_error,
+            "pid": os.getpid(), "netlink_requests": self.kernel.requests, "tunnels": self.tunnel_statuses(),
+            "warnings": list(self.nft.warnings)}  # standing conditions, e.g. another table's forward drop (M9)
+        if (keepalive_socket := self.keepalive.socket_status()) is not None:
+            status["keepalive_socket"] = keepalive_socket  # its filter and drops (#21 M6)
+        return status
 
 
 def run_daemon(config_path: Path, config: Config, socket_override: str | None = None,

@@ -17,6 +17,14 @@ class KeepaliveStatus(TypedDict):
     last_rtt_ms: float | None
 
 
+class KeepaliveSocketStatus(TypedDict):
+    """`"keepalive_socket"`: the raw GRE socket every tunnel's keepalives arrive on (keepalive/gre_socket.py)."""
+
+    filter: Literal["addresses", "protocol"]  # addresses: configured remotes only; protocol: any source (too many)
+    remotes: int  # distinct remotes the kernel's filter passes
+    drops: int | None  # packets the kernel dropped there, its receive buffer full (a flood); None: unknown
+
+
 class IpsecStatus(TypedDict):
     """`"ipsec"` of a tunnel with [tunnel.ipsec]."""
 
@@ -56,6 +64,7 @@ class DaemonStatus(TypedDict):
     # What holds now and defeats part of the config, one line each, for as long as it holds: another table's
     # forward chain that drops what greupd's forward accepts let through (nft/foreign.py, review M9).
     warnings: NotRequired[list[str]]
+    keepalive_socket: NotRequired[KeepaliveSocketStatus]
 
 
 class ReloadResult(TypedDict):

@@ -5,6 +5,8 @@
 - `liveness`: the state machine per tunnel (`Liveness`), pure: time and events in, transitions out.
 - `engine`: `KeepaliveEngine`, the raw sockets and its one timer on the asyncio loop.
 - `batch`: sendmmsg/recvmmsg through ctypes, a tick's probes in one system call.
+- `bpf`: the classic BPF program of the GRE socket (configured addresses, keepalive shapes), pure.
+- `gre_socket`: that socket opened, its program attached as the tunnels change, its drops read.
 - `__main__`: `python -m greupd.keepalive`, the engine alone.
 """
 

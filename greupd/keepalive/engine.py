@@ -4,7 +4,9 @@ peers' probes ourselves so that a Linux peer of a Cisco needs neither ip_forward
 Two raw sockets serve every tunnel, both registered with the daemon's asyncio loop:
 
 - `socket(AF_INET, SOCK_RAW, IPPROTO_GRE)` receives a copy of every GRE packet the host gets, also those a
-  kernel tunnel consumes; a socket filter (codec.GRE_SOCKET_FILTER) keeps tunnel traffic out of Python.
+  kernel tunnel consumes; a socket filter (bpf.py, attached by gre_socket.py) passes only what comes from a
+  configured remote to a configured local and is a keepalive, so neither tunnel traffic nor a flood from
+  anywhere else reaches Python (review M6).
   It also sends our probes, without IP_HDRINCL: the kernel builds the outer header, and each sendmsg names
   the tunnel's `local` as source (IP_PKTINFO). So the route lookup of a probe is the tunnel's own
   (ip_tunnel_xmit looks up saddr = local, protocol GRE): `ip rule from <local> lookup ispN` and
@@ -37,7 +39,6 @@ in 64 to a recvmmsg (batch.py), where libc has them.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import heapq
 import itertools
@@ -55,21 +56,19 @@ from typing import Literal
 from greupd.config import Config
 from greupd.keepalive.batch import Datagram, Receiver, Sender, batching_available
 from greupd.keepalive.codec import (
-    GRE_SOCKET_FILTER,
     IPPROTO_GRE,
     KeepaliveRequest,
     MalformedPacket,
     Packet,
     ProbeBytes,
     ProbeReply,
-    SocketFilter,
     build_probe_template,
     new_token,
     parse_gre,
     plain_ipv4,
 )
+from greupd.keepalive.gre_socket import GreSocketFilter, SocketStatus, open_gre_socket, socket_drops
 from greupd.keepalive.liveness import AnswerBudget, Liveness, LivenessChange, ProbeWindow
-from greupd.netlink.nlmsg import SO_RCVBUFFORCE
 from greupd.status import KeepaliveStatus
 
 __all__ = ["EngineCounters", "KeepaliveEngine", "KeepaliveTarget", "LivenessChange", "targets_from_config"]
@@ -89,14 +88,11 @@ _RECEIVE_SLOT = 2048  # bytes per datagram read by recvmmsg: keepalives are far 
 _DRAIN_LIMIT = 512  # packets read per wake-up, so a flood cannot starve the rest of the loop
 _DRAIN_BEFORE_MISS = 8192  # before counting a miss: more than the receive buffer holds of replies
 _MAX_PACKET = 65535
-_RECEIVE_BUFFER = 1 << 20
-_SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>; not exported by Python's socket module
 _IP_PKTINFO = 8  # <linux/in.h>; Python has socket.IP_PKTINFO, typeshed does not
 _IP_PROTOCOL = 52  # <linux/in.h>: the flow's protocol for an IP_HDRINCL packet, as a control message (5.19+)
 _SO_TIMESTAMPNS = 35  # <asm-generic/socket.h> (also SCM_TIMESTAMPNS); not exported by Python's socket module
 _TIMESPEC = struct.Struct("@qq")  # struct timespec on a 64-bit kernel
 _TIMESTAMP_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
-_PROBE_TTL = 255  # the outer TTL of our probes, as Cisco's tunnels send them
 _GRE_FLOW = (socket.IPPROTO_IP, _IP_PROTOCOL, struct.pack("=i", IPPROTO_GRE))
 
 
@@ -187,22 +183,6 @@ class _Tunnel:
         self.send_failing = False
 
 
-def attach_socket_filter(sock: socket.socket, program: SocketFilter) -> None:
-    """SO_ATTACH_FILTER takes a struct sock_fprog, which points at the instructions: build both with ctypes."""
-
-    class SockFilter(ctypes.Structure):
-        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
-                    ("k", ctypes.c_uint32)]
-
-    class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(SockFilter))]
-
-    instructions = (SockFilter * len(program))(*(SockFilter(*insn) for insn in program))
-    fprog = SockFprog(len(program), instructions)
-    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, ctypes.string_at(ctypes.addressof(fprog),
-                                                                           ctypes.sizeof(fprog)))
-
-
 class KeepaliveEngine:
     """Probes every target, reads replies and requests, reports each tunnel's verdict as it flips.
 
@@ -235,6 +215,7 @@ class KeepaliveEngine:
         self._sender: Sender | None = None  # sendmmsg/recvmmsg when libc has them (batch.py)
         self._receiver: Receiver | None = None
         self.counters = EngineCounters()
+        self._filter = GreSocketFilter()
 
     # --- the API the daemon calls ---------------------------------------------------------------------
 
@@ -242,22 +223,13 @@ class KeepaliveEngine:
         """Open the raw sockets (needs CAP_NET_RAW), start reading, and start probing configured targets."""
         send = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # IP_HDRINCL implied
         send.setblocking(False)
-        receive = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_GRE)
         try:
-            receive.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, _PROBE_TTL)  # probes leave on this socket
-            attach_socket_filter(receive, GRE_SOCKET_FILTER)
-            try:
-                # Thousands of tunnels answer in bursts; the default limit (rmem_max) would drop some.
-                receive.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RECEIVE_BUFFER)
-            except PermissionError:  # without CAP_NET_ADMIN, as much as rmem_max allows
-                receive.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
-            receive.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
-            receive.setblocking(False)
+            receive = open_gre_socket()
         except OSError:
             send.close()
-            receive.close()
             raise
         self._loop, self._send_socket, self._receive_socket = loop, send, receive
+        self._follow_addresses()
         if batching_available():
             self._sender = Sender(receive)
             self._receiver = Receiver(receive, _RECEIVE_BATCH, _RECEIVE_SLOT, _SO_TIMESTAMPNS)
@@ -292,12 +264,26 @@ class KeepaliveEngine:
                 if target.interval != old_interval:
                     self._schedule_first(tunnel)
         self._by_endpoints = {}
+        self._follow_addresses()
         for tunnel in self._tunnels.values():
             other = self._by_endpoints.setdefault(tunnel.endpoints, tunnel)
             if other is not tunnel:
                 # config.py refuses this; if it happens anyway, replies can only go to one of them
                 log.warning("tunnels %s and %s share remote, local and key: keepalive replies go to %s",
                             other.target.name, tunnel.target.name, other.target.name)
+
+    def _follow_addresses(self) -> None:
+        """The socket filter passes what comes from the configured remotes to the configured locals (M6)."""
+        if self._receive_socket is not None:
+            self._filter.follow(self._receive_socket, [int(t.target.remote) for t in self._tunnels.values()],
+                                [int(t.target.local) for t in self._tunnels.values()])
+
+    def socket_status(self) -> SocketStatus | None:
+        """The GRE socket's filter and drops (None before start): `keepalive_socket` in `greupd status`."""
+        if self._receive_socket is None:
+            return None
+        return {"filter": self._filter.kind, "remotes": self._filter.remotes,
+                "drops": socket_drops(self._receive_socket)}
 
     def set_answerable(self, names: Collection[str]) -> None:
         """The tunnels whose own end works (owned link present and up, not in error): answer = "daemon"
@@ -331,6 +317,7 @@ class KeepaliveEngine:
             if sock is not None:
                 sock.close()
         self._send_socket = self._receive_socket = None
+        self._filter.forget()
         self._sender = self._receiver = None
         self._loop = None
 
