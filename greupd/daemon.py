@@ -22,6 +22,7 @@ from greupd.events import EventLog
 from greupd.ipsec.supervisor import IpsecSupervisor
 from greupd.keepalive.engine import KeepaliveEngine, LivenessChange, targets_from_config
 from greupd.keepalive.restart import VerdictMemory
+from greupd.keepalive.underlay import underlays_after_pass
 from greupd.metrics import MetricsPublisher
 from greupd.model import Desired, DesiredMemo
 from greupd.netlink.kernel import Kernel, KernelWatch
@@ -161,6 +162,7 @@ class Daemon:
         for change in changes:
             self.events.emit(change)
         self.keepalive.set_answerable(self.reports.answerable())  # #11 H5
+        self.keepalive.follow_underlays(underlays_after_pass(done.observed, done.after, self.keepalive.names()))
         self.notifier.status_if_changed(self._status_text())
         self.metrics.publish()
         assert self._loop is not None

@@ -1,6 +1,8 @@
 """The keepalive engine's own decisions, without sockets: what it answers, and that its schedule survives a bug.
 
 - L5 (code-review-3): a tick that raises half-way keeps every tunnel in the schedule.
+- M2: probes and answers carry the tunnel link's underlay device (IP_PKTINFO ipi_ifindex) and fwmark (SO_MARK),
+  as the last pass saw the link (the kernel test is tests/test_keepalive_underlay_kernel.py).
 - L6: a peer's probe is reflected only when its inner IP header is plain (IHL 5, no fragment bits); scapy
   builds the probes, with options and fragment bits, as a forger would.
 """
@@ -8,6 +10,9 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import socket
+import struct
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 from typing import Any
@@ -17,7 +22,10 @@ from scapy.layers.inet import IP, IPOption_LSRR, IPOption_RR, IPOption_Timestamp
 from scapy.layers.l2 import GRE
 from scapy.packet import Packet
 
+from greupd.gre import IFLA_GRE_FWMARK, IFLA_GRE_LINK, KeptAttributes
 from greupd.keepalive.engine import KeepaliveEngine, KeepaliveTarget, LivenessChange, _Tunnel
+from greupd.keepalive.underlay import NO_UNDERLAY, Underlay, underlay_of, underlays_after_pass
+from greupd.model import LinkSpec, Observed, ObservedLink
 
 A, B = IPv4Address("172.19.1.1"), IPv4Address("172.19.1.2")
 
@@ -133,3 +141,59 @@ def test_a_request_whose_inner_header_is_a_fragment_is_counted_not_reflected(
     counters = answers.engine.counters
     assert counters.requests_answered == 0
     assert counters.malformed + counters.requests_not_plain == 1
+
+
+# --- M2 ------------------------------------------------------------------------------------------------
+
+
+def observed(links: dict[str, ObservedLink], scope: frozenset[str] | None = None) -> Observed:
+    return Observed(links, {}, frozenset(), {}, scope)
+
+
+def gre_link(index: int, kept: KeptAttributes = ()) -> ObservedLink:
+    return ObservedLink(index, LinkSpec("to_b", "gre", A, B), True, True, kept)
+
+
+BOUND: KeptAttributes = ((IFLA_GRE_LINK, struct.pack("=I", 7)), (IFLA_GRE_FWMARK, struct.pack("=I", 0x2A)))
+
+
+def test_the_underlay_is_the_links_dev_and_fwmark_as_the_kernel_reported_them() -> None:
+    assert underlay_of(BOUND) == Underlay(ifindex=7, fwmark=0x2A)
+    assert underlay_of(()) == NO_UNDERLAY
+    assert underlay_of(((IFLA_GRE_LINK, struct.pack("=I", 3)),)) == Underlay(3, 0)
+
+
+def test_a_link_kept_by_the_pass_keeps_its_underlay_a_new_one_has_none() -> None:
+    before = observed({"kept": gre_link(10, BOUND), "replaced": gre_link(11, BOUND), "gone": gre_link(12, BOUND)})
+    after = observed({"kept": gre_link(10), "replaced": gre_link(99), "new": gre_link(13)})
+    assert underlays_after_pass(before, after, ["kept", "replaced", "gone", "new", "absent"]) == {
+        "kept": Underlay(7, 0x2A), "replaced": NO_UNDERLAY, "gone": NO_UNDERLAY, "new": NO_UNDERLAY,
+        "absent": NO_UNDERLAY}
+    # A pass over some tunnels says nothing about the others.
+    partial = observed({"kept": gre_link(10, BOUND)}, scope=frozenset({"kept"}))
+    assert underlays_after_pass(partial, partial, ["kept", "other"]) == {"kept": Underlay(7, 0x2A)}
+
+
+def control_messages(control: bytes) -> list[tuple[int, int, bytes]]:
+    """A control buffer's messages (struct cmsghdr, 64-bit) as (level, type, data)."""
+    messages, at = [], 0
+    while at < len(control):
+        length, level, kind = struct.unpack_from("@Nii", control, at)
+        messages.append((level, kind, control[at + 16:at + length]))
+        at += socket.CMSG_SPACE(length - 16)
+    return messages
+
+
+def test_probes_and_answers_carry_the_links_ifindex_and_mark() -> None:
+    engine = KeepaliveEngine(lambda name, change: None)
+    engine.configure([target("to_b")])
+    engine.follow_underlays({"to_b": Underlay(7, 0x2A), "not_ours": Underlay(1, 1)})
+    tunnel = engine._tunnels["to_b"]
+    pktinfo = (socket.IPPROTO_IP, 8, struct.pack("=I4s4s", 7, A.packed, bytes(4)))
+    mark = (socket.SOL_SOCKET, socket.SO_MARK, struct.pack("=I", 0x2A))
+    assert tunnel.source == [pktinfo, mark]  # sendmsg: a probe without sendmmsg, and every answer
+    if tunnel.datagram is not None:  # sendmmsg: the same two messages
+        header = tunnel.datagram.header
+        assert control_messages(ctypes.string_at(header.msg_control, header.msg_controllen)) == [pktinfo, mark]
+    engine.follow_underlays({"to_b": NO_UNDERLAY})
+    assert engine._tunnels["to_b"].source == [(socket.IPPROTO_IP, 8, struct.pack("=I4s4s", 0, A.packed, bytes(4)))]

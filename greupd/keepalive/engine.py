@@ -69,6 +69,7 @@ from greupd.keepalive.codec import (
 )
 from greupd.keepalive.gre_socket import GreSocketFilter, SocketStatus, open_gre_socket, socket_drops
 from greupd.keepalive.liveness import AnswerBudget, Liveness, LivenessChange, ProbeWindow
+from greupd.keepalive.underlay import NO_UNDERLAY, Underlay
 from greupd.status import KeepaliveStatus
 
 __all__ = ["EngineCounters", "KeepaliveEngine", "KeepaliveTarget", "LivenessChange", "targets_from_config"]
@@ -96,10 +97,15 @@ _TIMESTAMP_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
 _GRE_FLOW = (socket.IPPROTO_IP, _IP_PROTOCOL, struct.pack("=i", IPPROTO_GRE))
 
 
-def source_address(local: IPv4Address) -> tuple[int, int, bytes]:
-    """An IP_PKTINFO control message that makes `local` the source of a packet and of its route lookup
-    (struct in_pktinfo: ifindex 0 = any, ipi_spec_dst = local, ipi_addr unused on send)."""
-    return socket.IPPROTO_IP, _IP_PKTINFO, struct.pack("=I4s4s", 0, local.packed, bytes(4))
+def source_address(local: IPv4Address, underlay: Underlay = NO_UNDERLAY) -> list[tuple[int, int, bytes]]:
+    """The control messages that route a packet as the tunnel's own (reviews H1 and M2): IP_PKTINFO makes
+    `local` the source of the packet and of its route lookup, and the link's underlay device its output
+    interface (struct in_pktinfo: ipi_ifindex, 0 = any; ipi_spec_dst = local; ipi_addr unused on send);
+    SO_MARK gives it the link's fwmark (CAP_NET_ADMIN or CAP_NET_RAW, which the engine has)."""
+    messages = [(socket.IPPROTO_IP, _IP_PKTINFO, struct.pack("=I4s4s", underlay.ifindex, local.packed, bytes(4)))]
+    if underlay.fwmark:
+        messages.append((socket.SOL_SOCKET, socket.SO_MARK, struct.pack("=I", underlay.fwmark)))
+    return messages
 
 
 @dataclass(frozen=True)
@@ -163,7 +169,7 @@ class _Tunnel:
     """The engine's mutable state of one target."""
 
     __slots__ = ("address", "budget", "datagram", "endpoints", "entry", "liveness", "next_at", "probe",
-                 "send_failing", "source", "target", "window")
+                 "send_failing", "source", "target", "underlay", "window")
 
     def __init__(self, target: KeepaliveTarget, up: bool = True) -> None:
         self.target = target
@@ -173,14 +179,19 @@ class _Tunnel:
         self.window = ProbeWindow(target.retries + 1)
         self.budget = AnswerBudget(ANSWER_RATE, ANSWER_BURST)
         self.address = (str(target.remote), 0)
-        self.source = [source_address(target.local)]
-        # The same probe as a message for sendmmsg (batch.py), pointing into the probe's own buffer
-        self.datagram = Datagram(self.probe.buffer, target.local, target.remote, _IP_PKTINFO) \
-            if batching_available() else None
+        self.follow(NO_UNDERLAY)
         self.endpoints: _Endpoints = (int(target.remote), int(target.local), target.ikey)
         self.next_at = 0.0
         self.entry = -1  # the number of its current entry in the engine's schedule; -1: not scheduled
         self.send_failing = False
+
+    def follow(self, underlay: Underlay) -> None:
+        """Send as the tunnel's link does, by its underlay device and fwmark (review M2)."""
+        self.underlay = underlay
+        self.source = source_address(self.target.local, underlay)
+        # The same probe as a message for sendmmsg (batch.py), pointing into the probe's own buffer
+        self.datagram = Datagram(self.probe.buffer, self.target.local, self.target.remote, _IP_PKTINFO,
+                                 underlay.ifindex, underlay.fwmark) if batching_available() else None
 
 
 class KeepaliveEngine:
@@ -254,7 +265,9 @@ class KeepaliveEngine:
                 continue
             elif tunnel.target.endpoints != target.endpoints:
                 tunnel.entry = -1
+                underlay = tunnel.underlay  # the same link, until the reload's pass says otherwise
                 self._tunnels[name] = tunnel = _Tunnel(target, up=tunnel.liveness.up)
+                tunnel.follow(underlay)
                 self._schedule_first(tunnel)
             else:
                 old_interval = tunnel.target.interval
@@ -284,6 +297,16 @@ class KeepaliveEngine:
             return None
         return {"filter": self._filter.kind, "remotes": self._filter.remotes,
                 "drops": socket_drops(self._receive_socket)}
+
+    def follow_underlays(self, underlays: Mapping[str, Underlay]) -> None:
+        """The underlay device and fwmark of these tunnels' links, as the last pass saw them (underlay.py): their
+        probes and answers leave as the tunnels' own packets do (review M2). Others keep what they had."""
+        for name, underlay in underlays.items():
+            tunnel = self._tunnels.get(name)
+            if tunnel is not None and tunnel.underlay != underlay:
+                log.info("tunnel %s: keepalives leave by ifindex %d, fwmark %#x, as the link's own packets",
+                         name, underlay.ifindex, underlay.fwmark)
+                tunnel.follow(underlay)
 
     def set_answerable(self, names: Collection[str]) -> None:
         """The tunnels whose own end works (owned link present and up, not in error): answer = "daemon"
