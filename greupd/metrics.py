@@ -165,7 +165,10 @@ def _keepalive_socket_families(status: DaemonStatus) -> Iterator[Metric]:
         return
     yield _gauge("greupd_keepalive_socket_filter_addresses", "1 if the kernel passes keepalive packets from "
                  "configured remotes only, 0 if from any source (too many remotes for the filter)",
-                 int(keepalive_socket["filter"] == "addresses"))
+                 int(keepalive_socket["filter"] != "protocol"))
+    yield _gauge("greupd_keepalive_socket_filter_tokens", "1 if the kernel passes only replies that carry a "
+                 "token greupd issued, 0 if any reply from a configured remote (too many tunnels for the filter)",
+                 int(keepalive_socket["filter"] == "tokens"))
     if keepalive_socket["drops"] is not None:
         yield CounterMetricFamily("greupd_keepalive_socket_drops", "Packets the kernel dropped at the keepalive "
                                   "socket because its receive buffer was full", keepalive_socket["drops"])

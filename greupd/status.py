@@ -18,11 +18,14 @@ class KeepaliveStatus(TypedDict):
 
 
 class KeepaliveSocketStatus(TypedDict):
-    """`"keepalive_socket"`: the raw GRE socket every tunnel's keepalives arrive on (keepalive/gre_socket.py)."""
+    """`"keepalive_socket"`: the raw GRE sockets keepalives arrive on (keepalive/gre_socket.py, bpf.py)."""
 
-    filter: Literal["addresses", "protocol"]  # addresses: configured remotes only; protocol: any source (too many)
-    remotes: int  # distinct remotes the kernel's filter passes
-    drops: int | None  # packets the kernel dropped there, its receive buffer full (a flood); None: unknown
+    # What the kernel checks of a reply before the daemon sees it: "tokens": from a configured remote and
+    # carrying a token the daemon issued; "addresses": from a configured remote; "protocol": a reply's shape
+    # only (too many tunnels for the filter's 4096 instructions).
+    filter: Literal["tokens", "addresses", "protocol"]
+    remotes: int  # distinct remotes of tunnels with keepalives
+    drops: int | None  # packets the kernel dropped there, a receive buffer full (a flood); None: unknown
 
 
 class IpsecStatus(TypedDict):

@@ -1,10 +1,11 @@
-"""The GRE socket's filter passes only keepalives from a configured remote to a configured local (review M6).
+"""The GRE sockets' filters (#21 M6): replies only from a configured remote to a configured local, carrying a
+token the engine issued; requests only from a remote of a tunnel that answers.
 
-- The compiled program, run by the small interpreter of tests/test_probe.py and checked against the kernel's
-  own rules for classic BPF (sk_chk_filter): for any set of remotes, it passes exactly the packets from them.
+- The compiled programs, run by the small interpreter of tests/test_probe.py and checked against the kernel's
+  own rules for classic BPF (sk_chk_filter): for any set of remotes and tokens, exactly those pass.
 - On a real kernel (a netns of the running one: a raw GRE socket needs no ip_gre), the engine's socket drops
-  GRE from an unconfigured source in the kernel, passes the configured remote's, follows a reload of the remotes,
-  and counts what its full receive buffer dropped.
+  GRE from an unconfigured source, and forged replies from a configured one, in the kernel; it follows a reload
+  of the remotes; and what its full receive buffer dropped is counted.
 """
 
 from __future__ import annotations
@@ -22,22 +23,22 @@ from scapy.layers.inet import IP
 from scapy.layers.l2 import GRE
 
 from greupd.keepalive.bpf import (
-    GRE_PROTOCOL_PROGRAM,
     JA,
     MAX_INSTRUCTIONS,
     RET_K,
     SocketFilter,
     address_ranges,
-    socket_filter,
+    reply_filter,
+    request_filter,
 )
 from greupd.keepalive.codec import build_probe_template
 from greupd.keepalive.engine import KeepaliveEngine, KeepaliveTarget
-from greupd.keepalive.gre_socket import GreSocketFilter, open_gre_socket, socket_drops
+from greupd.keepalive.gre_socket import AttachedProgram, open_gre_socket, socket_drops
 from lab.hosts import Lab, in_netns
 from tests.test_probe import run_socket_filter
 
 A, B = IPv4Address("172.19.1.1"), IPv4Address("172.19.1.2")
-_CONDITIONAL = (0x15, 0x25, 0x35)
+_CONDITIONAL = (0x15, 0x25, 0x35, 0x45)
 
 
 def check_like_the_kernel(program: SocketFilter) -> None:
@@ -54,72 +55,109 @@ def check_like_the_kernel(program: SocketFilter) -> None:
     assert program[-1][0] == RET_K
 
 
-def reply(src: IPv4Address | int | str, dst: IPv4Address | int | str) -> bytes:
-    """A keepalive reply's shape (GRE protocol 0) from src to dst."""
-    return bytes(IP(src=str(IPv4Address(src)), dst=str(IPv4Address(dst)), proto=47) / GRE(proto=0))
+def reply(src: IPv4Address | int | str, dst: IPv4Address | int | str, token: int | None = 1 << 32,
+          key: int | None = None) -> bytes:
+    """A keepalive reply carrying `token` (IP ID and GRE sequence number) from src to dst: what comes back of
+    our probe, built by scapy."""
+    gre = GRE(proto=0, key_present=int(key is not None), key=key)
+    if token is not None:
+        gre.seqnum_present, gre.sequence_number = 1, token & 0xFFFFFFFF
+    ip_id = token >> 32 if token is not None else 1
+    return bytes(IP(src=str(IPv4Address(src)), dst=str(IPv4Address(dst)), proto=47, id=ip_id) / gre)
+
+
+def passes(program: SocketFilter, packet: bytes) -> bool:
+    return run_socket_filter(program, packet) > 0
 
 
 address_sets = st.lists(st.integers(0, 0xFFFFFFFF), max_size=300)
+token_sets = st.lists(st.integers(1 << 32, (1 << 48) - 1), min_size=1, max_size=200)
 
 
 @given(remotes=address_sets, locals_=st.lists(st.integers(0, 0xFFFFFFFF), min_size=1, max_size=4),
-       others=st.lists(st.integers(0, 0xFFFFFFFF), max_size=20))
+       tokens=token_sets, others=st.lists(st.integers(0, 0xFFFFFFFF), max_size=20), key=st.none() | st.integers(
+           0, 0xFFFFFFFF))
 @settings(max_examples=60, deadline=None)
-def test_the_filter_passes_exactly_the_configured_remotes_to_the_configured_locals(
-        remotes: list[int], locals_: list[int], others: list[int]) -> None:
-    program = socket_filter(remotes, locals_)
-    assert program is not None
+def test_replies_pass_from_the_configured_remotes_to_the_configured_locals_with_an_issued_token(
+        remotes: list[int], locals_: list[int], tokens: list[int], others: list[int], key: int | None) -> None:
+    program, kind = reply_filter(remotes, locals_, tokens)
+    assert kind == "tokens"
     check_like_the_kernel(program)
-    local = locals_[0]
+    local, token = locals_[0], tokens[0]
+    sequences = {t & 0xFFFFFFFF for t in tokens}
     for remote in remotes:
-        assert run_socket_filter(program, reply(remote, local)) > 0
+        assert passes(program, reply(remote, local, token, key))
         for neighbour in (remote - 1, remote + 1):  # the edges of every range
             if 0 <= neighbour <= 0xFFFFFFFF:
-                assert (run_socket_filter(program, reply(neighbour, local)) > 0) == (neighbour in remotes)
+                assert passes(program, reply(neighbour, local, token, key)) == (neighbour in remotes)
     for other in others:
-        assert (run_socket_filter(program, reply(other, local)) > 0) == (other in remotes)
-        assert (run_socket_filter(program, reply(remotes[0] if remotes else 0, other)) > 0) == (
+        assert passes(program, reply(other, local, token, key)) == (other in remotes)
+        assert passes(program, reply(remotes[0] if remotes else 0, other, token, key)) == (
             bool(remotes) and other in locals_)
+        if remotes:  # any 32 bits as the sequence number: only the issued ones pass
+            assert passes(program, reply(remotes[0], local, other, key)) == (other in sequences)
+    if remotes:
+        assert not passes(program, reply(remotes[0], local, None, key))  # no sequence number: no token
 
 
-def test_a_request_from_a_remote_passes_and_tunnel_traffic_from_it_does_not() -> None:
-    program = socket_filter([int(B)], [int(A)])
-    assert program is not None
+def test_requests_pass_from_the_remotes_that_are_answered_and_replies_do_not() -> None:
+    program, kind = request_filter([int(B)], [int(A)])
+    assert kind == "addresses"
+    check_like_the_kernel(program)
     request = build_probe_template(B, A, 7, None).with_token(1 << 40)  # B's probe of A
-    assert run_socket_filter(program, request) > 0
-    assert run_socket_filter(program, bytes(IP(src=str(B), dst=str(A)) / GRE() / IP() / b"data")) == 0
-    assert run_socket_filter(program, bytes(IP(src="192.0.2.9", dst=str(A)) / GRE(proto=0))) == 0
+    assert passes(program, request)
+    assert not passes(program, build_probe_template(IPv4Address("192.0.2.9"), A, 7, None).with_token(1 << 40))
+    assert not passes(program, reply(B, A))
+    assert not passes(program, bytes(IP(src=str(B), dst=str(A)) / GRE() / IP() / b"data"))
+    replies, _ = reply_filter([int(B)], [int(A)], [1 << 40])
+    assert not passes(replies, request)
+    assert not passes(replies, bytes(IP(src=str(B), dst=str(A)) / GRE() / IP() / b"data"))
+
+
+SCATTERED = [(index * 2654435761) & 0xFFFFFFFF for index in range(1, 5001)]  # no two adjacent
 
 
 @pytest.mark.parametrize("count", [1, 17, 300, 1000, 3000])
 def test_thousands_of_scattered_remotes_fit_and_each_is_found(count: int) -> None:
-    spread = [(index * 2654435761) & 0xFFFFFFFF for index in range(1, count + 1)]  # no two adjacent
-    program = socket_filter(spread, [int(A)])
-    assert program is not None, count
+    remotes = SCATTERED[:count]
+    program, kind = request_filter(remotes, [int(A)])
+    assert kind == "addresses", count
     check_like_the_kernel(program)
-    for remote in spread[::max(1, count // 50)]:
-        assert run_socket_filter(program, reply(remote, A)) > 0
-        assert run_socket_filter(program, reply(remote ^ 1, A)) == 0
+    for remote in remotes[::max(1, count // 50)]:
+        assert passes(program, build_probe_template(IPv4Address(remote), A, None, None).with_token(1 << 40))
+        assert not passes(program, build_probe_template(IPv4Address(remote ^ 1), A, None, None).with_token(1 << 40))
 
 
 def test_consecutive_remotes_are_one_range_however_many() -> None:
     assert address_ranges([5, 3, 4, 9, 10, 12]) == [(3, 5), (9, 10), (12, 12)]
-    program = socket_filter(range(int(B), int(B) + 100_000), [int(A)])
-    assert program is not None and len(program) < 50
+    program, kind = request_filter(range(int(B), int(B) + 100_000), [int(A)])
+    assert kind == "addresses" and len(program) < 60
 
 
-def test_too_many_remotes_for_the_kernel_fall_back_to_the_protocol_filter() -> None:
-    spread = [(index * 2654435761) & 0xFFFFFFFF for index in range(1, 5001)]
-    assert socket_filter(spread, [int(A)]) is None
-    attached: list[SocketFilter] = []
+def test_what_does_not_fit_is_left_out_tokens_first_and_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    assert reply_filter(SCATTERED[:400], [int(A)], [t << 8 | 1 << 40 for t in range(1600)])[1] == "tokens"
+    program, kind = reply_filter(SCATTERED[:1000], [int(A)], [t << 8 | 1 << 40 for t in range(4000)])
+    assert kind == "addresses"
+    check_like_the_kernel(program)
+    assert passes(program, reply(SCATTERED[0], A, 12345)) and not passes(program, reply(B, A, 12345))
+    program, kind = reply_filter(SCATTERED, [int(A)], [1 << 40])
+    assert kind == "protocol"
+    check_like_the_kernel(program)
+    assert passes(program, reply(B, A, 12345)) and not passes(program, reply(B, A, None))
+    assert request_filter(SCATTERED, [int(A)])[1] == "protocol"
+    attached: list[bytes] = []
 
     class FakeSocket:
-        def setsockopt(self, *args: object) -> None:
-            attached.append(GRE_PROTOCOL_PROGRAM)
+        def setsockopt(self, level: int, option: int, value: bytes) -> None:
+            attached.append(value)
 
-    follower = GreSocketFilter()
-    follower.follow(FakeSocket(), spread, [int(A)])  # type: ignore[arg-type]
-    assert follower.kind == "protocol" and len(attached) == 1
+    replies = AttachedProgram("replies", "tokens")
+    for _ in range(2):
+        replies.attach(FakeSocket(), program, kind, len(SCATTERED))  # type: ignore[arg-type]
+    assert replies.kind == "protocol" and len(attached) == 1
+    assert [r.message for r in caplog.records].count(
+        "keepalive replies: 5000 remotes are too many for the socket filter (4096 instructions at most): it leaves"
+        " out the remotes' addresses, so a flood that it would have dropped can cost replies") == 1
 
 
 # --- on a real kernel ----------------------------------------------------------------------------------
@@ -151,28 +189,28 @@ def test_the_kernel_drops_gre_from_unconfigured_sources_and_follows_a_reload() -
         with in_netns(host):
             sock = open_gre_socket()
             try:
-                follower = GreSocketFilter()
-                follower.follow(sock, [int(B)], [int(A)])
-                assert follower.kind == "addresses"
+                replies = AttachedProgram("replies", "tokens")
+                replies.attach(sock, *reply_filter([int(B)], [int(A)], [7 << 32 | 42]), remotes=1)
                 # (Looped back, a packet is queued before sendto returns; the sleeps are margin.)
-                send_raw([reply("192.0.2.9", A), reply(B, A), reply("172.19.1.3", A), reply(B, "127.0.0.1")])
+                send_raw([reply("192.0.2.9", A, 42), reply(B, A, 42), reply("172.19.1.3", A, 42),
+                          reply(B, "127.0.0.1", 42), reply(B, A, 43), reply(B, A, None)])
                 time.sleep(0.1)
-                assert received(sock) == [str(B)]  # only the configured remote to the configured local
-                follower.follow(sock, [int(B) + 1], [int(A)])  # a reload: remote .3 instead of .2
-                send_raw([reply(B, A), reply("172.19.1.3", A)])
+                assert received(sock) == [str(B)]  # only the configured remote, local and token
+                replies.attach(sock, *reply_filter([int(B) + 1], [int(A)], [42]), remotes=1)  # a reload: .3
+                send_raw([reply(B, A, 42), reply("172.19.1.3", A, 42)])
                 time.sleep(0.1)
                 assert received(sock) == ["172.19.1.3"]
 
-                # The configured remote flooding a socket nobody reads: what the buffer cannot hold is counted.
+                # Replies flooding a socket nobody reads: what the buffer cannot hold is counted.
                 before = socket_drops(sock)
                 assert before == 0
-                send_raw([reply("172.19.1.3", A)] * 20_000)
+                send_raw([reply("172.19.1.3", A, 42)] * 20_000)
                 time.sleep(0.1)
                 drops = socket_drops(sock)
                 assert drops is not None and drops > 0
-                # Junk from anywhere else never reaches the buffer: not read, yet not dropped there either.
+                # Forged ones never reach the buffer: not read, yet not dropped there either.
                 received(sock)
-                send_raw([reply("192.0.2.9", A)] * 20_000)
+                send_raw([reply("192.0.2.9", A, 42)] * 10_000 + [reply("172.19.1.3", A, 43)] * 10_000)
                 time.sleep(0.1)
                 assert socket_drops(sock) == drops and received(sock) == []
             finally:
@@ -180,25 +218,32 @@ def test_the_kernel_drops_gre_from_unconfigured_sources_and_follows_a_reload() -
 
 
 @pytest.mark.needs_root
-def test_the_engine_never_sees_a_flood_from_an_unconfigured_source() -> None:
+def test_the_engine_never_sees_forged_replies_or_gre_from_unconfigured_sources() -> None:
     """The engine itself (dac2a7b: its filter passed GRE protocol 0 from anyone, and every packet of such a
     flood took a place in the receive buffer and a turn in Python)."""
     with Lab() as lab:
         host = lab.host("a")
         host.ip_batch("link set lo up", f"addr add {A}/32 dev lo")
         loop = asyncio.new_event_loop()
-        engine = KeepaliveEngine(lambda name, change: None)
+        engine = KeepaliveEngine(lambda name, change: None, spread=False)
         engine.configure([KeepaliveTarget("to_b", A, B, None, None, 1.0, 3, 1, "off")])
         try:
             with in_netns(host):
-                engine.start(loop)
-                send_raw([reply("192.0.2.9", A)] * 500 + [reply(B, A)] * 5)  # tokenless: unmatched replies
+                engine.start(loop)  # sends the first probe (it finds no route to B: lost, but its token issued)
+                loop.run_until_complete(asyncio.sleep(0.05))
+                tunnel = engine._tunnels["to_b"]
+                sent, ahead = list(tunnel.window.tokens()), list(tunnel.tokens_ahead)
+                assert len(sent) == 1 and ahead
+                send_raw([reply("192.0.2.9", A, sent[0])] * 500  # an unconfigured source
+                         + [reply(B, A, token) for token in range(1, 501)]  # forged: B's address, guessed tokens
+                         + [reply(B, A, None)] * 100  # Cisco-style, no sequence number: no token of ours
+                         + [reply(B, A, ahead[0]), reply(B, A, sent[0])])
             loop.run_until_complete(asyncio.sleep(0.2))
-            assert engine.counters.packets == 5, engine.counters
-            assert engine.counters.unmatched_replies == 5
+            assert engine.counters.packets == 2, engine.counters  # dac2a7b: 1102
+            assert engine.counters.replies == 1  # the reply to the probe sent
+            assert engine.counters.unmatched_replies == 1  # a token drawn for the next probe: not sent yet
             status = engine.socket_status()
-            assert status is not None and status["filter"] == "addresses" and status["remotes"] == 1
-            assert status["drops"] == 0
+            assert status == {"filter": "tokens", "remotes": 1, "drops": 0}
         finally:
             engine.close()
             loop.close()

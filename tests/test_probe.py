@@ -259,8 +259,8 @@ def run_socket_filter(program: SocketFilter, packet: bytes) -> int:
     while True:
         code, jt, jf, k = program[pc]
         pc += 1
-        if code in (0x20, 0x48, 0x50, 0xB1):  # loads; out of bounds ends the program with 0
-            where, size = {0x20: (k, 4), 0x48: (x + k, 2), 0x50: (x + k, 1), 0xB1: (k, 1)}[code]
+        if code in (0x20, 0x40, 0x48, 0x50, 0xB1):  # loads; out of bounds ends the program with 0
+            where, size = {0x20: (k, 4), 0x40: (x + k, 4), 0x48: (x + k, 2), 0x50: (x + k, 1), 0xB1: (k, 1)}[code]
             if where + size > len(packet):
                 return 0
             value = int.from_bytes(packet[where:where + size], "big")
@@ -274,6 +274,8 @@ def run_socket_filter(program: SocketFilter, packet: bytes) -> int:
             pc += jt if a > k else jf
         elif code == 0x35:
             pc += jt if a >= k else jf
+        elif code == 0x45:
+            pc += jt if a & k else jf
         elif code == 0x05:
             pc += k
         elif code == 0x02:

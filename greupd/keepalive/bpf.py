@@ -1,25 +1,32 @@
-"""The classic BPF program the kernel runs on every GRE packet before it reaches the keepalive socket (pure).
+"""The classic BPF programs the kernel runs on every GRE packet before it reaches the engine's sockets (pure).
 
 A raw IPPROTO_GRE socket gets a copy of every GRE packet the host receives, tunnel traffic included, from any
-source. The program keeps only what the engine can act on:
+source. The engine reads replies and requests on two such sockets, each behind its own program (review M6), so
+that a flood has to get past the kernel, and then fills only the buffer of what it imitates:
 
-1. the outer source is a configured remote and the outer destination a configured local (review M6: a flood
-   from anywhere else is dropped in the kernel, before it can fill the socket's receive buffer and push the
-   real replies out; only a flood that spoofs a configured remote's address still reaches Python);
-2. the packet is a keepalive: GRE protocol 0 (a reply), or IPv4 whose inner protocol is GRE (a request):
-   `GRE_PROTOCOL_PROGRAM`, so a busy tunnel's traffic never reaches Python either.
+- replies (`reply_filter`): the outer source is a configured remote and the destination a configured local;
+  GRE protocol 0 with a sequence number; and that sequence number is the low half of a token the engine issued
+  (sent, or drawn for one of the next probes). A forger who cannot see our probes guesses 32 bits per packet,
+  so a flood of forged replies, even from a configured remote's address, stays in the kernel, and the real
+  replies find room in the buffer.
+- requests (`request_filter`): from a remote of a tunnel with answer = "daemon" to its local, IPv4 in GRE
+  whose inner protocol is GRE. Forged requests (anyone can write a remote's address) can fill this socket's
+  buffer, which costs answers to the peer, never our own verdicts.
+Tunnel traffic never reaches Python either (`GRE_PROTOCOL_PROGRAM`, the protocol part alone, is what both fall
+back to).
 
-Address sets compile into a binary search tree of compares over sorted ranges of addresses (consecutive
+Address and token sets compile into a binary search tree of compares over sorted ranges of addresses (consecutive
 addresses merge into one range), with leaves of up to `_LEAF` ranges tested in a row: about 1.2
 instructions per address, so a program holds some 3,000 scattered remotes, and any number in a few subnets.
 Classic BPF only jumps forward, a conditional jump at most 255 instructions: longer ones go through an
 unconditional jump (32-bit offset). The kernel refuses programs of more than 4096 instructions
-(BPF_MAXINSNS); `socket_filter` then returns None and the engine falls back to the protocol program alone.
+(BPF_MAXINSNS): what does not fit is left out, tokens first (`FilterKind` says what a program checks).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from typing import Literal
 
 IPPROTO_GRE = 47
 ETH_P_IP = 0x0800
@@ -36,7 +43,9 @@ LD_W_ABS = 0x20  # A = u32 at [k]
 LD_H_IND = 0x48  # A = u16 at [X + k]
 LD_B_IND = 0x50  # A = u8 at [X + k]
 LDX_MSH = 0xB1  # X = 4 * (u8 at [k] & 0x0f)
+LD_W_IND = 0x40  # A = u32 at [X + k]
 JA = 0x05  # pc += k
+JSET_K = 0x45  # A & k != 0
 JEQ_K = 0x15
 JGT_K = 0x25
 JGE_K = 0x35
@@ -82,6 +91,36 @@ GRE_PROTOCOL_PROGRAM: SocketFilter = (
     _DROP,  # 23: drop
     (RET_K, 0, 0, _ACCEPT_WHOLE),  # 24: accept (the whole packet)
 )
+
+# Requests only: GRE_PROTOCOL_PROGRAM with protocol 0 (a reply) dropped instead of accepted.
+_REQUEST_PROTOCOL_PROGRAM: SocketFilter = ((LDX_MSH, 0, 0, 0), (LD_H_IND, 0, 0, 2), (JEQ_K, 20, 0, KEEPALIVE_PROTO),
+                                           *GRE_PROTOCOL_PROGRAM[3:])
+
+# Replies only: GRE protocol 0 with a sequence number, whose value is left in A for the token tree.
+_REPLY_SEQUENCE: tuple[Instruction, ...] = (
+    (LDX_MSH, 0, 0, 0),  # X = outer IP header length
+    (LD_H_IND, 0, 0, 2),  # A = GRE protocol
+    (JEQ_K, 1, 0, KEEPALIVE_PROTO),
+    _DROP,
+    (LD_H_IND, 0, 0, 0),  # A = GRE flags
+    (JSET_K, 1, 0, GRE_SEQ),
+    _DROP,  # no sequence number: no token of ours (a Cisco's own probe reflected)
+    (ST, 0, 0, 0),
+    (AND_K, 0, 0, GRE_CSUM),
+    (RSH_K, 0, 0, 13),  # A = 4 if checksum present
+    (ADD_X, 0, 0, 0),
+    (ADD_K, 0, 0, 4),
+    (TAX, 0, 0, 0),  # X = outer header + 4 + checksum
+    (LD_MEM, 0, 0, 0),
+    (AND_K, 0, 0, GRE_KEY),
+    (RSH_K, 0, 0, 11),  # A = 4 if key present
+    (ADD_X, 0, 0, 0),
+    (TAX, 0, 0, 0),  # X = offset of the sequence number
+    (LD_W_IND, 0, 0, 0),  # A = the sequence number: the low 32 bits of the token
+)
+_ACCEPT: Instruction = (RET_K, 0, 0, _ACCEPT_WHOLE)
+
+FilterKind = Literal["tokens", "addresses", "protocol"]
 
 Range = tuple[int, int]  # first and last address, as 32-bit integers (network order read as a number)
 
@@ -149,8 +188,25 @@ def address_program(remotes: Collection[int], locals_: Collection[int]) -> list[
             (LD_W_ABS, 0, 0, _OUTER_DESTINATION), *_membership(address_ranges(locals_))]
 
 
-def socket_filter(remotes: Collection[int], locals_: Collection[int]) -> SocketFilter | None:
-    """The keepalive socket's whole program (addresses, then GRE_PROTOCOL_PROGRAM), or None when it would be
-    longer than the kernel takes (then the protocol program alone is what can be attached)."""
-    program = (*address_program(remotes, locals_), *GRE_PROTOCOL_PROGRAM)
-    return program if len(program) <= MAX_INSTRUCTIONS else None
+def reply_filter(remotes: Collection[int], locals_: Collection[int],
+                 tokens: Collection[int]) -> tuple[SocketFilter, FilterKind]:
+    """The replies socket's program: configured addresses, the reply's shape, and the sequence number among the
+    low halves of `tokens`; without the tokens, or the addresses too, where the program would not fit."""
+    addresses = address_program(remotes, locals_)
+    sequences = _membership(address_ranges({token & 0xFFFFFFFF for token in tokens}))
+    candidates: tuple[tuple[SocketFilter, FilterKind], ...] = (
+        ((*addresses, *_REPLY_SEQUENCE, *sequences, _ACCEPT), "tokens"),
+        ((*addresses, *_REPLY_SEQUENCE, _ACCEPT), "addresses"),
+    )
+    for program, kind in candidates:
+        if len(program) <= MAX_INSTRUCTIONS:
+            return program, kind
+    return (*_REPLY_SEQUENCE, _ACCEPT), "protocol"
+
+
+def request_filter(remotes: Collection[int], locals_: Collection[int]) -> tuple[SocketFilter, FilterKind]:
+    """The requests socket's program: from a remote of a tunnel that answers to its local, a request's shape."""
+    program = (*address_program(remotes, locals_), *_REQUEST_PROTOCOL_PROGRAM)
+    if len(program) <= MAX_INSTRUCTIONS:
+        return program, "addresses"
+    return _REQUEST_PROTOCOL_PROGRAM, "protocol"

@@ -39,6 +39,7 @@ in 64 to a recvmmsg (batch.py), where libc has them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import heapq
 import itertools
@@ -55,6 +56,7 @@ from typing import Literal
 
 from greupd.config import Config
 from greupd.keepalive.batch import Datagram, Receiver, Sender, batching_available
+from greupd.keepalive.bpf import reply_filter, request_filter
 from greupd.keepalive.codec import (
     IPPROTO_GRE,
     KeepaliveRequest,
@@ -62,14 +64,16 @@ from greupd.keepalive.codec import (
     Packet,
     ProbeBytes,
     ProbeReply,
+    ProbeToken,
     build_probe_template,
     new_token,
     parse_gre,
     plain_ipv4,
 )
-from greupd.keepalive.gre_socket import GreSocketFilter, SocketStatus, open_gre_socket, socket_drops
+from greupd.keepalive.gre_socket import AttachedProgram, open_gre_socket, socket_drops
 from greupd.keepalive.liveness import AnswerBudget, Liveness, LivenessChange, ProbeWindow
 from greupd.keepalive.underlay import NO_UNDERLAY, Underlay
+from greupd.status import KeepaliveSocketStatus as SocketStatus
 from greupd.status import KeepaliveStatus
 
 __all__ = ["EngineCounters", "KeepaliveEngine", "KeepaliveTarget", "LivenessChange", "targets_from_config"]
@@ -87,6 +91,7 @@ _COALESCE = max(0.0005, time.get_clock_info("monotonic").resolution)
 _RECEIVE_BATCH = 64  # datagrams per recvmmsg
 _RECEIVE_SLOT = 2048  # bytes per datagram read by recvmmsg: keepalives are far smaller; longer is cut, malformed
 _DRAIN_LIMIT = 512  # packets read per wake-up, so a flood cannot starve the rest of the loop
+_TOKENS_AHEAD = 4  # tokens drawn per tunnel ahead of its probes: the replies filter is attached again this often
 _DRAIN_BEFORE_MISS = 8192  # before counting a miss: more than the receive buffer holds of replies
 _MAX_PACKET = 65535
 _IP_PKTINFO = 8  # <linux/in.h>; Python has socket.IP_PKTINFO, typeshed does not
@@ -169,7 +174,7 @@ class _Tunnel:
     """The engine's mutable state of one target."""
 
     __slots__ = ("address", "budget", "datagram", "endpoints", "entry", "liveness", "next_at", "probe",
-                 "send_failing", "source", "target", "underlay", "window")
+                 "send_failing", "source", "target", "tokens_ahead", "underlay", "window")
 
     def __init__(self, target: KeepaliveTarget, up: bool = True) -> None:
         self.target = target
@@ -177,6 +182,9 @@ class _Tunnel:
         self.liveness = Liveness(target.interval, target.retries, target.up_after, up=up)
         # retries+1 tokens: a reply may arrive up to `retries` intervals late and still count, once.
         self.window = ProbeWindow(target.retries + 1)
+        # The tokens of its next probes, drawn before they are needed: the replies socket's filter lets their
+        # replies through (bpf.reply_filter) from before the probe leaves.
+        self.tokens_ahead: collections.deque[ProbeToken] = collections.deque()
         self.budget = AnswerBudget(ANSWER_RATE, ANSWER_BURST)
         self.address = (str(target.remote), 0)
         self.follow(NO_UNDERLAY)
@@ -226,7 +234,12 @@ class KeepaliveEngine:
         self._sender: Sender | None = None  # sendmmsg/recvmmsg when libc has them (batch.py)
         self._receiver: Receiver | None = None
         self.counters = EngineCounters()
-        self._filter = GreSocketFilter()
+        # The requests socket: opened once a tunnel answers (every GRE packet the host gets is copied to each
+        # raw GRE socket); its reader pauses like the replies socket's (see _on_requests).
+        self._request_socket: socket.socket | None = None
+        self._requests_paused = False
+        self._reply_program = AttachedProgram("replies", "tokens")
+        self._request_program = AttachedProgram("requests", "addresses")
 
     # --- the API the daemon calls ---------------------------------------------------------------------
 
@@ -240,7 +253,7 @@ class KeepaliveEngine:
             send.close()
             raise
         self._loop, self._send_socket, self._receive_socket = loop, send, receive
-        self._follow_addresses()
+        self._follow_tunnels()
         if batching_available():
             self._sender = Sender(receive)
             self._receiver = Receiver(receive, _RECEIVE_BATCH, _RECEIVE_SLOT, _SO_TIMESTAMPNS)
@@ -277,7 +290,7 @@ class KeepaliveEngine:
                 if target.interval != old_interval:
                     self._schedule_first(tunnel)
         self._by_endpoints = {}
-        self._follow_addresses()
+        self._follow_tunnels()
         for tunnel in self._tunnels.values():
             other = self._by_endpoints.setdefault(tunnel.endpoints, tunnel)
             if other is not tunnel:
@@ -285,18 +298,45 @@ class KeepaliveEngine:
                 log.warning("tunnels %s and %s share remote, local and key: keepalive replies go to %s",
                             other.target.name, tunnel.target.name, other.target.name)
 
-    def _follow_addresses(self) -> None:
-        """The socket filter passes what comes from the configured remotes to the configured locals (M6)."""
-        if self._receive_socket is not None:
-            self._filter.follow(self._receive_socket, [int(t.target.remote) for t in self._tunnels.values()],
-                                [int(t.target.local) for t in self._tunnels.values()])
+    def _follow_tunnels(self) -> None:
+        """Both sockets' filters after a change of tunnels: each new tunnel gets its tokens ahead (#21 M6)."""
+        if self._receive_socket is None:
+            return  # start() does it
+        self._draw_tokens()
+        answering = [t.target for t in self._tunnels.values() if t.target.answer == "daemon"]
+        if answering and self._request_socket is None:
+            assert self._loop is not None
+            try:
+                self._request_socket = open_gre_socket()
+            except OSError as exc:  # as for any other request we cannot answer: the peer will see it
+                log.warning("cannot open a socket for the peers' keepalives: %s", exc.strerror or exc)
+                return
+            self._loop.add_reader(self._request_socket.fileno(), self._on_requests)
+        if self._request_socket is not None:
+            program, kind = request_filter([int(t.remote) for t in answering], [int(t.local) for t in answering])
+            self._request_program.attach(self._request_socket, program, kind, len(answering))
+
+    def _draw_tokens(self) -> None:
+        """Every tunnel's stock of tokens back to _TOKENS_AHEAD, and the replies filter for them: it passes the
+        replies to the probes sent (window) and to be sent (stock), from the configured remotes."""
+        tunnels = self._tunnels.values()
+        for tunnel in tunnels:
+            while len(tunnel.tokens_ahead) < _TOKENS_AHEAD:
+                tunnel.tokens_ahead.append(new_token())
+        if self._receive_socket is None:
+            return
+        program, kind = reply_filter(
+            [int(t.target.remote) for t in tunnels], [int(t.target.local) for t in tunnels],
+            [token for t in tunnels for token in itertools.chain(t.window.tokens(), t.tokens_ahead)])
+        self._reply_program.attach(self._receive_socket, program, kind, len(self._tunnels))
 
     def socket_status(self) -> SocketStatus | None:
-        """The GRE socket's filter and drops (None before start): `keepalive_socket` in `greupd status`."""
-        if self._receive_socket is None:
+        """The GRE sockets' filter and drops (None before start): `keepalive_socket` in `greupd status`."""
+        if self._receive_socket is None or self._reply_program.kind is None:
             return None
-        return {"filter": self._filter.kind, "remotes": self._filter.remotes,
-                "drops": socket_drops(self._receive_socket)}
+        drops = [socket_drops(sock) for sock in (self._receive_socket, self._request_socket) if sock is not None]
+        return {"filter": self._reply_program.kind, "remotes": len({t.target.remote for t in self._tunnels.values()}),
+                "drops": None if None in drops else sum(d for d in drops if d is not None)}
 
     def follow_underlays(self, underlays: Mapping[str, Underlay]) -> None:
         """The underlay device and fwmark of these tunnels' links, as the last pass saw them (underlay.py): their
@@ -334,13 +374,16 @@ class KeepaliveEngine:
         self._schedule.clear()
         for tunnel in self._tunnels.values():
             tunnel.entry = -1  # start() schedules them again
-        if self._loop is not None and self._receive_socket is not None:
-            self._loop.remove_reader(self._receive_socket.fileno())
-        for sock in (self._send_socket, self._receive_socket):
+        for reading in (self._receive_socket, self._request_socket):
+            if self._loop is not None and reading is not None:
+                self._loop.remove_reader(reading.fileno())
+        for sock in (self._send_socket, self._receive_socket, self._request_socket):
             if sock is not None:
                 sock.close()
-        self._send_socket = self._receive_socket = None
-        self._filter.forget()
+        self._send_socket = self._receive_socket = self._request_socket = None
+        self._requests_paused = False
+        self._reply_program.forget()
+        self._request_program.forget()
         self._sender = self._receiver = None
         self._loop = None
 
@@ -400,6 +443,8 @@ class KeepaliveEngine:
                 _, entry, tunnel = heapq.heappop(schedule)
                 if tunnel.entry == entry:
                     due.append(tunnel)
+            if any(not tunnel.tokens_ahead for tunnel in due):
+                self._draw_tokens()  # every _TOKENS_AHEAD intervals or so: one attach for all tunnels
             if any(tunnel.liveness.awaiting_reply for tunnel in due):
                 # Misses are about to be counted: first read what is queued, so that a reply that arrived
                 # while the loop was busy (a long pass, or more replies than one wake-up reads) counts as the
@@ -459,7 +504,7 @@ class KeepaliveEngine:
         than sending them in a burst, on the same grid."""
         self._advance(tunnel, now)
         missed = tunnel.liveness.on_timer(now)
-        token = new_token()
+        token = tunnel.tokens_ahead.popleft() if tunnel.tokens_ahead else new_token()
         tunnel.window.issue(token, now)
         tunnel.probe.stamp(token)
         return missed
@@ -581,6 +626,30 @@ class KeepaliveEngine:
             if len(packets) < _RECEIVE_BATCH:
                 return count  # the queue is empty (a packet that came meanwhile wakes the reader)
         return count
+
+    def _on_requests(self) -> None:
+        """Peers' probes arrived on their own socket: read up to _DRAIN_LIMIT. If more are queued (a flood of
+        forged requests), leave the socket alone until the next point of the grid: such a flood then costs
+        answers to the peer (their buffer overflows), never the loop's time for our own probes and replies."""
+        assert self._loop is not None and self._request_socket is not None
+        now, sock, view = self._loop.time(), self._request_socket, self._view
+        for _ in range(_DRAIN_LIMIT):
+            try:
+                size = sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # a pending socket error is reported once; the next read goes on
+                log.warning("reading the GRE socket for requests: %s", exc.strerror or exc)
+                return
+            self.on_packet(view[:size], now)
+        self._loop.remove_reader(sock.fileno())
+        self._requests_paused = True
+        self._loop.call_at((math.floor(now / _GRID) + 1) * _GRID, self._resume_requests)
+
+    def _resume_requests(self) -> None:
+        if self._requests_paused and self._loop is not None and self._request_socket is not None:
+            self._requests_paused = False
+            self._loop.add_reader(self._request_socket.fileno(), self._on_requests)
 
     def on_packet(self, data: Packet, now: float) -> None:
         """One packet from the GRE socket, received at `now`; never raises for what the packet contains."""

@@ -1,11 +1,11 @@
-"""The raw GRE socket the keepalive engine reads (and sends its probes from): opened, filtered, its drops read.
+"""The raw GRE sockets the keepalive engine reads (replies, requests): opened, filtered, their drops read.
 
-The filter (bpf.py) follows the configured tunnels: `GreSocketFilter.follow` compiles the remotes and locals
-of the tunnels with keepalives and attaches the program again whenever that set changes (a reload); SO_ATTACH_FILTER
-replaces the old program in one step, so no packet passes unfiltered meanwhile. Above the kernel's 4096
-instructions, the protocol program alone is attached, with a warning.
+Each socket's program (bpf.py) follows the configured tunnels and, for replies, the tokens the engine issued:
+`AttachedProgram.attach` puts a new program on the socket when it differs from the one there (SO_ATTACH_FILTER
+replaces the old one in one step, so no packet passes unfiltered meanwhile), and warns when a program had to
+leave out what did not fit in the kernel's 4096 instructions.
 
-What the socket dropped because its receive buffer was full (sk_drops, read with SO_MEMINFO) is what a flood
+What a socket dropped because its receive buffer was full (sk_drops, read with SO_MEMINFO) is what a flood
 costs: a reply dropped there is a missed keepalive. `socket_drops` is reported in `greupd status` and metrics.
 """
 
@@ -15,12 +15,9 @@ import ctypes
 import logging
 import socket
 import struct
-from collections.abc import Collection
-from typing import Literal
 
-from greupd.keepalive.bpf import GRE_PROTOCOL_PROGRAM, IPPROTO_GRE, MAX_INSTRUCTIONS, SocketFilter, socket_filter
+from greupd.keepalive.bpf import IPPROTO_GRE, MAX_INSTRUCTIONS, FilterKind, SocketFilter
 from greupd.netlink.nlmsg import SO_RCVBUFFORCE
-from greupd.status import KeepaliveSocketStatus
 
 log = logging.getLogger("greupd.keepalive")
 
@@ -30,9 +27,6 @@ _SK_MEMINFO_VARS, _SK_MEMINFO_DROPS = 9, 8  # <linux/sock_diag.h>
 _SO_TIMESTAMPNS = 35
 _RECEIVE_BUFFER = 1 << 20
 _PROBE_TTL = 255  # the outer TTL of our probes, as Cisco's tunnels send them
-
-FilterKind = Literal["addresses", "protocol"]
-SocketStatus = KeepaliveSocketStatus
 
 
 def attach_socket_filter(sock: socket.socket, program: SocketFilter) -> None:
@@ -51,12 +45,15 @@ def attach_socket_filter(sock: socket.socket, program: SocketFilter) -> None:
                                                                            ctypes.sizeof(fprog)))
 
 
+_DROP_EVERYTHING: SocketFilter = ((0x06, 0, 0, 0),)  # RET 0
+
+
 def open_gre_socket() -> socket.socket:
     """`socket(AF_INET, SOCK_RAW, IPPROTO_GRE)` as the engine reads it (needs CAP_NET_RAW). It drops every
-    packet until `GreSocketFilter.follow` attaches the tunnels' program."""
+    packet until a program is attached (AttachedProgram)."""
     receive = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_GRE)
     try:
-        attach_socket_filter(receive, socket_filter((), ()) or GRE_PROTOCOL_PROGRAM)
+        attach_socket_filter(receive, _DROP_EVERYTHING)
         receive.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, _PROBE_TTL)  # probes leave on this socket
         try:
             # Thousands of tunnels answer in bursts; the default limit (rmem_max) would drop some.
@@ -84,31 +81,26 @@ def socket_drops(sock: socket.socket) -> int | None:
     return drops
 
 
-class GreSocketFilter:
-    """The program attached to the engine's GRE socket, following the configured remotes and locals."""
+class AttachedProgram:
+    """The program on one of the engine's sockets: attached again only when it changes."""
 
-    def __init__(self) -> None:
-        self._addresses: tuple[frozenset[int], frozenset[int]] | None = None
-        self.kind: FilterKind = "addresses"
-        self.remotes = 0
+    def __init__(self, what: str, full: FilterKind) -> None:
+        self.what = what  # "replies" or "requests", for the log
+        self.full = full  # what the program checks when everything fits
+        self.kind: FilterKind | None = None
+        self._program: SocketFilter | None = None
 
-    def follow(self, sock: socket.socket, remotes: Collection[int], locals_: Collection[int]) -> None:
-        """Attach the program for these addresses to `sock`, unless it is attached already."""
-        addresses = frozenset(remotes), frozenset(locals_)
-        if addresses == self._addresses:
+    def attach(self, sock: socket.socket, program: SocketFilter, kind: FilterKind, remotes: int) -> None:
+        if program == self._program:
             return
-        program = socket_filter(*addresses)
-        if program is None:
-            if self.kind != "protocol":
-                log.warning("%d keepalive remotes are too many for the socket filter (%d instructions at most):"
-                            " GRE from any source reaches the engine, and a flood can cost replies",
-                            len(addresses[0]), MAX_INSTRUCTIONS)
-            program, self.kind = GRE_PROTOCOL_PROGRAM, "protocol"
-        else:
-            self.kind = "addresses"
+        if kind != self.full and kind != self.kind:
+            left_out = "the tokens issued" if kind == "addresses" else "the remotes' addresses"
+            log.warning("keepalive %s: %d remotes are too many for the socket filter (%d instructions at most):"
+                        " it leaves out %s, so a flood that it would have dropped can cost replies",
+                        self.what, remotes, MAX_INSTRUCTIONS, left_out)
         attach_socket_filter(sock, program)
-        self._addresses, self.remotes = addresses, len(addresses[0])
+        self._program, self.kind = program, kind
 
     def forget(self) -> None:
-        """The socket was closed: the next follow attaches again."""
-        self._addresses = None
+        """The socket was closed: the next attach attaches whatever it is given."""
+        self._program = self.kind = None
