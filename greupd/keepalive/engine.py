@@ -234,8 +234,8 @@ class KeepaliveEngine:
         self._sender: Sender | None = None  # sendmmsg/recvmmsg when libc has them (batch.py)
         self._receiver: Receiver | None = None
         self.counters = EngineCounters()
-        # The requests socket: opened once a tunnel answers (every GRE packet the host gets is copied to each
-        # raw GRE socket); its reader pauses like the replies socket's (see _on_requests).
+        # The requests socket (its program drops everything while no tunnel answers); its reader pauses like
+        # the replies socket's (see _on_requests).
         self._request_socket: socket.socket | None = None
         self._requests_paused = False
         self._reply_program = AttachedProgram("replies", "tokens")
@@ -249,11 +249,17 @@ class KeepaliveEngine:
         send.setblocking(False)
         try:
             receive = open_gre_socket()
+            try:
+                requests = open_gre_socket()
+            except OSError:
+                receive.close()
+                raise
         except OSError:
             send.close()
             raise
-        self._loop, self._send_socket, self._receive_socket = loop, send, receive
+        self._loop, self._send_socket, self._receive_socket, self._request_socket = loop, send, receive, requests
         self._follow_tunnels()
+        loop.add_reader(requests.fileno(), self._on_requests)
         if batching_available():
             self._sender = Sender(receive)
             self._receiver = Receiver(receive, _RECEIVE_BATCH, _RECEIVE_SLOT, _SO_TIMESTAMPNS)
@@ -303,16 +309,8 @@ class KeepaliveEngine:
         if self._receive_socket is None:
             return  # start() does it
         self._draw_tokens()
-        answering = [t.target for t in self._tunnels.values() if t.target.answer == "daemon"]
-        if answering and self._request_socket is None:
-            assert self._loop is not None
-            try:
-                self._request_socket = open_gre_socket()
-            except OSError as exc:  # as for any other request we cannot answer: the peer will see it
-                log.warning("cannot open a socket for the peers' keepalives: %s", exc.strerror or exc)
-                return
-            self._loop.add_reader(self._request_socket.fileno(), self._on_requests)
         if self._request_socket is not None:
+            answering = [t.target for t in self._tunnels.values() if t.target.answer == "daemon"]
             program, kind = request_filter([int(t.remote) for t in answering], [int(t.local) for t in answering])
             self._request_program.attach(self._request_socket, program, kind, len(answering))
 
