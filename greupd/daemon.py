@@ -22,7 +22,6 @@ from greupd.events import EventLog
 from greupd.ipsec.supervisor import IpsecSupervisor
 from greupd.keepalive.engine import KeepaliveEngine, LivenessChange, targets_from_config
 from greupd.keepalive.restart import VerdictMemory
-from greupd.keepalive.underlay import underlays_after_pass
 from greupd.metrics import MetricsPublisher
 from greupd.model import Desired, DesiredMemo
 from greupd.netlink.kernel import Kernel, KernelWatch
@@ -161,8 +160,7 @@ class Daemon:
                                       self.keepalive.is_up, repairs)
         for change in changes:
             self.events.emit(change)
-        self.keepalive.set_answerable(self.reports.answerable())  # #11 H5
-        self.keepalive.follow_underlays(underlays_after_pass(done.observed, done.after, self.keepalive.names()))
+        self.keepalive.after_pass(self.reports.answerable(), done.observed, done.after)  # #11 H5, #21 M2
         self.notifier.status_if_changed(self._status_text())
         self.metrics.publish()
         assert self._loop is not None
@@ -231,13 +229,9 @@ class Daemon:
         return self.ipsec.annotate(self.reports.statuses(self.config, self.keepalive.status))
 
     def status(self) -> DaemonStatus:
-        status: DaemonStatus = {
-            "config": str(self.config_path), "generation": self.generation, "last_error": self.last_error,
-            "pid": os.getpid(), "netlink_requests": self.kernel.requests, "tunnels": self.tunnel_statuses(),
-            "warnings": list(self.nft.warnings)}  # standing conditions, e.g. another table's forward drop (M9)
-        if (keepalive_socket := self.keepalive.socket_status()) is not None:
-            status["keepalive_socket"] = keepalive_socket  # its filter and drops (#21 M6)
-        return status
+        return {"config": str(self.config_path), "generation": self.generation, "last_error": self.last_error,
+                "pid": os.getpid(), "netlink_requests": self.kernel.requests, "tunnels": self.tunnel_statuses(),
+                "warnings": list(self.nft.warnings), "keepalive_socket": self.keepalive.socket_status()}  # M9, #21 M6
 
 
 def run_daemon(config_path: Path, config: Config, socket_override: str | None = None,

@@ -1,20 +1,25 @@
 """The keepalive engine: Cisco-style GRE probes out, replies in, one Liveness per tunnel; and answering the
 peers' probes ourselves so that a Linux peer of a Cisco needs neither ip_forward nor accept_local.
 
-Two raw sockets serve every tunnel, both registered with the daemon's asyncio loop:
+Three raw sockets serve every tunnel, registered with the daemon's asyncio loop:
 
-- `socket(AF_INET, SOCK_RAW, IPPROTO_GRE)` receives a copy of every GRE packet the host gets, also those a
-  kernel tunnel consumes; a socket filter (bpf.py, attached by gre_socket.py) passes only what comes from a
-  configured remote to a configured local and is a keepalive, so neither tunnel traffic nor a flood from
-  anywhere else reaches Python (review M6).
-  It also sends our probes, without IP_HDRINCL: the kernel builds the outer header, and each sendmsg names
-  the tunnel's `local` as source (IP_PKTINFO). So the route lookup of a probe is the tunnel's own
+- `socket(AF_INET, SOCK_RAW, IPPROTO_GRE)`, twice: each receives a copy of every GRE packet the host gets, also
+  those a kernel tunnel consumes, and each has a socket filter (bpf.py, attached by gre_socket.py). The replies
+  socket passes only replies from a configured remote to a configured local carrying a token we issued (the
+  sent probes' and those drawn for the next ones, `_TOKENS_AHEAD`); the requests socket passes only requests
+  from the remotes we answer. So neither tunnel traffic nor a flood, not even one that writes a configured
+  remote's address, takes the replies' place in their socket's buffer (#21 M6).
+  The replies socket also sends our probes, without IP_HDRINCL: the kernel builds the outer header, and each
+  sendmsg names the tunnel's `local` as source (IP_PKTINFO). So the route lookup of a probe is the tunnel's own
   (ip_tunnel_xmit looks up saddr = local, protocol GRE): `ip rule from <local> lookup ispN` and
-  `ipproto gre` rules pick the same uplink for both, and an IPsec policy for GRE applies to both (review H1).
+  `ipproto gre` rules pick the same uplink for both, and an IPsec policy for GRE applies to both (review H1);
+  so do the link's underlay device or VRF (ipi_ifindex) and fwmark (SO_MARK), as the last pass saw them
+  (underlay.py, #21 M2).
 - `socket(AF_INET, SOCK_RAW, IPPROTO_RAW)` (IP_HDRINCL) sends our answers to a peer's probes: the reflected
   packet must leave exactly as the peer wrote it (a greupd peer's token rides in its IP ID, which a
-  kernel-built header would replace), but its lookup too carries saddr = local (IP_PKTINFO) and protocol GRE
-  (an IP_PROTOCOL control message; without it the flow of an IP_HDRINCL socket is IPPROTO_RAW).
+  kernel-built header would replace), but its lookup too carries saddr = local (IP_PKTINFO, with the link's
+  device), the link's mark, and protocol GRE (an IP_PROTOCOL control message; without it the flow of an
+  IP_HDRINCL socket is IPPROTO_RAW).
 Probes and answers leave by the underlay route to the remote, which does not depend on the tunnel's own link.
 So a tunnel whose link greupd set down (`action = "link"`) keeps probing, and comes back up when its peer does.
 
@@ -72,7 +77,8 @@ from greupd.keepalive.codec import (
 )
 from greupd.keepalive.gre_socket import AttachedProgram, open_gre_socket, socket_drops
 from greupd.keepalive.liveness import AnswerBudget, Liveness, LivenessChange, ProbeWindow
-from greupd.keepalive.underlay import NO_UNDERLAY, Underlay
+from greupd.keepalive.underlay import NO_UNDERLAY, Underlay, underlays_after_pass
+from greupd.model import Observed
 from greupd.status import KeepaliveSocketStatus as SocketStatus
 from greupd.status import KeepaliveStatus
 
@@ -328,13 +334,18 @@ class KeepaliveEngine:
             [token for t in tunnels for token in itertools.chain(t.window.tokens(), t.tokens_ahead)])
         self._reply_program.attach(self._receive_socket, program, kind, len(self._tunnels))
 
-    def socket_status(self) -> SocketStatus | None:
-        """The GRE sockets' filter and drops (None before start): `keepalive_socket` in `greupd status`."""
-        if self._receive_socket is None or self._reply_program.kind is None:
-            return None
+    def socket_status(self) -> SocketStatus:
+        """The GRE sockets' filter and drops (drops None before start): `keepalive_socket` in `greupd status`."""
         drops = [socket_drops(sock) for sock in (self._receive_socket, self._request_socket) if sock is not None]
-        return {"filter": self._reply_program.kind, "remotes": len({t.target.remote for t in self._tunnels.values()}),
-                "drops": None if None in drops else sum(d for d in drops if d is not None)}
+        return {"filter": self._reply_program.kind or "protocol",
+                "remotes": len({t.target.remote for t in self._tunnels.values()}),
+                "drops": None if not drops or None in drops else sum(d for d in drops if d is not None)}
+
+    def after_pass(self, answerable: Collection[str], before: Observed, after: Observed) -> None:
+        """What a reconcile pass (which saw `before` and left `after`) tells the engine: the tunnels whose own
+        end works (set_answerable), and the underlay of the links it looked at (follow_underlays)."""
+        self.set_answerable(answerable)
+        self.follow_underlays(underlays_after_pass(before, after, self._tunnels))
 
     def follow_underlays(self, underlays: Mapping[str, Underlay]) -> None:
         """The underlay device and fwmark of these tunnels' links, as the last pass saw them (underlay.py): their
