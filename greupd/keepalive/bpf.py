@@ -193,7 +193,10 @@ def reply_filter(remotes: Collection[int], locals_: Collection[int],
     """The replies socket's program: configured addresses, the reply's shape, and the sequence number among the
     low halves of `tokens`; without the tokens, or the addresses too, where the program would not fit."""
     addresses = address_program(remotes, locals_)
-    sequences = _membership(address_ranges({token & 0xFFFFFFFF for token in tokens}))
+    values = {token & 0xFFFFFFFF for token in tokens}
+    # Each value costs at least one instruction: with thousands of tunnels, do not build what cannot fit.
+    fits = len(addresses) + len(_REPLY_SEQUENCE) + len(values) < MAX_INSTRUCTIONS
+    sequences = _membership(address_ranges(values)) if fits else [_DROP] * MAX_INSTRUCTIONS
     candidates: tuple[tuple[SocketFilter, FilterKind], ...] = (
         ((*addresses, *_REPLY_SEQUENCE, *sequences, _ACCEPT), "tokens"),
         ((*addresses, *_REPLY_SEQUENCE, _ACCEPT), "addresses"),
