@@ -244,6 +244,15 @@ def test_the_engine_never_sees_forged_replies_or_gre_from_unconfigured_sources()
             assert engine.counters.unmatched_replies == 1  # a token drawn for the next probe: not sent yet
             status = engine.socket_status()
             assert status == {"filter": "tokens", "remotes": 1, "drops": 0}
+
+            # A reload: the tunnel now goes to C. B's replies stay in the kernel, C's come through.
+            c = IPv4Address("172.19.1.3")
+            engine.configure([KeepaliveTarget("to_c", A, c, None, None, 1.0, 3, 1, "off")])
+            token = engine._tunnels["to_c"].tokens_ahead[0]
+            with in_netns(host):
+                send_raw([reply(B, A, token), reply(c, A, token)])
+            loop.run_until_complete(asyncio.sleep(0.1))
+            assert engine.counters.packets == 3, engine.counters
         finally:
             engine.close()
             loop.close()
