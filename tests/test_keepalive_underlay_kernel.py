@@ -87,6 +87,9 @@ def test_probes_and_answers_follow_the_links_device_fwmark_and_vrf(lab: Lab) -> 
     assert all(a.tunnel(name)["state"] == "up" for name in TUNNELS)
     for name in TUNNELS:  # the adopted links kept what pins them to their uplinks
         assert TUNNELS[name][2].replace("fwmark 7", "fwmark 0x7") in a_host.link_details(name)
+    status = a.status()
+    assert status is not None
+    assert status["keepalive_socket"] == {"filter": "tokens", "remotes": 1, "drops": 0}  # (#21 M6)
 
     # A's answers to B's own (Cisco-style) probes leave the same way.
     for name, (local, key, _) in TUNNELS.items():
