@@ -314,13 +314,13 @@ class KeepaliveEngine:
         """Both sockets' filters after a change of tunnels: each new tunnel gets its tokens ahead (#21 M6)."""
         if self._receive_socket is None:
             return  # start() does it
-        self._draw_tokens()
+        self._draw_tokens(tunnels_changed=True)
         if self._request_socket is not None:
             answering = [t.target for t in self._tunnels.values() if t.target.answer == "daemon"]
             program, kind = request_filter([int(t.remote) for t in answering], [int(t.local) for t in answering])
             self._request_program.attach(self._request_socket, program, kind, len(answering))
 
-    def _draw_tokens(self) -> None:
+    def _draw_tokens(self, tunnels_changed: bool = False) -> None:
         """Every tunnel's stock of tokens back to _TOKENS_AHEAD, and the replies filter for them: it passes the
         replies to the probes sent (window) and to be sent (stock), from the configured remotes."""
         tunnels = self._tunnels.values()
@@ -329,6 +329,8 @@ class KeepaliveEngine:
                 tunnel.tokens_ahead.append(new_token())
         if self._receive_socket is None:
             return
+        if not tunnels_changed and self._reply_program.kind not in (None, "tokens"):
+            return  # the tokens did not fit: the program checks what does, and new tokens change nothing there
         program, kind = reply_filter(
             [int(t.target.remote) for t in tunnels], [int(t.target.local) for t in tunnels],
             [token for t in tunnels for token in itertools.chain(t.window.tokens(), t.tokens_ahead)])
