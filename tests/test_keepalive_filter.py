@@ -156,7 +156,7 @@ def test_what_does_not_fit_is_left_out_tokens_first_and_said_once(caplog: pytest
         replies.attach(FakeSocket(), program, kind, len(SCATTERED))  # type: ignore[arg-type]
     assert replies.kind == "protocol" and len(attached) == 1
     assert [r.message for r in caplog.records].count(
-        "keepalive replies: 5000 remotes are too many for the socket filter (4096 instructions at most): it leaves"
+        "keepalive replies: 5000 tunnels are too many for the socket filter (4096 instructions at most): it leaves"
         " out the remotes' addresses, so a flood that it would have dropped can cost replies") == 1
 
 
@@ -190,13 +190,13 @@ def test_the_kernel_drops_gre_from_unconfigured_sources_and_follows_a_reload() -
             sock = open_gre_socket()
             try:
                 replies = AttachedProgram("replies", "tokens")
-                replies.attach(sock, *reply_filter([int(B)], [int(A)], [7 << 32 | 42]), remotes=1)
+                replies.attach(sock, *reply_filter([int(B)], [int(A)], [7 << 32 | 42]), tunnels=1)
                 # (Looped back, a packet is queued before sendto returns; the sleeps are margin.)
                 send_raw([reply("192.0.2.9", A, 42), reply(B, A, 42), reply("172.19.1.3", A, 42),
                           reply(B, "127.0.0.1", 42), reply(B, A, 43), reply(B, A, None)])
                 time.sleep(0.1)
                 assert received(sock) == [str(B)]  # only the configured remote, local and token
-                replies.attach(sock, *reply_filter([int(B) + 1], [int(A)], [42]), remotes=1)  # a reload: .3
+                replies.attach(sock, *reply_filter([int(B) + 1], [int(A)], [42]), tunnels=1)  # a reload: .3
                 send_raw([reply(B, A, 42), reply("172.19.1.3", A, 42)])
                 time.sleep(0.1)
                 assert received(sock) == ["172.19.1.3"]

@@ -90,14 +90,14 @@ class AttachedProgram:
         self.kind: FilterKind | None = None
         self._program: SocketFilter | None = None
 
-    def attach(self, sock: socket.socket, program: SocketFilter, kind: FilterKind, remotes: int) -> None:
+    def attach(self, sock: socket.socket, program: SocketFilter, kind: FilterKind, tunnels: int) -> None:
         if program == self._program:
             return
         if kind != self.full and kind != self.kind:
             left_out = "the tokens issued" if kind == "addresses" else "the remotes' addresses"
-            log.warning("keepalive %s: %d remotes are too many for the socket filter (%d instructions at most):"
+            log.warning("keepalive %s: %d tunnels are too many for the socket filter (%d instructions at most):"
                         " it leaves out %s, so a flood that it would have dropped can cost replies",
-                        self.what, remotes, MAX_INSTRUCTIONS, left_out)
+                        self.what, tunnels, MAX_INSTRUCTIONS, left_out)
         attach_socket_filter(sock, program)
         self._program, self.kind = program, kind
 
