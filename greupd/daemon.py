@@ -152,7 +152,7 @@ class Daemon:
                                       self.keepalive.is_up, repairs)
         for change in changes:
             self.events.emit(change)
-        self.keepalive.set_answerable(self.reports.answerable())  # #11 H5
+        self.keepalive.after_pass(self.reports.answerable(), done.observed, done.after)  # #11 H5, #21 M2
         self.notifier.status_if_changed(self.reports.status_text(self.config))
         self.metrics.publish()
         assert self._loop is not None
@@ -231,7 +231,7 @@ class Daemon:
     def status(self) -> DaemonStatus:
         return {"config": str(self.config_path), "generation": self.generation, "last_error": self.last_error,
                 "pid": os.getpid(), "netlink_requests": self.kernel.requests, "tunnels": self.tunnel_statuses(),
-                "warnings": list(self.nft.warnings)}  # standing conditions, e.g. another table's forward drop (M9)
+                "warnings": list(self.nft.warnings), "keepalive_socket": self.keepalive.socket_status()}  # M9, #21 M6
 
 
 def run_daemon(config_path: Path, config: Config, socket_override: str | None = None,

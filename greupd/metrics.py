@@ -99,6 +99,7 @@ class DaemonCollector:
                                       status["netlink_requests"])
         yield from _tunnel_families(status)
         yield from _ipsec_families(status)
+        yield from _keepalive_socket_families(status)
 
 
 def _gauge(name: str, documentation: str, value: float, **labels: str) -> GaugeMetricFamily:
@@ -161,6 +162,24 @@ def _tunnel_families(status: DaemonStatus) -> Iterator[Metric]:
             rtt.add_metric(name, keepalive["last_rtt_ms"] / 1000)
     yield from (info, up, state, changes, since, repairs, installed, configured, sent, received, missed, rtt,
                 interval)
+
+
+def _keepalive_socket_families(status: DaemonStatus) -> Iterator[Metric]:
+    """The keepalive socket's drops: replies a flood pushed out of its receive buffer count as misses (#21 M6)."""
+    from prometheus_client.metrics_core import CounterMetricFamily
+
+    keepalive_socket = status.get("keepalive_socket")
+    if keepalive_socket is None:
+        return
+    yield _gauge("greupd_keepalive_socket_filter_addresses", "1 if the kernel passes keepalive packets from "
+                 "configured remotes only, 0 if from any source (too many remotes for the filter)",
+                 int(keepalive_socket["filter"] != "protocol"))
+    yield _gauge("greupd_keepalive_socket_filter_tokens", "1 if the kernel passes only replies that carry a "
+                 "token greupd issued, 0 if any reply from a configured remote (too many tunnels for the filter)",
+                 int(keepalive_socket["filter"] == "tokens"))
+    if keepalive_socket["drops"] is not None:
+        yield CounterMetricFamily("greupd_keepalive_socket_drops", "Packets the kernel dropped at the keepalive "
+                                  "socket because its receive buffer was full", keepalive_socket["drops"])
 
 
 def _ipsec_families(status: DaemonStatus) -> Iterator[Metric]:

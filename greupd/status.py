@@ -17,6 +17,17 @@ class KeepaliveStatus(TypedDict):
     last_rtt_ms: float | None
 
 
+class KeepaliveSocketStatus(TypedDict):
+    """`"keepalive_socket"`: the raw GRE sockets keepalives arrive on (keepalive/gre_socket.py, bpf.py)."""
+
+    # What the kernel checks of a reply before the daemon sees it: "tokens": from a configured remote and
+    # carrying a token the daemon issued; "addresses": from a configured remote; "protocol": a reply's shape
+    # only (too many tunnels for the filter's 4096 instructions).
+    filter: Literal["tokens", "addresses", "protocol"]
+    remotes: int  # distinct remotes of tunnels with keepalives
+    drops: int | None  # packets the kernel dropped there, a receive buffer full (a flood); None: unknown
+
+
 class IpsecStatus(TypedDict):
     """`"ipsec"` of a tunnel with [tunnel.ipsec]."""
 
@@ -56,6 +67,7 @@ class DaemonStatus(TypedDict):
     # What holds now and defeats part of the config, one line each, for as long as it holds: another table's
     # forward chain that drops what greupd's forward accepts let through (nft/foreign.py, review M9).
     warnings: NotRequired[list[str]]
+    keepalive_socket: NotRequired[KeepaliveSocketStatus]
 
 
 class ReloadResult(TypedDict):

@@ -176,13 +176,16 @@ def test_engine_on_b_answers_cisco_keepalives_from_a_and_nobody_else(seed: SeedT
     assert from_a(5, sequence=False) == 5
     eventually(lambda: engine.counters()["requests_answered"] == 15, what="15 answers counted")
 
-    # C is no configured remote of B: its probe, though addressed like a keepalive, is not reflected
+    # C is no configured remote of B: its probe, though addressed like a keepalive, is not reflected (B's kernel
+    # drops it before the engine sees it: #21 M6)
+    packets = engine.counters()["packets"]
     assert send_keepalives(c, C, B, A_OKEY, A_IKEY, 5) == 0
     # A asking B to "reflect" to C: B would be a reflector towards anyone; it answers only to A itself
     assert from_a(5, inner_dst=C) == 0
     # with a key B's tunnel does not take
     assert from_a(5, okey=99) == 0
-    eventually(lambda: engine.counters()["requests_ignored"] >= 15, what="15 requests ignored")
+    eventually(lambda: engine.counters()["requests_ignored"] >= 10, what="10 requests ignored")
+    assert engine.counters()["packets"] - packets == 10  # C's never reached the engine
     assert engine.counters()["requests_answered"] == 15
 
     # a flood from A's address: answered up to the burst, then at the rate limit
@@ -209,16 +212,17 @@ def test_forged_and_replayed_replies_do_not_keep_a_dead_tunnel_up(seed: SeedTopo
     eventually(lambda: [c["up"] for c in engine.changes()] == [False], what="down after B died")
     eventually(lambda: not engine.tunnel()["up"], what="status down")
     received = engine.tunnel()["received"]
-    unmatched = engine.counters()["unmatched_replies"]
+    packets = engine.counters()["packets"]
 
     # C forges replies with B's address and A's key but guessed tokens, and replays the recorded ones,
-    # for 15 intervals: A stays down and counts none of them.
+    # for 15 intervals: A stays down and counts none of them. The forged ones do not even reach the engine
+    # (their tokens are none it issued: #21 M6); replays of tokens the filter still holds do, and count nothing.
     forged, replayed = forge_replies(c, src=B, dst=A, key=A_IKEY, seconds=1.5, recorded=recorded)
     assert forged > 50 and replayed > 250
     time.sleep(2 * INTERVAL)
     assert [c["up"] for c in engine.changes()] == [False]
     assert engine.tunnel()["received"] == received
-    assert engine.counters()["unmatched_replies"] - unmatched >= (forged + replayed) // 2
+    assert engine.counters()["packets"] - packets <= replayed
 
     seed.b.ip("link", "set", "My_Tunnel", "up")  # the real peer is back: the real replies count
     eventually(lambda: [c["up"] for c in engine.changes()] == [False, True], what="up after B is back")
@@ -232,17 +236,21 @@ def test_malformed_gre_is_counted_and_the_engine_carries_on(seed: SeedTopology, 
     seed_tunnels(seed)
     reflect_with_the_kernel(seed.b)
     c = seed.add_router("c", C)
-    engine = EngineProcess(seed.a, engine_config(A, B, A_IKEY, A_OKEY), tmp_path / "a")
+    # answer = "daemon": B's request-shaped packets reach the engine (replies need a token it issued: the
+    # broken reply-shaped ones stay in the kernel, #21 M6)
+    engine = EngineProcess(seed.a, engine_config(A, B, A_IKEY, A_OKEY, answer="daemon"), tmp_path / "a")
     eventually(lambda: engine.tunnel()["received"] >= 3, what="replies from B's kernel")
 
     random.seed(1)
     broken = malformed_gre(src=B, dst=A)
+    request_shaped = sum(1 for packet in broken if GRE in IP(packet) and IP(packet)[GRE].proto == 0x0800)
+    assert request_shaped == 5
     with contextlib.closing(raw_sender(c)) as sender:
         for _ in range(50):
             for packet in [*broken, fuzzed_gre(src=B, dst=A)]:
                 sender.sendto(packet, (A, 0))
             time.sleep(0.002)
-    eventually(lambda: engine.counters()["malformed"] >= 50 * len(broken), what="malformed packets counted")
+    eventually(lambda: engine.counters()["malformed"] >= 50 * request_shaped, what="malformed packets counted")
 
     received = engine.tunnel()["received"]
     eventually(lambda: engine.tunnel()["received"] >= received + 5, what="the engine still reads replies")
@@ -460,7 +468,8 @@ def forge_replies(host: Host, src: str, dst: str, key: int, seconds: float, reco
 
 
 def malformed_gre(src: str, dst: str) -> list[bytes]:
-    """GRE that passes the kernel's IP checks and the engine's socket filter but is broken inside."""
+    """GRE that passes the kernel's IP checks but is broken inside (the request-shaped ones pass the engine's
+    socket filter too)."""
     outer = IP(src=src, dst=dst, proto=47)
     return [bytes(p) for p in (
         outer / GRE(version=1, proto=0),

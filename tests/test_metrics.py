@@ -124,6 +124,18 @@ def test_without_ipsec_there_are_no_ipsec_metrics() -> None:
     assert not [name for name, _ in found if name.startswith("greupd_ipsec")]
 
 
+def test_the_keepalive_sockets_drops_and_filter() -> None:
+    status = router_a_with_a_dead_backup()
+    status["keepalive_socket"] = {"filter": "addresses", "remotes": 2, "drops": 1234}
+    text = render(status, ReloadOutcome(ok=True, last_success=STARTED))
+    assert value(text, "greupd_keepalive_socket_drops_total") == 1234
+    assert value(text, "greupd_keepalive_socket_filter_addresses") == 1
+    status["keepalive_socket"] = {"filter": "protocol", "remotes": 5000, "drops": None}
+    found = samples(render(status, ReloadOutcome(ok=True, last_success=STARTED)))
+    assert found[("greupd_keepalive_socket_filter_addresses", frozenset())] == 0
+    assert not any(name.startswith("greupd_keepalive_socket_drops") for name, _ in found)
+
+
 def test_names_follow_the_prometheus_rules() -> None:
     families = list(text_string_to_metric_families(
         render(router_a_over_ipsec(), ReloadOutcome(ok=False, last_success=STARTED))))

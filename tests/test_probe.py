@@ -16,13 +16,13 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import GRE
 from scapy.packet import Raw, fuzz
 
+from greupd.keepalive.bpf import SocketFilter
 from greupd.keepalive.codec import (
     GRE_SOCKET_FILTER,
     KeepaliveRequest,
     MalformedPacket,
     ProbeBytes,
     ProbeReply,
-    SocketFilter,
     _general_message,
     _Unusual,
     _usual_message,
@@ -259,8 +259,8 @@ def run_socket_filter(program: SocketFilter, packet: bytes) -> int:
     while True:
         code, jt, jf, k = program[pc]
         pc += 1
-        if code in (0x48, 0x50, 0xB1):  # loads; out of bounds ends the program with 0
-            where, size = (x + k, 2 if code == 0x48 else 1) if code != 0xB1 else (k, 1)
+        if code in (0x20, 0x40, 0x48, 0x50, 0xB1):  # loads; out of bounds ends the program with 0
+            where, size = {0x20: (k, 4), 0x40: (x + k, 4), 0x48: (x + k, 2), 0x50: (x + k, 1), 0xB1: (k, 1)}[code]
             if where + size > len(packet):
                 return 0
             value = int.from_bytes(packet[where:where + size], "big")
@@ -270,6 +270,14 @@ def run_socket_filter(program: SocketFilter, packet: bytes) -> int:
                 a = value
         elif code == 0x15:
             pc += jt if a == k else jf
+        elif code == 0x25:
+            pc += jt if a > k else jf
+        elif code == 0x35:
+            pc += jt if a >= k else jf
+        elif code == 0x45:
+            pc += jt if a & k else jf
+        elif code == 0x05:
+            pc += k
         elif code == 0x02:
             memory[k] = a
         elif code == 0x60:

@@ -5,6 +5,9 @@
 - `liveness`: the state machine per tunnel (`Liveness`), pure: time and events in, transitions out.
 - `engine`: `KeepaliveEngine`, the raw sockets and its one timer on the asyncio loop.
 - `batch`: sendmmsg/recvmmsg through ctypes, a tick's probes in one system call.
+- `bpf`: the classic BPF programs of the GRE sockets (configured addresses, issued tokens, shapes), pure.
+- `gre_socket`: those sockets opened, their programs attached as tunnels and tokens change, their drops read.
+- `underlay`: the device and fwmark a tunnel's link sends by (its `dev`, VRF, `fwmark`), pure.
 - `__main__`: `python -m greupd.keepalive`, the engine alone.
 """
 

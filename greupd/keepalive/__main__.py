@@ -25,6 +25,7 @@ def _write_status(path: Path, engine: KeepaliveEngine) -> None:
     report = {
         "tunnels": {name: {"up": engine.is_up(name), **(engine.status(name) or {})} for name in engine.names()},
         "counters": dataclasses.asdict(engine.counters),
+        "socket": engine.socket_status(),
     }
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(report))

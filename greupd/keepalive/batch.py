@@ -60,18 +60,28 @@ def batching_available() -> bool:
     return _LIBC is not None
 
 
+def control_message(level: int, kind: int, data: bytes) -> bytes:
+    """One struct cmsghdr with its data, padded to CMSG_SPACE: control messages laid end to end."""
+    space = socket.CMSG_SPACE(len(data))
+    return (struct.pack("@Nii", socket.CMSG_LEN(len(data)), level, kind) + data).ljust(space, b"\0")
+
+
 class Datagram:
-    """One tunnel's probe as a message: to `remote`, from `local` (IP_PKTINFO), carrying `payload`, a buffer
-    that is rewritten in place for every probe (it must never be resized: the message points into it)."""
+    """One tunnel's probe as a message: to `remote`, from `local` (IP_PKTINFO, with the underlay's `ifindex`,
+    0 for any), with `mark` (SO_MARK; 0: none), carrying `payload`, a buffer that is rewritten in place for every
+    probe (it must never be resized: the message points into it)."""
 
     __slots__ = ("_address", "_control", "_iovec", "_payload_view", "header")
 
-    def __init__(self, payload: bytearray, local: IPv4Address, remote: IPv4Address, pktinfo: int) -> None:
+    def __init__(self, payload: bytearray, local: IPv4Address, remote: IPv4Address, pktinfo: int,
+                 ifindex: int = 0, mark: int = 0) -> None:
         self._address = ctypes.create_string_buffer(struct.pack("=HH4s8x", socket.AF_INET, 0, remote.packed), 16)
-        cmsg_data = struct.pack("=I4s4s", 0, local.packed, bytes(4))  # struct in_pktinfo
-        control = struct.pack("@Nii", socket.CMSG_LEN(len(cmsg_data)), socket.IPPROTO_IP, pktinfo) + cmsg_data
-        space = socket.CMSG_SPACE(len(cmsg_data))
-        self._control = ctypes.create_string_buffer(control.ljust(space, b"\0"), space)
+        control = control_message(socket.IPPROTO_IP, pktinfo,
+                                  struct.pack("=I4s4s", ifindex, local.packed, bytes(4)))  # struct in_pktinfo
+        if mark:
+            control += control_message(socket.SOL_SOCKET, socket.SO_MARK, struct.pack("=I", mark))
+        space = len(control)
+        self._control = ctypes.create_string_buffer(control, space)
         self._payload_view = (ctypes.c_char * len(payload)).from_buffer(payload)
         self._iovec = _Iovec(ctypes.addressof(self._payload_view), len(payload))
         self.header = _Msghdr(ctypes.addressof(self._address), 16, ctypes.pointer(self._iovec), 1,

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import NamedTuple
 
+from greupd.keepalive.bpf import GRE_PROTOCOL_PROGRAM, SocketFilter
+
 IPPROTO_GRE = 47
 ETH_P_IP = 0x0800
 KEEPALIVE_PROTO = 0  # GRE protocol type of the reflected part: "no payload", by Cisco's convention
@@ -357,6 +359,12 @@ def _usual_message(data: Packet) -> GreMessage | _Unusual | None:
     return KeepaliveRequest(src, dst, key, inner_src, inner_dst, bytes(data[offset:offset + inner_len]))
 
 
+def plain_ipv4(header: Packet) -> bool:
+    """An IPv4 header without options (IHL 5) that is no fragment (MF and offset 0): the only inner header
+    greupd reflects (review L6). `header` is at least 20 bytes, as a KeepaliveRequest's reflection is."""
+    return header[0] == 0x45 and not _U16.unpack_from(header, 6)[0] & (IP_MF | IP_OFFSET)
+
+
 def parse_gre(data: Packet) -> GreMessage | None:
     """Read one packet from the raw IPPROTO_GRE socket (IP header included).
 
@@ -386,52 +394,8 @@ def _general_message(data: Packet) -> GreMessage | None:
     return KeepaliveRequest(src, dst, key, inner_src, inner_dst, bytes(data[payload:inner_end]))
 
 
-# --- the socket filter --------------------------------------------------------------------------------
+# --- the socket filter ---------------------------------------------------------------------------------
 
-# A raw IPPROTO_GRE socket gets a copy of every GRE packet the host receives, tunnel traffic included.
-# This classic BPF program, run by the kernel on each copy, keeps only what parse_gre can return something
-# for (protocol 0, or IPv4 whose inner protocol is GRE), so a busy tunnel's traffic never reaches Python.
-# Packets too short for a load are dropped by the kernel (a BPF load out of bounds returns 0).
-# (code, jt, jf, k) as in struct sock_filter.
-_BPF_LD_H_IND = 0x48  # A = u16 at [X + k]
-_BPF_LD_B_IND = 0x50  # A = u8 at [X + k]
-_BPF_LDX_MSH = 0xB1  # X = 4 * (u8 at [k] & 0x0f)
-_BPF_JEQ_K = 0x15
-_BPF_ST = 0x02  # M[k] = A
-_BPF_LD_MEM = 0x60  # A = M[k]
-_BPF_AND_K = 0x54
-_BPF_RSH_K = 0x74
-_BPF_ADD_K = 0x04
-_BPF_ADD_X = 0x0C
-_BPF_TAX = 0x07
-_BPF_RET_K = 0x06
-
-SocketFilter = tuple[tuple[int, int, int, int], ...]
-
-GRE_SOCKET_FILTER: SocketFilter = (
-    (_BPF_LDX_MSH, 0, 0, 0),  # 0: X = outer IP header length
-    (_BPF_LD_H_IND, 0, 0, 2),  # 1: A = GRE protocol
-    (_BPF_JEQ_K, 21, 0, KEEPALIVE_PROTO),  # 2: protocol 0 -> accept
-    (_BPF_JEQ_K, 0, 19, ETH_P_IP),  # 3: not IPv4 -> drop
-    (_BPF_LD_H_IND, 0, 0, 0),  # 4: A = GRE flags
-    (_BPF_ST, 0, 0, 0),  # 5: M[0] = flags
-    (_BPF_AND_K, 0, 0, GRE_CSUM),  # 6
-    (_BPF_RSH_K, 0, 0, 13),  # 7: A = 4 if checksum present
-    (_BPF_ADD_X, 0, 0, 0),  # 8
-    (_BPF_ADD_K, 0, 0, 4),  # 9
-    (_BPF_TAX, 0, 0, 0),  # 10: X = outer header + 4 + checksum
-    (_BPF_LD_MEM, 0, 0, 0),  # 11
-    (_BPF_AND_K, 0, 0, GRE_KEY),  # 12
-    (_BPF_RSH_K, 0, 0, 11),  # 13: A = 4 if key present
-    (_BPF_ADD_X, 0, 0, 0),  # 14
-    (_BPF_TAX, 0, 0, 0),  # 15
-    (_BPF_LD_MEM, 0, 0, 0),  # 16
-    (_BPF_AND_K, 0, 0, GRE_SEQ),  # 17
-    (_BPF_RSH_K, 0, 0, 10),  # 18: A = 4 if sequence present
-    (_BPF_ADD_X, 0, 0, 0),  # 19
-    (_BPF_TAX, 0, 0, 0),  # 20: X = offset of the inner IP header
-    (_BPF_LD_B_IND, 0, 0, 9),  # 21: A = inner IP protocol
-    (_BPF_JEQ_K, 1, 0, IPPROTO_GRE),  # 22
-    (_BPF_RET_K, 0, 0, 0),  # 23: drop
-    (_BPF_RET_K, 0, 0, 0x40000),  # 24: accept (the whole packet)
-)
+# The kernel-side half of reading: which packets reach the socket at all (bpf.py). The protocol part alone is
+# still importable here under its old name.
+GRE_SOCKET_FILTER: SocketFilter = GRE_PROTOCOL_PROGRAM

@@ -1,18 +1,25 @@
 """The keepalive engine: Cisco-style GRE probes out, replies in, one Liveness per tunnel; and answering the
 peers' probes ourselves so that a Linux peer of a Cisco needs neither ip_forward nor accept_local.
 
-Two raw sockets serve every tunnel, both registered with the daemon's asyncio loop:
+Three raw sockets serve every tunnel, registered with the daemon's asyncio loop:
 
-- `socket(AF_INET, SOCK_RAW, IPPROTO_GRE)` receives a copy of every GRE packet the host gets, also those a
-  kernel tunnel consumes; a socket filter (codec.GRE_SOCKET_FILTER) keeps tunnel traffic out of Python.
-  It also sends our probes, without IP_HDRINCL: the kernel builds the outer header, and each sendmsg names
-  the tunnel's `local` as source (IP_PKTINFO). So the route lookup of a probe is the tunnel's own
+- `socket(AF_INET, SOCK_RAW, IPPROTO_GRE)`, twice: each receives a copy of every GRE packet the host gets, also
+  those a kernel tunnel consumes, and each has a socket filter (bpf.py, attached by gre_socket.py). The replies
+  socket passes only replies from a configured remote to a configured local carrying a token we issued (the
+  sent probes' and those drawn for the next ones, `_TOKENS_AHEAD`); the requests socket passes only requests
+  from the remotes we answer. So neither tunnel traffic nor a flood, not even one that writes a configured
+  remote's address, takes the replies' place in their socket's buffer (#21 M6).
+  The replies socket also sends our probes, without IP_HDRINCL: the kernel builds the outer header, and each
+  sendmsg names the tunnel's `local` as source (IP_PKTINFO). So the route lookup of a probe is the tunnel's own
   (ip_tunnel_xmit looks up saddr = local, protocol GRE): `ip rule from <local> lookup ispN` and
-  `ipproto gre` rules pick the same uplink for both, and an IPsec policy for GRE applies to both (review H1).
+  `ipproto gre` rules pick the same uplink for both, and an IPsec policy for GRE applies to both (review H1);
+  so do the link's underlay device or VRF (ipi_ifindex) and fwmark (SO_MARK), as the last pass saw them
+  (underlay.py, #21 M2).
 - `socket(AF_INET, SOCK_RAW, IPPROTO_RAW)` (IP_HDRINCL) sends our answers to a peer's probes: the reflected
   packet must leave exactly as the peer wrote it (a greupd peer's token rides in its IP ID, which a
-  kernel-built header would replace), but its lookup too carries saddr = local (IP_PKTINFO) and protocol GRE
-  (an IP_PROTOCOL control message; without it the flow of an IP_HDRINCL socket is IPPROTO_RAW).
+  kernel-built header would replace), but its lookup too carries saddr = local (IP_PKTINFO, with the link's
+  device), the link's mark, and protocol GRE (an IP_PROTOCOL control message; without it the flow of an
+  IP_HDRINCL socket is IPPROTO_RAW).
 Probes and answers leave by the underlay route to the remote, which does not depend on the tunnel's own link.
 So a tunnel whose link greupd set down (`action = "link"`) keeps probing, and comes back up when its peer does.
 
@@ -37,7 +44,7 @@ in 64 to a recvmmsg (batch.py), where libc has them.
 from __future__ import annotations
 
 import asyncio
-import ctypes
+import collections
 import errno
 import heapq
 import itertools
@@ -54,21 +61,25 @@ from typing import Literal
 
 from greupd.config import Config
 from greupd.keepalive.batch import Datagram, Receiver, Sender, batching_available
+from greupd.keepalive.bpf import reply_filter, request_filter
 from greupd.keepalive.codec import (
-    GRE_SOCKET_FILTER,
     IPPROTO_GRE,
     KeepaliveRequest,
     MalformedPacket,
     Packet,
     ProbeBytes,
     ProbeReply,
-    SocketFilter,
+    ProbeToken,
     build_probe_template,
     new_token,
     parse_gre,
+    plain_ipv4,
 )
+from greupd.keepalive.gre_socket import AttachedProgram, open_gre_socket, socket_drops
 from greupd.keepalive.liveness import AnswerBudget, Liveness, LivenessChange, ProbeWindow
-from greupd.netlink.nlmsg import SO_RCVBUFFORCE
+from greupd.keepalive.underlay import NO_UNDERLAY, Underlay, underlays_after_pass
+from greupd.model import Observed
+from greupd.status import KeepaliveSocketStatus as SocketStatus
 from greupd.status import KeepaliveStatus
 
 __all__ = ["EngineCounters", "KeepaliveEngine", "KeepaliveTarget", "LivenessChange", "targets_from_config"]
@@ -86,23 +97,26 @@ _COALESCE = max(0.0005, time.get_clock_info("monotonic").resolution)
 _RECEIVE_BATCH = 64  # datagrams per recvmmsg
 _RECEIVE_SLOT = 2048  # bytes per datagram read by recvmmsg: keepalives are far smaller; longer is cut, malformed
 _DRAIN_LIMIT = 512  # packets read per wake-up, so a flood cannot starve the rest of the loop
+_TOKENS_AHEAD = 4  # tokens drawn per tunnel ahead of its probes: the replies filter is attached again this often
 _DRAIN_BEFORE_MISS = 8192  # before counting a miss: more than the receive buffer holds of replies
 _MAX_PACKET = 65535
-_RECEIVE_BUFFER = 1 << 20
-_SO_ATTACH_FILTER = 26  # <asm-generic/socket.h>; not exported by Python's socket module
 _IP_PKTINFO = 8  # <linux/in.h>; Python has socket.IP_PKTINFO, typeshed does not
 _IP_PROTOCOL = 52  # <linux/in.h>: the flow's protocol for an IP_HDRINCL packet, as a control message (5.19+)
 _SO_TIMESTAMPNS = 35  # <asm-generic/socket.h> (also SCM_TIMESTAMPNS); not exported by Python's socket module
 _TIMESPEC = struct.Struct("@qq")  # struct timespec on a 64-bit kernel
 _TIMESTAMP_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
-_PROBE_TTL = 255  # the outer TTL of our probes, as Cisco's tunnels send them
 _GRE_FLOW = (socket.IPPROTO_IP, _IP_PROTOCOL, struct.pack("=i", IPPROTO_GRE))
 
 
-def source_address(local: IPv4Address) -> tuple[int, int, bytes]:
-    """An IP_PKTINFO control message that makes `local` the source of a packet and of its route lookup
-    (struct in_pktinfo: ifindex 0 = any, ipi_spec_dst = local, ipi_addr unused on send)."""
-    return socket.IPPROTO_IP, _IP_PKTINFO, struct.pack("=I4s4s", 0, local.packed, bytes(4))
+def source_address(local: IPv4Address, underlay: Underlay = NO_UNDERLAY) -> list[tuple[int, int, bytes]]:
+    """The control messages that route a packet as the tunnel's own (reviews H1 and M2): IP_PKTINFO makes
+    `local` the source of the packet and of its route lookup, and the link's underlay device its output
+    interface (struct in_pktinfo: ipi_ifindex, 0 = any; ipi_spec_dst = local; ipi_addr unused on send);
+    SO_MARK gives it the link's fwmark (CAP_NET_ADMIN or CAP_NET_RAW, which the engine has)."""
+    messages = [(socket.IPPROTO_IP, _IP_PKTINFO, struct.pack("=I4s4s", underlay.ifindex, local.packed, bytes(4)))]
+    if underlay.fwmark:
+        messages.append((socket.SOL_SOCKET, socket.SO_MARK, struct.pack("=I", underlay.fwmark)))
+    return messages
 
 
 @dataclass(frozen=True)
@@ -153,6 +167,7 @@ class EngineCounters:
     requests_answered: int = 0
     requests_ignored: int = 0  # not for a tunnel of ours with answer = "daemon", or not reflected to its remote
     requests_rate_limited: int = 0
+    requests_not_plain: int = 0  # inner IP header with options or fragment bits: never reflected (review L6)
     requests_unanswerable: int = 0  # for a tunnel of ours whose own end does not work (set_answerable)
     send_errors: int = 0
 
@@ -165,7 +180,7 @@ class _Tunnel:
     """The engine's mutable state of one target."""
 
     __slots__ = ("address", "budget", "datagram", "endpoints", "entry", "liveness", "next_at", "probe",
-                 "send_failing", "source", "target", "window")
+                 "send_failing", "source", "target", "tokens_ahead", "underlay", "window")
 
     def __init__(self, target: KeepaliveTarget, up: bool = True) -> None:
         self.target = target
@@ -173,32 +188,24 @@ class _Tunnel:
         self.liveness = Liveness(target.interval, target.retries, target.up_after, up=up)
         # retries+1 tokens: a reply may arrive up to `retries` intervals late and still count, once.
         self.window = ProbeWindow(target.retries + 1)
+        # The tokens of its next probes, drawn before they are needed: the replies socket's filter lets their
+        # replies through (bpf.reply_filter) from before the probe leaves.
+        self.tokens_ahead: collections.deque[ProbeToken] = collections.deque()
         self.budget = AnswerBudget(ANSWER_RATE, ANSWER_BURST)
         self.address = (str(target.remote), 0)
-        self.source = [source_address(target.local)]
-        # The same probe as a message for sendmmsg (batch.py), pointing into the probe's own buffer
-        self.datagram = Datagram(self.probe.buffer, target.local, target.remote, _IP_PKTINFO) \
-            if batching_available() else None
+        self.follow(NO_UNDERLAY)
         self.endpoints: _Endpoints = (int(target.remote), int(target.local), target.ikey)
         self.next_at = 0.0
         self.entry = -1  # the number of its current entry in the engine's schedule; -1: not scheduled
         self.send_failing = False
 
-
-def attach_socket_filter(sock: socket.socket, program: SocketFilter) -> None:
-    """SO_ATTACH_FILTER takes a struct sock_fprog, which points at the instructions: build both with ctypes."""
-
-    class SockFilter(ctypes.Structure):
-        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
-                    ("k", ctypes.c_uint32)]
-
-    class SockFprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(SockFilter))]
-
-    instructions = (SockFilter * len(program))(*(SockFilter(*insn) for insn in program))
-    fprog = SockFprog(len(program), instructions)
-    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, ctypes.string_at(ctypes.addressof(fprog),
-                                                                           ctypes.sizeof(fprog)))
+    def follow(self, underlay: Underlay) -> None:
+        """Send as the tunnel's link does, by its underlay device and fwmark (review M2)."""
+        self.underlay = underlay
+        self.source = source_address(self.target.local, underlay)
+        # The same probe as a message for sendmmsg (batch.py), pointing into the probe's own buffer
+        self.datagram = Datagram(self.probe.buffer, self.target.local, self.target.remote, _IP_PKTINFO,
+                                 underlay.ifindex, underlay.fwmark) if batching_available() else None
 
 
 class KeepaliveEngine:
@@ -233,6 +240,12 @@ class KeepaliveEngine:
         self._sender: Sender | None = None  # sendmmsg/recvmmsg when libc has them (batch.py)
         self._receiver: Receiver | None = None
         self.counters = EngineCounters()
+        # The requests socket (its program drops everything while no tunnel answers); its reader pauses like
+        # the replies socket's (see _on_requests).
+        self._request_socket: socket.socket | None = None
+        self._requests_paused = False
+        self._reply_program = AttachedProgram("replies", "tokens")
+        self._request_program = AttachedProgram("requests", "addresses")
 
     # --- the API the daemon calls ---------------------------------------------------------------------
 
@@ -240,22 +253,19 @@ class KeepaliveEngine:
         """Open the raw sockets (needs CAP_NET_RAW), start reading, and start probing configured targets."""
         send = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # IP_HDRINCL implied
         send.setblocking(False)
-        receive = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_GRE)
         try:
-            receive.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, _PROBE_TTL)  # probes leave on this socket
-            attach_socket_filter(receive, GRE_SOCKET_FILTER)
+            receive = open_gre_socket()
             try:
-                # Thousands of tunnels answer in bursts; the default limit (rmem_max) would drop some.
-                receive.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RECEIVE_BUFFER)
-            except PermissionError:  # without CAP_NET_ADMIN, as much as rmem_max allows
-                receive.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
-            receive.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
-            receive.setblocking(False)
+                requests = open_gre_socket()
+            except OSError:
+                receive.close()
+                raise
         except OSError:
             send.close()
-            receive.close()
             raise
-        self._loop, self._send_socket, self._receive_socket = loop, send, receive
+        self._loop, self._send_socket, self._receive_socket, self._request_socket = loop, send, receive, requests
+        self._follow_tunnels()
+        loop.add_reader(requests.fileno(), self._on_requests)
         if batching_available():
             self._sender = Sender(receive)
             self._receiver = Receiver(receive, _RECEIVE_BATCH, _RECEIVE_SLOT, _SO_TIMESTAMPNS)
@@ -280,7 +290,9 @@ class KeepaliveEngine:
                 continue
             elif tunnel.target.endpoints != target.endpoints:
                 tunnel.entry = -1
+                underlay = tunnel.underlay  # the same link, until the reload's pass says otherwise
                 self._tunnels[name] = tunnel = _Tunnel(target, up=tunnel.liveness.up)
+                tunnel.follow(underlay)
                 self._schedule_first(tunnel)
             else:
                 old_interval = tunnel.target.interval
@@ -290,12 +302,62 @@ class KeepaliveEngine:
                 if target.interval != old_interval:
                     self._schedule_first(tunnel)
         self._by_endpoints = {}
+        self._follow_tunnels()
         for tunnel in self._tunnels.values():
             other = self._by_endpoints.setdefault(tunnel.endpoints, tunnel)
             if other is not tunnel:
                 # config.py refuses this; if it happens anyway, replies can only go to one of them
                 log.warning("tunnels %s and %s share remote, local and key: keepalive replies go to %s",
                             other.target.name, tunnel.target.name, other.target.name)
+
+    def _follow_tunnels(self) -> None:
+        """Both sockets' filters after a change of tunnels: each new tunnel gets its tokens ahead (#21 M6)."""
+        if self._receive_socket is None:
+            return  # start() does it
+        self._draw_tokens(tunnels_changed=True)
+        if self._request_socket is not None:
+            answering = [t.target for t in self._tunnels.values() if t.target.answer == "daemon"]
+            program, kind = request_filter([int(t.remote) for t in answering], [int(t.local) for t in answering])
+            self._request_program.attach(self._request_socket, program, kind, len(answering))
+
+    def _draw_tokens(self, tunnels_changed: bool = False) -> None:
+        """Every tunnel's stock of tokens back to _TOKENS_AHEAD, and the replies filter for them: it passes the
+        replies to the probes sent (window) and to be sent (stock), from the configured remotes."""
+        tunnels = self._tunnels.values()
+        for tunnel in tunnels:
+            while len(tunnel.tokens_ahead) < _TOKENS_AHEAD:
+                tunnel.tokens_ahead.append(new_token())
+        if self._receive_socket is None:
+            return
+        if not tunnels_changed and self._reply_program.kind not in (None, "tokens"):
+            return  # the tokens did not fit: the program checks what does, and new tokens change nothing there
+        program, kind = reply_filter(
+            [int(t.target.remote) for t in tunnels], [int(t.target.local) for t in tunnels],
+            [token for t in tunnels for token in itertools.chain(t.window.tokens(), t.tokens_ahead)])
+        self._reply_program.attach(self._receive_socket, program, kind, len(self._tunnels))
+
+    def socket_status(self) -> SocketStatus:
+        """The GRE sockets' filter and drops (drops None before start): `keepalive_socket` in `greupd status`."""
+        drops = [socket_drops(sock) for sock in (self._receive_socket, self._request_socket) if sock is not None]
+        return {"filter": self._reply_program.kind or "protocol",
+                "remotes": len({t.target.remote for t in self._tunnels.values()}),
+                "drops": None if not drops or None in drops else sum(d for d in drops if d is not None)}
+
+    def after_pass(self, answerable: Collection[str], before: Observed, after: Observed) -> None:
+        """What a reconcile pass (which saw `before` and left `after`) tells the engine: the tunnels whose own
+        end works (set_answerable), and the underlay of the links it looked at (follow_underlays)."""
+        self.set_answerable(answerable)
+        self.follow_underlays(underlays_after_pass(before, after, self._tunnels))
+
+    def follow_underlays(self, underlays: Mapping[str, Underlay]) -> None:
+        """The underlay device and fwmark of these tunnels' links, as the last pass saw them (underlay.py): their
+        probes and answers leave as the tunnels' own packets do (review M2). Others keep what they had."""
+        for name, underlay in underlays.items():
+            tunnel = self._tunnels.get(name)
+            if tunnel is not None and tunnel.underlay != underlay:
+                log.info("tunnel %s: keepalives leave by ifindex %d, fwmark %#x, as the link's own packets",
+                         name, underlay.ifindex, underlay.fwmark)
+                tunnel.follow(underlay)
 
     def set_answerable(self, names: Collection[str]) -> None:
         """The tunnels whose own end works (owned link present and up, not in error): answer = "daemon"
@@ -323,12 +385,16 @@ class KeepaliveEngine:
         self._schedule.clear()
         for tunnel in self._tunnels.values():
             tunnel.entry = -1  # start() schedules them again
-        if self._loop is not None and self._receive_socket is not None:
-            self._loop.remove_reader(self._receive_socket.fileno())
-        for sock in (self._send_socket, self._receive_socket):
+        for reading in (self._receive_socket, self._request_socket):
+            if self._loop is not None and reading is not None:
+                self._loop.remove_reader(reading.fileno())
+        for sock in (self._send_socket, self._receive_socket, self._request_socket):
             if sock is not None:
                 sock.close()
-        self._send_socket = self._receive_socket = None
+        self._send_socket = self._receive_socket = self._request_socket = None
+        self._requests_paused = False
+        self._reply_program.forget()
+        self._request_program.forget()
         self._sender = self._receiver = None
         self._loop = None
 
@@ -379,15 +445,17 @@ class KeepaliveEngine:
         paused."""
         assert self._loop is not None
         self._timer = None
+        now = self._loop.time()
+        due: list[_Tunnel] = []
         try:
-            now = self._loop.time()
             limit = now + _COALESCE
-            due = []
             schedule = self._schedule
             while schedule and schedule[0][0] <= limit:
                 _, entry, tunnel = heapq.heappop(schedule)
                 if tunnel.entry == entry:
                     due.append(tunnel)
+            if any(not tunnel.tokens_ahead for tunnel in due):
+                self._draw_tokens()  # every _TOKENS_AHEAD intervals or so: one attach for all tunnels
             if any(tunnel.liveness.awaiting_reply for tunnel in due):
                 # Misses are about to be counted: first read what is queued, so that a reply that arrived
                 # while the loop was busy (a long pass, or more replies than one wake-up reads) counts as the
@@ -407,6 +475,12 @@ class KeepaliveEngine:
                     else:
                         self._resume_reader()
         finally:
+            # Whatever raised on the way (a bug: none is known), no popped tunnel leaves the schedule for good,
+            # which would leave it "up" with no probes at all (review L5): the ones not rescheduled yet get
+            # their next slot, as if this probe had been lost.
+            for tunnel in due:
+                if tunnel.entry >= 0 and tunnel.next_at <= now + _COALESCE:
+                    self._advance(tunnel, now)
             self._arm()
 
     def _probe(self, tunnel: _Tunnel, now: float) -> None:
@@ -439,6 +513,16 @@ class KeepaliveEngine:
         is its deadline), and write a fresh token into the probe's buffer. Scheduling comes first, so that
         one tunnel's trouble never stops its probing; a loop that stalled skips the probes it missed rather
         than sending them in a burst, on the same grid."""
+        self._advance(tunnel, now)
+        missed = tunnel.liveness.on_timer(now)
+        token = tunnel.tokens_ahead.popleft() if tunnel.tokens_ahead else new_token()
+        tunnel.window.issue(token, now)
+        tunnel.probe.stamp(token)
+        return missed
+
+    def _advance(self, tunnel: _Tunnel, now: float) -> None:
+        """Put the tunnel's next probe in the schedule, one interval after the last slot (or later, on the
+        same grid, if the loop stalled)."""
         interval = tunnel.target.interval
         next_at = tunnel.next_at + interval
         if next_at <= now:
@@ -446,11 +530,6 @@ class KeepaliveEngine:
         tunnel.next_at = next_at
         tunnel.entry = entry = next(self._entries)
         heapq.heappush(self._schedule, (next_at, entry, tunnel))
-        missed = tunnel.liveness.on_timer(now)
-        token = new_token()
-        tunnel.window.issue(token, now)
-        tunnel.probe.stamp(token)
-        return missed
 
     def _probe_sent(self, tunnel: _Tunnel, now: float, missed: LivenessChange | None,
                     error: OSError | None) -> None:
@@ -559,6 +638,30 @@ class KeepaliveEngine:
                 return count  # the queue is empty (a packet that came meanwhile wakes the reader)
         return count
 
+    def _on_requests(self) -> None:
+        """Peers' probes arrived on their own socket: read up to _DRAIN_LIMIT. If more are queued (a flood of
+        forged requests), leave the socket alone until the next point of the grid: such a flood then costs
+        answers to the peer (their buffer overflows), never the loop's time for our own probes and replies."""
+        assert self._loop is not None and self._request_socket is not None
+        now, sock, view = self._loop.time(), self._request_socket, self._view
+        for _ in range(_DRAIN_LIMIT):
+            try:
+                size = sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # a pending socket error is reported once; the next read goes on
+                log.warning("reading the GRE socket for requests: %s", exc.strerror or exc)
+                return
+            self.on_packet(view[:size], now)
+        self._loop.remove_reader(sock.fileno())
+        self._requests_paused = True
+        self._loop.call_at((math.floor(now / _GRID) + 1) * _GRID, self._resume_requests)
+
+    def _resume_requests(self) -> None:
+        if self._requests_paused and self._loop is not None and self._request_socket is not None:
+            self._requests_paused = False
+            self._loop.add_reader(self._request_socket.fileno(), self._on_requests)
+
     def on_packet(self, data: Packet, now: float) -> None:
         """One packet from the GRE socket, received at `now`; never raises for what the packet contains."""
         self.counters.packets += 1
@@ -594,6 +697,11 @@ class KeepaliveEngine:
         if (tunnel is None or tunnel.target.answer != "daemon"
                 or request.inner_src != request.dst or request.inner_dst != request.src):
             self.counters.requests_ignored += 1
+            return
+        if not plain_ipv4(request.reflection):
+            # Reflected verbatim, options would have us send source-routed or oddly optioned packets to the
+            # remote on a forger's behalf; no keepalive needs them (Cisco's and ours have none).
+            self.counters.requests_not_plain += 1
             return
         if self._answerable is not None and tunnel.target.name not in self._answerable:
             # Our end of this tunnel does not work: silence, as a Cisco's own peer would give (review H5).

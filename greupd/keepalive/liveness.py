@@ -6,6 +6,7 @@ tests drive it with plain numbers.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -121,6 +122,10 @@ class ProbeWindow:
         self._sent_at[token] = now
         while len(self._sent_at) > self.size:
             del self._sent_at[next(iter(self._sent_at))]
+
+    def tokens(self) -> Iterable[int]:
+        """The tokens that can still be claimed."""
+        return self._sent_at.keys()
 
     def claim(self, token: int) -> float | None:
         """The send time of the probe with this token, once; None if it is unknown, too old or claimed."""
