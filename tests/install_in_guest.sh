@@ -6,6 +6,7 @@
 # tunnel back to A whose kernel reflects A's keepalives (kernel-lab.md), so "the tunnel is up" means the peer
 # answered. Each step prints a line starting with "step:"; the first failure stops it with a message.
 set -eu
+export DEBIAN_FRONTEND=noninteractive  # no tty in the guest: debconf would try three frontends first
 deb=$1
 block=$2
 fail() { echo "FAILED: $*"; journalctl -u greupd --no-pager -n 40 2>&1 || true; exit 1; }
