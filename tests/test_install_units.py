@@ -77,3 +77,10 @@ def test_an_interpreter_under_home_exits_1_naming_the_way_out(monkeypatch: pytes
     assert install_units.run(argparse.Namespace(root=str(tmp_path), dry_run=False)) == 1
     assert "PIPX_HOME=/opt/pipx" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_bash_completion_knows_the_command() -> None:
+    from tests.test_completion import complete
+
+    assert complete("greupd inst") == ["install-units"]
+    assert set(complete("greupd install-units --")) >= {"--root", "--dry-run"}
