@@ -9,12 +9,12 @@ STAMP_VENV := $(VENV)/.stamp-venv
 APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev \
 	user-mode-linux kmod iproute2 iputils-ping nftables libnftables1 tcpdump systemd \
 	qemu-system-x86 linux-image-amd64 busybox-static \
-	debhelper dpkg-dev python3-pip man-db groff-base rpm lintian \
+	debhelper dpkg-dev dh-python python3-pip man-db groff-base rpm lintian mmdebstrap \
 	charon-systemd strongswan-swanctl strongswan-charon libstrongswan-standard-plugins
 # virtme-ng (for the qemu guest) lives in the venv; its `vng` is what lab/guest.py runs.
 PIP_EXTRA := virtme-ng
 
-.PHONY: all venv wheelhouse deps apt-deps test pytest lint ruff mypy demo bench soak clean
+.PHONY: all venv wheelhouse deps apt-deps test install-test pytest lint ruff mypy demo bench soak deb rpm clean
 
 all: test
 
@@ -63,6 +63,13 @@ test: deps
 	if [ $$lint -ne 0 ]; then echo "make test: lint failed (ruff/mypy output above)"; fi; \
 	[ $$rc -eq 0 ] && [ $$lint -eq 0 ]
 
+# The install tests (pytest marker `distro`, which plain `pytest` leaves out): the packages built from this checkout,
+# installed in a fresh root of each Debian release (mmdebstrap, cached by package list under
+# /var/cache/greupd-lab/roots) booted with systemd in the UML guest, README's install block run there, then purged;
+# and pip + `greupd install-units` in a fresh venv. .ci/run runs this after `make test`.
+install-test: deps
+	$(VENV)/bin/pytest -m distro tests/test_install_distro.py tests/test_install_pip.py
+
 # PYTEST_ARGS: a selection instead of every test, e.g. PYTEST_ARGS="tests/test_lab.py -x".
 pytest: deps
 	$(VENV)/bin/pytest $(or $(PYTEST_ARGS),tests)
@@ -98,6 +105,18 @@ SOAK_TIMEOUT ?= 7200
 SOAK_GUEST ?= uml
 soak: deps
 	$(PY) -m lab run --guest $(SOAK_GUEST) --timeout $(SOAK_TIMEOUT) -- $(PY) -m lab.soak $(SOAK_ARGS)
+# ---------------------------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------------------------
+# Packages, into dist/ (README "Install on a router"). On Debian 12 `make deb` builds both Debian packages:
+# greupd_VERSION_amd64.deb for Debian 12 (its own venv on python3.11) and greupd_VERSION+deb13_all.deb for
+# Debian 13 (Debian's python3-* packages); DEB_SUITES=trixie builds one. `make rpm`: Fedora/RHEL 9 and later.
+DEB_SUITES ?= bookworm trixie
+deb: apt-deps wheelhouse
+	@for suite in $(DEB_SUITES); do packaging/build-deb --suite $$suite --out dist || exit 1; done
+
+rpm: apt-deps wheelhouse
+	packaging/build-rpm --out dist
 # ---------------------------------------------------------------------------------------------
 
 clean:

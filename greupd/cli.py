@@ -435,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     reload = with_config(with_socket(sub.add_parser("reload", help="re-read the config in the running daemon")))
     reload.set_defaults(func=cmd_reload)
     sub.add_parser("schema", help="print the JSON Schema of tunnels.toml").set_defaults(func=cmd_schema)
+    from greupd import install_units
+
+    units = sub.add_parser("install-units", help="write the systemd units for a pip/pipx install (this interpreter)")
+    install_units.add_arguments(units)
+    units.set_defaults(func=install_units.run)
     return parser
 
 

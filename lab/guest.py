@@ -236,8 +236,12 @@ def _modprobe_wrapper(rundir: Path, moddir: str) -> str:
     return f'#!/bin/sh\nexec /sbin/modprobe -d {shlex.quote(moddir)} "$@"\n'
 
 
-def _uml_init(kind: GuestKind, rundir: Path, kept: Sequence[Path] = ()) -> str:
-    """PID 1 of the UML guest: mounts, modules, then the command (or systemd, which runs it)."""
+def _uml_init(kind: GuestKind, rundir: Path, kept: Sequence[Path] = (), root: Path | None = None) -> str:
+    """PID 1 of the UML guest: mounts, modules, then the command (or systemd, which runs it).
+
+    ``root`` (uml-systemd only): another root file system on the host's disk (a Debian release's, made by
+    lab/distro_root.py) that systemd boots instead of the host's own, read-only under the same overlay.
+    """
     r = shlex.quote(str(rundir))
     modules = uml_modules()
     version = modules.name if modules else "none"
@@ -274,7 +278,7 @@ def _uml_init(kind: GuestKind, rundir: Path, kept: Sequence[Path] = ()) -> str:
     # /tmp, journald would write /var/log), so run systemd in an overlay with a tmpfs upper layer;
     # only the run dir is bound through, so the status and output reach the host.
     lines += [
-        *_systemd_overlay(rundir, kept),
+        *_systemd_overlay(rundir, kept, root, extra=(REPO, *([modules] if modules else []))),
         *_lab_unit(rundir),
         # Hand the API file systems over; systemd mounts /run (tmpfs) and cgroup2 itself.
         "stamp systemd",
@@ -284,22 +288,28 @@ def _uml_init(kind: GuestKind, rundir: Path, kept: Sequence[Path] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _systemd_overlay(rundir: Path, kept: Sequence[Path]) -> list[str]:
+def _systemd_overlay(rundir: Path, kept: Sequence[Path], root: Path | None = None,
+                     extra: Sequence[Path] = ()) -> list[str]:
     """Shell lines: the root systemd runs in, an overlay of / with a tmpfs upper layer (writes vanish with the
     guest; systemd-tmpfiles would otherwise clean the host's /tmp and journald write its /var/log), at
-    /run/ov/root, with the run dir bound through so the status and output reach the host."""
+    /run/ov/root, with the run dir bound through so the status and output reach the host.
+
+    With ``root``, that folder is the overlay's lower layer instead of /, and the folders in ``extra`` (this
+    checkout, the UML modules) are bound into it at their own paths, since that root does not have them."""
     r = shlex.quote(str(rundir))
+    lower = shlex.quote(str(root)) if root else "/"
+    binds = [*kept, *extra] if root else kept
     return [
         "mkdir -p /run/ov",
         "mount -t tmpfs -o mode=0755 tmpfs /run/ov",
         "mkdir -p /run/ov/upper /run/ov/work /run/ov/root",
-        "mount -t overlay overlay -o lowerdir=/,upperdir=/run/ov/upper,workdir=/run/ov/work /run/ov/root",
+        f"mount -t overlay overlay -o lowerdir={lower},upperdir=/run/ov/upper,workdir=/run/ov/work /run/ov/root",
         # A fresh /tmp, as on a booting machine; else systemd-tmpfiles' "D /tmp" walks (and, in the
         # overlay, whites out) the host's whole /tmp: 12 s and more in UML. The kept folders (a checkout
         # under /tmp) are bound through as they are: the host's, writable.
         "mount -t tmpfs -o mode=1777 tmpfs /run/ov/root/tmp",
-        *(f"mkdir -p /run/ov/root{q} && mount --bind {q} /run/ov/root{q}" for q in map(shlex.quote, map(str, kept))),
-        f"mount --bind {r} /run/ov/root{r}",
+        *(f"mkdir -p /run/ov/root{q} && mount --bind {q} /run/ov/root{q}" for q in map(shlex.quote, map(str, binds))),
+        f"mkdir -p /run/ov/root{r} && mount --bind {r} /run/ov/root{r}",
     ]
 
 
@@ -479,6 +489,7 @@ def run(
     keep: bool | None = None,
     collect: Sequence[str] = (),
     cancel: threading.Event | None = None,
+    root: Path | None = None,
 ) -> GuestResult:
     """Boot a guest of this kind, run argv in it (in cwd, default: the current dir), power off.
 
@@ -486,7 +497,8 @@ def run(
     (default: keep it only when something failed, or GREUPD_LAB_KEEP=1). The command finds the
     run dir (the one place every guest kind can write to the host) in $GREUPD_LAB_RUNDIR; the
     files named in ``collect`` are read from it into ``result.files``. ``cancel``: set it (from
-    another thread) to kill the guest.
+    another thread) to kill the guest. ``root`` (uml-systemd only): boot systemd from that root file system
+    (lab/distro_root.py) instead of the host's.
     """
     start = time.monotonic()
     why = unavailable(kind)
@@ -511,7 +523,9 @@ def run(
         disk = vng_python_disk(kind)
         init = _vng_systemd_init(rundir, disk, kept)
     else:
-        init = _uml_init(kind, rundir, kept)
+        if root is not None and kind != "uml-systemd":
+            raise ValueError(f"root= is for uml-systemd guests, not {kind}")
+        init = _uml_init(kind, rundir, kept, root)
         (rundir / "modprobe").write_text(_modprobe_wrapper(rundir, f"{rundir}/mods"))
         (rundir / "modprobe").chmod(0o755)
     (rundir / "init").write_text(init)

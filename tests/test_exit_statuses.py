@@ -366,6 +366,21 @@ def _(lab: Lab2) -> subprocess.CompletedProcess[str]:
     return greupd("schema")
 
 
+@case("install-units", 0, "install-units into a folder", root=False)
+def _(lab: Lab2) -> subprocess.CompletedProcess[str]:
+    done = greupd("install-units", "--root", str(lab.files / "units"))
+    assert (lab.files / "units/etc/systemd/system/greupd.service").is_file()
+    return done
+
+
+@case("install-units", 1, "install-units where no folder can be made", root=False)
+def _(lab: Lab2) -> subprocess.CompletedProcess[str]:
+    blocker = Path(lab.file("not-a-folder", ""))
+    done = greupd("install-units", "--root", str(blocker))
+    assert "cannot write" in done.stderr and "Traceback" not in done.stderr
+    return done
+
+
 # For every command: a usage error, a crash, Ctrl-C; and but for run, a reader that went away.
 def usage_error(command: str) -> Case:
     def how(lab: Lab2) -> subprocess.CompletedProcess[str]:
@@ -400,6 +415,7 @@ PRINTING: dict[str, Callable[[Lab2], tuple[str, ...]]] = {
     "reload": lambda lab: ("reload", "--socket", lab.socket),
     "import": lambda lab: ("import",),
     "schema": lambda lab: ("schema",),
+    "install-units": lambda lab: ("install-units", "--dry-run"),
 }
 
 

@@ -289,25 +289,12 @@ def test_rpm_spec_builds_offline_from_the_wheelhouse(offline: tuple[list[str], d
     if shutil.which("rpmbuild") is None:
         pytest.skip("rpmbuild is not installed (apt-get install rpm)")
     assert any(WHEELHOUSE.glob("pydantic-*.whl")), f"no wheelhouse at {WHEELHOUSE}: run `make deps` first"
-    sources = tmp_path / "SOURCES"
-    sources.mkdir()
-    packed = run("tar", "--exclude=__pycache__", "--exclude=*.egg-info", f"--transform=s,^,greupd-{VERSION}/,",
-                 "-czf", sources / f"greupd-{VERSION}.tar.gz", "greupd", "pyproject.toml", "README.md", "etc", "docs",
-                 "packaging", "systemd")
-    assert packed.returncode == 0, packed.stderr
-    packed = run("tar", "-C", WHEELHOUSE.parent, "--exclude=.stamp", "-czf",
-                 sources / f"greupd-{VERSION}-wheelhouse.tar.gz", "wheelhouse")
-    assert packed.returncode == 0, packed.stderr
-    shutil.copy(REPO / "systemd/greupd.sysusers", sources)
     prefix, env = offline
-    built = run(*prefix, "rpmbuild", "-bb", "--nodeps", "--define", f"_topdir {tmp_path}",
-                # systemd-rpm-macros is Fedora's; on Debian name its directories, and its sysusers macro, by hand.
-                "--define", "_unitdir /usr/lib/systemd/system", "--define", "_sysusersdir /usr/lib/sysusers.d",
-                "--define", "_journalcatalogdir /usr/lib/systemd/catalog", "--define", "_docdir_fmt %{NAME}",
-                "--define", "sysusers_create_compat() systemd-sysusers %1",
-                REPO / "packaging/rpm/greupd.spec", env=env)
+    # What `make rpm` runs: the source and wheelhouse tarballs, then rpmbuild (on Debian: --nodeps, and
+    # systemd-rpm-macros' directories named by hand).
+    built = run(*prefix, REPO / "packaging/build-rpm", "--out", tmp_path, env=env)
     assert built.returncode == 0, built.stderr[-4000:]
-    (rpm,) = (tmp_path / "RPMS").rglob("greupd-*.rpm")
+    (rpm,) = tmp_path.glob("greupd-*.rpm")
     files = run("rpm", "-qlp", rpm).stdout.split()
     for path in ("/usr/bin/greupd", "/usr/lib/systemd/system/greupd.service", "/usr/lib/systemd/system/greupd@.service",
                  "/usr/lib/sysusers.d/greupd.conf", "/usr/lib/systemd/catalog/greupd.catalog",
@@ -332,3 +319,49 @@ def test_rpm_spec_builds_offline_from_the_wheelhouse(offline: tuple[list[str], d
     # The scriptlets are the systemd macros' (and sysusers'): no compileall, no hand-run catalog update.
     scripts = run("rpm", "-qp", "--scripts", rpm).stdout
     assert "compileall" not in scripts and "update-catalog" not in scripts
+
+
+# --- Debian 13: Debian's own python3-* packages, only pyroute2 and vici bundled (README "Install on a router") ----
+
+@pytest.fixture(scope="module")
+def trixie_deb(offline: tuple[list[str], dict[str, str]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    missing = [tool for tool in (*BUILD_TOOLS, "dh_python3") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed (make deps installs them)")
+    out = tmp_path_factory.mktemp("trixie")
+    prefix, env = offline
+    built = run(*prefix, REPO / "packaging" / "build-deb", "--suite", "trixie", "--out", out, env=env)
+    assert built.returncode == 0, built.stderr[-4000:]
+    return out / f"greupd_{VERSION}+deb13_all.deb"
+
+
+def test_trixie_package_depends_on_debians_python_libraries_and_bundles_only_what_trixie_lacks(
+        trixie_deb: Path) -> None:
+    assert field(trixie_deb, "Architecture") == "all"
+    assert field(trixie_deb, "Version") == f"{VERSION}+deb13"  # sorts after bookworm's: an upgrade to 13 moves over
+    depends = field(trixie_deb, "Depends")
+    for package in ("python3-pydantic (>= 2.7)", "python3-systemd", "python3-nftables", "python3-yaml",
+                    "python3-prometheus-client", "libnftables1", "iproute2"):
+        assert package in depends
+    assert "python3-pyroute2" not in depends and "python3.11" not in depends
+    listing = run("dpkg-deb", "-c", trixie_deb).stdout
+    top = {m.group(1) for m in re.finditer(r" \./usr/lib/greupd/([^/\s]+)/", listing)}
+    assert top == {"greupd", "pyroute2", "pyroute2-0.9.7.dist-info", "vici", "vici-6.0.3.dist-info"}
+    assert "/usr/lib/systemd/system/greupd.service" in listing  # merged /usr, as Debian 13 wants
+    assert "__pycache__" not in listing  # py3compile in postinst, for the python3 of the machine
+    assert "py3compile -p greupd /usr/lib/greupd" in control_file(trixie_deb, "postinst")
+    assert "deb-systemd-invoke stop" in control_file(trixie_deb, "prerm")
+
+
+def test_trixie_package_is_lintian_clean(trixie_deb: Path) -> None:
+    if shutil.which("lintian") is None:
+        pytest.skip("lintian is not installed (make deps installs it)")
+    result = run("lintian", "--fail-on", "error,warning", trixie_deb)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_remove_stops_the_daemon_and_purge_removes_its_state(deb: Path) -> None:
+    # dh_installsystemd --no-start writes no stop: without ours, `apt remove` left greupd running on deleted files.
+    prerm = control_file(deb, "prerm")
+    assert '[ "$1" = "remove" ]' in prerm and "deb-systemd-invoke stop" in prerm and "greupd@*" in prerm
+    assert "rm -rf /var/lib/greupd" in control_file(deb, "postrm")

@@ -1,0 +1,66 @@
+"""README's pip route for other systems: this checkout installed by pip into a fresh venv, then `greupd install-units`.
+
+The venv is made with Debian's python3.11 (the interpreter the wheelhouse matches) and pip installs from the
+wheelhouse only (no index): systemd-python is compiled from its sdist, which is why README names gcc, pkg-config,
+libsystemd-dev and python3-dev. The units install-units writes must run that venv's greupd (not /usr/bin/greupd)
+and pass `systemd-analyze verify`, which fails on an ExecStart= that does not exist.
+
+Marker `distro` (make install-test): the venv and the systemd-python build take a minute.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.distro
+
+REPO = Path(__file__).resolve().parent.parent
+WHEELHOUSE = REPO / "build" / "wheelhouse"
+PYTHON = Path("/usr/bin/python3.11")
+
+
+def run(*argv: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(WHEELHOUSE),
+           "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_pip_install_then_install_units_points_the_units_at_the_venv(tmp_path: Path) -> None:
+    if not PYTHON.exists():
+        pytest.skip(f"no {PYTHON}")
+    assert any(WHEELHOUSE.glob("pydantic-*.whl")), f"no wheelhouse at {WHEELHOUSE}: run `make deps` first"
+    venv = tmp_path / "opt-greupd"
+    made = run(PYTHON, "-m", "venv", venv)
+    assert made.returncode == 0, made.stderr
+    # A copy of the checkout, not the checkout: pip's build must not need (or leave) anything in the repo.
+    source = tmp_path / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".lab", "build", "dist", ".git", "*.egg-info",
+                                                               "__pycache__", ".mypy_cache", ".ruff_cache"))
+    installed = run(venv / "bin/pip", "install", source)
+    assert installed.returncode == 0, installed.stderr[-4000:]
+    greupd = venv / "bin/greupd"
+    probe = run(greupd, "check", REPO / "etc/greupd/tunnels.toml")
+    assert probe.returncode == 0, probe.stderr
+
+    root = tmp_path / "root"
+    written = run(greupd, "install-units", "--root", root)
+    assert written.returncode == 0, written.stderr
+    assert "systemctl daemon-reload" in written.stdout
+    for name in ("greupd.service", "greupd@.service"):
+        unit = (root / "etc/systemd/system" / name).read_text()
+        assert re.findall(r"^Exec\w+=.*$", unit, re.M) == [f"ExecStart={greupd} run", f"ExecReload={greupd} reload"]
+        # Everything else is the packaged unit's, line for line.
+        packaged = (REPO / "systemd" / name).read_text()
+        assert [line for line in unit.splitlines() if not line.startswith(("Exec", "#"))] == \
+               [line for line in packaged.splitlines() if not line.startswith(("Exec", "#"))]
+    assert (root / "etc/sysusers.d/greupd.conf").read_text() == (REPO / "systemd/greupd.sysusers").read_text()
+    if shutil.which("systemd-analyze"):
+        # --man=no: the man pages are the packages' (Documentation=man:greupd(8)), not pip's.
+        verified = run("systemd-analyze", "verify", "--man=no", root / "etc/systemd/system/greupd.service")
+        assert verified.returncode == 0, verified.stdout + verified.stderr
