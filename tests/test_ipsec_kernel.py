@@ -345,3 +345,76 @@ def test_on_exit_remove_unloads_greupds_connections_when_the_daemons_loop_ends(l
 
     asyncio.run(daemon_lifetime())  # returns: asyncio.run cancels what is left, as at the daemon's stop
     assert conns(charon) == []
+
+
+def certificates(directory: Path) -> dict[str, Path]:
+    """A CA, and a key and certificate it signed for 172.19.1.1 (ECDSA P-256), as files greupd's config takes."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("lab ca")).issuer_name(name("lab ca"))
+          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now)
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(name("172.19.1.1")).issuer_name(name("lab ca"))
+            .public_key(key.public_key()).serial_number(2).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(ca_key, hashes.SHA256()))
+    paths = {"ca": directory / "ca.pem", "cert": directory / "a.pem", "key": directory / "a.key"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    paths["key"].chmod(0o600)
+    return paths
+
+
+@pytest.mark.needs_root
+def test_a_private_key_greupd_loaded_leaves_charon_with_its_tunnel(lab: Lab) -> None:
+    """Review round 3, L3: on dac2a7b `load-key` was sent on every load and `unload-key` never, so the key of a
+    tunnel that was gone stayed in charon. Now it is unloaded with the last tunnel that uses it."""
+    from greupd.ipsec.vici import ViciError, ViciSession
+
+    a = lab.host("a")
+    a.ip("link", "add", "wan0", "type", "veth", "peer", "name", "wan1")
+    charon = Charon(a).start()
+    paths = certificates(Path(tempfile.mkdtemp(dir=_scratch())))
+    text = (f'[daemon]\nvici_socket = "{charon.socket}"\n\n'
+            '[[tunnel]]\nname = "My_Tunnel"\nlocal = "172.19.1.1"\nremote = "172.19.1.2"\n'
+            f'[tunnel.ipsec]\ncert = "{paths["cert"]}"\nkey = "{paths["key"]}"\nca = "{paths["ca"]}"\n')
+    config = load_config_text(text)
+
+    async def story() -> None:
+        supervisor = IpsecSupervisor(charon.socket, lambda *_: None, lambda _: None, poll_interval=0.5)
+        supervisor.configure(desired_connections(config))
+        await supervisor.settled(timeout=15)
+        assert conns(charon) == ["greupd-My_Tunnel"], charon.output()
+        key_id = supervisor._keys["greupd-My_Tunnel"]
+        assert re.fullmatch(r"[0-9a-f]{40}", key_id), key_id  # the SHA-1 key identifier load-key answered
+
+        supervisor.configure({})  # the tunnel leaves the config
+        deadline = time.monotonic() + 15
+        while conns(charon) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert conns(charon) == []
+        assert supervisor._keys == {}
+        await supervisor.close(unload=False)
+        # Is the key still in charon? unload-key by its id answers whether there was one to unload.
+        session = ViciSession(charon.socket)
+        await session.connect()
+        try:
+            with pytest.raises(ViciError, match="unload-key"):
+                await session.request("unload-key", {"id": key_id})
+        finally:
+            session.close()
+
+    asyncio.run(story())

@@ -118,6 +118,9 @@ class IpsecSupervisor:
         # What this charon process holds from us: connection name -> (message, hash of its secret). Emptied
         # when the connection to charon is lost: a restarted charon holds nothing.
         self._loaded: dict[str, tuple[str, str]] = {}
+        # The private keys this charon holds from us: connection name -> the key id load-key answered (review
+        # round 3, L3: unloaded when no connection of ours uses it any more). Emptied with _loaded.
+        self._keys: dict[str, str] = {}
         self._errors: dict[str, str] = {}
         self._last_error: str | None = None
         self._first_pass = asyncio.Event()
@@ -267,6 +270,7 @@ class IpsecSupervisor:
             self._event_task = None
         self._session = self._events = None
         self._loaded.clear()
+        self._keys.clear()
 
     def _lost(self, error: str) -> None:
         self._disconnect()
@@ -287,6 +291,7 @@ class IpsecSupervisor:
         # Forget what charon no longer holds (unloaded by hand): it is loaded again below.
         for name in set(self._loaded) - present:
             del self._loaded[name]
+            self._keys.pop(name, None)  # its key stays in charon; a new load-key of it answers the same id
         for name in sorted(ours - set(self._wanted)):
             await self._unload(session, name)
         loaded = ours & set(self._wanted)
@@ -319,7 +324,8 @@ class IpsecSupervisor:
                                                   "owners": owners})
         else:
             key, cert, ca = files
-            await session.request("load-key", {"type": "any", "data": key})
+            loaded = await session.request("load-key", {"type": "any", "data": key})
+            await self._forget_key(session, connection.name, str(loaded.get("id") or "") or None)
             # VICI takes certificates as their content (PEM or DER), as swanctl sends what it reads from files.
             message["local-1"] = {**connection.message["local-1"], "certs": [cert]}  # type: ignore[dict-item]
             message["remote-1"] = {**connection.message["remote-1"], "cacerts": [ca]}  # type: ignore[dict-item]
@@ -336,8 +342,20 @@ class IpsecSupervisor:
             await session.streamed("terminate", "control-log", {"ike": name, "force": "yes", "timeout": "-1"})
         with contextlib.suppress(ViciError):
             await session.request("unload-shared", {"id": name})
+        await self._forget_key(session, name, None)
         self._loaded.pop(name, None)
         log.info("ipsec: unloaded connection %s", name)
+
+    async def _forget_key(self, session: ViciSession, name: str, key_id: str | None) -> None:
+        """`name` now uses the private key `key_id` (None: none): the key it used before leaves charon unless
+        another connection of ours uses it too (two tunnels may share one key file)."""
+        old = self._keys.pop(name, None)
+        if key_id is not None:
+            self._keys[name] = key_id
+        if old is not None and old != key_id and old not in self._keys.values():
+            with contextlib.suppress(ViciError):
+                await session.request("unload-key", {"id": old})
+                log.info("ipsec: unloaded the private key of %s", name)
 
     def _publish(self, statuses: dict[str, IpsecStatus]) -> None:
         for tunnel, status in statuses.items():
