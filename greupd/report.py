@@ -183,7 +183,8 @@ class Reports:
     def _transition(self, tunnel: TunnelConfig, state: TunnelState, reason: str,
                     error: str | None = None) -> list[TunnelChanged]:
         record = self._record(tunnel.name)
-        if record.reported and record.state == state:
+        # An error for another reason is news (an IPsec hold lifted, then the link refused): the rest is not.
+        if record.reported and record.state == state and (state != "error" or record.reason == reason):
             return []
         previous = record.state if record.reported else None
         if previous is not None:

@@ -27,6 +27,10 @@ from greupd.nft.watch import NftWatch, NftWatchError
 
 log = logging.getLogger("greupd")
 
+# Seconds between looks while tunnels wait for their IPsec drops: not every way a table frees up is announced
+# (a table another process owned goes with that process's socket, without a transaction to watch).
+IPSEC_RETRY = 5.0
+
 
 class NftKeeper:
     def __init__(self, table: str, on_change: Callable[[], None], on_error: Callable[[str], None],
@@ -41,7 +45,9 @@ class NftKeeper:
         self.ipsec_watch = NftWatch(on_change, table=ipsec_table(table))
         self.warnings: list[str] = []  # other tables' forward drops that defeat our accepts, while they last
         self.guard = IpsecGuard()  # which tunnels' IPsec drops the kernel was seen holding: none yet
+        self._waiting = False  # tunnels are held back for want of their drops: look again every IPSEC_RETRY
         self._ipsec_error: str | None = None
+        self._retry: asyncio.TimerHandle | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -50,6 +56,7 @@ class NftKeeper:
             self.ipsec_watch.start(loop)
         except NftWatchError as exc:
             self._on_error(f"nftables: cannot watch for changes, the table will not be repaired on its own: {exc}")
+        self._retry_while_held()
 
     def keep(self, config: Config) -> None:
         """Make the tables what `config` renders, unless they already are (a compare, no transaction): the IPsec
@@ -87,11 +94,21 @@ class NftKeeper:
         if problem is not None and problem != self._ipsec_error:
             self._on_error(f"nftables: the IPsec drops (table inet {self.ipsec.table}): {problem}")
         self._ipsec_error = problem
+        self._waiting = bool(problem and pairs)
+        self._retry_while_held()
         if guard != self.guard:
             changed = ipsec_held(config, self.guard).keys() ^ ipsec_held(config, guard).keys()
             self.guard = guard
             if changed:
                 self._on_guard(frozenset(changed))
+
+    def _retry_while_held(self) -> None:
+        if self._waiting and self._loop is not None and self._retry is None:
+            def look_again() -> None:
+                self._retry = None
+                self._on_change()
+
+            self._retry = self._loop.call_later(IPSEC_RETRY, look_again)
 
     def _look_for_forward_drops(self, config: Config) -> None:
         found: list[str] = []
@@ -140,3 +157,6 @@ class NftKeeper:
     def close(self) -> None:
         self.watch.close()
         self.ipsec_watch.close()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None

@@ -124,7 +124,12 @@ class NftTable:
         if (longest := _longest_comment(commands)) > MAX_COMMENT:
             raise NftError(f"refused to send a comment of {longest} characters (at most {MAX_COMMENT}): libnftables"
                            " would end the process")
-        rc, output, error = self._context().json_cmd({"nftables": list(commands)})
+        try:
+            rc, output, error = self._context().json_cmd({"nftables": list(commands)})
+        except ValueError as exc:
+            # libnftables 1.0.6 lists a table another process owns (`flags owner`) with a `# progname` comment
+            # in its JSON, which the bindings cannot parse: seen in a netns, and not a reason to end the daemon.
+            raise NftError(f"libnftables answered something that is not JSON: {exc}") from None
         if rc != 0:
             raise NftError(_clean_error(str(error)))
         if isinstance(output, dict) and isinstance(output.get("nftables"), list):
