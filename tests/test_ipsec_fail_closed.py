@@ -24,11 +24,21 @@ import pytest
 from greupd.config import Config, load_config_text
 from greupd.nft.keeper import NftKeeper
 from lab import charon as charon_lab
+from lab.charon import Charon
 from lab.forked import in_netns
 from lab.greupd_process import GreupdProcess
-from lab.hosts import Host, Lab
+from lab.hosts import Host, Lab, SeedTopology
 from lab.waiting import wait_until
-from tests.test_ipsec_kernel import A_SIDE, INTERVAL, Capture, psk_file, router_config
+from tests.test_ipsec_kernel import (
+    A_SIDE,
+    INTEROP_B,
+    INTERVAL,
+    PSK,
+    Capture,
+    psk_file,
+    router_config,
+    wait_ipsec,
+)
 
 pytestmark = pytest.mark.skipif(charon_lab.available() is not None, reason=charon_lab.available() or "")
 NO_CHARON = Path("/nonexistent/charon.vici")
@@ -146,3 +156,39 @@ def test_a_require_tunnel_gets_no_link_route_or_probe_until_its_drops_are_in_the
     assert wait_until(lambda: greupd.tunnel("My_Tunnel")["reason"] != "ipsec-unprotected", 20), greupd.output()
     assert "rt ipsec missing drop" in a.run("nft", "list", "table", "inet", "greupd_ipsec").stdout
     assert greupd.tunnel("My_Tunnel")["keepalive"] is not None  # probing now, under the drops
+
+
+def hand_made_b(seed: SeedTopology, charon_b: Charon) -> None:
+    """B as the issue had it: plain strongSwan with a hand-written swanctl.conf and a hand-made GRE link that
+    the kernel uses to reflect A's keepalives."""
+    charon_b.load(INTEROP_B % PSK)
+    seed.b.ip("tunnel", "add", "to_a", "mode", "gre", "local", "172.19.1.2", "remote", "172.19.1.1", "ttl", "64")
+    seed.b.ip("addr", "add", "192.168.8.11", "peer", "192.168.8.1", "dev", "to_a")
+    seed.b.ip("link", "set", "to_a", "up")
+    seed.b.ip("route", "add", "10.10.1.0/24", "dev", "to_a")
+    for key in ("net.ipv4.conf.to_a.accept_local", "net.ipv4.conf.to_a.rp_filter", "net.ipv4.conf.all.rp_filter"):
+        seed.b.sysctl(key, 0 if "rp_filter" in key else 1)
+
+
+@pytest.mark.needs_gre
+def test_on_a_kernel_that_cannot_hold_the_drops_the_tunnel_stays_in_error_and_nothing_leaves(
+        seed: SeedTopology) -> None:
+    """I1 as measured in UML (no inet nftables), with a real charon on both routers: on dac2a7b greupd logged
+    "Operation not supported" and brought the tunnel up before any SA. Now: error, saying why; no link, no
+    route, and not a packet on A's underlay (no probe, so no GRE and not even an IKE exchange)."""
+    charon_a, charon_b = Charon(seed.a).start(), Charon(seed.b).start()
+    hand_made_b(seed, charon_b)
+    capture = Capture(seed.a)
+    a = GreupdProcess(seed.a, router_config(seed.a, *A_SIDE, vici=charon_a.socket)).start()  # require = true
+    held = a.wait_for("My_Tunnel", "error")
+    assert held["reason"] == "ipsec-unprotected", held
+    assert "Operation not supported" in held["error"] and "no link, route or keepalive" in held["error"], held
+    assert held["keepalive"] is None and held["ifindex"] is None and not held["routes_installed"]
+    wait_ipsec(a, "connecting")  # charon holds greupd's connection (a trap): nothing has asked it for an SA
+    time.sleep(6 * INTERVAL)  # a probe would leave every 0.5 s and trip the trap
+    assert "My_Tunnel" not in seed.a.ip("link", "show").stdout
+    assert seed.a.ip("route", "show", "proto", "222").stdout.strip() == ""
+    capture.stop()
+    assert capture.packets("ip proto 47 or ip proto 50 or udp port 500 or udp port 4500") == []
+    assert "greupd-My_Tunnel" not in charon_a.swanctl("--list-sas").stdout
+    assert not seed.lan_a.ping("20.10.1.2", count=1)
