@@ -440,3 +440,37 @@ def test_plan_shows_the_connections_as_swanctl_conf_without_the_secret(psk: Path
     assert "    gre {" in text and "      local_ts = dynamic[gre]" in text and "      mode = transport" in text
     assert text.endswith(f"# greupd-My_Tunnel: psk from {psk}\n")
     assert "correct horse" not in text
+
+
+# --- SAs and policies lost behind charon's back (issue #21, I2) -------------------------------------------
+
+
+def test_what_the_kernel_should_hold_follows_charons_installed_child_sas(psk: Path) -> None:
+    import ipaddress
+
+    from greupd.ipsec.lost import Expected, expected, lost
+
+    connections = desired_connections(load(seed_a(f'psk_file = "{psk}"')))
+    a, b = ipaddress.ip_address("172.19.1.1"), ipaddress.ip_address("172.19.1.2")
+    children = {"gre-1": {"name": "gre", "state": "INSTALLED", "spi-in": "c0ffee01", "spi-out": "0badcafe"},
+                # a rekeyed one that charon is deleting itself: not expected
+                "gre-0": {"name": "gre", "state": "REKEYED", "spi-in": "11111111", "spi-out": "22222222"}}
+    sas: list[dict[str, Any]] = [{"greupd-My_Tunnel": {"state": "ESTABLISHED", "child-sas": children}}]
+    want = expected(connections, ["greupd-My_Tunnel"], sas)
+    assert want == {"greupd-My_Tunnel": Expected(a, b, ((a, 0xC0FFEE01), (b, 0x0BADCAFE)))}
+    # A trap without an SA: its policies only.
+    assert expected(connections, ["greupd-My_Tunnel"], []) == {"greupd-My_Tunnel": Expected(a, b, ())}
+
+    class Kernel:
+        def __init__(self, sas: set[int], policies: set[int]) -> None:
+            self.sas, self.policies = sas, policies
+
+        def has_sa(self, daddr: object, spi: int) -> bool:
+            return spi in self.sas
+
+        def has_policy(self, src: object, dst: object, direction: int) -> bool:
+            return direction in self.policies
+
+    assert lost(Kernel({0xC0FFEE01, 0x0BADCAFE}, {0, 1}), want) == {}
+    assert lost(Kernel(set(), set()), want) == {
+        "greupd-My_Tunnel": "outbound policy, inbound policy, SA c0ffee01, SA 0badcafe"}

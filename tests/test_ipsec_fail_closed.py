@@ -194,3 +194,56 @@ def test_on_a_kernel_that_cannot_hold_the_drops_the_tunnel_stays_in_error_and_no
     # its hand-made link, which trips B's trap: then B negotiates, and A's charon answers; that is charon's.)
     assert capture.packets("src 172.19.1.1 and (ip proto 47 or ip proto 50)") == []
     assert not [p for p in capture.packets("src 172.19.1.1 and udp port 500") if "ikev2_init[I]" in p]  # A asked none
+
+
+@pytest.mark.needs_root
+def test_policies_flushed_behind_charons_back_are_put_back_within_5_s(lab: Lab) -> None:
+    """I2 on the host kernel (no ESP there, so the policies only: charon's trap): the XFRM watch hears the flush,
+    the kernel lookups find greupd's policies gone, and the connection is loaded again; charon's own state is
+    what the lookups expect (no reinstall without a loss, and none after it: no loop)."""
+    import asyncio
+
+    from greupd.ipsec.connections import desired_connections
+    from greupd.ipsec.supervisor import IpsecSupervisor
+
+    a, _ = wan(lab)
+    charon = Charon(a).start()
+    config = load_config_text(router_config(a, *A_SIDE, vici=charon.socket))
+    errors: list[str] = []
+
+    def policies() -> str:
+        return a.ip("xfrm", "policy", "show").stdout
+
+    def body() -> dict[str, object]:
+        async def story() -> dict[str, object]:
+            supervisor = IpsecSupervisor(charon.socket, lambda *_: None, errors.append, poll_interval=0.5)
+            supervisor.configure(desired_connections(config))
+            await supervisor.settled(timeout=15)
+            for _ in range(20):  # the trap's policies, as charon installs them
+                if "proto gre" in policies():
+                    break
+                await asyncio.sleep(0.1)
+            before = policies()
+            supervisor._kernel_lost(asyncio.get_running_loop())  # a look without a loss: nothing to do
+            await asyncio.sleep(2)
+            untouched = supervisor.reinstalls
+            a.ip("xfrm", "policy", "flush")
+            flushed = time.monotonic()
+            while "proto gre" not in policies() and time.monotonic() - flushed < 10:
+                await asyncio.sleep(0.05)
+            took = time.monotonic() - flushed
+            await asyncio.sleep(3)  # our own reinstall's deletions must not start another
+            result = {"before": before, "after": policies(), "took": took, "untouched": untouched,
+                      "reinstalls": supervisor.reinstalls, "errors": errors}
+            await supervisor.close(unload=False)
+            return result
+
+        return asyncio.run(story())
+
+    result = in_netns(a, body, timeout=60)
+    assert "src 172.19.1.1/32 dst 172.19.1.2/32 proto gre" in str(result["before"]), result
+    assert result["untouched"] == 0, result  # the lookups match charon's own policies exactly
+    assert "src 172.19.1.1/32 dst 172.19.1.2/32 proto gre" in str(result["after"]), result
+    assert float(str(result["took"])) < 5, result
+    assert result["reinstalls"] == 1, result
+    assert any("lost outbound policy" in e for e in result["errors"]), result  # type: ignore[attr-defined]

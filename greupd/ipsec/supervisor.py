@@ -26,7 +26,9 @@ from typing import Literal
 
 from greupd.config import Config
 from greupd.ipsec.connections import CHILD_NAME, IpsecConnection, desired_connections, tunnel_of
+from greupd.ipsec.lost import expected, lost
 from greupd.ipsec.vici import ViciError, ViciReply, ViciSession
+from greupd.ipsec.xfrm import XfrmQuery, XfrmWatch
 from greupd.status import IpsecStatus, TunnelStatus
 
 log = logging.getLogger("greupd.ipsec")
@@ -35,6 +37,10 @@ IpsecState = Literal["established", "connecting", "down"]
 POLL_INTERVAL = 5.0  # seconds between passes without events: how soon a hand-unloaded connection comes back
 RETRY_INTERVAL = 2.0  # seconds between attempts to reach a charon that is not there
 EVENTS = ["ike-updown", "child-updown"]
+# After the kernel says an SA or policy went (xfrm.py): wait this long for charon's own deletions (a rekey, a
+# terminate) to settle, look, and look again CONFIRM later before acting on what is still missing.
+SETTLE, CONFIRM = 0.3, 0.5
+REINSTALL_GAP = 10.0  # seconds: at most one reinstall per connection in this time, whatever the kernel says
 
 
 def _down(connection: str, error: str | None, charon: bool) -> IpsecStatus:
@@ -125,6 +131,13 @@ class IpsecSupervisor:
         self._last_error: str | None = None
         self._first_pass = asyncio.Event()
         self.passes = 0
+        # Issue #21, I2: SAs or policies lost behind charon's back. The watch marks `_suspect`; the next pass
+        # asks the kernel and has what is missing put back (terminate, load again, initiate).
+        self._xfrm_watch: XfrmWatch | None = None
+        self._xfrm = XfrmQuery()
+        self._suspect = False
+        self._reinstalled: dict[str, float] = {}  # connection -> when (loop time) it was last put back
+        self.reinstalls = 0
         if isinstance(config, Config):
             self.configure(config)
 
@@ -149,6 +162,18 @@ class IpsecSupervisor:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._task is None and self._wanted:
             self._task = loop.create_task(self._run(), name="greupd-ipsec")
+        if self._xfrm_watch is None and self._wanted:
+            watch = XfrmWatch(lambda: self._kernel_lost(loop))
+            try:
+                watch.start(loop)
+                self._xfrm_watch = watch
+            except OSError as exc:
+                self._on_error(f"ipsec: cannot watch the kernel's SAs and policies ({exc.strerror}): SAs lost behind"
+                               " charon's back will not be put back")
+
+    def _kernel_lost(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._suspect = True
+        loop.call_later(SETTLE, self._wake.set)
 
     def annotate(self, statuses: list[TunnelStatus]) -> list[TunnelStatus]:
         """`greupd status`: each tunnel with [tunnel.ipsec] gets its `"ipsec"` part."""
@@ -185,6 +210,7 @@ class IpsecSupervisor:
                 await self._connect()  # afresh: the cancel may have cut a request short on the old connection
                 await self._reconcile()
         self._disconnect()
+        self._close_xfrm()
 
     # --- the loop ---------------------------------------------------------------------------------------
 
@@ -203,6 +229,7 @@ class IpsecSupervisor:
                 except ViciError as exc:
                     log.warning("ipsec: could not unload greupd's connections at exit: %s", exc)
             self._disconnect()
+            self._close_xfrm()
             raise
 
     async def _supervise(self) -> None:
@@ -272,6 +299,12 @@ class IpsecSupervisor:
         self._loaded.clear()
         self._keys.clear()
 
+    def _close_xfrm(self) -> None:
+        if self._xfrm_watch is not None:
+            self._xfrm_watch.close()
+            self._xfrm_watch = None
+        self._xfrm.close()
+
     def _lost(self, error: str) -> None:
         self._disconnect()
         if error != self._last_error:
@@ -295,6 +328,11 @@ class IpsecSupervisor:
         for name in sorted(ours - set(self._wanted)):
             await self._unload(session, name)
         loaded = ours & set(self._wanted)
+        reinstall = await self._kernel_losses(session, loaded) if self._suspect else {}
+        for name in reinstall:  # taken out here, so that the loads below put them back, trap and all
+            await self._unload(session, name)
+            present.discard(name)
+            loaded.discard(name)
         for name, connection in sorted(self._wanted.items()):
             try:
                 if await self._load(session, connection, name in present):
@@ -307,8 +345,41 @@ class IpsecSupervisor:
                     self._on_error(f"ipsec: tunnel {connection.tunnel}: {message}")
                 self._errors[name] = message
                 loaded.discard(name)
+        for name, missing in sorted(reinstall.items()):
+            # Now rather than at the next GRE packet (a trap) or never (start_action = start): ask for the SA.
+            with contextlib.suppress(ViciError):
+                await session.streamed("initiate", "control-log", {"child": CHILD_NAME, "ike": name, "timeout": "-1"})
+            self.reinstalls += 1
+            self._on_error(f"ipsec: tunnel {self._wanted[name].tunnel}: the kernel lost {missing} behind charon's"
+                           " back: connection loaded again and initiated")
         sas = await session.streamed("list-sas", "list-sa") if self._wanted else []
         self._publish(tunnel_states(self._wanted, loaded, sas, self._errors))
+
+    async def _kernel_losses(self, session: ViciSession, loaded: set[str]) -> dict[str, str]:
+        """The connections whose SAs or policies the kernel lost behind charon's back, seen twice CONFIRM apart
+        (charon's own deletions during a rekey pass), and not put back in the last REINSTALL_GAP seconds."""
+        self._suspect = False
+        found: dict[str, str] | None = None
+        for look in range(2):
+            if look:
+                await asyncio.sleep(CONFIRM)
+            sas = await session.streamed("list-sas", "list-sa")
+            try:
+                seen = lost(self._xfrm, expected(self._wanted, sorted(loaded), sas))
+            except OSError as exc:
+                self._on_error(f"ipsec: cannot read the kernel's SAs and policies: {exc}")
+                return {}
+            found = seen if found is None else {n: why for n, why in seen.items() if n in found}
+            if not found:
+                return {}
+        now = asyncio.get_running_loop().time()
+        due = {n: why for n, why in (found or {}).items()
+               if n not in self._reinstalled or now - self._reinstalled[n] >= REINSTALL_GAP}
+        for name in due:
+            self._reinstalled[name] = now
+        if len(due) < len(found or {}):
+            self._suspect = True  # the rest once their gap is over (the poll comes back to them)
+        return due
 
     async def _load(self, session: ViciSession, connection: IpsecConnection, present: bool) -> bool:
         """Load the connection (and its credentials) if charon lacks it or holds an older one."""
