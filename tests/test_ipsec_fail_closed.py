@@ -247,3 +247,71 @@ def test_policies_flushed_behind_charons_back_are_put_back_within_5_s(lab: Lab) 
     assert float(str(result["took"])) < 5, result
     assert result["reinstalls"] == 1, result
     assert any("lost outbound policy" in e for e in result["errors"]), result  # type: ignore[attr-defined]
+
+
+# --- qemu guest: GRE, nftables inet and ESP in one kernel, a real charon on both routers --------------------
+
+
+@pytest.mark.needs_nft_gre
+def test_lost_sas_come_back_within_5_s_without_cleartext_and_cleartext_answers_never_count(
+        seed: SeedTopology) -> None:
+    """I2 then I3, as the issue measured them, with greupd's drops in the kernel this time.
+
+    I2: `ip xfrm state flush; ip xfrm policy flush` on A. charon still believes its SAs installed; on dac2a7b
+    nothing told it and the tunnel stayed dead for over 60 s. Now greupd hears the flush, finds the policies and
+    SAs gone, and has charon load the connection again and initiate within 5 s; meanwhile not one GRE packet
+    crosses the underlay in clear (the drops hold A's probes back).
+    I3: B's charon dies and B's policies go (its SAs stay): B decrypts A's probes and answers them in cleartext.
+    On dac2a7b (without drops in effect) A counted those answers and kept the tunnel up with no IPsec at all.
+    Now A's input drop takes them before greupd's socket: they never count, and A's tunnel goes down.
+    """
+    from lab.forked import ForkedGreupd
+
+    charon_a, charon_b = Charon(seed.a).start(60), Charon(seed.b).start(60)
+    hand_made_b(seed, charon_b)
+    a = ForkedGreupd(seed.a, router_config(seed.a, *A_SIDE, vici=charon_a.socket)).start(timeout=180)
+    wait_ipsec(a, "established", timeout=180)
+    a.wait_for("My_Tunnel", "up", timeout=120)
+    assert "ip saddr . ip daddr @ipsec_v4 rt ipsec missing drop" in seed.a.run(
+        "nft", "list", "table", "inet", "greupd_ipsec").stdout
+
+    # I2 -----------------------------------------------------------------------------------------------------
+    capture = Capture(seed.a)
+    flushed = time.time()
+    seed.a.ip("xfrm", "state", "flush")
+    seed.a.ip("xfrm", "policy", "flush")
+    said = "the kernel lost .* connection loaded again and initiated"
+    assert wait_until(lambda: a.logged_at(said, flushed) is not None, 30, interval=0.2), a.output()[-3000:]
+    reinitiated = a.logged_at(said, flushed)
+    assert reinitiated is not None
+    assert reinitiated - flushed < 5, f"re-initiated {reinitiated - flushed:.1f} s after the flush"
+
+    def protected() -> bool:
+        return ("proto gre" in seed.a.ip("xfrm", "policy", "show").stdout
+                and "proto esp" in seed.a.ip("xfrm", "state", "show").stdout)
+
+    assert wait_until(protected, 60, interval=0.5), seed.a.ip("xfrm", "policy", "show").stdout
+    wait_ipsec(a, "established", timeout=120)
+    a.wait_for("My_Tunnel", "up", timeout=120)
+    received = a.tunnel("My_Tunnel")["keepalive"]["received"]
+    assert wait_until(lambda: a.tunnel("My_Tunnel")["keepalive"]["received"] >= received + 2, 60)
+    capture.stop()
+    assert capture.packets("ip proto 47") == [], "cleartext GRE on the underlay while the SAs were back"
+    assert capture.packets("ip proto 50 and src 172.19.1.1")  # and the tunnel is carried by ESP again
+
+    # I3 -----------------------------------------------------------------------------------------------------
+    capture = Capture(seed.a)
+    charon_b.kill()  # no IKE delete, its SAs stay in B's kernel...
+    seed.b.ip("xfrm", "policy", "flush")  # ...and its policies go: B's answers leave it in clear
+    gone = time.monotonic()
+    a.wait_for("My_Tunnel", "down", timeout=60)
+    took = time.monotonic() - gone
+    received = a.tunnel("My_Tunnel")["keepalive"]["received"]
+    time.sleep(6 * INTERVAL)
+    after = a.tunnel("My_Tunnel")
+    capture.stop()
+    assert capture.packets("ip proto 47 and src 172.19.1.2"), "B never answered in clear: the story did not happen"
+    assert capture.packets("ip proto 47 and src 172.19.1.1") == []  # A itself never sends in clear
+    assert after["state"] == "down" and after["keepalive"]["received"] == received, after
+    print(f"I2: re-initiated {reinitiated - flushed:.2f} s after the flush; I3: down {took:.2f} s after B's"
+          " policies went")
