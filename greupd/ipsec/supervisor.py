@@ -7,7 +7,12 @@ put back within one poll, and a charon that restarted gets everything loaded aga
 answers. Only connections named `greupd-*` are ever loaded, unloaded or terminated.
 
 Lifetime: created inside the daemon's running loop, it starts at once (its first pass loads the connections
-while the daemon builds its links; with `require = true` greupd's nftables table holds GRE back meanwhile).
+while the daemon builds its links; with `require = true` greupd's IPsec drops hold GRE back meanwhile).
+
+The kernel's side (issue #21, I2): charon believes the SAs and policies it installed are there; an
+`ip xfrm state flush` does not tell it. xfrm.py's watch hears every deletion; the next pass then looks each
+connection up in the kernel (lost.py), twice, and one whose policies or SAs are gone is unloaded (its IKE_SA
+terminated), loaded again (the trap comes back) and initiated: within a second or so of the flush.
 When the loop ends, its task is cancelled; with `on_exit = "remove"` it first unloads every greupd connection.
 
 Secrets: a PSK is read from its file when it is loaded, sent to charon, and kept nowhere but as a hash (to
