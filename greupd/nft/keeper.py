@@ -98,8 +98,10 @@ class NftKeeper:
         self._retry_while_held()
         if guard != self.guard:
             changed = ipsec_held(config, self.guard).keys() ^ ipsec_held(config, guard).keys()
-            self.guard = guard
-            if changed:
+            first, self.guard = self.guard == IpsecGuard(), guard
+            # Not for the first look: the daemon's start reads `guard` itself (probes, the first full pass), and
+            # configuring the keepalive engine before it resumes the saved verdicts would lose them.
+            if changed and not first:
                 self._on_guard(frozenset(changed))
 
     def _retry_while_held(self) -> None:
