@@ -119,6 +119,9 @@ class NftKeeper:
                 found = warnings(config, observe_forward_drops(self.table.query, self.name))
             except NftError:
                 return  # nftables cannot be asked: `keep` has said so if the config needs it; keep what we knew
+            except Exception as exc:  # never the end of the daemon (H1)
+                self._on_error(f"nftables: reading other tables' forward chains: unexpected error: {exc!r}")
+                return
         for line in found:
             if line not in self.warnings:
                 self._on_error(line)
