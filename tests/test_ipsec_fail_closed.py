@@ -224,7 +224,7 @@ def test_policies_flushed_behind_charons_back_are_put_back_within_5_s(lab: Lab) 
                     break
                 await asyncio.sleep(0.1)
             before = policies()
-            supervisor._kernel_lost(asyncio.get_running_loop())  # a look without a loss: nothing to do
+            supervisor._kernel_lost(asyncio.get_running_loop(), False)  # a look without a loss: nothing to do
             await asyncio.sleep(2)
             untouched = supervisor.reinstalls
             a.ip("xfrm", "policy", "flush")

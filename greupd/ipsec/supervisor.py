@@ -8,12 +8,12 @@ answers. Only connections named `greupd-*` are ever loaded, unloaded or terminat
 
 Lifetime: created inside the daemon's running loop, it starts at once (its first pass loads the connections
 while the daemon builds its links; with `require = true` greupd's IPsec drops hold GRE back meanwhile).
+When the loop ends, its task is cancelled; with `on_exit = "remove"` it first unloads every greupd connection.
 
 The kernel's side (issue #21, I2): charon believes the SAs and policies it installed are there; an
-`ip xfrm state flush` does not tell it. xfrm.py's watch hears every deletion; the next pass then looks each
-connection up in the kernel (lost.py), twice, and one whose policies or SAs are gone is unloaded (its IKE_SA
-terminated), loaded again (the trap comes back) and initiated: within a second or so of the flush.
-When the loop ends, its task is cancelled; with `on_exit = "remove"` it first unloads every greupd connection.
+`ip xfrm state flush` does not tell it. xfrm.py's watch hears every deletion; the next pass first looks each
+connection up in the kernel (lost.py; after a deletion twice), and one whose policies or SAs are gone has its
+IKE_SA terminated, is loaded again (the trap comes back) and initiated: eight VICI round trips after the flush.
 
 Secrets: a PSK is read from its file when it is loaded, sent to charon, and kept nowhere but as a hash (to
 see the file change); it is never logged.
@@ -42,10 +42,12 @@ IpsecState = Literal["established", "connecting", "down"]
 POLL_INTERVAL = 5.0  # seconds between passes without events: how soon a hand-unloaded connection comes back
 RETRY_INTERVAL = 2.0  # seconds between attempts to reach a charon that is not there
 EVENTS = ["ike-updown", "child-updown"]
-# After the kernel says an SA or policy went (xfrm.py): wait this long for charon's own deletions (a rekey, a
-# terminate) to settle, look, and look again CONFIRM later before acting on what is still missing.
-SETTLE, CONFIRM = 0.3, 0.5
-REINSTALL_GAP = 10.0  # seconds: at most one reinstall per connection in this time, whatever the kernel says
+# After the kernel says an SA or policy went (xfrm.py): wait SETTLE for the rest of the burst, look; after a
+# deletion (not a flush: charon never flushes) look again CONFIRM later, since charon deletes SAs itself when it
+# rekeys. A connection put back is not put back again within GAP_FIRST seconds, doubling each time up to GAP_MAX,
+# so that no lookup mistake could make a loop of it.
+SETTLE, CONFIRM = 0.2, 0.5
+GAP_FIRST, GAP_MAX = 2.0, 60.0
 
 
 def _down(connection: str, error: str | None, charon: bool) -> IpsecStatus:
@@ -140,8 +142,8 @@ class IpsecSupervisor:
         # asks the kernel and has what is missing put back (terminate, load again, initiate).
         self._xfrm_watch: XfrmWatch | None = None
         self._xfrm = XfrmQuery()
-        self._suspect = False
-        self._reinstalled: dict[str, float] = {}  # connection -> when (loop time) it was last put back
+        self._suspect = self._flushed = False
+        self._reinstalled: dict[str, tuple[float, float]] = {}  # connection -> (loop time, gap) of its last
         self.reinstalls = 0
         if isinstance(config, Config):
             self.configure(config)
@@ -168,7 +170,7 @@ class IpsecSupervisor:
         if self._task is None and self._wanted:
             self._task = loop.create_task(self._run(), name="greupd-ipsec")
         if self._xfrm_watch is None and self._wanted:
-            watch = XfrmWatch(lambda: self._kernel_lost(loop))
+            watch = XfrmWatch(lambda flushed: self._kernel_lost(loop, flushed))
             try:
                 watch.start(loop)
                 self._xfrm_watch = watch
@@ -176,8 +178,8 @@ class IpsecSupervisor:
                 self._on_error(f"ipsec: cannot watch the kernel's SAs and policies ({exc.strerror}): SAs lost behind"
                                " charon's back will not be put back")
 
-    def _kernel_lost(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._suspect = True
+    def _kernel_lost(self, loop: asyncio.AbstractEventLoop, flushed: bool) -> None:
+        self._suspect, self._flushed = True, self._flushed or flushed
         loop.call_later(SETTLE, self._wake.set)
 
     def annotate(self, statuses: list[TunnelStatus]) -> list[TunnelStatus]:
@@ -324,6 +326,8 @@ class IpsecSupervisor:
         if session is None or not session.connected or (self._events is not None and not self._events.connected):
             raise ViciError(f"lost the VICI connection to charon at {self.socket_path}")
         self.passes += 1
+        if self._suspect:  # first, before anything else of this pass (issue #21, I2: within 5 s)
+            await self._put_back_losses(session)
         present = {name for entry in await session.streamed("list-conns", "list-conn") for name in entry}
         ours = {name for name in present if tunnel_of(name) is not None}
         # Forget what charon no longer holds (unloaded by hand): it is loaded again below.
@@ -333,11 +337,6 @@ class IpsecSupervisor:
         for name in sorted(ours - set(self._wanted)):
             await self._unload(session, name)
         loaded = ours & set(self._wanted)
-        reinstall = await self._kernel_losses(session, loaded) if self._suspect else {}
-        for name in reinstall:  # taken out here, so that the loads below put them back, trap and all
-            await self._unload(session, name)
-            present.discard(name)
-            loaded.discard(name)
         for name, connection in sorted(self._wanted.items()):
             try:
                 if await self._load(session, connection, name in present):
@@ -350,41 +349,49 @@ class IpsecSupervisor:
                     self._on_error(f"ipsec: tunnel {connection.tunnel}: {message}")
                 self._errors[name] = message
                 loaded.discard(name)
-        for name, missing in sorted(reinstall.items()):
-            # Now rather than at the next GRE packet (a trap) or never (start_action = start): ask for the SA.
-            with contextlib.suppress(ViciError):
-                await session.streamed("initiate", "control-log", {"child": CHILD_NAME, "ike": name, "timeout": "-1"})
-            self.reinstalls += 1
-            self._on_error(f"ipsec: tunnel {self._wanted[name].tunnel}: the kernel lost {missing} behind charon's"
-                           " back: connection loaded again and initiated")
         sas = await session.streamed("list-sas", "list-sa") if self._wanted else []
         self._publish(tunnel_states(self._wanted, loaded, sas, self._errors))
 
-    async def _kernel_losses(self, session: ViciSession, loaded: set[str]) -> dict[str, str]:
-        """The connections whose SAs or policies the kernel lost behind charon's back, seen twice CONFIRM apart
-        (charon's own deletions during a rekey pass), and not put back in the last REINSTALL_GAP seconds."""
-        self._suspect = False
-        found: dict[str, str] | None = None
-        for look in range(2):
-            if look:
-                await asyncio.sleep(CONFIRM)
-            sas = await session.streamed("list-sas", "list-sa")
-            try:
-                seen = lost(self._xfrm, expected(self._wanted, sorted(loaded), sas))
-            except OSError as exc:
-                self._on_error(f"ipsec: cannot read the kernel's SAs and policies: {exc}")
-                return {}
-            found = seen if found is None else {n: why for n, why in seen.items() if n in found}
-            if not found:
-                return {}
-        now = asyncio.get_running_loop().time()
-        due = {n: why for n, why in (found or {}).items()
-               if n not in self._reinstalled or now - self._reinstalled[n] >= REINSTALL_GAP}
-        for name in due:
-            self._reinstalled[name] = now
-        if len(due) < len(found or {}):
-            self._suspect = True  # the rest once their gap is over (the poll comes back to them)
-        return due
+    async def _put_back_losses(self, session: ViciSession) -> None:
+        """Put back every connection whose SAs or policies the kernel lost behind charon's back: its IKE_SA
+        terminated (charon forgets the SAs it believed installed), the connection unloaded and loaded again (its
+        trap comes back) and initiated (the SA now, not at the next GRE packet)."""
+        flushed, self._suspect, self._flushed = self._flushed, False, False
+        loaded = set(self._loaded) & set(self._wanted)
+        found = await self._look(session, loaded)
+        if found and not flushed:
+            await asyncio.sleep(CONFIRM)
+            found = {n: why for n, why in (await self._look(session, loaded)).items() if n in found}
+        loop = asyncio.get_running_loop()
+        for name, missing in sorted(found.items()):
+            when, gap = self._reinstalled.get(name, (float("-inf"), 0.0))
+            since = loop.time() - when
+            if since < gap:  # put back a moment ago: look again when its gap is over
+                loop.call_later(gap - since, self._kernel_lost, loop, False)
+                continue
+            self._reinstalled[name] = (loop.time(), GAP_FIRST if since >= GAP_MAX else min(2 * gap, GAP_MAX))
+            connection = self._wanted[name]
+            # Plain requests, not streamed ones: nobody reads the control-log, and each registration is two
+            # more round trips (hundreds of ms each in an emulated guest).
+            with contextlib.suppress(ViciError):
+                await session.request("terminate", {"ike": name, "force": "yes", "timeout": "-1"})
+            with contextlib.suppress(ViciError):
+                await session.request("unload-conn", {"name": name})
+            self._loaded.pop(name, None)
+            await self._load(session, connection, False)
+            with contextlib.suppress(ViciError):
+                await session.request("initiate", {"child": CHILD_NAME, "ike": name, "timeout": "-1"})
+            self.reinstalls += 1
+            self._on_error(f"ipsec: tunnel {connection.tunnel}: the kernel lost {missing} behind charon's back:"
+                           " connection loaded again and initiated")
+
+    async def _look(self, session: ViciSession, loaded: set[str]) -> dict[str, str]:
+        sas = await session.streamed("list-sas", "list-sa")
+        try:
+            return lost(self._xfrm, expected(self._wanted, sorted(loaded), sas))
+        except OSError as exc:
+            self._on_error(f"ipsec: cannot read the kernel's SAs and policies: {exc}")
+            return {}
 
     async def _load(self, session: ViciSession, connection: IpsecConnection, present: bool) -> bool:
         """Load the connection (and its credentials) if charon lacks it or holds an older one."""

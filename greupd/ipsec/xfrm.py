@@ -7,7 +7,7 @@ it; what to do about a loss (terminate, reload, initiate through VICI) is the su
 
 - `XfrmWatch`: the XFRM netlink multicast groups for SAs and policies (XFRMGRP_SA, XFRMGRP_POLICY). Only the
   message *type* of each notification is read (the generic netlink header, greupd/netlink/nlmsg.py): a
-  deletion, a flush, or a lost notification (ENOBUFS) calls `on_loss()`, "look again". Nothing of an XFRM
+  deletion, a flush, or a lost notification (ENOBUFS) calls `on_loss(flushed)`, "look again". Nothing of an XFRM
   message's body is decoded: pyroute2 0.9.7 has no XFRM decoder, and greupd writes none.
 - `XfrmQuery`: XFRM_MSG_GETSA by (destination, SPI) and XFRM_MSG_GETPOLICY by selector and direction, the
   kernel's own exact lookups; the answer is known from the reply's type alone (a NEW* message: there; an
@@ -35,7 +35,8 @@ XFRM_MSG_NEWPOLICY, XFRM_MSG_DELPOLICY, XFRM_MSG_GETPOLICY = 0x13, 0x14, 0x15
 XFRM_MSG_FLUSHSA, XFRM_MSG_FLUSHPOLICY = 0x1C, 0x1D
 XFRMGRP_SA, XFRMGRP_POLICY = 4, 8  # the legacy group bits bind() takes
 XFRM_POLICY_IN, XFRM_POLICY_OUT = 0, 1
-LOSSES = frozenset({XFRM_MSG_DELSA, XFRM_MSG_DELPOLICY, XFRM_MSG_FLUSHSA, XFRM_MSG_FLUSHPOLICY})
+FLUSHES = frozenset({XFRM_MSG_FLUSHSA, XFRM_MSG_FLUSHPOLICY})
+LOSSES = FLUSHES | {XFRM_MSG_DELSA, XFRM_MSG_DELPOLICY}
 IPPROTO_ESP, IPPROTO_GRE = 50, 47
 
 # struct xfrm_usersa_id: xfrm_address_t daddr; __be32 spi; __u16 family; __u8 proto; (pad)
@@ -110,10 +111,11 @@ class XfrmQuery:
 
 
 class XfrmWatch:
-    """Calls `on_loss()` on the loop whenever an SA or a policy is deleted or flushed (by anyone: charon's own
-    deletions too, which the supervisor's look then finds to be charon's), or notifications were lost."""
+    """Calls `on_loss(flushed)` on the loop whenever an SA or a policy is deleted or flushed (by anyone: charon's
+    own deletions too, which the supervisor's look then finds to be charon's), or notifications were lost;
+    `flushed`: a flush was among them (charon never flushes)."""
 
-    def __init__(self, on_loss: Callable[[], None]) -> None:
+    def __init__(self, on_loss: Callable[[bool], None]) -> None:
         self._on_loss = on_loss
         self._socket: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -135,7 +137,7 @@ class XfrmWatch:
 
     def _readable(self) -> None:
         assert self._socket is not None
-        lost = False
+        lost = flushed = False
         while True:
             try:
                 data = self._socket.recv(1 << 16)
@@ -146,9 +148,11 @@ class XfrmWatch:
                     lost = True
                     continue
                 raise
-            lost |= any(m.kind in LOSSES for m in messages(data))
+            kinds = {m.kind for m in messages(data)}
+            lost |= bool(kinds & LOSSES)
+            flushed |= bool(kinds & FLUSHES)
         if lost:
-            self._on_loss()
+            self._on_loss(flushed)
 
     def close(self) -> None:
         if self._socket is not None:
