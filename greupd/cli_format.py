@@ -120,6 +120,7 @@ def plan_report(config: Config) -> PlanReport:
     from greupd.model import desired_state
     from greupd.netlink.kernel import Kernel
     from greupd.nft.foreign import observe_forward_drops, tunnels_with_accepts, warnings
+    from greupd.nft.ipsec import render_ipsec_ruleset
     from greupd.nft.render import describe_ruleset, render_ruleset
     from greupd.nft.table import NftError, NftTable
     from greupd.plan import plan_changes
@@ -147,6 +148,8 @@ def plan_report(config: Config) -> PlanReport:
     connections = desired_connections(config)
     ipsec = (f"\n# strongSwan connections greupd keeps loaded in charon ({config.daemon.vici_socket})\n"
              f"{describe_connections(connections)}") if connections else ""
+    if (drops := render_ipsec_ruleset(config)).wanted:  # require = true: in a table of their own (nft/ipsec.py)
+        ipsec += f"\n# nftables table inet {drops.table}: no cleartext GRE (ipsec require)\n{describe_ruleset(drops)}"
     return PlanReport(plan, f"inet {config.daemon.nft_table}", describe_ruleset(ruleset), action, error, ipsec,
                       tuple(found))
 

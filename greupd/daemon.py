@@ -39,20 +39,18 @@ log = logging.getLogger("greupd")
 class Daemon:
     def __init__(self, config_path: Path, config: Config, socket_path: Path | None = None,
                  start: StartConfig | None = None) -> None:
-        self.config_path, self.config = config_path, config
+        self.config_path, self.config, self.generation = config_path, config, 1
         self.socket_path = socket_path or control_socket(config)
-        self.generation = 1
         self.start = start  # where the last good config is kept, and a rejection at start (#11 H4)
         self.last_error: str | None = start.rejection() if start is not None else None
-        self.reports, self._desired = Reports(), DesiredMemo()
-        self.events = EventLog()
-        self.notifier = Notifier(on_error=self._fail)
+        self.reports, self._desired = Reports(), DesiredMemo(lambda: self.nft.guard)  # the IPsec drops held (M1)
+        self.events, self.notifier = EventLog(), Notifier(on_error=self._fail)
         self._wake, self._stop = asyncio.Event(), asyncio.Event()
         self.queue: WorkQueue[ReloadResult] = WorkQueue(self._wake.set)
         self.kernel = Kernel()
         self.watch = KernelWatch(self.kernel, self.queue.mark)
         self.keepalive = KeepaliveEngine(self._on_liveness)
-        self.nft = NftKeeper(config.daemon.nft_table, self.queue.mark_nft, self._fail)
+        self.nft = NftKeeper(config.daemon.nft_table, self.queue.mark_nft, self._fail, self._guarded)
         self.ipsec = IpsecSupervisor(config, self.events.ipsec_changed, self._fail)  # runs on its own (supervisor.py)
         self.metrics = MetricsPublisher(self.status, lambda: self.config.daemon, start, self._fail)  # metrics.py
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -85,10 +83,8 @@ class Daemon:
         self.watch.start(loop)
         self.keepalive.start(loop)
         self.keepalive.set_answerable(())  # nothing is known to work before the first pass (#11 H5)
-        self.verdicts.resume(self.config, lambda: self.kernel.observe(self.desired()))
-        # The table (clamp, NAT, forward accepts, IPsec drops) before any route or GRE packet (#11): its rules
-        # match interface names, so they can go in before the links exist.
-        self.nft.keep(self.config)
+        self.nft.keep(self.config)  # the tables (IPsec drops, clamp, NAT) before any route, link or probe (#11)
+        self.verdicts.resume(self.nft.probed(self.config), lambda: self.kernel.observe(self.desired()))
         self.reconcile(None)
         self.nft.start(loop)
         self.notifier.ready(self.reports.status_text(self.config))
@@ -132,6 +128,10 @@ class Daemon:
 
     def desired(self) -> Desired:
         return self._desired.of(self.config, {name: self.keepalive.is_up(name) for name in self.keepalive.names()})
+
+    def _guarded(self, names: frozenset[str]) -> None:  # the IPsec drops in the kernel changed: link, probes (M1)
+        self.keepalive.configure(targets_from_config(self.nft.probed(self.config)))
+        self.queue.mark(names)
 
     def reconcile(self, names: frozenset[str] | None, repairs: frozenset[str] = frozenset()) -> None:
         """A pass for `names` (None: everything), then what changed; `repairs`: the names kernel events gave."""
@@ -202,7 +202,7 @@ class Daemon:
         self.queue.forget(t.name for t in config.tunnels)
         self.nft.rename(config.daemon.nft_table, both)
         self.nft.keep(both)
-        self.keepalive.configure(targets_from_config(config))
+        self.keepalive.configure(targets_from_config(self.nft.probed(config)))
         self.ipsec.configure(config)
         # Unchanged tunnels are not even looked at (no flap, and a reload of one tunnel among thousands
         # costs a few requests); drift on them is the watch's business.

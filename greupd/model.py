@@ -6,7 +6,8 @@ keepalive liveness) into kernel objects.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -110,6 +111,9 @@ class TunnelIntent:
 class Desired:
     tunnels: Mapping[str, TunnelIntent]
     sysctls: Mapping[str, str]
+    # Enabled tunnels that get no link, route or probe now, and why: `[tunnel.ipsec] require = true` while the
+    # kernel is not seen holding their cleartext drops (ipsec_held). The planner removes a link of theirs.
+    held: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -299,6 +303,7 @@ class PlanProblem:
 
     tunnel: str
     message: str
+    reason: str = "conflict"  # the tunnel's status reason while the problem lasts
 
 
 @dataclass(frozen=True)
@@ -321,6 +326,45 @@ def _describe_link(spec: LinkSpec) -> str:
     if spec.mtu:
         text += f" mtu {spec.mtu}"
     return text
+
+
+# --- [tunnel.ipsec] require = true: fail closed ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IpsecGuard:
+    """The fact nft/keeper.py keeps: the (local, remote) pairs whose cleartext GRE drops the kernel was seen
+    holding (applied, then read back), or why it holds none. Before the first look: none."""
+
+    pairs: frozenset[tuple[IPAddress, IPAddress]] = frozenset()
+    problem: str | None = "not applied yet"
+
+
+IPSEC_HELD = "ipsec-unprotected"  # the status reason of a tunnel held back by ipsec_held
+
+
+def ipsec_held(config: Config, guard: IpsecGuard | None) -> dict[str, str]:
+    """The enabled tunnels with `require = true` whose drops the kernel is not seen holding, and why (pure).
+
+    Such a tunnel gets no link, no route and no keepalive probe (review round 3, M1: fail closed): without the
+    drops, its GRE and its probes would leave in cleartext whenever charon has no policy for them (charon not
+    started yet, or dead, or its policies flushed). None: the caller does not know (`greupd plan`): hold none.
+    """
+    if guard is None:
+        return {}
+    why = guard.problem or "not in the kernel"
+    return {t.name: f"ipsec require = true, but the kernel does not hold its cleartext GRE drops ({why}):"
+                    " no link, route or keepalive until it does"
+            for t in config.tunnels
+            if t.enabled and t.ipsec is not None and t.ipsec.require and (t.local, t.remote) not in guard.pairs}
+
+
+def probed(config: Config, held: Mapping[str, str]) -> Config:
+    """`config` as the keepalive engine should see it: the tunnels held back send no probe."""
+    if not held:
+        return config
+    tunnels = tuple(t.model_copy(update={"keepalive": None}) if t.name in held else t for t in config.tunnels)
+    return dataclasses.replace(config, tunnels=tunnels)
 
 
 # --- config -> desired ------------------------------------------------------------------------------------
@@ -369,10 +413,14 @@ def tunnel_intent(tunnel: TunnelConfig, alive: bool) -> TunnelIntent:
     return TunnelIntent(link_spec(tunnel), up, addresses, routes, sysctls, tunnel.adopt)
 
 
-def desired_state(config: Config, alive: Mapping[str, bool] | None = None) -> Desired:
-    """The kernel state `config` asks for, given which tunnels' keepalives are currently answered."""
+def desired_state(config: Config, alive: Mapping[str, bool] | None = None, guard: IpsecGuard | None = None
+                  ) -> Desired:
+    """The kernel state `config` asks for, given which tunnels' keepalives are currently answered and which
+    IPsec drops the kernel holds (None: not known, as in `greupd plan`: hold nothing back)."""
     alive = alive or {}
-    tunnels = {t.name: tunnel_intent(t, alive.get(t.name, True)) for t in config.tunnels if t.enabled}
+    held = ipsec_held(config, guard)
+    tunnels = {t.name: tunnel_intent(t, alive.get(t.name, True)) for t in config.tunnels
+               if t.enabled and t.name not in held}
     sysctls: dict[str, str] = {}
     if config.daemon.ip_forward:
         sysctls["net/ipv4/ip_forward"] = "1"
@@ -381,28 +429,32 @@ def desired_state(config: Config, alive: Mapping[str, bool] | None = None) -> De
             sysctls[IPV6_FORWARDING] = "1"
     if any(t.keepalive is not None and t.keepalive.answer == "kernel" for t in config.tunnels if t.enabled):
         sysctls["net/ipv4/conf/all/rp_filter"] = "0"
-    return Desired(tunnels, sysctls)
+    return Desired(tunnels, sysctls, held)
 
 
 class DesiredMemo:
     """desired_state kept between passes: a drift repair of one tunnel among thousands need not rebuild the
     intent of every tunnel. Built again for a new config; for a keepalive flip, only the flipped tunnels."""
 
-    def __init__(self) -> None:
+    def __init__(self, guard: Callable[[], IpsecGuard | None] = lambda: None) -> None:
+        self._guard_now = guard  # the daemon's NftKeeper.guard: which IPsec drops the kernel holds
         self._config: Config | None = None
         self._by_name: dict[str, TunnelConfig] = {}
         self._alive: dict[str, bool] = {}
+        self._guard: IpsecGuard | None = None
         self._desired = Desired({}, {})
 
     def of(self, config: Config, alive: Mapping[str, bool]) -> Desired:
-        if config is not self._config:
-            self._config, self._by_name = config, {t.name: t for t in config.tunnels}
-            self._alive, self._desired = dict(alive), desired_state(config, alive)
+        guard = self._guard_now()
+        if config is not self._config or guard != self._guard:
+            self._config, self._by_name, self._guard = config, {t.name: t for t in config.tunnels}, guard
+            self._alive, self._desired = dict(alive), desired_state(config, alive, guard)
         elif alive != self._alive:
             tunnels = dict(self._desired.tunnels)
             for name in alive.keys() | self._alive.keys():
                 tunnel = self._by_name.get(name)
-                if alive.get(name, True) != self._alive.get(name, True) and tunnel is not None and tunnel.enabled:
+                if alive.get(name, True) != self._alive.get(name, True) and tunnel is not None and tunnel.enabled \
+                        and name not in self._desired.held:
                     tunnels[name] = tunnel_intent(tunnel, alive.get(name, True))
-            self._alive, self._desired = dict(alive), Desired(tunnels, self._desired.sysctls)
+            self._alive, self._desired = dict(alive), Desired(tunnels, self._desired.sysctls, self._desired.held)
         return self._desired

@@ -10,6 +10,7 @@ changed where it differs, its routes for the configured prefixes replaced by our
 from __future__ import annotations
 
 from greupd.model import (
+    IPSEC_HELD,
     IPV6_FORWARDING,
     Action,
     AddAddress,
@@ -78,13 +79,21 @@ def plan_changes(desired: Desired, observed: Observed) -> Plan:
         routes_by_link.setdefault(route.ifname, set()).add(route)
 
     # A scoped pass (a drift repair, a reload of a few tunnels) plans its scope only, whatever the config's size.
-    names = set(desired.tunnels) | set(observed.links) if observed.scope is None else \
-        {n for n in observed.scope if n in desired.tunnels or n in observed.links}
+    names = set(desired.tunnels) | set(observed.links) | set(desired.held) if observed.scope is None else \
+        {n for n in observed.scope if n in desired.tunnels or n in observed.links or n in desired.held}
     for name in sorted(names):
         if not observed.covers(name):
             continue
         intent = desired.tunnels.get(name)
         link = observed.links.get(name)
+        if name in desired.held:
+            # Fail closed (review round 3, M1): no link while its cleartext drops are not in the kernel; one
+            # of ours goes (and its routes with it), a foreign one is not ours to touch.
+            if link is not None and link.owned:
+                steps.delete_links.append(DeleteLink(name, "ipsec require: its cleartext GRE drops are not in the"
+                                                           " kernel"))
+            problems.append(PlanProblem(name, desired.held[name], IPSEC_HELD))
+            continue
         if link is not None and not link.owned:
             if intent is not None and intent.adopt:
                 mismatch = adoption_mismatch(intent, link.spec)

@@ -94,6 +94,7 @@ class Reports:
         changes = self._link_losses(config, before)
         acted_on = {t for a in plan.actions if (t := action_tunnel(a)) is not None}
         problems = {p.tunnel: p.message for p in plan.problems}
+        reasons = {p.tunnel: p.reason for p in plan.problems}
         failures: dict[str, str] = {}
         for error in errors:
             if error.tunnel is not None:
@@ -118,7 +119,7 @@ class Reports:
                 if record.error != message:
                     record.error = message
                     self._version += 1
-                changes += self._transition(tunnel, "error", "conflict" if tunnel.name in problems
+                changes += self._transition(tunnel, "error", reasons[tunnel.name] if tunnel.name in problems
                                             else "apply-failed", error=message)
             elif not is_up(tunnel.name):
                 record.error = None
@@ -182,7 +183,8 @@ class Reports:
     def _transition(self, tunnel: TunnelConfig, state: TunnelState, reason: str,
                     error: str | None = None) -> list[TunnelChanged]:
         record = self._record(tunnel.name)
-        if record.reported and record.state == state:
+        # An error for another reason is news (an IPsec hold lifted, then the link refused): the rest is not.
+        if record.reported and record.state == state and (state != "error" or record.reason == reason):
             return []
         previous = record.state if record.reported else None
         if previous is not None:

@@ -34,8 +34,10 @@ STDLIB_SKIP = frozenset({"test", "idlelib", "tkinter", "turtledemo", "ensurepip"
 # Programs the lab runs many times (a LAN built with `ip`, shells, pings), and the libraries they load:
 # an exec reads all of them again over 9p, ~0.3-1 s each under emulation.
 TOOLS = ("ip", "sh", "sysctl", "ping", "nft", "sed", "grep", "tail", "modprobe", "mount", "mountpoint")
-# The kernel's network stack (tunnels, nftables, bridges) and its dependencies, for modprobe -d.
-MODULE_DIRS = ("kernel/net", "kernel/drivers/net/veth.ko", "kernel/drivers/net/dummy.ko", "kernel/drivers/net/tun.ko")
+# The kernel's network stack (tunnels, nftables, bridges) and its dependencies, for modprobe -d; and the crypto
+# templates the kernel loads by itself when charon installs an ESP SA (rfc4106(gcm(aes)): gcm, ghash, seqiv...).
+MODULE_DIRS = ("kernel/net", "kernel/drivers/net/veth.ko", "kernel/drivers/net/dummy.ko", "kernel/drivers/net/tun.ko",
+               "kernel/crypto")
 
 
 @dataclass(frozen=True)

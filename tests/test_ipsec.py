@@ -6,6 +6,7 @@ The seed's two routers: A = 172.19.1.1, B = 172.19.1.2, a pre-shared key in a ro
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,10 @@ from greupd.ipsec.connections import (
     tunnel_of,
 )
 from greupd.ipsec.supervisor import change_message, tunnel_states
-from greupd.model import desired_state
-from greupd.nft import describe_ruleset, render_ruleset
+from greupd.model import Observed, ObservedLink, action_tunnel, desired_state
+from greupd.nft import NftError, NftTable, Rule, describe_ruleset, render_ruleset
+from greupd.nft.ipsec import render_ipsec_ruleset
+from greupd.nft.render import MAX_COMMENT, names_comment
 
 
 @pytest.fixture
@@ -208,53 +211,168 @@ def test_an_mtu_the_operator_wrote_is_kept_and_plain_tunnels_keep_the_kernel_def
 
 
 def test_require_drops_gre_to_and_from_the_remote_that_esp_does_not_carry(psk: Path) -> None:
-    text = describe_ruleset(render_ruleset(load(seed_a(f'psk_file = "{psk}"'))))
+    config = load(seed_a(f'psk_file = "{psk}"'))
+    assert not render_ruleset(config).wanted  # the drops are not in greupd's other table (review round 3, M1)
+    text = describe_ruleset(render_ipsec_ruleset(config))
     assert text == (
-        "table inet greupd {\n"
-        "\tset ipsec_remotes_v4 {\n"
-        "\t\ttype ipv4_addr\n"
-        '\t\telements = { 172.19.1.2 comment "My_Tunnel" }\n'
+        "table inet greupd_ipsec {\n"
+        "\tset ipsec_v4 {\n"
+        "\t\ttype ipv4_addr . ipv4_addr\n"
+        '\t\telements = { 172.19.1.1 . 172.19.1.2 comment "My_Tunnel" }\n'
         "\t}\n\n"
         "\tchain ipsec_out {\n"
         "\t\ttype filter hook output priority filter; policy accept;\n"
-        "\t\tmeta l4proto gre ip daddr @ipsec_remotes_v4 rt ipsec missing drop"
-        ' comment "ipsec require: no cleartext GRE to these remotes"\n'
+        "\t\tmeta l4proto gre ip saddr . ip daddr @ipsec_v4 rt ipsec missing drop"
+        ' comment "ipsec require: no cleartext GRE from these locals to their remotes"\n'
         "\t}\n\n"
         "\tchain ipsec_in {\n"
         "\t\ttype filter hook input priority filter; policy accept;\n"
-        "\t\tmeta l4proto gre ip saddr @ipsec_remotes_v4 meta ipsec missing drop"
-        ' comment "ipsec require: no cleartext GRE from these remotes"\n'
+        "\t\tmeta l4proto gre ip daddr . ip saddr @ipsec_v4 meta ipsec missing drop"
+        ' comment "ipsec require: no cleartext GRE from these remotes to their locals"\n'
         "\t}\n"
         "}\n")
 
 
 def test_the_drop_rules_in_libnftables_json(psk: Path) -> None:
-    ruleset = render_ruleset(load(seed_a(f'psk_file = "{psk}"', mode="ip6gre")))
+    ruleset = render_ipsec_ruleset(load(seed_a(f'psk_file = "{psk}"', mode="ip6gre")))
     rules: list[Any] = [o["rule"] for o in ruleset.objects() if "rule" in o]
     gre = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "gre"}}
+
+    def pair(first: str, second: str) -> dict[str, Any]:
+        return {"match": {"op": "==", "left": {"concat": [{"payload": {"protocol": "ip6", "field": first}},
+                                                          {"payload": {"protocol": "ip6", "field": second}}]},
+                          "right": "@ipsec_v6"}}
+
     assert [r["expr"] for r in rules] == [
-        [gre,
-         {"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "daddr"}},
-                    "right": "@ipsec_remotes_v6"}},
-         {"match": {"op": "==", "left": {"rt": {"key": "ipsec"}}, "right": False}},
+        [gre, pair("saddr", "daddr"), {"match": {"op": "==", "left": {"rt": {"key": "ipsec"}}, "right": False}},
          {"drop": None}],
-        [gre,
-         {"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}},
-                    "right": "@ipsec_remotes_v6"}},
-         {"match": {"op": "==", "left": {"meta": {"key": "ipsec"}}, "right": False}},
+        [gre, pair("daddr", "saddr"), {"match": {"op": "==", "left": {"meta": {"key": "ipsec"}}, "right": False}},
          {"drop": None}],
     ]
     sets: list[Any] = [o["set"] for o in ruleset.objects() if "set" in o]
     assert [(s["name"], s["type"], s["elem"]) for s in sets] == [
-        ("ipsec_remotes_v6", "ipv6_addr", [{"elem": {"val": "2001:db8::2", "comment": "My_Tunnel"}}])]
+        ("ipsec_v6", ["ipv6_addr", "ipv6_addr"],
+         [{"elem": {"val": {"concat": ["2001:db8::1", "2001:db8::2"]}, "comment": "My_Tunnel"}}])]
     chains: list[Any] = [o["chain"] for o in ruleset.objects() if "chain" in o]
     assert [(c["name"], c["hook"], c["prio"]) for c in chains] == [
         ("ipsec_out", "output", 0), ("ipsec_in", "input", 0)]
 
 
 def test_require_false_or_no_ipsec_adds_no_drop(psk: Path) -> None:
-    assert not render_ruleset(load(seed_a(f'psk_file = "{psk}"\nrequire = false'))).wanted
-    assert not render_ruleset(load(seed_a(f'psk_file = "{psk}"', extra="enabled = false"))).wanted
+    assert not render_ipsec_ruleset(load(seed_a(f'psk_file = "{psk}"\nrequire = false'))).wanted
+    assert not render_ipsec_ruleset(load(seed_a(f'psk_file = "{psk}"', extra="enabled = false"))).wanted
+
+
+def test_the_drops_are_keyed_on_local_and_remote_so_a_plain_tunnel_from_another_local_passes(psk: Path) -> None:
+    """Review round 3, L7: `sec` (172.19.1.1, ipsec) and `plain` (172.19.9.1, no ipsec), both to 172.19.1.2.
+    On dac2a7b the set held the remote alone, so plain's GRE was dropped too."""
+    text = (seed_a(f'psk_file = "{psk}"')
+            + '[[tunnel]]\nname = "plain"\nlocal = "172.19.9.1"\nremote = "172.19.1.2"\nkey = 7\n')
+    drops = render_ipsec_ruleset(load(text))
+    [named] = drops.sets
+    assert [e.json for e in named.elements] == [
+        {"elem": {"val": {"concat": ["172.19.1.1", "172.19.1.2"]}, "comment": "My_Tunnel"}}]
+
+
+# --- the comments libnftables takes (review round 3, H1) --------------------------------------------------
+
+
+def hub(psk: Path, count: int, dpd: str = "10s") -> str:
+    """`count` tunnels with 15-character names (the limit), one local, one remote, keys 1..count."""
+    return "".join(f'[[tunnel]]\nname = "hub_tunnel_{i:04d}"\nlocal = "172.19.1.1"\nremote = "172.19.1.2"\n'
+                   f'key = {i + 1}\n[tunnel.ipsec]\npsk_file = "{psk}"\ndpd_delay = "{dpd}"\n'
+                   for i in range(count))
+
+
+def every_comment(objects: list[Any]) -> list[str]:
+    found: list[str] = []
+
+    def walk(value: object) -> None:
+        if isinstance(value, dict):
+            if isinstance(value.get("comment"), str):
+                found.append(value["comment"])
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(objects)
+    return found
+
+
+def test_no_comment_greupd_renders_is_longer_than_128_characters(psk: Path) -> None:
+    """On dac2a7b the element comment of 16 such tunnels was 270 characters, and libnftables 1.0.6 exit()ed the
+    daemon (2 with 254+ characters); a reload that changes them all puts old and new in one transitional table."""
+    from greupd.queue import reload_scope
+
+    old, new = load(hub(psk, 16)), load(hub(psk, 16, dpd="20s"))
+    _, both = reload_scope(old, new, ())
+    assert len(both.tunnels) == 32  # each tunnel twice, as a reload's transitional table holds them
+    for config in (old, both, load(hub(psk, 200))):
+        for ruleset in (render_ipsec_ruleset(config), render_ruleset(config)):
+            comments = every_comment(ruleset.commands())
+            assert all(len(c) <= MAX_COMMENT for c in comments), max(comments, key=len)
+    [named] = render_ipsec_ruleset(both).sets
+    [element] = named.elements
+    comment = str(json.loads(element.json_text)["elem"]["comment"])
+    assert comment.startswith("hub_tunnel_0000, hub_tunnel_0001, ") and comment.endswith(" more")
+    shown = comment.split(" +")[0].split(", ")
+    assert len(shown) == len(set(shown))  # each name once, though the transitional config holds it twice
+    assert len(shown) + int(comment.split(" +")[1].split()[0]) == 16
+
+
+def test_names_comment_fits_whole_names_then_says_how_many_more() -> None:
+    assert names_comment(["a", "b", "a"]) == "a, b"
+    assert names_comment([f"n{i:02d}" for i in range(10)], limit=21) == "n00, n01, n02 +7 more"
+    assert len(names_comment(["x" * 200])) <= MAX_COMMENT
+
+
+def test_a_comment_too_long_for_libnftables_is_refused_before_it_is_sent() -> None:
+    """The last line of defence: a rule someone builds with a long comment is bounded, and NftTable refuses to
+    hand libnftables any comment over the bound (it would end the process), without loading the bindings."""
+    rule = Rule("ipsec_out", None, "x" * 300, ())
+    assert len(rule.comment) == MAX_COMMENT
+    table = NftTable("greupd")
+    with pytest.raises(NftError, match="comment of 300 characters"):
+        table._run([{"add": {"rule": {"comment": "x" * 300}}}])
+    assert table._nft is None  # never reached libnftables
+
+
+# --- fail closed: no link, route or probe without the drops in the kernel (review round 3, M1) --------------
+
+
+def test_a_require_tunnel_is_held_back_until_its_drops_are_seen_in_the_kernel(psk: Path) -> None:
+    from greupd.model import IpsecGuard, ipsec_held, probed
+    from greupd.plan import plan_changes
+
+    text = seed_a(f'psk_file = "{psk}"', extra="[tunnel.keepalive]\ninterval = 1\n")
+    config = load(text)
+    refused = IpsecGuard(frozenset(), "Operation not supported")
+    held = ipsec_held(config, refused)
+    assert list(held) == ["My_Tunnel"] and "Operation not supported" in held["My_Tunnel"]
+    desired = desired_state(config, guard=refused)
+    assert "My_Tunnel" not in desired.tunnels and desired.held == held
+    plan = plan_changes(desired, Observed({}, {}, frozenset(), {}))
+    assert not [a for a in plan.actions if action_tunnel(a) == "My_Tunnel"]  # no link, no route
+    [problem] = plan.problems
+    assert (problem.tunnel, problem.reason) == ("My_Tunnel", "ipsec-unprotected")
+    assert probed(config, held).tunnels[0].keepalive is None  # no probe either
+    assert config.tunnels[0].keepalive is not None
+
+    # A link of ours that is there when the drops go (or at start, from a previous run): removed.
+    link = ObservedLink(7, desired_state(config).tunnels["My_Tunnel"].link, True, True)
+    plan = plan_changes(desired, Observed({"My_Tunnel": link}, {"My_Tunnel": frozenset()}, frozenset(), {}))
+    assert [str(a) for a in plan.actions if action_tunnel(a) == "My_Tunnel"] == [
+        "delete link My_Tunnel (ipsec require: its cleartext GRE drops are not in the kernel)"]
+
+    # Seen in the kernel: the tunnel is planned as always.
+    held_by = IpsecGuard(frozenset({(config.tunnels[0].local, config.tunnels[0].remote)}), None)
+    assert ipsec_held(config, held_by) == {}
+    assert desired_state(config, guard=held_by) == desired_state(config)
+    # Before the first look nothing is held by the drops: held back too. require = false is never held back.
+    assert list(ipsec_held(config, IpsecGuard())) == ["My_Tunnel"]
+    assert ipsec_held(load(seed_a(f'psk_file = "{psk}"\nrequire = false')), IpsecGuard()) == {}
 
 
 # --- state from charon's SAs (list-sas answers as the VICI session decodes them) ---------------------------
@@ -322,3 +440,37 @@ def test_plan_shows_the_connections_as_swanctl_conf_without_the_secret(psk: Path
     assert "    gre {" in text and "      local_ts = dynamic[gre]" in text and "      mode = transport" in text
     assert text.endswith(f"# greupd-My_Tunnel: psk from {psk}\n")
     assert "correct horse" not in text
+
+
+# --- SAs and policies lost behind charon's back (issue #21, I2) -------------------------------------------
+
+
+def test_what_the_kernel_should_hold_follows_charons_installed_child_sas(psk: Path) -> None:
+    import ipaddress
+
+    from greupd.ipsec.lost import Expected, expected, lost
+
+    connections = desired_connections(load(seed_a(f'psk_file = "{psk}"')))
+    a, b = ipaddress.ip_address("172.19.1.1"), ipaddress.ip_address("172.19.1.2")
+    children = {"gre-1": {"name": "gre", "state": "INSTALLED", "spi-in": "c0ffee01", "spi-out": "0badcafe"},
+                # a rekeyed one that charon is deleting itself: not expected
+                "gre-0": {"name": "gre", "state": "REKEYED", "spi-in": "11111111", "spi-out": "22222222"}}
+    sas: list[dict[str, Any]] = [{"greupd-My_Tunnel": {"state": "ESTABLISHED", "child-sas": children}}]
+    want = expected(connections, ["greupd-My_Tunnel"], sas)
+    assert want == {"greupd-My_Tunnel": Expected(a, b, ((a, 0xC0FFEE01), (b, 0x0BADCAFE)))}
+    # A trap without an SA: its policies only.
+    assert expected(connections, ["greupd-My_Tunnel"], []) == {"greupd-My_Tunnel": Expected(a, b, ())}
+
+    class Kernel:
+        def __init__(self, sas: set[int], policies: set[int]) -> None:
+            self.sas, self.policies = sas, policies
+
+        def has_sa(self, daddr: object, spi: int) -> bool:
+            return spi in self.sas
+
+        def has_policy(self, src: object, dst: object, direction: int) -> bool:
+            return direction in self.policies
+
+    assert lost(Kernel({0xC0FFEE01, 0x0BADCAFE}, {0, 1}), want) == {}
+    assert lost(Kernel(set(), set()), want) == {
+        "greupd-My_Tunnel": "outbound policy, inbound policy, SA c0ffee01, SA 0badcafe"}

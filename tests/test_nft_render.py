@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from greupd.config import Config, DaemonConfig, TunnelConfig, load_config, load_config_text
+from greupd.nft.ipsec import render_ipsec_ruleset
 from greupd.nft.render import FROM_TUNNEL_MARK, Json, Ruleset, describe_ruleset, render_ruleset
 from greupd.nft.table import NftError, NftTable, normalize_listing
 from greupd.nft.watch import (
@@ -129,7 +130,7 @@ def test_the_hooked_chains_hold_the_same_rules_for_one_tunnel_and_for_a_thousand
     psk.write_text("a secret of sorts")
     psk.chmod(0o600)
 
-    def seed_like(count: int) -> Ruleset:
+    def seed_like(count: int) -> Config:
         clamps = ('"pmtu"', "1436")
         tunnels = "".join(
             f'[[tunnel]]\nname = "t{i}"\nlocal = "172.19.1.1"\nremote = "172.20.{i // 250}.{i % 250 + 1}"\n'
@@ -137,18 +138,21 @@ def test_the_hooked_chains_hold_the_same_rules_for_one_tunnel_and_for_a_thousand
             f'[tunnel.nat]\ninto_tunnel = ["10.10.1.0/24"]\nfrom_tunnel = ["eth1"]\n'
             f'[tunnel.ipsec]\npsk_file = "{psk}"\n'
             for i in range(count))
-        return render_ruleset(load_config_text(tunnels))
+        return load_config_text(tunnels)
 
     def hooked(ruleset: Ruleset) -> list[str]:
         return [r.text for r in ruleset.rules if any(c.name == r.chain and c.hook for c in ruleset.chains)]
 
-    one, many = seed_like(2), seed_like(1000)
+    one, many_config = seed_like(2), seed_like(1000)
+    many, drops = render_ruleset(many_config), render_ipsec_ruleset(many_config)
 
-    assert hooked(one) == hooked(many)
-    assert len(hooked(many)) == 8  # 2 in mss_clamp, 2 in forward, 2 in postrouting, 1 each in ipsec_out/in
-    sizes = {s.name: len(s.elements) for s in many.sets}
+    assert hooked(render_ruleset(one)) == hooked(many)
+    assert hooked(render_ipsec_ruleset(one)) == hooked(drops)
+    assert len(hooked(many)) == 6  # 2 in mss_clamp, 2 in forward, 2 in postrouting
+    assert len(hooked(drops)) == 2  # 1 each in ipsec_out/in, in a table of their own
+    sizes = {s.name: len(s.elements) for s in (*many.sets, *drops.sets)}
     assert sizes == {"clamp": 1000, "forward_into": 1000, "from_tunnel": 1000, "masquerade_into": 1000,
-                     "from_tunnel_out": 1, "ipsec_remotes_v4": 1000}
+                     "from_tunnel_out": 1, "ipsec_v4": 1000}
     # What a packet leaving by one tunnel meets after the lookup: that tunnel's rules, one per prefix.
     assert [r.text.split(" comment")[0] for r in many.rules if r.chain == "forward_into_t999"] == [
         "ip saddr 10.10.1.0/24 accept"]

@@ -7,8 +7,13 @@ put back within one poll, and a charon that restarted gets everything loaded aga
 answers. Only connections named `greupd-*` are ever loaded, unloaded or terminated.
 
 Lifetime: created inside the daemon's running loop, it starts at once (its first pass loads the connections
-while the daemon builds its links; with `require = true` greupd's nftables table holds GRE back meanwhile).
+while the daemon builds its links; with `require = true` greupd's IPsec drops hold GRE back meanwhile).
 When the loop ends, its task is cancelled; with `on_exit = "remove"` it first unloads every greupd connection.
+
+The kernel's side (issue #21, I2): charon believes the SAs and policies it installed are there; an
+`ip xfrm state flush` does not tell it. xfrm.py's watch hears every deletion; the next pass first looks each
+connection up in the kernel (lost.py; after a deletion twice), and one whose policies or SAs are gone has its
+IKE_SA terminated, is loaded again (the trap comes back) and initiated: eight VICI round trips after the flush.
 
 Secrets: a PSK is read from its file when it is loaded, sent to charon, and kept nowhere but as a hash (to
 see the file change); it is never logged.
@@ -26,7 +31,9 @@ from typing import Literal
 
 from greupd.config import Config
 from greupd.ipsec.connections import CHILD_NAME, IpsecConnection, desired_connections, tunnel_of
+from greupd.ipsec.lost import expected, lost
 from greupd.ipsec.vici import ViciError, ViciReply, ViciSession
+from greupd.ipsec.xfrm import XfrmQuery, XfrmWatch
 from greupd.status import IpsecStatus, TunnelStatus
 
 log = logging.getLogger("greupd.ipsec")
@@ -35,6 +42,12 @@ IpsecState = Literal["established", "connecting", "down"]
 POLL_INTERVAL = 5.0  # seconds between passes without events: how soon a hand-unloaded connection comes back
 RETRY_INTERVAL = 2.0  # seconds between attempts to reach a charon that is not there
 EVENTS = ["ike-updown", "child-updown"]
+# After the kernel says an SA or policy went (xfrm.py): wait SETTLE for the rest of the burst, look; after a
+# deletion (not a flush: charon never flushes) look again CONFIRM later, since charon deletes SAs itself when it
+# rekeys. A connection put back is not put back again within GAP_FIRST seconds, doubling each time up to GAP_MAX,
+# so that no lookup mistake could make a loop of it.
+SETTLE, CONFIRM = 0.2, 0.5
+GAP_FIRST, GAP_MAX = 2.0, 60.0
 
 
 def _down(connection: str, error: str | None, charon: bool) -> IpsecStatus:
@@ -118,10 +131,20 @@ class IpsecSupervisor:
         # What this charon process holds from us: connection name -> (message, hash of its secret). Emptied
         # when the connection to charon is lost: a restarted charon holds nothing.
         self._loaded: dict[str, tuple[str, str]] = {}
+        # The private keys this charon holds from us: connection name -> the key id load-key answered (review
+        # round 3, L3: unloaded when no connection of ours uses it any more). Emptied with _loaded.
+        self._keys: dict[str, str] = {}
         self._errors: dict[str, str] = {}
         self._last_error: str | None = None
         self._first_pass = asyncio.Event()
         self.passes = 0
+        # Issue #21, I2: SAs or policies lost behind charon's back. The watch marks `_suspect`; the next pass
+        # asks the kernel and has what is missing put back (terminate, load again, initiate).
+        self._xfrm_watch: XfrmWatch | None = None
+        self._xfrm = XfrmQuery()
+        self._suspect = self._flushed = False
+        self._reinstalled: dict[str, tuple[float, float]] = {}  # connection -> (loop time, gap) of its last
+        self.reinstalls = 0
         if isinstance(config, Config):
             self.configure(config)
 
@@ -146,6 +169,18 @@ class IpsecSupervisor:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._task is None and self._wanted:
             self._task = loop.create_task(self._run(), name="greupd-ipsec")
+        if self._xfrm_watch is None and self._wanted:
+            watch = XfrmWatch(lambda flushed: self._kernel_lost(loop, flushed))
+            try:
+                watch.start(loop)
+                self._xfrm_watch = watch
+            except OSError as exc:
+                self._on_error(f"ipsec: cannot watch the kernel's SAs and policies ({exc.strerror}): SAs lost behind"
+                               " charon's back will not be put back")
+
+    def _kernel_lost(self, loop: asyncio.AbstractEventLoop, flushed: bool) -> None:
+        self._suspect, self._flushed = True, self._flushed or flushed
+        loop.call_later(SETTLE, self._wake.set)
 
     def annotate(self, statuses: list[TunnelStatus]) -> list[TunnelStatus]:
         """`greupd status`: each tunnel with [tunnel.ipsec] gets its `"ipsec"` part."""
@@ -182,6 +217,7 @@ class IpsecSupervisor:
                 await self._connect()  # afresh: the cancel may have cut a request short on the old connection
                 await self._reconcile()
         self._disconnect()
+        self._close_xfrm()
 
     # --- the loop ---------------------------------------------------------------------------------------
 
@@ -200,6 +236,7 @@ class IpsecSupervisor:
                 except ViciError as exc:
                     log.warning("ipsec: could not unload greupd's connections at exit: %s", exc)
             self._disconnect()
+            self._close_xfrm()
             raise
 
     async def _supervise(self) -> None:
@@ -267,6 +304,13 @@ class IpsecSupervisor:
             self._event_task = None
         self._session = self._events = None
         self._loaded.clear()
+        self._keys.clear()
+
+    def _close_xfrm(self) -> None:
+        if self._xfrm_watch is not None:
+            self._xfrm_watch.close()
+            self._xfrm_watch = None
+        self._xfrm.close()
 
     def _lost(self, error: str) -> None:
         self._disconnect()
@@ -282,11 +326,14 @@ class IpsecSupervisor:
         if session is None or not session.connected or (self._events is not None and not self._events.connected):
             raise ViciError(f"lost the VICI connection to charon at {self.socket_path}")
         self.passes += 1
+        if self._suspect:  # first, before anything else of this pass (issue #21, I2: within 5 s)
+            await self._put_back_losses(session)
         present = {name for entry in await session.streamed("list-conns", "list-conn") for name in entry}
         ours = {name for name in present if tunnel_of(name) is not None}
         # Forget what charon no longer holds (unloaded by hand): it is loaded again below.
         for name in set(self._loaded) - present:
             del self._loaded[name]
+            self._keys.pop(name, None)  # its key stays in charon; a new load-key of it answers the same id
         for name in sorted(ours - set(self._wanted)):
             await self._unload(session, name)
         loaded = ours & set(self._wanted)
@@ -305,6 +352,47 @@ class IpsecSupervisor:
         sas = await session.streamed("list-sas", "list-sa") if self._wanted else []
         self._publish(tunnel_states(self._wanted, loaded, sas, self._errors))
 
+    async def _put_back_losses(self, session: ViciSession) -> None:
+        """Put back every connection whose SAs or policies the kernel lost behind charon's back: its IKE_SA
+        terminated (charon forgets the SAs it believed installed), the connection unloaded and loaded again (its
+        trap comes back) and initiated (the SA now, not at the next GRE packet)."""
+        flushed, self._suspect, self._flushed = self._flushed, False, False
+        loaded = set(self._loaded) & set(self._wanted)
+        found = await self._look(session, loaded)
+        if found and not flushed:
+            await asyncio.sleep(CONFIRM)
+            found = {n: why for n, why in (await self._look(session, loaded)).items() if n in found}
+        loop = asyncio.get_running_loop()
+        for name, missing in sorted(found.items()):
+            when, gap = self._reinstalled.get(name, (float("-inf"), 0.0))
+            since = loop.time() - when
+            if since < gap:  # put back a moment ago: look again when its gap is over
+                loop.call_later(gap - since, self._kernel_lost, loop, False)
+                continue
+            self._reinstalled[name] = (loop.time(), GAP_FIRST if since >= GAP_MAX else min(2 * gap, GAP_MAX))
+            connection = self._wanted[name]
+            # Plain requests, not streamed ones: nobody reads the control-log, and each registration is two
+            # more round trips (hundreds of ms each in an emulated guest).
+            with contextlib.suppress(ViciError):
+                await session.request("terminate", {"ike": name, "force": "yes", "timeout": "-1"})
+            with contextlib.suppress(ViciError):
+                await session.request("unload-conn", {"name": name})
+            self._loaded.pop(name, None)
+            await self._load(session, connection, False)
+            with contextlib.suppress(ViciError):
+                await session.request("initiate", {"child": CHILD_NAME, "ike": name, "timeout": "-1"})
+            self.reinstalls += 1
+            self._on_error(f"ipsec: tunnel {connection.tunnel}: the kernel lost {missing} behind charon's back:"
+                           " connection loaded again and initiated")
+
+    async def _look(self, session: ViciSession, loaded: set[str]) -> dict[str, str]:
+        sas = await session.streamed("list-sas", "list-sa")
+        try:
+            return lost(self._xfrm, expected(self._wanted, sorted(loaded), sas))
+        except OSError as exc:
+            self._on_error(f"ipsec: cannot read the kernel's SAs and policies: {exc}")
+            return {}
+
     async def _load(self, session: ViciSession, connection: IpsecConnection, present: bool) -> bool:
         """Load the connection (and its credentials) if charon lacks it or holds an older one."""
         secret = _read_secret(connection.psk_file) if connection.psk_file is not None else None
@@ -319,7 +407,8 @@ class IpsecSupervisor:
                                                   "owners": owners})
         else:
             key, cert, ca = files
-            await session.request("load-key", {"type": "any", "data": key})
+            loaded = await session.request("load-key", {"type": "any", "data": key})
+            await self._forget_key(session, connection.name, str(loaded.get("id") or "") or None)
             # VICI takes certificates as their content (PEM or DER), as swanctl sends what it reads from files.
             message["local-1"] = {**connection.message["local-1"], "certs": [cert]}  # type: ignore[dict-item]
             message["remote-1"] = {**connection.message["remote-1"], "cacerts": [ca]}  # type: ignore[dict-item]
@@ -336,8 +425,20 @@ class IpsecSupervisor:
             await session.streamed("terminate", "control-log", {"ike": name, "force": "yes", "timeout": "-1"})
         with contextlib.suppress(ViciError):
             await session.request("unload-shared", {"id": name})
+        await self._forget_key(session, name, None)
         self._loaded.pop(name, None)
         log.info("ipsec: unloaded connection %s", name)
+
+    async def _forget_key(self, session: ViciSession, name: str, key_id: str | None) -> None:
+        """`name` now uses the private key `key_id` (None: none): the key it used before leaves charon unless
+        another connection of ours uses it too (two tunnels may share one key file)."""
+        old = self._keys.pop(name, None)
+        if key_id is not None:
+            self._keys[name] = key_id
+        if old is not None and old != key_id and old not in self._keys.values():
+            with contextlib.suppress(ViciError):
+                await session.request("unload-key", {"id": old})
+                log.info("ipsec: unloaded the private key of %s", name)
 
     def _publish(self, statuses: dict[str, IpsecStatus]) -> None:
         for tunnel, status in statuses.items():

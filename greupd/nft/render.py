@@ -1,11 +1,12 @@
-"""nftables: the one table greupd owns (MSS clamp, NAT, forward accepts), rendered purely and kept in place.
+"""nftables: greupd's table (MSS clamp, NAT, forward accepts), rendered purely and kept in place.
 
     Config --render_ruleset (pure, here)--> Ruleset --NftTable.apply (table.py, one transaction)--> kernel
     kernel --NftWatch (watch.py, nftables netlink events)--> "look again" --NftTable.matches--> re-apply if it differs
 
 Everything goes through libnftables' JSON API (the `nftables` Python bindings, imported lazily so that a
-config without MSS clamp or NAT never needs them). greupd owns exactly one table, `inet <daemon.nft_table>`,
-and touches no other: it replaces its own table as a whole, so other tables stay byte-identical.
+config without MSS clamp, NAT or IPsec never needs them). greupd owns two tables, `inet <daemon.nft_table>`
+(this one) and `inet <daemon.nft_table>_ipsec` (nft/ipsec.py), and touches no other: it replaces its own
+tables as a whole, so other tables stay byte-identical.
 
 A packet pays the same whatever the number of tunnels (code review M5): the tunnels are elements of named
 sets and verdict maps (hash lookups), never one rule each in a chain every packet walks. What a tunnel
@@ -32,22 +33,23 @@ asks for, and where it lands:
                                             set from_tunnel_out (ifname): IF
                                             chain postrouting:
                                               meta mark & MARK == MARK oifname @from_tunnel_out masquerade
-    [tunnel.ipsec] require = true           set ipsec_remotes_v4 (ipv4_addr; v6: ipsec_remotes_v6): REMOTE
-                                            chain ipsec_out (filter, output, priority filter):
-                                              meta l4proto gre ip daddr @ipsec_remotes_v4 rt ipsec missing drop
-                                            chain ipsec_in (filter, input, priority filter):
-                                              meta l4proto gre ip saddr @ipsec_remotes_v4 meta ipsec missing drop
 
 Per packet: the forward hook does at most a SYN test and two map lookups in mss_clamp, one map lookup and one
 set lookup in forward (then the rules of the one tunnel the packet leaves by); postrouting is consulted for
-a connection's first packet only; ipsec_out/ipsec_in test the protocol, then one set lookup. Only the
-chains, sets and maps that have something in them are created: a config with a clamp but no NAT registers no
-nat hook (and so does not switch conntrack on), and a config with none of these has no table at all.
+a connection's first packet only. Only the chains, sets and maps that have something in them are created: a
+config with a clamp but no NAT registers no nat hook (and so does not switch conntrack on), and a config with
+none of these has no table at all.
 
 Same behaviour as the rule-per-tunnel table this replaces, with one difference in a corner: a packet that
 leaves tunnel T1 by tunnel T2, where T1 lists T2 in from_tunnel and T2 lists the source in into_tunnel, is
 accepted by T2's into_tunnel rule first now (it was config order), so it is masqueraded by that rule and
 not marked; it is masqueraded either way.
+
+The drops of `[tunnel.ipsec] require = true` are not here: they live in a table of their own (nft/ipsec.py),
+applied first, so that nothing this table asks for (a NAT the kernel cannot do, say) can take them out.
+
+Every comment is at most MAX_COMMENT characters (review round 3, H1): libnftables 1.0.6 packs a comment into
+a 256-byte buffer and calls exit() when it overflows; `bounded` keeps each one well inside.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from greupd.config import Config, TunnelConfig
-from greupd.gre import IPAddress, IPNetwork
+from greupd.gre import IPNetwork
 
 Json = str | int | float | bool | None | list["Json"] | dict[str, "Json"]
 JsonObject = dict[str, Json]
@@ -74,6 +76,27 @@ MANGLE, FILTER, SRCNAT = -150, 0, 100
 # postrouting masquerades on (postrouting cannot rely on iifname). Why a mark, why the packet mark and not the
 # conntrack mark, and why this bit: docs/nftables.md, "The from_tunnel mark".
 FROM_TUNNEL_MARK = 0x20000000
+
+# The longest comment greupd gives nftables, in characters (ASCII: tunnel and interface names, addresses).
+# libnftables 1.0.6 stores a comment with its length in a 256-byte user-data buffer: 252 characters and the
+# kernel refuses the whole transaction, 254 and libnftables calls exit() inside the daemon (review round 3, H1).
+MAX_COMMENT = 128
+
+
+def bounded(text: str, limit: int = MAX_COMMENT) -> str:
+    """`text` cut to `limit` characters, saying so ("..."): for comments, whose content is only for people."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def names_comment(names: Iterable[str], limit: int = MAX_COMMENT) -> str:
+    """Names for a comment, each once, in order: as many whole names as fit, then "+N more"."""
+    unique = list(dict.fromkeys(names))
+    for shown in range(len(unique), 0, -1):
+        rest = len(unique) - shown
+        text = ", ".join(unique[:shown]) + (f" +{rest} more" if rest else "")
+        if len(text) <= limit:
+            return text
+    return bounded(f"{len(unique)} tunnels", limit)
 
 
 # --- the ruleset: a frozen value -------------------------------------------------------------------------
@@ -125,6 +148,9 @@ class Rule:
     tunnel: str | None  # whose rule; None for a rule that serves every tunnel (a set or map lookup)
     comment: str  # stored in the kernel with the rule, so `nft list ruleset` tells whose and why
     statements: tuple[Statement, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "comment", bounded(self.comment))  # whoever builds a rule (H1)
 
     @property
     def text(self) -> str:
@@ -402,54 +428,6 @@ class _Builder:
         return rules
 
 
-# --- [tunnel.ipsec] require = true: no GRE in cleartext to or from the remote ------------------------------
-# ESP in transport mode is applied after the output hook and removed before the input hook, so there GRE is
-# seen in clear with the verdict attached: on the way out, `rt ipsec` says the route is an IPsec bundle (the
-# packet will be encrypted); on the way in, `meta ipsec` (secpath) says it was decrypted. GRE without it is
-# what leaks while SAs are negotiated, rekeyed or lost, or while charon is gone: dropped.
-# `meta l4proto` rather than `ip6 nexthdr`: ip6gre's encapsulation limit option comes before the GRE header;
-# tested first, so every other packet this host sends or receives stops at one comparison.
-IPSEC_OUT_CHAIN = Chain("ipsec_out", "filter", "output", FILTER)
-IPSEC_IN_CHAIN = Chain("ipsec_in", "filter", "input", FILTER)
-_GRE = _statement("meta l4proto gre", _match(_meta("l4proto"), "gre"))
-_NOT_ENCRYPTED = _statement("rt ipsec missing", _match({"rt": {"key": "ipsec"}}, False))
-_NOT_DECRYPTED = _statement("meta ipsec missing", _match(_meta("ipsec"), False))
-_DROP = _statement("drop", {"drop": None})
-IPSEC_SETS = {4: ("ipsec_remotes_v4", "ipv4_addr", "ip"), 6: ("ipsec_remotes_v6", "ipv6_addr", "ip6")}
-
-
-def _ipsec_sets(tunnels: Iterable[TunnelConfig]) -> list[NamedSet]:
-    """The remotes whose GRE must come and go inside ESP, per family; each commented with its tunnels."""
-    remotes: dict[IPAddress, list[str]] = {}
-    for tunnel in tunnels:
-        if tunnel.ipsec is not None and tunnel.ipsec.require:
-            remotes.setdefault(tunnel.remote, []).append(tunnel.name)
-    sets = []
-    for version, (name, key, _) in IPSEC_SETS.items():
-        elements = tuple(Element(f'{remote} comment "{", ".join(names)}"',
-                                 json.dumps({"elem": {"val": str(remote), "comment": ", ".join(names)}}), names[0])
-                         for remote, names in remotes.items() if remote.version == version)
-        if elements:
-            sets.append(NamedSet(name, (key,), False, elements))
-    return sets
-
-
-def _ipsec_rules(sets: Iterable[NamedSet]) -> list[Rule]:
-    rules = []
-    for named in sets:
-        protocol = next(p for n, _, p in IPSEC_SETS.values() if n == named.name)
-
-        def address(field: Literal["saddr", "daddr"], named: NamedSet = named, protocol: str = protocol) -> Statement:
-            return _statement(f"{protocol} {field} @{named.name}",
-                              _match({"payload": {"protocol": protocol, "field": field}}, f"@{named.name}"))
-
-        rules += [Rule(IPSEC_OUT_CHAIN.name, None, "ipsec require: no cleartext GRE to these remotes",
-                       (_GRE, address("daddr"), _NOT_ENCRYPTED, _DROP)),
-                  Rule(IPSEC_IN_CHAIN.name, None, "ipsec require: no cleartext GRE from these remotes",
-                       (_GRE, address("saddr"), _NOT_DECRYPTED, _DROP))]
-    return rules
-
-
 def render_ruleset(config: Config) -> Ruleset:
     """The table greupd should hold for this config; `wanted` is False when no enabled tunnel needs one."""
     enabled = [t for t in config.tunnels if t.enabled]
@@ -459,22 +437,19 @@ def render_ruleset(config: Config) -> Ruleset:
     sets = [NamedSet(name, ("ifname", "ifname") if name == FROM_TUNNEL_SET else ("ifname",),
                      name in (CLAMP_MAP, FORWARD_INTO_MAP, MASQUERADE_INTO_MAP), tuple(elements.values()))
             for name, elements in builder.elements.items()]
-    ipsec = _ipsec_sets(enabled)
-    rules = [*builder.base_rules(), *builder.rules, *_ipsec_rules(ipsec)]
+    rules = [*builder.base_rules(), *builder.rules]
     # Chains in reading order: each hooked chain, then the chains it jumps to.
     jumped = list(builder.chains.values())
     order = [MSS_CHAIN, *(c for c in jumped if c.name.startswith("clamp_")),
              FORWARD_CHAIN, *(c for c in jumped if c.name.startswith("forward_into_")),
-             NAT_CHAIN, *(c for c in jumped if c.name.startswith("masquerade_into_")),
-             IPSEC_OUT_CHAIN, IPSEC_IN_CHAIN]
+             NAT_CHAIN, *(c for c in jumped if c.name.startswith("masquerade_into_"))]
     by_chain: dict[str, list[Rule]] = {}
     for rule in rules:
         by_chain.setdefault(rule.chain, []).append(rule)
     chains = tuple(c for c in order if c.name in by_chain)
     ordered = tuple(r for c in chains for r in by_chain[c.name])
-    set_order = [CLAMP_MAP, FORWARD_INTO_MAP, FROM_TUNNEL_SET, MASQUERADE_INTO_MAP, FROM_TUNNEL_OUT_SET,
-                 *(name for name, _, _ in IPSEC_SETS.values())]
-    named = tuple(sorted([*sets, *ipsec], key=lambda s: set_order.index(s.name)))
+    set_order = [CLAMP_MAP, FORWARD_INTO_MAP, FROM_TUNNEL_SET, MASQUERADE_INTO_MAP, FROM_TUNNEL_OUT_SET]
+    named = tuple(sorted(sets, key=lambda s: set_order.index(s.name)))
     return Ruleset(config.daemon.nft_table, chains, ordered, named)
 
 
