@@ -1,0 +1,43 @@
+"""A crash's signature and its reproducer on disk: fuzz/crashes/<target>/crash-<signature>.bin, with the
+traceback beside it (.txt). One file per signature (exception type and the frames where it was raised), so a
+campaign that hits the same bug a million times keeps one reproducer, and a committed one is never replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+CRASHES = ROOT / "crashes"
+CORPUS = ROOT / "corpus"
+
+
+def signature(exc: BaseException) -> str:
+    """Type of the exception, and the innermost frame in greupd (or the harness) plus the innermost overall."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if "/greupd/" in f.filename or "/fuzz/" in f.filename]
+    where = [ours[-1] if ours else None, frames[-1] if frames else None]
+    text = type(exc).__name__ + "|" + "|".join(
+        f"{Path(f.filename).name}:{f.name}:{f.lineno}" for f in where if f is not None)
+    return f"{type(exc).__name__}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+
+
+def record(target: str, data: bytes, exc: BaseException, directory: Path = CRASHES) -> tuple[str, bool]:
+    """Save a crashing input (once per signature); return (signature, whether it was new)."""
+    name = signature(exc)
+    folder = directory / target
+    reproducer = folder / f"crash-{name}.bin"
+    if reproducer.exists():
+        return name, False
+    folder.mkdir(parents=True, exist_ok=True)
+    reproducer.write_bytes(data)
+    lines = traceback.format_exception(exc)
+    text = "".join(lines)
+    if len(text) > 20_000:  # a RecursionError's thousand identical frames: keep the two ends
+        text = text[:8_000] + "\n[...]\n" + text[-8_000:]
+    shown = data[:300]
+    (folder / f"crash-{name}.txt").write_text(
+        f"target: {target}\ninput ({len(data)} bytes, first {len(shown)}): {shown!r}\n\n{text}", encoding="utf-8")
+    return name, True
