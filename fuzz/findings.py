@@ -6,11 +6,12 @@ campaign that hits the same bug a million times keeps one reproducer, and a comm
 from __future__ import annotations
 
 import hashlib
+import os
 import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-CRASHES = ROOT / "crashes"
+CRASHES = Path(os.environ.get("GREUPD_FUZZ_CRASHES") or ROOT / "crashes")  # the smoke test points it elsewhere
 CORPUS = ROOT / "corpus"
 
 

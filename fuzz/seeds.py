@@ -4,9 +4,10 @@ dumps). The files are committed; this is how they were made, and how to make the
 - config: the repository's configs (etc/greupd, tests/configs: valid, broken, drop-ins joined with DROPIN).
 - gre: packets built with scapy: our probes (every key combination) and their reflections, a Cisco's own
   probe and reply, IP options, GRE checksums, fragments, tunnel traffic (IPv4, IPv6, GRE in GRE), truncations.
-- rtnl: dumps of links, addresses and routes of a network namespace of this host's kernel set up with bridge, ifb and
-  veth links (this host's kernel has no dummy or GRE), IPv4/IPv6 addresses, routes of greupd's protocol 222 and others; the kernel's error answers (with
-  its extended ACK text); and GRE links as rtnl encodes them (the kernel answers in the same layout).
+- rtnl: dumps of links, addresses and routes of a network namespace of this host's kernel set up with bridge,
+  ifb and veth links (this host's kernel has no dummy or GRE), IPv4/IPv6 addresses, routes of greupd's protocol
+  222 and others; the kernel's error answers (with its extended ACK text); and GRE links as rtnl encodes them
+  (the kernel answers in the same layout).
 - vici: framed VICI packets as charon sends them, encoded by strongSwan's own vici library: command responses
   (success, errmsg), list-sas / list-conns events of greupd's connections, ike-updown events, unknown ones.
 - control, metrics: request lines and HTTP requests, good and bad.
@@ -47,7 +48,8 @@ def config_seeds() -> list[bytes]:
     seeds += [p.read_bytes() for p in sorted(configs.rglob("*.toml")) if "tunnels.d" not in p.parts]
     for folder in ("dropins", "broken-dropin"):
         dropins = sorted((configs / folder / "tunnels.d").glob("*.toml"))
-        seeds.append(DROPIN.join([(configs / folder / "tunnels.toml").read_bytes(), *(p.read_bytes() for p in dropins)]))
+        main = (configs / folder / "tunnels.toml").read_bytes()
+        seeds.append(DROPIN.join([main, *(p.read_bytes() for p in dropins)]))
     return seeds
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,8 @@ def config(data: bytes) -> None:
     path.write_bytes(main)
     if dropins:
         (folder / "tunnels.d").mkdir()
-        for number, text in enumerate(dropins):
-            (folder / "tunnels.d" / f"{number:02}.toml").write_bytes(text)
+        for number, dropin in enumerate(dropins):
+            (folder / "tunnels.d" / f"{number:02}.toml").write_bytes(dropin)
     daemon = read_daemon_table(path)
     assert isinstance(daemon, dict)
     try:
@@ -170,10 +171,8 @@ def rtnl(data: bytes) -> None:
         if len(body) >= 4:
             nlmsg.ext_ack_message(body)
             nlmsg.done_code(body)
-        try:
+        with contextlib.suppress(ValueError, struct.error):
             _decode_one(kind, raw)
-        except (ValueError, struct.error):
-            pass
     seqs = list(dict.fromkeys(seq for _, _, seq, _, _, _ in messages if seq))[:64]
     answers = codec.Answers(seqs, [codec.dump_links() if n % 2 else codec.get_link("x") for n in range(len(seqs))])
     try:
@@ -213,9 +212,10 @@ def vici(data: bytes) -> None:
 
 
 async def _vici(data: bytes) -> None:
+    from vici.protocol import Packet
+
     from greupd.ipsec.supervisor import change_message, tunnel_states
     from greupd.ipsec.vici import ViciError, ViciSession, _decode
-    from vici.protocol import Packet
 
     reader = asyncio.StreamReader()
     reader.feed_data(data)
@@ -318,8 +318,8 @@ async def _control(data: bytes, peer: _Peer) -> bytes:
     async def reload() -> Any:
         return {"generation": 1}
 
-    server = ControlServer(Path("/nonexistent/control.sock"), lambda: {"tunnels": []},  # type: ignore[arg-type,return-value]
-                           reload, metrics=lambda: "# greupd\n")
+    status = cast(Any, {"tunnels": []})
+    server = ControlServer(Path("/nonexistent/control.sock"), lambda: status, reload, metrics=lambda: "# greupd\n")
     reader = asyncio.StreamReader(limit=_MAX_LINE)
     reader.feed_data(data)
     reader.feed_eof()

@@ -28,7 +28,7 @@ def main() -> None:
         import greupd.ipsec.vici
         import greupd.keepalive.codec
         import greupd.metrics
-        import greupd.netlink.rtnl  # noqa: F401  (imported here to be instrumented)
+        import greupd.netlink.rtnl
         if "tomllib" in target.instrument:
             import tomllib  # noqa: F401
         if "yaml" in target.instrument:
