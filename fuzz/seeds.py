@@ -20,6 +20,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,7 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def save(target: str, inputs: Iterable[bytes]) -> int:
     folder = CORPUS / target
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
     count = 0
     for data in inputs:
         (folder / hashlib.sha1(data).hexdigest()).write_bytes(data)
@@ -177,6 +180,93 @@ def rtnl_seeds() -> list[bytes]:
 # --- VICI ---------------------------------------------------------------------------------------------------
 
 
+_CONN = """connections {
+  greupd-%(name)s {
+    version = 2
+    local_addrs = %(local)s
+    remote_addrs = %(remote)s
+    local { auth = psk }
+    remote { auth = psk }
+    children {
+      gre {
+        mode = transport
+        local_ts = dynamic[gre]
+        remote_ts = dynamic[gre]
+        esp_proposals = aes256gcm16-ecp384
+        start_action = none
+      }
+    }
+    proposals = aes256gcm16-prfsha384-ecp384
+  }
+}
+secrets {
+  ike-1 { secret = "fuzz-seed-psk-0123456789abcdef" }
+}
+"""
+
+
+def _vici_exchange(path: Path, packets: list[bytes]) -> bytes:
+    """Send framed packets to charon's VICI socket; everything charon answers until its command response."""
+    from vici.protocol import Packet
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        stream = b""
+        for packet in packets:
+            sock.sendall(len(packet).to_bytes(4, "big") + packet)
+            while True:
+                head = sock.recv(4, socket.MSG_WAITALL)
+                body = sock.recv(int.from_bytes(head, "big"), socket.MSG_WAITALL)
+                stream += head + body
+                if body[0] != Packet.EVENT:
+                    break
+        return stream
+
+
+def vici_capture() -> list[bytes]:
+    """charon's own answers: two charons in two namespaces of this host's kernel, an IKE SA and an ESP SA
+    (transport, GRE) between them, and what A's VICI socket says to version, stats, list-conns, list-sas,
+    an initiate of a connection that is there and one that is not, and an unknown command."""
+    from vici.protocol import Message, Packet
+
+    from lab.charon import Charon, available
+    from lab.hosts import Lab
+
+    if os.geteuid() != 0 or available() is not None:
+        print(f"vici: no capture ({available() or 'not root'})", file=sys.stderr)
+        return []
+    with Lab("-fuzzseeds") as lab:
+        a, b = lab.host("a"), lab.host("b")
+        lab.link(a, b, "172.19.1.1/24", "172.19.1.2/24")
+        charons = [Charon(a).start(), Charon(b).start()]
+        try:
+            charons[0].load(_CONN % {"name": "My_Tunnel", "local": "172.19.1.1", "remote": "172.19.1.2"})
+            charons[1].load(_CONN % {"name": "to_a", "local": "172.19.1.2", "remote": "172.19.1.1"})
+            # The ESP SA needs xfrm in the kernel (this host's may refuse it): the IKE SA is there either way.
+            charons[0].swanctl("--initiate", "--child", "gre", "--ike", "greupd-My_Tunnel", check=False, timeout=60)
+            socket_path = charons[0].socket
+
+            def request(command: str, message: dict[str, object] | None = None) -> bytes:
+                return bytes(Packet.request(command, Message.serialize(message) if message is not None else None))
+
+            def streamed(event: str, command: str) -> bytes:
+                return _vici_exchange(socket_path, [Packet.register_event(event), request(command),
+                                                    Packet.unregister_event(event)])
+
+            return [_vici_exchange(socket_path, [request("version")]),
+                    _vici_exchange(socket_path, [request("stats")]),
+                    streamed("list-conn", "list-conns"), streamed("list-sa", "list-sas"),
+                    _vici_exchange(socket_path, [request("get-conns")]),
+                    _vici_exchange(socket_path, [request("initiate", {"child": "gre", "ike": "nope",
+                                                                      "timeout": "1000"})]),
+                    _vici_exchange(socket_path, [request("no-such-command")]),
+                    _vici_exchange(socket_path, [Packet.register_event("no-such-event")])]
+        finally:
+            for charon in charons:
+                charon.stop()
+
+
 def vici_seeds() -> list[bytes]:
     from vici.protocol import Message, Packet
 
@@ -216,6 +306,7 @@ def vici_seeds() -> list[bytes]:
         response({"success": "yes", "matches": "1", "terminated": "1"}),
         response({"daemon": "charon-systemd", "version": "5.9.8", "sysname": "Linux", "release": "6.1.0"}),
         event("list-sa", {"greupd-My_Tunnel": ike})[:60],
+        *vici_capture(),
     ]
 
 
