@@ -349,7 +349,66 @@ def ifupdown_seeds() -> list[bytes]:
     return [NEXT_FILE.join([main, *extra]), main, *extra]
 
 
+# --- libFuzzer dictionaries: the words of each format, which random mutation would take long to spell -------
+
+DICTS = CORPUS.parent / "dict"
+
+
+def _dict_entry(token: bytes) -> str:
+    return '"' + "".join(chr(c) if 32 <= c < 127 and c not in b'"\\' else f"\\x{c:02x}" for c in token) + '"'
+
+
+def dictionaries() -> dict[str, list[bytes]]:
+    from greupd.config import json_schema
+
+    keys: set[str] = set()
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            properties = node.get("properties")
+            keys.update(properties if isinstance(properties, dict) else {})
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json_schema())
+    values = [b'"gre"', b'"ip6gre"', b'"gretap"', b'"ip6gretap"', b'"172.19.1.1"', b'"fd00::1"', b'"20.10.1.0/24"',
+              b'"0.0.0.42"', b'"inherit"', b'"300ms"', b'"2s"', b'"main"', b"true", b"false", b"4294967295", b"[[",
+              b"]]", b"{", b"}", b'"""', b"'''", b"\\u00e4", b"1e400", b"0x", b"-0", b"nan", b"inf"]
+    tables = [b"[[tunnel]]\n", b"[daemon]\n", b"[defaults]\n", b"[tunnel.keepalive]\n", b"[tunnel.ipsec]\n",
+              b"[tunnel.nat]\n", b"[tunnel.mss]\n", b"[defaults.keepalive]\n"]
+    return {
+        "config": [*(k.encode() + b" = " for k in sorted(keys)), *values, *tables, DROPIN],
+        "control": [b'"command"', b'"status"', b'"reload"', b'"metrics"', b"\n", b"\\u0000", b"[", b"{", b"null"],
+        "metrics": [b"GET ", b"HEAD ", b"/metrics", b" HTTP/1.1", b" HTTP/1.0", b"\r\n", b"\r\n\r\n", b"?", b"Host: "],
+        "netplan": [b"network:", b"tunnels:", b"version: 2", b"mode: ", b"gre", b"ip6gre", b"gretap", b"local: ",
+                    b"remote: ", b"key: ", b"keys:", b"input: ", b"output: ", b"ttl: ", b"mtu: ", b"addresses:",
+                    b"routes:", b"to: ", b"via: ", b"metric: ", b"table: ", b"default", b"- ", b"{", b"[", b"&a",
+                    b"*a", b"!!", b"172.19.1.1", b"fd00::1", b"20.10.1.0/24"],
+        "networkd": [b"[NetDev]\n", b"[Tunnel]\n", b"[Match]\n", b"[Network]\n", b"[Address]\n", b"[Route]\n",
+                     b"Name=", b"Kind=gre", b"Kind=ip6gre", b"Kind=gretap", b"MTUBytes=", b"Local=", b"Remote=",
+                     b"Key=", b"InputKey=", b"OutputKey=", b"TTL=", b"TOS=", b"DiscoverPathMTU=", b"Address=",
+                     b"Peer=", b"Destination=", b"Gateway=", b"Metric=", b"Table=", b"172.19.1.1", b"fd00::1",
+                     b"20.10.1.0/24", NEXT_FILE],
+        "ifupdown": [b"iface ", b" inet tunnel\n", b" inet6 tunnel\n", b"auto ", b"source interfaces.d/*\n",
+                     b"mode gre", b"mode ip6gre", b"mode gretap", b"local ", b"endpoint ", b"address ", b"netmask ",
+                     b"dstaddr ", b"ttl ", b"mtu ", b"key ", b"ikey ", b"okey ", b"gateway ", b"up ", b"post-up ",
+                     b"ip route add ", b" dev ", b" metric ", b" table ", b"route add -net ", b"-host ",
+                     b"iptables -t nat -A POSTROUTING -o ", b"-j MASQUERADE", b"-j TCPMSS --set-mss ", b" -s ",
+                     b"\\\n", b"'", b'"', NEXT_FILE],
+    }
+
+
+def write_dictionaries() -> None:
+    DICTS.mkdir(exist_ok=True)
+    for target, tokens in dictionaries().items():
+        (DICTS / f"{target}.dict").write_text("".join(_dict_entry(t) + "\n" for t in tokens))
+
+
 def main() -> None:
+    write_dictionaries()
     for target, seeds in (("config", config_seeds), ("gre", gre_seeds), ("rtnl", rtnl_seeds), ("vici", vici_seeds),
                           ("control", control_seeds), ("metrics", metrics_seeds), ("netplan", netplan_seeds),
                           ("networkd", networkd_seeds), ("ifupdown", ifupdown_seeds)):
