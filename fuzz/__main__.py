@@ -94,7 +94,7 @@ def replay() -> int:
 
 def table(rows: list[dict[str, object]]) -> str:
     lines = ["| target | documented errors | s | executions | exec/s | cov | ft | corpus (files/bytes) "
-             "| lines covered (replay) | crashes: new / known |",
+             "| lines covered (replay) | crashes: new / saved before |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |"]
     for row in rows:
         covered = row.get("coverage", {})
@@ -102,6 +102,9 @@ def table(rows: list[dict[str, object]]) -> str:
         modules = covered.get("lines", {})
         lines_text = ", ".join(f"{Path(m).name}{'/' if m.endswith('/') else ''} {a}/{b} ({100 * a // max(b, 1)} %)"
                                for m, (a, b) in modules.items())
+        path = covered.get("path")
+        if isinstance(path, list):
+            lines_text += f"; the parsing functions {path[0]}/{path[1]} ({100 * path[0] // max(path[1], 1)} %)"
         found = row["findings"]
         assert isinstance(found, dict)
         new = sorted(k for k, v in found.items() if v == "new")

@@ -7,6 +7,7 @@ A process of its own, without atheris: coverage starts before greupd is imported
 
 from __future__ import annotations
 
+import ast
 import json
 import sys
 from pathlib import Path
@@ -39,6 +40,22 @@ def files_of(module: str) -> list[Path]:
     return sorted(path.with_suffix("").glob("*.py"))
 
 
+def function_lines(file: Path, names: tuple[str, ...]) -> set[int]:
+    """The lines of the functions `names` (qualified: "Class.method") defined in `file`."""
+    found: set[int] = set()
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = prefix + child.name
+                if name in names and not isinstance(child, ast.ClassDef):
+                    found.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
+                visit(child, name + ".")
+
+    visit(ast.parse(file.read_text()), "")
+    return found
+
+
 def main() -> None:
     target_name, folders = sys.argv[1], [Path(a) for a in sys.argv[2:]]
     from fuzz.targets import TARGETS
@@ -50,13 +67,21 @@ def main() -> None:
     result = replay(target_name, folders)
     cov.stop()
     lines: dict[str, list[int]] = {}
+    path_covered = path_total = 0
+    functions = TARGETS[target_name].functions
     for module, files in modules.items():
         covered = total = 0
         for file in files:
             _, statements, _, missing, _ = cov.analysis2(str(file))
             covered, total = covered + len(statements) - len(missing), total + len(statements)
+            if functions:
+                on_path = function_lines(file, functions) & set(statements)
+                path_covered += len(on_path - set(missing))
+                path_total += len(on_path)
         lines[module if len(files) == 1 else module.removesuffix(".py") + "/"] = [covered, total]
     result["lines"] = lines
+    if functions:
+        result["path"] = [path_covered, path_total]
     print(json.dumps(result))
 
 

@@ -32,6 +32,9 @@ class Target:
     instrument: tuple[str, ...]  # what atheris instruments for guidance (greupd, plus the parser it drives)
     seconds: int  # default time of a `make fuzz` run
     max_len: int  # libFuzzer's -max_len
+    # The functions of `modules` on the path of these bytes (qualified names), when a module holds more than its
+    # parser (a server's sockets, a supervisor's loop): the coverage replay reports their lines apart.
+    functions: tuple[str, ...] = ()
 
 
 _WORK: Path | None = None
@@ -298,11 +301,12 @@ class _Peer:
 
 def control(data: bytes) -> None:
     """Request lines on the control socket, as ControlServer serves a connection (readline with its 64 KiB
-    limit, parse_request, the answer), from root and from a member of the daemon's group. Errors: none: every
-    line gets one JSON answer, and the connection is closed."""
+    limit, parse_request, the answer), from root, from a member of the daemon's group and from a stranger (who
+    is answered "permission denied" once). Errors: none: every line gets one JSON answer, and the connection is
+    closed."""
     import json
 
-    for peer in (_Peer(0, 0), _Peer(os.geteuid() + 1, os.getegid())):
+    for peer in (_Peer(0, 0), _Peer(os.geteuid() + 1, os.getegid()), _Peer(os.geteuid() + 1, os.getegid() + 1)):
         sent = _run(_control(data, peer))
         answers = sent.splitlines()
         lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
@@ -426,15 +430,29 @@ def ifupdown(data: bytes) -> None:
 
 # --- the list ----------------------------------------------------------------------------------------------
 
+_GRE_PATH = ("parse_gre", "_usual_message", "_general_message", "_ipv4_header", "_gre_header", "_gre_length",
+             "build_probe_template", "probe_shape", "_offsets", "ones_complement_sum", "ipv4_checksum",
+             "ProbeBytes.__init__", "ProbeBytes.stamp", "ProbeTemplate.with_token", "ProbeTemplate.outer_header_length")
+_RTNL_PATH = ("_text", "_u32_of", "_be16_of", "_gre_value", "link_from_message", "link_name_and_index", "address_index",
+              "address_from_message", "route_protocol_and_type", "route_oif", "route_from_message", "link_index",
+              "may_concern_us", "Outcome.__str__", "Answers.__init__", "Answers.complete", "Answers.feed",
+              "Answers.outcomes", "messages", "attributes", "error_code", "ext_ack_message", "done_code")
+_VICI_PATH = ("_text", "_decode", "ViciSession.receive", "ViciSession._result", "tunnel_states", "change_message")
+_CONTROL_PATH = ("ControlServer._serve_connection", "ControlServer._answer", "parse_request", "command_error", "_send",
+                 "_peer_access")
+_METRICS_PATH = ("MetricsListener._serve", "MetricsListener._answer", "_response")
+
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("config", config, "ConfigError", ("greupd/config.py",), ("greupd", "tomllib"), 120, 8192),
-    Target("gre", gre, "MalformedPacket", ("greupd/keepalive/codec.py",), ("greupd",), 60, 2048),
+    Target("gre", gre, "MalformedPacket", ("greupd/keepalive/codec.py",), ("greupd",), 60, 2048, _GRE_PATH),
     Target("rtnl", rtnl, "none in framing; ValueError, struct.error in decoders",
-           ("greupd/netlink/rtnl.py", "greupd/netlink/nlmsg.py"), ("greupd",), 60, 4096),
+           ("greupd/netlink/rtnl.py", "greupd/netlink/nlmsg.py"), ("greupd",), 60, 4096, _RTNL_PATH),
     Target("vici", vici, "ViciError", ("greupd/ipsec/vici.py", "greupd/ipsec/supervisor.py"),
-           ("greupd", "vici"), 60, 8192),
-    Target("control", control, "none (an error answer)", ("greupd/control.py",), ("greupd", "json"), 60, 4096),
-    Target("metrics", metrics, "none (an error answer)", ("greupd/metrics.py",), ("greupd",), 45, 9000),
+           ("greupd", "vici"), 60, 8192, _VICI_PATH),
+    Target("control", control, "none (an error answer)", ("greupd/control.py",), ("greupd", "json"), 60, 4096,
+           _CONTROL_PATH),
+    Target("metrics", metrics, "none (an error answer)", ("greupd/metrics.py",), ("greupd",), 45, 9000,
+           _METRICS_PATH),
     Target("netplan", netplan, "ImportProblem", ("greupd/importer/netplan.py", "greupd/importer/write.py"),
            ("greupd", "yaml"), 90, 4096),
     Target("networkd", networkd, "ImportProblem", ("greupd/importer/networkd.py", "greupd/importer/write.py"),
