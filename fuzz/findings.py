@@ -1,6 +1,6 @@
 """A crash's signature and its reproducer on disk: fuzz/crashes/<target>/crash-<signature>.bin, with the
-traceback beside it (.txt). One file per signature (exception type and the frames where it was raised), so a
-campaign that hits the same bug a million times keeps one reproducer, and a committed one is never replaced.
+traceback beside it (.txt). One file per signature (exception type and where greupd raised it), so a campaign
+that hits the same bug a million times keeps one reproducer, and a committed one is never replaced.
 """
 
 from __future__ import annotations
@@ -16,13 +16,20 @@ CORPUS = ROOT / "corpus"
 
 
 def signature(exc: BaseException) -> str:
-    """Type of the exception, and the innermost frame in greupd (or the harness) plus the innermost overall."""
+    """The exception's type and where greupd raised it: the innermost frame in greupd (file, function, line),
+    else the innermost in the harness (file and function only: a harness's line numbers move with its edits,
+    its checks do not), else the innermost overall. Library frames below greupd's are left out, so one site
+    that fails in several ways inside ipaddress or int() stays one finding."""
     frames = traceback.extract_tb(exc.__traceback__)
-    ours = [f for f in frames if "/greupd/" in f.filename or "/fuzz/" in f.filename]
-    where = [ours[-1] if ours else None, frames[-1] if frames else None]
-    text = type(exc).__name__ + "|" + "|".join(
-        f"{Path(f.filename).name}:{f.name}:{f.lineno}" for f in where if f is not None)
-    return f"{type(exc).__name__}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+    ours = [f for f in frames if "/greupd/" in f.filename]
+    harness = [f for f in frames if "/fuzz/" in f.filename and not f.filename.endswith("worker.py")]
+    if ours:
+        where = f"{Path(ours[-1].filename).name}:{ours[-1].name}:{ours[-1].lineno}"
+    elif harness:
+        where = f"{Path(harness[-1].filename).name}:{harness[-1].name}"
+    else:
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].name}:{frames[-1].lineno}" if frames else "?"
+    return f"{type(exc).__name__}-{hashlib.sha1(f'{type(exc).__name__}|{where}'.encode()).hexdigest()[:10]}"
 
 
 def record(target: str, data: bytes, exc: BaseException, directory: Path = CRASHES) -> tuple[str, bool]:
