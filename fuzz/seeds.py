@@ -45,10 +45,50 @@ def save(target: str, inputs: Iterable[bytes]) -> int:
     return count
 
 
+_TUNNEL = b"""[[tunnel]]
+name = "My_Tunnel"
+mode = "gre"
+local = "172.19.1.1"
+remote = "172.19.1.2"
+address = "192.168.8.1/30"
+routes = ["20.10.1.0/24"]
+"""
+_IPSEC_PSK = _TUNNEL + b"""
+[tunnel.ipsec]
+psk_file = "/etc/greupd/psk/My_Tunnel"
+proposals = "aes256gcm16-prfsha384-ecp384"
+esp_proposals = "aes256gcm16-ecp384"
+local_id = "172.19.1.1"
+remote_id = "router-b.example.net"
+start_action = "start"
+dpd_delay = "30s"
+require = true
+"""
+_IPSEC_CERTS = _TUNNEL + b"""
+[tunnel.ipsec]
+cert = "/etc/ssl/certs/ca-certificates.crt"
+key = "/etc/greupd/router-a.key"
+ca = "/etc/ssl/certs/ca-certificates.crt"
+remote_id = "CN=router-b"
+"""
+_DAEMON = b"""[daemon]
+metrics_listen = "[::1]:9474"
+metrics_textfile = "/var/lib/prometheus/node-exporter/greupd.prom"
+vici_socket = "/var/run/charon.vici"
+control_socket = "/run/greupd/control.sock"
+state_dir = "/var/lib/greupd"
+nft_table = "greupd"
+on_exit = "keep"
+ip_forward = true
+
+""" + _TUNNEL
+
+
 def config_seeds() -> list[bytes]:
     configs = REPO / "tests" / "configs"
     seeds = [(REPO / "etc" / "greupd" / "tunnels.toml").read_bytes()]
     seeds += [p.read_bytes() for p in sorted(configs.rglob("*.toml")) if "tunnels.d" not in p.parts]
+    seeds += [_IPSEC_PSK, _IPSEC_CERTS, _DAEMON]  # what tests/configs has no file of
     for folder in ("dropins", "broken-dropin"):
         dropins = sorted((configs / folder / "tunnels.d").glob("*.toml"))
         main = (configs / folder / "tunnels.toml").read_bytes()
