@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -40,12 +41,15 @@ def fuzz_one(target: Target, seconds: int) -> dict[str, object]:
                f"-max_len={target.max_len}", "-timeout=20", "-rss_limit_mb=3072", "-print_final_stats=1",
                f"-artifact_prefix={artifacts}/", str(corpus), str(CORPUS / target.name)]
     started = time.monotonic()
+    scratch = Path(tempfile.mkdtemp(prefix="greupd-fuzz-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
     with log.open("w") as out:
         try:
-            rc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                                timeout=seconds + 300).returncode
+            rc = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, timeout=seconds + 300,
+                                env={**os.environ, "GREUPD_FUZZ_WORK": str(scratch)}).returncode
         except subprocess.TimeoutExpired:
             rc = -1
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     elapsed = time.monotonic() - started
     text = log.read_text(errors="replace")
     status = re.findall(r"^#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)/(\S+)", text, re.MULTILINE)

@@ -41,12 +41,19 @@ _WORK: Path | None = None
 
 
 def workdir(name: str) -> Path:
-    """A scratch folder for the harnesses that read files (tmpfs when there is one); removed at exit."""
+    """A scratch folder for the harnesses that read files (tmpfs when there is one). Under atheris the worker
+    ends in libFuzzer's exit(), where no atexit handler runs: the runner and the smoke test give it a folder
+    (GREUPD_FUZZ_WORK) and remove that themselves."""
     global _WORK
     if _WORK is None:
-        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        _WORK = Path(tempfile.mkdtemp(prefix="greupd-fuzz-", dir=base))
-        atexit.register(shutil.rmtree, _WORK, True)
+        given = os.environ.get("GREUPD_FUZZ_WORK")
+        if given:
+            _WORK = Path(given)
+            _WORK.mkdir(parents=True, exist_ok=True)
+        else:
+            base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+            _WORK = Path(tempfile.mkdtemp(prefix="greupd-fuzz-", dir=base))
+            atexit.register(shutil.rmtree, _WORK, True)
     folder = _WORK / name
     if folder.exists():
         shutil.rmtree(folder)

@@ -34,9 +34,10 @@ def test_every_seed_passes_its_harness(name: str) -> None:
 @pytest.mark.parametrize("name", list(TARGETS))
 def test_the_atheris_worker_runs_the_target(name: str, tmp_path: Path) -> None:
     # Crashes it may find go to tmp_path, not fuzz/crashes/: a committed reproducer is a decision, not a test's.
-    env = {**os.environ, "GREUPD_FUZZ_CRASHES": str(tmp_path / "crashes")}
+    (tmp_path / "corpus").mkdir()
+    env = {**os.environ, "GREUPD_FUZZ_CRASHES": str(tmp_path / "crashes"), "GREUPD_FUZZ_WORK": str(tmp_path / "work")}
     done = subprocess.run([sys.executable, "-m", "fuzz.worker", name, "-runs=100", "-seed=1",
-                           f"-max_len={TARGETS[name].max_len}", str(tmp_path), str(CORPUS / name)],
+                           f"-max_len={TARGETS[name].max_len}", str(tmp_path / "corpus"), str(CORPUS / name)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Done 100 runs" in done.stderr, done.stderr[-3000:]
