@@ -40,7 +40,8 @@ def test_check_json_of_a_valid_config(tmp_path: Path) -> None:
     path.write_text(SEED_A)
     result = greupd("check", "--json", str(path))
     assert result.returncode == 0
-    assert json.loads(result.stdout) == {"valid": True, "errors": [], "files": [str(path)], "tunnels": ["My_Tunnel"]}
+    assert json.loads(result.stdout) == {"valid": True, "errors": [], "files": [str(path)], "tunnels": ["My_Tunnel"],
+                                         "warnings": []}
 
 
 def test_check_json_names_file_line_and_field(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ import pytest
 from greupd.config import load_config_text
 from greupd.ipsec.connections import desired_connections
 from greupd.ipsec.supervisor import IpsecSupervisor
-from greupd.nft import render_ruleset
+from greupd.nft.ipsec import render_ipsec_ruleset
 from lab import charon as charon_lab
 from lab.charon import Charon
 from lab.greupd_process import GreupdProcess, _scratch
@@ -312,8 +312,9 @@ def test_require_drops_cleartext_gre_both_ways_with_no_charon_at_all(seed: SeedT
     build_tunnel(seed)  # the seed's GRE link by hand on both ends; it carries a ping in cleartext
     # (tmp_path: the qemu guest sees the host's file system read-only)
     text = router_config(seed.a, *A_SIDE, vici=Path("/nonexistent/charon.vici"), keepalive=False, secrets=tmp_path)
-    # The worst case for a leak: no charon, so no IPsec policy at all. Only greupd's table stands in the way.
-    apply_on(seed.a, render_ruleset(load_config_text(text)))
+    # The worst case for a leak: no charon, so no IPsec policy at all. Only greupd's drops stand in the way
+    # (their own table since #21 M1, apart from the clamp and NAT).
+    apply_on(seed.a, render_ipsec_ruleset(load_config_text(text)))
     received = rx_packets(seed.a, "My_Tunnel")
 
     capture = Capture(seed.b)
@@ -324,8 +325,8 @@ def test_require_drops_cleartext_gre_both_ways_with_no_charon_at_all(seed: SeedT
     assert capture.packets("ip proto 47 and src 172.19.1.1") == []
     assert rx_packets(seed.a, "My_Tunnel") == received  # dropped before A's tunnel decapsulated any
 
-    # require = false: no table, and the same tunnel carries the same ping in cleartext again.
-    relaxed = render_ruleset(load_config_text(text.replace("require = true", "require = false")))
+    # require = false: no drops' table, and the same tunnel carries the same ping in cleartext again.
+    relaxed = render_ipsec_ruleset(load_config_text(text.replace("require = true", "require = false")))
     assert not relaxed.wanted
     apply_on(seed.a, relaxed)
     assert seed.a.wait_ping("192.168.8.11", timeout=30)
