@@ -99,6 +99,7 @@ class DaemonCollector:
                                       status["netlink_requests"])
         yield from _tunnel_families(status)
         yield from _ipsec_families(status)
+        yield from _liveness_families(status)
 
 
 def _gauge(name: str, documentation: str, value: float, **labels: str) -> GaugeMetricFamily:
@@ -161,6 +162,21 @@ def _tunnel_families(status: DaemonStatus) -> Iterator[Metric]:
             rtt.add_metric(name, keepalive["last_rtt_ms"] / 1000)
     yield from (info, up, state, changes, since, repairs, installed, configured, sent, received, missed, rtt,
                 interval)
+
+
+def _liveness_families(status: DaemonStatus) -> Iterator[Metric]:
+    """BFD sessions and dampening (greupd/liveness/): absent for tunnels without them."""
+    from prometheus_client.metrics_core import GaugeMetricFamily
+
+    bfd = GaugeMetricFamily("greupd_bfd_session_up", "1 while the tunnel's BFD session is Up", labels=["tunnel"])
+    dampened = GaugeMetricFamily("greupd_tunnel_dampened", "1 while dampening holds the flapping tunnel down",
+                                 labels=["tunnel"])
+    for t in status["tunnels"]:
+        if "bfd" in t:
+            bfd.add_metric([t["name"]], int(t["bfd"]["state"] == "up"))
+        if "liveness" in t:
+            dampened.add_metric([t["name"]], int("dampening" in t["liveness"]["down_by"]))
+    yield from (bfd, dampened)
 
 
 def _ipsec_families(status: DaemonStatus) -> Iterator[Metric]:

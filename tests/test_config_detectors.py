@@ -49,6 +49,7 @@ def test_bfd_needs_address_and_peer() -> None:
     ('[tunnel.bfd]\nauth_file = "relative"\n', 8, "bfd.auth_file", "relative path"),
     ('[tunnel.bfd]\nauth_file = "/nonexistent/key"\n', 8, "bfd.auth_file", "cannot read"),
     ("[tunnel.bfd]\necho = true\n", 8, "bfd.echo", ""),
+    ('[tunnel.keepalive]\naction = "link"\n[tunnel.bfd]\n', 8, "keepalive.action", "cannot go with"),
     ("[tunnel.dampening]\n", 7, "dampening", "[tunnel.keepalive] or [tunnel.bfd]"),
     ("[tunnel.bfd]\n[tunnel.dampening]\nreuse = 2500\n", 9, "dampening.reuse", "below suppress"),
     ('[tunnel.bfd]\n[tunnel.dampening]\nmax_hold = "30s"\n', 9, "dampening.max_hold", "never reached"),

@@ -237,6 +237,10 @@ class TunnelConfig(_Model):
         if self.bfd is not None and (self.address is None or self.peer is None):
             raise FieldProblem("bfd", "[tunnel.bfd] runs between the tunnel's address and peer (RFC 5881 single"
                                       " hop, through the tunnel): give both")
+        if self.bfd is not None and self.keepalive is not None and self.keepalive.action == "link":
+            raise FieldProblem(("keepalive", "action"), "action = \"link\" cannot go with [tunnel.bfd]: BFD runs"
+                                                         " through the tunnel, and a link set down could never"
+                                                         " carry the packets that bring it back up")
         if self.dampening is not None and self.keepalive is None and self.bfd is None:
             raise FieldProblem("dampening", "[tunnel.dampening] dampens the flaps of a detector: give the"
                                             " tunnel [tunnel.keepalive] or [tunnel.bfd]")

@@ -18,6 +18,17 @@ DAMPENING = "dampening"
 
 
 @dataclass(frozen=True)
+class LivenessVerdict:
+    """What the daemon hears when a tunnel's combined verdict flips: `reason` for the journal
+    (keepalive-timeout, bfd-down, dampened, and their returns), `message` its sentence."""
+
+    up: bool
+    reason: str
+    message: str
+    down_by: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class VerdictChange:
     """A tunnel's combined verdict flipped."""
 

@@ -1,0 +1,111 @@
+"""The BFD engine's sockets on a real kernel (a netns of its own, two engines over loopback): sessions come up,
+TTL 255 is sent and required, the source port is RFC 5881's, a killed peer is detected, AdminDown is heard."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Iterator
+from ipaddress import ip_address
+
+import pytest
+
+from greupd.liveness.bfd_codec import ControlPacket, Diag, State, encode
+from greupd.liveness.bfd_engine import BFD_PORT, SOURCE_PORTS, BfdEngine, BfdTarget
+from greupd.liveness.bfd_session import BfdChange, Timers
+from lab.hosts import Host, Lab, in_netns
+
+pytestmark = pytest.mark.needs_root
+
+FAST = Timers(0.1, 0.1, 3)
+A, B = ip_address("127.0.0.1"), ip_address("127.0.0.2")
+
+
+@pytest.fixture
+def host() -> Iterator[Host]:
+    with Lab() as lab:
+        host = lab.host("a")
+        host.ip("link", "set", "lo", "up")
+        yield host
+
+
+async def until(check: Callable[[], bool], timeout: float) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if check():
+            return True
+        await asyncio.sleep(0.01)
+    return check()
+
+
+def test_two_engines_come_up_and_a_killed_peer_is_detected(host: Host) -> None:
+    changes: list[tuple[str, float, BfdChange]] = []
+
+    async def story() -> None:
+        loop = asyncio.get_running_loop()
+        a = BfdEngine(lambda name, change: changes.append(("a", loop.time(), change)))
+        b = BfdEngine(lambda name, change: changes.append(("b", loop.time(), change)))
+        a.start(loop)
+        b.start(loop)
+        a.configure([BfdTarget("t", A, B, FAST)])
+        b.configure([BfdTarget("t", B, A, FAST)])
+        assert await until(lambda: a.session_state("t") == b.session_state("t") == State.UP, 10)
+        status = a.status("t")
+        assert status is not None and status["detect_time_ms"] == 300 and status["remote_state"] == "up"
+        sender = a._tunnels["t"].sender
+        assert sender is not None and sender.getsockname()[1] in SOURCE_PORTS
+        assert sender.getsockopt(socket.IPPROTO_IP, socket.IP_TTL) == 255
+        assert await until(lambda: not a._tunnels["t"].session.polling, 5)  # the Poll of going Up answered
+
+        # A packet from the peer's address with TTL 64 came from further away: dropped, never seen.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as forged:
+            forged.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 64)
+            forged.bind((str(B), 50000))
+            forged.sendto(encode(ControlPacket(state=State.DOWN, my_discriminator=5)), (str(A), BFD_PORT))
+        assert await until(lambda: (a.status("t") or {"dropped": 0})["dropped"] >= 1, 2)
+        assert a.session_state("t") == State.UP
+
+        b.close()  # killed: no AdminDown
+        killed = loop.time()
+        assert await until(lambda: a.session_state("t") == State.DOWN, 3)
+        [(_, when, change)] = [c for c in changes if c[0] == "a" and c[1] > killed]
+        assert change.diag == Diag.DETECTION_TIME_EXPIRED and not change.up
+        assert when - killed <= 0.3 + 0.1  # the detect time, and a tick of the loop
+
+        b = BfdEngine(lambda name, change: changes.append(("b", loop.time(), change)))
+        b.start(loop)
+        b.configure([BfdTarget("t", B, A, FAST)])
+        assert await until(lambda: a.session_state("t") == State.UP, 10)
+        b.close(admin_down=True)  # greupd stopping with on_exit = "remove"
+        assert await until(lambda: a.session_state("t") == State.DOWN, 1)
+        assert a._tunnels["t"].session.diag == Diag.NEIGHBOR_DOWN
+        a.close()
+
+    with in_netns(host):
+        asyncio.run(story())
+
+
+def test_a_timer_change_renegotiates_without_a_flap(host: Host) -> None:
+    changes: list[BfdChange] = []
+
+    async def story() -> None:
+        loop = asyncio.get_running_loop()
+        a = BfdEngine(lambda name, change: changes.append(change))
+        b = BfdEngine(lambda name, change: None)
+        a.start(loop)
+        b.start(loop)
+        a.configure([BfdTarget("t", A, B, FAST)])
+        b.configure([BfdTarget("t", B, A, FAST)])
+        assert await until(lambda: a.session_state("t") == b.session_state("t") == State.UP, 10)
+        seen = len(changes)
+        b.configure([BfdTarget("t", B, A, Timers(0.3, 0.3, 5))])
+        assert await until(lambda: (a.status("t") or {"detect_time_ms": 0})["detect_time_ms"] == 1500, 5)
+        a.configure([BfdTarget("t", A, B, Timers(0.05, 0.05, 3))])
+        await asyncio.sleep(1.0)
+        assert len(changes) == seen and a.session_state("t") == State.UP
+        a.close()
+        b.close()
+
+    with in_netns(host):
+        asyncio.run(story())
