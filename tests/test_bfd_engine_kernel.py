@@ -13,6 +13,7 @@ import pytest
 from greupd.liveness.bfd_codec import ControlPacket, Diag, State, encode
 from greupd.liveness.bfd_engine import BFD_PORT, SOURCE_PORTS, BfdEngine, BfdTarget
 from greupd.liveness.bfd_session import BfdChange, Timers
+from lab.bfd_peers import BirdBfd, bird_available
 from lab.hosts import Host, Lab, in_netns
 
 pytestmark = pytest.mark.needs_root
@@ -109,3 +110,34 @@ def test_a_timer_change_renegotiates_without_a_flap(host: Host) -> None:
 
     with in_netns(host):
         asyncio.run(story())
+
+
+def test_meticulous_keyed_sha1_with_bird(host: Host) -> None:
+    """RFC 5880 6.7.4 against BIRD 2's `authentication meticulous keyed sha1` (FRR's SHA1 is an HMAC and does
+    not interoperate, FRR issue 23274): up with the same key, never up with another."""
+    if not bird_available():
+        pytest.skip("bird2 is not installed (make deps installs it)")
+    lab = host.lab
+    b = lab.host("b")
+    lab.link(host, b, "10.99.0.1/24", "10.99.0.2/24", "v0", "v1")
+    bird = BirdBfd(b, peer="10.99.0.1", local="10.99.0.2", interface="v1", route="10.98.0.0/24", key="s3cret")
+    bird.start()
+    states: list[State | None] = []
+
+    async def session(key: bytes) -> State | None:
+        loop = asyncio.get_running_loop()
+        engine = BfdEngine(lambda name, change: None)
+        engine.start(loop)
+        engine.configure([BfdTarget("t", ip_address("10.99.0.1"), ip_address("10.99.0.2"), FAST, key)])
+        await until(lambda: engine.session_state("t") == State.UP, 6)
+        state = engine.session_state("t")
+        engine.close(admin_down=True)
+        return state
+
+    try:
+        with in_netns(host):
+            states.append(asyncio.run(session(b"s3cret")))
+            states.append(asyncio.run(session(b"not the key")))
+    finally:
+        bird.stop()
+    assert states == [State.UP, State.DOWN], bird.birdc("show", "bfd", "sessions")
