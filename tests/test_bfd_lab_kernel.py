@@ -65,6 +65,7 @@ def assert_withdrawn_in_time(a: GreupdProcess, seed: SeedTopology, stopped: floa
     assert went_down is not None, a.output()
     assert went_down - stopped <= DETECT + SLACK + command, \
         f"withdrawn {went_down - stopped:.2f}s after the peer stopped (stopping took {command:.2f}s)\n{a.output()}"
+    print(f"withdrawn {went_down - stopped:.3f}s after the peer stopped (stopping took {command:.3f}s)")
     tunnel = a.tunnel("to_b")
     assert tunnel["reason"] == "bfd-down" and tunnel["liveness"] == {"down_by": ["bfd"]}
     assert not routed_through_tunnel(seed.a)

@@ -56,7 +56,12 @@ class LivenessRoom:
         self._configure_others(config)
 
     def _configure_others(self, config: Config) -> None:
-        self.bfd.configure(bfd_targets(config))
+        targets = bfd_targets(config)
+        self.bfd.configure(targets)
+        with_bfd = {target.name for target in targets}
+        for name in self._verdicts.names() - with_bfd:
+            for change in self._verdicts.forget(name, ["bfd"]):
+                self._emit(change, "bfd")
         self._watched = {t.name: tuple(d for d, on in (("keepalive", t.keepalive), ("bfd", t.bfd)) if on)
                          for t in config.tunnels if t.enabled and (t.keepalive or t.bfd)}
         for change in self._verdicts.configure_dampening({
@@ -106,13 +111,12 @@ class LivenessRoom:
         return self._loop.time() if self._loop is not None else 0.0
 
     def _sync(self, name: str) -> None:
-        """The detectors' verdicts as they stand (set without a callback: a resumed keepalive verdict)."""
-        for detector, engine, watches in (("keepalive", self.keepalive, self.keepalive.status(name) is not None),
-                                          ("bfd", self.bfd, self.bfd.watches(name))):
-            if watches:
-                self._verdicts.set(name, detector, engine.is_up(name), self._now(), "")
-            else:
-                self._verdicts.forget(name, [detector])
+        """The keepalive verdict as it stands: one resumed at start (greupd/keepalive/restart.py) was set
+        without a callback. BFD's come by callback only (a session starts up)."""
+        if self.keepalive.status(name) is not None:
+            self._verdicts.set(name, "keepalive", self.keepalive.is_up(name), self._now(), "")
+        else:
+            self._verdicts.forget(name, ["keepalive"])
 
     def _keepalive_changed(self, name: str, change: LivenessChange) -> None:
         self._detector_changed(name, "keepalive", change.up, change.message)
