@@ -51,7 +51,7 @@ class Daemon:
         self.queue: WorkQueue[ReloadResult] = WorkQueue(self._wake.set)
         self.kernel = Kernel()
         self.watch = KernelWatch(self.kernel, self.queue.mark)
-        self.liveness = LivenessRoom(self._on_liveness)  # keepalive, BFD, dampening: one verdict (liveness/room.py)
+        self.liveness = LivenessRoom(self._on_liveness, start.state.path if start else None)  # liveness/room.py
         self.nft = NftKeeper(config.daemon.nft_table, self.queue.mark_nft, self._fail)
         self.ipsec = IpsecSupervisor(config, self.events.ipsec_changed, self._fail)  # runs on its own (supervisor.py)
         self.metrics = MetricsPublisher(self.status, lambda: self.config.daemon, start, self._fail)  # metrics.py
@@ -83,7 +83,7 @@ class Daemon:
                                 metrics=self.metrics.text, netns_lock=True)
         await control.start()
         self.watch.start(loop)
-        self.liveness.start(loop, self.config)  # BFD and dampening; the keepalive engine's targets are resumed:
+        self.liveness.start(loop, self.config)  # BFD and dampening; the keepalive verdicts are resumed here:
         self.liveness.set_answerable([])  # nothing is known to work before the first pass (#11 H5)
         self.verdicts.resume(self.config, lambda: self.kernel.observe(self.desired()))
         # The table (clamp, NAT, forward accepts, IPsec drops) before any route or GRE packet (#11): its rules

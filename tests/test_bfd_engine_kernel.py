@@ -7,9 +7,11 @@ import asyncio
 import socket
 from collections.abc import Callable, Iterator
 from ipaddress import ip_address
+from pathlib import Path
 
 import pytest
 
+from greupd.liveness import bfd_memory
 from greupd.liveness.bfd_codec import ControlPacket, Diag, State, encode
 from greupd.liveness.bfd_engine import BFD_PORT, SOURCE_PORTS, BfdEngine, BfdTarget
 from greupd.liveness.bfd_session import BfdChange, Timers
@@ -141,3 +143,37 @@ def test_meticulous_keyed_sha1_with_bird(host: Host) -> None:
     finally:
         bird.stop()
     assert states == [State.UP, State.DOWN], bird.birdc("show", "bfd", "sessions")
+
+
+def test_a_restarted_engine_carries_its_sessions_on(host: Host, tmp_path: Path) -> None:
+    """greupd restarted with on_exit = "keep": the sessions kept in state_dir go on, and the peer, which heard
+    nothing for less than its detect time, never goes down."""
+    b_changes: list[BfdChange] = []
+
+    async def story() -> None:
+        loop = asyncio.get_running_loop()
+        slow = Timers(0.3, 0.3, 5)  # 1.5 s of detect time at the peer: room for a restart
+        a = BfdEngine(lambda name, change: None)
+        b = BfdEngine(lambda name, change: b_changes.append(change))
+        a.start(loop)
+        b.start(loop)
+        a.configure([BfdTarget("t", A, B, slow)])
+        b.configure([BfdTarget("t", B, A, slow)])
+        assert await until(lambda: a.session_state("t") == b.session_state("t") == State.UP, 10)
+        assert await until(lambda: not a._tunnels["t"].session.polling, 5)
+        seen = len(b_changes)
+        bfd_memory.save(tmp_path, a.snapshot())
+        a.close()
+        await asyncio.sleep(0.5)
+        a = BfdEngine(lambda name, change: None)
+        a.start(loop)
+        a.resume(bfd_memory.load(tmp_path))
+        a.configure([BfdTarget("t", A, B, slow)])
+        assert a.session_state("t") == State.UP
+        await asyncio.sleep(3.0)
+        assert len(b_changes) == seen and b.session_state("t") == State.UP and a.session_state("t") == State.UP
+        a.close()
+        b.close()
+
+    with in_netns(host):
+        asyncio.run(story())

@@ -141,7 +141,7 @@ def test_the_session_comes_back_whichever_end_starts_first() -> None:
     wire.run_until(7.3)
     wire.b = BfdSession(FAST, 0x2222, 7.3, rng)
     wire.run_until(12.0)
-    assert wire.a.state == wire.b.state == State.UP
+    assert (wire.a.state, wire.b.state) == (State.UP, State.UP)
 
 
 def test_a_timer_change_renegotiates_without_a_flap() -> None:
@@ -270,3 +270,33 @@ def up(session: BfdSession) -> None:
     assert session.state == State.UP
     session.receive(peer_packet(State.UP, final=True), b"", 0.6)
     assert not session.polling
+
+
+def test_a_resumed_session_carries_on_when_the_gap_is_shorter_than_the_detect_time() -> None:
+    wire = pair()
+    wire.run_until(5.0)
+    assert wire.b is not None
+    old = wire.a
+    changes = len(wire.changes)
+    wire.a = BfdSession(FAST, old.my_discriminator, 5.5, random.Random(9))  # greupd restarted: 0.5 s of silence
+    wire.a.resume(old.remote_discriminator, old.remote_min_rx, old.remote_desired_min_tx, old.remote_detect_mult,
+                  5.5)
+    wire.in_flight.clear()
+    wire.run_until(10.0)
+    assert len(wire.changes) == changes  # B never noticed
+    assert wire.a.state == wire.b.state == State.UP
+
+
+def test_a_resumed_session_after_the_peer_gave_up_comes_up_again() -> None:
+    wire = pair()
+    wire.run_until(5.0)
+    assert wire.b is not None
+    old = wire.a
+    wire.a = None  # type: ignore[assignment]
+    wire.run_until(7.0)  # B's detect time (0.9 s) passes: B is Down
+    assert wire.b.state == State.DOWN
+    wire.a = BfdSession(FAST, old.my_discriminator, 7.0, random.Random(9))
+    wire.a.resume(old.remote_discriminator, old.remote_min_rx, old.remote_desired_min_tx, old.remote_detect_mult,
+                  7.0)
+    wire.run_until(12.0)
+    assert (wire.a.state, wire.b.state) == (State.UP, State.UP)

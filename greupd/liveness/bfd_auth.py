@@ -24,6 +24,15 @@ class MeticulousSha1:
         self._seq_known = False  # bfd.AuthSeqKnown
         self._last_accepted: float | None = None
 
+    @property
+    def last_sequence(self) -> int:
+        return self._xmit_seq
+
+    def continue_from(self, sequence: int) -> None:
+        """A resumed session goes on from the sequence number the previous greupd sent last: the peer accepts
+        only numbers above the last it saw (meticulous)."""
+        self._xmit_seq = sequence & 0xFFFFFFFF
+
     def next_section(self) -> AuthSection:
         """The section of the next packet: meticulous, so every packet has a new sequence number."""
         self._xmit_seq = (self._xmit_seq + 1) & 0xFFFFFFFF

@@ -22,7 +22,7 @@ import logging
 import random
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
@@ -30,6 +30,7 @@ from greupd.config import Config
 from greupd.config.detectors import read_bfd_key
 from greupd.liveness.bfd_auth import MeticulousSha1
 from greupd.liveness.bfd_codec import MAX_PACKET, MalformedPacket, State, decode
+from greupd.liveness.bfd_memory import SessionMemo
 from greupd.liveness.bfd_session import BfdChange, BfdSession, Step, Timers
 from greupd.status import BfdStatus
 
@@ -95,6 +96,7 @@ class BfdEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tunnels: dict[str, _Tunnel] = {}
         self._pending: list[BfdTarget] = []
+        self._resume: dict[str, SessionMemo] = {}
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -120,6 +122,24 @@ class BfdEngine:
                 "detect_time_ms": round(session.detect_time * 1000), "sent": session.counters.sent,
                 "received": session.counters.received, "dropped": tunnel.dropped + session.counters.discarded}
 
+    def snapshot(self) -> dict[str, SessionMemo]:
+        """Every Up session, for the next greupd to carry on (bfd_memory.py)."""
+        memos = {}
+        for name, tunnel in self._tunnels.items():
+            session = tunnel.session
+            if session.state != State.UP:
+                continue
+            memos[name] = SessionMemo(
+                str(tunnel.target.address), str(tunnel.target.peer), session.my_discriminator,
+                session.remote_discriminator, round(session.remote_min_rx * 1e6),
+                round(session.remote_desired_min_tx * 1e6), session.remote_detect_mult,
+                session.auth.last_sequence if session.auth is not None else None)
+        return memos
+
+    def resume(self, memos: Mapping[str, SessionMemo]) -> None:
+        """Sessions to carry on rather than start: used by the next configure() for tunnels it adds."""
+        self._resume = dict(memos)
+
     def configure(self, targets: Sequence[BfdTarget]) -> None:
         """The sessions `targets` ask for: new ones start, removed ones say AdminDown and go, changed timers
         are renegotiated (Poll/Final, no flap), changed endpoints or keys start a new session."""
@@ -130,13 +150,14 @@ class BfdEngine:
         wanted = {target.name: target for target in targets}
         for name in [n for n in self._tunnels if n not in wanted]:
             self._remove(name, admin_down=True)
+        resume, self._resume = self._resume, {}
         for target in targets:
             tunnel = self._tunnels.get(target.name)
             if tunnel is not None and tunnel.target.endpoints != target.endpoints:
                 self._remove(target.name, admin_down=True)
                 tunnel = None
             if tunnel is None:
-                self._add(target, now)
+                self._add(target, now, resume.get(target.name))
             elif tunnel.target != target:
                 tunnel.target = target
                 self._handle(tunnel, tunnel.session.reconfigure(target.timers, now))
@@ -149,13 +170,22 @@ class BfdEngine:
 
     # --- sessions ------------------------------------------------------------------------------------
 
-    def _add(self, target: BfdTarget, now: float) -> None:
+    def _add(self, target: BfdTarget, now: float, memo: SessionMemo | None = None) -> None:
         used = {t.session.my_discriminator for t in self._tunnels.values()}
-        discriminator = 0
+        if memo is not None and (memo.address, memo.peer) != (str(target.address), str(target.peer)):
+            memo = None  # the tunnel's endpoints changed meanwhile: a new session
+        discriminator = memo.my_discriminator if memo is not None and memo.my_discriminator not in used else 0
         while discriminator == 0 or discriminator in used:
             discriminator = self._rng.getrandbits(32)
         auth = MeticulousSha1(target.key, self._rng) if target.key is not None else None
-        tunnel = _Tunnel(target, BfdSession(target.timers, discriminator, now, self._rng, auth=auth))
+        session = BfdSession(target.timers, discriminator, now, self._rng, auth=auth)
+        if memo is not None and discriminator == memo.my_discriminator:
+            session.resume(memo.remote_discriminator, memo.remote_min_rx_us / 1e6,
+                           memo.remote_desired_min_tx_us / 1e6, memo.remote_detect_mult, now)
+            if auth is not None and memo.auth_sequence is not None:
+                auth.continue_from(memo.auth_sequence)
+            log.info("tunnel %s: BFD session carried on from the previous greupd", target.name)
+        tunnel = _Tunnel(target, session)
         self._tunnels[target.name] = tunnel
         self._open(tunnel)
         self._arm(tunnel)

@@ -208,6 +208,22 @@ class BfdSession:
             self.next_tx = now
         return Step()
 
+    def resume(self, remote_discriminator: int, remote_min_rx: float, remote_desired_min_tx: float,
+               remote_detect_mult: int, now: float) -> None:
+        """Carry on an Up session a previous greupd left (on_exit = "keep", the same discriminators): the peer
+        sees no new session, only a gap in the packets, which it survives when the restart was shorter than its
+        detect time; otherwise it answers Down and the session is brought up again as usual. The peer gets its
+        detect time from now to be heard."""
+        self.state, self.diag, self.remote_state = State.UP, Diag.NONE, State.UP
+        self.remote_discriminator = remote_discriminator
+        self.remote_min_rx, self.remote_desired_min_tx = remote_min_rx, remote_desired_min_tx
+        self.remote_detect_mult = remote_detect_mult
+        self._adv_tx = self._tx = self.timers.desired_min_tx
+        self._adv_rx = self._rx = self.timers.required_min_rx
+        self.up, self._grace_until = True, None
+        self.last_heard, self.detect_deadline = now, now + self.detect_time
+        self.next_tx = now
+
     def admin_down(self, now: float) -> Step:
         """The tunnel was disabled, or greupd stops and removes it: tell the peer (Diag 7) at once."""
         step = Step()

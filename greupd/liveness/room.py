@@ -9,11 +9,14 @@ gets one `LivenessVerdict` per flip of a tunnel's combined verdict. A new detect
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from greupd.config import Config
 from greupd.keepalive.engine import KeepaliveEngine, LivenessChange
 from greupd.keepalive.engine import targets_from_config as keepalive_targets
+from greupd.liveness import bfd_memory
 from greupd.liveness.bfd_engine import BfdEngine
 from greupd.liveness.bfd_engine import targets_from_config as bfd_targets
 from greupd.liveness.bfd_session import BfdChange
@@ -23,6 +26,8 @@ from greupd.status import KeepaliveStatus, TunnelStatus
 
 __all__ = ["LivenessRoom", "LivenessVerdict"]
 
+log = logging.getLogger("greupd.liveness")
+
 # The journal's reason for a tunnel a detector took down, and for its return.
 DOWN_REASON = {"keepalive": "keepalive-timeout", "bfd": "bfd-down", "dampening": "dampened"}
 UP_REASON = {"keepalive-timeout": "keepalive-restored", "bfd-down": "bfd-restored",
@@ -30,8 +35,9 @@ UP_REASON = {"keepalive-timeout": "keepalive-restored", "bfd-down": "bfd-restore
 
 
 class LivenessRoom:
-    def __init__(self, on_change: Callable[[str, LivenessVerdict], None]) -> None:
+    def __init__(self, on_change: Callable[[str, LivenessVerdict], None], state_dir: Path | None = None) -> None:
         self._on_change = on_change
+        self._state_dir = state_dir  # where BFD sessions are kept across a restart (bfd_memory.py)
         self.keepalive = KeepaliveEngine(self._keepalive_changed)
         self.bfd = BfdEngine(self._bfd_changed)
         self._verdicts = Verdicts()
@@ -48,6 +54,12 @@ class LivenessRoom:
         self._loop = loop
         self.keepalive.start(loop)
         self.bfd.start(loop)
+        if self._state_dir is not None:
+            self.bfd.resume(bfd_memory.load(self._state_dir))
+            try:  # used once: a crash later must not resume what is stale by then
+                bfd_memory.save(self._state_dir, {})
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", self._state_dir / bfd_memory.FILE, exc.strerror or exc)
         self._configure_others(config)
 
     def configure(self, config: Config) -> None:
@@ -98,6 +110,13 @@ class LivenessRoom:
         return statuses
 
     def close(self, admin_down: bool = False) -> None:
+        """Stop every detector. BFD peers hear AdminDown with admin_down (on_exit = "remove"); otherwise the
+        Up sessions are kept in state_dir for the next greupd to carry on."""
+        if self._state_dir is not None:
+            try:
+                bfd_memory.save(self._state_dir, {} if admin_down else self.bfd.snapshot())
+            except OSError as exc:
+                log.warning("cannot keep the BFD sessions in %s: %s", self._state_dir, exc.strerror or exc)
         self.keepalive.close()
         self.bfd.close(admin_down)
         if self._timer is not None:
