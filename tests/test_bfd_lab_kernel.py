@@ -109,6 +109,31 @@ def test_frr_bfdd_as_the_peer(seed: SeedTopology) -> None:
         eventually(lambda: bfd_of(a)["detect_time_ms"] == 900, 10, "timers negotiated", a.output)
         assert seed.lan_a.wait_ping("20.10.1.2")
 
+        # A timer change on either side is renegotiated (Poll/Final) without a flap.
+        changes = a.tunnel("to_b")["state_changes"]
+        frr.vtysh("configure terminal", "bfd", f"peer {A_INNER} local-address {B_INNER} interface to_a",
+                  "transmit-interval 600")
+        eventually(lambda: bfd_of(a)["detect_time_ms"] == 1800, 10, "FRR's slower TX taken", a.output)
+        a.reload(A_CONFIG.replace("interval = \"300ms\"", "interval = \"500ms\""))
+        eventually(lambda: (frr.session() or {}).get("remote-transmit-interval") == 500, 10,
+                   "A's new timers at FRR", lambda: frr.vtysh("show bfd peers"))
+        assert a.tunnel("to_b")["state_changes"] == changes and (frr.session() or {}).get("status") == "up"
+        a.reload(A_CONFIG)
+        frr.vtysh("configure terminal", "bfd", f"peer {A_INNER} local-address {B_INNER} interface to_a",
+                  "transmit-interval 300")
+        eventually(lambda: bfd_of(a)["detect_time_ms"] == 900, 10, "back at 300 ms x 3", a.output)
+
+        # B's link down: both sides agree the session is down; up again: both up.
+        seed.b.ip("link", "set", "to_a", "down")
+        a.wait_for("to_b", "down", timeout=10)
+        eventually(lambda: (frr.session() or {}).get("status") == "down", 10, "FRR's session down",
+                   lambda: frr.vtysh("show bfd peers"))
+        seed.b.ip("link", "set", "to_a", "up")
+        seed.b.ip("route", "replace", "10.10.1.0/24", "dev", "to_a")
+        a.wait_for("to_b", "up", timeout=20)
+        eventually(lambda: (frr.session() or {}).get("status") == "up", 10, "FRR's session up again",
+                   lambda: frr.vtysh("show bfd peers"))
+
         stopped = time.time()
         frr.stop_bfdd()  # SIGKILL: no AdminDown, only silence
         command = time.time() - stopped
