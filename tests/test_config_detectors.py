@@ -53,7 +53,7 @@ def test_bfd_needs_address_and_peer() -> None:
     ("[tunnel.dampening]\n", 7, "dampening", "[tunnel.keepalive] or [tunnel.bfd]"),
     ("[tunnel.bfd]\n[tunnel.dampening]\nreuse = 2500\n", 9, "dampening.reuse", "below suppress"),
     ('[tunnel.bfd]\n[tunnel.dampening]\nmax_hold = "30s"\n', 9, "dampening.max_hold", "never reached"),
-    ('[tunnel.keepalive]\nhold = "5s"\nretries = 4\n', 8, "keepalive.hold", "not both"),
+    ('[tunnel.keepalive]\ninterval = "1s"\nhold = "5s"\nretries = 4\n', 9, "keepalive.hold", "not both"),
     ('[tunnel.keepalive]\ninterval = "10s"\nhold = "5s"\n', 9, "keepalive.hold", "shorter than the interval"),
     ('[tunnel.keepalive]\ninterval = "50ms"\nhold = "1h"\n', 9, "keepalive.hold", "255 intervals"),
 ])
@@ -80,3 +80,10 @@ def test_bfd_auth_file_is_a_key_file(tmp_path: Path) -> None:
     assert "more than 20 bytes" in error_of(f'[tunnel.bfd]\nauth_file = "{key}"\n')
     key.chmod(0o644)
     assert "chmod 600" in error_of(f'[tunnel.bfd]\nauth_file = "{key}"\n')
+
+
+def test_a_dumped_keepalive_with_hold_validates_again() -> None:
+    from greupd.config.models import KeepaliveConfig
+    keepalive = load_config_text(BASE + '[tunnel.keepalive]\ninterval = "1s"\nhold = "5s"\n').tunnels[0].keepalive
+    assert keepalive is not None
+    assert KeepaliveConfig.model_validate(keepalive.model_dump()) == keepalive

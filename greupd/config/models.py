@@ -73,9 +73,6 @@ class KeepaliveConfig(_Model):
     def _hold_or_retries(self) -> KeepaliveConfig:
         if self.hold is None:
             return self
-        if "retries" in self.model_fields_set:
-            raise FieldProblem("hold", "give either hold (down after this long without a reply) or retries,"
-                                       " not both")
         if self.hold < self.interval:
             raise FieldProblem("hold", f"hold {format_duration(self.hold)} is shorter than the interval"
                                        f" {format_duration(self.interval)}: no probe could be answered in time")
@@ -83,6 +80,10 @@ class KeepaliveConfig(_Model):
         if retries > 255:
             raise FieldProblem("hold", f"hold {format_duration(self.hold)} is more than 255 intervals of"
                                        f" {format_duration(self.interval)}")
+        # Both given: only as a model_dump() writes them (retries made from hold), never two different wishes.
+        if "retries" in self.model_fields_set and self.retries != retries:
+            raise FieldProblem("hold", "give either hold (down after this long without a reply) or retries,"
+                                       " not both")
         object.__setattr__(self, "retries", retries)  # frozen: set once, while validating
         return self
 
