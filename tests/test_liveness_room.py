@@ -51,7 +51,8 @@ def keepalive_down(liveness: LivenessRoom, name: str) -> None:
 
 
 def status(name: str) -> TunnelStatus:
-    return {"name": name, "mode": "gre", "local": "", "remote": "", "state": "up", "since": "", "reason": "config",
+    return {"name": name, "mode": "gre", "local": "", "remote": "", "state": "up", "since": "2026-12-06T21:00:00Z",
+            "reason": "config",
             "error": None, "ifindex": None, "routes": [], "routes_installed": False, "keepalive": None,
             "state_changes": 0, "drift_repairs": 0}
 
@@ -96,3 +97,24 @@ def test_a_flapping_session_is_dampened() -> None:
     assert heard[-1][1].reason == "dampened" and "dampening" in heard[-1][1].down_by
     assert not liveness.is_up("both")
     assert liveness.annotate([status("both")])[0]["liveness"] == {"down_by": ["dampening"]}
+
+
+def test_metrics_say_whether_the_session_is_up_and_the_tunnel_dampened() -> None:
+    from greupd.metrics import ReloadOutcome, render
+    from tests.test_control import router_a
+    from tests.test_metrics import STARTED, value
+
+    daemon_status = router_a(generation=1)
+    with_bfd, dampened = status("with_bfd"), status("dampened")
+    with_bfd["bfd"] = {"state": "up", "remote_state": "up", "detect_time_ms": 900, "sent": 9, "received": 9,
+                       "dropped": 0}
+    with_bfd["liveness"] = {"down_by": []}
+    dampened["bfd"] = {"state": "up", "remote_state": "up", "detect_time_ms": 900, "sent": 9, "received": 9,
+                       "dropped": 0}
+    dampened["liveness"] = {"down_by": ["dampening"]}
+    daemon_status["tunnels"] += [with_bfd, dampened]
+    text = render(daemon_status, ReloadOutcome(ok=True, last_success=STARTED))
+    assert value(text, "greupd_bfd_session_up", tunnel="with_bfd") == 1
+    assert value(text, "greupd_tunnel_dampened", tunnel="with_bfd") == 0
+    assert value(text, "greupd_tunnel_dampened", tunnel="dampened") == 1
+    assert "greupd_bfd_session_up{tunnel=\"My_Tunnel\"}" not in text  # no [tunnel.bfd]: no series
