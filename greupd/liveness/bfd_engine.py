@@ -46,6 +46,7 @@ _IP_TTL = 2
 _IPV6_RECVHOPLIMIT = 51
 _IPV6_HOPLIMIT = 52
 _IPV6_UNICAST_HOPS = 16
+_COALESCE = 0.001  # s
 _INT = struct.Struct("=i")
 _ANCILLARY = socket.CMSG_SPACE(_INT.size)
 
@@ -215,10 +216,15 @@ class BfdEngine:
         self._arm(tunnel)
 
     def _arm(self, tunnel: _Tunnel) -> None:
+        """The session's timer at its wake_at. One that is set for no later is kept (a received packet only
+        pushes the detection time out; the tick finds nothing due and arms again): no cancel and new handle
+        per packet."""
+        when = tunnel.session.wake_at
         if tunnel.timer is not None:
+            if when is not None and tunnel.timer.when() <= when:
+                return
             tunnel.timer.cancel()
             tunnel.timer = None
-        when = tunnel.session.wake_at
         if when is not None and self._loop is not None:
             tunnel.timer = self._loop.call_at(when, self._tick, tunnel)
 
@@ -227,7 +233,8 @@ class BfdEngine:
         tunnel.timer = None
         if tunnel.receiver is None:
             self._open(tunnel)  # the address was not usable yet (EADDRINUSE by another BFD daemon, say)
-        self._handle(tunnel, tunnel.session.tick(self._loop.time()))
+        # asyncio may run a timer up to its clock's resolution early: what is due that soon is due now.
+        self._handle(tunnel, tunnel.session.tick(self._loop.time() + _COALESCE))
 
     # --- sockets -------------------------------------------------------------------------------------
 
