@@ -177,3 +177,33 @@ def test_a_restarted_engine_carries_its_sessions_on(host: Host, tmp_path: Path) 
 
     with in_netns(host):
         asyncio.run(story())
+
+
+def test_ipv6_sessions_come_up_with_hop_limit_255(host: Host) -> None:
+    """ip6gre and ip6gretap tunnels have IPv6 inner addresses: the same engine over IPv6 sockets."""
+    host.ip("addr", "add", "fd00::1/128", "dev", "lo", "nodad")
+    host.ip("addr", "add", "fd00::2/128", "dev", "lo", "nodad")
+
+    async def story() -> None:
+        loop = asyncio.get_running_loop()
+        a, b = BfdEngine(lambda name, change: None), BfdEngine(lambda name, change: None)
+        a.start(loop)
+        b.start(loop)
+        six_a, six_b = ip_address("fd00::1"), ip_address("fd00::2")
+        a.configure([BfdTarget("t", six_a, six_b, FAST)])
+        b.configure([BfdTarget("t", six_b, six_a, FAST)])
+        assert await until(lambda: a.session_state("t") == b.session_state("t") == State.UP, 10)
+        sender = a._tunnels["t"].sender
+        assert sender is not None and sender.getsockname()[1] in SOURCE_PORTS
+        assert sender.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS) == 255
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as forged:  # hop limit 64: dropped
+            forged.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 64)
+            forged.bind(("fd00::2", 50000))
+            forged.sendto(encode(ControlPacket(state=State.DOWN, my_discriminator=5)), ("fd00::1", BFD_PORT))
+        assert await until(lambda: (a.status("t") or {"dropped": 0})["dropped"] >= 1, 2)
+        assert a.session_state("t") == State.UP
+        a.close()
+        b.close()
+
+    with in_netns(host):
+        asyncio.run(story())
