@@ -77,7 +77,9 @@ def test_greupd_to_greupd_up_then_a_killed_peer_is_withdrawn_in_time(seed: SeedT
     b = GreupdProcess(seed.b, B_CONFIG).start()
     eventually(lambda: bfd_of(a)["state"] == "up" and bfd_of(a)["detect_time_ms"] == 900, 20,
                "A's session up at 300 ms x 3", a.output)
-    assert a.tunnel("to_b")["state"] == "up" and routed_through_tunnel(seed.a)
+    a.wait_for("to_b", "up", timeout=10)
+    eventually(lambda: routed_through_tunnel(seed.a), 5, "B's LAN routed through the tunnel",
+               lambda: f"{a.output()}\n{seed.a.ip('route').stdout}")
     assert seed.lan_a.wait_ping("20.10.1.2")
     assert a.tunnel("to_b")["liveness"] == {"down_by": []}
     assert re.search(r"greupd_bfd_session_up\{tunnel=\"to_b\"\} 1", a.cli("metrics").stdout)
@@ -91,6 +93,15 @@ def test_greupd_to_greupd_up_then_a_killed_peer_is_withdrawn_in_time(seed: SeedT
     b.start()  # on_exit = "keep": its link is still there; a new session comes up
     a.wait_for("to_b", "up", timeout=20)
     assert a.tunnel("to_b")["reason"] == "bfd-restored" and routed_through_tunnel(seed.a)
+
+    # A disables its tunnel: B hears AdminDown at once, not after its detect time.
+    eventually(lambda: b.tunnel("to_a")["bfd"]["state"] == "up", 10, "B's session up", b.output)
+    disabled = time.time()
+    a.reload(A_CONFIG.replace('routes = ["20.10.1.0/24"]\n', 'routes = ["20.10.1.0/24"]\nenabled = false\n'))
+    b.wait_for("to_a", "down", timeout=10)
+    heard = b.logged_at(r"neighbor signaled session down", disabled - 1)
+    assert heard is not None, b.output()
+    print(f"B heard AdminDown {heard - disabled:.3f}s after A's reload began")
     a.stop()
     b.stop()
 
