@@ -196,9 +196,11 @@ class BfdEngine:
         if tunnel.timer is not None:
             tunnel.timer.cancel()
         if admin_down and self._loop is not None and tunnel.sender is not None:
-            step = tunnel.session.admin_down(self._loop.time())
-            for packet in step.send:
-                self._send(tunnel, tunnel.session.wire(packet))
+            # The session goes with this: no periodic AdminDown follows (RFC 5880 6.8.16 asks for them during
+            # a detection time), so say it three times, that one lost datagram does not leave it unsaid.
+            for _ in range(3):
+                for packet in tunnel.session.admin_down(self._loop.time()).send:
+                    self._send(tunnel, tunnel.session.wire(packet))
         self._close_sockets(tunnel)
 
     def _handle(self, tunnel: _Tunnel, step: Step) -> None:
