@@ -10,7 +10,8 @@ APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev \
 	user-mode-linux kmod iproute2 iputils-ping nftables libnftables1 tcpdump systemd \
 	qemu-system-x86 linux-image-amd64 busybox-static \
 	debhelper dpkg-dev dh-python python3-pip man-db groff-base rpm lintian mmdebstrap \
-	charon-systemd strongswan-swanctl strongswan-charon libstrongswan-standard-plugins
+	charon-systemd strongswan-swanctl strongswan-charon libstrongswan-standard-plugins \
+	frr bird2
 # virtme-ng (for the qemu guest) lives in the venv; its `vng` is what lab/guest.py runs.
 PIP_EXTRA := virtme-ng
 

@@ -19,8 +19,8 @@ from greupd.config import Config, ConfigError, load_config
 from greupd.control import CannotServe, ControlServer, control_socket
 from greupd.events import EventLog, log_like_events
 from greupd.ipsec.supervisor import IpsecSupervisor
-from greupd.keepalive.engine import KeepaliveEngine, LivenessChange, targets_from_config
 from greupd.keepalive.restart import VerdictMemory
+from greupd.liveness.room import LivenessRoom, LivenessVerdict
 from greupd.loop_guard import describe, guard_loop, run_steps
 from greupd.metrics import MetricsPublisher
 from greupd.model import Desired, DesiredMemo
@@ -49,14 +49,14 @@ class Daemon:
         self.queue: WorkQueue[ReloadResult] = WorkQueue(self._wake.set)
         self.kernel = Kernel()
         self.watch = KernelWatch(self.kernel, self.queue.mark)
-        self.keepalive = KeepaliveEngine(self._on_liveness)
+        self.liveness = LivenessRoom(self._on_liveness, start.state.path if start else None)  # liveness/room.py
         self.nft = NftKeeper(config.daemon.nft_table, self.queue.mark_nft, self._fail, self._guarded)
         self.ipsec = IpsecSupervisor(config, self.events.ipsec_changed, self._fail)  # runs on its own (supervisor.py)
         self.metrics = MetricsPublisher(self.status, lambda: self.config.daemon, start, self._fail)  # metrics.py
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.verdicts = VerdictMemory(self.keepalive, start.state if start else None, self._fail)  # #11 H3
+        self.verdicts = VerdictMemory(self.liveness.keepalive, start.state if start else None, self._fail)  # #11 H3
 
-    def _on_liveness(self, name: str, change: LivenessChange) -> None:
+    def _on_liveness(self, name: str, change: LivenessVerdict) -> None:
         self.reports.note_liveness(name, change)
         self.queue.mark_liveness(name)
         self.verdicts.flipped(name)
@@ -81,8 +81,8 @@ class Daemon:
                                 metrics=self.metrics.text, netns_lock=True)
         await control.start()
         self.watch.start(loop)
-        self.keepalive.start(loop)
-        self.keepalive.set_answerable(())  # nothing is known to work before the first pass (#11 H5)
+        self.liveness.start(loop, self.config)  # BFD and dampening; the keepalive verdicts are resumed below
+        self.liveness.set_answerable([])  # nothing is known to work before the first pass (#11 H5)
         self.nft.keep(self.config)  # the tables (IPsec drops, clamp, NAT) before any route, link or probe (#11)
         self.verdicts.resume(self.nft.probed(self.config), lambda: self.kernel.observe(self.desired()))
         self.reconcile(None)
@@ -127,10 +127,10 @@ class Daemon:
     # --- the pass ------------------------------------------------------------------------------------
 
     def desired(self) -> Desired:
-        return self._desired.of(self.config, {name: self.keepalive.is_up(name) for name in self.keepalive.names()})
+        return self._desired.of(self.config, self.liveness.alive())
 
     def _guarded(self, names: frozenset[str]) -> None:  # the IPsec drops in the kernel changed: link, probes (M1)
-        self.keepalive.configure(targets_from_config(self.nft.probed(self.config)))
+        self.liveness.configure_keepalive(self.nft.probed(self.config))
         self.queue.mark(names)
 
     def reconcile(self, names: frozenset[str] | None, repairs: frozenset[str] = frozenset()) -> None:
@@ -149,10 +149,10 @@ class Daemon:
         for error in (e for e in done.errors if e.tunnel is None):
             self._fail(str(error))
         changes = self.reports.update(self.config, done.observed, done.plan, done.errors, done.after,
-                                      self.keepalive.is_up, repairs)
+                                      self.liveness.is_up, repairs)
         for change in changes:
             self.events.emit(change)
-        self.keepalive.after_pass(self.reports.answerable(), done.observed, done.after)  # #11 H5, #21 M2
+        self.liveness.after_pass(self.reports.answerable(), done.observed, done.after)  # #11 H5, #21 M2
         self.notifier.status_if_changed(self.reports.status_text(self.config))
         self.metrics.publish()
         assert self._loop is not None
@@ -202,7 +202,7 @@ class Daemon:
         self.queue.forget(t.name for t in config.tunnels)
         self.nft.rename(config.daemon.nft_table, both)
         self.nft.keep(both)
-        self.keepalive.configure(targets_from_config(self.nft.probed(config)))
+        self.liveness.configure(config, self.nft.probed(config))
         self.ipsec.configure(config)
         # Unchanged tunnels are not even looked at (no flap, and a reload of one tunnel among thousands
         # costs a few requests); drift on them is the watch's business.
@@ -216,7 +216,7 @@ class Daemon:
             self._fail(problem)
 
     def _shutdown(self) -> None:
-        self.keepalive.close()
+        self.liveness.close(admin_down=self.config.daemon.on_exit == "remove")  # BFD peers hear AdminDown
         self.nft.close()
         self.watch.close()
         if self.config.daemon.on_exit == "remove":
@@ -226,12 +226,12 @@ class Daemon:
         self.kernel.close()
 
     def tunnel_statuses(self) -> list[TunnelStatus]:
-        return self.ipsec.annotate(self.reports.statuses(self.config, self.keepalive.status))
+        return self.liveness.annotate(self.ipsec.annotate(self.reports.statuses(self.config, self.liveness.status)))
 
     def status(self) -> DaemonStatus:
         return {"config": str(self.config_path), "generation": self.generation, "last_error": self.last_error,
                 "pid": os.getpid(), "netlink_requests": self.kernel.requests, "tunnels": self.tunnel_statuses(),
-                "warnings": list(self.nft.warnings), "keepalive_socket": self.keepalive.socket_status()}  # M9, #21 M6
+                "warnings": list(self.nft.warnings), "keepalive_socket": self.liveness.keepalive.socket_status()}
 
 
 def run_daemon(config_path: Path, config: Config, socket_override: str | None = None,

@@ -100,6 +100,7 @@ class DaemonCollector:
         yield from _tunnel_families(status)
         yield from _ipsec_families(status)
         yield from _keepalive_socket_families(status)
+        yield from _liveness_families(status)
 
 
 def _gauge(name: str, documentation: str, value: float, **labels: str) -> GaugeMetricFamily:
@@ -180,6 +181,21 @@ def _keepalive_socket_families(status: DaemonStatus) -> Iterator[Metric]:
     if keepalive_socket["drops"] is not None:
         yield CounterMetricFamily("greupd_keepalive_socket_drops", "Packets the kernel dropped at the keepalive "
                                   "socket because its receive buffer was full", keepalive_socket["drops"])
+
+
+def _liveness_families(status: DaemonStatus) -> Iterator[Metric]:
+    """BFD sessions and dampening (greupd/liveness/): absent for tunnels without them."""
+    from prometheus_client.metrics_core import GaugeMetricFamily
+
+    bfd = GaugeMetricFamily("greupd_bfd_session_up", "1 while the tunnel's BFD session is Up", labels=["tunnel"])
+    dampened = GaugeMetricFamily("greupd_tunnel_dampened", "1 while dampening holds the flapping tunnel down",
+                                 labels=["tunnel"])
+    for t in status["tunnels"]:
+        if "bfd" in t:
+            bfd.add_metric([t["name"]], int(t["bfd"]["state"] == "up"))
+        if "liveness" in t:
+            dampened.add_metric([t["name"]], int("dampening" in t["liveness"]["down_by"]))
+    yield from (bfd, dampened)
 
 
 def _ipsec_families(status: DaemonStatus) -> Iterator[Metric]:

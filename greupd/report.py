@@ -17,13 +17,15 @@ from datetime import UTC, datetime
 from greupd.config import Config, TunnelConfig
 from greupd.events import TunnelChanged, tunnel_change_message
 from greupd.keepalive.liveness import LivenessChange
+from greupd.liveness.verdict import LivenessVerdict
 from greupd.model import Observed, Plan, action_tunnel
 from greupd.netlink.kernel import ApplyError
 from greupd.status import KeepaliveStatus, TunnelState, TunnelStatus
 from greupd.systemd import StatusBrief, status_line
 
 # The reason a tunnel comes back up, by the reason it went down.
-_RESTORED = {"keepalive-timeout": "keepalive-restored", "link-removed": "link-restored"}
+_RESTORED = {"keepalive-timeout": "keepalive-restored", "link-removed": "link-restored", "bfd-down": "bfd-restored",
+             "dampened": "dampening-released"}
 
 
 def now_iso() -> str:
@@ -55,7 +57,7 @@ class Reports:
         self.records: dict[str, TunnelRecord] = {}
         self._clock = clock
         self._now: str | None = None  # the pass's time: one clock read per pass, not one per transition
-        self._verdicts: dict[str, LivenessChange] = {}  # the last flip per tunnel, for its sentence
+        self._verdicts: dict[str, LivenessChange | LivenessVerdict] = {}  # the last flip per tunnel, for its sentence
         self._config: Config | None = None
         self._by_name: dict[str, TunnelConfig] = {}
         self._order: dict[str, int] = {}
@@ -82,7 +84,7 @@ class Reports:
             return list(by_name.values())
         return sorted((by_name[n] for n in observed.scope if n in by_name), key=lambda t: self._order[t.name])
 
-    def note_liveness(self, name: str, change: LivenessChange) -> None:
+    def note_liveness(self, name: str, change: LivenessChange | LivenessVerdict) -> None:
         self._verdicts[name] = change
 
     def update(self, config: Config, before: Observed, plan: Plan, errors: Iterable[ApplyError], after: Observed,
@@ -123,7 +125,9 @@ class Reports:
                                             else "apply-failed", error=message)
             elif not is_up(tunnel.name):
                 record.error = None
-                changes += self._transition(tunnel, "down", "keepalive-timeout")
+                verdict = self._verdicts.get(tunnel.name)  # which detector decided (liveness/room.py)
+                reason = verdict.reason if verdict is not None and not verdict.up else "keepalive-timeout"
+                changes += self._transition(tunnel, "down", reason)
             elif record.link_present:
                 record.error = None
                 reason = _RESTORED.get(record.reason, "repaired" if record.state == "error" else "config")

@@ -39,6 +39,23 @@ class IpsecStatus(TypedDict):
     error: str | None
 
 
+class BfdStatus(TypedDict):
+    """`"bfd"` of a tunnel with [tunnel.bfd] (greupd/liveness/bfd_engine.py)."""
+
+    state: str  # up, down, init, admin-down
+    remote_state: str
+    detect_time_ms: int  # the peer is down after this long without a packet (0 before it said anything)
+    sent: int
+    received: int
+    dropped: int  # wrong TTL or source, malformed, or failing the session's checks (authentication, discriminators)
+
+
+class LivenessStatus(TypedDict):
+    """`"liveness"` of a tunnel with any detector: which of them say down now (empty while it is up)."""
+
+    down_by: list[str]  # "keepalive", "bfd", "dampening"
+
+
 class TunnelStatus(TypedDict):
     name: str
     mode: str
@@ -55,6 +72,8 @@ class TunnelStatus(TypedDict):
     state_changes: int  # transitions since the tunnel's first state after start (or after it was configured)
     drift_repairs: int  # passes that put back what another program changed or removed (kernel events told us)
     ipsec: NotRequired[IpsecStatus]
+    liveness: NotRequired[LivenessStatus]
+    bfd: NotRequired[BfdStatus]
 
 
 class DaemonStatus(TypedDict):

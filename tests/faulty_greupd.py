@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import greupd.daemon
+import greupd.liveness.room
 from greupd.cli import main
 from greupd.config import Config
 from greupd.keepalive.engine import KeepaliveTarget
@@ -34,7 +35,8 @@ def _take(fault: str) -> bool:
 _daemon_module = vars(greupd.daemon)  # the names daemon.py imported, which is where it looks them up
 _step = greupd.daemon.Daemon._step
 _load: Callable[[Path], Config] = _daemon_module["load_config"]
-_targets: Callable[[Config], list[KeepaliveTarget]] = _daemon_module["targets_from_config"]
+_room_module = vars(greupd.liveness.room)  # where a reload makes the keepalive targets (the daemon asks the room)
+_targets: Callable[[Config], list[KeepaliveTarget]] = _room_module["keepalive_targets"]
 
 
 def faulty_step(self: greupd.daemon.Daemon) -> None:
@@ -56,7 +58,7 @@ def faulty_load(path: Path) -> Config:
 
 
 greupd.daemon.Daemon._step = faulty_step  # type: ignore[method-assign]
-_daemon_module["targets_from_config"] = faulty_targets
+_room_module["keepalive_targets"] = faulty_targets
 _daemon_module["load_config"] = faulty_load
 
 if __name__ == "__main__":

@@ -134,10 +134,12 @@ def test_schema_is_json_schema_of_the_tunnel_fields() -> None:
     assert set(tunnel["required"]) == {"name", "local", "remote"}
     assert {"name", "mode", "local", "remote", "key", "ikey", "okey", "ttl", "tos", "pmtudisc", "encap_limit", "mtu",
             "address", "peer", "routes", "metric", "table", "enabled", "adopt", "keepalive", "mss", "nat",
-            "ipsec"} == set(
+            "ipsec", "bfd", "dampening"} == set(
         tunnel["properties"])
     assert set(schema["$defs"]["KeepaliveConfig"]["properties"]) == {
-        "interval", "retries", "up_after", "action", "answer"}
+        "interval", "retries", "up_after", "action", "answer", "hold"}
+    assert set(schema["$defs"]["BfdConfig"]["properties"]) == {"interval", "multiplier", "passive", "auth_file"}
+    assert set(schema["$defs"]["DampeningConfig"]["properties"]) == {"half_life", "suppress", "reuse", "max_hold"}
     assert set(schema["$defs"]["DaemonConfig"]["properties"]) == {
         "ip_forward", "control_socket", "state_dir", "nft_table", "on_exit", "vici_socket",
         "metrics_textfile", "metrics_listen"}

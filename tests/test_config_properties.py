@@ -105,10 +105,10 @@ SPEC_TUNNEL: dict[str, object] = {
     "encap_limit": None, "mtu": None, "address": None, "peer": None, "routes": [], "metric": 0, "table": 254,
     "enabled": True,
     "adopt": False, "keepalive": None, "mss": {"clamp": "off"}, "nat": {"into_tunnel": [], "from_tunnel": []},
-    "ipsec": None,
+    "ipsec": None, "bfd": None, "dampening": None,
 }
 SPEC_KEEPALIVE: dict[str, object] = {"interval": 10.0, "retries": 3, "up_after": 1, "action": "routes",
-                                     "answer": "daemon"}
+                                     "answer": "daemon", "hold": None}
 SPEC_DAEMON: dict[str, object] = {"ip_forward": True, "control_socket": Path("/run/greupd/control.sock"),
                                   "state_dir": Path("/var/lib/greupd"), "nft_table": "greupd", "on_exit": "keep",
                                   "vici_socket": Path("/var/run/charon.vici"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from greupd.config.detectors import BfdConfig, DampeningConfig, KeepaliveHold
 from greupd.config.fields import (
     DEFAULT_CONTROL_SOCKET,
     DEFAULT_STATE_DIR,
@@ -38,6 +40,7 @@ from greupd.config.fields import (
     TunnelName,
     absolute_path,
     dpd_delay_seconds,
+    format_duration,
     keepalive_interval,
     keepalive_or_off,
     listen,
@@ -62,6 +65,27 @@ class KeepaliveConfig(_Model):
     up_after: Annotated[StrictInt, Field(ge=1, le=255), BeforeValidator(whole_number("up_after", 1, 255))] = 1
     action: Literal["routes", "link"] = "routes"
     answer: Literal["daemon", "kernel", "off"] = "daemon"
+    # Junos style, instead of retries: down when no reply came for this long. Counted in probes, as retries
+    # are: retries becomes ceil(hold / interval), so the tunnel goes down between hold and hold + interval.
+    hold: KeepaliveHold | None = None
+
+    @model_validator(mode="after")
+    def _hold_or_retries(self) -> KeepaliveConfig:
+        if self.hold is None:
+            return self
+        if self.hold < self.interval:
+            raise FieldProblem("hold", f"hold {format_duration(self.hold)} is shorter than the interval"
+                                       f" {format_duration(self.interval)}: no probe could be answered in time")
+        retries = math.ceil(self.hold / self.interval - 1e-9)
+        if retries > 255:
+            raise FieldProblem("hold", f"hold {format_duration(self.hold)} is more than 255 intervals of"
+                                       f" {format_duration(self.interval)}")
+        # Both given: only as a model_dump() writes them (retries made from hold), never two different wishes.
+        if "retries" in self.model_fields_set and self.retries != retries:
+            raise FieldProblem("hold", "give either hold (down after this long without a reply) or retries,"
+                                       " not both")
+        object.__setattr__(self, "retries", retries)  # frozen: set once, while validating
+        return self
 
 
 class MssConfig(_Model):
@@ -173,6 +197,8 @@ class TunnelConfig(_Model):
     mss: MssConfig = MssConfig()
     nat: NatConfig = NatConfig()
     ipsec: IpsecConfig | None = None
+    bfd: BfdConfig | None = None
+    dampening: DampeningConfig | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TunnelConfig:
@@ -209,6 +235,16 @@ class TunnelConfig(_Model):
                                              f" not {self.mode} (keepalive = false switches off a default)")
         if self.keepalive is not None:
             self._check_keepalive_endpoints()
+        if self.bfd is not None and (self.address is None or self.peer is None):
+            raise FieldProblem("bfd", "[tunnel.bfd] runs between the tunnel's address and peer (RFC 5881 single"
+                                      " hop, through the tunnel): give both")
+        if self.bfd is not None and self.keepalive is not None and self.keepalive.action == "link":
+            raise FieldProblem(("keepalive", "action"), "action = \"link\" cannot go with [tunnel.bfd]: BFD runs"
+                                                         " through the tunnel, and a link set down could never"
+                                                         " carry the packets that bring it back up")
+        if self.dampening is not None and self.keepalive is None and self.bfd is None:
+            raise FieldProblem("dampening", "[tunnel.dampening] dampens the flaps of a detector: give the"
+                                            " tunnel [tunnel.keepalive] or [tunnel.bfd]")
         if self.mode in IPV6_MODES and self.tos != "inherit":
             raise FieldProblem("tos", f"greupd sets no tos on mode {self.mode} (the IPv6 traffic class);"
                                        " leave tos out")
@@ -262,6 +298,11 @@ class TunnelConfig(_Model):
                         f"route {prefix} is IPv{prefix.version} but peer {self.peer} is IPv{self.peer.version}:"
                         f" mode {self.mode} routes via the peer, so only IPv{self.peer.version} routes can"
                         " resolve"))
+
+    @property
+    def names_key_files(self) -> bool:
+        """Key files may change under an unchanged text: checked again on every load (review L4)."""
+        return self.ipsec is not None or (self.bfd is not None and self.bfd.auth_file is not None)
 
     @property
     def input_key(self) -> int | None:

@@ -175,7 +175,7 @@ def validate(sources: list[ParsedFile]) -> Config:
             merged = deep_merge(_defaults_for(defaults_raw, entry), entry)
             key = repr(merged)  # TOML values only: the text of the table as validated, defaults included
             tunnel_or_none = _VALIDATED.get(key)
-            if tunnel_or_none is not None and tunnel_or_none.ipsec is not None:
+            if tunnel_or_none is not None and tunnel_or_none.names_key_files:
                 # Its text is unchanged, but the key files it names may not be (chmod 644 since): check them again
                 # (review L4). Validating the whole tunnel again places the error as a first load would.
                 tunnel_or_none = None
