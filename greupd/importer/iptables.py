@@ -93,14 +93,15 @@ def _within(address: str | None, tunnel: FoundTunnel) -> bool:
         return False
     try:
         source = ipaddress.ip_network(address, strict=False)
+        # The peer and routes come from the source's files as written (ifupdown's dstaddr): not always addresses.
+        if tunnel.peer is not None and source == ipaddress.ip_network(tunnel.peer, strict=False):
+            return True
+        for route in tunnel.routes:
+            prefix = ipaddress.ip_network(route, strict=False)
+            if source.version == prefix.version and source.subnet_of(prefix):  # type: ignore[arg-type]
+                return True
     except ValueError:
         return False
-    if tunnel.peer is not None and source == ipaddress.ip_network(tunnel.peer):
-        return True
-    for route in tunnel.routes:
-        prefix = ipaddress.ip_network(route)
-        if source.version == prefix.version and source.subnet_of(prefix):  # type: ignore[arg-type]
-            return True
     return False
 
 
