@@ -350,3 +350,18 @@ def test_netplan_a_newline_in_a_value_is_escaped(tmp_path: Path) -> None:
     # min-newline-in-a-value.bin
     text = imported(tmp_path, "netplan", NETPLAN.replace("local: 172.19.1.1", 'local: "172.19.1.1\\n.2"'))
     assert '# local = "172.19.1.1\\u000a.2"\n' in text
+
+
+def test_digits_that_are_not_ascii_are_not_numbers(tmp_path: Path) -> None:
+    # str.isdigit() is true of "²", which int() refuses: the tunnel was lost with "invalid literal for int()".
+    # Now such a ttl/mtu is left out as a word would be, and an MSS of "²" is no MSS.
+    ifupdown = imported(tmp_path, "ifupdown", IFACE + "    ttl ²\n    mtu ²\n")
+    assert load_config_text(ifupdown).tunnel("t") is not None
+    networkd = imported(tmp_path, "networkd", NETDEV + "TTL=²\nTOS=²\n[NetDev]\nMTUBytes=²\n")
+    assert load_config_text(networkd).tunnel("t") is not None
+    rule = parse_rule(["-t", "mangle", "-A", "FORWARD", "-o", "t", "-j", "TCPMSS", "--set-mss", "²"])
+    assert rule is not None and rule.mss is None
+
+
+def test_netplan_routes_that_are_not_a_list_are_a_comment_for_that_tunnel(tmp_path: Path) -> None:
+    assert unread(imported(tmp_path, "netplan", NETPLAN + "      routes: 5\n"), "routes: a list of routes, not 5")

@@ -118,10 +118,10 @@ def _tunnel(stanza: Stanza, mode: str) -> tuple[FoundTunnel, list[IptablesRule]]
                          remote=stanza.option("endpoint") or "", origin=f"{stanza.file} (iface {stanza.name})",
                          ttl=64 if ip6 else "inherit", tos=None if ip6 else 0, pmtudisc=None if ip6 else True)
     ttl = stanza.option("ttl")
-    if ttl is not None and ttl.isdigit():
+    if ttl is not None and _number(ttl):
         tunnel.ttl = "inherit" if int(ttl) == 0 else int(ttl)
     mtu = stanza.option("mtu")
-    if mtu is not None and mtu.isdigit():
+    if mtu is not None and _number(mtu):
         tunnel.mtu = int(mtu)
     for direction in ("ikey", "okey"):
         option = direction if stanza.option(direction) else "key"
@@ -168,6 +168,10 @@ def _tunnel(stanza: Stanza, mode: str) -> tuple[FoundTunnel, list[IptablesRule]]
             tunnel.notes.append(f"not carried over: {key_word} {command}")
     carry_routes(tunnel, routes)
     return tunnel, rules
+
+
+def _number(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # not str.isdigit alone: int("²") raises
 
 
 def _key(option: str, value: str) -> int:

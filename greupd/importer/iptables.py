@@ -48,7 +48,7 @@ def parse_rule(argv: list[str], table: str = "filter") -> IptablesRule | None:
             target = next(words, None)
         elif word == "--set-mss":
             value = next(words, "")
-            mss = int(value) if value.isdigit() else None
+            mss = int(value) if value.isascii() and value.isdigit() else None  # int("²") raises
         elif word == "--clamp-mss-to-pmtu":
             mss = "pmtu"
     if chain is None or target is None:

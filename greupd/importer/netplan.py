@@ -80,6 +80,8 @@ def _tunnel(name: str, body: dict[str, Any], file: Path) -> FoundTunnel:
         else:
             tunnel.notes.append(f"address not carried over (greupd manages one per tunnel): {text}")
     routes = []
+    if not isinstance(body.get("routes") or [], list):
+        raise ValueError(f"routes: a list of routes, not {_kind(body['routes'])}")
     for route in body.get("routes") or []:
         if not isinstance(route, dict) or "to" not in route:
             tunnel.notes.append(f"route not carried over (no `to`): {route}")

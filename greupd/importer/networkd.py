@@ -77,16 +77,16 @@ def _tunnel(name: str, kind: str, netdev: UnitFile, network: UnitFile | None) ->
         option = field_name if netdev.value("Tunnel", field_name) else "Key"
         setattr(tunnel, direction, _key(option, netdev.value("Tunnel", option)))
     ttl = netdev.value("Tunnel", "TTL")
-    if ttl is not None and ttl.isdigit():
+    if ttl is not None and _number(ttl):
         tunnel.ttl = "inherit" if int(ttl) == 0 else int(ttl)
     tos = netdev.value("Tunnel", "TOS")
-    if tos is not None and tos.isdigit() and not ip6:
+    if tos is not None and _number(tos) and not ip6:
         tunnel.tos = int(tos)
     pmtu = netdev.value("Tunnel", "DiscoverPathMTU")
     if pmtu is not None and not ip6:
         tunnel.pmtudisc = pmtu.lower() in ("yes", "true", "1", "on")
     mtu = netdev.value("NetDev", "MTUBytes")
-    if mtu is not None and mtu.isdigit():
+    if mtu is not None and _number(mtu):
         tunnel.mtu = int(mtu)
     if network is None:
         tunnel.notes.append(f"no .network file matches Name={name}: no address or routes carried")
