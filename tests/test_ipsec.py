@@ -474,3 +474,51 @@ def test_what_the_kernel_should_hold_follows_charons_installed_child_sas(psk: Pa
     assert lost(Kernel({0xC0FFEE01, 0x0BADCAFE}, {0, 1}), want) == {}
     assert lost(Kernel(set(), set()), want) == {
         "greupd-My_Tunnel": "outbound policy, inbound policy, SA c0ffee01, SA 0badcafe"}
+
+
+# --- VICI messages nested too deep (fuzz/crashes/vici/min-sections-600-deep.bin) -------------------------------
+
+def _nested_sections(depth: int) -> bytes:
+    """A VICI message of `depth` sections one inside the other, each named "a": SECTION_START (1), the name's
+    length and the name, ..., then as many SECTION_END (2); the innermost holds key "k" = "v" (KEY_VALUE, 3)."""
+    return b"\x01\x01a" * depth + b"\x03\x01k\x00\x01v" + b"\x02" * depth
+
+
+def test_a_message_nested_deeper_than_64_is_a_vici_error_not_a_recursion_error() -> None:
+    from vici.protocol import FiniteStream
+
+    from greupd.ipsec.vici import MAX_DEPTH, ViciError, _decode
+
+    # As Packet.parse hands payloads on. list-sas answers nest ~5 deep: 64 is far from them.
+    inner: Any = _decode(FiniteStream(_nested_sections(MAX_DEPTH)))
+    for _ in range(MAX_DEPTH):
+        inner = inner["a"]
+    assert inner == {"k": "v"}
+    for depth in (MAX_DEPTH + 1, 600):  # 600 raised RecursionError in _text
+        with pytest.raises(ViciError) as refused:
+            _decode(FiniteStream(_nested_sections(depth)))
+        assert str(refused.value) == "unreadable VICI message from charon: sections or lists nested deeper than 64"
+
+
+def test_the_event_reader_survives_a_message_nested_600_deep(caplog: pytest.LogCaptureFixture) -> None:
+    """The event-reader task (supervisor._read_events) died of the RecursionError. A ViciError would end it too,
+    as if charon had gone away: the event comes with an empty message and a warning, and the next one is read."""
+    import asyncio
+
+    from greupd.ipsec.vici import ViciSession
+
+    def event(name: bytes, message: bytes) -> bytes:
+        packet = b"\x07" + bytes([len(name)]) + name + message  # EVENT (7), its name, the message
+        return len(packet).to_bytes(4, "big") + packet
+
+    async def read() -> tuple[str, object]:
+        session = ViciSession(Path("/nonexistent/charon.vici"))
+        session._reader = asyncio.StreamReader()
+        session._reader.feed_data(event(b"ike-updown", _nested_sections(600))
+                                  + event(b"child-updown", b"\x03\x01k\x00\x01v"))
+        assert await session.next_event() == ("ike-updown", {})
+        return await session.next_event()
+
+    assert asyncio.run(read()) == ("child-updown", {"k": "v"})
+    assert "ipsec: charon's ike-updown event: unreadable VICI message from charon: sections or lists nested deeper" \
+           " than 64" in caplog.text

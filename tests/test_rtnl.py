@@ -264,6 +264,19 @@ def test_a_dump_that_failed_part_way_is_an_error_not_a_shorter_list() -> None:
     assert str(outcome) == "Invalid argument: invalid header for link dump"
 
 
+@pytest.mark.parametrize("kind", ["done", "error"])
+def test_an_errno_past_a_c_int_reads_as_an_unknown_error(kind: str) -> None:
+    """fuzz/crashes/rtnl/min-errno-int-min-in-done.bin: error -2**31 in NLMSG_DONE (or NLMSG_ERROR) is errno
+    2**31, past a C int: os.strerror raised OverflowError from Outcome.__str__."""
+    answers = rtnl.Answers([2], [rtnl.dump_links()])
+    message = nlmsg.NLMSG_DONE if kind == "done" else nlmsg.NLMSG_ERROR
+    body = struct.pack("=i", -(2**31)) + (bytes(nlmsg.HEADER.size) if kind == "error" else b"")
+    answers.feed(nlmsg.message(message, nlmsg.NLM_F_MULTI, 2, 0, body))
+    (outcome,) = answers.outcomes()
+    assert outcome.errno == 2**31
+    assert str(outcome) == "Unknown error 2147483648"
+
+
 def test_an_interrupted_dump_says_so() -> None:
     """Review M2: NLM_F_DUMP_INTR on any message of the dump (a link went away meanwhile, an entry may be
     missing): the caller asks again."""

@@ -55,8 +55,11 @@ def _logical_lines(path: Path) -> list[str]:
     return lines
 
 
-def read_stanzas(path: Path, seen: set[Path] | None = None) -> list[Stanza]:
+def read_stanzas(path: Path, seen: set[Path] | None = None, notes: list[str] | None = None) -> list[Stanza]:
+    """The stanzas of `path` and of the files it sources; a `source` line that cannot be read (a path with a NUL
+    byte) becomes a note in `notes` (for the file's head), and reading goes on."""
     seen = seen if seen is not None else set()
+    notes = notes if notes is not None else []
     if path in seen:
         return []
     seen.add(path)
@@ -71,26 +74,30 @@ def read_stanzas(path: Path, seen: set[Path] | None = None) -> list[Stanza]:
                 if len(parts) >= 3:
                     current = Stanza(parts[0], parts[1], parts[2], path)
                     stanzas.append(current)
+            elif word in ("source", "source-directory") and "\0" in rest:
+                # glob and stat refuse a path with a NUL byte (ValueError); no file has such a name.
+                notes.append(f"{path}: not read (a NUL byte in the path): {line}")
             elif word == "source":
                 pattern = rest.strip() if rest.strip().startswith("/") else str(path.parent / rest.strip())
                 for included in sorted(glob.glob(pattern)):
-                    stanzas += read_stanzas(Path(included), seen)
+                    stanzas += read_stanzas(Path(included), seen, notes)
             elif word == "source-directory":
                 directory = Path(rest.strip()) if rest.strip().startswith("/") else path.parent / rest.strip()
                 if directory.is_dir():
                     for file in sorted(p for p in directory.iterdir() if p.is_file()):
-                        stanzas += read_stanzas(file, seen)
+                        stanzas += read_stanzas(file, seen, notes)
         elif current is not None:
             current.options.append((word, rest.strip()))
     return stanzas
 
 
-def tunnels_from_ifupdown(path: Path = DEFAULT_PATH) -> list[FoundTunnel]:
+def tunnels_from_ifupdown(path: Path = DEFAULT_PATH, notes: list[str] | None = None) -> list[FoundTunnel]:
+    """The tunnels; what could not be read outside a tunnel (a `source` line) is appended to `notes`."""
     if path.is_dir():  # /etc/network: its interfaces file
         path = path / "interfaces"
     tunnels = []
     rules: list[IptablesRule] = []
-    for stanza in read_stanzas(path):
+    for stanza in read_stanzas(path, notes=notes):
         mode = (stanza.option("mode") or "").lower()
         if stanza.method != "tunnel" or mode not in _MODES:
             continue
@@ -111,25 +118,29 @@ def _tunnel(stanza: Stanza, mode: str) -> tuple[FoundTunnel, list[IptablesRule]]
                          remote=stanza.option("endpoint") or "", origin=f"{stanza.file} (iface {stanza.name})",
                          ttl=64 if ip6 else "inherit", tos=None if ip6 else 0, pmtudisc=None if ip6 else True)
     ttl = stanza.option("ttl")
-    if ttl is not None and ttl.isdigit():
+    if ttl is not None and _number(ttl):
         tunnel.ttl = "inherit" if int(ttl) == 0 else int(ttl)
     mtu = stanza.option("mtu")
-    if mtu is not None and mtu.isdigit():
+    if mtu is not None and _number(mtu):
         tunnel.mtu = int(mtu)
-    key = stanza.option("key")
     for direction in ("ikey", "okey"):
-        value = stanza.option(direction) or key
+        option = direction if stanza.option(direction) else "key"
+        value = stanza.option(option)
         if value is not None:
-            setattr(tunnel, direction, int(ipaddress.IPv4Address(value)) if "." in value else int(value))
+            setattr(tunnel, direction, _key(option, value))
     address, netmask, peer = stanza.option("address"), stanza.option("netmask"), stanza.option("dstaddr")
     if address is not None:
         if "/" not in address:
-            length = ipaddress.ip_network(f"0.0.0.0/{netmask}").prefixlen if netmask and "." in netmask else (
-                int(netmask) if netmask else (128 if ip6 else 32))
-            address = f"{address}/{length}"
-        local = ipaddress.ip_interface(address)
+            address = f"{address}/{_prefix_length(netmask, ip6)}"
+        try:
+            local = ipaddress.ip_interface(address)
+        except ValueError:
+            raise ValueError(f"address {stanza.option('address')}: not an address") from None
         if peer is not None and local.network.prefixlen == local.max_prefixlen:
-            tunnel.address, tunnel.peer = str(local.ip), peer
+            try:
+                tunnel.address, tunnel.peer = str(local.ip), str(ipaddress.ip_address(peer))
+            except ValueError:
+                raise ValueError(f"dstaddr {peer}: not an address") from None
         else:
             tunnel.address = str(local)
     if stanza.option("gateway"):
@@ -159,12 +170,34 @@ def _tunnel(stanza: Stanza, mode: str) -> tuple[FoundTunnel, list[IptablesRule]]
     return tunnel, rules
 
 
+def _number(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # not str.isdigit alone: int("²") raises
+
+
+def _key(option: str, value: str) -> int:
+    """A GRE key as ifupdown passes it to `ip tunnel add ... key K`: a number or a dotted quad."""
+    try:
+        return int(ipaddress.IPv4Address(value)) if "." in value else int(value)
+    except ValueError:
+        raise ValueError(f"{option} {value}: not a GRE key (a number or a dotted quad)") from None
+
+
+def _prefix_length(netmask: str | None, ip6: bool) -> int:
+    """The prefix length of `netmask` (255.255.255.0 or 24); a host's without one."""
+    try:
+        if netmask and "." in netmask:
+            return ipaddress.ip_network(f"0.0.0.0/{netmask}").prefixlen
+        return int(netmask) if netmask else (128 if ip6 else 32)
+    except ValueError:
+        raise ValueError(f"netmask {netmask}: not a netmask (255.255.255.0 or 24)") from None
+
+
 def _route(argv: list[str], ifname: str) -> FoundRoute | None:
     """`ip [-4|-6] route add|replace P dev IF [metric M] [table T]`, or `route add -net N netmask M dev IF`."""
-    if not argv:
+    words = [w for w in argv[1:] if w not in ("-4", "-6")]
+    if not words:  # `up /usr/local/bin/tunnel-up`: a program alone is no route (and zip below needs a word)
         return None
     program = Path(argv[0]).name
-    words = [w for w in argv[1:] if w not in ("-4", "-6")]
     options = dict(zip(words, [*words[1:], ""], strict=True))  # each word -> the word after it
     if options.get("dev") != ifname:
         return None

@@ -48,7 +48,7 @@ def parse_rule(argv: list[str], table: str = "filter") -> IptablesRule | None:
             target = next(words, None)
         elif word == "--set-mss":
             value = next(words, "")
-            mss = int(value) if value.isdigit() else None
+            mss = int(value) if value.isascii() and value.isdigit() else None  # int("²") raises
         elif word == "--clamp-mss-to-pmtu":
             mss = "pmtu"
     if chain is None or target is None:
@@ -93,14 +93,15 @@ def _within(address: str | None, tunnel: FoundTunnel) -> bool:
         return False
     try:
         source = ipaddress.ip_network(address, strict=False)
+        # The peer and routes come from the source's files as written (ifupdown's dstaddr): not always addresses.
+        if tunnel.peer is not None and source == ipaddress.ip_network(tunnel.peer, strict=False):
+            return True
+        for route in tunnel.routes:
+            prefix = ipaddress.ip_network(route, strict=False)
+            if source.version == prefix.version and source.subnet_of(prefix):  # type: ignore[arg-type]
+                return True
     except ValueError:
         return False
-    if tunnel.peer is not None and source == ipaddress.ip_network(tunnel.peer):
-        return True
-    for route in tunnel.routes:
-        prefix = ipaddress.ip_network(route)
-        if source.version == prefix.version and source.subnet_of(prefix):  # type: ignore[arg-type]
-            return True
     return False
 
 

@@ -33,7 +33,14 @@ def tunnels_from_netplan(path: Path = DEFAULT_PATH) -> list[FoundTunnel]:
             data = yaml.safe_load(file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ImportProblem(f"{file}: cannot read it as YAML: {exc}") from None
-        tunnels = ((data or {}).get("network") or {}).get("tunnels") or {}
+        except RecursionError:  # PyYAML composes nested collections recursively
+            raise ImportProblem(f"{file}: cannot read it as YAML: nested too deep") from None
+        if not isinstance(data or {}, dict):  # netplan refuses such a file too
+            raise ImportProblem(f"{file}: a netplan file is a mapping with a `network` key, not {_kind(data)}")
+        network = (data or {}).get("network") or {}
+        if not isinstance(network, dict):
+            raise ImportProblem(f"{file}: network must be a mapping (of tunnels, ...), not {_kind(network)}")
+        tunnels = network.get("tunnels") or {}
         if not isinstance(tunnels, dict):
             raise ImportProblem(f"{file}: network.tunnels must be a mapping of tunnel names")
         for name, body in tunnels.items():
@@ -60,13 +67,21 @@ def _tunnel(name: str, body: dict[str, Any], file: Path) -> FoundTunnel:
         tunnel.ttl = "inherit" if body["ttl"] == 0 else body["ttl"]
     if isinstance(body.get("mtu"), int):
         tunnel.mtu = body["mtu"]
-    for address in body.get("addresses") or []:
+    addresses = body.get("addresses") or []
+    if not isinstance(addresses, list):
+        raise ValueError(f"addresses: a list of addresses, not {_kind(addresses)}")
+    for address in addresses:
+        if isinstance(address, dict) and len(address) != 1:
+            tunnel.notes.append(f"address not carried over (one address with its options): {address}")
+            continue
         text = str(next(iter(address)) if isinstance(address, dict) else address)
         if tunnel.address is None:
             tunnel.address = text
         else:
             tunnel.notes.append(f"address not carried over (greupd manages one per tunnel): {text}")
     routes = []
+    if not isinstance(body.get("routes") or [], list):
+        raise ValueError(f"routes: a list of routes, not {_kind(body['routes'])}")
     for route in body.get("routes") or []:
         if not isinstance(route, dict) or "to" not in route:
             tunnel.notes.append(f"route not carried over (no `to`): {route}")
@@ -79,13 +94,34 @@ def _tunnel(name: str, body: dict[str, Any], file: Path) -> FoundTunnel:
             continue
         if "via" in route and mode in ("gretap", "ip6gretap") and tunnel.peer is None:
             tunnel.peer = str(route["via"])
-        table = route.get("table", 254)
-        routes.append(FoundRoute(dst, int(route.get("metric", 0)), int(table) if table != "main" else 254,
-                                 f"to {route['to']}" + (f" via {route['via']}" if "via" in route else "")))
+        text = f"to {route['to']}" + (f" via {route['via']}" if "via" in route else "")
+        table, metric = route.get("table", 254), route.get("metric", 0)
+        if table == "main":
+            table = 254
+        if not _whole(table):
+            # A name from /etc/iproute2/rt_tables: greupd's table is a number (or "main").
+            tunnel.notes.append(f"route not carried over (table: {table}: write its number from"
+                                f" /etc/iproute2/rt_tables as the tunnel's table): {text}")
+            continue
+        if not _whole(metric):
+            tunnel.notes.append(f"route not carried over (metric: {metric} is not a number): {text}")
+            continue
+        routes.append(FoundRoute(dst, int(metric), int(table), text))
     carry_routes(tunnel, routes)
-    for key in sorted(set(body) - _KNOWN):
+    for key in sorted(set(body) - _KNOWN, key=str):
         tunnel.notes.append(f"netplan key not carried over: {key}: {body[key]}")
     return tunnel
+
+
+def _kind(value: object) -> str:
+    return "a list" if isinstance(value, list) else f"{value!r}"[:40]
+
+
+def _whole(value: object) -> bool:
+    """A YAML number netplan takes as a table or metric (`254`, `"254"`), not a name, a fraction or a bool."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, str) and value.isascii() and value.isdigit())
 
 
 def _key(value: object) -> int | None:

@@ -73,20 +73,20 @@ def _tunnel(name: str, kind: str, netdev: UnitFile, network: UnitFile | None) ->
     tunnel = FoundTunnel(name=name, mode=kind, local=netdev.value("Tunnel", "Local") or "",
                          remote=netdev.value("Tunnel", "Remote") or "", origin=origin,
                          ttl=64 if ip6 else "inherit", tos=None if ip6 else 0, pmtudisc=None if ip6 else True)
-    key = netdev.value("Tunnel", "Key")
-    tunnel.ikey = _key(netdev.value("Tunnel", "InputKey") or key)
-    tunnel.okey = _key(netdev.value("Tunnel", "OutputKey") or key)
+    for direction, field_name in (("ikey", "InputKey"), ("okey", "OutputKey")):
+        option = field_name if netdev.value("Tunnel", field_name) else "Key"
+        setattr(tunnel, direction, _key(option, netdev.value("Tunnel", option)))
     ttl = netdev.value("Tunnel", "TTL")
-    if ttl is not None and ttl.isdigit():
+    if ttl is not None and _number(ttl):
         tunnel.ttl = "inherit" if int(ttl) == 0 else int(ttl)
     tos = netdev.value("Tunnel", "TOS")
-    if tos is not None and tos.isdigit() and not ip6:
+    if tos is not None and _number(tos) and not ip6:
         tunnel.tos = int(tos)
     pmtu = netdev.value("Tunnel", "DiscoverPathMTU")
     if pmtu is not None and not ip6:
         tunnel.pmtudisc = pmtu.lower() in ("yes", "true", "1", "on")
     mtu = netdev.value("NetDev", "MTUBytes")
-    if mtu is not None and mtu.isdigit():
+    if mtu is not None and _number(mtu):
         tunnel.mtu = int(mtu)
     if network is None:
         tunnel.notes.append(f"no .network file matches Name={name}: no address or routes carried")
@@ -114,18 +114,36 @@ def _tunnel(name: str, kind: str, netdev: UnitFile, network: UnitFile | None) ->
         if route.get("Gateway") and kind in ("gretap", "ip6gretap") and tunnel.peer is None:
             tunnel.peer = route["Gateway"]
         table = route.get("Table", "main")
-        if table not in _TABLES and not table.isdigit():
+        if table not in _TABLES and not _number(table):
             # A name from /etc/iproute2/rt_tables: greupd's table is a number (or "main").
             tunnel.notes.append(f"route not carried over (Table={table}: write its number from"
                                 f" /etc/iproute2/rt_tables as the tunnel's table): Destination={destination}")
             continue
-        routes.append(FoundRoute(str(ipaddress.ip_network(destination, strict=False)), int(route.get("Metric", 0)),
-                                 _TABLES.get(table) or int(table), f"Destination={destination}"))
+        metric = route.get("Metric", "0")
+        if not _number(metric):
+            tunnel.notes.append(f"route not carried over (Metric={metric} is not a number):"
+                                f" Destination={destination}")
+            continue
+        try:
+            dst = ipaddress.ip_network(destination, strict=False)
+        except ValueError:
+            tunnel.notes.append(f"route not carried over (Destination={destination} is not a prefix)")
+            continue
+        routes.append(FoundRoute(str(dst), int(metric), _TABLES.get(table) or int(table),
+                                 f"Destination={destination}"))
     carry_routes(tunnel, routes)
     return tunnel
 
 
-def _key(value: str | None) -> int | None:
+def _number(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # not str.isdigit alone: int("²") raises
+
+
+def _key(option: str, value: str | None) -> int | None:
+    """A GRE key as networkd reads Key=, InputKey=, OutputKey=: a number or a dotted quad."""
     if value is None:
         return None
-    return int(ipaddress.IPv4Address(value)) if "." in value else int(value)
+    try:
+        return int(ipaddress.IPv4Address(value)) if "." in value else int(value)
+    except ValueError:
+        raise ValueError(f"{option}={value}: not a GRE key (a number or a dotted quad)") from None

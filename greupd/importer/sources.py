@@ -34,7 +34,8 @@ def read_tunnels(source: Source, path: Path | None) -> tuple[list[FoundTunnel], 
     from greupd.importer.ifupdown import DEFAULT_PATH as ifupdown_default
     from greupd.importer.ifupdown import tunnels_from_ifupdown
 
-    return tunnels_from_ifupdown(_existing(path or ifupdown_default)), [FORWARDING_NOTE], None
+    notes = [FORWARDING_NOTE]
+    return tunnels_from_ifupdown(_existing(path or ifupdown_default), notes), notes, None
 
 
 # A file format does not say whether the host forwards (that is sysctl.conf's business); greupd does by default.

@@ -9,6 +9,7 @@ README.md`): a 4-byte big-endian length, then a packet whose first byte is its t
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +21,8 @@ from vici.protocol import Message, Packet
 # What a decoded VICI message holds: values, lists of values, sections.
 ViciReply = dict[str, Any]
 
+log = logging.getLogger("greupd.ipsec")
+
 REQUEST_TIMEOUT = 10.0  # seconds; charon answers in milliseconds, a stuck one must not stall the daemon
 
 
@@ -27,14 +30,22 @@ class ViciError(Exception):
     """charon could not be reached, refused a command, or sent something we cannot read."""
 
 
-def _text(value: object) -> object:
+# How deep sections and lists may nest in a message from charon. Its deepest answer (list-sas: IKE SA, its
+# child SAs, one child, its traffic selectors) is about 5 levels; a stream nested hundreds deep would otherwise
+# exhaust Python's recursion limit in _text (a RecursionError, not a ViciError, that killed the event reader).
+MAX_DEPTH = 64
+
+
+def _text(value: object, depth: int = 0) -> object:
     """VICI values are bytes; ours are ASCII names, states and numbers."""
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
+    if isinstance(value, Mapping | list) and depth > MAX_DEPTH:  # the message itself is depth 0
+        raise ViciError(f"unreadable VICI message from charon: sections or lists nested deeper than {MAX_DEPTH}")
     if isinstance(value, Mapping):
-        return {str(k): _text(v) for k, v in value.items()}
+        return {str(k): _text(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [_text(v) for v in value]
+        return [_text(v, depth + 1) for v in value]
     return value
 
 
@@ -171,7 +182,15 @@ class ViciSession:
                 await asyncio.wait_for(self._event_registration(event, True), REQUEST_TIMEOUT)
 
     async def next_event(self) -> tuple[str, ViciReply]:
+        """The next event's name and message. An event whose message cannot be read (nested too deep) comes with
+        an empty message and a warning: the event itself still tells the supervisor to look again, and a
+        ViciError here would end its event reader as if charon had gone away. ViciError: the connection ended."""
         while True:
             packet = await self.receive()
             if packet.response_type == Packet.EVENT:
-                return packet.event_type.decode("utf-8", errors="replace"), _decode(packet.payload)
+                name = packet.event_type.decode("utf-8", errors="replace")
+                try:
+                    return name, _decode(packet.payload)
+                except ViciError as exc:
+                    log.warning("ipsec: charon's %s event: %s", name, exc)
+                    return name, {}

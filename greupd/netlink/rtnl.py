@@ -397,7 +397,10 @@ class Outcome:
     interrupted: bool = False  # a dump the kernel flagged NLM_F_DUMP_INTR: the replies may miss entries
 
     def __str__(self) -> str:
-        text = os.strerror(self.errno)
+        try:
+            text = os.strerror(self.errno)
+        except (OverflowError, ValueError):  # errno is the kernel's negated s32: -(-2**31) is past a C int
+            text = f"Unknown error {self.errno}"
         return f"{text}: {self.message}" if self.message else text
 
 
