@@ -140,9 +140,11 @@ def _traced_drop(t: TunnelConfig, packet: TracedPacket, facts: HostFacts) -> Fin
                else f"{final.where}: policy {final.verdict}")
     path = "\n".join(f"  {e.where}: {e.rule or 'policy'} (verdict {e.verdict})" for e in packet.events)
     via = f"iif {packet.iif}" if packet.iif else f"oif {packet.oif}"
+    # A reject is traced as "verdict drop" (the kernel drops, then answers with an ICMP error): say which.
+    verb = "rejects" if final.kind == "rule" and " reject" in f" {final.rule}" else f"{final.verdict}s"
     return Finding(
         "firewall-drops-gre", t.name, "error",
-        f"{final.family} {final.table} {final.chain} {final.verdict}s {way} {t.remote}",
+        f"{final.family} {final.table} {final.chain} {verb} {way} {t.remote}",
         f"nftables trace {packet.trace_id} of {way} {t.remote} ({packet.saddr} > {packet.daddr}, {via}), "
         f"decided by {decided}\n{path}",
         _accept_fix(t, final.family, final.table, final.chain, final.handle if final.kind == "rule" else None,

@@ -136,7 +136,9 @@ def read_routes_and_conntrack(
                 try:
                     ipr.route("get", dst=str(t.local), src=str(t.remote), iif=index)
                 except NetlinkError as exc:
-                    refusals[(t.name, iif)] = f"{os.strerror(exc.code)} ({errno.errorcode.get(exc.code, exc.code)})"
+                    # EXDEV is rp_filter's refusal; other answers (EINVAL for some lookups) say nothing about it.
+                    if exc.code == errno.EXDEV:
+                        refusals[(t.name, iif)] = f"{os.strerror(exc.code)} (EXDEV)"
     return routes_out, refusals, read_conntrack(tunnels, notes)
 
 
