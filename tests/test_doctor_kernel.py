@@ -307,3 +307,104 @@ def test_plan_warns_of_what_the_kernel_lacks(pair: Pair) -> None:
     assert "# warning: T1: [tunnel.nat] from_tunnel names lan0, which does not exist" in done.stdout
     if NO_GRE:
         assert "# warning: T1: the kernel has no ip_gre: it cannot make this tunnel's link" in done.stdout
+
+
+# Docker's iptables-nft tables as a Docker host lists them, plus the two accepts an admin adds for a tunnel
+# (`iptables -I DOCKER-USER -i T1 -j ACCEPT`, `-o T1`).
+DOCKER = """table ip nat {
+ chain DOCKER {
+ }
+ chain PREROUTING {
+  type nat hook prerouting priority dstnat; policy accept;
+  fib daddr type local counter jump DOCKER
+ }
+ chain POSTROUTING {
+  type nat hook postrouting priority srcnat; policy accept;
+  oifname != "docker0" ip saddr 172.17.0.0/16 counter masquerade
+ }
+}
+table ip filter {
+ chain DOCKER {
+ }
+ chain DOCKER-ISOLATION-STAGE-2 {
+  oifname "docker0" counter drop
+  counter return
+ }
+ chain DOCKER-ISOLATION-STAGE-1 {
+  iifname "docker0" oifname != "docker0" counter jump DOCKER-ISOLATION-STAGE-2
+  counter return
+ }
+ chain DOCKER-USER {
+  iifname "T1" counter accept
+  oifname "T1" counter accept
+  counter return
+ }
+ chain FORWARD {
+  type filter hook forward priority filter; policy drop;
+  counter jump DOCKER-USER
+  counter jump DOCKER-ISOLATION-STAGE-1
+  oifname "docker0" ct state related,established counter accept
+  oifname "docker0" counter jump DOCKER
+  iifname "docker0" oifname != "docker0" counter accept
+  iifname "docker0" oifname "docker0" counter accept
+ }
+}
+"""
+
+# firewalld's nftables backend, its default shape (zone public on eth0), with GRE allowed as
+# `firewall-cmd --add-protocol=gre` and the tunnel in zone trusted (`--zone=trusted --add-interface=T1`).
+FIREWALLD = """table inet firewalld {
+ chain filter_IN_public_allow {
+  tcp dport 22 ct state new,untracked accept
+  meta l4proto gre ct state new,untracked accept
+ }
+ chain filter_IN_public {
+  jump filter_IN_public_allow
+  meta l4proto { icmp, ipv6-icmp } accept
+ }
+ chain filter_INPUT_ZONES {
+  iifname "eth0" goto filter_IN_public
+  goto filter_IN_public
+ }
+ chain filter_INPUT {
+  type filter hook input priority filter + 10; policy accept;
+  ct state established,related accept
+  ct status dnat accept
+  iifname "lo" accept
+  ct state invalid drop
+  jump filter_INPUT_ZONES
+  reject with icmpx admin-prohibited
+ }
+ chain filter_FWD_trusted {
+  accept
+ }
+ chain filter_FORWARD_ZONES {
+  iifname "T1" goto filter_FWD_trusted
+ }
+ chain filter_FORWARD {
+  type filter hook forward priority filter + 10; policy accept;
+  ct state established,related accept
+  ct status dnat accept
+  iifname "lo" accept
+  jump filter_FORWARD_ZONES
+  ct state invalid drop
+  reject with icmpx admin-prohibited
+ }
+ chain filter_OUTPUT {
+  type filter hook output priority filter + 10; policy accept;
+  ct state established,related accept
+  oifname "lo" accept
+ }
+}
+"""
+
+
+def test_nothing_under_dockers_and_firewallds_rulesets_that_allow_the_tunnel(pair: Pair) -> None:
+    """No false positives: both default rulesets present, each letting the tunnel's GRE and traffic through."""
+    pair.a.run("nft", "-f", "-", input=DOCKER + FIREWALLD)
+    assert pair.answered()
+    _, findings = pair.doctor()
+    assert others(findings) == []
+    # and without the admin's accepts, Docker's FORWARD drops the tunnel's traffic: named, and only that
+    pair.a.run("nft", "flush", "chain", "ip", "filter", "DOCKER-USER")
+    assert checks(pair.doctor()[1]) == ["forward-drop"]

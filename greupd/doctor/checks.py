@@ -188,7 +188,7 @@ def forward_drop(config: Config, facts: HostFacts, tunnels: Sequence[TunnelConfi
 
     Forwarded LAN traffic cannot be traced without sending some, so this one reads the rule text: a chain drops
     the tunnel's traffic when its policy is drop (or it ends with a drop or reject of everything) and no rule
-    accepts the tunnel's interface, in either direction (iifname/oifname, also through a jump or goto).
+    accepts the tunnel's interface in either direction (iifname/oifname, also through a jump or goto).
     """
     findings = []
     routed = [t for t in tunnels if t.routes or t.nat.into_tunnel or t.nat.from_tunnel]
@@ -201,9 +201,12 @@ def forward_drop(config: Config, facts: HostFacts, tunnels: Sequence[TunnelConfi
         for t in routed:
             if not _inner_versions(t) & FAMILY_VERSIONS.get(chain.family, frozenset()):
                 continue  # the traffic crossing the tunnel is of the other IP version
-            missing = [d for d in ("iifname", "oifname") if not _accepts_interface(chain, facts, d, t.name)]
-            if not missing:
+            # One direction accepted is taken as the tunnel being let through: firewalld accepts by ingress zone
+            # only (`iifname "T1" goto filter_FWD_trusted`), the other way in by the LAN interface's zone,
+            # which doctor cannot name. Nothing naming the tunnel at all is what Docker's default leaves.
+            if any(_accepts_interface(chain, facts, d, t.name) for d in ("iifname", "oifname")):
                 continue
+            missing = ["iifname", "oifname"]
             findings.append(Finding(
                 "forward-drop", t.name, "error",
                 f"{chain.where} (hook forward) {how}: traffic routed through {t.name} is dropped there",

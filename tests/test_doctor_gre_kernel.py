@@ -1,0 +1,56 @@
+"""`greupd doctor`'s checks that need a kernel with GRE links (#24): made in the UML guest when this one has none.
+
+tunnel-clash: a hand-made link with T1's local, remote and key already exists; doctor names it, the fix
+(`ip link del`) makes it go, and greupd can then make T1 and its keepalives get answered through it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab.greupd_process import GreupdProcess
+from lab.hosts import Lab
+from tests.test_doctor_kernel import CONFIG, _env
+
+pytestmark = pytest.mark.needs_gre
+
+
+def test_tunnel_clash_with_a_foreign_link_of_the_same_endpoints_and_key(tmp_path: Path) -> None:
+    with Lab() as lab:
+        a, b = lab.host("a"), lab.host("b")
+        lab.link(a, b, "10.9.0.1/24", "10.9.0.2/24")
+        a.ip("link", "add", "old", "type", "gre", "local", "10.9.0.1", "remote", "10.9.0.2", "key", "7")
+        # b: the peer's tunnel, set up to reflect keepalives (kernel-lab.md: forwarding, accept_local, rp_filter 0)
+        b.ip_batch("link add T1 type gre local 10.9.0.2 remote 10.9.0.1 key 7", "link set T1 up")
+        for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv4.conf.T1.accept_local", 1),
+                           ("net.ipv4.conf.T1.rp_filter", 0), ("net.ipv4.conf.all.rp_filter", 0)):
+            b.sysctl(key, value)
+        text = CONFIG.format(local="10.9.0.1", remote="10.9.0.2", extra="key = 7\n", forward="true").replace(
+            'interval = "10s"', 'interval = "1s"')
+        config = tmp_path / "tunnels.toml"
+        config.write_text(text)
+
+        def doctor() -> list[dict[str, str]]:
+            done = a.run(sys.executable, "-m", "greupd", "doctor", "--json", "-c", str(config), "--socket",
+                         str(tmp_path / "none.sock"), env=_env(), check=False, timeout=300)
+            assert done.returncode in (0, 1), done.stderr
+            findings: list[dict[str, str]] = json.loads(done.stdout)["findings"]
+            return findings
+
+        (finding,) = doctor()
+        assert finding["check"] == "tunnel-clash" and finding["tunnel"] == "T1"
+        assert finding["evidence"] == ("old: gre local 10.9.0.1 remote 10.9.0.2 key 7 (not greupd's); "
+                                       "T1: local 10.9.0.1 remote 10.9.0.2 key 7")
+        plan = a.run(sys.executable, "-m", "greupd", "plan", str(config), env=_env(), check=False, timeout=300)
+        assert "# warning: T1: link old has the same endpoints and key as this tunnel" in plan.stdout
+        a.run(*finding["fix"].splitlines()[0].split("#")[0].split())
+        assert doctor() == []
+        daemon = GreupdProcess(a, text).start()  # the tunnel works: made, and b's kernel answers its keepalives
+        try:
+            daemon.wait_for("T1", "up")
+        finally:
+            daemon.stop()
