@@ -408,3 +408,40 @@ def test_nothing_under_dockers_and_firewallds_rulesets_that_allow_the_tunnel(pai
     # and without the admin's accepts, Docker's FORWARD drops the tunnel's traffic: named, and only that
     pair.a.run("nft", "flush", "chain", "ip", "filter", "DOCKER-USER")
     assert checks(pair.doctor()[1]) == ["forward-drop"]
+
+
+def _routed(lab: Lab, tmp_path: Path, icmp_dropped: bool) -> Pair:
+    """a - r - b, r's link to b at MTU 1400; with `icmp_dropped`, r's "fragmentation needed" never leaves it."""
+    a, r, b = lab.host("a"), lab.host("r"), lab.host("b")
+    lab.link(a, r, "10.1.0.1/24", "10.1.0.254/24", then1=["route add default via 10.1.0.254"])
+    lab.link(r, b, "10.2.0.254/24", "10.2.0.2/24", "eth1", "eth0", then1=["link set eth1 mtu 1400"],
+             then2=["link set eth0 mtu 1400", "route add default via 10.2.0.254"])
+    r.sysctl("net.ipv4.ip_forward", 1)
+    if icmp_dropped:
+        r.run("nft", "-f", "-", input="table ip r {\n chain out {\n  type filter hook output priority 0;\n"
+              "  icmp type destination-unreachable drop\n }\n}\n")
+    pair = Pair(a, b, lab, tmp_path)
+    pair.reflect()
+    return pair
+
+
+def test_mtu_blackhole_when_the_path_is_narrower_and_icmp_is_dropped(tmp_path: Path) -> None:
+    with Lab() as lab:
+        pair = _routed(lab, tmp_path, icmp_dropped=True)
+        config = pair.config(local="10.1.0.1", remote="10.2.0.2")
+        _, findings = pair.doctor(config)
+        assert checks(findings) == ["mtu-blackhole"]
+        (finding,) = others(findings)
+        assert finding["message"] == ("the path to 10.2.0.2 carries packets of at most 1400 bytes, the tunnel needs "
+                                      "1500, and no ICMP error says so: larger packets vanish")
+        assert "1400 bytes came back, 1401 did not" in finding["evidence"]
+        assert finding["fix"].startswith('in [[tunnel]] name = "T1": mtu = 1376\n')
+        fixed = pair.config(local="10.1.0.1", remote="10.2.0.2", extra="mtu = 1376\n")
+        assert others(pair.doctor(fixed)[1]) == []
+
+
+def test_no_mtu_blackhole_when_icmp_tells_the_path_mtu(tmp_path: Path) -> None:
+    """Narrower path, but r's ICMP gets through: path MTU discovery works, nothing to report."""
+    with Lab() as lab:
+        pair = _routed(lab, tmp_path, icmp_dropped=False)
+        assert others(pair.doctor(pair.config(local="10.1.0.1", remote="10.2.0.2"))[1]) == []

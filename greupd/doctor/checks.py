@@ -393,6 +393,32 @@ def peer_silent(config: Config, facts: HostFacts, tunnels: Sequence[TunnelConfig
     return findings
 
 
+def mtu_blackhole(config: Config, facts: HostFacts, tunnels: Sequence[TunnelConfig]) -> list[Finding]:
+    """The path carries less than the tunnel's MTU needs and says nothing: no ICMP "fragmentation needed" came
+    back (the kernel learnt no path MTU), so full-size packets through the tunnel vanish."""
+    findings = []
+    for t in tunnels:
+        probe = facts.paths.get(t.name)
+        if probe is None or probe.largest is None or probe.largest >= probe.needed:
+            continue
+        learned = facts.learned_mtu.get(str(t.remote))
+        if learned is not None:
+            continue  # ICMP got through: path MTU discovery adjusts the tunnel, not a black hole
+        overhead = 24 + (4 if (t.okey if t.okey is not None else t.key) is not None else 0)  # IPv4 + GRE (+ key)
+        fits = probe.largest - overhead
+        findings.append(Finding(
+            "mtu-blackhole", t.name, "error",
+            f"the path to {t.remote} carries packets of at most {probe.largest} bytes, the tunnel needs "
+            f"{probe.needed}, and no ICMP error says so: larger packets vanish",
+            f"padded keepalives with DF set, reflected by the peer: {probe.largest} bytes came back, "
+            f"{min(s for s in probe.tried if s > probe.largest)} did not (sizes tried: "
+            f"{', '.join(map(str, probe.tried))}); ip route get {t.remote}: no learned mtu (no ICMP "
+            f"\"fragmentation needed\" arrived)",
+            f"in [[tunnel]] name = \"{t.name}\": mtu = {fits}\n[tunnel.mss]\nclamp = \"pmtu\"\n"
+            f"and let ICMP type 3 code 4 (fragmentation needed) through wherever the path drops it"))
+    return findings
+
+
 Check = Callable[[Config, HostFacts, Sequence[TunnelConfig]], list[Finding]]
 CHECK_FUNCTIONS: dict[str, Check] = {
     "gre-module-missing": gre_module_missing,
@@ -405,6 +431,7 @@ CHECK_FUNCTIONS: dict[str, Check] = {
     "conntrack-timeout": conntrack_timeout,
     "tunnel-clash": tunnel_clash,
     "peer-silent": peer_silent,
+    "mtu-blackhole": mtu_blackhole,
 }
 # What `greupd plan` and the daemon can judge without tracing (links, addresses, modules).
 RUNTIME_CHECKS = ("gre-module-missing", "local-address-missing", "interface-missing", "tunnel-clash")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from greupd.doctor.pmtu import PathProbe
 from greupd.gre import IPAddress
 from greupd.model import ObservedLink
 from greupd.status import DaemonStatus
@@ -115,6 +116,8 @@ class HostFacts:
     route_refusals: Mapping[tuple[str, str], str] = field(default_factory=dict)
     conntrack: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # tunnel -> its GRE conntrack entries
     traces: Mapping[str, TunnelTrace] | None = None  # by tunnel; None: not traced (notes say why)
+    paths: Mapping[str, PathProbe] = field(default_factory=dict)  # by tunnel: padded keepalives' sizes
+    learned_mtu: Mapping[str, int | None] = field(default_factory=dict)  # remote -> PMTU the kernel learnt (ICMP)
     daemon: DaemonStatus | None = None  # the running daemon's status, if one answered
     own_table: str = "greupd"  # greupd's own nftables table (inet), whose drops are greupd's business
     notes: tuple[str, ...] = ()  # what could not be read, and what was inferred instead

@@ -14,11 +14,13 @@ import os
 import platform
 import socket
 from collections.abc import Mapping, Sequence
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from greupd.config import Config, TunnelConfig
 from greupd.doctor.checks import GRE_TIMEOUT, GRE_TIMEOUT_STREAM, IP_FORWARD, enabled, rp_filter_key
 from greupd.doctor.facts import Chain, HostFacts, Rule, TunnelTrace
+from greupd.doctor.pmtu import PathProbe
 from greupd.gre import IPAddress
 from greupd.model import ObservedLink
 from greupd.netlink import rtnl
@@ -53,8 +55,44 @@ def gather(config: Config, names: Sequence[str] = (), trace: bool = True,
     sysctls |= {rp_filter_key(name): read_sysctl(rp_filter_key(name)) for name in links}
     routes_out, refusals, conntrack = read_routes_and_conntrack(tunnels, traces, links, notes)
     modules, loadable = read_modules()
+    paths, learned = read_paths(tunnels, traces) if traces is not None else ({}, {})
     return HostFacts(links, addresses, sysctls, modules, loadable, chains, routes_out, refusals, conntrack, traces,
-                     daemon, config.daemon.nft_table, tuple(notes))
+                     paths, learned, daemon, config.daemon.nft_table, tuple(notes))
+
+
+def read_paths(tunnels: Sequence[TunnelConfig], traces: Mapping[str, TunnelTrace],
+               ) -> tuple[dict[str, PathProbe], dict[str, int | None]]:
+    """Padded keepalives (pmtu.py) for the IPv4 gre tunnels whose peer answered the trace's keepalives; then the
+    path MTU the kernel learnt for each remote (an ICMP "fragmentation needed" that came back)."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from greupd.doctor.pmtu import probe_path
+
+    paths: dict[str, PathProbe] = {}
+    learned: dict[str, int | None] = {}
+    with IPRoute() as ipr:
+        for t in tunnels:
+            trace = traces.get(t.name)
+            if t.mode != "gre" or trace is None or not trace.incoming or not isinstance(t.local, IPv4Address) \
+                    or not isinstance(t.remote, IPv4Address):
+                continue
+            okey, ikey = (t.okey if t.okey is not None else t.key), (t.ikey if t.ikey is not None else t.key)
+            overhead = 24 + (4 if okey is not None else 0)
+            try:
+                (route,) = ipr.route("get", dst=str(t.remote))
+                (link,) = ipr.link("get", index=route.get("RTA_OIF"))
+                underlay = int(link.get("IFLA_MTU"))
+            except (NetlinkError, ValueError, TypeError):
+                continue
+            paths[t.name] = probe_path(t.local, t.remote, okey, ikey, t.mtu + overhead if t.mtu else underlay)
+            try:
+                (route,) = ipr.route("get", dst=str(t.remote))
+                metrics = route.get("RTA_METRICS")
+                learned[str(t.remote)] = metrics.get("RTAX_MTU") if metrics is not None else None
+            except (NetlinkError, ValueError):
+                learned[str(t.remote)] = None
+    return paths, learned
 
 
 def read_links_and_addresses() -> tuple[dict[str, ObservedLink], dict[str, frozenset[IPAddress]]]:
