@@ -54,3 +54,46 @@ def test_tunnel_clash_with_a_foreign_link_of_the_same_endpoints_and_key(tmp_path
             daemon.wait_for("T1", "up")
         finally:
             daemon.stop()
+
+
+SA = ("xfrm state add src {s} dst {d} proto esp spi {spi} mode transport enc cbc(aes) "
+      "0x01020304050607080910111213141516 auth hmac(sha256) "
+      "0x0102030405060708091011121314151617181920212223242526272829303132 sel src {s} dst {d} proto gre")
+POLICY = "xfrm policy add src {s}/32 dst {d}/32 proto gre dir {dir} tmpl src {s} dst {d} proto esp mode transport"
+
+
+def test_ipsec_no_sa_once_the_sas_are_flushed(tmp_path: Path) -> None:
+    """What charon installs for a [tunnel.ipsec] tunnel (transport-mode ESP SAs and GRE policies, made here with
+    `ip xfrm` as charon would), then `ip xfrm state flush`: doctor names ipsec-no-sa. Its fix is
+    `swanctl --initiate`, which has charon install them again; without a peer charon here, the test installs
+    the same SAs itself."""
+    with Lab() as lab:
+        a, b = lab.host("a"), lab.host("b")
+        lab.link(a, b, "10.9.0.1/24", "10.9.0.2/24")
+        psk = tmp_path / "psk"
+        psk.write_text("a secret of thirty-two characters\n")
+        psk.chmod(0o600)
+        config = tmp_path / "tunnels.toml"
+        config.write_text(CONFIG.format(local="10.9.0.1", remote="10.9.0.2", forward="true",
+                                        extra=f'[tunnel.ipsec]\npsk_file = "{psk}"\n'))
+        sas = [SA.format(s="10.9.0.1", d="10.9.0.2", spi="0x100"), SA.format(s="10.9.0.2", d="10.9.0.1", spi="0x200")]
+        a.ip_batch(*sas, POLICY.format(s="10.9.0.1", d="10.9.0.2", dir="out"),
+                   POLICY.format(s="10.9.0.2", d="10.9.0.1", dir="in"))
+
+        def doctor() -> list[dict[str, str]]:
+            done = a.run(sys.executable, "-m", "greupd", "doctor", "--json", "-c", str(config), "--socket",
+                         str(tmp_path / "none.sock"), env=_env(), check=False, timeout=300)
+            assert done.returncode in (0, 1), done.stderr
+            return [f for f in json.loads(done.stdout)["findings"] if f["check"] != "peer-silent"]
+
+        assert doctor() == []
+        a.ip("xfrm", "state", "flush")
+        (finding,) = doctor()
+        assert finding["check"] == "ipsec-no-sa"
+        assert finding["message"] == ("no IPsec SA for 10.9.0.1 > 10.9.0.2 and 10.9.0.2 > 10.9.0.1: greupd's table "
+                                      "drops its GRE (require = true)")
+        assert "out: src 10.9.0.1/32 dst 10.9.0.2/32 proto gre dir out" in finding["evidence"]
+        assert "0x0102" not in finding["evidence"]  # never the keys
+        assert finding["fix"].startswith("swanctl --initiate --ike greupd-T1 --child gre")
+        a.ip_batch(*sas)
+        assert doctor() == []

@@ -55,7 +55,10 @@ while True:
         continue
     at = ihl + 4 + 4 * bool(flags & 0x8000) + 4 * bool(flags & 0x2000) + 4 * bool(flags & 0x1000)
     inner = data[at:]
-    tx.sendto(inner, (socket.inet_ntoa(inner[16:20]), 0))
+    try:
+        tx.sendto(inner, (socket.inet_ntoa(inner[16:20]), 0))
+    except OSError:
+        pass  # no route to the inner destination: what a peer behind a NAT's far side meets
 """
 
 # Does the peer's answer reach this host's local delivery? One keepalive out, then GRE from the remote read on
@@ -264,7 +267,7 @@ def test_peer_silent(pair: Pair) -> None:
     assert checks(findings) == ["peer-silent"]
     (finding,) = others(findings)
     assert finding["severity"] == "warning"
-    assert "traced out through every table; no GRE from 10.9.0.2 arrived within the trace" in finding["evidence"]
+    assert "traced out through every table; none came back within the trace" in finding["evidence"]
     pair.reflect()  # the fix is on the peer: its tunnel back
     assert others(pair.doctor()[1]) == []
 
@@ -445,3 +448,56 @@ def test_no_mtu_blackhole_when_icmp_tells_the_path_mtu(tmp_path: Path) -> None:
     with Lab() as lab:
         pair = _routed(lab, tmp_path, icmp_dropped=False)
         assert others(pair.doctor(pair.config(local="10.1.0.1", remote="10.2.0.2"))[1]) == []
+
+
+# The peer's own keepalives, as a peer configured with `local = 10.2.0.2`, `remote = REMOTE` sends them.
+SENDER = r"""
+import socket, sys, time
+from ipaddress import ip_address
+from greupd.keepalive.codec import build_probe_template, new_token
+probe = build_probe_template(ip_address("10.2.0.2"), ip_address(sys.argv[1]), None, None)
+tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+while True:
+    try:
+        tx.sendto(probe.with_token(new_token()), (sys.argv[1], 0))
+    except OSError:
+        pass
+    time.sleep(0.5)
+"""
+
+
+def test_nat_in_path(tmp_path: Path) -> None:
+    """a - n - b, n masquerading a's side; b (the peer) knows a as n's address, 10.2.0.254, and has no route to
+    a's own 10.1.0.1: a's keepalives get no answer, b's own ones arrive naming a as 10.2.0.254."""
+    with Lab() as lab:
+        a, n, b = lab.host("a"), lab.host("n"), lab.host("b")
+        lab.link(a, n, "10.1.0.1/24", "10.1.0.254/24", then1=["route add default via 10.1.0.254"])
+        lab.link(n, b, "10.2.0.254/24", "10.2.0.2/24", "eth1", "eth0")
+        n.sysctl("net.ipv4.ip_forward", 1)
+        n.run("nft", "-f", "-", input="table ip nat {\n chain post {\n"
+              "  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"eth1\" masquerade\n }\n}\n")
+        pair = Pair(a, b, lab, tmp_path)
+        pair.reflect()
+        # a speaks first, as a host behind a NAT must: its GRE opens n's mapping (n, asked first by b, would
+        # keep b's GRE for itself, an entry b's every keepalive refreshes).
+        assert not pair.answered(local="10.1.0.1", remote="10.2.0.2")
+        sender = b.popen(sys.executable, "-c", SENDER, "10.2.0.254", env=_env())
+        config = pair.config(local="10.1.0.1", remote="10.2.0.2")
+        text = Path(config).read_text().replace('interval = "10s"', 'interval = "1s"')
+        Path(config).write_text(text)
+        _, findings = pair.doctor(config)
+        assert checks(findings) == ["nat-in-path"]  # and not peer-silent: this is why
+        (finding,) = others(findings)
+        assert finding["message"] == ("a NAT between this host and 10.2.0.2: the peer knows this host as 10.2.0.254, "
+                                      "not 10.1.0.1, and routes the keepalives it reflects to 10.1.0.1, which it "
+                                      "cannot reach")
+        assert "inner packet from 10.2.0.254 (the peer's `remote` for this host) to 10.2.0.2" in finding["evidence"]
+        # The fix's first way: GRE between the two without NAT, and a route back to a; the peer then names a
+        # by its own address.
+        n.run("nft", "insert", "rule", "ip", "nat", "post", "ip", "protocol", "gre", "accept")
+        n.run(sys.executable, "-c", "from pyroute2 import Conntrack; Conntrack().flush()", env=_env())
+        b.ip("route", "add", "10.1.0.0/24", "via", "10.2.0.254")
+        sender.kill()
+        b.popen(sys.executable, "-c", SENDER, "10.1.0.1", env=_env())
+        assert others(pair.doctor(config)[1]) == []
+        assert pair.answered(local="10.1.0.1", remote="10.2.0.2")

@@ -370,7 +370,7 @@ def peer_silent(config: Config, facts: HostFacts, tunnels: Sequence[TunnelConfig
     findings = []
     for t in tunnels:
         trace = facts.traces.get(t.name) if facts.traces is not None else None
-        if t.keepalive is None or trace is None or not trace.sent or trace.incoming:
+        if t.keepalive is None or trace is None or not trace.sent or trace.reflected:
             continue
         left = [p for p in trace.outgoing if p.final is None]
         if trace.outgoing and not left:
@@ -381,11 +381,14 @@ def peer_silent(config: Config, facts: HostFacts, tunnels: Sequence[TunnelConfig
             k = daemon["keepalive"]
             counters = f"; the daemon's keepalive: sent {k['sent']}, received {k['received']}"
         out = f"{len(left)} of them traced out through every table" if trace.outgoing else "(not traced)"
+        own = facts.peer_keepalives.get(t.name, ())
+        if own:
+            counters += f"; the peer's own keepalives do arrive (from {', '.join(own)} inside)"
         findings.append(Finding(
             "peer-silent", t.name, "warning",
-            f"{t.remote} does not answer: doctor's keepalives left this host and no GRE came back",
-            f"{trace.sent} keepalive(s) sent from {t.local} to {t.remote} {out}; no GRE from {t.remote} "
-            f"arrived within the trace{counters}",
+            f"{t.remote} does not answer: doctor's keepalives left this host and none came back",
+            f"{trace.sent} keepalive(s) sent from {t.local} to {t.remote} {out}; none came back "
+            f"within the trace{counters}",
             f"on the peer {t.remote}: a GRE tunnel with local {t.remote} remote {t.local}"
             f"{' and the same key' if t.key or t.ikey or t.okey else ''}, up; net.ipv4.ip_forward = 1; "
             f"rp_filter 0 or 2 and accept_local = 1 on that tunnel (what reflects a keepalive); "
@@ -419,6 +422,54 @@ def mtu_blackhole(config: Config, facts: HostFacts, tunnels: Sequence[TunnelConf
     return findings
 
 
+def ipsec_no_sa(config: Config, facts: HostFacts, tunnels: Sequence[TunnelConfig]) -> list[Finding]:
+    """A tunnel with [tunnel.ipsec] and no ESP SA one way or the other: its GRE is dropped (require = true,
+    greupd's table) or leaves in the clear, until charon installs them again."""
+    from greupd.ipsec.connections import CHILD_NAME, connection_name
+
+    findings = []
+    for t in tunnels:
+        pair = facts.xfrm.get(t.name) if facts.xfrm is not None else None
+        if t.ipsec is None or pair is None or (pair.sas_out and pair.sas_in):
+            continue
+        missing = " and ".join(way for way, sas in ((f"{t.local} > {t.remote}", pair.sas_out),
+                                                    (f"{t.remote} > {t.local}", pair.sas_in)) if not sas)
+        effect = "greupd's table drops its GRE (require = true)" if t.ipsec.require else "its GRE leaves in the clear"
+        policies = "\n".join(pair.policies) or "none (charon has not loaded the connection, or greupd is not running)"
+        present = "\n".join(pair.sas_out + pair.sas_in)
+        ike = connection_name(t.name)
+        findings.append(Finding(
+            "ipsec-no-sa", t.name, "error",
+            f"no IPsec SA for {missing}: {effect}",
+            f"ip xfrm state: no ESP SA for {missing}{chr(10) + 'present: ' + present if present else ''}\n"
+            f"GRE policies (ip xfrm policy):\n{policies}",
+            f"swanctl --initiate --ike {ike} --child {CHILD_NAME}   # --uri unix://{config.daemon.vici_socket}\n"
+            f"if it fails: swanctl --log, and `greupd status {t.name}` (ipsec.error); the peer's PSK or "
+            f"certificates, and its connection for {t.remote}"))
+    return findings
+
+
+def nat_in_path(config: Config, facts: HostFacts, tunnels: Sequence[TunnelConfig]) -> list[Finding]:
+    """The peer's own keepalives name this host by another address than `local`: a NAT rewrites it on the way."""
+    findings = []
+    for t in tunnels:
+        others = [a for a in facts.peer_keepalives.get(t.name, ()) if a != str(t.local)]
+        if not others:
+            continue
+        public = others[0]
+        findings.append(Finding(
+            "nat-in-path", t.name, "error",
+            f"a NAT between this host and {t.remote}: the peer knows this host as {public}, not {t.local}, and "
+            f"routes the keepalives it reflects to {t.local}, which it cannot reach",
+            f"GRE keepalives from {t.remote} carry an inner packet from {public} (the peer's `remote` for this "
+            f"host) to {t.remote}, while local = {t.local}; doctor's own keepalives to {t.remote} got no answer",
+            f"carry GRE between the two without NAT (on the NAT: no masquerade for protocol 47 between "
+            f"{t.local} and {t.remote}, and a route back to {t.local}), or give this host {public} itself\n"
+            f"or, if the NAT must stay: in [[tunnel]] name = \"{t.name}\", keepalive = false (GRE through a NAT "
+            f"carries one tunnel per address pair; its keepalives cannot be reflected)"))
+    return findings
+
+
 Check = Callable[[Config, HostFacts, Sequence[TunnelConfig]], list[Finding]]
 CHECK_FUNCTIONS: dict[str, Check] = {
     "gre-module-missing": gre_module_missing,
@@ -432,6 +483,8 @@ CHECK_FUNCTIONS: dict[str, Check] = {
     "tunnel-clash": tunnel_clash,
     "peer-silent": peer_silent,
     "mtu-blackhole": mtu_blackhole,
+    "ipsec-no-sa": ipsec_no_sa,
+    "nat-in-path": nat_in_path,
 }
 # What `greupd plan` and the daemon can judge without tracing (links, addresses, modules).
 RUNTIME_CHECKS = ("gre-module-missing", "local-address-missing", "interface-missing", "tunnel-clash")
@@ -446,7 +499,8 @@ def run_checks(config: Config, facts: HostFacts, names: Sequence[str] = (),
              for finding in CHECK_FUNCTIONS[check](config, facts, tunnels)]
     # A silent peer is a consequence when this host already explains why nothing comes back (no local address
     # for the answer to reach, a firewall here dropping it): report the cause, not the symptom.
-    explained = {f.tunnel for f in found if f.check in ("local-address-missing", "firewall-drops-gre")}
+    explained = {f.tunnel for f in found if f.check in ("local-address-missing", "firewall-drops-gre", "rp-filter",
+                                                           "nat-in-path", "mtu-blackhole", "ipsec-no-sa")}
     return [f for f in found if not (f.check == "peer-silent" and f.tunnel in explained)]
 
 

@@ -53,6 +53,8 @@ class TunnelTrace:
 
     sent: int
     packets: tuple[TracedPacket, ...]
+    reflected: int = 0  # our keepalives that came back (read on a raw GRE socket: delivered, past every hook)
+    peer_sources: tuple[str, ...] = ()  # the peer's own keepalives: the inner source (this host as it knows it)
 
     @property
     def outgoing(self) -> tuple[TracedPacket, ...]:
@@ -102,6 +104,16 @@ class Chain:
 
 
 @dataclass(frozen=True)
+class XfrmPair:
+    """The kernel's IPsec state for one tunnel's endpoints (`ip xfrm`): SAs each way, GRE policies each way.
+    Each entry is the SA's or policy's summary line (never its keys)."""
+
+    sas_out: tuple[str, ...]
+    sas_in: tuple[str, ...]
+    policies: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class HostFacts:
     """One snapshot of what the checks need. A part doctor could not read is None (and `notes` say why)."""
 
@@ -118,6 +130,9 @@ class HostFacts:
     traces: Mapping[str, TunnelTrace] | None = None  # by tunnel; None: not traced (notes say why)
     paths: Mapping[str, PathProbe] = field(default_factory=dict)  # by tunnel: padded keepalives' sizes
     learned_mtu: Mapping[str, int | None] = field(default_factory=dict)  # remote -> PMTU the kernel learnt (ICMP)
+    # silent peers' own keepalives: tunnel -> the inner source addresses they came with (how the peer knows us)
+    peer_keepalives: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    xfrm: Mapping[str, XfrmPair] | None = None  # tunnels with [tunnel.ipsec]; None: unreadable
     daemon: DaemonStatus | None = None  # the running daemon's status, if one answered
     own_table: str = "greupd"  # greupd's own nftables table (inet), whose drops are greupd's business
     notes: tuple[str, ...] = ()  # what could not be read, and what was inferred instead

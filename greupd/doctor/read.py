@@ -13,13 +13,14 @@ import json
 import os
 import platform
 import socket
+import subprocess
 from collections.abc import Mapping, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
 
 from greupd.config import Config, TunnelConfig
 from greupd.doctor.checks import GRE_TIMEOUT, GRE_TIMEOUT_STREAM, IP_FORWARD, enabled, rp_filter_key
-from greupd.doctor.facts import Chain, HostFacts, Rule, TunnelTrace
+from greupd.doctor.facts import Chain, HostFacts, Rule, TunnelTrace, XfrmPair
 from greupd.doctor.pmtu import PathProbe
 from greupd.gre import IPAddress
 from greupd.model import ObservedLink
@@ -56,8 +57,56 @@ def gather(config: Config, names: Sequence[str] = (), trace: bool = True,
     routes_out, refusals, conntrack = read_routes_and_conntrack(tunnels, traces, links, notes)
     modules, loadable = read_modules()
     paths, learned = read_paths(tunnels, traces) if traces is not None else ({}, {})
+    heard: dict[str, tuple[str, ...]] = {}
+    if traces is not None:
+        from greupd.doctor.hear import hear_keepalives
+
+        silent = [t for t in tunnels if t.keepalive is not None and (seen := traces.get(t.name)) is not None
+                  and seen.sent and not seen.reflected and not seen.peer_sources]
+        heard = {name: trace.peer_sources for name, trace in traces.items() if trace.peer_sources}
+        heard |= hear_keepalives(silent) if silent else {}
+    xfrm = read_xfrm([t for t in tunnels if t.ipsec is not None], notes)
     return HostFacts(links, addresses, sysctls, modules, loadable, chains, routes_out, refusals, conntrack, traces,
-                     paths, learned, daemon, config.daemon.nft_table, tuple(notes))
+                     paths, learned, heard, xfrm, daemon, config.daemon.nft_table, tuple(notes))
+
+
+def read_xfrm(tunnels: Sequence[TunnelConfig], notes: list[str]) -> dict[str, XfrmPair] | None:
+    """Each IPsec tunnel's SAs and GRE policies, from `ip xfrm` (pyroute2 has no XFRM socket; iproute2 is the
+    kernel's own tool for it, and greupd writes no XFRM decoder of its own)."""
+    if not tunnels:
+        return {}
+    found: dict[str, XfrmPair] = {}
+    try:
+        for t in tunnels:
+            local, remote = str(t.local), str(t.remote)
+            plen = t.local.max_prefixlen
+            found[t.name] = XfrmPair(
+                xfrm_summaries(_ip_xfrm("state", "list", "src", local, "dst", remote, "proto", "esp")),
+                xfrm_summaries(_ip_xfrm("state", "list", "src", remote, "dst", local, "proto", "esp")),
+                tuple(f"{'out' if way == 0 else 'in'}: {line}" for way, (s, d) in enumerate(((local, remote),
+                                                                                          (remote, local)))
+                      for line in xfrm_summaries(_ip_xfrm("policy", "list", "src", f"{s}/{plen}", "dst",
+                                                          f"{d}/{plen}", "proto", "gre"), header=True)))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        notes.append(f"the kernel's IPsec state could not be read (ip xfrm: {exc}): ipsec-no-sa is not checked")
+        return None
+    return found
+
+
+def _ip_xfrm(*argv: str) -> str:
+    return subprocess.run(["ip", "xfrm", *argv], capture_output=True, text=True, check=True, timeout=10).stdout
+
+
+def xfrm_summaries(text: str, header: bool = False) -> tuple[str, ...]:
+    """One line per SA (`proto esp spi 0x... mode transport`) or, with `header`, per policy (its selector and
+    direction) of `ip xfrm ... list`; the key lines are never kept."""
+    found = []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line and not line[0].isspace():
+            nxt = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            found.append(f"{line.strip()} {nxt}".strip() if header else nxt.split(" replay")[0])
+    return tuple(found)
 
 
 def read_paths(tunnels: Sequence[TunnelConfig], traces: Mapping[str, TunnelTrace],

@@ -19,11 +19,19 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 
 from greupd.config import TunnelConfig
 from greupd.doctor.facts import TracedPacket, TraceEvent, TunnelTrace
+from greupd.keepalive.codec import (
+    KeepaliveRequest,
+    MalformedPacket,
+    ProbeReply,
+    build_probe_template,
+    new_token,
+    parse_gre,
+)
 
 TRACE_TABLE = "greupd_doctor"
 MARK = 0x47524544  # "GRED": doctor's keepalives, and nothing else on a host, carry this fwmark
@@ -146,21 +154,44 @@ def trace_tunnels(tunnels: Sequence[TunnelConfig], window: float = WINDOW) -> di
         except OSError as exc:
             raise TraceUnavailable(f"cannot run `nft monitor trace`: {exc.strerror}") from None
         try:
-            lines, sent = _probe_and_listen(tunnels, monitor, window)
+            lines, sent, heard = _probe_and_listen(tunnels, monitor, window)
         finally:
             monitor.terminate()
             monitor.wait()
     finally:
         nft.cmd(f"delete table inet {TRACE_TABLE}")
-    return by_tunnel(tunnels, parse_trace(lines), sent)
+    return {name: replace(trace, reflected=heard.reflected.get(name, 0),
+                          peer_sources=tuple(sorted(heard.sources.get(name, set()))))
+            for name, trace in by_tunnel(tunnels, parse_trace(lines), sent).items()}
+
+
+@dataclass
+class Heard:
+    """What the raw GRE socket read during the trace, by tunnel: reflections of our keepalives, and the inner
+    source addresses of the peer's own keepalives."""
+
+    by_remote: dict[int, str]
+    reflected: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, set[str]] = field(default_factory=dict)
+
+    def read(self, data: bytes) -> None:
+        try:
+            message = parse_gre(data)
+        except MalformedPacket:
+            return
+        if isinstance(message, ProbeReply) and message.src in self.by_remote:
+            name = self.by_remote[message.src]
+            self.reflected[name] = self.reflected.get(name, 0) + 1
+        elif isinstance(message, KeepaliveRequest) and message.src in self.by_remote:
+            self.sources.setdefault(self.by_remote[message.src], set()).add(str(IPv4Address(message.inner_src)))
 
 
 def _probe_and_listen(tunnels: Sequence[TunnelConfig], monitor: subprocess.Popen[bytes],
-                      window: float) -> tuple[list[str], dict[str, int]]:
-    from greupd.keepalive.codec import build_probe_template, new_token
-
+                      window: float) -> tuple[list[str], dict[str, int], Heard]:
     probed = [t for t in tunnels if t.mode == "gre" and t.keepalive is not None]
+    heard = Heard({int(t.remote): t.name for t in probed})
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, 47)
     sent = {t.name: 0 for t in probed}
     buffer = b""
     assert monitor.stdout is not None
@@ -181,17 +212,20 @@ def _probe_and_listen(tunnels: Sequence[TunnelConfig], monitor: subprocess.Popen
                     except OSError:
                         pass  # EPERM from an output drop, or no route: the trace (or its absence) tells
                 next_probe = now + PROBE_EVERY
-            ready, _, _ = select.select([fd], [], [], min(PROBE_EVERY, max(deadline - now, 0)))
-            if ready:
+            ready, _, _ = select.select([fd, rx.fileno()], [], [], min(PROBE_EVERY, max(deadline - now, 0)))
+            if rx.fileno() in ready:
+                heard.read(rx.recv(65535))
+            if fd in ready:
                 chunk = os.read(fd, 65536)
                 if not chunk:
                     break
                 buffer += chunk
-                if probed and _both_ways(probed, buffer, sent):
+                if probed and _both_ways(probed, buffer, sent) and all(heard.reflected.get(t.name) for t in probed):
                     deadline = min(deadline, time.monotonic() + SETTLE)  # the rest of their hooks' events
     finally:
         sock.close()
-    return buffer.decode(errors="replace").splitlines(), sent
+        rx.close()
+    return buffer.decode(errors="replace").splitlines(), sent, heard
 
 
 def _both_ways(probed: Sequence[TunnelConfig], buffer: bytes, sent: dict[str, int]) -> bool:
