@@ -233,3 +233,58 @@ def test_findings_as_json_and_text() -> None:
     with pytest.raises(ValueError, match="unknown check id"):
         Finding("nope", None, "error", "", "", "")
     assert len(set(CHECKS)) == 13
+
+
+# --- path MTU, IPsec, NAT ------------------------------------------------------------------------------------
+
+def test_a_padded_probe_is_exactly_the_size_asked_with_df_and_valid_checksums() -> None:
+    from greupd.doctor.pmtu import padded_probe
+    from greupd.keepalive.codec import ones_complement_sum
+
+    local, remote = ipaddress.IPv4Address("10.9.0.1"), ipaddress.IPv4Address("10.9.0.2")
+    packet = padded_probe(local, remote, 7, 7, 1400)
+    assert len(packet) == 1400 and int.from_bytes(packet[2:4]) == 1400 and packet[6] & 0x40
+    inner = 28  # outer IP + GRE with a key
+    assert int.from_bytes(packet[inner + 2:inner + 4]) == 1400 - inner
+    assert ones_complement_sum(packet[:20]) == 0xFFFF and ones_complement_sum(packet[inner:inner + 20]) == 0xFFFF
+    with pytest.raises(ValueError, match="too small"):
+        padded_probe(local, remote, None, None, 40)
+
+
+def test_mtu_blackhole_only_without_a_learned_path_mtu() -> None:
+    from greupd.doctor.pmtu import PathProbe
+
+    narrow = {"T1": PathProbe(1500, 1400, (1500, 576, 1038, 1269, 1385, 1443, 1414, 1400, 1407, 1401))}
+    (finding,) = run_checks(config(), facts(paths=narrow), only=["mtu-blackhole"])
+    assert "1400 bytes came back, 1401 did not" in finding.evidence
+    assert finding.fix.startswith('in [[tunnel]] name = "T1": mtu = 1372\n')  # 1400 - 20 - 4 - 4 (key)
+    assert run_checks(config(), facts(paths=narrow, learned_mtu={"10.9.0.2": 1400}), only=["mtu-blackhole"]) == []
+    wide = {"T1": PathProbe(1500, 1500, (1500,))}
+    assert run_checks(config(), facts(paths=wide), only=["mtu-blackhole"]) == []
+
+
+def test_ipsec_no_sa_reads_both_directions(tmp_path: Path) -> None:
+    from greupd.doctor.facts import XfrmPair
+    from greupd.doctor.read import xfrm_summaries
+
+    listing = ("src 10.9.0.1 dst 10.9.0.2\n\tproto esp spi 0x00000100 reqid 0 mode transport\n\treplay-window 0 \n"
+               "\tauth-trunc hmac(sha256) 0x0102 96\n")
+    assert xfrm_summaries(listing) == ("proto esp spi 0x00000100 reqid 0 mode transport",)
+    psk = tmp_path / "psk"
+    psk.write_text("secret\n")
+    psk.chmod(0o600)
+    with_ipsec = config(CONFIG.replace("[tunnel.keepalive]",
+                                       f'[tunnel.ipsec]\npsk_file = "{psk}"\n\n[tunnel.keepalive]'))
+    one_way = {"T1": XfrmPair(xfrm_summaries(listing), (), ())}
+    (finding,) = run_checks(with_ipsec, facts(xfrm=one_way), only=["ipsec-no-sa"])
+    assert finding.message == "no IPsec SA for 10.9.0.2 > 10.9.0.1: greupd's table drops its GRE (require = true)"
+    assert "0x0102" not in finding.evidence
+    both = {"T1": XfrmPair(xfrm_summaries(listing), xfrm_summaries(listing), ())}
+    assert run_checks(with_ipsec, facts(xfrm=both), only=["ipsec-no-sa"]) == []
+    assert run_checks(config(), facts(xfrm={}), only=["ipsec-no-sa"]) == []  # no [tunnel.ipsec]
+
+
+def test_nat_in_path_when_the_peer_names_us_otherwise() -> None:
+    (finding,) = run_checks(config(), facts(peer_keepalives={"T1": ("203.0.113.7",)}), only=["nat-in-path"])
+    assert "the peer knows this host as 203.0.113.7, not 10.9.0.1" in finding.message
+    assert run_checks(config(), facts(peer_keepalives={"T1": ("10.9.0.1",)}), only=["nat-in-path"]) == []
