@@ -9,8 +9,9 @@ import os
 import sys
 import traceback
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, cast
+from typing import NoReturn, cast
 
 from greupd import __version__
 from greupd.config import (
@@ -26,9 +27,6 @@ from greupd.config import (
     unvalidated_path,
 )
 from greupd.status import DaemonStatus
-
-if TYPE_CHECKING:
-    from greupd.cli_format import PlanReport
 
 # Exit statuses: greupd(8)'s EXIT STATUS table, per command (tests/test_exit_statuses.py holds the two together).
 # 0-3 are spec.md's; the rest are sysexits(3)'s where one fits, so that no status means two things to a script.
@@ -320,32 +318,28 @@ def _plan_for_tools(config: Config, as_json: bool, detailed: bool) -> int:
             return _plan_failed_json(EXIT_INVALID, [_error_json(why)], files)
         print(f"greupd: {why}", file=sys.stderr)
         return EXIT_INVALID
-    report = _with_doctor_warnings(config, report)
+    host = _doctor_warnings(config)
     changes, errors = report.changes(), [_error_json(**e) for e in report.errors()]
     if as_json:
         print(json.dumps({"changes": changes, "errors": errors,
                           "nftables": {"table": report.table, "action": report.nft_action,
                                        "ruleset": report.ruleset_text, "warnings": list(report.warnings)},
-                          "config": files}, indent=2))
+                          "config": files, "warnings": host}, indent=2))
     else:
-        print(describe_plan(report))
+        print(describe_plan(replace(report, warnings=report.warnings + tuple(host))))
     if not detailed:
         return EXIT_OK
     return EXIT_INVALID if errors else EXIT_CHANGES if changes else EXIT_OK
 
 
-def _with_doctor_warnings(config: Config, report: PlanReport) -> PlanReport:
-    """plan's report with what doctor's run-time checks find (#24 item 4): a kernel without ip_gre, a `local`
-    on no interface, a from_tunnel interface that does not exist, a clashing link."""
-    from dataclasses import replace
-
+def _doctor_warnings(config: Config) -> list[str]:
+    """What doctor's run-time checks find on this host (#24 item 4): a kernel without ip_gre, a `local` on no
+    interface, a from_tunnel interface that does not exist, a clashing link. `plan --json` has them as "warnings"."""
     from greupd.doctor.checks import runtime_findings
     from greupd.doctor.read import runtime_facts
 
-    found = runtime_findings(config, runtime_facts(config))
-    lines = tuple(f"{f.tunnel + ': ' if f.tunnel else ''}{f.message} (greupd doctor: {f.check}; fix: "
-                  f"{f.fix.splitlines()[0]})" for f in found)
-    return replace(report, warnings=report.warnings + lines)
+    return [f"{f.tunnel + ': ' if f.tunnel else ''}{f.message} (greupd doctor: {f.check}; fix: {f.fix.splitlines()[0]})"
+            for f in runtime_findings(config, runtime_facts(config))]
 
 
 def _plan_failed_json(status: int, errors: list[dict[str, object]], files: list[str]) -> int:
