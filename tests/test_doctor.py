@@ -92,6 +92,12 @@ def test_the_trace_parser_follows_each_packet_and_leaves_doctors_own_table_out()
     assert (back.outgoing, back.iif) == (False, "eth1") and back.final is None
 
 
+def test_a_trace_id_the_kernel_reuses_for_the_next_packet_is_a_new_packet() -> None:
+    again = "\n".join(line for line in TRACE.splitlines() if "34727401" in line)
+    first, second = parse_trace([*again.splitlines(), *again.splitlines()])
+    assert first.trace_id == second.trace_id and len(first.events) == len(second.events) == 1
+
+
 def test_the_trace_table_marks_our_keepalives_and_gre_from_each_remote() -> None:
     text = trace_ruleset(config().tunnels)
     assert "meta mark 0x47524544 meta nftrace set 1" in text

@@ -138,7 +138,9 @@ def _traced_drop(t: TunnelConfig, packet: TracedPacket, facts: HostFacts) -> Fin
     way = "our keepalive to" if packet.outgoing else "GRE from"
     decided = (f"{final.where}: {final.rule} # handle {final.handle} (verdict {final.verdict})" if final.kind == "rule"
                else f"{final.where}: policy {final.verdict}")
-    path = "\n".join(f"  {e.where}: {e.rule or 'policy'} (verdict {e.verdict})" for e in packet.events)
+    # Every verdict it met on the way, when there was more than the one that decided.
+    path = "".join(f"\n  {e.where}: {e.rule or 'policy'} (verdict {e.verdict})" for e in packet.events) \
+        if len(packet.events) > 1 else ""
     via = f"iif {packet.iif}" if packet.iif else f"oif {packet.oif}"
     # A reject is traced as "verdict drop" (the kernel drops, then answers with an ICMP error): say which.
     verb = "rejects" if final.kind == "rule" and " reject" in f" {final.rule}" else f"{final.verdict}s"
@@ -146,7 +148,7 @@ def _traced_drop(t: TunnelConfig, packet: TracedPacket, facts: HostFacts) -> Fin
         "firewall-drops-gre", t.name, "error",
         f"{final.family} {final.table} {final.chain} {verb} {way} {t.remote}",
         f"nftables trace {packet.trace_id} of {way} {t.remote} ({packet.saddr} > {packet.daddr}, {via}), "
-        f"decided by {decided}\n{path}",
+        f"decided by {decided}{path}",
         _accept_fix(t, final.family, final.table, final.chain, final.handle if final.kind == "rule" else None,
                     packet.outgoing, _chain_named(facts, final.family, final.table, final.chain)))
 

@@ -77,17 +77,26 @@ class _Packet:
     saddr: str = ""
     daddr: str = ""
     events: list[TraceEvent] | None = None
+    chains: set[tuple[str, str, str]] = field(default_factory=set)
 
 
 def parse_trace(lines: Iterable[str], skip_table: str = TRACE_TABLE) -> list[TracedPacket]:
     """Packets from `nft -a monitor trace` output, in order of first appearance; doctor's own table's events are
     left out (they only set the trace flag)."""
-    packets: dict[str, _Packet] = {}
+    current: dict[str, _Packet] = {}
+    done: list[_Packet] = []
     for line in lines:
         match = _LINE.match(line.strip())
         if match is None:
             continue
-        packet = packets.setdefault(match["id"], _Packet(match["id"], events=[]))
+        chain = (match["family"], match["table"], match["chain"])
+        packet = current.get(match["id"])
+        # The kernel derives a trace id from the packet's buffer, which the next packet may reuse: a chain seen
+        # again under the same id is a new packet.
+        if packet is None or (match["kind"] == "packet:" and chain in packet.chains):
+            packet = current[match["id"]] = _Packet(match["id"], events=[])
+            done.append(packet)
+        packet.chains.add(chain)
         if match["kind"] == "packet:":
             fields = dict(_FIELD.findall(match["rest"]))
             packet.iif = packet.iif or fields.get("iif")
@@ -108,7 +117,7 @@ def parse_trace(lines: Iterable[str], skip_table: str = TRACE_TABLE) -> list[Tra
             packet.events.append(TraceEvent(match["id"], match["family"], match["table"], match["chain"], "rule",
                                             text, handle, rule["verdict"].split()[0]))
     return [TracedPacket(p.trace_id, p.oif is not None and p.iif is None, p.iif, p.oif, p.saddr, p.daddr,
-                         tuple(p.events or ())) for p in packets.values()]
+                         tuple(p.events or ())) for p in done]
 
 
 def by_tunnel(tunnels: Sequence[TunnelConfig], packets: Iterable[TracedPacket],
