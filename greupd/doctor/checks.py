@@ -389,7 +389,7 @@ def peer_silent(config: Config, facts: HostFacts, tunnels: Sequence[TunnelConfig
         findings.append(Finding(
             "peer-silent", t.name, "warning",
             f"{t.remote} does not answer: doctor's keepalives left this host and none came back",
-            f"{trace.sent} keepalive(s) sent from {t.local} to {t.remote} {out}; none came back "
+            f"{trace.sent} keepalive(s) sent from {t.local} to {t.remote}, {out}; none came back "
             f"within the trace{counters}",
             f"on the peer {t.remote}: a GRE tunnel with local {t.remote} remote {t.local}"
             f"{' and the same key' if t.key or t.ikey or t.okey else ''}, up; net.ipv4.ip_forward = 1; "
