@@ -157,6 +157,13 @@ def test_a_gre_drop_rule_is_inferred_only_in_the_direction_tracing_did_not_see()
                              only=["firewall-drops-gre"])
     assert inferred.evidence.startswith("inferred from the rule text, not traced (no nftrace here):")
     assert inferred.fix.startswith("nft insert rule inet fw input position 3 ip saddr 10.9.0.2")
+    # an accept of GRE before the drop (the fix doctor prints) satisfies the text reading too
+    gre: Json = {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "gre"}}
+    accept: Json = {"rule": {"family": "inet", "table": "fw", "chain": "input", "handle": 5,
+                             "expr": [gre, {"accept": None}]}}
+    accept_first: list[Json] = [listing[0], accept, listing[1]]
+    assert run_checks(config(), facts(chains=chains_from_listing(accept_first), traces=None),
+                      only=["firewall-drops-gre"]) == []
     # GRE from the remote was traced in and went through: the text is not second-guessed
     assert run_checks(config(), facts(chains=chains, traces=traced()), only=["firewall-drops-gre"]) \
         == run_checks(config(), facts(traces=traced()), only=["firewall-drops-gre"])

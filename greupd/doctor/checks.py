@@ -181,7 +181,11 @@ def _gre_drop_rules(facts: HostFacts, t: TunnelConfig) -> list[Rule]:
             continue
         if chain.family not in ("inet", "ip6" if t.remote.version == 6 else "ip"):
             continue
-        found.extend(r for r in chain.rules if r.matches_gre and r.verdict in ("drop", "reject"))
+        for rule in chain.rules:
+            if rule.matches_gre and rule.verdict == "accept":
+                break  # GRE accepted before any drop of it in this chain (a fix doctor printed, say)
+            if rule.matches_gre and rule.verdict in ("drop", "reject"):
+                found.append(rule)
     return found
 
 

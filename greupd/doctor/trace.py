@@ -37,6 +37,7 @@ TRACE_TABLE = "greupd_doctor"
 MARK = 0x47524544  # "GRED": doctor's keepalives, and nothing else on a host, carry this fwmark
 WINDOW = 2.0  # seconds: a reflected keepalive comes back in milliseconds; a slow peer gets a few more tries
 PROBE_EVERY = 0.25
+START_CAP = 10.0  # seconds to wait for `nft monitor trace` to report our first keepalive at all
 SETTLE = 0.3  # after both directions were seen: time for their later hooks' events to arrive
 SO_MARK = 36  # asm-generic/socket.h (socket.SO_MARK from Python 3.12 on)
 
@@ -210,7 +211,10 @@ def _probe_and_listen(tunnels: Sequence[TunnelConfig], monitor: subprocess.Popen
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK)
         templates = {t.name: build_probe_template(t.local, t.remote, _okey(t), _ikey(t))
                      for t in probed if isinstance(t.local, IPv4Address) and isinstance(t.remote, IPv4Address)}
-        deadline = time.monotonic() + window
+        # The window counts from the first traced event: `nft monitor trace` subscribes some time after it starts
+        # (seconds on a slow or emulated machine), and keepalives sent before that are traced by nobody.
+        started = not probed
+        deadline = time.monotonic() + (window if started else START_CAP)
         next_probe = time.monotonic()
         while (now := time.monotonic()) < deadline:
             if now >= next_probe:
@@ -229,6 +233,9 @@ def _probe_and_listen(tunnels: Sequence[TunnelConfig], monitor: subprocess.Popen
                 if not chunk:
                     break
                 buffer += chunk
+                if not started:
+                    started = True
+                    deadline = min(deadline, time.monotonic() + window)
                 if probed and _both_ways(probed, buffer, sent) and all(heard.reflected.get(t.name) for t in probed):
                     deadline = min(deadline, time.monotonic() + SETTLE)  # the rest of their hooks' events
     finally:
