@@ -1,4 +1,4 @@
-"""The `greupd` command: run, check, plan, status, metrics, reload, schema, import."""
+"""The `greupd` command: run, check, plan, status, metrics, reload, schema, import, doctor."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import sys
 import traceback
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn, cast
 
@@ -31,6 +32,7 @@ from greupd.status import DaemonStatus
 # 0-3 are spec.md's; the rest are sysexits(3)'s where one fits, so that no status means two things to a script.
 EXIT_OK = 0
 EXIT_INVALID = 1  # the config is invalid (check, plan, run, reload), a name unknown (status, import), a plan error
+EXIT_FINDINGS = 1  # doctor found something (spec.md: "0 nothing found, 1 findings")
 EXIT_CHANGES = 2  # plan --detailed-exitcode: there is something to change
 EXIT_NO_DAEMON = 3  # nothing answers on the control socket
 EXIT_TUNNELS_DOWN = 4  # status --check: a tunnel is down or in error
@@ -319,17 +321,28 @@ def _plan_for_tools(config: Config, as_json: bool, detailed: bool) -> int:
             return _plan_failed_json(EXIT_INVALID, [_error_json(why)], files)
         print(f"greupd: {why}", file=sys.stderr)
         return EXIT_INVALID
+    host = _doctor_warnings(config)
     changes, errors = report.changes(), [_error_json(**e) for e in report.errors()]
     if as_json:
         print(json.dumps({"changes": changes, "errors": errors,
                           "nftables": {"table": report.table, "action": report.nft_action,
                                        "ruleset": report.ruleset_text, "warnings": list(report.warnings)},
-                          "config": files}, indent=2))
+                          "config": files, "warnings": host}, indent=2))
     else:
-        print(describe_plan(report))
+        print(describe_plan(replace(report, warnings=report.warnings + tuple(host))))
     if not detailed:
         return EXIT_OK
     return EXIT_INVALID if errors else EXIT_CHANGES if changes else EXIT_OK
+
+
+def _doctor_warnings(config: Config) -> list[str]:
+    """What doctor's run-time checks find on this host (#24 item 4): a kernel without ip_gre, a `local` on no
+    interface, a from_tunnel interface that does not exist, a clashing link. `plan --json` has them as "warnings"."""
+    from greupd.doctor.checks import runtime_findings
+    from greupd.doctor.read import runtime_facts
+
+    return [f"{f.tunnel + ': ' if f.tunnel else ''}{f.message} (greupd doctor: {f.check}; fix: {f.fix.splitlines()[0]})"
+            for f in runtime_findings(config, runtime_facts(config))]
 
 
 def _plan_failed_json(status: int, errors: list[dict[str, object]], files: list[str]) -> int:
@@ -356,6 +369,36 @@ def _only_named(status: DaemonStatus, names: Sequence[str]) -> DaemonStatus | No
         return None
     wanted = set(names)
     return {**status, "tunnels": [t for t in status["tunnels"] if t["name"] in wanted]}
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """`greupd doctor [NAME...] [--json]`: what keeps the tunnels from working on this host (issue #24)."""
+    from greupd.doctor.checks import run_checks
+    from greupd.doctor.findings import describe_findings, findings_json
+    from greupd.doctor.read import daemon_status, gather
+
+    path = _config_path(args)
+    config = _load_or_report(path)
+    if config is None:
+        return EXIT_INVALID
+    unknown = [n for n in args.names if n not in {t.name for t in config.tunnels}]
+    if unknown:
+        print(f"greupd: no tunnel named {', '.join(unknown)} in {path}", file=sys.stderr)
+        return EXIT_INVALID
+    socket_path = _socket_path(args)  # before entering NETNS: the socket is a path in ours
+    if (status := _entered(args)) is not None:
+        return status
+    # Tracing adds doctor's nftables table and sends raw GRE: root's (CAP_NET_ADMIN, CAP_NET_RAW) only.
+    trace = not missing_capabilities(Path("/proc/self/status").read_text())
+    facts = gather(config, args.names, trace=trace, daemon=daemon_status(socket_path))
+    findings = run_checks(config, facts, args.names)
+    notes = list(facts.notes) if trace else [
+        "not root: nothing was traced (doctor needs CAP_NET_ADMIN and CAP_NET_RAW for that)", *facts.notes]
+    if args.json:
+        print(json.dumps(findings_json(findings), indent=2))
+    else:
+        print(describe_findings(findings, notes))
+    return EXIT_FINDINGS if findings else EXIT_OK
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -435,6 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
     reload = with_config(with_socket(sub.add_parser("reload", help="re-read the config in the running daemon")))
     reload.set_defaults(func=cmd_reload)
     sub.add_parser("schema", help="print the JSON Schema of tunnels.toml").set_defaults(func=cmd_schema)
+    doctor = with_config(with_socket(sub.add_parser(
+        "doctor", help="name what keeps tunnels from working on this host, with the evidence and the fix")))
+    doctor.add_argument("--json", action="store_true",
+                        help='print {"findings": [{"check", "tunnel", "severity", "message", "evidence", "fix"}]}')
+    doctor.add_argument("names", nargs="*", metavar="NAME", help="only these tunnels (default: all enabled ones)")
+    doctor.set_defaults(func=cmd_doctor)
     from greupd import install_units
 
     units = sub.add_parser("install-units", help="write the systemd units for a pip/pipx install (this interpreter)")

@@ -361,6 +361,34 @@ def _(lab: Lab2) -> subprocess.CompletedProcess[str]:
     return greupd("-n", lab.a.netns, "import", prefix=NOBODY)
 
 
+@case("doctor", 0, "doctor finding nothing")
+def _(lab: Lab2) -> subprocess.CompletedProcess[str]:
+    done = greupd("doctor", "-c", lab.file("nothing.toml", NOTHING), "--socket", str(lab.files / "none.sock"),
+                  prefix=netns(lab.b))
+    assert done.stdout.startswith("doctor: nothing found")
+    return done
+
+
+@case("doctor", 1, "doctor with a finding")
+def _(lab: Lab2) -> subprocess.CompletedProcess[str]:
+    done = greupd("doctor", "--json", "-c", lab.file("valid.toml", VALID), "--socket", str(lab.files / "none.sock"),
+                  prefix=netns(lab.b))
+    assert "local-address-missing" in [f["check"] for f in json.loads(done.stdout)["findings"]]
+    return done
+
+
+@case("doctor", 1, "doctor of a tunnel not in the config", root=False)
+def _(lab: Lab2) -> subprocess.CompletedProcess[str]:
+    done = greupd("doctor", "-c", lab.file("valid.toml", VALID), "Nope")
+    assert "no tunnel named Nope in " in done.stderr
+    return done
+
+
+@case("doctor", 77, "doctor -n NETNS as a user")
+def _(lab: Lab2) -> subprocess.CompletedProcess[str]:
+    return greupd("-n", lab.a.netns, "doctor", "-c", lab.file("valid.toml", VALID), prefix=NOBODY)
+
+
 @case("schema", 0, "schema", root=False)
 def _(lab: Lab2) -> subprocess.CompletedProcess[str]:
     return greupd("schema")
@@ -416,6 +444,7 @@ PRINTING: dict[str, Callable[[Lab2], tuple[str, ...]]] = {
     "import": lambda lab: ("import",),
     "schema": lambda lab: ("schema",),
     "install-units": lambda lab: ("install-units", "--dry-run"),
+    "doctor": lambda lab: ("doctor", "-c", lab.file("nothing.toml", NOTHING), "--socket", str(lab.files / "none.sock")),
 }
 
 

@@ -1,0 +1,130 @@
+"""`greupd doctor`'s checks that need a kernel with GRE links (#24): made in the UML guest when this one has none.
+
+tunnel-clash: a hand-made link with T1's local, remote and key already exists; doctor names it, the fix
+(`ip link del`) makes it go, and greupd can then make T1 and its keepalives get answered through it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab.greupd_process import GreupdProcess
+from lab.hosts import Lab
+from tests.test_doctor_kernel import CONFIG, _env
+
+pytestmark = pytest.mark.needs_gre
+
+
+def test_tunnel_clash_with_a_foreign_link_of_the_same_endpoints_and_key(tmp_path: Path) -> None:
+    with Lab() as lab:
+        a, b = lab.host("a"), lab.host("b")
+        lab.link(a, b, "10.9.0.1/24", "10.9.0.2/24")
+        a.ip("link", "add", "old", "type", "gre", "local", "10.9.0.1", "remote", "10.9.0.2", "key", "7")
+        # b: the peer's tunnel, set up to reflect keepalives (kernel-lab.md: forwarding, accept_local, rp_filter 0)
+        b.ip_batch("link add T1 type gre local 10.9.0.2 remote 10.9.0.1 key 7", "link set T1 up")
+        for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv4.conf.T1.accept_local", 1),
+                           ("net.ipv4.conf.T1.rp_filter", 0), ("net.ipv4.conf.all.rp_filter", 0)):
+            b.sysctl(key, value)
+        text = CONFIG.format(local="10.9.0.1", remote="10.9.0.2", extra="key = 7\n", forward="true").replace(
+            'interval = "10s"', 'interval = "1s"')
+        config = tmp_path / "tunnels.toml"
+        config.write_text(text)
+
+        def doctor() -> list[dict[str, str]]:
+            done = a.run(sys.executable, "-m", "greupd", "doctor", "--json", "-c", str(config), "--socket",
+                         str(tmp_path / "none.sock"), env=_env(), check=False, timeout=300)
+            assert done.returncode in (0, 1), done.stderr
+            findings: list[dict[str, str]] = json.loads(done.stdout)["findings"]
+            return findings
+
+        (finding,) = doctor()
+        assert finding["check"] == "tunnel-clash" and finding["tunnel"] == "T1"
+        assert finding["evidence"] == ("old: gre local 10.9.0.1 remote 10.9.0.2 key 7 (not greupd's); "
+                                       "T1: local 10.9.0.1 remote 10.9.0.2 key 7")
+        plan = a.run(sys.executable, "-m", "greupd", "plan", str(config), env=_env(), check=False, timeout=300)
+        assert "# warning: T1: link old has the same endpoints and key as this tunnel" in plan.stdout
+        a.run(*finding["fix"].splitlines()[0].split("#")[0].split())
+        assert doctor() == []
+        daemon = GreupdProcess(a, text).start()  # the tunnel works: made, and b's kernel answers its keepalives
+        try:
+            daemon.wait_for("T1", "up")
+        finally:
+            daemon.stop()
+
+
+SA = ("xfrm state add src {s} dst {d} proto esp spi {spi} mode transport enc cbc(aes) "
+      "0x01020304050607080910111213141516 auth hmac(sha256) "
+      "0x0102030405060708091011121314151617181920212223242526272829303132 sel src {s} dst {d} proto gre")
+POLICY = "xfrm policy add src {s}/32 dst {d}/32 proto gre dir {dir} tmpl src {s} dst {d} proto esp mode transport"
+
+
+def test_ipsec_no_sa_once_the_sas_are_flushed(tmp_path: Path) -> None:
+    """What charon installs for a [tunnel.ipsec] tunnel (transport-mode ESP SAs and GRE policies, made here with
+    `ip xfrm` as charon would), then `ip xfrm state flush`: doctor names ipsec-no-sa. Its fix is
+    `swanctl --initiate`, which has charon install them again; without a peer charon here, the test installs
+    the same SAs itself."""
+    with Lab() as lab:
+        a, b = lab.host("a"), lab.host("b")
+        lab.link(a, b, "10.9.0.1/24", "10.9.0.2/24")
+        psk = tmp_path / "psk"
+        psk.write_text("a secret of thirty-two characters\n")
+        psk.chmod(0o600)
+        config = tmp_path / "tunnels.toml"
+        config.write_text(CONFIG.format(local="10.9.0.1", remote="10.9.0.2", forward="true",
+                                        extra=f'[tunnel.ipsec]\npsk_file = "{psk}"\n'))
+        sas = [SA.format(s="10.9.0.1", d="10.9.0.2", spi="0x100"), SA.format(s="10.9.0.2", d="10.9.0.1", spi="0x200")]
+        a.ip_batch(*sas, POLICY.format(s="10.9.0.1", d="10.9.0.2", dir="out"),
+                   POLICY.format(s="10.9.0.2", d="10.9.0.1", dir="in"))
+
+        def doctor() -> list[dict[str, str]]:
+            done = a.run(sys.executable, "-m", "greupd", "doctor", "--json", "-c", str(config), "--socket",
+                         str(tmp_path / "none.sock"), env=_env(), check=False, timeout=300)
+            assert done.returncode in (0, 1), done.stderr
+            return [f for f in json.loads(done.stdout)["findings"] if f["check"] != "peer-silent"]
+
+        assert doctor() == []
+        a.ip("xfrm", "state", "flush")
+        (finding,) = doctor()
+        assert finding["check"] == "ipsec-no-sa"
+        assert finding["message"] == ("no IPsec SA for 10.9.0.1 > 10.9.0.2 and 10.9.0.2 > 10.9.0.1: greupd's table "
+                                      "drops its GRE (require = true)")
+        assert "out: src 10.9.0.1/32 dst 10.9.0.2/32 proto gre dir out" in finding["evidence"]
+        assert "0x0102" not in finding["evidence"]  # never the keys
+        assert finding["fix"].startswith("swanctl --initiate --ike greupd-T1 --child gre")
+        a.ip_batch(*sas)
+        assert doctor() == []
+
+
+def seed_config(local: str, remote: str, address: str, peer: str, lan: str) -> str:
+    """etc/greupd/tunnels.toml's tunnel (the seed's), without [tunnel.nat] and [tunnel.mss]: this guest's nftables
+    has no inet family (kernel-lab.md), so those are left to the demo's kernel."""
+    return (f'[daemon]\nip_forward = true\n\n[[tunnel]]\nname = "My_Tunnel"\nmode = "gre"\nlocal = "{local}"\n'
+            f'remote = "{remote}"\naddress = "{address}"\npeer = "{peer}"\nroutes = ["{lan}"]\n\n'
+            f'[tunnel.keepalive]\ninterval = "1s"\nretries = 3\n')
+
+
+def test_nothing_on_the_seeds_setup_with_greupd_running_on_both_routers() -> None:
+    """No false positives: the seed's two routers, each with greupd and the tunnel up, their LANs pinging."""
+    from lab.hosts import seed_topology
+
+    with Lab() as lab:
+        seed = seed_topology(lab)
+        a = GreupdProcess(seed.a, seed_config("172.19.1.1", "172.19.1.2", "192.168.8.1", "192.168.8.11",
+                                              "20.10.1.0/24")).start()
+        b = GreupdProcess(seed.b, seed_config("172.19.1.2", "172.19.1.1", "192.168.8.11", "192.168.8.1",
+                                              "10.10.1.0/24")).start()
+        try:
+            a.wait_for("My_Tunnel", "up")
+            b.wait_for("My_Tunnel", "up")
+            assert seed.lan_a.wait_ping("20.10.1.2")
+            for router, daemon in ((seed.a, a), (seed.b, b)):
+                done = router.run(sys.executable, "-m", "greupd", "doctor", "--json", "-c", str(daemon.config_path),
+                                  "--socket", str(daemon.socket), env=_env(), check=False, timeout=300)
+                assert (done.returncode, json.loads(done.stdout)) == (0, {"findings": []}), done.stderr
+        finally:
+            a.stop()
+            b.stop()
