@@ -51,7 +51,7 @@ class Daemon:
         self.queue: WorkQueue[ReloadResult] = WorkQueue(self._wake.set)
         self.kernel = Kernel()
         self.watch = KernelWatch(self.kernel, self.queue.mark)
-        self.keepalive = KeepaliveEngine(self._on_liveness)
+        self.keepalive = KeepaliveEngine(self._on_liveness, on_path_mtu=lambda name, _: self.queue.mark_retry(name))
         self.nft = NftKeeper(config.daemon.nft_table, self.queue.mark_nft, self._fail)
         self.ipsec = IpsecSupervisor(config, self.events.ipsec_changed, self._fail)  # runs on its own (supervisor.py)
         self.metrics = MetricsPublisher(self.status, lambda: self.config.daemon, start, self._fail)  # metrics.py
@@ -131,7 +131,8 @@ class Daemon:
     # --- the pass ------------------------------------------------------------------------------------
 
     def desired(self) -> Desired:
-        return self._desired.of(self.config, {name: self.keepalive.is_up(name) for name in self.keepalive.names()})
+        return self._desired.of(self.config, {name: self.keepalive.is_up(name) for name in self.keepalive.names()},
+                                self.keepalive.path_mtus())  # mtu = "probe" (#23)
 
     def reconcile(self, names: frozenset[str] | None, repairs: frozenset[str] = frozenset()) -> None:
         """A pass for `names` (None: everything), then what changed; `repairs`: the names kernel events gave."""
@@ -226,7 +227,7 @@ class Daemon:
         self.kernel.close()
 
     def tunnel_statuses(self) -> list[TunnelStatus]:
-        return self.ipsec.annotate(self.reports.statuses(self.config, self.keepalive.status))
+        return self.keepalive.annotate(self.ipsec.annotate(self.reports.statuses(self.config, self.keepalive.status)))
 
     def status(self) -> DaemonStatus:
         return {"config": str(self.config_path), "generation": self.generation, "last_error": self.last_error,

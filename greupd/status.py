@@ -39,6 +39,15 @@ class IpsecStatus(TypedDict):
     error: str | None
 
 
+class PathMtuStatus(TypedDict):
+    """`"path_mtu"` of a tunnel with mtu = "probe" (keepalive/pmtu.py): the link MTU measured end to end."""
+
+    bytes: int | None  # the MTU set on the link (the floor when even that failed); None before the first result
+    state: Literal["measured", "searching", "failed"]
+    measured_at: str | None  # ISO 8601 UTC of the last result
+    ipv6: bool | None  # False: below 1280, IPv6 through the tunnel breaks (RFC 8200)
+
+
 class TunnelStatus(TypedDict):
     name: str
     mode: str
@@ -55,6 +64,7 @@ class TunnelStatus(TypedDict):
     state_changes: int  # transitions since the tunnel's first state after start (or after it was configured)
     drift_repairs: int  # passes that put back what another program changed or removed (kernel events told us)
     ipsec: NotRequired[IpsecStatus]
+    path_mtu: NotRequired[PathMtuStatus]
 
 
 class DaemonStatus(TypedDict):
