@@ -131,8 +131,7 @@ class Daemon:
     # --- the pass ------------------------------------------------------------------------------------
 
     def desired(self) -> Desired:
-        return self._desired.of(self.config, {name: self.keepalive.is_up(name) for name in self.keepalive.names()},
-                                self.keepalive.path_mtus())  # mtu = "probe" (#23)
+        return self._desired.of(self.config, self.keepalive.verdicts(), self.keepalive.path_mtus())  # #23
 
     def reconcile(self, names: frozenset[str] | None, repairs: frozenset[str] = frozenset()) -> None:
         """A pass for `names` (None: everything), then what changed; `repairs`: the names kernel events gave."""

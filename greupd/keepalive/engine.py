@@ -430,6 +430,10 @@ class KeepaliveEngine:
     def names(self) -> list[str]:
         return list(self._tunnels)
 
+    def verdicts(self) -> dict[str, bool]:
+        """Every tunnel's keepalive verdict (is_up), for the planner."""
+        return {name: tunnel.liveness.up for name, tunnel in self._tunnels.items()}
+
     def close(self) -> None:
         self.path_mtu.close()
         self._reader_paused_until = None
