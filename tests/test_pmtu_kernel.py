@@ -12,12 +12,15 @@ falls to 1300 the search follows down within 30 s.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from lab.greupd_process import GreupdProcess
 from lab.hosts import Host, Lab
 from lab.waiting import eventually
 from tests.test_keepalive_kernel import EngineProcess, reflect_with_the_kernel
@@ -119,3 +122,75 @@ def test_a_measures_1376_against_a_greupd_peer_and_follows_down(path3: Path3, tm
     EngineProcess(path3.b, engine_config(B, A, answer="daemon", probe=False), tmp_path / "b")
     engine = EngineProcess(path3.a, engine_config(A, B), tmp_path / "a")
     follows_the_path(path3, engine)
+
+
+# --- the daemon: the link's MTU set in place, and a LAN-to-LAN TCP transfer that hung goes through ----------
+
+_RECEIVER = """
+import socket, sys
+server = socket.socket(); server.bind(("0.0.0.0", 5001)); server.listen(1); server.settimeout(60)
+print("listening", flush=True)
+while True:
+    peer, _ = server.accept(); peer.settimeout(20); total = 0
+    try:
+        while chunk := peer.recv(65536):
+            total += len(chunk)
+    except OSError:
+        pass
+    print(total, flush=True); peer.close()
+"""
+_SENDER = """
+import socket, sys
+client = socket.create_connection((sys.argv[1], 5001), timeout=15)
+client.sendall(bytes(1 << 20)); client.shutdown(socket.SHUT_WR)
+client.settimeout(15); client.recv(1)
+print("sent", flush=True)
+"""
+
+
+def transfer(sender: Host, address: str) -> bool:
+    """1 MB of TCP from `sender` to `address`: done within 15 s (a black hole makes it hang)."""
+    return sender.run(sys.executable, "-c", _SENDER, address, check=False, timeout=60).returncode == 0
+
+
+@pytest.mark.needs_gre
+def test_greupd_sets_the_measured_mtu_in_place_and_a_transfer_that_hung_completes(
+        path3: Path3, tmp_path: Path) -> None:
+    a, b = path3.a, path3.b
+    lab = a.lab
+    lan_a, lan_b = lab.host("lan_a"), lab.host("lan_b")
+    lab.link(a, lan_a, "10.10.1.1/24", "10.10.1.10/24", "eth1", "eth0", then2=["route add default via 10.10.1.1"])
+    lab.link(b, lan_b, "20.10.1.1/24", "20.10.1.10/24", "eth1", "eth0", then2=["route add default via 20.10.1.1"])
+    reflect_with_the_kernel(b)
+    a.sysctl("net.ipv4.ip_forward", 1)
+    b.ip("route", "add", "10.10.1.0/24", "dev", "My_Tunnel")
+    a.ip("route", "add", "20.10.1.0/24", "dev", "My_Tunnel")
+    receiver = lan_b.popen(sys.executable, "-u", "-c", _RECEIVER, stdout=subprocess.PIPE, text=True)
+    assert receiver.stdout is not None and receiver.stdout.readline().strip() == "listening"
+
+    # the hand-made tunnel at the kernel's 1476: 1500 bytes on the wire, silently dropped by M
+    check_black_hole(path3)
+    assert a.ping("20.10.1.10"), "small packets pass"
+    assert not transfer(lan_a, "20.10.1.10"), "1 MB through a black hole hangs"
+
+    a.ip("link", "del", "My_Tunnel")
+    config = (f'[[tunnel]]\nname = "My_Tunnel"\nlocal = "{A}"\nremote = "{B}"\nmtu = "probe"\n'
+              f'address = "{A_INNER}"\npeer = "{B_INNER}"\nroutes = ["20.10.1.0/24"]\n'
+              '[tunnel.keepalive]\ninterval = 0.2\nretries = 3\n')
+    greupd = GreupdProcess(a, config).start()
+    try:
+        ifindex = greupd.wait_for("My_Tunnel", "up")["ifindex"]
+        eventually(lambda: (greupd.tunnel("My_Tunnel").get("path_mtu") or {}).get("bytes") == 1376, timeout=60,
+                   what="status path_mtu 1376", detail=greupd.output)
+        eventually(lambda: " mtu 1376 " in a.ip("-o", "link", "show", "My_Tunnel").stdout, timeout=10,
+                   what="the link's MTU set", detail=greupd.output)
+        tunnel = greupd.tunnel("My_Tunnel")
+        assert tunnel["ifindex"] == ifindex == a.ifindex("My_Tunnel"), "set in place"
+        assert tunnel["path_mtu"]["state"] == "measured" and tunnel["path_mtu"]["measured_at"]
+        assert tunnel["state"] == "up" and tunnel["state_changes"] == 0
+        assert transfer(lan_a, "20.10.1.10"), "the same transfer completes"
+        metrics = greupd.cli("metrics").stdout
+        assert 'greupd_tunnel_path_mtu_bytes{tunnel="My_Tunnel"} 1376.0' in metrics
+    finally:
+        greupd.stop()
+        receiver.kill()
