@@ -70,7 +70,7 @@ def df_ping(host: Host, address: str, size: int) -> bool:
 
 def engine_config(local: str, remote: str, answer: str = "off", probe: bool = True) -> str:
     return (f'[[tunnel]]\nname = "My_Tunnel"\nlocal = "{local}"\nremote = "{remote}"\n'
-            + ('mtu = "probe"\n' if probe else "")
+            + ('mtu = "probe"\nmtu_probe = {every = "1m"}\n' if probe else "")
             + f'keepalive = {{interval = 0.2, retries = 3, answer = "{answer}"}}\n')
 
 
@@ -114,6 +114,18 @@ def test_a_measures_1376_against_a_plain_kernel_peer_and_follows_down(path3: Pat
     reflect_with_the_kernel(path3.b)
     engine = EngineProcess(path3.a, engine_config(A, B), tmp_path / "a")
     follows_the_path(path3, engine)
+
+    # back to 1400: found at the next measurement (every = "1m"), not by the confirmations in between
+    path3.middle_mtu(1400)
+    eventually(lambda: measured(engine, 1376), timeout=90, what="A followed up to 1376 at the next measurement",
+               detail=lambda: engine.output.read_text())
+    assert engine.changes()[-1]["reason"].startswith("every")
+    # a route with an MTU of its own towards B: measured again at once, below it
+    path3.a.ip("route", "replace", "10.0.2.0/24", "via", "10.0.1.254", "mtu", "1300")
+    eventually(lambda: measured(engine, 1276), timeout=20, what="A measured again after the route changed",
+               detail=lambda: engine.output.read_text())
+    assert "route's MTU changed" in engine.changes()[-1]["reason"]
+    assert [c for c in engine.changes() if "up" in c] == []
 
 
 @pytest.mark.needs_gre

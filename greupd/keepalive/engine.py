@@ -411,6 +411,7 @@ class KeepaliveEngine:
                 log.info("tunnel %s: keepalives leave by ifindex %d, fwmark %#x, as the link's own packets",
                          name, underlay.ifindex, underlay.fwmark)
                 tunnel.follow(underlay)
+                self.path_mtu.remeasure(name, "the link's underlay changed")
 
     def set_answerable(self, names: Collection[str]) -> None:
         """The tunnels whose own end works (owned link present and up, not in error): answer = "daemon"

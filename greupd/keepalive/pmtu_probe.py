@@ -34,7 +34,7 @@ from greupd.keepalive.codec import (
     new_token,
     padded_probe_template,
 )
-from greupd.keepalive.pmtu import PathMtuResult, PathMtuSearch
+from greupd.keepalive.pmtu import CONFIRM_EVERY, PathMtuResult, PathMtuSearch
 from greupd.status import PathMtuStatus
 
 log = logging.getLogger("greupd.keepalive")
@@ -91,6 +91,7 @@ class _Measured:
         self.entry = -1
         self.peer_up = True
         self.ceiling = target.floor
+        self.route_checked_at = 0.0
 
     def probe(self, size: int) -> ProbeBytes:
         probe = self.probes.get(size)
@@ -182,6 +183,8 @@ class PathMtuProber:
 
     def remeasure(self, name: str | None = None, reason: str = "route changed") -> None:
         """Measure again now (a route to the remote changed): `name`, or every tunnel."""
+        if self._loop is None:
+            return  # start() measures every tunnel
         for measured in ([self._tunnels[name]] if name in self._tunnels else []) if name else self._tunnels.values():
             if measured.peer_up:
                 self._restart(measured, reason)
@@ -214,7 +217,8 @@ class PathMtuProber:
         target = measured.target
         underlay = self._route_mtu(target.local, target.remote, self._fwmarks.get(target.name, 0))
         measured.ceiling = underlay - gre_overhead(target.okey)
-        measured.search.restart(self._loop.time(), measured.ceiling, reason)
+        measured.route_checked_at = now = self._loop.time()
+        measured.search.restart(now, measured.ceiling, reason)
         self._schedule_next(measured)
 
     def _schedule_next(self, measured: _Measured) -> None:
@@ -261,6 +265,14 @@ class PathMtuProber:
             self._arm()
 
     def _step(self, measured: _Measured, now: float) -> None:
+        if now - measured.route_checked_at >= CONFIRM_EVERY and not measured.search.searching:
+            # The route to the remote changed its MTU (another uplink, a route's `mtu`): measure again at once.
+            measured.route_checked_at = now
+            target = measured.target
+            ceiling = self._route_mtu(target.local, target.remote, self._fwmarks.get(target.name, 0)) \
+                - gre_overhead(target.okey)
+            if ceiling != measured.ceiling:
+                self._restart(measured, f"the route's MTU changed to {ceiling + gre_overhead(target.okey)}")
         self._report(measured, measured.search.expire(now))
         for size in measured.search.due(now):
             token = measured.tokens_ahead.popleft() if measured.tokens_ahead else new_token()
