@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,8 +93,10 @@ def check_black_hole(path: Path3) -> None:
 
 
 def follows_the_path(path: Path3, engine: EngineProcess) -> None:
+    began = time.monotonic()
     eventually(lambda: measured(engine, 1376), timeout=60, what="A measured 1376",
                detail=lambda: engine.output.read_text())
+    print(f"pmtu: 1376 measured {time.monotonic() - began:.1f} s after the engine started")  # BENCHMARKS.md
     assert df_ping(path.a, B_INNER, 1376) and not df_ping(path.a, B_INNER, 1377)
     tunnel = engine.tunnel()
     assert tunnel["up"] and tunnel["missed_in_a_row"] == 0 and engine.changes()[0]["path_mtu"] == 1376
@@ -102,8 +105,10 @@ def follows_the_path(path: Path3, engine: EngineProcess) -> None:
     assert tunnel["sent"] - tunnel["received"] <= 2, "padded probes are not keepalives: none counted missed"
 
     path.middle_mtu(1300)
+    began = time.monotonic()
     eventually(lambda: measured(engine, 1276), timeout=30, what="A followed down to 1276 within 30 s",
                detail=lambda: engine.output.read_text())
+    print(f"pmtu: 1276 followed {time.monotonic() - began:.1f} s after the middle's MTU fell")  # BENCHMARKS.md
     assert df_ping(path.a, B_INNER, 1276) and not df_ping(path.a, B_INNER, 1277)
     assert [c for c in engine.changes() if "up" in c] == [], "the peer was never taken for dead"
 
