@@ -145,7 +145,7 @@ def test_a_measures_1376_against_a_greupd_peer_and_follows_down(path3: Path3, tm
 
 _RECEIVER = """
 import socket, sys
-server = socket.socket(); server.bind(("0.0.0.0", 5001)); server.listen(1); server.settimeout(60)
+server = socket.socket(); server.bind(("0.0.0.0", 5001)); server.listen(1)
 print("listening", flush=True)
 while True:
     peer, _ = server.accept(); peer.settimeout(20); total = 0
@@ -167,7 +167,9 @@ print("sent", flush=True)
 
 def transfer(sender: Host, address: str) -> bool:
     """1 MB of TCP from `sender` to `address`: done within 15 s (a black hole makes it hang)."""
-    return sender.run(sys.executable, "-c", _SENDER, address, check=False, timeout=60).returncode == 0
+    result = sender.run(sys.executable, "-c", _SENDER, address, check=False, timeout=60)
+    print(f"transfer: exit {result.returncode} {result.stderr.strip().splitlines()[-1:]}")
+    return result.returncode == 0
 
 
 @pytest.mark.needs_gre
@@ -193,7 +195,7 @@ def test_greupd_sets_the_measured_mtu_in_place_and_a_transfer_that_hung_complete
     a.ip("link", "del", "My_Tunnel")
     config = (f'[[tunnel]]\nname = "My_Tunnel"\nlocal = "{A}"\nremote = "{B}"\nmtu = "probe"\n'
               f'address = "{A_INNER}"\npeer = "{B_INNER}"\nroutes = ["20.10.1.0/24"]\n'
-              '[tunnel.keepalive]\ninterval = 0.2\nretries = 3\n')
+              '[tunnel.keepalive]\ninterval = 0.2\nretries = 3\n[tunnel.mtu_probe]\nevery = "1m"\n')
     greupd = GreupdProcess(a, config).start()
     try:
         ifindex = greupd.wait_for("My_Tunnel", "up")["ifindex"]
@@ -208,6 +210,16 @@ def test_greupd_sets_the_measured_mtu_in_place_and_a_transfer_that_hung_complete
         assert transfer(lan_a, "20.10.1.10"), "the same transfer completes"
         metrics = greupd.cli("metrics").stdout
         assert 'greupd_tunnel_path_mtu_bytes{tunnel="My_Tunnel"} 1376.0' in metrics
+
+        # the middle's MTU at run time: 1300, the link follows down within 30 s; 1400 again, up at the next
+        # measurement (every = "1m"); the same ifindex throughout, and the transfer completes each time
+        for middle, expected, within in ((1300, 1276, 30), (1400, 1376, 90)):
+            path3.middle_mtu(middle)
+            eventually(lambda mtu=expected: f" mtu {mtu} " in a.ip("-o", "link", "show", "My_Tunnel").stdout,
+                       timeout=within, what=f"the link's MTU followed to {expected}", detail=greupd.output)
+            assert transfer(lan_a, "20.10.1.10"), f"the transfer completes at {expected}"
+        tunnel = greupd.tunnel("My_Tunnel")
+        assert tunnel["ifindex"] == ifindex and tunnel["state_changes"] == 0
     finally:
         greupd.stop()
         receiver.kill()
