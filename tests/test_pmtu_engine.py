@@ -102,3 +102,20 @@ def test_the_searchs_tokens_are_among_those_the_replies_filter_is_built_from(loo
     engine.path_mtu._tick()
     ahead = set(engine.path_mtu._tunnels["t"].tokens_ahead)
     assert ahead and set(in_flight(engine)) | ahead <= set(engine.path_mtu.tokens())
+
+
+def test_a_lost_probe_counts_against_its_size_only_while_keepalives_come_back(
+        loop: asyncio.AbstractEventLoop) -> None:
+    results: list[tuple[str, PathMtuResult]] = []
+    engine = engine_on(loop, probed(), results)
+    measured = engine.path_mtu._tunnels["t"]
+    now = loop.time()
+    for step in range(3):  # the floor's three probes, none comes back
+        engine.path_mtu._step(measured, now + step * 0.2)
+    assert sorted(in_flight(engine).values()) == [1200, 1200, 1200]
+    engine._tunnels["t"].liveness.missed_in_a_row = 1  # a small keepalive was lost too
+    engine.path_mtu._step(measured, now + 5.0)
+    assert results == [] and measured.search.state == "searching" and measured.wait_until > now + 5.0
+    engine._tunnels["t"].liveness.missed_in_a_row = 0  # keepalives come back, the padded probes did not
+    engine.path_mtu._step(measured, now + 6.0)
+    assert [(r.mtu, r.state) for _, r in results] == [(1200, "failed")]

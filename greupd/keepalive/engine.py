@@ -227,7 +227,8 @@ class KeepaliveEngine:
         """`spread` False: every tunnel's first probe goes out at once (tests that need them together).
         `on_path_mtu(name, result)`: a tunnel with mtu = "probe" measured a new MTU (path_mtus())."""
         self._on_change = on_change
-        self.path_mtu = PathMtuProber(self._send_mtu_probe, self._draw_tokens, on_path_mtu)
+        self.path_mtu = PathMtuProber(self._send_mtu_probe, self._draw_tokens, on_path_mtu,
+                                      answering=self._answering)
         self._spread = spread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._send_socket: socket.socket | None = None
@@ -347,6 +348,11 @@ class KeepaliveEngine:
             if path_mtu is not None:
                 status["path_mtu"] = path_mtu
         return statuses
+
+    def _answering(self, name: str) -> bool:
+        """No keepalive of the tunnel missed since its last reply: a padded probe lost now is lost for its size."""
+        tunnel = self._tunnels.get(name)
+        return tunnel is not None and tunnel.liveness.up and tunnel.liveness.missed_in_a_row == 0
 
     def _send_mtu_probe(self, name: str, buffer: bytearray) -> OSError | None:
         """One padded probe, as the tunnel's keepalives leave (source, device, fwmark: review H1, #21 M2)."""

@@ -45,6 +45,7 @@ IP_PMTUDISC_PROBE = 3  # DF set, the device MTU checked, learned path MTUs ignor
 _TOKENS_AHEAD = 8  # per tunnel: a measurement sends ~10-30 probes, so the filter is attached a few times
 _SENT_KEPT = 16  # tokens of sent probes kept per tunnel: a reply later than that many probes counts for nothing
 _FALLBACK_UNDERLAY_MTU = 1500
+_WAIT_FOR_KEEPALIVES = 0.25  # s between looks at a tunnel whose keepalives are being missed
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class _Measured:
         self.peer_up = True
         self.ceiling = target.floor
         self.route_checked_at = 0.0
+        self.wait_until = 0.0  # a keepalive was missed too: losses are not judged before this
 
     def probe(self, size: int) -> ProbeBytes:
         probe = self.probes.get(size)
@@ -110,8 +112,11 @@ class PathMtuProber:
 
     def __init__(self, send: Callable[[str, bytearray], OSError | None], reattach: Callable[[], None],
                  on_result: Callable[[str, PathMtuResult], None] | None = None,
-                 route_mtu: Callable[[IPv4Address, IPv4Address, int], int] = route_mtu) -> None:
+                 route_mtu: Callable[[IPv4Address, IPv4Address, int], int] = route_mtu,
+                 answering: Callable[[str], bool] = lambda name: True) -> None:
+        """`answering(name)`: the tunnel's last keepalive came back (none missed since)."""
         self._send, self._reattach, self._on_result, self._route_mtu = send, reattach, on_result, route_mtu
+        self._answering = answering
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tunnels: dict[str, _Measured] = {}
         self._fwmarks: dict[str, int] = {}
@@ -226,6 +231,7 @@ class PathMtuProber:
         if self._loop is None or when is None or not measured.peer_up:
             measured.entry = -1
             return
+        when = max(when, measured.wait_until)
         measured.entry = entry = next(self._entries)
         heapq.heappush(self._schedule, (when, entry, measured))
         self._arm()
@@ -273,7 +279,12 @@ class PathMtuProber:
                 - gre_overhead(target.okey)
             if ceiling != measured.ceiling:
                 self._restart(measured, f"the route's MTU changed to {ceiling + gre_overhead(target.okey)}")
-        self._report(measured, measured.search.expire(now))
+        if self._answering(measured.target.name):
+            self._report(measured, measured.search.expire(now))
+        else:
+            # A keepalive was missed too: a lost probe says nothing of its size until small ones come back
+            # (or the peer is declared down, and the search holds).
+            measured.wait_until = now + _WAIT_FOR_KEEPALIVES
         for size in measured.search.due(now):
             token = measured.tokens_ahead.popleft() if measured.tokens_ahead else new_token()
             measured.sent[token] = size
