@@ -15,7 +15,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,10 +213,13 @@ def test_greupd_sets_the_measured_mtu_in_place_and_a_transfer_that_hung_complete
 
         # the middle's MTU at run time: 1300, the link follows down within 30 s; 1400 again, up at the next
         # measurement (every = "1m"); the same ifindex throughout, and the transfer completes each time
+        def link_at(mtu: int) -> Callable[[], bool]:
+            return lambda: f" mtu {mtu} " in a.ip("-o", "link", "show", "My_Tunnel").stdout
+
         for middle, expected, within in ((1300, 1276, 30), (1400, 1376, 90)):
             path3.middle_mtu(middle)
-            eventually(lambda mtu=expected: f" mtu {mtu} " in a.ip("-o", "link", "show", "My_Tunnel").stdout,
-                       timeout=within, what=f"the link's MTU followed to {expected}", detail=greupd.output)
+            eventually(link_at(expected), timeout=within, what=f"the link's MTU followed to {expected}",
+                       detail=greupd.output)
             assert transfer(lan_a, "20.10.1.10"), f"the transfer completes at {expected}"
         tunnel = greupd.tunnel("My_Tunnel")
         assert tunnel["ifindex"] == ifindex and tunnel["state_changes"] == 0
