@@ -49,7 +49,8 @@ class Daemon:
         self.queue: WorkQueue[ReloadResult] = WorkQueue(self._wake.set)
         self.kernel = Kernel()
         self.watch = KernelWatch(self.kernel, self.queue.mark)
-        self.liveness = LivenessRoom(self._on_liveness, start.state.path if start else None)  # liveness/room.py
+        self.liveness = LivenessRoom(self._on_liveness, start.state.path if start else None,  # liveness/room.py
+                                     on_path_mtu=lambda name, _: self.queue.mark_retry(name))  # #23
         self.nft = NftKeeper(config.daemon.nft_table, self.queue.mark_nft, self._fail, self._guarded)
         self.ipsec = IpsecSupervisor(config, self.events.ipsec_changed, self._fail)  # runs on its own (supervisor.py)
         self.metrics = MetricsPublisher(self.status, lambda: self.config.daemon, start, self._fail)  # metrics.py
@@ -127,7 +128,7 @@ class Daemon:
     # --- the pass ------------------------------------------------------------------------------------
 
     def desired(self) -> Desired:
-        return self._desired.of(self.config, self.liveness.alive())
+        return self._desired.of(self.config, self.liveness.alive(), self.liveness.keepalive.path_mtus())  # #23
 
     def _guarded(self, names: frozenset[str]) -> None:  # the IPsec drops in the kernel changed: link, probes (M1)
         self.liveness.configure_keepalive(self.nft.probed(self.config))

@@ -101,6 +101,7 @@ class DaemonCollector:
         yield from _ipsec_families(status)
         yield from _keepalive_socket_families(status)
         yield from _liveness_families(status)
+        yield from _path_mtu_families(status)
 
 
 def _gauge(name: str, documentation: str, value: float, **labels: str) -> GaugeMetricFamily:
@@ -222,6 +223,29 @@ def _ipsec_families(status: DaemonStatus) -> Iterator[Metric]:
     # One session serves every tunnel; each tunnel's status carries the same flag.
     charon.add_metric([], int(any(ipsec["charon"] for _, ipsec in with_ipsec)))
     yield from (sa_up, state, charon)
+
+
+def _path_mtu_families(status: DaemonStatus) -> Iterator[Metric]:
+    """Tunnels with mtu = "probe" (#23): the MTU measured end to end and set on the link; absent before a result."""
+    measured = [(t["name"], t["path_mtu"]) for t in status["tunnels"] if "path_mtu" in t]
+    if not measured:
+        return
+    from prometheus_client.metrics_core import GaugeMetricFamily  # imported when first rendered: start-up
+
+    size = GaugeMetricFamily("greupd_tunnel_path_mtu_bytes", "The tunnel's MTU measured end to end by padded "
+                             "keepalives and set on its link (the floor when even that did not come back)",
+                             labels=["tunnel"])
+    failed = GaugeMetricFamily("greupd_tunnel_path_mtu_failed", "1 if not even the floor came back (a black "
+                               "hole below it)", labels=["tunnel"])
+    ipv6 = GaugeMetricFamily("greupd_tunnel_path_mtu_ipv6", "1 if the MTU carries IPv6 (1280 or more, RFC 8200)",
+                             labels=["tunnel"])
+    for name, path_mtu in measured:
+        if path_mtu["bytes"] is None:
+            continue
+        size.add_metric([name], path_mtu["bytes"])
+        failed.add_metric([name], int(path_mtu["state"] == "failed"))
+        ipv6.add_metric([name], int(path_mtu["bytes"] >= 1280))
+    yield from (size, failed, ipv6)
 
 
 def _timestamp(iso: str) -> float:

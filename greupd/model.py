@@ -370,7 +370,18 @@ def probed(config: Config, held: Mapping[str, str]) -> Config:
 # --- config -> desired ------------------------------------------------------------------------------------
 
 
-def link_spec(tunnel: TunnelConfig) -> LinkSpec:
+def link_mtu(tunnel: TunnelConfig, path_mtu: int | None = None) -> int | None:
+    """The link's MTU: as configured; with mtu = "probe", the measured one (`path_mtu`, None before the first
+    result: the kernel's or IPsec's default, until measured); None: whatever the kernel chose."""
+    if isinstance(tunnel.mtu, int):
+        return tunnel.mtu
+    if tunnel.mtu == "probe" and path_mtu is not None:
+        return path_mtu
+    # Under IPsec the kernel's default (underlay MTU less GRE's header) would not leave room for ESP.
+    return default_ipsec_mtu(tunnel) if tunnel.ipsec is not None else None
+
+
+def link_spec(tunnel: TunnelConfig, path_mtu: int | None = None) -> LinkSpec:
     ip6 = tunnel.mode in IPV6_MODES
     return LinkSpec(
         name=tunnel.name,
@@ -383,13 +394,13 @@ def link_spec(tunnel: TunnelConfig) -> LinkSpec:
         tos=None if ip6 else (TOS_INHERIT if tunnel.tos == "inherit" else tunnel.tos),
         pmtudisc=None if ip6 else tunnel.pmtudisc,
         encap_limit=(DEFAULT_ENCAP_LIMIT if tunnel.encap_limit is None else tunnel.encap_limit) if ip6 else None,
-        # Under IPsec the kernel's default (underlay MTU less GRE's header) would not leave room for ESP.
-        mtu=tunnel.mtu if tunnel.mtu is not None or tunnel.ipsec is None else default_ipsec_mtu(tunnel),
+        mtu=link_mtu(tunnel, path_mtu),
     )
 
 
-def tunnel_intent(tunnel: TunnelConfig, alive: bool) -> TunnelIntent:
-    """What one enabled tunnel wants; `alive` False (keepalive down) withdraws its routes (and link)."""
+def tunnel_intent(tunnel: TunnelConfig, alive: bool, path_mtu: int | None = None) -> TunnelIntent:
+    """What one enabled tunnel wants; `alive` False (keepalive down) withdraws its routes (and link);
+    `path_mtu`: the measured MTU, with mtu = "probe"."""
     addresses: frozenset[AddressSpec] = frozenset()
     if tunnel.address is not None:
         addresses = frozenset({AddressSpec(tunnel.name, tunnel.address, tunnel.peer)})
@@ -410,16 +421,17 @@ def tunnel_intent(tunnel: TunnelConfig, alive: bool) -> TunnelIntent:
         sysctls[f"net/ipv4/conf/{tunnel.name}/accept_local"] = "1"
         sysctls[f"net/ipv4/conf/{tunnel.name}/rp_filter"] = "0"
     up = alive or tunnel.keepalive is None or tunnel.keepalive.action != "link"
-    return TunnelIntent(link_spec(tunnel), up, addresses, routes, sysctls, tunnel.adopt)
+    return TunnelIntent(link_spec(tunnel, path_mtu), up, addresses, routes, sysctls, tunnel.adopt)
 
 
-def desired_state(config: Config, alive: Mapping[str, bool] | None = None, guard: IpsecGuard | None = None
-                  ) -> Desired:
-    """The kernel state `config` asks for, given which tunnels' keepalives are currently answered and which
-    IPsec drops the kernel holds (None: not known, as in `greupd plan`: hold nothing back)."""
-    alive = alive or {}
+def desired_state(config: Config, alive: Mapping[str, bool] | None = None, guard: IpsecGuard | None = None,
+                  path_mtus: Mapping[str, int] | None = None) -> Desired:
+    """The kernel state `config` asks for, given which tunnels' keepalives are currently answered, which
+    IPsec drops the kernel holds (None: not known, as in `greupd plan`: hold nothing back) and the path MTUs
+    measured (mtu = "probe")."""
+    alive, path_mtus = alive or {}, path_mtus or {}
     held = ipsec_held(config, guard)
-    tunnels = {t.name: tunnel_intent(t, alive.get(t.name, True)) for t in config.tunnels
+    tunnels = {t.name: tunnel_intent(t, alive.get(t.name, True), path_mtus.get(t.name)) for t in config.tunnels
                if t.enabled and t.name not in held}
     sysctls: dict[str, str] = {}
     if config.daemon.ip_forward:
@@ -442,19 +454,24 @@ class DesiredMemo:
         self._by_name: dict[str, TunnelConfig] = {}
         self._alive: dict[str, bool] = {}
         self._guard: IpsecGuard | None = None
+        self._path_mtus: dict[str, int] = {}
         self._desired = Desired({}, {})
 
-    def of(self, config: Config, alive: Mapping[str, bool]) -> Desired:
+    def of(self, config: Config, alive: Mapping[str, bool], path_mtus: Mapping[str, int] | None = None) -> Desired:
+        path_mtus = path_mtus or {}
         guard = self._guard_now()
         if config is not self._config or guard != self._guard:
             self._config, self._by_name, self._guard = config, {t.name: t for t in config.tunnels}, guard
-            self._alive, self._desired = dict(alive), desired_state(config, alive, guard)
-        elif alive != self._alive:
+            self._alive, self._path_mtus = dict(alive), dict(path_mtus)
+            self._desired = desired_state(config, alive, guard, path_mtus)
+        elif alive != self._alive or path_mtus != self._path_mtus:
             tunnels = dict(self._desired.tunnels)
-            for name in alive.keys() | self._alive.keys():
+            for name in alive.keys() | self._alive.keys() | path_mtus.keys() | self._path_mtus.keys():
                 tunnel = self._by_name.get(name)
-                if alive.get(name, True) != self._alive.get(name, True) and tunnel is not None and tunnel.enabled \
-                        and name not in self._desired.held:
-                    tunnels[name] = tunnel_intent(tunnel, alive.get(name, True))
-            self._alive, self._desired = dict(alive), Desired(tunnels, self._desired.sysctls, self._desired.held)
+                changed = (alive.get(name, True) != self._alive.get(name, True)
+                           or path_mtus.get(name) != self._path_mtus.get(name))
+                if changed and tunnel is not None and tunnel.enabled and name not in self._desired.held:
+                    tunnels[name] = tunnel_intent(tunnel, alive.get(name, True), path_mtus.get(name))
+            self._alive, self._path_mtus = dict(alive), dict(path_mtus)
+            self._desired = Desired(tunnels, self._desired.sysctls, self._desired.held)
         return self._desired

@@ -56,6 +56,15 @@ class LivenessStatus(TypedDict):
     down_by: list[str]  # "keepalive", "bfd", "dampening"
 
 
+class PathMtuStatus(TypedDict):
+    """`"path_mtu"` of a tunnel with mtu = "probe" (keepalive/pmtu.py): the link MTU measured end to end."""
+
+    bytes: int | None  # the MTU set on the link (the floor when even that failed); None before the first result
+    state: Literal["measured", "searching", "failed"]
+    measured_at: str | None  # ISO 8601 UTC of the last result
+    ipv6: bool | None  # False: below 1280, IPv6 through the tunnel breaks (RFC 8200)
+
+
 class TunnelStatus(TypedDict):
     name: str
     mode: str
@@ -74,6 +83,7 @@ class TunnelStatus(TypedDict):
     ipsec: NotRequired[IpsecStatus]
     liveness: NotRequired[LivenessStatus]
     bfd: NotRequired[BfdStatus]
+    path_mtu: NotRequired[PathMtuStatus]
 
 
 class DaemonStatus(TypedDict):

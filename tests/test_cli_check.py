@@ -134,8 +134,10 @@ def test_schema_is_json_schema_of_the_tunnel_fields() -> None:
     assert set(tunnel["required"]) == {"name", "local", "remote"}
     assert {"name", "mode", "local", "remote", "key", "ikey", "okey", "ttl", "tos", "pmtudisc", "encap_limit", "mtu",
             "address", "peer", "routes", "metric", "table", "enabled", "adopt", "keepalive", "mss", "nat",
-            "ipsec", "bfd", "dampening"} == set(
+            "ipsec", "bfd", "dampening", "mtu_probe"} == set(
         tunnel["properties"])
+    assert set(schema["$defs"]["MtuProbeConfig"]["properties"]) == {"every", "floor"}
+    assert '"probe"' in json.dumps(tunnel["properties"]["mtu"])
     assert set(schema["$defs"]["KeepaliveConfig"]["properties"]) == {
         "interval", "retries", "up_after", "action", "answer", "hold"}
     assert set(schema["$defs"]["BfdConfig"]["properties"]) == {"interval", "multiplier", "passive", "auth_file"}

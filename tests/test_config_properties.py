@@ -105,7 +105,7 @@ SPEC_TUNNEL: dict[str, object] = {
     "encap_limit": None, "mtu": None, "address": None, "peer": None, "routes": [], "metric": 0, "table": 254,
     "enabled": True,
     "adopt": False, "keepalive": None, "mss": {"clamp": "off"}, "nat": {"into_tunnel": [], "from_tunnel": []},
-    "ipsec": None, "bfd": None, "dampening": None,
+    "ipsec": None, "bfd": None, "dampening": None, "mtu_probe": None,
 }
 SPEC_KEEPALIVE: dict[str, object] = {"interval": 10.0, "retries": 3, "up_after": 1, "action": "routes",
                                      "answer": "daemon", "hold": None}

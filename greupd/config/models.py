@@ -46,6 +46,7 @@ from greupd.config.fields import (
     listen,
     nft_table_name,
     optional,
+    parse_duration,
     tos_value,
     whole_number,
 )
@@ -86,6 +87,22 @@ class KeepaliveConfig(_Model):
                                        " not both")
         object.__setattr__(self, "retries", retries)  # frozen: set once, while validating
         return self
+
+
+def _mtu_probe_every(value: object) -> float:
+    seconds = parse_duration(value)
+    if not 60 <= seconds <= 86400:  # also false for nan
+        raise ValueError(f"every must be 60..86400 seconds (\"1m\"..\"24h\"), not {value!r}")
+    return seconds
+
+
+class MtuProbeConfig(_Model):
+    """With mtu = "probe": how the tunnel's path MTU is measured (greupd/keepalive/pmtu.py)."""
+
+    every: Annotated[float, BeforeValidator(_mtu_probe_every), WithJsonSchema(
+        {"anyOf": [{"type": "number", "minimum": 60, "maximum": 86400}, DURATION_TEXT]})] = 600.0
+    # RFC 8899's BASE_PLPMTU: the link's MTU is never set below it; a path that cannot carry it is reported.
+    floor: Annotated[StrictInt, Field(ge=576, le=65535), BeforeValidator(whole_number("floor", 576, 65535))] = 1200
 
 
 class MssConfig(_Model):
@@ -181,8 +198,10 @@ class TunnelConfig(_Model):
     encap_limit: Annotated[Annotated[StrictInt, Field(ge=0, le=255)] | Literal["none"] | None,
                            BeforeValidator(whole_number("encap_limit", 0, 255, "none"))] = None
     # 68: the smallest MTU an IPv4 link may have (RFC 791), and the kernel's floor for GRE devices.
-    mtu: Annotated[Annotated[StrictInt, Field(ge=68, le=65535)] | None,
-                   BeforeValidator(whole_number("mtu", 68, 65535))] = None
+    # "probe": measured end to end by padded keepalives ([tunnel.mtu_probe], greupd/keepalive/pmtu.py).
+    mtu: Annotated[Annotated[StrictInt, Field(ge=68, le=65535)] | Literal["probe"] | None,
+                   BeforeValidator(whole_number("mtu", 68, 65535, "probe"))] = None
+    mtu_probe: MtuProbeConfig | None = None
     address: Interface | None = None
     peer: Address | None = None
     routes: list[Network] = []
@@ -254,7 +273,8 @@ class TunnelConfig(_Model):
             # IPv4 has no Tunnel Encapsulation Limit option: ip_gre would ignore it, so say so.
             raise FieldProblem("encap_limit", f"encap_limit is a setting of the IPv6 modes (ip6gre, ip6gretap),"
                                                f" not {self.mode}; leave it out")
-        if self.mtu is not None:
+        self._check_mtu_probe()
+        if isinstance(self.mtu, int):
             highest = MAX_MTU[self.mode][self.output_key is not None]
             if self.mtu > highest:
                 keyed = " with an output key" if self.output_key is not None else ""
@@ -262,6 +282,30 @@ class TunnelConfig(_Model):
                                            f"{keyed}: at most {highest} (65535 less the outer headers)")
         self._check_not_into_itself()
         return self
+
+    def _check_mtu_probe(self) -> None:
+        if self.mtu_probe is not None and self.mtu != "probe":
+            raise FieldProblem("mtu_probe", "[tunnel.mtu_probe] goes with mtu = \"probe\"")
+        if self.mtu != "probe":
+            return
+        if self.mode not in KEEPALIVE_MODES:
+            raise FieldProblem("mtu", f"mtu = \"probe\" measures with Cisco keepalives: mode gre only for now,"
+                                       f" not {self.mode}; give the MTU as a number")
+        if self.keepalive is None:
+            # A lost padded probe says "too big" only while small keepalives come back (otherwise the peer is
+            # down, which is the keepalives' verdict to make, not the search's).
+            raise FieldProblem("mtu", "mtu = \"probe\" needs [tunnel.keepalive]: a padded probe that is lost"
+                                       " counts against its size only while small keepalives come back")
+        floor = self.mtu_probe_settings.floor
+        highest = MAX_MTU[self.mode][self.output_key is not None]
+        if floor > highest:
+            raise FieldProblem("mtu_probe", f"floor {floor} is more than the kernel allows for mode {self.mode}:"
+                                             f" at most {highest}")
+
+    @property
+    def mtu_probe_settings(self) -> MtuProbeConfig:
+        """[tunnel.mtu_probe], or its defaults."""
+        return self.mtu_probe if self.mtu_probe is not None else MtuProbeConfig()
 
     def _check_keepalive_endpoints(self) -> None:
         if self.local.is_unspecified:

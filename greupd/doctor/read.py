@@ -134,7 +134,9 @@ def read_paths(tunnels: Sequence[TunnelConfig], traces: Mapping[str, TunnelTrace
                 underlay = int(link.get("IFLA_MTU"))
             except (NetlinkError, ValueError, TypeError):
                 continue
-            paths[t.name] = probe_path(t.local, t.remote, okey, ikey, t.mtu + overhead if t.mtu else underlay)
+            # mtu = "probe" (#23): greupd measures the path itself; doctor tries the underlay's size, as unset
+            configured = t.mtu if isinstance(t.mtu, int) else None
+            paths[t.name] = probe_path(t.local, t.remote, okey, ikey, configured + overhead if configured else underlay)
             try:
                 (route,) = ipr.route("get", dst=str(t.remote))
                 metrics = route.get("RTA_METRICS")

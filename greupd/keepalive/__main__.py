@@ -19,11 +19,13 @@ from pathlib import Path
 
 from greupd.config import Config, load_config
 from greupd.keepalive.engine import KeepaliveEngine, LivenessChange, targets_from_config
+from greupd.keepalive.pmtu import PathMtuResult
 
 
 def _write_status(path: Path, engine: KeepaliveEngine) -> None:
     report = {
-        "tunnels": {name: {"up": engine.is_up(name), **(engine.status(name) or {})} for name in engine.names()},
+        "tunnels": {name: {"up": engine.is_up(name), **(engine.status(name) or {}),
+                           "path_mtu": engine.path_mtu_status(name)} for name in engine.names()},
         "counters": dataclasses.asdict(engine.counters),
         "socket": engine.socket_status(),
     }
@@ -41,7 +43,12 @@ async def _run_alone(config: Config, status_file: Path | None, status_every: flo
                 "time": round(loop.time(), 3)}
         print(json.dumps(line), flush=True)
 
-    engine = KeepaliveEngine(print_change)
+    def print_path_mtu(name: str, result: PathMtuResult) -> None:
+        line = {"tunnel": name, "path_mtu": result.mtu, "state": result.state, "reason": result.reason,
+                "time": round(loop.time(), 3)}
+        print(json.dumps(line), flush=True)
+
+    engine = KeepaliveEngine(print_change, on_path_mtu=print_path_mtu)
     engine.start(loop)
     engine.configure(targets_from_config(config))
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -174,6 +174,33 @@ def build_probe_template(local: IPv4Address, remote: IPv4Address, okey: int | No
     return ProbeTemplate(bytes(buf), inner, shape.sequence_offset)
 
 
+IP_DF = 0x4000
+
+
+def gre_overhead(okey: int | None) -> int:
+    """Bytes a GRE/IPv4 tunnel adds to each packet it sends: outer IP, GRE, and the output key if any."""
+    return 20 + 4 + (4 if okey is not None else 0)
+
+
+def padded_probe_template(template: ProbeTemplate, outer_size: int) -> ProbeTemplate:
+    """The probe padded to `outer_size` bytes on the wire (outer IP header included), with DF set in the inner
+    header: the path MTU search's probe (pmtu.py). The padding (zeros) is the payload of the inner GRE packet
+    of protocol 0, so the peer reflects it whole, and the reflection, `outer_size` less the outer IP and GRE
+    headers, leaves with DF too. (DF on the outer header is the sending socket's: IP_PMTUDISC_PROBE.)"""
+    pad = outer_size - len(template.packet)
+    if pad < 0:
+        raise ValueError(f"a probe is {len(template.packet)} bytes, more than {outer_size}")
+    buf = bytearray(template.packet + bytes(pad))
+    inner = template.inner_ip_offset
+    for header, length in ((0, outer_size), (inner, outer_size - inner)):
+        struct.pack_into("!H", buf, header + 2, length)
+        if header == inner:
+            struct.pack_into("!H", buf, header + 6, IP_DF)
+        struct.pack_into("!H", buf, header + 10, 0)
+        struct.pack_into("!H", buf, header + 10, ipv4_checksum(memoryview(buf)[header : header + 20]))
+    return ProbeTemplate(bytes(buf), inner, template.sequence_offset)
+
+
 # Scapy's build of the probe (scapy_probe_shape below), once per combination of keys, addresses and keys
 # zero: kept as bytes so that the daemon need not import scapy (~0.2 s natively, ~20 MB of memory) to
 # start probing. tests/test_probe.py checks that these are exactly what scapy builds today.

@@ -77,10 +77,12 @@ from greupd.keepalive.codec import (
 )
 from greupd.keepalive.gre_socket import AttachedProgram, open_gre_socket, socket_drops
 from greupd.keepalive.liveness import AnswerBudget, Liveness, LivenessChange, ProbeWindow
+from greupd.keepalive.pmtu import PathMtuResult
+from greupd.keepalive.pmtu_probe import IP_MTU_DISCOVER, IP_PMTUDISC_PROBE, PathMtuProber, PathMtuTarget
 from greupd.keepalive.underlay import NO_UNDERLAY, Underlay, underlays_after_pass
 from greupd.model import Observed
 from greupd.status import KeepaliveSocketStatus as SocketStatus
-from greupd.status import KeepaliveStatus
+from greupd.status import KeepaliveStatus, PathMtuStatus, TunnelStatus
 
 __all__ = ["EngineCounters", "KeepaliveEngine", "KeepaliveTarget", "LivenessChange", "targets_from_config"]
 
@@ -132,6 +134,7 @@ class KeepaliveTarget:
     retries: int
     up_after: int
     answer: AnswerMode
+    mtu_probe: tuple[int, float] | None = None  # mtu = "probe": (floor, every), pmtu_probe.py
 
     @property
     def endpoints(self) -> tuple[IPv4Address, IPv4Address, int | None, int | None]:
@@ -151,6 +154,8 @@ def targets_from_config(config: Config) -> list[KeepaliveTarget]:
             ikey=tunnel.input_key, okey=tunnel.output_key,
             interval=tunnel.keepalive.interval, retries=tunnel.keepalive.retries,
             up_after=tunnel.keepalive.up_after, answer=tunnel.keepalive.answer,
+            mtu_probe=(tunnel.mtu_probe_settings.floor, tunnel.mtu_probe_settings.every)
+            if tunnel.mtu == "probe" else None,
         ))
     return targets
 
@@ -170,6 +175,7 @@ class EngineCounters:
     requests_not_plain: int = 0  # inner IP header with options or fragment bits: never reflected (review L6)
     requests_unanswerable: int = 0  # for a tunnel of ours whose own end does not work (set_answerable)
     send_errors: int = 0
+    mtu_replies: int = 0  # replies to the path MTU search's padded probes (never counted by a Liveness)
 
 
 # (remote, local, key as it arrives = our ikey), addresses as 32-bit ints like codec.parse_gre returns them
@@ -216,9 +222,13 @@ class KeepaliveEngine:
     read `is_up` after configuring).
     """
 
-    def __init__(self, on_change: Callable[[str, LivenessChange], None], spread: bool = True) -> None:
-        """`spread` False: every tunnel's first probe goes out at once (tests that need them together)."""
+    def __init__(self, on_change: Callable[[str, LivenessChange], None], spread: bool = True,
+                 on_path_mtu: Callable[[str, PathMtuResult], None] | None = None) -> None:
+        """`spread` False: every tunnel's first probe goes out at once (tests that need them together).
+        `on_path_mtu(name, result)`: a tunnel with mtu = "probe" measured a new MTU (path_mtus())."""
         self._on_change = on_change
+        self.path_mtu = PathMtuProber(self._send_mtu_probe, self._draw_tokens, on_path_mtu,
+                                      answering=self._answering)
         self._spread = spread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._send_socket: socket.socket | None = None
@@ -264,6 +274,9 @@ class KeepaliveEngine:
             send.close()
             raise
         self._loop, self._send_socket, self._receive_socket, self._request_socket = loop, send, receive, requests
+        # DF on what this socket sends, checked against the device's MTU only: the path MTU search's padded
+        # probes must not be fragmented, nor refused for a path MTU the kernel learned (keepalives are small).
+        receive.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_PROBE)
         self._follow_tunnels()
         loop.add_reader(requests.fileno(), self._on_requests)
         if batching_available():
@@ -272,6 +285,7 @@ class KeepaliveEngine:
         loop.add_reader(receive.fileno(), self._on_readable)
         for tunnel in self._tunnels.values():
             self._schedule_first(tunnel)
+        self.path_mtu.start(loop)
 
     def configure(self, targets: Sequence[KeepaliveTarget], initial: Mapping[str, bool] | None = None) -> None:
         """Make the engine probe exactly `targets`: new ones start up (or as `initial` says: the verdicts a
@@ -302,6 +316,7 @@ class KeepaliveEngine:
                 if target.interval != old_interval:
                     self._schedule_first(tunnel)
         self._by_endpoints = {}
+        self._configure_path_mtu()
         self._follow_tunnels()
         for tunnel in self._tunnels.values():
             other = self._by_endpoints.setdefault(tunnel.endpoints, tunnel)
@@ -309,6 +324,46 @@ class KeepaliveEngine:
                 # config.py refuses this; if it happens anyway, replies can only go to one of them
                 log.warning("tunnels %s and %s share remote, local and key: keepalive replies go to %s",
                             other.target.name, tunnel.target.name, other.target.name)
+
+    def _configure_path_mtu(self) -> None:
+        self.path_mtu.configure(
+            (PathMtuTarget(t.target.name, t.target.local, t.target.remote, t.target.okey, *t.target.mtu_probe),
+             build_probe_template(t.target.local, t.target.remote, t.target.okey, t.target.ikey))
+            for t in self._tunnels.values() if t.target.mtu_probe is not None)
+        for tunnel in self._tunnels.values():
+            if tunnel.target.mtu_probe is not None and not tunnel.liveness.up:
+                self.path_mtu.peer_down(tunnel.target.name)
+
+    def path_mtus(self) -> dict[str, int]:
+        """The MTU measured for each tunnel with mtu = "probe" that has a result (the planner sets it)."""
+        return self.path_mtu.results()
+
+    def path_mtu_status(self, name: str) -> PathMtuStatus | None:
+        return self.path_mtu.status(name)
+
+    def annotate(self, statuses: list[TunnelStatus]) -> list[TunnelStatus]:
+        """`path_mtu` in the status of each tunnel with mtu = "probe" (spec.md, "Added 2026-12-06")."""
+        for status in statuses:
+            path_mtu = self.path_mtu.status(status["name"])
+            if path_mtu is not None:
+                status["path_mtu"] = path_mtu
+        return statuses
+
+    def _answering(self, name: str) -> bool:
+        """No keepalive of the tunnel missed since its last reply: a padded probe lost now is lost for its size."""
+        tunnel = self._tunnels.get(name)
+        return tunnel is not None and tunnel.liveness.up and tunnel.liveness.missed_in_a_row == 0
+
+    def _send_mtu_probe(self, name: str, buffer: bytearray) -> OSError | None:
+        """One padded probe, as the tunnel's keepalives leave (source, device, fwmark: review H1, #21 M2)."""
+        tunnel = self._tunnels.get(name)
+        if tunnel is None or self._receive_socket is None:
+            return None
+        try:
+            self._receive_socket.sendmsg([buffer], tunnel.source, 0, tunnel.address)
+        except OSError as exc:
+            return exc
+        return None
 
     def _follow_tunnels(self) -> None:
         """Both sockets' filters after a change of tunnels: each new tunnel gets its tokens ahead (#21 M6)."""
@@ -327,13 +382,15 @@ class KeepaliveEngine:
         for tunnel in tunnels:
             while len(tunnel.tokens_ahead) < _TOKENS_AHEAD:
                 tunnel.tokens_ahead.append(new_token())
+        self.path_mtu.refill()
         if self._receive_socket is None:
             return
         if not tunnels_changed and self._reply_program.kind not in (None, "tokens"):
             return  # the tokens did not fit: the program checks what does, and new tokens change nothing there
         program, kind = reply_filter(
             [int(t.target.remote) for t in tunnels], [int(t.target.local) for t in tunnels],
-            [token for t in tunnels for token in itertools.chain(t.window.tokens(), t.tokens_ahead)])
+            [*(token for t in tunnels for token in itertools.chain(t.window.tokens(), t.tokens_ahead)),
+             *self.path_mtu.tokens()])
         self._reply_program.attach(self._receive_socket, program, kind, len(self._tunnels))
 
     def socket_status(self) -> SocketStatus:
@@ -354,10 +411,13 @@ class KeepaliveEngine:
         probes and answers leave as the tunnels' own packets do (review M2). Others keep what they had."""
         for name, underlay in underlays.items():
             tunnel = self._tunnels.get(name)
+            if tunnel is not None:
+                self.path_mtu.follow_fwmark(name, underlay.fwmark)
             if tunnel is not None and tunnel.underlay != underlay:
                 log.info("tunnel %s: keepalives leave by ifindex %d, fwmark %#x, as the link's own packets",
                          name, underlay.ifindex, underlay.fwmark)
                 tunnel.follow(underlay)
+                self.path_mtu.remeasure(name, "the link's underlay changed")
 
     def set_answerable(self, names: Collection[str]) -> None:
         """The tunnels whose own end works (owned link present and up, not in error): answer = "daemon"
@@ -377,7 +437,12 @@ class KeepaliveEngine:
     def names(self) -> list[str]:
         return list(self._tunnels)
 
+    def verdicts(self) -> dict[str, bool]:
+        """Every tunnel's keepalive verdict (is_up), for the planner."""
+        return {name: tunnel.liveness.up for name, tunnel in self._tunnels.items()}
+
     def close(self) -> None:
+        self.path_mtu.close()
         self._reader_paused_until = None
         if self._timer is not None:
             self._timer.cancel()
@@ -560,6 +625,10 @@ class KeepaliveEngine:
 
     def _report(self, tunnel: _Tunnel, change: LivenessChange) -> None:
         log.debug("tunnel %s %s: %s", tunnel.target.name, "up" if change.up else "down", change.message)
+        if change.up:  # the search holds while small keepalives are lost too: a dead peer says nothing of sizes
+            self.path_mtu.peer_up(tunnel.target.name)
+        else:
+            self.path_mtu.peer_down(tunnel.target.name)
         try:
             self._on_change(tunnel.target.name, change)
         except Exception as exc:
@@ -681,6 +750,10 @@ class KeepaliveEngine:
     def _on_reply(self, reply: ProbeReply, now: float) -> None:
         tunnel = self._by_endpoints.get((reply.src, reply.dst, reply.key))
         sent_at = tunnel.window.claim(reply.token) if tunnel is not None and reply.token is not None else None
+        if (sent_at is None and tunnel is not None and reply.token is not None
+                and self.path_mtu.claim(tunnel.target.name, reply.token, now)):
+            self.counters.mtu_replies += 1  # a padded probe's: the search's, never the Liveness's
+            return
         if tunnel is None or sent_at is None:
             self.counters.unmatched_replies += 1
             return

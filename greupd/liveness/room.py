@@ -16,6 +16,7 @@ from pathlib import Path
 from greupd.config import Config
 from greupd.keepalive.engine import KeepaliveEngine, LivenessChange
 from greupd.keepalive.engine import targets_from_config as keepalive_targets
+from greupd.keepalive.pmtu import PathMtuResult
 from greupd.liveness import bfd_memory
 from greupd.liveness.bfd_engine import BfdEngine
 from greupd.liveness.bfd_engine import targets_from_config as bfd_targets
@@ -36,10 +37,11 @@ UP_REASON = {"keepalive-timeout": "keepalive-restored", "bfd-down": "bfd-restore
 
 
 class LivenessRoom:
-    def __init__(self, on_change: Callable[[str, LivenessVerdict], None], state_dir: Path | None = None) -> None:
+    def __init__(self, on_change: Callable[[str, LivenessVerdict], None], state_dir: Path | None = None,
+                 on_path_mtu: Callable[[str, PathMtuResult], None] | None = None) -> None:
         self._on_change = on_change
         self._state_dir = state_dir  # where BFD sessions are kept across a restart (bfd_memory.py)
-        self.keepalive = KeepaliveEngine(self._keepalive_changed)
+        self.keepalive = KeepaliveEngine(self._keepalive_changed, on_path_mtu=on_path_mtu)  # path MTU: #23
         self.bfd = BfdEngine(self._bfd_changed)
         self._verdicts = Verdicts()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -117,7 +119,7 @@ class LivenessRoom:
             bfd = self.bfd.status(name)
             if bfd is not None:
                 status["bfd"] = bfd
-        return statuses
+        return self.keepalive.annotate(statuses)  # path_mtu (#23)
 
     def close(self, admin_down: bool = False) -> None:
         """Stop every detector. BFD peers hear AdminDown with admin_down (on_exit = "remove"); otherwise the

@@ -1,0 +1,317 @@
+"""The path MTU search's I/O side for the keepalive engine (issue #23): padded probes out, their replies matched
+by token, one timer for every tunnel's search (pmtu.py decides; this module only sends, waits and reports).
+
+The probes leave by the engine's replies socket, like keepalives: the kernel builds the outer header with the
+tunnel's `local` as source and the link's device and fwmark (engine.source_address), so they take the tunnel's
+own route, and under [tunnel.ipsec] its ESP policy: the ESP overhead is measured, not assumed. That socket has
+IP_PMTUDISC_PROBE: DF is set on every packet it sends, and the kernel checks a probe against the device's MTU
+only, not against a path MTU it learned (or failed to learn, where ICMP is filtered) for the remote.
+
+Each probe carries a token of its own (never a keepalive's), drawn ahead like keepalives' so the replies
+socket's filter passes its reply. A reply is matched here and never reaches the tunnel's Liveness: a padded
+probe lost is not a keepalive missed. While the peer is down (small keepalives lost too) the search holds;
+when the peer is back, it measures again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import heapq
+import itertools
+import logging
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from ipaddress import IPv4Address
+
+from greupd.keepalive.codec import (
+    ProbeBytes,
+    ProbeTemplate,
+    ProbeToken,
+    gre_overhead,
+    new_token,
+    padded_probe_template,
+)
+from greupd.keepalive.pmtu import CONFIRM_EVERY, PathMtuResult, PathMtuSearch
+from greupd.status import PathMtuStatus
+
+log = logging.getLogger("greupd.keepalive")
+
+IP_MTU = 14  # <linux/in.h>: getsockopt on a connected socket, the route's MTU
+IP_MTU_DISCOVER = 10
+IP_PMTUDISC_PROBE = 3  # DF set, the device MTU checked, learned path MTUs ignored
+_TOKENS_AHEAD = 8  # per tunnel: a measurement sends ~10-30 probes, so the filter is attached a few times
+_SENT_KEPT = 16  # tokens of sent probes kept per tunnel: a reply later than that many probes counts for nothing
+_FALLBACK_UNDERLAY_MTU = 1500
+_WAIT_FOR_KEEPALIVES = 0.25  # s between looks at a tunnel whose keepalives are being missed
+
+
+@dataclass(frozen=True)
+class PathMtuTarget:
+    """What the search needs of one tunnel with mtu = "probe"."""
+
+    name: str
+    local: IPv4Address
+    remote: IPv4Address
+    okey: int | None
+    floor: int
+    every: float
+
+
+def route_mtu(local: IPv4Address, remote: IPv4Address, fwmark: int = 0) -> int:
+    """The MTU of the route from `local` to `remote` as the kernel holds it now (device MTU, a route's `mtu`,
+    or a path MTU it learned): a connected UDP socket's IP_MTU. Nothing is sent."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        if fwmark:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
+        probe.bind((str(local), 0))
+        probe.connect((str(remote), 9))
+        return int(probe.getsockopt(socket.IPPROTO_IP, IP_MTU))
+    except OSError as exc:
+        log.debug("the route to %s: %s; assuming %d", remote, exc.strerror or exc, _FALLBACK_UNDERLAY_MTU)
+        return _FALLBACK_UNDERLAY_MTU
+    finally:
+        probe.close()
+
+
+class _Measured:
+    """One tunnel's search and the probes of it in flight."""
+
+    def __init__(self, target: PathMtuTarget, template: ProbeTemplate) -> None:
+        self.target = target
+        self.template = template
+        self.search = PathMtuSearch(target.floor, target.every)
+        self.tokens_ahead: collections.deque[ProbeToken] = collections.deque()
+        self.sent: collections.OrderedDict[ProbeToken, int] = collections.OrderedDict()  # token -> size
+        self.probes: dict[int, ProbeBytes] = {}  # size -> its padded probe, kept for the confirmations
+        self.result: PathMtuResult | None = None
+        self.measured_at: str | None = None
+        self.entry = -1
+        self.peer_up = True
+        self.ceiling = target.floor
+        self.route_checked_at = 0.0
+        self.wait_until = 0.0  # a keepalive was missed too: losses are not judged before this
+
+    def probe(self, size: int) -> ProbeBytes:
+        probe = self.probes.get(size)
+        if probe is None:
+            if len(self.probes) > 4:
+                self.probes.clear()  # a search visits ~10 sizes once; keep only what repeats
+            probe = self.probes[size] = ProbeBytes(
+                padded_probe_template(self.template, size + gre_overhead(self.target.okey)))
+        return probe
+
+
+class PathMtuProber:
+    """Every tunnel's search, for the keepalive engine: `send(name, buffer)` sends one probe as the tunnel's
+    keepalives leave (None, or the OSError); `reattach()` recompiles the replies filter (after `refill`);
+    `on_result(name, result)` tells the daemon a measurement changed the MTU to set."""
+
+    def __init__(self, send: Callable[[str, bytearray], OSError | None], reattach: Callable[[], None],
+                 on_result: Callable[[str, PathMtuResult], None] | None = None,
+                 route_mtu: Callable[[IPv4Address, IPv4Address, int], int] = route_mtu,
+                 answering: Callable[[str], bool] = lambda name: True) -> None:
+        """`answering(name)`: the tunnel's last keepalive came back (none missed since)."""
+        self._send, self._reattach, self._on_result, self._route_mtu = send, reattach, on_result, route_mtu
+        self._answering = answering
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tunnels: dict[str, _Measured] = {}
+        self._fwmarks: dict[str, int] = {}
+        self._schedule: list[tuple[float, int, _Measured]] = []
+        self._entries = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self.probes_sent = 0
+
+    # --- the engine's side ----------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        for measured in self._tunnels.values():
+            if measured.peer_up:
+                self._restart(measured, "start")
+
+    def configure(self, targets: Iterable[tuple[PathMtuTarget, ProbeTemplate]]) -> None:
+        """Measure exactly these tunnels; one whose target changed starts over (the link keeps its MTU)."""
+        wanted = {target.name: (target, template) for target, template in targets}
+        for name in set(self._tunnels) - set(wanted):
+            self._tunnels.pop(name).entry = -1
+        for name, (target, template) in wanted.items():
+            measured = self._tunnels.get(name)
+            if measured is not None and measured.target == target and measured.template == template:
+                continue
+            if measured is not None:
+                measured.entry = -1
+            self._tunnels[name] = measured = _Measured(target, template)
+            if self._loop is not None and measured.peer_up:
+                self._restart(measured, "configured")
+
+    def follow_fwmark(self, name: str, fwmark: int) -> None:
+        self._fwmarks[name] = fwmark
+
+    def refill(self) -> None:
+        """Every tunnel's stock of tokens back to _TOKENS_AHEAD (the engine attaches the filter after it)."""
+        for measured in self._tunnels.values():
+            while len(measured.tokens_ahead) < _TOKENS_AHEAD:
+                measured.tokens_ahead.append(new_token())
+
+    def tokens(self) -> Iterator[ProbeToken]:
+        """The tokens whose replies the filter must pass: sent and drawn ahead."""
+        for measured in self._tunnels.values():
+            yield from measured.sent
+            yield from measured.tokens_ahead
+
+    def claim(self, name: str, token: ProbeToken, now: float) -> bool:
+        """A reply of `name`'s with a token that was no keepalive's: True if it was one of our probes."""
+        measured = self._tunnels.get(name)
+        size = measured.sent.pop(token, None) if measured is not None else None
+        if measured is None or size is None:
+            return False
+        self._report(measured, measured.search.on_reply(size, now))
+        self._schedule_next(measured)
+        return True
+
+    def peer_down(self, name: str) -> None:
+        measured = self._tunnels.get(name)
+        if measured is not None:
+            measured.peer_up = False
+            measured.search.hold()
+            measured.entry = -1
+
+    def peer_up(self, name: str) -> None:
+        measured = self._tunnels.get(name)
+        if measured is not None and not measured.peer_up:
+            measured.peer_up = True
+            self._restart(measured, "peer back")
+
+    def remeasure(self, name: str | None = None, reason: str = "route changed") -> None:
+        """Measure again now (a route to the remote changed): `name`, or every tunnel."""
+        if self._loop is None:
+            return  # start() measures every tunnel
+        for measured in ([self._tunnels[name]] if name in self._tunnels else []) if name else self._tunnels.values():
+            if measured.peer_up:
+                self._restart(measured, reason)
+
+    def results(self) -> dict[str, int]:
+        """The MTU to set per tunnel that has a result (measured, or the floor when even that failed)."""
+        return {name: m.result.mtu for name, m in self._tunnels.items() if m.result is not None}
+
+    def status(self, name: str) -> PathMtuStatus | None:
+        measured = self._tunnels.get(name)
+        if measured is None:
+            return None
+        return {"bytes": measured.result.mtu if measured.result is not None else None,
+                "state": measured.search.state, "measured_at": measured.measured_at,
+                "ipv6": measured.result.ipv6 if measured.result is not None else None}
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._schedule.clear()
+        for measured in self._tunnels.values():
+            measured.entry = -1
+        self._loop = None
+
+    # --- inside ---------------------------------------------------------------------------------------
+
+    def _restart(self, measured: _Measured, reason: str) -> None:
+        assert self._loop is not None
+        target = measured.target
+        underlay = self._route_mtu(target.local, target.remote, self._fwmarks.get(target.name, 0))
+        measured.ceiling = underlay - gre_overhead(target.okey)
+        measured.route_checked_at = now = self._loop.time()
+        measured.search.restart(now, measured.ceiling, reason)
+        self._schedule_next(measured)
+
+    def _schedule_next(self, measured: _Measured) -> None:
+        when = measured.search.next_wakeup()
+        if self._loop is None or when is None or not measured.peer_up:
+            measured.entry = -1
+            return
+        when = max(when, measured.wait_until)
+        measured.entry = entry = next(self._entries)
+        heapq.heappush(self._schedule, (when, entry, measured))
+        self._arm()
+
+    def _arm(self) -> None:
+        assert self._loop is not None
+        while self._schedule and self._schedule[0][2].entry != self._schedule[0][1]:
+            heapq.heappop(self._schedule)
+        if not self._schedule:
+            return
+        when = self._schedule[0][0]
+        if self._timer is not None:
+            if self._timer.when() <= when:
+                return
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._tick)
+
+    def _tick(self) -> None:
+        assert self._loop is not None
+        self._timer = None
+        now = self._loop.time()
+        due: list[_Measured] = []
+        while self._schedule and self._schedule[0][0] <= now + 0.0005:
+            _, entry, measured = heapq.heappop(self._schedule)
+            if measured.entry == entry:
+                measured.entry = -1
+                due.append(measured)
+        try:
+            if any(len(m.tokens_ahead) < 2 for m in due):
+                self._reattach()  # refills every stock and attaches the filter once for all of them
+            for measured in due:
+                self._step(measured, now)
+        finally:
+            for measured in due:
+                if measured.entry < 0:
+                    self._schedule_next(measured)
+            self._arm()
+
+    def _step(self, measured: _Measured, now: float) -> None:
+        if now - measured.route_checked_at >= CONFIRM_EVERY and not measured.search.searching:
+            # The route to the remote changed its MTU (another uplink, a route's `mtu`): measure again at once.
+            measured.route_checked_at = now
+            target = measured.target
+            ceiling = self._route_mtu(target.local, target.remote, self._fwmarks.get(target.name, 0)) \
+                - gre_overhead(target.okey)
+            if ceiling != measured.ceiling:
+                self._restart(measured, f"the route's MTU changed to {ceiling + gre_overhead(target.okey)}")
+        if self._answering(measured.target.name):
+            self._report(measured, measured.search.expire(now))
+        else:
+            # A keepalive was missed too: a lost probe says nothing of its size until small ones come back
+            # (or the peer is declared down, and the search holds).
+            measured.wait_until = now + _WAIT_FOR_KEEPALIVES
+        for size in measured.search.due(now):
+            token = measured.tokens_ahead.popleft() if measured.tokens_ahead else new_token()
+            measured.sent[token] = size
+            while len(measured.sent) > _SENT_KEPT:
+                measured.sent.popitem(last=False)
+            self.probes_sent += 1
+            error = self._send(measured.target.name, measured.probe(size).stamp(token))
+            if error is not None:
+                # EMSGSIZE: larger than the device's MTU; anything else: no route. Either way it is lost.
+                log.debug("tunnel %s: MTU probe of %d bytes not sent: %s", measured.target.name, size,
+                          error.strerror or error)
+
+    def _report(self, measured: _Measured, result: PathMtuResult | None) -> None:
+        if result is None:
+            return
+        name = measured.target.name
+        before = measured.result
+        measured.result = result
+        measured.measured_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        if result.state == "failed":
+            log.warning("tunnel %s: path MTU: %s; the link keeps %d bytes (floor)", name, result.reason, result.mtu)
+        elif before is None or before.mtu != result.mtu or before.state != result.state:
+            log.info("tunnel %s: path MTU %d bytes (%s; %d probes)", name, result.mtu, result.reason,
+                     measured.search.probes_sent)
+        if not result.ipv6 and (before is None or before.ipv6):
+            log.warning("tunnel %s: path MTU %d is below 1280: IPv6 through this tunnel will break (RFC 8200)",
+                        name, result.mtu)
+        if self._on_result is not None and (before is None or before.mtu != result.mtu):
+            self._on_result(name, result)
+
