@@ -15,12 +15,13 @@ import os
 
 import pytest
 
-from lab.soak import KINDS, format_report, run_soak
+from lab.soak import CLASSIC_KINDS, format_report, run_soak
 
 pytestmark = pytest.mark.needs_gre
 
 SEED = int(os.environ.get("GREUPD_SOAK_SEED", "11"))
-SHORT_KINDS = [kind for kind in KINDS if kind != "watchdog"]
+# The faults of issue #21 (lab.soak.ROUND3_KINDS) run in `make soak`; they join here once their fixes are on main.
+SHORT_KINDS = [kind for kind in CLASSIC_KINDS if kind != "watchdog"]
 
 
 def test_every_fault_once_and_the_network_stays_as_planned() -> None:
