@@ -280,6 +280,9 @@ def protected(a: Host) -> str | None:
     return None
 
 
+ETH_P_ALL = 0x0003
+
+
 class CleartextWatch:
     """Counts GRE in the clear between A and B on A's underlay port, all along: what A sends to B, and what comes
     from B's own port (not the flood's spoofed copies, which have the attacker's MAC)."""
@@ -289,8 +292,9 @@ class CleartextWatch:
         assert b_mac is not None
         self.b_mac = bytes.fromhex(b_mac.group(1).replace(":", ""))
         with in_netns(a):
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
-            self.sock.bind(("wan0", 0x0800))
+            # ETH_P_ALL: a socket bound to one protocol sees only what comes in, not what A sends.
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            self.sock.bind(("wan0", ETH_P_ALL))
         self.sock.settimeout(0.2)
         self.seen: list[tuple[float, str]] = []
         self.esp = 0  # ESP between A and B, either way: that the watch sees the underlay at all
@@ -306,7 +310,7 @@ class CleartextWatch:
             except (TimeoutError, OSError):
                 continue
             ip = frame[14:]
-            if len(ip) < 20 or ip[9] not in (47, 50):
+            if frame[12:14] != b"\x08\x00" or len(ip) < 20 or ip[9] not in (47, 50):
                 continue
             if ip[9] == 50:
                 self.esp += {ip[12:16], ip[16:20]} == {a_addr, b_addr}
@@ -1213,12 +1217,19 @@ class Soak:
             self.figures[fault.kind].pings_lost += 1
 
     def run(self, duration: float, kinds: list[str], each_once: bool) -> None:
-        self.daemon.start(wait=False)
-        seconds = self.converge(Fault("start", "greupd run", time.monotonic(), restart=True))
-        self.out(f"soak: greupd started and converged in {seconds:.1f}s; faults begin")
         if self.ipsec is not None:
-            # From here on, not one GRE packet between A and B may cross the underlay unprotected.
+            # From greupd's start on, not one GRE packet between A and B may cross the underlay unprotected.
             self.cleartext = CleartextWatch(self.a, self.topo.b)
+        self.daemon.start(wait=False)
+        start = Fault("start", "greupd run", time.monotonic(), restart=True)
+        seconds = self.converge(start)
+        if self.ipsec is not None:  # and to_b's SAs negotiated (on its first keepalive), to_b up through them
+            while (missing := protected(self.a)) is not None:
+                if time.monotonic() - start.started > self.restart_bound:
+                    raise Broken(f"to_b not protected {self.restart_bound:g}s after greupd's start: {missing}")
+                time.sleep(0.1)
+            seconds = self.converge(start)
+        self.out(f"soak: greupd started and converged in {seconds:.1f}s; faults begin")
         self.foreign = self.foreign_state()
         self.pinger = Pinger(self.topo.lan_a, LAN_B_HOST).start()
         time.sleep(1.0)
@@ -1283,9 +1294,12 @@ class Soak:
 
     def check_cleartext(self, where: str) -> None:
         if self.cleartext is not None and self.cleartext.seen:
-            first = self.cleartext.seen[0]
+            when, way = self.cleartext.seen[0]
+            after = [f for f in self.history if f.injected <= when]
+            at = (f"{when - after[-1].injected:.2f}s after fault #{after[-1].number} {after[-1].kind}" if after
+                  else "before the first fault (greupd's start)")
             raise Broken(f"{where}: {len(self.cleartext.seen)} GRE packets in the clear between A and B on the "
-                         f"underlay, the first {first[1]} {first[0] - self.started:.2f}s into the run")
+                         f"underlay, the first {way} {at}")
 
     def final_plan(self) -> None:
         self.repair_disk()  # the admin fixes the file first: `greupd plan` rightly refuses a broken one
