@@ -982,6 +982,9 @@ class Soak:
             while names not in self.daemon.output()[seen:]:
                 if self.daemon.proc is not None and self.daemon.proc.poll() is not None:
                     raise Broken(f"greupd exited with status {self.daemon.proc.returncode} after the SIGHUP")
+                if (now := self._status()["generation"]) != generation:
+                    raise Broken(f"the SIGHUP applied what was on disk (generation {generation} -> {now}) instead "
+                                 f"of rejecting it naming {names}")
                 if time.monotonic() > deadline:
                     raise Broken(f"no rejection naming {names} logged {self.bound:g}s after the SIGHUP")
                 time.sleep(0.1)
