@@ -951,6 +951,10 @@ class Soak:
         try:
             return dict(request(self.daemon.socket, "status", timeout=timeout))
         except ControlUnavailable as exc:
+            proc = self.daemon.proc
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                if proc is not None and proc.wait(1) is not None:
+                    raise Broken(f"greupd exited with status {proc.returncode}") from None
             raise Broken(f"greupd's status unanswered within {timeout:g}s: {exc}") from None
 
     def _link_indexes(self) -> dict[str, int]:
