@@ -255,11 +255,11 @@ class IpsecSetup:
         return self.charon_a.socket
 
     @classmethod
-    def start(cls, a: Host, b: Host, directory: Path) -> IpsecSetup:
+    def start(cls, a: Host, b: Host, directory: Path, timeout: float) -> IpsecSetup:
         psk = directory / "psk-to_b"
         psk.write_text(PSK + "\n")
         psk.chmod(0o600)  # root's own: greupd runs as root here (without DROPPED_CAPS, which it does not need)
-        charon_a, charon_b = Charon(a).start(), Charon(b).start()
+        charon_a, charon_b = Charon(a).start(timeout), Charon(b).start(timeout)
         charon_b.load(B_SWANCTL % PSK)
         return cls(charon_a, charon_b, psk)
 
@@ -271,11 +271,11 @@ class IpsecSetup:
 def protected(a: Host) -> str | None:
     """None when A's kernel protects GRE with B: the out and in policies for protocol gre, and an ESP SA each way;
     else what is missing."""
-    policies = a.ip("xfrm", "policy", "list").stdout
+    policies, states = a.ip("xfrm", "policy", "list").stdout, a.ip("xfrm", "state", "list").stdout
     for direction, src, dst in (("out", "172.19.1.1", "172.19.1.2"), ("in", "172.19.1.2", "172.19.1.1")):
         if not re.search(rf"src {src}/32 dst {dst}/32 proto gre\s*\n\s*dir {direction} ", policies):
             return f"no {direction} policy for gre {src} -> {dst}"
-        if not a.ip("xfrm", "state", "list", "src", src, "dst", dst, "proto", "esp").stdout.strip():
+        if not re.search(rf"^src {src} dst {dst}\s*\n\s*proto esp ", states, re.M):
             return f"no ESP SA {src} -> {dst}"
     return None
 
@@ -554,7 +554,9 @@ class Soak:
             host.run("sysctl", "-q", "-w", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0")
         self._foreign_objects()
         self.foreign = ""  # taken once greupd runs and IPv6 link-local addresses have settled
-        self.ipsec: IpsecSetup | None = IpsecSetup.start(self.a, self.topo.b, Path(_scratch())) if ipsec else None
+        # charon's start, like greupd's, takes minutes in the qemu guest under load.
+        self.ipsec = (IpsecSetup.start(self.a, self.topo.b, Path(_scratch()), timeout=max(30.0, restart_bound))
+                      if ipsec else None)
         self.cleartext: CleartextWatch | None = None
         self.variant = 0
         self.config = a_config(0, nft, self.ipsec)
@@ -1183,12 +1185,17 @@ class Soak:
             fault.loss_allowed.append((fault.started, None))
         self.a.ip("xfrm", "state", "flush")
         self.a.ip("xfrm", "policy", "flush")
-        flushed = time.monotonic()
+        flushed = looked = time.monotonic()
         while (missing := protected(self.a)) is not None:
+            # The look itself takes time (two `ip` runs, tenths of a second in a guest): a look that began
+            # within the bound and found it back counts as back within the bound.
             if time.monotonic() - flushed > XFRM_BOUND:
                 raise Broken(f"protection not back {XFRM_BOUND:g}s after the flush: {missing}")
             time.sleep(0.05)
-        self.figures["xfrm-flush"].note_max("worst seconds to protection", time.monotonic() - flushed)
+            looked = time.monotonic()
+        self.figures["xfrm-flush"].note_max("worst seconds to protection (at most)", time.monotonic() - flushed)
+        if looked - flushed > XFRM_BOUND:
+            raise Broken(f"protection back only {looked - flushed:.2f}s after the flush, bound {XFRM_BOUND:g}s")
         return fault
 
     def watch_drops(self) -> int | None:
