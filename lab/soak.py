@@ -1401,7 +1401,7 @@ def format_report(report: dict[str, Any], replay: str) -> str:
              f"faults injected {report['faults_injected']}, converged {report['faults_converged']}, "
              f"worst convergence {report['worst_convergence_seconds']}s; "
              f"pings sent {report['pings_sent']}, answered {report['pings_answered']}",
-             f"{'kind':<16}{'injected':>9}{'converged':>10}{'worst s':>9}{'mean s':>8}{'pings lost':>11}  notes"]
+             f"{'kind':<18}{'injected':>9}{'converged':>10}{'worst s':>9}{'mean s':>8}{'pings lost':>11}  notes"]
     for kind, f in report["kinds"].items():
         notes = ", ".join(f"{k} {v}" for k, v in f.items()
                           if k not in ("injected", "converged", "worst_seconds", "mean_seconds", "pings_lost"))
@@ -1409,7 +1409,7 @@ def format_report(report: dict[str, Any], replay: str) -> str:
             notes = "skipped: this kernel's nftables lacks the inet family"
         if kind == "xfrm-flush" and not report["ipsec"]:
             notes = "skipped: no IPsec in this run (needs nftables inet and charon: the qemu guest)"
-        lines.append(f"{kind:<16}{f['injected']:>9}{f['converged']:>10}{f['worst_seconds']:>9}"
+        lines.append(f"{kind:<18}{f['injected']:>9}{f['converged']:>10}{f['worst_seconds']:>9}"
                      f"{f['mean_seconds'] if f['mean_seconds'] is not None else '-':>8}{f['pings_lost']:>11}  {notes}")
     lines.append(f"invariants: {'BROKEN: ' + report['broken'] if report['broken'] else 'all held'}")
     lines.append(f"replay: {replay}")
