@@ -8,7 +8,7 @@ returns traffic through C while its own tunnel is dead. lan_a pings lan_b (20.10
 process, every PING_INTERVAL seconds. greupd runs as root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so
 file modes bind it as they bind the packaged unit's user. Where nftables has the inet family and charon is
 installed (the qemu guest), to_b runs over IPsec (`require = true`; charon on A for greupd, a hand-written
-connection in B's), and from the first fault on not one GRE packet between A and B may cross the underlay in
+connection in B's), and from greupd's start on not one GRE packet between A and B may cross the underlay in
 the clear (--ipsec on/off overrides).
 
 Faults, one at a time, chosen by a seeded random generator (`--seed` replays a run; `--each-once` injects every
