@@ -1364,6 +1364,18 @@ class Soak:
         if result.returncode != 0 or "# kernel\nnothing to change\n" not in result.stdout:
             raise Broken(f"`greupd plan` at the end: exit {result.returncode}\n{result.stdout}{result.stderr}")
 
+    def ipsec_evidence(self) -> None:
+        """After a break with IPsec: both charons' last lines and A's and B's xfrm state, for whoever reads it."""
+        if self.ipsec is None:
+            return
+        for name, charon in (("A", self.ipsec.charon_a), ("B", self.ipsec.charon_b)):
+            self.out(f"--- charon in {name} (last 30 lines):")
+            self.out("\n".join(charon.output().splitlines()[-30:]))
+        for name, host in (("A", self.a), ("B", self.topo.b)):
+            with contextlib.suppress(LabCommandError, subprocess.TimeoutExpired):
+                self.out(f"--- ip xfrm state / policy in {name}:")
+                self.out(host.ip("xfrm", "state").stdout + host.ip("xfrm", "policy").stdout)
+
     def close(self) -> None:
         if self.pinger is not None:
             self.pinger.stop()
@@ -1466,6 +1478,7 @@ def run_soak(duration: float, seed: int, *, kinds: list[str] | None = None, each
             broken = str(exc)
             out(f"BROKEN: {broken}\n--- greupd's output (last 60 lines):")
             out("\n".join(soak.daemon.output().splitlines()[-60:]))
+            soak.ipsec_evidence()
         finally:
             report = soak.report(duration, broken)
             soak.close()
