@@ -1,10 +1,15 @@
-"""python -m lab.soak --duration 1800 --seed N: greupd under a seeded random sequence of faults (issue #11).
+"""python -m lab.soak --duration 1800 --seed N: greupd under a seeded random sequence of faults (issues #11, #21).
 
 The seed's routers A and B with their LANs, plus a third router C on the same underlay. greupd runs on A with a
-primary tunnel `to_b` (metric 0) and a backup `to_c` (metric 100), both carrying B's LAN 20.10.1.0/24, with
-keepalives. B and C are plain Linux routers whose kernels reflect A's keepalives (no greupd there); C forwards
-what it receives to B over the underlay, and B returns traffic through C while its own tunnel is dead. lan_a
-pings lan_b (20.10.1.2) all along, from this process, every PING_INTERVAL seconds.
+primary tunnel `to_b` (metric 0, in tunnels.toml) and a backup `to_c` (metric 100, in the drop-in
+tunnels.d/50-backup.toml), both carrying B's LAN 20.10.1.0/24, with keepalives. B and C are plain Linux routers
+whose kernels reflect A's keepalives (no greupd there); C forwards what it receives to B over the underlay, and B
+returns traffic through C while its own tunnel is dead. lan_a pings lan_b (20.10.1.2) all along, from this
+process, every PING_INTERVAL seconds. greupd runs as root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so
+file modes bind it as they bind the packaged unit's user. Where nftables has the inet family and charon is
+installed (the qemu guest), to_b runs over IPsec (`require = true`; charon on A for greupd, a hand-written
+connection in B's), and from greupd's start on not one GRE packet between A and B may cross the underlay in
+the clear (--ipsec on/off overrides).
 
 Faults, one at a time, chosen by a seeded random generator (`--seed` replays a run; `--each-once` injects every
 kind once, in seeded order, as the short test in `make test` does):
@@ -22,6 +27,18 @@ kind once, in seeded order, as the short test in `make test` does):
                        last good config instead
     netlink-overrun    greupd stopped, a route deleted, link events flooded until its socket overflows, resumed;
                        the flood's links deleted again while it runs
+  issue #21 (`--faults round3` alone; `classic` for the ones above):
+    dropin-unreadable  tunnels.d chmod 000, then a reload or SIGHUP: rejected naming tunnels.d, no tunnel
+                       deleted or made anew; sometimes left so, for a later restart to run the last good config
+    config-fifo        tunnels.toml replaced by a FIFO, then a reload or SIGHUP: rejected naming the file, and for
+                       FIFO_SECONDS status answers (each within FIFO_ANSWER) and keepalive replies keep counting
+    config-nested      an array nested NESTED_DEPTH deep in tunnels.toml, a reload or SIGHUP (rejected, nothing
+                       changed), then a restart: the last good config runs (status says so)
+    xfrm-flush         `ip xfrm state flush; ip xfrm policy flush` on A under IPsec: to_b's policies and SAs back
+                       within XFRM_BOUND, and no cleartext GRE between A and B ever (only with IPsec)
+    lock-squat         greupd stopped; a process of uid SQUATTER_UID binds its netns lock; greupd must start
+    gre-flood          a fifth box X floods A with junk GRE from its own address and spoofed from B's, at the
+                       highest rate it reaches, for --flood-seconds: no tunnel whose peer lives goes down
 
 After each fault, until it holds (within --bound seconds, restarts within --restart-bound):
   - the kernel is as the plan wants it: greupd's own planner, run here against A's kernel with the liveness the
@@ -35,7 +52,8 @@ After each fault, until it holds (within --bound seconds, restarts within --rest
     back through A's end of the tunnel it came through, until greupd has that link back (B and C are plain
     routers: they keep sending into their tunnels).
 At the end, `greupd plan` itself (the CLI) must say "nothing to change". The figures (faults per kind, converged,
-worst convergence, pings lost per kind) are printed, with the command that replays the run; the exit status is 1
+worst convergence, pings lost per kind) are printed, with the command that replays the run, and once more as one
+JSON line starting `soak-json: ` (`make soak` keeps it as a file; --json writes one too); the exit status is 1
 when an invariant broke (the first broken one ends the run), 0 otherwise.
 """
 
@@ -64,7 +82,9 @@ from greupd.control import ControlError, ControlUnavailable, request
 from greupd.model import desired_state
 from greupd.netlink.kernel import Kernel, KernelWatch
 from greupd.plan import describe, plan_changes
-from lab.greupd_process import REPO, GreupdProcess
+from lab.charon import Charon
+from lab.charon import available as charon_available
+from lab.greupd_process import REPO, GreupdProcess, _scratch
 from lab.hosts import Host, Lab, LabCommandError, SeedTopology, in_netns, seed_topology
 
 KEEPALIVE_INTERVAL = 0.2
@@ -83,8 +103,28 @@ FLOOD_LINKS_MAX = 4000
 UNIT = REPO / "systemd" / "greupd.service"
 
 TUNNEL_NAMES = frozenset({"to_b", "to_c", "spare"})
-KINDS = ("link-delete", "link-down", "route-delete", "address-delete", "nft-flush", "foreign-link", "sigkill",
-         "watchdog", "peer-death", "peer-return", "reload-valid", "reload-invalid", "netlink-overrun")
+# The faults of sessions 2-4 (the short test in `make test` runs these), then those of issue #21 (round 3).
+CLASSIC_KINDS = ("link-delete", "link-down", "route-delete", "address-delete", "nft-flush", "foreign-link",
+                 "sigkill", "watchdog", "peer-death", "peer-return", "reload-valid", "reload-invalid",
+                 "netlink-overrun")
+ROUND3_KINDS = ("dropin-unreadable", "config-fifo", "config-nested", "xfrm-flush", "lock-squat", "gre-flood")
+KINDS = CLASSIC_KINDS + ROUND3_KINDS
+# greupd runs as root without these two capabilities, so file modes bind it as they bind the unit's user greupd
+# (User=greupd, with CAP_NET_ADMIN and CAP_NET_RAW only): a tunnels.d at mode 000 is as unreadable to it.
+DROPPED_CAPS = ("dac_override", "dac_read_search")
+# The uid that squats greupd's netns lock: any local user, neither root nor greupd's own.
+SQUATTER_UID = 4242
+# While tunnels.toml is a FIFO: this long of status answers and keepalives counted, each answer within this.
+FIFO_SECONDS = 3.0
+FIFO_ANSWER = 2.0
+# How deep the nested array in the config is (newcomer-3: ~500 overflows tomllib's recursion).
+NESTED_DEPTH = 500
+# After `ip xfrm state flush; ip xfrm policy flush` on A: the SAs and policies of to_b back within this.
+XFRM_BOUND = 5.0
+# GRE flood: the attacker's own (unconfigured) source and the one it spoofs (B's), for this long by default.
+FLOOD_SOURCE = "172.19.1.7"
+FLOOD_SPOOFED = "172.19.1.2"
+FLOOD_SECONDS = 10.0
 
 
 class Broken(Exception):
@@ -93,8 +133,23 @@ class Broken(Exception):
 
 # --- the config on A ------------------------------------------------------------------------------------------
 
-def a_config(variant: int, nft: bool) -> str:
-    """Variant 0: to_b and to_c. Variant 1: to_c's ttl changed, and a third tunnel `spare` without keepalive."""
+@dataclass(frozen=True)
+class AConfig:
+    """A's config as files: tunnels.toml ([daemon] and to_b) and the drop-in tunnels.d/50-backup.toml (to_c, and
+    `spare` in variant 1), so that a fault on the drop-in directory has tunnels to lose."""
+
+    main: str
+    dropin: str
+
+    @property
+    def text(self) -> str:
+        """The two as one text, for the soak's own planning (the loader merges them the same way)."""
+        return self.main + self.dropin
+
+
+def a_config(variant: int, nft: bool, ipsec: IpsecSetup | None = None) -> AConfig:
+    """Variant 0: to_b and to_c. Variant 1: to_c's ttl changed, and a third tunnel `spare` without keepalive.
+    With `ipsec`, to_b runs over IPsec (B's charon has the matching connection) with require = true."""
     def tunnel(name: str, remote: str, address: str, peer: str, metric: int, ttl: int) -> str:
         text = (f'[[tunnel]]\nname = "{name}"\nlocal = "172.19.1.1"\nremote = "{remote}"\naddress = "{address}"\n'
                 f'peer = "{peer}"\nroutes = ["{LAN_B}"]\nmetric = {metric}\nttl = {ttl}\n'
@@ -105,24 +160,239 @@ def a_config(variant: int, nft: bool) -> str:
         # a source the continuous ping never uses (NAT of the pinged LAN would pin its conntrack entry to one
         # tunnel's address and lose the replies after a failover, which is NAT's nature, not greupd's).
         nft_part = '[tunnel.mss]\nclamp = 1436\n[tunnel.nat]\ninto_tunnel = ["10.99.0.0/24"]\n'
-        return text + (nft_part if nft else "") + "\n"
+        text += nft_part if nft else ""
+        if ipsec is not None and name == "to_b":
+            text += f'[tunnel.ipsec]\npsk_file = "{ipsec.psk_file}"\nrequire = true\n'
+        return text + "\n"
 
-    text = '[daemon]\nip_forward = true\non_exit = "keep"\n\n'
-    text += tunnel("to_b", "172.19.1.2", "192.168.8.1", "192.168.8.11", 0, 64)
-    text += tunnel("to_c", "172.19.1.3", "192.168.9.1", "192.168.9.11", 100, 64 if variant == 0 else 60)
+    main = '[daemon]\nip_forward = true\non_exit = "keep"\n'
+    main += f'vici_socket = "{ipsec.vici_socket}"\n\n' if ipsec is not None else "\n"
+    main += tunnel("to_b", "172.19.1.2", "192.168.8.1", "192.168.8.11", 0, 64)
+    dropin = tunnel("to_c", "172.19.1.3", "192.168.9.1", "192.168.9.11", 100, 64 if variant == 0 else 60)
     if variant == 1:
-        text += ('[[tunnel]]\nname = "spare"\nlocal = "172.19.1.1"\nremote = "172.19.1.9"\n'
-                 'address = "192.168.10.1"\npeer = "192.168.10.11"\nroutes = ["40.0.0.0/24"]\n\n')
-    return text
+        dropin += ('[[tunnel]]\nname = "spare"\nlocal = "172.19.1.1"\nremote = "172.19.1.9"\n'
+                   'address = "192.168.10.1"\npeer = "192.168.10.11"\nroutes = ["40.0.0.0/24"]\n\n')
+    return AConfig(main, dropin)
 
 
 BROKEN_TUNNEL = '[[tunnel]]\nname = "half_done"\nlocal = "172.19.1.1"\nremtoe = "172.19.1.4"\n'
+# A tunnel whose routes are an array nested NESTED_DEPTH deep: a 1 KB file that overflowed tomllib's recursion.
+NESTED_TUNNEL = ('[[tunnel]]\nname = "deep"\nlocal = "172.19.1.1"\nremote = "172.19.1.4"\nroutes = '
+                 + "[" * NESTED_DEPTH + "]" * NESTED_DEPTH + "\n")
 
 
 def unit_seconds(key: str, default: float) -> float:
     """WatchdogSec= / RestartSec= of the shipped unit, so the emulated watchdog is the packaged one."""
     match = re.search(rf"^{key}=(\d+)s?$", UNIT.read_text(), re.M) if UNIT.exists() else None
     return float(match.group(1)) if match else default
+
+
+class SoakDaemon(GreupdProcess):
+    """`greupd run` as GreupdProcess starts it, but without DROPPED_CAPS, and with the drop-in directory beside its
+    config file."""
+
+    def __init__(self, host: Host, config: AConfig, name: str) -> None:
+        super().__init__(host, config.main, name=name)
+        self.dropins = self.config_path.parent / "tunnels.d"
+        self.dropins.mkdir(mode=0o755)
+        self.dropin_path = self.dropins / "50-backup.toml"
+        self.dropin_path.write_text(config.dropin)
+
+    def write(self, config: AConfig) -> None:
+        self.config_path.write_text(config.main)
+        self.dropin_path.write_text(config.dropin)
+
+    def start(self, wait: bool = True, timeout: float = 60) -> SoakDaemon:
+        out = self.log.open("ab")
+        bounding = ",".join(f"-{cap}" for cap in DROPPED_CAPS)
+        self.proc = self.host.popen("setpriv", f"--bounding-set={bounding}", sys.executable, "-m", "greupd", "run",
+                                    stdout=out, stderr=subprocess.STDOUT, env=self.env)
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+
+# --- IPsec on to_b (only where nftables has the inet family: greupd's require table) ------------------------------
+
+# B is a plain strongSwan router: its own hand-written connection for GRE in ESP transport mode with A
+# (as tests/test_ipsec_kernel.py's interop test), the proposals greupd offers by default.
+B_SWANCTL = """connections {
+  to-a {
+    version = 2
+    local_addrs = 172.19.1.2
+    remote_addrs = 172.19.1.1
+    local { auth = psk }
+    remote { auth = psk }
+    children {
+      gre {
+        mode = transport
+        local_ts = dynamic[gre]
+        remote_ts = dynamic[gre]
+        esp_proposals = aes256gcm16-ecp384
+        start_action = trap
+      }
+    }
+    proposals = aes256gcm16-prfsha384-ecp384
+  }
+}
+secrets {
+  ike-a { secret = "%s" }
+}
+"""
+PSK = "soak-psk-0123456789abcdef0123456789"
+
+
+@dataclass
+class IpsecSetup:
+    """charon on A (greupd's) and on B (hand-configured), and the PSK file greupd reads."""
+
+    charon_a: Charon
+    charon_b: Charon
+    psk_file: Path
+
+    @property
+    def vici_socket(self) -> Path:
+        return self.charon_a.socket
+
+    @classmethod
+    def start(cls, a: Host, b: Host, directory: Path, timeout: float) -> IpsecSetup:
+        psk = directory / "psk-to_b"
+        psk.write_text(PSK + "\n")
+        psk.chmod(0o600)  # root's own: greupd runs as root here (without DROPPED_CAPS, which it does not need)
+        charon_a, charon_b = Charon(a).start(timeout), Charon(b).start(timeout)
+        charon_b.load(B_SWANCTL % PSK)
+        return cls(charon_a, charon_b, psk)
+
+    def stop(self) -> None:
+        for charon in (self.charon_a, self.charon_b):
+            charon.stop()
+
+
+def protected(a: Host) -> str | None:
+    """None when A's kernel protects GRE with B: the out and in policies for protocol gre, and an ESP SA each way;
+    else what is missing."""
+    policies, states = a.ip("xfrm", "policy", "list").stdout, a.ip("xfrm", "state", "list").stdout
+    for direction, src, dst in (("out", "172.19.1.1", "172.19.1.2"), ("in", "172.19.1.2", "172.19.1.1")):
+        if not re.search(rf"src {src}/32 dst {dst}/32 proto gre\s*\n\s*dir {direction} ", policies):
+            return f"no {direction} policy for gre {src} -> {dst}"
+        if not re.search(rf"^src {src} dst {dst}\s*\n\s*proto esp ", states, re.M):
+            return f"no ESP SA {src} -> {dst}"
+    return None
+
+
+ETH_P_ALL = 0x0003
+
+
+class CleartextWatch:
+    """Counts GRE in the clear between A and B on A's underlay port, all along: what A sends to B, and what comes
+    from B's own port (not the flood's spoofed copies, which have the attacker's MAC)."""
+
+    def __init__(self, a: Host, b: Host) -> None:
+        b_mac = re.search(r"link/ether (\S+)", b.ip("link", "show", "wan0").stdout)
+        assert b_mac is not None
+        self.b_mac = bytes.fromhex(b_mac.group(1).replace(":", ""))
+        with in_netns(a):
+            # ETH_P_ALL: a socket bound to one protocol sees only what comes in, not what A sends.
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            self.sock.bind(("wan0", ETH_P_ALL))
+        self.sock.settimeout(0.2)
+        self.seen: list[tuple[float, str]] = []
+        self.esp = 0  # ESP between A and B, either way: that the watch sees the underlay at all
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="cleartext-watch")
+        self._thread.start()
+
+    def _loop(self) -> None:
+        a_addr, b_addr = socket.inet_aton("172.19.1.1"), socket.inet_aton("172.19.1.2")
+        while not self._stop.is_set():
+            try:
+                frame, where = self.sock.recvfrom(256)
+            except (TimeoutError, OSError):
+                continue
+            ip = frame[14:]
+            if frame[12:14] != b"\x08\x00" or len(ip) < 20 or ip[9] not in (47, 50):
+                continue
+            if ip[9] == 50:
+                self.esp += {ip[12:16], ip[16:20]} == {a_addr, b_addr}
+                continue
+            outgoing = where[2] == socket.PACKET_OUTGOING
+            if (outgoing and ip[12:16] == a_addr and ip[16:20] == b_addr) or (
+                    not outgoing and ip[12:16] == b_addr and ip[16:20] == a_addr and frame[6:12] == self.b_mac):
+                self.seen.append((time.monotonic(), "A -> B" if outgoing else "B -> A"))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+# --- programs the faults start in lab hosts ------------------------------------------------------------------------
+
+# Binds greupd's netns lock (the abstract name control.NETNS_LOCK) and holds it until killed.
+SQUAT = """
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.bind(b"\\0greupd")
+    s.listen(1)
+except OSError as exc:
+    print(f"not bound: {exc}", flush=True)
+    sys.exit(1)
+print("bound", flush=True)
+while True:
+    time.sleep(60)
+"""
+
+# Junk GRE to A, as fast as one process sends it, for argv[3] seconds from argv[1] (IP_HDRINCL: any source). Half
+# is keepalive-shaped (GRE protocol 0, an inner IPv4 header A -> source, GRE protocol 0 inside, then a random
+# token), half random bytes after a GRE header of protocol 0; either gets past a filter on protocol 0. Sent 256
+# at a time with sendmmsg(2) (through ctypes: Python has no binding), since a syscall per packet is what limits
+# the rate in a guest.
+FLOOD = """
+import ctypes, random, socket, struct, sys, time
+src, dst, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+rng = random.Random(src)
+def ip(payload, s_, d):
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, 47, 0,
+                       socket.inet_aton(s_), socket.inet_aton(d)) + payload
+packets = []
+for n in range(64):
+    if n % 2:
+        inner = ip(struct.pack("!HH", 0, 0) + rng.randbytes(8), dst, src)
+        packets.append(ip(struct.pack("!HH", 0, 0) + inner, src, dst))
+    else:
+        packets.append(ip(struct.pack("!HH", 0, 0) + rng.randbytes(rng.randrange(4, 64)), src, dst))
+class iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+class msghdr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32), ("iov", ctypes.POINTER(iovec)),
+                ("iovlen", ctypes.c_size_t), ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                ("flags", ctypes.c_int)]
+class mmsghdr(ctypes.Structure):
+    _fields_ = [("hdr", msghdr), ("len", ctypes.c_uint)]
+BATCH = 256
+address = ctypes.create_string_buffer(struct.pack("=H", socket.AF_INET) + bytes(2) + socket.inet_aton(dst) + bytes(8))
+buffers = [ctypes.create_string_buffer(p, len(p)) for p in packets]
+iovs = (iovec * BATCH)()
+msgs = (mmsghdr * BATCH)()
+for i in range(BATCH):
+    b = buffers[i % len(buffers)]
+    iovs[i].base, iovs[i].len = ctypes.addressof(b), len(b)
+    msgs[i].hdr.name, msgs[i].hdr.namelen = ctypes.addressof(address), 16
+    msgs[i].hdr.iov, msgs[i].hdr.iovlen = ctypes.pointer(iovs[i]), 1
+libc = ctypes.CDLL(None, use_errno=True)
+print("go", flush=True)
+sent = errors = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    n = libc.sendmmsg(s.fileno(), msgs, BATCH, 0)
+    if n > 0:
+        sent += n
+    else:
+        errors += 1
+print(f"sent {sent} errors {errors}", flush=True)
+"""
 
 
 # --- the peers ---------------------------------------------------------------------------------------------------
@@ -267,6 +537,9 @@ class Fault:
     restart: bool = False
     number: int = 0
     converged: float | None = None  # when everything held again
+    # Run once it converged, before anything else is looked at: checks of what must not have happened meanwhile
+    # (a tunnel recreated), and the fault's own end (a squatter killed). Each may raise Broken.
+    after: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.injected = self.started  # `started` may move on to the part whose convergence is measured
@@ -276,10 +549,11 @@ class Fault:
 
 class Soak:
     def __init__(self, lab: Lab, seed: int, *, nft: bool, bound: float, restart_bound: float, slack: float,
-                 out: Callable[[str], None] = print) -> None:
+                 ipsec: bool = False, flood_seconds: float = FLOOD_SECONDS, out: Callable[[str], None] = print) -> None:
         self.rng = random.Random(seed)
         self.seed = seed
         self.nft = nft
+        self.flood_seconds = flood_seconds
         self.bound = bound
         self.restart_bound = restart_bound
         self.detect_bound = (KEEPALIVE_RETRIES + 1) * KEEPALIVE_INTERVAL + slack
@@ -294,17 +568,24 @@ class Soak:
         # B takes A's LAN from C while its own tunnel is dead; C passes B's LAN on to B over the underlay.
         self.peers["to_b"].build([f"route add {LAN_A} via 172.19.1.3 metric 100"])
         self.peers["to_c"].build([f"route add {LAN_B} via 172.19.1.2"])
-        for host in (self.a, self.topo.b, self.c):
+        # X: another box on the underlay, whose only part is the GRE flood (from its own and from B's address).
+        self.x = self.topo.add_router("x", f"{FLOOD_SOURCE}")
+        for host in (self.a, self.topo.b, self.c, self.x):
             host.run("sysctl", "-q", "-w", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0")
         self._foreign_objects()
         self.foreign = ""  # taken once greupd runs and IPv6 link-local addresses have settled
+        # charon's start, like greupd's, takes minutes in the qemu guest under load.
+        self.ipsec = (IpsecSetup.start(self.a, self.topo.b, Path(_scratch()), timeout=max(30.0, restart_bound))
+                      if ipsec else None)
+        self.cleartext: CleartextWatch | None = None
         self.variant = 0
-        self.running_text = a_config(0, nft)
-        self.running_config: Config = load_config_text(self.running_text)
-        self.disk_valid = True
+        self.config = a_config(0, nft, self.ipsec)
+        self.running_config: Config = load_config_text(self.config.text)
+        # How to put right what a fault left broken on disk (None: nothing is), for the next fault or the end.
+        self.disk_repair: Callable[[], None] | None = None
         self.expect_fallback = False  # restarted while the file on disk was broken
         self.foreign_links: set[str] = set()
-        self.daemon = GreupdProcess(self.a, self.running_text, name="greupd-soak")
+        self.daemon = SoakDaemon(self.a, self.config, name="greupd-soak")
         self.figures: dict[str, KindFigures] = {kind: KindFigures() for kind in KINDS}
         self.overruns_seen = 0
         self.started = time.monotonic()
@@ -434,6 +715,8 @@ class Soak:
     def possible(self, kind: str) -> bool:
         if kind == "nft-flush":
             return self.nft
+        if kind == "xfrm-flush":
+            return self.ipsec is not None
         if kind == "peer-death":
             return all(p.alive for p in self.peers.values())
         if kind == "peer-return":
@@ -529,8 +812,18 @@ class Soak:
     def _restart(self) -> None:
         assert self.daemon.proc is not None
         self.daemon.proc.wait(10)
-        self.expect_fallback = not self.disk_valid
+        self.expect_fallback = self.disk_repair is not None
         self.daemon.start(wait=False)
+
+    def broken_on_disk(self, repair: Callable[[], None]) -> None:
+        """A fault left the config broken on disk; `repair` is how the admin puts it right."""
+        self.disk_repair = repair
+        self.expect_fallback = False  # status now names this rejection, not the start's
+
+    def repair_disk(self) -> None:
+        if self.disk_repair is not None:
+            self.disk_repair()
+            self.disk_repair = None
 
     def fault_sigkill(self) -> Fault:
         fault = Fault("sigkill", "SIGKILL, then greupd run again", time.monotonic(), restart=True)
@@ -594,13 +887,14 @@ class Soak:
 
     def fault_reload_valid(self) -> Fault:
         self.variant = 1 - self.variant
-        text = a_config(self.variant, self.nft)
+        config = a_config(self.variant, self.nft, self.ipsec)
         by_signal = self.rng.random() < 0.5
         fault = Fault("reload-valid", f"config variant {self.variant} by {'SIGHUP' if by_signal else 'reload'}",
                       time.monotonic())
         generation = self._generation()
-        self.daemon.config_path.write_text(text)
-        self.running_text, self.running_config, self.disk_valid = text, load_config_text(text), True
+        self.repair_disk()
+        self.daemon.write(config)
+        self.config, self.running_config = config, load_config_text(config.text)
         self.expect_fallback = False
         if by_signal:
             self.daemon.signal(signal.SIGHUP)
@@ -626,9 +920,9 @@ class Soak:
     def fault_reload_invalid(self) -> Fault:
         fault = Fault("reload-invalid", "a config with a misspelt key, then reload", time.monotonic())
         generation = self._generation()
-        self.daemon.config_path.write_text(self.running_text + "\n" + BROKEN_TUNNEL)
-        self.disk_valid = False
-        self.expect_fallback = False  # status now names this rejection, not the start's
+        self.repair_disk()
+        self.daemon.config_path.write_text(self.config.main + "\n" + BROKEN_TUNNEL)
+        self.broken_on_disk(lambda: self.daemon.write(self.config))
         result = request(self.daemon.socket, "reload")
         if result["ok"] or "remtoe" not in (result["error"] or "") or "tunnels.toml:" not in (result["error"] or ""):
             raise Broken(f"the broken config's reload answered {result}")
@@ -636,8 +930,7 @@ class Soak:
             raise Broken("a rejected reload changed the generation")
         if self.rng.random() < 0.5:
             fault.detail += "; the file fixed again"
-            self.daemon.config_path.write_text(self.running_text)
-            self.disk_valid = True
+            self.repair_disk()
         else:
             fault.detail += "; left broken on disk"
         return fault
@@ -674,6 +967,275 @@ class Soak:
         self.overruns_seen = overruns
         return fault
 
+    # --- the faults of issue #21 (round 3) ---
+
+    def _status(self, timeout: float = 5.0) -> dict[str, Any]:
+        try:
+            return dict(request(self.daemon.socket, "status", timeout=timeout))
+        except ControlUnavailable as exc:
+            proc = self.daemon.proc
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                if proc is not None and proc.wait(1) is not None:
+                    raise Broken(f"greupd exited with status {proc.returncode}") from None
+            raise Broken(f"greupd's status unanswered within {timeout:g}s: {exc}") from None
+
+    def _link_indexes(self) -> dict[str, int]:
+        """A's tunnel links that are greupd's now (not a foreign link holding a name), with their ifindex."""
+        indexes = {}
+        for name in self.tunnels():
+            shown = self.a.ip("-o", "link", "show", name, check=False)
+            if name not in self.foreign_links and shown.returncode == 0:
+                indexes[name] = int(shown.stdout.split(":", 1)[0])
+        return indexes
+
+    def _kept(self, before: dict[str, int]) -> Callable[[], None]:
+        """A check that none of the links in `before` was deleted (or deleted and made anew) meanwhile."""
+        def check() -> None:
+            now = self._link_indexes()
+            lost = sorted(name for name, index in before.items() if now.get(name) != index)
+            if lost:
+                raise Broken(f"tunnel links deleted (or deleted and made anew) by a config that was not read: "
+                             f"{', '.join(lost)}")
+        return check
+
+    def _reload_rejected(self, by_signal: bool, generation: int, names: str) -> str:
+        """Ask for a reload of the broken config on disk (SIGHUP or the control socket's `reload`); it must be
+        rejected with an error that names `names`, leave the generation as it was and the daemon running."""
+        if by_signal:
+            seen = len(self.daemon.output())
+            self.daemon.signal(signal.SIGHUP)
+            deadline = time.monotonic() + self.bound
+            while names not in self.daemon.output()[seen:]:
+                if self.daemon.proc is not None and self.daemon.proc.poll() is not None:
+                    raise Broken(f"greupd exited with status {self.daemon.proc.returncode} after the SIGHUP")
+                if (now := self._status()["generation"]) != generation:
+                    raise Broken(f"the SIGHUP applied what was on disk (generation {generation} -> {now}) instead "
+                                 f"of rejecting it naming {names}")
+                if time.monotonic() > deadline:
+                    raise Broken(f"no rejection naming {names} logged {self.bound:g}s after the SIGHUP")
+                time.sleep(0.1)
+            error = self._status()["last_error"] or ""
+            if names not in error:
+                raise Broken(f"status' last_error does not name {names} after the SIGHUP: {error!r}")
+        else:
+            try:
+                result = request(self.daemon.socket, "reload", timeout=self.bound)
+            except ControlUnavailable as exc:
+                raise Broken(f"the reload went unanswered for {self.bound:g}s: {exc}") from None
+            error = result["error"] or ""
+            if result["ok"] or names not in error:
+                raise Broken(f"the reload answered {result}, not a rejection naming {names}")
+        if self._generation() != generation:
+            raise Broken("a rejected reload changed the generation")
+        return error
+
+    def fault_dropin_unreadable(self) -> Fault:
+        """tunnels.d unreadable to greupd (mode 000; it runs without CAP_DAC_*, as the unit's user would be
+        refused a 0700 root directory), then a reload: rejected, naming tunnels.d; to_c (a drop-in's) kept."""
+        self.repair_disk()
+        by_signal = self.rng.random() < 0.5
+        dropins = self.daemon.dropins
+        fault = Fault("dropin-unreadable", f"tunnels.d chmod 000, then {'SIGHUP' if by_signal else 'reload'}",
+                      time.monotonic())
+        before = self._link_indexes()
+        generation = self._generation()
+        dropins.chmod(0)
+        self.broken_on_disk(lambda: dropins.chmod(0o755))
+        self._reload_rejected(by_signal, generation, "tunnels.d")
+        fault.after.append(self._kept(before))
+        if self.rng.random() < 0.5:
+            fault.detail += "; made readable again"
+            self.repair_disk()
+        else:
+            fault.detail += "; left unreadable"
+        return fault
+
+    def _keepalives_received(self) -> dict[str, int]:
+        """Replies counted so far by each tunnel with keepalives whose peer lives."""
+        return {t["name"]: t["keepalive"]["received"] for t in self._status()["tunnels"]
+                if t["keepalive"] is not None and self.alive().get(t["name"], False)
+                and t["name"] not in self.foreign_links}
+
+    def fault_config_fifo(self) -> Fault:
+        """tunnels.toml replaced by a FIFO that nobody writes, then a reload: the loop must not block on it (status
+        answers, keepalives go on), and the reload is rejected naming the file."""
+        self.repair_disk()
+        by_signal = self.rng.random() < 0.5
+        path = self.daemon.config_path
+        fault = Fault("config-fifo", f"tunnels.toml replaced by a FIFO, then {'SIGHUP' if by_signal else 'reload'}",
+                      time.monotonic())
+        generation = self._generation()
+        received = self._keepalives_received()
+        path.unlink()
+        os.mkfifo(path)
+        try:
+            self._reload_rejected(by_signal, generation, "tunnels.toml")
+            deadline = time.monotonic() + FIFO_SECONDS
+            while time.monotonic() < deadline:
+                self._status(timeout=FIFO_ANSWER)
+                time.sleep(0.2)
+            now = self._keepalives_received()
+            stalled = sorted(name for name, count in received.items() if now.get(name, count) <= count)
+            if stalled:
+                raise Broken(f"no keepalive reply counted in {FIFO_SECONDS:g}s with tunnels.toml a FIFO: "
+                             f"{', '.join(stalled)}")
+        finally:
+            self._unblock(path)
+            path.unlink()
+            path.write_text(self.config.main)
+        return fault
+
+    def _unblock(self, fifo: Path) -> None:
+        """A reader stuck in open() on the FIFO (the loop, if it blocks) gets the config it expected, so that a
+        broken soak still ends cleanly."""
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: nobody has it open for reading
+            return
+        with contextlib.suppress(OSError):
+            os.write(fd, self.config.main.encode())
+        os.close(fd)
+
+    def fault_config_nested(self) -> Fault:
+        """An array nested NESTED_DEPTH deep in tunnels.toml (tomllib's recursion), a reload: rejected naming the
+        file, everything kept; then a restart (`systemctl restart`): the last good config runs."""
+        self.repair_disk()
+        by_signal = self.rng.random() < 0.5
+        fault = Fault("config-nested", f"an array nested {NESTED_DEPTH} deep in tunnels.toml, "
+                                       f"{'SIGHUP' if by_signal else 'reload'}, then a restart", time.monotonic(),
+                      restart=True)
+        before = self._link_indexes()
+        generation = self._generation()
+        self.daemon.config_path.write_text(self.config.main + "\n" + NESTED_TUNNEL)
+        self.broken_on_disk(lambda: self.daemon.write(self.config))
+        self._reload_rejected(by_signal, generation, "tunnels.toml")
+        took = self.converge(fault, bound=self.bound)  # still running and managing, with the old config
+        self._kept(before)()
+        self.figures["config-nested"].note_max("worst seconds to hold after the reload", took)
+        self.daemon.stop()  # SIGTERM: on_exit = "keep" leaves everything in place
+        self._restart()  # and status must say it runs the last good config
+        fault.started = time.monotonic()
+        fault.detail += "; left on disk"
+        return fault
+
+    def fault_lock_squat(self) -> Fault:
+        """greupd stopped (a restart, an upgrade), and before it starts again a process of another user binds its
+        netns lock (the abstract name control.NETNS_LOCK): greupd must start all the same."""
+        fault = Fault("lock-squat", f"greupd stopped, uid {SQUATTER_UID} binds its netns lock, greupd started",
+                      time.monotonic(), restart=True)
+        self.daemon.stop()
+        squatter = self.a.popen("setpriv", f"--reuid={SQUATTER_UID}", f"--regid={SQUATTER_UID}", "--clear-groups",
+                                sys.executable, "-c", SQUAT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+        def end() -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(squatter.pid, signal.SIGKILL)
+            squatter.wait(10)
+
+        fault.after.append(end)
+        assert squatter.stdout is not None
+        said = squatter.stdout.readline().strip()
+        if said != "bound":
+            end()
+            raise Broken(f"the squatter could not take the lock (a soak problem, not greupd's): {said!r}")
+        self._restart()
+        return fault
+
+    def fault_gre_flood(self) -> Fault:
+        """Junk GRE to A at the highest rate X reaches, from X's own address (no tunnel has it) and spoofed from
+        B's, for --flood-seconds: no tunnel whose peer lives may go down meanwhile."""
+        fault = Fault("gre-flood", f"junk GRE to A from {FLOOD_SOURCE} and spoofed from {FLOOD_SPOOFED} for "
+                                   f"{self.flood_seconds:g}s", time.monotonic())
+        before = {t["name"]: t for t in self._status()["tunnels"]}
+        watched = sorted(name for name, t in before.items()
+                         if t["keepalive"] is not None and self.alive().get(name, False)
+                         and name not in self.foreign_links)
+        received, dropped = self.wan_rx_packets(), self.gre_socket_drops()
+        # Niced: in the guest the flood shares A's CPU, which a real attacker's host would not; greupd gets the
+        # CPU first and the flood what is left.
+        flooders = [self.x.popen("nice", "-n", "10", sys.executable, "-c", FLOOD, source, "172.19.1.1",
+                                 str(self.flood_seconds), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                    for source in (FLOOD_SOURCE, FLOOD_SPOOFED)]
+        try:
+            for flooder in flooders:
+                assert flooder.stdout is not None
+                said = flooder.stdout.readline().strip()
+                if said != "go":
+                    raise Broken(f"a flooder did not start (a soak problem, not greupd's): {said!r}")
+            began, began_wall = time.monotonic(), time.time()
+            fault.started = began
+            # What a flood does to the links themselves (queues full) is the flood's, not greupd's.
+            fault.loss_allowed.append((began, began + self.flood_seconds + 2 * IN_FLIGHT))
+            while any(f.poll() is None for f in flooders):
+                for t in self._status()["tunnels"]:
+                    if t["name"] in watched and t["state"] != "up":
+                        raise Broken(f"{t['name']} {t['state']} ({t['reason']}) during the flood, its peer alive")
+                time.sleep(0.1)
+            said = " ".join((f.stdout.read() if f.stdout else "") for f in flooders)
+            fault.started = time.monotonic()  # convergence counts from the flood's end
+        finally:
+            for flooder in flooders:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(flooder.pid, signal.SIGKILL)
+                flooder.wait(10)
+        sent = sum(int(n) for n in re.findall(r"sent (\d+)", said))
+        received, dropped = self.wan_rx_packets() - received, self.gre_socket_drops() - dropped
+        figures = self.figures["gre-flood"]
+        figures.note_max("most packets per second sent", sent / self.flood_seconds)
+        figures.note_max("most packets per second reaching A", received / self.flood_seconds)
+        figures.note_max("most dropped at greupd's GRE socket", dropped)
+        for name in watched:
+            if self.daemon.logged_at(rf"tunnel {name} down: ", after=began_wall) is not None:
+                raise Broken(f"{name} went down during the flood, its peer alive (greupd's log)")
+        after = {t["name"]: t for t in self._status()["tunnels"]}
+        flapped = [name for name in watched if after[name]["state_changes"] != before[name]["state_changes"]]
+        if flapped:
+            raise Broken(f"state changes during the flood, their peers alive: {', '.join(flapped)}")
+        fault.detail += (f" ({sent / self.flood_seconds:.0f} packets/s sent, {received / self.flood_seconds:.0f}/s "
+                         f"reached A, {dropped} dropped at greupd's GRE socket)")
+        return fault
+
+    def wan_rx_packets(self) -> int:
+        shown = self.a.ip("-s", "link", "show", "wan0").stdout
+        match = re.search(r"RX:.*\n\s+\d+\s+(\d+)", shown)
+        assert match, shown
+        return int(match.group(1))
+
+    def gre_socket_drops(self) -> int:
+        """What the kernel dropped at greupd's raw GRE sockets (/proc/PID/net/raw, protocol 47, column drops):
+        a full receive buffer, where a flood would make real keepalive replies go missing (review M6)."""
+        assert self.daemon.proc is not None
+        rows = Path(f"/proc/{self.daemon.proc.pid}/net/raw").read_text().splitlines()[1:]
+        return sum(int(row.split()[-1]) for row in rows if row.split()[1].upper().endswith(":002F"))
+
+    def fault_xfrm_flush(self) -> Fault:
+        """`ip xfrm state flush` and `ip xfrm policy flush` on A behind charon's back (to_b runs over IPsec):
+        protection back within XFRM_BOUND, and not one GRE packet between A and B in the clear (CleartextWatch)."""
+        deadline = time.monotonic() + self.bound
+        while (missing := protected(self.a)) is not None:  # as it should be before the flush
+            if time.monotonic() > deadline:
+                raise Broken(f"to_b not protected before the flush: {missing}")
+            time.sleep(0.1)
+        fault = Fault("xfrm-flush", "ip xfrm state flush; ip xfrm policy flush (behind charon's back)",
+                      time.monotonic())
+        if self.carrier() == "to_b":  # require = true drops to_b's traffic until its SAs are back
+            fault.loss_allowed.append((fault.started, None))
+        self.a.ip("xfrm", "state", "flush")
+        self.a.ip("xfrm", "policy", "flush")
+        flushed = looked = time.monotonic()
+        while (missing := protected(self.a)) is not None:
+            # The look itself takes time (two `ip` runs, tenths of a second in a guest): a look that began
+            # within the bound and found it back counts as back within the bound.
+            if time.monotonic() - flushed > XFRM_BOUND:
+                raise Broken(f"protection not back {XFRM_BOUND:g}s after the flush: {missing}")
+            time.sleep(0.05)
+            looked = time.monotonic()
+        self.figures["xfrm-flush"].note_max("worst seconds to protection (at most)", time.monotonic() - flushed)
+        if looked - flushed > XFRM_BOUND:
+            raise Broken(f"protection back only {looked - flushed:.2f}s after the flush, bound {XFRM_BOUND:g}s")
+        return fault
+
     def watch_drops(self) -> int | None:
         """Notifications the kernel dropped for greupd's event socket (/proc/PID/net/netlink, column Drops)."""
         assert self.daemon.proc is not None
@@ -707,8 +1269,18 @@ class Soak:
             self.figures[fault.kind].pings_lost += 1
 
     def run(self, duration: float, kinds: list[str], each_once: bool) -> None:
+        if self.ipsec is not None:
+            # From greupd's start on, not one GRE packet between A and B may cross the underlay unprotected.
+            self.cleartext = CleartextWatch(self.a, self.topo.b)
         self.daemon.start(wait=False)
-        seconds = self.converge(Fault("start", "greupd run", time.monotonic(), restart=True))
+        start = Fault("start", "greupd run", time.monotonic(), restart=True)
+        seconds = self.converge(start)
+        if self.ipsec is not None:  # and to_b's SAs negotiated (on its first keepalive), to_b up through them
+            while (missing := protected(self.a)) is not None:
+                if time.monotonic() - start.started > self.restart_bound:
+                    raise Broken(f"to_b not protected {self.restart_bound:g}s after greupd's start: {missing}")
+                time.sleep(0.1)
+            seconds = self.converge(start)
         self.out(f"soak: greupd started and converged in {seconds:.1f}s; faults begin")
         self.foreign = self.foreign_state()
         self.pinger = Pinger(self.topo.lan_a, LAN_B_HOST).start()
@@ -737,6 +1309,7 @@ class Soak:
         self.final_plan()
         time.sleep(PING_WAIT)
         self.settle_pings(time.monotonic() - PING_WAIT)
+        self.check_cleartext("at the end")
 
     def one(self, kind: str) -> None:
         figures = self.figures[kind]
@@ -752,6 +1325,12 @@ class Soak:
             took = self.converge(fault)
         except Broken as exc:
             raise Broken(f"fault #{self.faults} {kind} ({fault.detail}): {exc}") from None
+        try:
+            for check in fault.after:
+                check()
+        except (Broken, ControlUnavailable, ControlError, LabCommandError) as exc:
+            raise Broken(f"fault #{self.faults} {kind} ({fault.detail}): {exc}") from None
+        self.check_cleartext(f"fault #{self.faults} {kind} ({fault.detail})")
         fault.converged = time.monotonic()
         figures.converged += 1
         figures.worst_seconds = max(figures.worst_seconds, took)
@@ -765,10 +1344,17 @@ class Soak:
                  f"converged in {took:.2f}s")
         time.sleep(self.rng.uniform(0.2, 1.0))
 
+    def check_cleartext(self, where: str) -> None:
+        if self.cleartext is not None and self.cleartext.seen:
+            when, way = self.cleartext.seen[0]
+            after = [f for f in self.history if f.injected <= when]
+            at = (f"{when - after[-1].injected:.2f}s after fault #{after[-1].number} {after[-1].kind}" if after
+                  else "before the first fault (greupd's start)")
+            raise Broken(f"{where}: {len(self.cleartext.seen)} GRE packets in the clear between A and B on the "
+                         f"underlay, the first {way} {at}")
+
     def final_plan(self) -> None:
-        if not self.disk_valid:  # the admin fixes the file first: `greupd plan` rightly refuses a broken one
-            self.daemon.config_path.write_text(self.running_text)
-            self.disk_valid = True
+        self.repair_disk()  # the admin fixes the file first: `greupd plan` rightly refuses a broken one
         # The CLI starts as slowly as the daemon (imports): in the qemu guest under load that took 250-490 s.
         limit = max(300.0, self.restart_bound)
         try:
@@ -778,24 +1364,43 @@ class Soak:
         if result.returncode != 0 or "# kernel\nnothing to change\n" not in result.stdout:
             raise Broken(f"`greupd plan` at the end: exit {result.returncode}\n{result.stdout}{result.stderr}")
 
+    def ipsec_evidence(self) -> None:
+        """After a break with IPsec: both charons' last lines and A's and B's xfrm state, for whoever reads it."""
+        if self.ipsec is None:
+            return
+        for name, charon in (("A", self.ipsec.charon_a), ("B", self.ipsec.charon_b)):
+            self.out(f"--- charon in {name} (last 30 lines):")
+            self.out("\n".join(charon.output().splitlines()[-30:]))
+        for name, host in (("A", self.a), ("B", self.topo.b)):
+            with contextlib.suppress(LabCommandError, subprocess.TimeoutExpired):
+                self.out(f"--- ip xfrm state / policy in {name}:")
+                self.out(host.ip("xfrm", "state").stdout + host.ip("xfrm", "policy").stdout)
+
     def close(self) -> None:
         if self.pinger is not None:
             self.pinger.stop()
+        if self.cleartext is not None:
+            self.cleartext.stop()
         if self.daemon.proc is not None and self.daemon.proc.poll() is None:
             self.daemon.signal(signal.SIGCONT)
             self.daemon.stop()
         self.kernel.close()
+        if self.ipsec is not None:
+            self.ipsec.stop()
 
     def report(self, duration: float, broken: str | None) -> dict[str, Any]:
         sent, replied = self.pinger.count() if self.pinger else (0, 0)
         kinds = {kind: {"injected": f.injected, "converged": f.converged, "worst_seconds": round(f.worst_seconds, 2),
                         "mean_seconds": round(f.total_seconds / f.converged, 2) if f.converged else None,
                         "pings_lost": f.pings_lost, **f.notes}
-                 for kind, f in self.figures.items() if f.injected or kind == "nft-flush"}
+                 for kind, f in self.figures.items() if f.injected or kind in ("nft-flush", "xfrm-flush")}
         converged = [f for f in self.figures.values() if f.converged]
         return {"seed": self.seed, "duration_asked": duration, "ran_seconds": round(time.monotonic() - self.started, 1),
                 "kernel": os.uname().release, "guest": os.environ.get("GREUPD_LAB_GUEST", "none"),
-                "nft_inet": self.nft,
+                "nft_inet": self.nft, "ipsec": self.ipsec is not None, "code": code_version(),
+                "daemon": f"root without {', '.join('CAP_' + c.upper() for c in DROPPED_CAPS)}",
+                "cleartext_gre_packets": len(self.cleartext.seen) if self.cleartext else None,
+                "esp_packets": self.cleartext.esp if self.cleartext else None,
                 "faults_injected": sum(f.injected for f in self.figures.values()),
                 "faults_converged": sum(f.converged for f in self.figures.values()),
                 "worst_convergence_seconds": round(max((f.worst_seconds for f in converged), default=0.0), 2),
@@ -808,17 +1413,29 @@ def format_report(report: dict[str, Any], replay: str) -> str:
              f"faults injected {report['faults_injected']}, converged {report['faults_converged']}, "
              f"worst convergence {report['worst_convergence_seconds']}s; "
              f"pings sent {report['pings_sent']}, answered {report['pings_answered']}",
-             f"{'kind':<16}{'injected':>9}{'converged':>10}{'worst s':>9}{'mean s':>8}{'pings lost':>11}  notes"]
+             f"{'kind':<18}{'injected':>9}{'converged':>10}{'worst s':>9}{'mean s':>8}{'pings lost':>11}  notes"]
     for kind, f in report["kinds"].items():
         notes = ", ".join(f"{k} {v}" for k, v in f.items()
                           if k not in ("injected", "converged", "worst_seconds", "mean_seconds", "pings_lost"))
         if kind == "nft-flush" and not report["nft_inet"]:
             notes = "skipped: this kernel's nftables lacks the inet family"
-        lines.append(f"{kind:<16}{f['injected']:>9}{f['converged']:>10}{f['worst_seconds']:>9}"
+        if kind == "xfrm-flush" and not report["ipsec"]:
+            notes = "skipped: no IPsec in this run (needs nftables inet and charon: the qemu guest)"
+        lines.append(f"{kind:<18}{f['injected']:>9}{f['converged']:>10}{f['worst_seconds']:>9}"
                      f"{f['mean_seconds'] if f['mean_seconds'] is not None else '-':>8}{f['pings_lost']:>11}  {notes}")
     lines.append(f"invariants: {'BROKEN: ' + report['broken'] if report['broken'] else 'all held'}")
     lines.append(f"replay: {replay}")
     return "\n".join(lines)
+
+
+def code_version() -> str:
+    """The commit the soak ran (and whether the checkout had changes), for the record."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        head = ""
+    return head or "unknown"
 
 
 def nft_inet_available() -> bool:
@@ -827,14 +1444,33 @@ def nft_inet_available() -> bool:
     return "nft_gre" in capabilities()
 
 
+def ipsec_wanted(mode: str, nft: bool) -> bool:
+    """IPsec on to_b: "auto" where it can be what greupd promises (nftables inet for the require table, charon
+    installed: the qemu guest), "on" anyway (in UML: to try the setup; no table drops cleartext there)."""
+    if mode == "off":
+        return False
+    if mode == "on":
+        return True
+    return nft and charon_available() is None
+
+
 def run_soak(duration: float, seed: int, *, kinds: list[str] | None = None, each_once: bool = False,
-             bound: float = 15.0, restart_bound: float = 120.0, slack: float = 1.5,
-             out: Callable[[str], None] = print) -> dict[str, Any]:
+             bound: float = 15.0, restart_bound: float = 120.0, slack: float = 1.5, ipsec: str = "auto",
+             flood_seconds: float = FLOOD_SECONDS, out: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the soak in lab namespaces of the running kernel (which must have ip_gre); the figures as a dict."""
     nft = nft_inet_available()
-    chosen = [k for k in (kinds or list(KINDS)) if k != "nft-flush" or nft]
+    with_ipsec = ipsec_wanted(ipsec, nft)
+    chosen = [k for k in (kinds or list(KINDS))
+              if (k != "nft-flush" or nft) and (k != "xfrm-flush" or with_ipsec)]
+    skipped = sorted(set(kinds or KINDS) - set(chosen))
+    if skipped:
+        out(f"soak: skipped here: {', '.join(skipped)} (nftables inet: {'yes' if nft else 'no'}, "
+            f"IPsec: {'yes' if with_ipsec else 'no'})")
+    if not chosen:
+        raise SystemExit("soak: none of the faults asked for can run on this kernel")
     with Lab("-soak") as lab:
-        soak = Soak(lab, seed, nft=nft, bound=bound, restart_bound=restart_bound, slack=slack, out=out)
+        soak = Soak(lab, seed, nft=nft, bound=bound, restart_bound=restart_bound, slack=slack, ipsec=with_ipsec,
+                    flood_seconds=flood_seconds, out=out)
         broken: str | None = None
         try:
             soak.run(duration, chosen, each_once)
@@ -842,6 +1478,7 @@ def run_soak(duration: float, seed: int, *, kinds: list[str] | None = None, each
             broken = str(exc)
             out(f"BROKEN: {broken}\n--- greupd's output (last 60 lines):")
             out("\n".join(soak.daemon.output().splitlines()[-60:]))
+            soak.ipsec_evidence()
         finally:
             report = soak.report(duration, broken)
             soak.close()
@@ -852,29 +1489,46 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.soak", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=300, help="seconds of faults (default 300)")
+    parser.add_argument("--minutes", type=float, default=None, help="minutes of faults (instead of --duration)")
     parser.add_argument("--seed", type=int, default=None, help="replay a run (default: a random seed, printed)")
     parser.add_argument("--each-once", action="store_true", help="every fault kind once, in seeded order")
-    parser.add_argument("--faults", default=None, help=f"comma-separated kinds (default all: {','.join(KINDS)})")
+    parser.add_argument("--faults", default=None,
+                        help=f"comma-separated kinds (default all: {','.join(KINDS)}); `classic` stands for "
+                             f"{','.join(CLASSIC_KINDS)}, `round3` for {','.join(ROUND3_KINDS)}")
     parser.add_argument("--bound", type=float, default=15.0, help="seconds to converge after a fault (15)")
     parser.add_argument("--restart-bound", type=float, default=120.0,
                         help="seconds to converge after a restart, import time included (120)")
     parser.add_argument("--slack", type=float, default=1.5,
                         help="seconds beyond (retries+1) x interval for detecting a dead peer (1.5)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    parser.add_argument("--ipsec", choices=("auto", "on", "off"), default="auto",
+                        help="to_b over IPsec, which the xfrm-flush fault needs (auto: where nftables has the inet "
+                             "family and charon is installed, i.e. the qemu guest)")
+    parser.add_argument("--flood-seconds", type=float, default=FLOOD_SECONDS,
+                        help=f"how long each GRE flood lasts ({FLOOD_SECONDS:g})")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the figures to this file (they are printed as one `soak-json:` line too)")
     args = parser.parse_args(argv)
+    duration = args.minutes * 60 if args.minutes is not None else args.duration
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
-    kinds = args.faults.split(",") if args.faults else None
+    groups = {"classic": list(CLASSIC_KINDS), "round3": list(ROUND3_KINDS)}
+    kinds = [k for name in args.faults.split(",") for k in groups.get(name, [name])] if args.faults else None
     unknown = set(kinds or ()) - set(KINDS)
     if unknown:
         parser.error(f"unknown fault kinds: {', '.join(sorted(unknown))}")
-    print(f"soak: seed {seed}, {args.duration:g}s", flush=True)
-    report = run_soak(args.duration, seed, kinds=kinds, each_once=args.each_once, bound=args.bound,
-                      restart_bound=args.restart_bound, slack=args.slack, out=lambda s: print(s, flush=True))
-    replay = (f"python -m lab.soak --duration {args.duration:g} --seed {seed}"
-              + (" --each-once" if args.each_once else "") + (f" --faults {args.faults}" if args.faults else ""))
+    print(f"soak: seed {seed}, {duration:g}s", flush=True)
+    report = run_soak(duration, seed, kinds=kinds, each_once=args.each_once, bound=args.bound,
+                      restart_bound=args.restart_bound, slack=args.slack, ipsec=args.ipsec,
+                      flood_seconds=args.flood_seconds, out=lambda s: print(s, flush=True))
+    replay = (f"python -m lab.soak --duration {duration:g} --seed {seed}"
+              + (" --each-once" if args.each_once else "") + (f" --faults {args.faults}" if args.faults else "")
+              + f" --bound {args.bound:g} --restart-bound {args.restart_bound:g} --slack {args.slack:g}"
+              + f" --ipsec {args.ipsec} --flood-seconds {args.flood_seconds:g}")
     print(format_report(report, replay), flush=True)
+    record = {**report, "replay": replay}
+    # One line, so that whoever captured the output (make soak, from any guest) has the figures as JSON.
+    print("soak-json: " + json.dumps(record), flush=True)
     if args.json is not None:
-        args.json.write_text(json.dumps({**report, "replay": replay}, indent=2) + "\n")
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
     return 1 if report["broken"] else 0
 
 

@@ -12,17 +12,19 @@ GREUPD_SOAK_SEED picks another order.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
-from lab.soak import KINDS, format_report, run_soak
-
-pytestmark = pytest.mark.needs_gre
+from greupd.config import load_config, load_config_text
+from lab.soak import CLASSIC_KINDS, KINDS, NESTED_TUNNEL, a_config, format_report, main, run_soak
 
 SEED = int(os.environ.get("GREUPD_SOAK_SEED", "11"))
-SHORT_KINDS = [kind for kind in KINDS if kind != "watchdog"]
+# The faults of issue #21 (lab.soak.ROUND3_KINDS) run in `make soak`; they join here once their fixes are on main.
+SHORT_KINDS = [kind for kind in CLASSIC_KINDS if kind != "watchdog"]
 
 
+@pytest.mark.needs_gre
 def test_every_fault_once_and_the_network_stays_as_planned() -> None:
     progress: list[str] = []
     # slack 3 s, as in the 30-minute run of record: at load 20 on this 2-core machine the one-CPU guest's
@@ -35,3 +37,27 @@ def test_every_fault_once_and_the_network_stays_as_planned() -> None:
     ran = {kind for kind, f in report["kinds"].items() if f["injected"]}
     assert ran >= set(SHORT_KINDS) - {"nft-flush"}, figures
     assert report["faults_converged"] == report["faults_injected"], figures
+
+
+@pytest.mark.parametrize("variant", [0, 1])
+def test_the_soaks_config_as_files_is_the_config_it_plans_with(tmp_path: Path, variant: int) -> None:
+    # The soak plans with the two files' text as one; greupd reads tunnels.toml and tunnels.d/ (to_c is a
+    # drop-in's, for the unreadable-directory fault). Both must be the same config.
+    config = a_config(variant, nft=False)
+    (tmp_path / "tunnels.toml").write_text(config.main)
+    (tmp_path / "tunnels.d").mkdir()
+    (tmp_path / "tunnels.d" / "50-backup.toml").write_text(config.dropin)
+    from_files, from_text = load_config(tmp_path / "tunnels.toml"), load_config_text(config.text)
+    assert (from_files.daemon, from_files.tunnels) == (from_text.daemon, from_text.tunnels)
+    assert "to_c" not in config.main and "to_c" in config.dropin
+
+
+def test_the_nested_fault_is_the_newcomers_file() -> None:
+    assert NESTED_TUNNEL.count("[") - 2 == 500 == NESTED_TUNNEL.count("]") - 2  # [[tunnel]] has two of each
+
+
+def test_fault_groups_and_unknown_kinds_on_the_command_line() -> None:
+    assert len(KINDS) == len(set(KINDS)) == 19
+    with pytest.raises(SystemExit) as exc:
+        main(["--faults", "round3,nope"])
+    assert exc.value.code == 2  # argparse: unknown fault kinds: nope
