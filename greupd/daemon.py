@@ -49,8 +49,7 @@ class Daemon:
         self.queue: WorkQueue[ReloadResult] = WorkQueue(self._wake.set)
         self.kernel = Kernel()
         self.watch = KernelWatch(self.kernel, self.queue.mark)
-        self.liveness = LivenessRoom(self._on_liveness, start.state.path if start else None,  # liveness/room.py
-                                     on_path_mtu=lambda name, _: self.queue.mark_retry(name))  # #23
+        self.liveness = LivenessRoom(self._on_liveness, start.state.path if start else None, self.queue.mark_retry)
         self.nft = NftKeeper(config.daemon.nft_table, self.queue.mark_nft, self._fail, self._guarded)
         self.ipsec = IpsecSupervisor(config, self.events.ipsec_changed, self._fail)  # runs on its own (supervisor.py)
         self.metrics = MetricsPublisher(self.status, lambda: self.config.daemon, start, self._fail)  # metrics.py

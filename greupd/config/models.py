@@ -46,11 +46,11 @@ from greupd.config.fields import (
     listen,
     nft_table_name,
     optional,
-    parse_duration,
     tos_value,
     whole_number,
 )
 from greupd.config.keyfiles import secret_file_problem
+from greupd.config.mtu_probe import MtuProbeConfig
 from greupd.config.problems import ConfigProblem
 from greupd.gre import ETHERNET_MODES, IPV6_MODES, IPAddress, Mode
 
@@ -87,22 +87,6 @@ class KeepaliveConfig(_Model):
                                        " not both")
         object.__setattr__(self, "retries", retries)  # frozen: set once, while validating
         return self
-
-
-def _mtu_probe_every(value: object) -> float:
-    seconds = parse_duration(value)
-    if not 60 <= seconds <= 86400:  # also false for nan
-        raise ValueError(f"every must be 60..86400 seconds (\"1m\"..\"24h\"), not {value!r}")
-    return seconds
-
-
-class MtuProbeConfig(_Model):
-    """With mtu = "probe": how the tunnel's path MTU is measured (greupd/keepalive/pmtu.py)."""
-
-    every: Annotated[float, BeforeValidator(_mtu_probe_every), WithJsonSchema(
-        {"anyOf": [{"type": "number", "minimum": 60, "maximum": 86400}, DURATION_TEXT]})] = 600.0
-    # RFC 8899's BASE_PLPMTU: the link's MTU is never set below it; a path that cannot carry it is reported.
-    floor: Annotated[StrictInt, Field(ge=576, le=65535), BeforeValidator(whole_number("floor", 576, 65535))] = 1200
 
 
 class MssConfig(_Model):

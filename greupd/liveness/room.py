@@ -16,7 +16,6 @@ from pathlib import Path
 from greupd.config import Config
 from greupd.keepalive.engine import KeepaliveEngine, LivenessChange
 from greupd.keepalive.engine import targets_from_config as keepalive_targets
-from greupd.keepalive.pmtu import PathMtuResult
 from greupd.liveness import bfd_memory
 from greupd.liveness.bfd_engine import BfdEngine
 from greupd.liveness.bfd_engine import targets_from_config as bfd_targets
@@ -38,10 +37,12 @@ UP_REASON = {"keepalive-timeout": "keepalive-restored", "bfd-down": "bfd-restore
 
 class LivenessRoom:
     def __init__(self, on_change: Callable[[str, LivenessVerdict], None], state_dir: Path | None = None,
-                 on_path_mtu: Callable[[str, PathMtuResult], None] | None = None) -> None:
+                 on_path_mtu: Callable[[str], None] | None = None) -> None:
         self._on_change = on_change
         self._state_dir = state_dir  # where BFD sessions are kept across a restart (bfd_memory.py)
-        self.keepalive = KeepaliveEngine(self._keepalive_changed, on_path_mtu=on_path_mtu)  # path MTU: #23
+        # on_path_mtu(name): a tunnel with mtu = "probe" measured a new MTU (#23)
+        self.keepalive = KeepaliveEngine(self._keepalive_changed, on_path_mtu=None if on_path_mtu is None
+                                         else lambda name, _: on_path_mtu(name))
         self.bfd = BfdEngine(self._bfd_changed)
         self._verdicts = Verdicts()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -1,0 +1,29 @@
+"""[tunnel.mtu_probe]: how a tunnel with mtu = "probe" measures its path (issue #23, greupd/keepalive/pmtu.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, WithJsonSchema
+
+from greupd.config.fields import DURATION_TEXT, parse_duration, whole_number
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _mtu_probe_every(value: object) -> float:
+    seconds = parse_duration(value)
+    if not 60 <= seconds <= 86400:  # also false for nan
+        raise ValueError(f"every must be 60..86400 seconds (\"1m\"..\"24h\"), not {value!r}")
+    return seconds
+
+
+class MtuProbeConfig(_Model):
+    """With mtu = "probe": how the tunnel's path MTU is measured (greupd/keepalive/pmtu.py)."""
+
+    every: Annotated[float, BeforeValidator(_mtu_probe_every), WithJsonSchema(
+        {"anyOf": [{"type": "number", "minimum": 60, "maximum": 86400}, DURATION_TEXT]})] = 600.0
+    # RFC 8899's BASE_PLPMTU: the link's MTU is never set below it; a path that cannot carry it is reported.
+    floor: Annotated[StrictInt, Field(ge=576, le=65535), BeforeValidator(whole_number("floor", 576, 65535))] = 1200
