@@ -28,12 +28,13 @@ from greupd.keepalive.bpf import (
     RET_K,
     SocketFilter,
     address_ranges,
+    reply_fallbacks,
     reply_filter,
     request_filter,
 )
 from greupd.keepalive.codec import build_probe_template
 from greupd.keepalive.engine import KeepaliveEngine, KeepaliveTarget
-from greupd.keepalive.gre_socket import AttachedProgram, open_gre_socket, socket_drops
+from greupd.keepalive.gre_socket import AttachedProgram, attach_socket_filter, open_gre_socket, socket_drops
 from lab.hosts import Lab, in_netns
 from tests.test_probe import run_socket_filter
 
@@ -256,3 +257,33 @@ def test_the_engine_never_sees_forged_replies_or_gre_from_unconfigured_sources()
         finally:
             engine.close()
             loop.close()
+
+
+@pytest.mark.needs_root
+def test_a_kernel_short_of_option_memory_gets_a_smaller_filter_not_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    """Linux 6.1 (Debian 12) charges a socket filter to net.core.optmem_max, 20480 bytes: the tokens of a few
+    hundred tunnels do not fit, and attaching them failed with ENOMEM (seen in UML), which ended the engine's
+    configure. Now the socket takes the addresses-only program, and keeps dropping unconfigured sources."""
+    remotes = [int(B) + i for i in range(600)]
+    tokens = [t << 8 | 1 << 40 for t in range(2400)]
+    program, kind = reply_filter(remotes, [int(A)], tokens)
+    assert kind == "tokens"
+    with Lab() as lab:
+        host = lab.host("a")
+        host.ip_batch("link set lo up", f"addr add {A}/32 dev lo")
+        host.run("sysctl", "-qw", "net.core.optmem_max=20480")
+        with in_netns(host):
+            sock = open_gre_socket()
+            try:
+                with pytest.raises(OSError):  # what the engine did before: an error out of configure
+                    attach_socket_filter(sock, program)
+                replies = AttachedProgram("replies", "tokens")
+                replies.attach(sock, program, kind, 600, reply_fallbacks(remotes, [int(A)]))
+                assert replies.kind == "addresses"
+                send_raw([reply("192.0.2.9", A, 42), reply(B, A, 42)])
+                time.sleep(0.1)
+                assert received(sock) == [str(B)]
+                replies.attach(sock, program, kind, 600, reply_fallbacks(remotes, [int(A)]))  # tried no more
+            finally:
+                sock.close()
+    assert sum("net.core.optmem_max = 20480" in r.message for r in caplog.records) == 1

@@ -207,6 +207,20 @@ def reply_filter(remotes: Collection[int], locals_: Collection[int],
     return (*_REPLY_SEQUENCE, _ACCEPT), "protocol"
 
 
+def reply_fallbacks(remotes: Collection[int], locals_: Collection[int]) -> list[tuple[SocketFilter, FilterKind]]:
+    """What the replies socket takes, smallest last, when the kernel refuses a program for its size (ENOMEM:
+    the socket's option memory, net.core.optmem_max, is 20480 bytes on Linux 6.1)."""
+    addresses = (*address_program(remotes, locals_), *_REPLY_SEQUENCE, _ACCEPT)
+    smaller: list[tuple[SocketFilter, FilterKind]] = [(addresses, "addresses")] if len(addresses) <= MAX_INSTRUCTIONS \
+        else []
+    return [*smaller, ((*_REPLY_SEQUENCE, _ACCEPT), "protocol")]
+
+
+def request_fallbacks() -> list[tuple[SocketFilter, FilterKind]]:
+    """The requests socket's program when its addresses cost the kernel too much memory (reply_fallbacks)."""
+    return [(_REQUEST_PROTOCOL_PROGRAM, "protocol")]
+
+
 def request_filter(remotes: Collection[int], locals_: Collection[int]) -> tuple[SocketFilter, FilterKind]:
     """The requests socket's program: from a remote of a tunnel that answers to its local, a request's shape."""
     program = (*address_program(remotes, locals_), *_REQUEST_PROTOCOL_PROGRAM)

@@ -61,7 +61,7 @@ from typing import Literal
 
 from greupd.config import Config
 from greupd.keepalive.batch import Datagram, Receiver, Sender, batching_available
-from greupd.keepalive.bpf import reply_filter, request_filter
+from greupd.keepalive.bpf import reply_fallbacks, reply_filter, request_fallbacks, request_filter
 from greupd.keepalive.codec import (
     IPPROTO_GRE,
     KeepaliveRequest,
@@ -373,7 +373,7 @@ class KeepaliveEngine:
         if self._request_socket is not None:
             answering = [t.target for t in self._tunnels.values() if t.target.answer == "daemon"]
             program, kind = request_filter([int(t.remote) for t in answering], [int(t.local) for t in answering])
-            self._request_program.attach(self._request_socket, program, kind, len(answering))
+            self._request_program.attach(self._request_socket, program, kind, len(answering), request_fallbacks())
 
     def _draw_tokens(self, tunnels_changed: bool = False) -> None:
         """Every tunnel's stock of tokens back to _TOKENS_AHEAD, and the replies filter for them: it passes the
@@ -391,7 +391,8 @@ class KeepaliveEngine:
             [int(t.target.remote) for t in tunnels], [int(t.target.local) for t in tunnels],
             [*(token for t in tunnels for token in itertools.chain(t.window.tokens(), t.tokens_ahead)),
              *self.path_mtu.tokens()])
-        self._reply_program.attach(self._receive_socket, program, kind, len(self._tunnels))
+        self._reply_program.attach(self._receive_socket, program, kind, len(self._tunnels), reply_fallbacks(
+            [int(t.target.remote) for t in tunnels], [int(t.target.local) for t in tunnels]))
 
     def socket_status(self) -> SocketStatus:
         """The GRE sockets' filter and drops (drops None before start): `keepalive_socket` in `greupd status`."""

@@ -12,9 +12,11 @@ costs: a reply dropped there is a missed keepalive. `socket_drops` is reported i
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import socket
 import struct
+from collections.abc import Sequence
 
 from greupd.keepalive.bpf import IPPROTO_GRE, MAX_INSTRUCTIONS, FilterKind, SocketFilter
 from greupd.netlink.nlmsg import SO_RCVBUFFORCE
@@ -89,18 +91,61 @@ class AttachedProgram:
         self.full = full  # what the program checks when everything fits
         self.kind: FilterKind | None = None
         self._program: SocketFilter | None = None
+        self._refused_from: int | None = None  # programs this long or longer: the kernel lacked memory for them
 
-    def attach(self, sock: socket.socket, program: SocketFilter, kind: FilterKind, tunnels: int) -> None:
-        if program == self._program:
+    def attach(self, sock: socket.socket, program: SocketFilter, kind: FilterKind, tunnels: int,
+               fallbacks: Sequence[tuple[SocketFilter, FilterKind]] = ()) -> None:
+        """Attach `program`, or the first of `fallbacks` (smaller ones, smallest last) the kernel takes: each
+        program is charged to the socket's option memory (net.core.optmem_max: 20480 bytes on Linux 6.1, so a
+        few hundred tunnels' tokens), and a refusal must cost precision, never the keepalives."""
+        smallest = fallbacks[-1] if fallbacks else None
+        for candidate, candidate_kind in ((program, kind), *fallbacks):
+            if candidate == self._program:
+                return
+            last = smallest is not None and candidate is smallest[0]
+            if self._refused_from is not None and len(candidate) >= self._refused_from and not last:
+                continue
+            try:
+                self._put(sock, candidate, smallest)
+            except OSError as exc:
+                if exc.errno != errno.ENOMEM or last:
+                    raise
+                self._refused_from = len(candidate)
+                log.warning("keepalive %s: the kernel has no memory for a socket filter of %d instructions"
+                            " (net.core.optmem_max = %s): it checks less (sysctl -w net.core.optmem_max=131072"
+                            " lets it check everything)", self.what, len(candidate), _optmem_max())
+                continue
+            self._note(candidate_kind, tunnels)
+            self._program, self.kind = candidate, candidate_kind
             return
-        if kind != self.full and kind != self.kind:
+
+    def _put(self, sock: socket.socket, program: SocketFilter,
+             smallest: tuple[SocketFilter, FilterKind] | None) -> None:
+        try:
+            attach_socket_filter(sock, program)
+        except OSError as exc:
+            # The old program stays charged while the new one goes in: try again through the smallest one.
+            if exc.errno != errno.ENOMEM or smallest is None or self._program in (None, smallest[0]):
+                raise
+            attach_socket_filter(sock, smallest[0])
+            self._program, self.kind = smallest
+            attach_socket_filter(sock, program)
+
+    def _note(self, kind: FilterKind, tunnels: int) -> None:
+        if kind != self.full and kind != self.kind and self._refused_from is None:
             left_out = "the tokens issued" if kind == "addresses" else "the remotes' addresses"
             log.warning("keepalive %s: %d tunnels are too many for the socket filter (%d instructions at most):"
                         " it leaves out %s, so a flood that it would have dropped can cost replies",
                         self.what, tunnels, MAX_INSTRUCTIONS, left_out)
-        attach_socket_filter(sock, program)
-        self._program, self.kind = program, kind
 
     def forget(self) -> None:
         """The socket was closed: the next attach attaches whatever it is given."""
-        self._program = self.kind = None
+        self._program = self.kind = self._refused_from = None
+
+
+def _optmem_max() -> str:
+    try:
+        with open("/proc/sys/net/core/optmem_max") as limit:
+            return limit.read().strip()
+    except OSError:
+        return "unknown"
