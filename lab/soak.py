@@ -1001,6 +1001,7 @@ class Soak:
     def _reload_rejected(self, by_signal: bool, generation: int, names: str) -> str:
         """Ask for a reload of the broken config on disk (SIGHUP or the control socket's `reload`); it must be
         rejected with an error that names `names`, leave the generation as it was and the daemon running."""
+        self.expect_fallback = False  # status now names this rejection, not the start's (seed 20261206, fault 30)
         if by_signal:
             seen = len(self.daemon.output())
             self.daemon.signal(signal.SIGHUP)
