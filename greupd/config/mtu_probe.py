@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, WithJsonSchema
+from pydantic import BeforeValidator, Field, StrictInt, WithJsonSchema
 
+from greupd.config.detectors import _Model  # the one frozen, extra="forbid" base of the tunnel's sub-tables
 from greupd.config.fields import DURATION_TEXT, parse_duration, whole_number
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _mtu_probe_every(value: object) -> float:
