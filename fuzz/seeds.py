@@ -220,29 +220,9 @@ def rtnl_seeds() -> list[bytes]:
 # --- VICI ---------------------------------------------------------------------------------------------------
 
 
-_CONN = """connections {
-  greupd-%(name)s {
-    version = 2
-    local_addrs = %(local)s
-    remote_addrs = %(remote)s
-    local { auth = psk }
-    remote { auth = psk }
-    children {
-      gre {
-        mode = transport
-        local_ts = dynamic[gre]
-        remote_ts = dynamic[gre]
-        esp_proposals = aes256gcm16-ecp384
-        start_action = none
-      }
-    }
-    proposals = aes256gcm16-prfsha384-ecp384
-  }
-}
-secrets {
-  ike-1 { secret = "fuzz-seed-psk-0123456789abcdef" }
-}
-"""
+
+
+_PSK = "fuzz-seed-psk-0123456789abcdef"
 
 
 def _vici_exchange(path: Path, packets: list[bytes]) -> bytes:
@@ -270,7 +250,7 @@ def vici_capture() -> list[bytes]:
     an initiate of a connection that is there and one that is not, and an unknown command."""
     from vici.protocol import Message, Packet
 
-    from lab.charon import Charon, available
+    from lab.charon import Charon, available, gre_transport_conf
     from lab.hosts import Lab
 
     if os.geteuid() != 0 or available() is not None:
@@ -281,8 +261,8 @@ def vici_capture() -> list[bytes]:
         lab.link(a, b, "172.19.1.1/24", "172.19.1.2/24")
         charons = [Charon(a).start(), Charon(b).start()]
         try:
-            charons[0].load(_CONN % {"name": "My_Tunnel", "local": "172.19.1.1", "remote": "172.19.1.2"})
-            charons[1].load(_CONN % {"name": "to_a", "local": "172.19.1.2", "remote": "172.19.1.1"})
+            charons[0].load(gre_transport_conf("greupd-My_Tunnel", "172.19.1.1", "172.19.1.2", _PSK, "none"))
+            charons[1].load(gre_transport_conf("greupd-to_a", "172.19.1.2", "172.19.1.1", _PSK, "none"))
             # The ESP SA needs xfrm in the kernel (this host's may refuse it): the IKE SA is there either way.
             charons[0].swanctl("--initiate", "--child", "gre", "--ike", "greupd-My_Tunnel", check=False, timeout=60)
             socket_path = charons[0].socket

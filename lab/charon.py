@@ -22,6 +22,34 @@ CHARON = "/usr/lib/ipsec/charon"
 SWANCTL = "swanctl"
 
 
+def gre_transport_conf(name: str, local: str, remote: str, psk: str, start_action: str = "trap") -> str:
+    """An operator's hand-written swanctl.conf: GRE in ESP transport mode between two routers, with the
+    proposals greupd offers by default (so either end may be greupd's)."""
+    return f"""connections {{
+  {name} {{
+    version = 2
+    local_addrs = {local}
+    remote_addrs = {remote}
+    local {{ auth = psk }}
+    remote {{ auth = psk }}
+    children {{
+      gre {{
+        mode = transport
+        local_ts = dynamic[gre]
+        remote_ts = dynamic[gre]
+        esp_proposals = aes256gcm16-ecp384
+        start_action = {start_action}
+      }}
+    }}
+    proposals = aes256gcm16-prfsha384-ecp384
+  }}
+}}
+secrets {{
+  ike-{name} {{ secret = "{psk}" }}
+}}
+"""
+
+
 def available() -> str | None:
     """Why charon cannot run here, or None."""
     if not os.access(CHARON, os.X_OK):

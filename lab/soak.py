@@ -82,7 +82,7 @@ from greupd.control import ControlError, ControlUnavailable, request
 from greupd.model import desired_state
 from greupd.netlink.kernel import Kernel, KernelWatch
 from greupd.plan import describe, plan_changes
-from lab.charon import Charon
+from lab.charon import Charon, gre_transport_conf
 from lab.charon import available as charon_available
 from lab.greupd_process import REPO, GreupdProcess, _scratch
 from lab.hosts import Host, Lab, LabCommandError, SeedTopology, in_netns, seed_topology
@@ -216,29 +216,6 @@ class SoakDaemon(GreupdProcess):
 
 # B is a plain strongSwan router: its own hand-written connection for GRE in ESP transport mode with A
 # (as tests/test_ipsec_kernel.py's interop test), the proposals greupd offers by default.
-B_SWANCTL = """connections {
-  to-a {
-    version = 2
-    local_addrs = 172.19.1.2
-    remote_addrs = 172.19.1.1
-    local { auth = psk }
-    remote { auth = psk }
-    children {
-      gre {
-        mode = transport
-        local_ts = dynamic[gre]
-        remote_ts = dynamic[gre]
-        esp_proposals = aes256gcm16-ecp384
-        start_action = trap
-      }
-    }
-    proposals = aes256gcm16-prfsha384-ecp384
-  }
-}
-secrets {
-  ike-a { secret = "%s" }
-}
-"""
 PSK = "soak-psk-0123456789abcdef0123456789"
 
 
@@ -260,7 +237,7 @@ class IpsecSetup:
         psk.write_text(PSK + "\n")
         psk.chmod(0o600)  # root's own: greupd runs as root here (without DROPPED_CAPS, which it does not need)
         charon_a, charon_b = Charon(a).start(timeout), Charon(b).start(timeout)
-        charon_b.load(B_SWANCTL % PSK)
+        charon_b.load(gre_transport_conf("to-a", "172.19.1.2", "172.19.1.1", PSK))
         return cls(charon_a, charon_b, psk)
 
     def stop(self) -> None:

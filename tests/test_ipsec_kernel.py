@@ -33,7 +33,7 @@ from greupd.ipsec.connections import desired_connections
 from greupd.ipsec.supervisor import IpsecSupervisor
 from greupd.nft.ipsec import render_ipsec_ruleset
 from lab import charon as charon_lab
-from lab.charon import Charon
+from lab.charon import Charon, gre_transport_conf
 from lab.greupd_process import GreupdProcess, _scratch
 from lab.hosts import Host, Lab, SeedTopology, seed_topology
 from lab.waiting import wait_until
@@ -219,29 +219,6 @@ def test_the_seed_tunnel_under_ipsec_carries_the_lans_and_only_esp_crosses_the_u
     assert PSK not in a.output() and PSK not in both_ends.charon_a.swanctl("--list-conns").stdout
 
 
-INTEROP_B = """connections {
-  to-a {
-    version = 2
-    local_addrs = 172.19.1.2
-    remote_addrs = 172.19.1.1
-    local { auth = psk }
-    remote { auth = psk }
-    children {
-      gre {
-        mode = transport
-        local_ts = dynamic[gre]
-        remote_ts = dynamic[gre]
-        esp_proposals = aes256gcm16-ecp384
-        start_action = trap
-      }
-    }
-    proposals = aes256gcm16-prfsha384-ecp384
-  }
-}
-secrets {
-  ike-a { secret = "%s" }
-}
-"""
 
 
 @pytest.mark.needs_gre
@@ -249,7 +226,7 @@ def test_interop_with_a_hand_written_swanctl_conf_and_a_hand_made_gre_link(lab: 
     seed = seed_topology(lab)
     charon_a, charon_b = Charon(seed.a).start(), Charon(seed.b).start()
     # B: no greupd. An operator's swanctl.conf, a GRE link by hand, the kernel reflecting A's keepalives.
-    charon_b.load(INTEROP_B % PSK)
+    charon_b.load(gre_transport_conf("to-a", "172.19.1.2", "172.19.1.1", PSK))
     seed.b.ip("tunnel", "add", "to_a", "mode", "gre", "local", "172.19.1.2", "remote", "172.19.1.1", "ttl", "64")
     seed.b.ip("addr", "add", "192.168.8.11", "peer", "192.168.8.1", "dev", "to_a")
     seed.b.ip("link", "set", "to_a", "up")
