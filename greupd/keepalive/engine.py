@@ -684,17 +684,18 @@ class KeepaliveEngine:
         assert self._receive_socket is not None
         return self._receive_socket
 
-    def _send_answer(self, tunnel: _Tunnel, answer: Answer) -> None:
-        """An answer to a peer's probe, to the tunnel's remote and routed as the tunnel's own GRE (source
-        `local`, protocol GRE): a whole packet, or (encapsulated) GRE that the probe socket sends."""
-        if answer.encapsulated:
-            self._probe_socket(tunnel).sendmsg([answer.packet], tunnel.source, 0, tunnel.address)
-            return
+    def _send_in_tunnel(self, tunnel: _Tunnel, gre: bytes) -> None:
+        """An answer that goes through the tunnel (answering.py): GRE that the probe socket sends to the remote
+        with a kernel-built outer header, as the tunnel's own packets leave."""
+        self._probe_socket(tunnel).sendmsg([gre], tunnel.source, 0, tunnel.address)
+
+    def _send_answer(self, tunnel: _Tunnel, packet: bytes) -> None:
+        """A reflected probe, header and all, to the tunnel's remote, routed as the tunnel's own GRE: source
+        `local`, protocol GRE."""
         if tunnel.family == 6:
             assert self._gre6 is not None
-            self._gre6.answers.sendmsg([answer.packet], tunnel.source, 0, tunnel.address)
+            self._gre6.answers.sendmsg([packet], tunnel.source, 0, tunnel.address)
             return
-        packet = answer.packet
         assert self._send_socket is not None
         try:
             self._send_socket.sendmsg([packet], [*tunnel.source, *self._answer_flow], 0, tunnel.address)
@@ -887,7 +888,10 @@ class KeepaliveEngine:
             self.counters.requests_rate_limited += 1
             return
         try:
-            self._send_answer(tunnel, answer)
+            if answer.encapsulated:
+                self._send_in_tunnel(tunnel, answer.packet)
+            else:
+                self._send_answer(tunnel, answer.packet)
         except OSError as exc:
             self.counters.send_errors += 1
             log.debug("tunnel %s: cannot answer keepalive: %s", tunnel.target.name, exc.strerror or exc)
