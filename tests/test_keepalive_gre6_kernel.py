@@ -148,14 +148,14 @@ def test_the_engine_answers_a_mikrotik_s_gre6_probes_and_judges_it_by_its_reflec
     a, b = mikrotik_pair
     config = (f'[[tunnel]]\nname = "My_Tunnel"\nmode = "ip6gre"\nlocal = "{A}"\nremote = "{B}"\n'
               'keepalive = {interval = 0.1, retries = 3, format = "mikrotik"}\n')
-    engine = EngineProcess(a, config, tmp_path / "a")
     with ScapyMikrotik(b) as mikrotik:
+        engine = EngineProcess(a, config, tmp_path / "a")
         eventually(lambda: engine.tunnel()["received"] >= 5 and mikrotik.answers >= 5,
                    what="A's probes reflected by the MikroTik and the MikroTik's answered by A")
         assert engine.tunnel()["up"] and engine.changes() == []
+        eventually(lambda: engine.counters()["requests_answered"] >= 5, what="answers counted (status file)")
         counters = engine.counters()
-        assert counters["requests_answered"] >= 5 and counters["unmatched_replies"] == 0
-        assert counters["malformed"] == 0 and not mikrotik.others
+        assert counters["unmatched_replies"] == counters["malformed"] == 0 and not mikrotik.others
 
         mikrotik.reflecting = False
         eventually(lambda: [c["up"] for c in engine.changes()] == [False], what="down: the MikroTik is silent")
