@@ -6,6 +6,8 @@ linux-gre-keepalive issues it cites); greupd's bytes (stored shapes patched with
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 
 import pytest
@@ -36,6 +38,7 @@ from greupd.keepalive.gre6 import (
     probe_shape6,
     scapy_probe_shape6,
 )
+from lab.hosts import Lab, in_netns
 from tests.test_probe import run_socket_filter
 
 L6, R6 = IPv6Address("fd00:19::1"), IPv6Address("fd00:19::2")
@@ -400,3 +403,51 @@ def test_the_engine_answers_each_vendor_s_probe_to_the_configured_remote_only(mo
     assert engine.counters.requests_answered == 4
     # every one of them goes to the tunnel's remote: the socket address is the target's, never the packet's
     assert {t.address[0] for t in engine._tunnels.values()} == {PUBLIC, "192.168.1.64", str(R6)}
+
+
+# --- on a real kernel (a netns of the running one: raw IPv6 GRE sockets need no ip6_gre) -----------------
+
+
+def send_raw6(packets: list[IPv6]) -> None:
+    """Each packet as it is (header included, any source), looped back to this host."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW) as sender:
+        for packet in packets:
+            sender.sendto(bytes(packet), (packet.dst, 0))
+
+
+def reflection6(src: IPv6Address | str, token: int) -> IPv6:
+    """What comes back of our GRE6 probe to R6, from `src`, carrying `token` (flow label and sequence number)."""
+    high, sequence = split_token(token)
+    return (IPv6(src=str(src), dst=str(L6), nh=47, hlim=254, fl=high)
+            / GRE(seqnum_present=1, sequence_number=sequence, proto=0x86DD))
+
+
+@pytest.mark.needs_root
+def test_the_kernel_passes_the_engine_only_the_reflections_of_its_own_gre6_probes() -> None:
+    """The IPv6 socket filter's loads at SKF_NET_OFF and the flow label read with IPV6_FLOWINFO, on a kernel."""
+    with Lab() as lab:
+        host = lab.host("a")
+        host.ip_batch("link set lo up", f"addr add {L6}/128 dev lo nodad")
+        loop = asyncio.new_event_loop()
+        engine = KeepaliveEngine(lambda name, change: None, spread=False)
+        engine.configure([KeepaliveTarget("to_r6", L6, R6, None, None, 1.0, 3, 1, "off")])
+        try:
+            with in_netns(host):
+                engine.start(loop)  # the first probe finds no route to R6: lost, but its token issued
+                loop.run_until_complete(asyncio.sleep(0.05))
+                tunnel = engine._tunnels["to_r6"]
+                (sent,) = tunnel.window.tokens()
+                stranger = IPv6Address("fd00:66::2")  # the same low 32 bits as R6: let through, refused in Python
+                send_raw6([reflection6("fd00:66::9", sent)] * 200  # an unconfigured source
+                          + [reflection6(R6, token) for token in range(1 << 32, (1 << 32) + 200)]  # guessed tokens
+                          + [reflection6(R6, (sent & ~0xFFFFFFFF) + ((sent + 1) & 0xFFFFFFFF))]
+                          + [reflection6(stranger, sent), reflection6(R6, sent ^ (1 << 40)), reflection6(R6, sent)])
+            loop.run_until_complete(asyncio.sleep(0.2))
+            assert engine.counters.packets == 3, engine.counters
+            assert engine.counters.replies == 1  # the reply to the probe sent, its flow label read from the kernel
+            assert engine.counters.unmatched_replies == 2  # the stranger's, and the one with a wrong high half
+            assert engine.socket_status()["drops"] == 0
+            assert engine.is_up("to_r6") and tunnel.liveness.status()["received"] == 1
+        finally:
+            engine.close()
+            loop.close()
