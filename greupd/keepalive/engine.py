@@ -38,6 +38,11 @@ socket is read at the grid's points and after each batch of probes rather than o
 taken at the kernel's receive time (SO_TIMESTAMPNS). A tick's probes go out in one sendmmsg and replies come
 in 64 to a recvmmsg (batch.py), where libc has them.
 
+ip6gre tunnels speak MikroTik's GRE6 keepalive (gre6.py) through three IPv6 sockets of the same roles
+(gre6_socket.py, opened with the first such tunnel); their packets meet the IPv4 ones in `_on_reply` and
+`_on_request`, which work on either family's addresses as integers. What a peer's probe gets back, also from
+peers that address it otherwise (behind NAT, inner addresses, Huawei), is answering.py's decision.
+
 `python -m greupd.keepalive` (__main__.py) runs this engine alone.
 """
 
@@ -693,8 +698,10 @@ class KeepaliveEngine:
         """A reflected probe, header and all, to the tunnel's remote, routed as the tunnel's own GRE: source
         `local`, protocol GRE."""
         if tunnel.family == 6:
+            # An IPPROTO_RAW socket's port is the flow's protocol (rawv6_sendmsg): GRE, so that an IPsec policy
+            # for GRE applies to the answer, as the IP_PROTOCOL control message below does for IPv4.
             assert self._gre6 is not None
-            self._gre6.answers.sendmsg([packet], tunnel.source, 0, tunnel.address)
+            self._gre6.answers.sendmsg([packet], tunnel.source, 0, (tunnel.address[0], IPPROTO_GRE))
             return
         assert self._send_socket is not None
         try:
