@@ -2,12 +2,14 @@
 
 Two routers joined by a veth: A fd00:1::1, B fd00:1::2.
 
-- greupd on A with an ip6gre tunnel (format "mikrotik", the mode's default) against a plain Linux peer B: B's
-  kernel decapsulates the probe and routes the inner packet back (net.ipv6.conf.all.forwarding = 1, nothing
-  else). The tunnel is up with its route; B's tunnel down -> A's route goes; B's tunnel back -> it returns.
-- The keepalive engine on A against a MikroTik made with scapy on B (this test process, its sockets in B's
-  netns): the "MikroTik" sends RouterOS's GRE6 probes and counts the reflections A's engine sends back, and
-  reflects A's probes the way RouterOS routes them; when it stops reflecting, A's verdict goes down, and back.
+One story, greupd on A with an ip6gre tunnel (format "mikrotik", the mode's default):
+
+- (i) against a plain Linux peer B: B's kernel decapsulates the probe and routes the inner packet back
+  (net.ipv6.conf.all.forwarding = 1, nothing else). The tunnel is up with its route; B's tunnel down -> A's
+  route goes; B's tunnel back -> it returns.
+- (ii) against a MikroTik made with scapy on B (this test process, its sockets in B's netns; B's kernel no
+  longer forwards): the "MikroTik" sends RouterOS's GRE6 probes and counts the reflections greupd sends back,
+  and reflects A's probes the way RouterOS routes them; when it stops reflecting, A's route goes, and returns.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from scapy.layers.inet6 import IPv6
@@ -26,7 +26,6 @@ from scapy.layers.l2 import GRE
 from lab.greupd_process import GreupdProcess
 from lab.hosts import Host, Lab, in_netns
 from lab.waiting import eventually
-from tests.test_keepalive_kernel import EngineProcess
 
 A, B = "fd00:1::1", "fd00:1::2"
 pytestmark = pytest.mark.needs_gre
@@ -59,25 +58,6 @@ keepalive = {{interval = 0.1, retries = 3}}
 
 def routes_of(host: Host) -> str:
     return host.ip("route", "show", "table", "100").stdout
-
-
-def test_greupd_keeps_an_ip6gre_tunnel_up_against_a_plain_kernel_and_takes_its_routes_down_and_back() -> None:
-    with Lab() as lab:
-        a, b = joined(lab, b_forwards=True)
-        greupd = GreupdProcess(a, A_CONFIG).start()
-        status = greupd.wait_for("Tunnel6", "up")
-        eventually(lambda: greupd.tunnel("Tunnel6")["keepalive"]["received"] >= 5, what="replies from B's kernel",
-                   detail=greupd.output)
-        assert "10.99.0.0/24" in routes_of(a), status
-
-        b.ip("link", "set", "Tunnel6", "down")  # B's kernel no longer decapsulates: the peer is dead
-        greupd.wait_for("Tunnel6", "down", timeout=10)
-        eventually(lambda: "10.99.0.0/24" not in routes_of(a), what="the route withdrawn")
-
-        b.ip("link", "set", "Tunnel6", "up")
-        greupd.wait_for("Tunnel6", "up", timeout=10)
-        eventually(lambda: "10.99.0.0/24" in routes_of(a), what="the route back")
-        assert greupd.tunnel("Tunnel6")["keepalive"]["received"] > 5
 
 
 class ScapyMikrotik:
@@ -137,31 +117,38 @@ class ScapyMikrotik:
             self.others.append(data)
 
 
-@pytest.fixture
-def mikrotik_pair() -> Iterator[tuple[Host, Host]]:
+def test_greupd_on_ip6gre_against_a_plain_kernel_then_a_mikrotik_takes_the_routes_down_and_back() -> None:
     with Lab() as lab:
-        yield joined(lab, b_forwards=False)  # only the scapy MikroTik reflects, not B's kernel
+        a, b = joined(lab, b_forwards=True)
+        greupd = GreupdProcess(a, A_CONFIG).start()
+        greupd.wait_for("Tunnel6", "up")
+        eventually(lambda: greupd.tunnel("Tunnel6")["keepalive"]["received"] >= 5, what="replies from B's kernel",
+                   detail=greupd.output)
+        assert "10.99.0.0/24" in routes_of(a)
 
+        # (i) the plain kernel peer dies and comes back
+        b.ip("link", "set", "Tunnel6", "down")  # B's kernel no longer decapsulates
+        greupd.wait_for("Tunnel6", "down", timeout=10)
+        eventually(lambda: "10.99.0.0/24" not in routes_of(a), what="the route withdrawn")
+        b.ip("link", "set", "Tunnel6", "up")
+        greupd.wait_for("Tunnel6", "up", timeout=10)
+        eventually(lambda: "10.99.0.0/24" in routes_of(a), what="the route back")
 
-def test_the_engine_answers_a_mikrotik_s_gre6_probes_and_judges_it_by_its_reflections(
-        mikrotik_pair: tuple[Host, Host], tmp_path: Path) -> None:
-    a, b = mikrotik_pair
-    config = (f'[[tunnel]]\nname = "My_Tunnel"\nmode = "ip6gre"\nlocal = "{A}"\nremote = "{B}"\n'
-              'keepalive = {interval = 0.1, retries = 3, format = "mikrotik"}\n')
-    with ScapyMikrotik(b) as mikrotik:
-        engine = EngineProcess(a, config, tmp_path / "a")
-        eventually(lambda: engine.tunnel()["received"] >= 5 and mikrotik.answers >= 5,
-                   what="A's probes reflected by the MikroTik and the MikroTik's answered by A")
-        assert engine.tunnel()["up"] and engine.changes() == []
-        eventually(lambda: engine.counters()["requests_answered"] >= 5, what="answers counted (status file)")
-        counters = engine.counters()
-        assert counters["unmatched_replies"] == counters["malformed"] == 0 and not mikrotik.others
+        # (ii) B becomes a MikroTik: the scapy one reflects A's probes and probes A; B's kernel no longer forwards
+        with ScapyMikrotik(b) as mikrotik:
+            b.sysctl("net.ipv6.conf.all.forwarding", 0)
+            received = greupd.tunnel("Tunnel6")["keepalive"]["received"]
+            eventually(lambda: mikrotik.reflected >= 5 and mikrotik.answers >= 5
+                       and greupd.tunnel("Tunnel6")["keepalive"]["received"] >= received + 5,
+                       what="A's probes reflected by the MikroTik, and its probes answered by greupd")
+            assert greupd.tunnel("Tunnel6")["state"] == "up" and not mikrotik.others
 
-        mikrotik.reflecting = False
-        eventually(lambda: [c["up"] for c in engine.changes()] == [False], what="down: the MikroTik is silent")
-        assert engine.changes()[-1]["reason"] == "keepalive-timeout"
-        answered = mikrotik.answers
-        eventually(lambda: mikrotik.answers > answered + 3, what="A still answers the MikroTik's probes")
+            mikrotik.reflecting = False
+            greupd.wait_for("Tunnel6", "down", timeout=10)
+            eventually(lambda: "10.99.0.0/24" not in routes_of(a), what="the route withdrawn")
+            answers = mikrotik.answers
+            eventually(lambda: mikrotik.answers >= answers + 3, what="greupd still answers the MikroTik")
 
-        mikrotik.reflecting = True
-        eventually(lambda: [c["up"] for c in engine.changes()] == [False, True], what="up again")
+            mikrotik.reflecting = True
+            greupd.wait_for("Tunnel6", "up", timeout=10)
+            eventually(lambda: "10.99.0.0/24" in routes_of(a), what="the route back")
