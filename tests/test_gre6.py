@@ -451,3 +451,69 @@ def test_the_kernel_passes_the_engine_only_the_reflections_of_its_own_gre6_probe
         finally:
             engine.close()
             loop.close()
+
+
+def send_raw4(packets: list[IP]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as sender:
+        for packet in packets:
+            sender.sendto(bytes(packet), (packet.dst, 0))
+
+
+@pytest.mark.needs_root
+def test_on_a_kernel_each_vendor_s_probe_is_answered_at_the_remote_with_the_bytes_it_expects() -> None:
+    """The engine's sockets for real (answers looped back: both ends are addresses of this netns), each
+    vendor's probe sent as it sends it; a capture socket sees exactly what left, and where to."""
+    local, remote, stranger = "172.19.1.1", "172.19.1.2", "172.19.1.9"
+    with Lab() as lab:
+        host = lab.host("a")
+        host.ip_batch("link set lo up", f"addr add {local}/32 dev lo", f"addr add {remote}/32 dev lo",
+                      f"addr add {stranger}/32 dev lo")
+        loop = asyncio.new_event_loop()
+        engine = KeepaliveEngine(lambda name, change: None, spread=False)
+        ours, its = int(IPv4Address("172.22.74.137")), int(IPv4Address("172.22.74.138"))
+        inner = (ours, its, its)
+        engine.configure([KeepaliveTarget("t", IPv4Address(local), IPv4Address(remote), None, 7, 60.0, 3, 1,
+                                          "daemon", inner=inner)])
+        try:
+            with in_netns(host):
+                capture = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_GRE)
+                capture.setblocking(False)
+                engine.start(loop)
+                probes = [
+                    # MikroTik behind NAT: its private address as the inner destination
+                    IP(src=remote, dst=local, ttl=255) / GRE(proto=0x0800)
+                    / IP(src=local, dst="192.168.5.15", ttl=255, id=11) / GRE(proto=0),
+                    # Huawei: outer protocol 0x0004
+                    IP(src=remote, dst=local, ttl=255) / GRE(proto=0x0004)
+                    / IP(src=local, dst=remote, ttl=255, id=12) / GRE(proto=0),
+                    # VeloCloud: the tunnel's inner addresses
+                    IP(src=remote, dst=local, ttl=255) / GRE(proto=0x0800)
+                    / IP(src="172.22.74.137", dst="172.22.74.138", ttl=255, id=13) / GRE(proto=0),
+                    # from an address that is no configured remote, naming the remote inside: nothing
+                    IP(src=stranger, dst=local, ttl=255) / GRE(proto=0x0800)
+                    / IP(src=local, dst=remote, ttl=255, id=14) / GRE(proto=0),
+                ]
+                send_raw4(probes)
+            loop.run_until_complete(asyncio.sleep(0.3))
+            left = []
+            while True:
+                try:
+                    data = capture.recv(4096)
+                except BlockingIOError:
+                    break
+                packet = IP(data)
+                if packet.src == local and not (GRE in packet[GRE].payload and packet[GRE].payload[GRE].seqnum_present):
+                    left.append(packet)  # (not the engine's own probe, whose inner GRE carries a token)
+            capture.close()
+            assert engine.counters.requests_answered == 3 and engine.counters.requests_ignored == 0
+            assert {p.dst for p in left} == {remote}
+            # what the peers get: the NAT'd MikroTik its probe's inner packet at its public address, Huawei its
+            # inner packet, VeloCloud its inner packet inside the tunnel's GRE (okey 7), as its kernel would
+            by_id = {(p[GRE].payload.id if p[GRE].proto == 0x0800 else p.id): p for p in left}
+            assert bytes(by_id[11]) == bytes(IP(src=local, dst=remote, ttl=255, id=11) / GRE(proto=0))
+            assert bytes(by_id[12]) == bytes(probes[1][GRE].payload)
+            assert by_id[13][GRE].key == 7 and bytes(by_id[13][GRE].payload) == bytes(probes[2][GRE].payload)
+            assert 14 not in by_id
+        finally:
+            engine.close()
+            loop.close()
