@@ -82,7 +82,7 @@ def test_the_stored_gre6_shapes_are_what_scapy_builds(has_okey: bool, has_ikey: 
 
 
 @given(local=addresses6, remote=addresses6, okey=keys, ikey=keys, token=tokens)
-@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_a_gre6_probe_is_byte_for_byte_what_scapy_builds(local: IPv6Address, remote: IPv6Address,
                                                         okey: int | None, ikey: int | None, token: int) -> None:
     template = build_probe_template6(local, remote, okey, ikey)
@@ -111,7 +111,7 @@ def test_a_padded_gre6_probe_is_scapy_s_probe_with_zeros_after_the_inner_gre(oke
 
 
 @given(okey=keys, ikey=keys, token=tokens, padding=st.sampled_from([0, 900]))
-@settings(max_examples=50, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_the_reflection_of_our_probe_reads_as_a_reply_with_its_token(okey: int | None, ikey: int | None,
                                                                     token: int, padding: int) -> None:
     # What a peer's kernel routes back: the inner part of our probe, hop limit one less.
