@@ -517,3 +517,13 @@ def test_on_a_kernel_each_vendor_s_probe_is_answered_at_the_remote_with_the_byte
         finally:
             engine.close()
             loop.close()
+
+
+def test_format_mikrotik_on_gre_is_cisco_s_bytes_and_defaults_leave_ip6gre_without_keepalives() -> None:
+    config = load_config_text(
+        '[defaults.keepalive]\ninterval = 1\n'
+        '[[tunnel]]\nname = "t4"\nlocal = "172.19.1.1"\nremote = "172.19.1.2"\n'
+        '[tunnel.keepalive]\nformat = "mikrotik"\n'
+        '[[tunnel]]\nname = "t6"\nmode = "ip6gre"\nlocal = "fd00:19::1"\nremote = "fd00:19::2"\n')
+    (target,) = targets_from_config(config)  # t6 has none: a default keepalive never starts probing an ip6gre peer
+    assert target.name == "t4" and not isinstance(_Tunnel(target).probe, ProbeBytes6)
