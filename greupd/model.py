@@ -414,10 +414,11 @@ def tunnel_intent(tunnel: TunnelConfig, alive: bool, path_mtu: int | None = None
                       gateway if gateway is not None and gateway.version == dst.version else None)
             for dst in tunnel.routes)
     sysctls: dict[str, str] = {}
-    if tunnel.keepalive is not None and tunnel.keepalive.answer == "kernel":
+    if tunnel.keepalive is not None and tunnel.keepalive.answer == "kernel" and tunnel.mode == "gre":
         # A Linux peer reflects a Cisco keepalive by routing the decapsulated inner packet (source: its own
         # address) back out; the kernel drops that as a martian unless accept_local is on and rp_filter is
-        # off on the tunnel (rp_filter's effective value is the max of `all` and the device).
+        # off on the tunnel (rp_filter's effective value is the max of `all` and the device). IPv6 (ip6gre's
+        # GRE6 keepalive) has neither check: forwarding alone reflects it.
         sysctls[f"net/ipv4/conf/{tunnel.name}/accept_local"] = "1"
         sysctls[f"net/ipv4/conf/{tunnel.name}/rp_filter"] = "0"
     up = alive or tunnel.keepalive is None or tunnel.keepalive.action != "link"
@@ -439,7 +440,8 @@ def desired_state(config: Config, alive: Mapping[str, bool] | None = None, guard
         if any(t.mode in IPV6_MODES or (t.address is not None and t.address.version == 6)
                or any(r.version == 6 for r in t.routes) for t in config.tunnels if t.enabled):
             sysctls[IPV6_FORWARDING] = "1"
-    if any(t.keepalive is not None and t.keepalive.answer == "kernel" for t in config.tunnels if t.enabled):
+    if any(t.keepalive is not None and t.keepalive.answer == "kernel" and t.mode == "gre"
+           for t in config.tunnels if t.enabled):
         sysctls["net/ipv4/conf/all/rp_filter"] = "0"
     return Desired(tunnels, sysctls, held)
 

@@ -139,7 +139,7 @@ def test_schema_is_json_schema_of_the_tunnel_fields() -> None:
     assert set(schema["$defs"]["MtuProbeConfig"]["properties"]) == {"every", "floor"}
     assert '"probe"' in json.dumps(tunnel["properties"]["mtu"])
     assert set(schema["$defs"]["KeepaliveConfig"]["properties"]) == {
-        "interval", "retries", "up_after", "action", "answer", "hold"}
+        "interval", "retries", "up_after", "action", "answer", "hold", "format"}
     assert set(schema["$defs"]["BfdConfig"]["properties"]) == {"interval", "multiplier", "passive", "auth_file"}
     assert set(schema["$defs"]["DampeningConfig"]["properties"]) == {"half_life", "suppress", "reuse", "max_hold"}
     assert set(schema["$defs"]["DaemonConfig"]["properties"]) == {

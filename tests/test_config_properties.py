@@ -108,7 +108,7 @@ SPEC_TUNNEL: dict[str, object] = {
     "ipsec": None, "bfd": None, "dampening": None, "mtu_probe": None,
 }
 SPEC_KEEPALIVE: dict[str, object] = {"interval": 10.0, "retries": 3, "up_after": 1, "action": "routes",
-                                     "answer": "daemon", "hold": None}
+                                     "answer": "daemon", "hold": None, "format": None}
 SPEC_DAEMON: dict[str, object] = {"ip_forward": True, "control_socket": Path("/run/greupd/control.sock"),
                                   "state_dir": Path("/var/lib/greupd"), "nft_table": "greupd", "on_exit": "keep",
                                   "vici_socket": Path("/var/run/charon.vici"),
@@ -198,7 +198,8 @@ def keepalives(draw: st.DrawFn) -> tuple[Table, dict[str, object]]:
     if draw(BOOLS):
         written["interval"], meant["interval"] = draw(durations())
     choices: tuple[tuple[str, st.SearchStrategy[int | str]], ...] = (
-        ("retries", ONE_TO_255), ("up_after", ONE_TO_255), ("action", ACTIONS), ("answer", ANSWERS))
+        ("retries", ONE_TO_255), ("up_after", ONE_TO_255), ("action", ACTIONS), ("answer", ANSWERS),
+        ("format", st.just("mikrotik")))  # valid on both modes: gre's bytes are Cisco's, ip6gre's MikroTik's
     for key, values in choices:
         if draw(BOOLS):
             value: int | str = draw(values)
@@ -297,7 +298,7 @@ def tunnels(draw: st.DrawFn, name: str, defaults: Mapping[str, TomlValue],
         written["routes"], meant["routes"] = [str(r) for r in routes], routes
 
     unicast = not (remote.is_multicast or remote.is_unspecified or remote == IPV4_BROADCAST)
-    if mode == "gre" and not local.is_unspecified and unicast and draw(BOOLS):
+    if mode in ("gre", "ip6gre") and not local.is_unspecified and unicast and draw(BOOLS):
         written["keepalive"], meant["keepalive"] = keepalive_written, keepalive_meant = draw(KEEPALIVES)
         if not forwarding and keepalive_meant["answer"] == "kernel":
             keepalive_written["answer"] = keepalive_meant["answer"] = "daemon"  # the kernel answers by forwarding

@@ -180,13 +180,17 @@ def test_engine_on_b_answers_cisco_keepalives_from_a_and_nobody_else(seed: SeedT
     # drops it before the engine sees it: #21 M6)
     packets = engine.counters()["packets"]
     assert send_keepalives(c, C, B, A_OKEY, A_IKEY, 5) == 0
-    # A asking B to "reflect" to C: B would be a reflector towards anyone; it answers only to A itself
-    assert from_a(5, inner_dst=C) == 0
+    # A asking B to "reflect" to C: B is no reflector towards anyone. It answers A itself, as it answers a
+    # MikroTik behind NAT that names its private address (answering.py), and sends C nothing.
+    with contextlib.closing(gre_socket(c)) as at_c:
+        assert from_a(5, inner_dst=C) == 5
+        assert [IP(data).src for data in receive_for(at_c, 0.2) if IP(data).src == B] == []
     # with a key B's tunnel does not take
     assert from_a(5, okey=99) == 0
-    eventually(lambda: engine.counters()["requests_ignored"] >= 10, what="10 requests ignored")
+    eventually(lambda: engine.counters()["requests_ignored"] >= 5, what="5 requests ignored")
     assert engine.counters()["packets"] - packets == 10  # C's never reached the engine
-    assert engine.counters()["requests_answered"] == 15
+    assert engine.counters()["requests_answered"] == 20
+    assert engine.counters()["answered_behind_nat"] == 5
 
     # a flood from A's address: answered up to the burst, then at the rate limit
     assert 1 <= from_a(200, gap=0) < 100

@@ -43,6 +43,7 @@ def engine_on(loop: asyncio.AbstractEventLoop, target: KeepaliveTarget,
 
 def reflection(target: KeepaliveTarget, size: int, token: int) -> bytes:
     """What the peer routes back of a padded probe for MTU `size`: the inner packet, whole."""
+    assert isinstance(target.local, IPv4Address) and isinstance(target.remote, IPv4Address)  # gre's probe
     template = build_probe_template(target.local, target.remote, target.okey, target.ikey)
     packet = padded_probe_template(template, size + gre_overhead(target.okey)).with_token(token)
     return packet[gre_overhead(target.okey):]

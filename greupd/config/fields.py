@@ -45,8 +45,9 @@ def netns_instance(netns: str) -> NetnsInstance:
     return NetnsInstance(netns, Path("/etc/greupd") / netns / "tunnels.toml",
                          Path("/run/greupd-netns") / netns / "control.sock", DEFAULT_STATE_DIR / "netns" / netns)
 
-# Cisco keepalives are defined for GRE over IPv4 carrying IP (the reply is an inner GRE packet the peer routes back).
-KEEPALIVE_MODES: frozenset[str] = frozenset({"gre"})
+# Keepalives are defined for GRE carrying IP (the reply is an inner GRE packet the peer routes back): Cisco's (and
+# MikroTik's, the same bytes) over IPv4, MikroTik's GRE6 format over IPv6 (keepalive/gre6.py).
+KEEPALIVE_MODES: frozenset[str] = frozenset({"gre", "ip6gre"})
 # [defaults] keys a mode has no use for: a default applies to the tunnels it fits, and is not an error on the
 # others (a [defaults.keepalive] beside an ip6gre tunnel). Written in the tunnel itself they are errors.
 DEFAULTS_NOT_FOR: Mapping[str, frozenset[str]] = {

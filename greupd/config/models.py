@@ -66,6 +66,8 @@ class KeepaliveConfig(_Model):
     up_after: Annotated[StrictInt, Field(ge=1, le=255), BeforeValidator(whole_number("up_after", 1, 255))] = 1
     action: Literal["routes", "link"] = "routes"
     answer: Literal["daemon", "kernel", "off"] = "daemon"
+    # The probes' wire format; None: the mode's, "cisco" on gre, "mikrotik" (its GRE6 format) on ip6gre.
+    format: Literal["cisco", "mikrotik"] | None = None
     # Junos style, instead of retries: down when no reply came for this long. Counted in probes, as retries
     # are: retries becomes ceil(hold / interval), so the tunnel goes down between hold and hold + interval.
     hold: KeepaliveHold | None = None
@@ -234,8 +236,11 @@ class TunnelConfig(_Model):
             raise FieldProblem("pmtudisc", "pmtudisc = false needs ttl = \"inherit\""
                                             " (the kernel refuses a fixed ttl without it)")
         if self.keepalive is not None and self.mode not in KEEPALIVE_MODES:
-            raise FieldProblem("keepalive", f"keepalive is defined for mode gre only (Cisco GRE/IPv4),"
+            raise FieldProblem("keepalive", f"keepalive is defined for modes gre (Cisco) and ip6gre (MikroTik's GRE6),"
                                              f" not {self.mode} (keepalive = false switches off a default)")
+        if self.keepalive is not None and self.mode == "ip6gre" and self.keepalive.format == "cisco":
+            raise FieldProblem(("keepalive", "format"), "Cisco has no GRE6 keepalive: on mode ip6gre the format is"
+                                                         " \"mikrotik\" (MikroTik's GRE6 keepalive), or leave it out")
         if self.keepalive is not None:
             self._check_keepalive_endpoints()
         if self.bfd is not None and (self.address is None or self.peer is None):
@@ -272,7 +277,7 @@ class TunnelConfig(_Model):
             raise FieldProblem("mtu_probe", "[tunnel.mtu_probe] goes with mtu = \"probe\"")
         if self.mtu != "probe":
             return
-        if self.mode not in KEEPALIVE_MODES:
+        if self.mode != "gre":
             raise FieldProblem("mtu", f"mtu = \"probe\" measures with Cisco keepalives: mode gre only for now,"
                                        f" not {self.mode}; give the MTU as a number")
         if self.keepalive is None:

@@ -31,6 +31,7 @@ from typing import Literal
 IPPROTO_GRE = 47
 ETH_P_IP = 0x0800
 KEEPALIVE_PROTO = 0
+HUAWEI_PROTO = 0x0004  # codec.HUAWEI_PROTO: Huawei's outer GRE protocol of a keepalive probe
 GRE_CSUM, GRE_KEY, GRE_SEQ = 0x8000, 0x2000, 0x1000
 
 MAX_INSTRUCTIONS = 4096  # BPF_MAXINSNS: sk_attach_filter refuses longer classic programs
@@ -67,33 +68,34 @@ _MAX_JUMP = 255  # a conditional jump's offset is a u8
 GRE_PROTOCOL_PROGRAM: SocketFilter = (
     (LDX_MSH, 0, 0, 0),  # 0: X = outer IP header length
     (LD_H_IND, 0, 0, 2),  # 1: A = GRE protocol
-    (JEQ_K, 21, 0, KEEPALIVE_PROTO),  # 2: protocol 0 -> accept
-    (JEQ_K, 0, 19, ETH_P_IP),  # 3: not IPv4 -> drop
-    (LD_H_IND, 0, 0, 0),  # 4: A = GRE flags
-    (ST, 0, 0, 0),  # 5: M[0] = flags
-    (AND_K, 0, 0, GRE_CSUM),  # 6
-    (RSH_K, 0, 0, 13),  # 7: A = 4 if checksum present
-    (ADD_X, 0, 0, 0),  # 8
-    (ADD_K, 0, 0, 4),  # 9
-    (TAX, 0, 0, 0),  # 10: X = outer header + 4 + checksum
-    (LD_MEM, 0, 0, 0),  # 11
-    (AND_K, 0, 0, GRE_KEY),  # 12
-    (RSH_K, 0, 0, 11),  # 13: A = 4 if key present
-    (ADD_X, 0, 0, 0),  # 14
-    (TAX, 0, 0, 0),  # 15
-    (LD_MEM, 0, 0, 0),  # 16
-    (AND_K, 0, 0, GRE_SEQ),  # 17
-    (RSH_K, 0, 0, 10),  # 18: A = 4 if sequence present
-    (ADD_X, 0, 0, 0),  # 19
-    (TAX, 0, 0, 0),  # 20: X = offset of the inner IP header
-    (LD_B_IND, 0, 0, 9),  # 21: A = inner IP protocol
-    (JEQ_K, 1, 0, IPPROTO_GRE),  # 22
-    _DROP,  # 23: drop
-    (RET_K, 0, 0, _ACCEPT_WHOLE),  # 24: accept (the whole packet)
+    (JEQ_K, 22, 0, KEEPALIVE_PROTO),  # 2: protocol 0 -> accept
+    (JEQ_K, 1, 0, ETH_P_IP),  # 3: IPv4 -> 5
+    (JEQ_K, 0, 19, HUAWEI_PROTO),  # 4: nor Huawei's 0x0004 (codec.HUAWEI_PROTO) -> drop
+    (LD_H_IND, 0, 0, 0),  # 5: A = GRE flags
+    (ST, 0, 0, 0),  # 6: M[0] = flags
+    (AND_K, 0, 0, GRE_CSUM),  # 7
+    (RSH_K, 0, 0, 13),  # 8: A = 4 if checksum present
+    (ADD_X, 0, 0, 0),  # 9
+    (ADD_K, 0, 0, 4),  # 10
+    (TAX, 0, 0, 0),  # 11: X = outer header + 4 + checksum
+    (LD_MEM, 0, 0, 0),  # 12
+    (AND_K, 0, 0, GRE_KEY),  # 13
+    (RSH_K, 0, 0, 11),  # 14: A = 4 if key present
+    (ADD_X, 0, 0, 0),  # 15
+    (TAX, 0, 0, 0),  # 16
+    (LD_MEM, 0, 0, 0),  # 17
+    (AND_K, 0, 0, GRE_SEQ),  # 18
+    (RSH_K, 0, 0, 10),  # 19: A = 4 if sequence present
+    (ADD_X, 0, 0, 0),  # 20
+    (TAX, 0, 0, 0),  # 21: X = offset of the inner IP header
+    (LD_B_IND, 0, 0, 9),  # 22: A = inner IP protocol
+    (JEQ_K, 1, 0, IPPROTO_GRE),  # 23
+    _DROP,  # 24: drop
+    (RET_K, 0, 0, _ACCEPT_WHOLE),  # 25: accept (the whole packet)
 )
 
 # Requests only: GRE_PROTOCOL_PROGRAM with protocol 0 (a reply) dropped instead of accepted.
-_REQUEST_PROTOCOL_PROGRAM: SocketFilter = ((LDX_MSH, 0, 0, 0), (LD_H_IND, 0, 0, 2), (JEQ_K, 20, 0, KEEPALIVE_PROTO),
+_REQUEST_PROTOCOL_PROGRAM: SocketFilter = ((LDX_MSH, 0, 0, 0), (LD_H_IND, 0, 0, 2), (JEQ_K, 21, 0, KEEPALIVE_PROTO),
                                            *GRE_PROTOCOL_PROGRAM[3:])
 
 # Replies only: GRE protocol 0 with a sequence number, whose value is left in A for the token tree.
@@ -227,3 +229,97 @@ def request_filter(remotes: Collection[int], locals_: Collection[int]) -> tuple[
     if len(program) <= MAX_INSTRUCTIONS:
         return program, "addresses"
     return _REQUEST_PROTOCOL_PROGRAM, "protocol"
+
+
+# --- the IPv6 GRE sockets (ip6gre, MikroTik's GRE6 format: gre6.py) -------------------------------------------
+# A raw IPv6 socket's packet starts at the GRE header (the kernel has pulled the IPv6 header): the addresses are
+# read at negative offsets from the network header (SKF_NET_OFF). Their low 32 bits only: the tree compares
+# words, and the engine checks the whole address (a remote that shares its low word with a configured one is
+# let through to be refused there; it is no flood of strangers).
+LD_H_ABS = 0x28  # A = u16 at [k]
+ETH_P_IPV6 = 0x86DD
+_SKF_NET_OFF = -0x100000 & 0xFFFFFFFF
+_SOURCE6_LOW, _DESTINATION6_LOW = _SKF_NET_OFF + 20, _SKF_NET_OFF + 36  # the last words of saddr and daddr
+_LOW_WORD = 0xFFFFFFFF
+
+# X = the length of the GRE header whose flags are in A (checksum, key and sequence number as present).
+_GRE_LENGTH_INTO_X: tuple[Instruction, ...] = (
+    (ST, 0, 0, 0),
+    (AND_K, 0, 0, GRE_CSUM),
+    (RSH_K, 0, 0, 13),  # A = 4 if checksum present
+    (ADD_K, 0, 0, 4),
+    (TAX, 0, 0, 0),
+    (LD_MEM, 0, 0, 0),
+    (AND_K, 0, 0, GRE_KEY),
+    (RSH_K, 0, 0, 11),  # A = 4 if key present
+    (ADD_X, 0, 0, 0),
+    (TAX, 0, 0, 0),  # X = offset of the sequence number (or of the payload, without one)
+)
+
+# Replies: GRE 0x86DD with a sequence number, whose value is left in A for the token tree.
+_REPLY6_SEQUENCE: tuple[Instruction, ...] = (
+    (LD_H_ABS, 0, 0, 2),  # A = GRE protocol
+    (JEQ_K, 1, 0, ETH_P_IPV6),
+    _DROP,
+    (LD_H_ABS, 0, 0, 0),  # A = GRE flags
+    (JSET_K, 1, 0, GRE_SEQ),
+    _DROP,
+    *_GRE_LENGTH_INTO_X,
+    (LD_W_IND, 0, 0, 0),  # A = the sequence number: the low 32 bits of the token
+)
+
+# Requests: GRE 0x86DD carrying IPv6 whose next header is GRE.
+_REQUEST6_SHAPE: tuple[Instruction, ...] = (
+    (LD_H_ABS, 0, 0, 2),
+    (JEQ_K, 1, 0, ETH_P_IPV6),
+    _DROP,
+    (LD_H_ABS, 0, 0, 0),
+    *_GRE_LENGTH_INTO_X,
+    (LD_MEM, 0, 0, 0),
+    (AND_K, 0, 0, GRE_SEQ),
+    (RSH_K, 0, 0, 10),  # A = 4 if sequence present
+    (ADD_X, 0, 0, 0),
+    (TAX, 0, 0, 0),  # X = offset of the inner IPv6 header
+    (LD_B_IND, 0, 0, 6),  # A = its next header
+    (JEQ_K, 1, 0, IPPROTO_GRE),
+    _DROP,
+    (RET_K, 0, 0, _ACCEPT_WHOLE),
+)
+
+
+def address_program6(remotes: Collection[int], locals_: Collection[int]) -> list[Instruction]:
+    """address_program for IPv6 addresses (as 128-bit integers), on their low 32 bits."""
+    return [(LD_W_ABS, 0, 0, _SOURCE6_LOW), *_membership(address_ranges({r & _LOW_WORD for r in remotes})),
+            (LD_W_ABS, 0, 0, _DESTINATION6_LOW), *_membership(address_ranges({a & _LOW_WORD for a in locals_}))]
+
+
+def reply_filter6(remotes: Collection[int], locals_: Collection[int],
+                  tokens: Collection[int]) -> tuple[SocketFilter, FilterKind]:
+    """reply_filter for the IPv6 replies socket."""
+    addresses = address_program6(remotes, locals_)
+    values = {token & 0xFFFFFFFF for token in tokens}
+    if len(addresses) + len(_REPLY6_SEQUENCE) + len(values) < MAX_INSTRUCTIONS:
+        program = (*addresses, *_REPLY6_SEQUENCE, *_membership(address_ranges(values)), _ACCEPT)
+        if len(program) <= MAX_INSTRUCTIONS:
+            return program, "tokens"
+    return reply_fallbacks6(remotes, locals_)[0]
+
+
+def reply_fallbacks6(remotes: Collection[int], locals_: Collection[int]) -> list[tuple[SocketFilter, FilterKind]]:
+    """reply_fallbacks for the IPv6 replies socket, smallest last."""
+    addresses = (*address_program6(remotes, locals_), *_REPLY6_SEQUENCE, _ACCEPT)
+    smaller: list[tuple[SocketFilter, FilterKind]] = [(addresses, "addresses")] if len(addresses) <= MAX_INSTRUCTIONS \
+        else []
+    return [*smaller, ((*_REPLY6_SEQUENCE, _ACCEPT), "protocol")]
+
+
+def request_filter6(remotes: Collection[int], locals_: Collection[int]) -> tuple[SocketFilter, FilterKind]:
+    """request_filter for the IPv6 requests socket."""
+    program = (*address_program6(remotes, locals_), *_REQUEST6_SHAPE)
+    if len(program) <= MAX_INSTRUCTIONS:
+        return program, "addresses"
+    return _REQUEST6_SHAPE, "protocol"
+
+
+def request_fallbacks6() -> list[tuple[SocketFilter, FilterKind]]:
+    return [(_REQUEST6_SHAPE, "protocol")]

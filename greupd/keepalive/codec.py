@@ -37,6 +37,9 @@ from greupd.keepalive.bpf import GRE_PROTOCOL_PROGRAM, SocketFilter
 IPPROTO_GRE = 47
 ETH_P_IP = 0x0800
 KEEPALIVE_PROTO = 0  # GRE protocol type of the reflected part: "no payload", by Cisco's convention
+# Huawei's probes come with this outer GRE protocol instead of 0x0800, an IPv4 request all the same
+# (linux-gre-keepalive issue #3): read as requests, answered like Cisco's (answering.py).
+HUAWEI_PROTO = 0x0004
 
 # GRE flag bits (RFC 2784/2890, the first 16 bits of the header).
 GRE_CSUM = 0x8000
@@ -271,7 +274,8 @@ class ProbeReply(NamedTuple):
 
 
 class KeepaliveRequest(NamedTuple):
-    """A peer's probe: GRE(proto 0x0800) from src to dst carrying IP(inner_src -> inner_dst)/GRE(proto 0).
+    """A peer's probe: GRE(proto 0x0800, or Huawei's 0x0004) from src to dst carrying IP(inner_src -> inner_dst)
+    /GRE(proto 0); or its GRE6 form (gre6.py: 0x86DD both, addresses of 128 bits).
 
     `reflection` is the inner IP packet, exactly as many bytes as its total length says: what the peer
     expects to have routed back to it.
@@ -370,7 +374,7 @@ def _usual_message(data: Packet) -> GreMessage | _Unusual | None:
         if not flags & GRE_SEQ:
             return ProbeReply(src, dst, key, None)
         return ProbeReply(src, dst, key, (ip_id << 32) | _U32.unpack_from(data, offset - 4)[0])
-    if gre_protocol != ETH_P_IP:
+    if gre_protocol != ETH_P_IP and gre_protocol != HUAWEI_PROTO:
         return None  # tunnel traffic
     if offset + 24 > total_len:
         return _UNUSUAL
@@ -411,7 +415,7 @@ def _general_message(data: Packet) -> GreMessage | None:
         (ip_id,) = struct.unpack_from("!H", data, 4)
         token = (ip_id << 32) | sequence if sequence is not None else None
         return ProbeReply(src, dst, key, token)
-    if protocol != ETH_P_IP or end - payload < 20 or data[payload + 9] != IPPROTO_GRE:
+    if protocol not in (ETH_P_IP, HUAWEI_PROTO) or end - payload < 20 or data[payload + 9] != IPPROTO_GRE:
         return None  # tunnel traffic, not a keepalive: none of our business
     inner_len, inner_end = _ipv4_header(data, payload, end, "inner IP")
     inner_protocol, _, _, _ = _gre_header(data, payload + inner_len, inner_end, "inner GRE")

@@ -38,6 +38,11 @@ socket is read at the grid's points and after each batch of probes rather than o
 taken at the kernel's receive time (SO_TIMESTAMPNS). A tick's probes go out in one sendmmsg and replies come
 in 64 to a recvmmsg (batch.py), where libc has them.
 
+ip6gre tunnels speak MikroTik's GRE6 keepalive (gre6.py) through three IPv6 sockets of the same roles
+(gre6_socket.py, opened with the first such tunnel); their packets meet the IPv4 ones in `_on_reply` and
+`_on_request`, which work on either family's addresses as integers. What a peer's probe gets back, also from
+peers that address it otherwise (behind NAT, inner addresses, Huawei), is answering.py's decision.
+
 `python -m greupd.keepalive` (__main__.py) runs this engine alone.
 """
 
@@ -56,10 +61,11 @@ import struct
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from typing import Literal
 
 from greupd.config import Config
+from greupd.keepalive.answering import Answer, AnswerRule, answer_for
 from greupd.keepalive.batch import Datagram, Receiver, Sender, batching_available
 from greupd.keepalive.bpf import reply_fallbacks, reply_filter, request_fallbacks, request_filter
 from greupd.keepalive.codec import (
@@ -73,8 +79,9 @@ from greupd.keepalive.codec import (
     build_probe_template,
     new_token,
     parse_gre,
-    plain_ipv4,
 )
+from greupd.keepalive.gre6 import ProbeBytes6, build_probe_template6, parse_gre6
+from greupd.keepalive.gre6_socket import Gre6Sockets, source_address6
 from greupd.keepalive.gre_socket import AttachedProgram, open_gre_socket, socket_drops
 from greupd.keepalive.liveness import AnswerBudget, Liveness, LivenessChange, ProbeWindow
 from greupd.keepalive.pmtu import PathMtuResult
@@ -89,6 +96,7 @@ __all__ = ["EngineCounters", "KeepaliveEngine", "KeepaliveTarget", "LivenessChan
 log = logging.getLogger("greupd.keepalive")
 
 AnswerMode = Literal["daemon", "kernel", "off"]
+KeepaliveFormat = Literal["cisco", "mikrotik"]  # on gre the same bytes; on ip6gre MikroTik's GRE6 (gre6.py)
 
 ANSWER_RATE = 20.0  # reflected requests per second and tunnel: a Cisco probes every 10 s by default
 ANSWER_BURST = 20.0
@@ -126,8 +134,8 @@ class KeepaliveTarget:
     """What the engine needs of one tunnel with `[tunnel.keepalive]`."""
 
     name: str
-    local: IPv4Address
-    remote: IPv4Address
+    local: IPv4Address | IPv6Address  # IPv6: an ip6gre tunnel, MikroTik's GRE6 format
+    remote: IPv4Address | IPv6Address
     ikey: int | None
     okey: int | None
     interval: float
@@ -135,20 +143,25 @@ class KeepaliveTarget:
     up_after: int
     answer: AnswerMode
     mtu_probe: tuple[int, float] | None = None  # mtu = "probe": (floor, every), pmtu_probe.py
+    # (our `address`, first and last address the peer's may be): probes addressed with the tunnel's inner
+    # addresses are answered through the tunnel (answering.py); None: no such probes are answered.
+    inner: tuple[int, int, int] | None = None
 
     @property
-    def endpoints(self) -> tuple[IPv4Address, IPv4Address, int | None, int | None]:
+    def endpoints(self) -> tuple[IPv4Address | IPv6Address, IPv4Address | IPv6Address, int | None, int | None]:
         return self.local, self.remote, self.ikey, self.okey
+
+    def answer_rule(self) -> AnswerRule:
+        return AnswerRule(int(self.local), int(self.remote), self.okey, 6 if self.local.version == 6 else 4,
+                          *(self.inner[0], self.inner[1:]) if self.inner is not None else (None, None))
 
 
 def targets_from_config(config: Config) -> list[KeepaliveTarget]:
-    """One target per enabled tunnel that has keepalives (config allows them for mode gre only)."""
+    """One target per enabled tunnel that has keepalives (config allows them for modes gre and ip6gre)."""
     targets = []
     for tunnel in config.tunnels:
         if not tunnel.enabled or tunnel.keepalive is None:
             continue
-        if not isinstance(tunnel.local, IPv4Address) or not isinstance(tunnel.remote, IPv4Address):
-            continue  # unreachable: config.py rejects keepalives on anything but gre over IPv4
         targets.append(KeepaliveTarget(
             name=tunnel.name, local=tunnel.local, remote=tunnel.remote,
             ikey=tunnel.input_key, okey=tunnel.output_key,
@@ -156,8 +169,22 @@ def targets_from_config(config: Config) -> list[KeepaliveTarget]:
             up_after=tunnel.keepalive.up_after, answer=tunnel.keepalive.answer,
             mtu_probe=(tunnel.mtu_probe_settings.floor, tunnel.mtu_probe_settings.every)
             if tunnel.mtu == "probe" else None,
+            inner=_inner_addresses(tunnel.address, tunnel.peer),
         ))
     return targets
+
+
+def _inner_addresses(address: IPv4Interface | IPv6Interface | None,
+                     peer: IPv4Address | IPv6Address | None) -> tuple[int, int, int] | None:
+    """KeepaliveTarget.inner: the peer's address is `peer`, or any other of `address`'s network."""
+    if address is None:
+        return None
+    if peer is not None:
+        return int(address.ip), int(peer), int(peer)
+    network = address.network
+    if network.prefixlen == network.max_prefixlen:
+        return None
+    return int(address.ip), int(network.network_address), int(network.broadcast_address)
 
 
 @dataclass
@@ -174,6 +201,8 @@ class EngineCounters:
     requests_rate_limited: int = 0
     requests_not_plain: int = 0  # inner IP header with options or fragment bits: never reflected (review L6)
     requests_unanswerable: int = 0  # for a tunnel of ours whose own end does not work (set_answerable)
+    answered_behind_nat: int = 0  # answered to the outer source, the inner destination a private one (answering.py)
+    answered_inner_addresses: int = 0  # probes addressed with the tunnel's inner addresses, answered through it
     send_errors: int = 0
     mtu_replies: int = 0  # replies to the path MTU search's padded probes (never counted by a Liveness)
 
@@ -185,12 +214,19 @@ _Endpoints = tuple[int, int, int | None]
 class _Tunnel:
     """The engine's mutable state of one target."""
 
-    __slots__ = ("address", "budget", "datagram", "endpoints", "entry", "liveness", "next_at", "probe",
-                 "send_failing", "source", "target", "tokens_ahead", "underlay", "window")
+    __slots__ = ("address", "budget", "datagram", "endpoints", "entry", "family", "liveness", "next_at", "probe",
+                 "rule", "send_failing", "source", "target", "tokens_ahead", "underlay", "window")
 
     def __init__(self, target: KeepaliveTarget, up: bool = True) -> None:
         self.target = target
-        self.probe = ProbeBytes(build_probe_template(target.local, target.remote, target.okey, target.ikey))
+        self.family = target.local.version
+        self.probe: ProbeBytes | ProbeBytes6
+        if isinstance(target.local, IPv6Address) and isinstance(target.remote, IPv6Address):
+            self.probe = ProbeBytes6(build_probe_template6(target.local, target.remote, target.okey, target.ikey))
+        else:
+            assert isinstance(target.local, IPv4Address) and isinstance(target.remote, IPv4Address)
+            self.probe = ProbeBytes(build_probe_template(target.local, target.remote, target.okey, target.ikey))
+        self.rule = target.answer_rule()
         self.liveness = Liveness(target.interval, target.retries, target.up_after, up=up)
         # retries+1 tokens: a reply may arrive up to `retries` intervals late and still count, once.
         self.window = ProbeWindow(target.retries + 1)
@@ -208,9 +244,15 @@ class _Tunnel:
     def follow(self, underlay: Underlay) -> None:
         """Send as the tunnel's link does, by its underlay device and fwmark (review M2)."""
         self.underlay = underlay
-        self.source = source_address(self.target.local, underlay)
+        local, remote = self.target.local, self.target.remote
+        if isinstance(local, IPv6Address):
+            self.source = source_address6(local, underlay.ifindex, underlay.fwmark)
+            self.datagram = None  # one sendmsg per probe (gre6_socket.py): batch.py speaks IPv4
+            return
+        assert isinstance(remote, IPv4Address)
+        self.source = source_address(local, underlay)
         # The same probe as a message for sendmmsg (batch.py), pointing into the probe's own buffer
-        self.datagram = Datagram(self.probe.buffer, self.target.local, self.target.remote, _IP_PKTINFO,
+        self.datagram = Datagram(self.probe.buffer, local, remote, _IP_PKTINFO,
                                  underlay.ifindex, underlay.fwmark) if batching_available() else None
 
 
@@ -256,6 +298,7 @@ class KeepaliveEngine:
         self._requests_paused = False
         self._reply_program = AttachedProgram("replies", "tokens")
         self._request_program = AttachedProgram("requests", "addresses")
+        self._gre6: Gre6Sockets | None = None  # opened with the first ip6gre tunnel (_follow_gre6)
 
     # --- the API the daemon calls ---------------------------------------------------------------------
 
@@ -326,10 +369,13 @@ class KeepaliveEngine:
                             other.target.name, tunnel.target.name, other.target.name)
 
     def _configure_path_mtu(self) -> None:
-        self.path_mtu.configure(
-            (PathMtuTarget(t.target.name, t.target.local, t.target.remote, t.target.okey, *t.target.mtu_probe),
-             build_probe_template(t.target.local, t.target.remote, t.target.okey, t.target.ikey))
-            for t in self._tunnels.values() if t.target.mtu_probe is not None)
+        measured = []
+        for t in self._tunnels.values():
+            local, remote = t.target.local, t.target.remote  # config allows mtu = "probe" on mode gre only
+            if t.target.mtu_probe is not None and isinstance(local, IPv4Address) and isinstance(remote, IPv4Address):
+                measured.append((PathMtuTarget(t.target.name, local, remote, t.target.okey, *t.target.mtu_probe),
+                                 build_probe_template(local, remote, t.target.okey, t.target.ikey)))
+        self.path_mtu.configure(measured)
         for tunnel in self._tunnels.values():
             if tunnel.target.mtu_probe is not None and not tunnel.liveness.up:
                 self.path_mtu.peer_down(tunnel.target.name)
@@ -371,7 +417,8 @@ class KeepaliveEngine:
             return  # start() does it
         self._draw_tokens(tunnels_changed=True)
         if self._request_socket is not None:
-            answering = [t.target for t in self._tunnels.values() if t.target.answer == "daemon"]
+            answering = [t.target for t in self._tunnels.values() if t.target.answer == "daemon"
+                         and t.family == 4]
             program, kind = request_filter([int(t.remote) for t in answering], [int(t.local) for t in answering])
             self._request_program.attach(self._request_socket, program, kind, len(answering), request_fallbacks())
 
@@ -385,18 +432,34 @@ class KeepaliveEngine:
         self.path_mtu.refill()
         if self._receive_socket is None:
             return
+        self._follow_gre6()
         if not tunnels_changed and self._reply_program.kind not in (None, "tokens"):
             return  # the tokens did not fit: the program checks what does, and new tokens change nothing there
+        ipv4 = [t for t in tunnels if t.family == 4]
         program, kind = reply_filter(
-            [int(t.target.remote) for t in tunnels], [int(t.target.local) for t in tunnels],
-            [*(token for t in tunnels for token in itertools.chain(t.window.tokens(), t.tokens_ahead)),
+            [int(t.target.remote) for t in ipv4], [int(t.target.local) for t in ipv4],
+            [*(token for t in ipv4 for token in itertools.chain(t.window.tokens(), t.tokens_ahead)),
              *self.path_mtu.tokens()])
         self._reply_program.attach(self._receive_socket, program, kind, len(self._tunnels), reply_fallbacks(
-            [int(t.target.remote) for t in tunnels], [int(t.target.local) for t in tunnels]))
+            [int(t.target.remote) for t in ipv4], [int(t.target.local) for t in ipv4]))
+
+    def _follow_gre6(self) -> None:
+        """The IPv6 sockets' programs for the ip6gre tunnels (opened with the first of them, gre6_socket.py)."""
+        tunnels = [t for t in self._tunnels.values() if t.family == 6]
+        if self._loop is None or (self._gre6 is None and not tunnels):
+            return
+        if self._gre6 is None:
+            self._gre6 = Gre6Sockets(self._loop, self.on_packet6)
+        self._gre6.follow([int(t.target.remote) for t in tunnels], [int(t.target.local) for t in tunnels],
+                          [token for t in tunnels for token in itertools.chain(t.window.tokens(), t.tokens_ahead)],
+                          [(int(t.target.remote), int(t.target.local)) for t in tunnels
+                           if t.target.answer == "daemon"])
 
     def socket_status(self) -> SocketStatus:
         """The GRE sockets' filter and drops (drops None before start): `keepalive_socket` in `greupd status`."""
         drops = [socket_drops(sock) for sock in (self._receive_socket, self._request_socket) if sock is not None]
+        if self._gre6 is not None:
+            drops.append(self._gre6.drops())
         return {"filter": self._reply_program.kind or "protocol",
                 "remotes": len({t.target.remote for t in self._tunnels.values()}),
                 "drops": None if not drops or None in drops else sum(d for d in drops if d is not None)}
@@ -462,6 +525,9 @@ class KeepaliveEngine:
         self._reply_program.forget()
         self._request_program.forget()
         self._sender = self._receiver = None
+        if self._gre6 is not None:
+            self._gre6.close()
+            self._gre6 = None
         self._loop = None
 
     # --- probing --------------------------------------------------------------------------------------
@@ -556,7 +622,7 @@ class KeepaliveEngine:
         try:
             # Our probe from the GRE socket: its GRE part only, the kernel adds the outer header (source
             # `local` by IP_PKTINFO, TTL 255), so it takes the route the tunnel's own packets take (review H1).
-            self._receive_socket.sendmsg([tunnel.probe.buffer], tunnel.source, 0, tunnel.address)
+            self._probe_socket(tunnel).sendmsg([tunnel.probe.buffer], tunnel.source, 0, tunnel.address)
         except OSError as exc:
             self._probe_sent(tunnel, now, missed, exc)
         else:
@@ -565,6 +631,11 @@ class KeepaliveEngine:
     def _probe_batch(self, due: list[_Tunnel], now: float) -> None:
         """Every due probe in one sendmmsg: the same messages as _probe's, from the same GRE socket (H1)."""
         assert self._sender is not None
+        if any(tunnel.datagram is None for tunnel in due):  # ip6gre tunnels: one sendmsg each (gre6_socket.py)
+            for tunnel in due:
+                if tunnel.datagram is None:
+                    self._probe(tunnel, now)
+            due = [tunnel for tunnel in due if tunnel.datagram is not None]
         missed = [self._next_probe(tunnel, now) for tunnel in due]
         datagrams = []
         for tunnel in due:
@@ -610,8 +681,28 @@ class KeepaliveEngine:
         if missed is not None:
             self._report(tunnel, missed)
 
+    def _probe_socket(self, tunnel: _Tunnel) -> socket.socket:
+        """The socket a tunnel's probes leave by: the replies socket of its family."""
+        if tunnel.family == 6:
+            assert self._gre6 is not None
+            return self._gre6.replies
+        assert self._receive_socket is not None
+        return self._receive_socket
+
+    def _send_in_tunnel(self, tunnel: _Tunnel, gre: bytes) -> None:
+        """An answer that goes through the tunnel (answering.py): GRE that the probe socket sends to the remote
+        with a kernel-built outer header, as the tunnel's own packets leave."""
+        self._probe_socket(tunnel).sendmsg([gre], tunnel.source, 0, tunnel.address)
+
     def _send_answer(self, tunnel: _Tunnel, packet: bytes) -> None:
-        """A reflected probe, header and all, routed as the tunnel's own GRE: source `local`, protocol GRE."""
+        """A reflected probe, header and all, to the tunnel's remote, routed as the tunnel's own GRE: source
+        `local`, protocol GRE."""
+        if tunnel.family == 6:
+            # An IPPROTO_RAW socket's port is the flow's protocol (rawv6_sendmsg): GRE, so that an IPsec policy
+            # for GRE applies to the answer, as the IP_PROTOCOL control message below does for IPv4.
+            assert self._gre6 is not None
+            self._gre6.answers.sendmsg([packet], tunnel.source, 0, (tunnel.address[0], IPPROTO_GRE))
+            return
         assert self._send_socket is not None
         try:
             self._send_socket.sendmsg([packet], [*tunnel.source, *self._answer_flow], 0, tunnel.address)
@@ -763,19 +854,38 @@ class KeepaliveEngine:
         if change is not None:
             self._report(tunnel, change)
 
+    def on_packet6(self, data: Packet, src: int, dst: int, flow_label: int, now: float) -> None:
+        """on_packet for the IPv6 GRE sockets: `data` from the GRE header on, the IPv6 header's addresses and
+        flow label beside it (gre6_socket.py)."""
+        self.counters.packets += 1
+        try:
+            message = parse_gre6(data, src, dst, flow_label)
+        except MalformedPacket as exc:
+            self.counters.malformed += 1
+            log.debug("malformed GRE6 packet (%s): %s", exc, bytes(data[:64]).hex())
+            return
+        if message is None:
+            self.counters.traffic += 1
+        elif isinstance(message, ProbeReply):
+            self._on_reply(message, now)
+        else:
+            self._on_request(message, now)
+
     def _on_request(self, request: KeepaliveRequest, now: float) -> None:
-        """Reflect a peer's probe, as its kernel-side partner would route it: only for a tunnel of ours with
+        """Answer a peer's probe, as its kernel-side partner would route it: only for a tunnel of ours with
         answer = "daemon", only when the probe comes from that tunnel's remote (with our key), and only back
-        to that remote, so greupd is never a reflector towards arbitrary addresses."""
+        to that remote, so greupd is never a reflector towards arbitrary addresses (answering.py: also the
+        peers that address their probes otherwise)."""
         tunnel = self._by_endpoints.get((request.src, request.dst, request.key))
-        if (tunnel is None or tunnel.target.answer != "daemon"
-                or request.inner_src != request.dst or request.inner_dst != request.src):
+        if tunnel is None or tunnel.target.answer != "daemon":
             self.counters.requests_ignored += 1
             return
-        if not plain_ipv4(request.reflection):
-            # Reflected verbatim, options would have us send source-routed or oddly optioned packets to the
-            # remote on a forger's behalf; no keepalive needs them (Cisco's and ours have none).
+        answer = answer_for(request, tunnel.rule)
+        if answer == "not_plain":
             self.counters.requests_not_plain += 1
+            return
+        if not isinstance(answer, Answer):
+            self.counters.requests_ignored += 1
             return
         if self._answerable is not None and tunnel.target.name not in self._answerable:
             # Our end of this tunnel does not work: silence, as a Cisco's own peer would give (review H5).
@@ -785,9 +895,16 @@ class KeepaliveEngine:
             self.counters.requests_rate_limited += 1
             return
         try:
-            self._send_answer(tunnel, request.reflection)
+            if answer.encapsulated:
+                self._send_in_tunnel(tunnel, answer.packet)
+            else:
+                self._send_answer(tunnel, answer.packet)
         except OSError as exc:
             self.counters.send_errors += 1
             log.debug("tunnel %s: cannot answer keepalive: %s", tunnel.target.name, exc.strerror or exc)
             return
         self.counters.requests_answered += 1
+        if answer.case == "behind_nat":
+            self.counters.answered_behind_nat += 1
+        elif answer.case == "inner_addresses":
+            self.counters.answered_inner_addresses += 1
