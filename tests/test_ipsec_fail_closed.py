@@ -24,14 +24,13 @@ import pytest
 from greupd.config import Config, load_config_text
 from greupd.nft.keeper import NftKeeper
 from lab import charon as charon_lab
-from lab.charon import Charon
+from lab.charon import Charon, gre_transport_conf
 from lab.forked import in_netns
 from lab.greupd_process import GreupdProcess
 from lab.hosts import Host, Lab, SeedTopology
 from lab.waiting import wait_until
 from tests.test_ipsec_kernel import (
     A_SIDE,
-    INTEROP_B,
     INTERVAL,
     PSK,
     Capture,
@@ -161,7 +160,7 @@ def test_a_require_tunnel_gets_no_link_route_or_probe_until_its_drops_are_in_the
 def hand_made_b(seed: SeedTopology, charon_b: Charon) -> None:
     """B as the issue had it: plain strongSwan with a hand-written swanctl.conf and a hand-made GRE link that
     the kernel uses to reflect A's keepalives."""
-    charon_b.load(INTEROP_B % PSK)
+    charon_b.load(gre_transport_conf("to-a", "172.19.1.2", "172.19.1.1", PSK))
     seed.b.ip("tunnel", "add", "to_a", "mode", "gre", "local", "172.19.1.2", "remote", "172.19.1.1", "ttl", "64")
     seed.b.ip("addr", "add", "192.168.8.11", "peer", "192.168.8.1", "dev", "to_a")
     seed.b.ip("link", "set", "to_a", "up")
