@@ -148,15 +148,22 @@ def balance(estimates: dict[str, float], shards: int) -> list[list[str]]:
     return [[n for n in estimates if where[n] == shard] for shard in range(shards)]
 
 
+def estimates(items: list[pytest.Item], known: dict[str, float]) -> dict[str, float]:
+    """Node id -> the seconds to expect: as recorded, else (a new test) the median of the batch's recorded
+    tests (a new qemu test is slower than a new UML one), else of all recorded, else SECONDS_PER_TEST."""
+    ours = sorted(known[i.nodeid] for i in items if i.nodeid in known)
+    pool = ours or sorted(known.values())
+    typical = pool[len(pool) // 2] if pool else SECONDS_PER_TEST
+    return {i.nodeid: known.get(i.nodeid, typical) for i in items}
+
+
 def _shard(kind: guest.GuestKind, items: list[pytest.Item]) -> None:
     shards = _shards(kind)
     if shards == 1:
         for item in items:
             item.stash[_BATCH] = _batch_name(kind, 1)
         return
-    known = recorded_durations()
-    typical = sorted(known.values())[len(known) // 2] if known else SECONDS_PER_TEST  # a new test
-    parts = balance({i.nodeid: known.get(i.nodeid, typical) for i in items}, shards)
+    parts = balance(estimates(items, recorded_durations()), shards)
     batch = {nodeid: _batch_name(kind, n) for n, part in enumerate(parts, 1) for nodeid in part}
     for item in items:
         item.stash[_BATCH] = batch[item.nodeid]
@@ -244,7 +251,8 @@ class _PendingBatch:
         last = res.output.strip().splitlines()[-1:] if res.status is not None else []
         note = f"; {res.error}" if res.error else f": {last[0]}" if last else ""
         shard = f" {self.name}" if self.name != self.kind else ""
-        _say(self.config, f"lab: ran {done} tests in the {self.kind} guest{shard} ({res.seconds:.1f} s, "
+        cpu = f", CPU {res.cpu_seconds:.0f} s" if res.cpu_seconds is not None else ""
+        _say(self.config, f"lab: ran {done} tests in the {self.kind} guest{shard} ({res.seconds:.1f} s{cpu}, "
                           f"of which {waited:.1f} s waited for here){note}")
         _record_durations(reports)
         return _GuestBatch(self.kind, res, reports)
