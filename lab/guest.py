@@ -7,18 +7,20 @@ Kinds (see /work/shared/kernel-lab.md):
 - ``uml-systemd``: the same kernel, with an overlay of / (tmpfs upper layer) and real systemd as
   PID 1, which starts one unit that runs the command and powers off. ~10 s.
 - ``vng``: the full Debian kernel (GRE and nftables ``inet`` together) under qemu without KVM,
-  booted by virtme-ng, with Python, the venv and the checkout on a block device (lab/python_disk.py).
-  Slow: the CPU is emulated (Python ~30-50x slower than native; see lab/README.md).
-- ``vng-systemd``: the same kernel and disk, with ``uml-systemd``'s overlay of / and real systemd as
-  PID 1 (the kernel's init is our script, not virtme-ng-init): the packaged unit with nftables ``inet``.
+  started by virtme-ng, with Python, the venv and the checkout on a block device (lab/python_disk.py); the
+  kernel's init is our script (not virtme-ng-init, whose udev coldplug cost a third of a boot), which runs the
+  command in an overlay of / as ``uml-systemd`` does. Slow: the CPU is emulated (Python ~30-50x slower than
+  native; see lab/README.md).
+- ``vng-systemd``: the same kernel, init and disk, with real systemd as PID 1 in that overlay: the packaged
+  unit with nftables ``inet``.
 
 The guest writes the command's output and exit status to a run directory under the repository's
 ``.lab/`` (on the host's disk, which every kind of guest shares), and the host reads them once the
 guest is gone. The guest's own exit status carries nothing (``poweroff -f``).
 
-Every guest has a /tmp of its own (UML: a fresh tmpfs; vng: an overlay on the host's). A checkout,
-venv or run dir under the host's /tmp is bound back into the UML guests' fresh /tmp, so the lab works
-from a clone in any folder.
+Every guest has a /tmp of its own, a fresh tmpfs (with GREUPD_LAB_VNG_INIT=virtme, vng's is an overlay on
+the host's). A checkout, venv or run dir under the host's /tmp is bound back into the guest's fresh /tmp, so
+the lab works from a clone in any folder.
 """
 
 from __future__ import annotations
