@@ -9,7 +9,7 @@ STAMP_VENV := $(VENV)/.stamp-venv
 APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev \
 	user-mode-linux kmod iproute2 iputils-ping nftables libnftables1 tcpdump systemd \
 	qemu-system-x86 linux-image-amd64 busybox-static \
-	debhelper dpkg-dev dh-python python3-pip man-db groff-base rpm lintian mmdebstrap \
+	debhelper dpkg-dev dh-python python3-pip pipx man-db groff-base rpm lintian mmdebstrap \
 	charon-systemd strongswan-swanctl strongswan-charon libstrongswan-standard-plugins \
 	frr bird2
 # virtme-ng (for the qemu guest) lives in the venv; its `vng` is what lab/guest.py runs.
@@ -67,7 +67,7 @@ test: deps
 # The install tests (pytest marker `distro`, which plain `pytest` leaves out): the packages built from this checkout,
 # installed in a fresh root of each Debian release (mmdebstrap, cached by package list under
 # /var/cache/greupd-lab/roots) booted with systemd in the UML guest, README's install block run there, then purged;
-# and pip + `greupd install-units` in a fresh venv. .ci/run runs this after `make test`.
+# and pip + `greupd install-units` in a fresh venv, and the same by pipx. .ci/run runs this after `make test`.
 install-test: deps
 	$(VENV)/bin/pytest -m distro tests/test_install_distro.py tests/test_install_pip.py
 

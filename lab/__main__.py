@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         print(res.console, file=sys.stderr)
     if res.error:
         print(res.describe(), file=sys.stderr)
-    print(f"lab: {a.guest} guest: {res.error or f'exit status {res.status}'} ({res.seconds:.1f} s)", file=sys.stderr)
+    cpu = f", CPU {res.cpu_seconds:.1f} s" if res.cpu_seconds is not None else ""
+    what = res.error or f"exit status {res.status}"
+    print(f"lab: {a.guest} guest: {what} ({res.seconds:.1f} s{cpu})", file=sys.stderr)
     # 125, like `git bisect run`'s "cannot test": the command never ran to completion.
     return res.status if res.status is not None else 125
 

@@ -7,18 +7,20 @@ Kinds (see /work/shared/kernel-lab.md):
 - ``uml-systemd``: the same kernel, with an overlay of / (tmpfs upper layer) and real systemd as
   PID 1, which starts one unit that runs the command and powers off. ~10 s.
 - ``vng``: the full Debian kernel (GRE and nftables ``inet`` together) under qemu without KVM,
-  booted by virtme-ng, with Python, the venv and the checkout on a block device (lab/python_disk.py).
-  Slow: the CPU is emulated (Python ~30-50x slower than native; see lab/README.md).
-- ``vng-systemd``: the same kernel and disk, with ``uml-systemd``'s overlay of / and real systemd as
-  PID 1 (the kernel's init is our script, not virtme-ng-init): the packaged unit with nftables ``inet``.
+  started by virtme-ng, with Python, the venv and the checkout on a block device (lab/python_disk.py); the
+  kernel's init is our script (not virtme-ng-init, whose udev coldplug cost a third of a boot), which runs the
+  command in an overlay of / as ``uml-systemd`` does. Slow: the CPU is emulated (Python ~30-50x slower than
+  native; see lab/README.md).
+- ``vng-systemd``: the same kernel, init and disk, with real systemd as PID 1 in that overlay: the packaged
+  unit with nftables ``inet``.
 
 The guest writes the command's output and exit status to a run directory under the repository's
 ``.lab/`` (on the host's disk, which every kind of guest shares), and the host reads them once the
 guest is gone. The guest's own exit status carries nothing (``poweroff -f``).
 
-Every guest has a /tmp of its own (UML: a fresh tmpfs; vng: an overlay on the host's). A checkout,
-venv or run dir under the host's /tmp is bound back into the UML guests' fresh /tmp, so the lab works
-from a clone in any folder.
+Every guest has a /tmp of its own, a fresh tmpfs (with GREUPD_LAB_VNG_INIT=virtme, vng's is an overlay on
+the host's). A checkout, venv or run dir under the host's /tmp is bound back into the guest's fresh /tmp, so
+the lab works from a clone in any folder.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ class GuestResult:
     error: str | None = None  # why the guest could not run at all or the command did not finish
     rundir: Path | None = None
     files: dict[str, str] = field(default_factory=dict)  # the run dir files asked for by ``collect``
+    # CPU seconds (user + system) of the guest's process and every process it waited for (wait4), None if it
+    # was killed: how much of its wall time the guest computed rather than waited (lab/README.md, test time).
+    cpu_seconds: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -331,12 +336,17 @@ def _lab_unit(rundir: Path) -> list[str]:
     ]
 
 
-def _vng_systemd_init(rundir: Path, disk: PythonDisk | None, kept: Sequence[Path] = ()) -> str:
-    """PID 1 of the vng-systemd guest: the kernel's init, run by virtme-ng's initramfs on the host's root (9p, ro).
+def _vng_systemd_init(rundir: Path, disk: PythonDisk | None, kept: Sequence[Path] = (), systemd: bool = True) -> str:
+    """PID 1 of the vng guests: the kernel's init, run by virtme-ng's initramfs on the host's root (9p, ro).
 
     virtme-ng-init, which would mount the run dir and the rest, is not there (it would be PID 1 instead of
     systemd): mount the API file systems, the run dir (virtme-ng's 9p tag) and the Python disk, then the same
     overlay as uml-systemd (writes vanish with the guest) and exec systemd in it.
+
+    ``systemd=False`` (the ``vng`` guest): the same, but the command runs in the overlay straight from this init,
+    as in the UML guest. virtme-ng-init's own start-up is skipped: systemd-tmpfiles and a udev coldplug whose
+    module loads (every modalias of qemu's board, read over 9p) took 60-70 s of an emulated boot at load 7,
+    and nothing in the tests needs them.
     """
     r = shlex.quote(str(rundir))
     setup = (disk.guest_lines(MODULES, rundir, root="/run/ov/root") if disk
@@ -363,12 +373,44 @@ def _vng_systemd_init(rundir: Path, disk: PythonDisk | None, kept: Sequence[Path
         *_systemd_overlay(rundir, kept),
         *setup,
         "ip link set lo up",
+        *kmod,
+    ]
+    if not systemd:
+        # What systemd would mount itself: a /run of its own (not the host's, seen through the overlay), /dev/pts,
+        # /dev/shm, the /dev/fd links, cgroup2. Then the command, and power off as the UML guest does.
+        o = "/run/ov/root"
+        lines += [
+            "hostname greupd-lab",
+            f"mount -t tmpfs -o mode=0755 tmpfs {o}/run",
+            f"echo booted > {r}/booted",
+            "stamp booted",
+            f"for fs in /dev /proc /sys; do mount --move $fs {o}$fs; done",
+            f"mkdir -p {o}/dev/pts {o}/dev/shm",
+            f"mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts {o}/dev/pts",
+            f"mount -t tmpfs -o mode=1777 tmpfs {o}/dev/shm",
+            f"ln -sfn /proc/self/fd {o}/dev/fd",
+            *(f"ln -sfn /proc/self/fd/{n} {o}/dev/{name}" for n, name in enumerate(("stdin", "stdout", "stderr"))),
+            f"mount -t cgroup2 cgroup2 {o}/sys/fs/cgroup",
+            f"exec chroot {o} /bin/sh {r}/in-root",
+        ]
+        # Power off by sysrq, not `poweroff -f`: that is systemctl, whose libraries come over 9p (over a minute
+        # under emulation at load 20, for a guest whose command took a second).
+        (rundir / "in-root").write_text(
+            "#!/bin/sh\n"
+            'stamp() { read -r up _ </proc/uptime; echo "lab-init: $1 at $up s" >/dev/kmsg; }\n'
+            "stamp command\n"
+            f"sh {r}/cmd.sh\n"
+            "stamp done\n"
+            "echo o >/proc/sysrq-trigger\n"
+            "exec sleep 60\n"  # PID 1 must not exit before the power-off happens (a panic instead)
+        )
+        return "\n".join(lines) + "\n"
+    lines += [
         # The host's root is a container's (/.dockerenv): systemd would take itself for one and skip units.
         "rm -f /run/ov/root/.dockerenv",
         # binfmt_misc is not in the kernel's module tree on the disk: its units would only fail.
         *(f"ln -sf /dev/null /run/ov/root/etc/systemd/system/{unit}"
           for unit in ("systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount")),
-        *kmod,
         *_lab_unit(rundir),
         f"echo booted > {r}/booted",
         "stamp systemd",
@@ -377,8 +419,14 @@ def _vng_systemd_init(rundir: Path, disk: PythonDisk | None, kept: Sequence[Path
     return "\n".join(lines) + "\n"
 
 
+def _virtme_ng_init() -> bool:
+    """GREUPD_LAB_VNG_INIT=virtme: the ``vng`` guest boots virtme-ng's own init, which runs _vng_init's script."""
+    return os.environ.get("GREUPD_LAB_VNG_INIT") == "virtme"
+
+
 def _vng_init(rundir: Path, disk: PythonDisk | None = None) -> str:
-    """What vng --exec runs: virtme-ng's init has mounted /proc, /sys, /tmp; load modules, go."""
+    """What vng --exec runs under virtme-ng-init (GREUPD_LAB_VNG_INIT=virtme), which has mounted /proc, /sys,
+    /tmp; load modules, go."""
     r = shlex.quote(str(rundir))
     setup = disk.guest_lines(MODULES, rundir) if disk else [f"modprobe -a -q {' '.join(MODULES)} 2>/dev/null"]
     return (
@@ -432,7 +480,7 @@ def _guest_argv(kind: GuestKind, rundir: Path, disk: PythonDisk | None = None) -
         ]
     # "=": the value starts with "-". virtme-ng hands it to a shell, which splits it (hence the quoting).
     opts = [disk.qemu_opts()] if disk else []
-    if kind == "vng-systemd":
+    if kind == "vng-systemd" or not _virtme_ng_init():
         opts.append(f"-append {shlex.quote(_vng_systemd_cmdline(rundir))}")
     qemu_opts = [f"--qemu-opts={' '.join(opts)}"] if opts else []
     return [
@@ -518,7 +566,7 @@ def run(
     disk = None
     if kind == "vng":
         disk = vng_python_disk()
-        init = _vng_init(rundir, disk)
+        init = _vng_init(rundir, disk) if _virtme_ng_init() else _vng_systemd_init(rundir, disk, kept, systemd=False)
     elif kind == "vng-systemd":
         disk = vng_python_disk(kind)
         init = _vng_systemd_init(rundir, disk, kept)
@@ -544,8 +592,14 @@ def run(
             env=_host_env(kind),
         )
         shown = 0
+        cpu = None
         try:
-            while proc.poll() is None:
+            while proc.returncode is None:
+                pid, wstatus, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    proc.returncode = os.waitstatus_to_exitcode(wstatus)
+                    cpu = usage.ru_utime + usage.ru_stime
+                    break
                 if time.monotonic() - start > timeout:
                     timed_out = True
                     _kill_group(proc)
@@ -590,6 +644,7 @@ def run(
         error,
         rundir,
         {name: _read(rundir / name) for name in collect if (rundir / name).exists()},
+        cpu,
     )
     if keep is None:
         keep = os.environ.get("GREUPD_LAB_KEEP") == "1" or error is not None

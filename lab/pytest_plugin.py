@@ -13,9 +13,8 @@ Delegated tests are not skipped: every selected test of a guest kind runs in ONE
 summary counts them as if they had run here. Host-side fixtures are never set up for them.
 
 When: the host's own tests run first, the delegated ones after them. The ``uml`` tests are split over
-two UML guests (SHARDS; balanced by their recorded times, see balance()); those and the ``vng`` batch
-boot as soon as collection ends, in threads, and run while the host's tests do (a guest spends most
-of its time booting, importing and waiting on timers, so the two cores are not idle twice); the
+three UML guests and the ``vng`` tests over two qemu ones (SHARDS; balanced by their recorded times, see
+balance()); those boot as soon as collection ends, in threads, and run while the host's tests do; the
 ``uml-systemd`` and ``vng-systemd`` batches boot once the host hands them the .deb, else when the host's tests are done
 (AFTER_HOST_TESTS). GREUPD_LAB_SERIAL=1 boots one guest at a time instead, each when pytest reaches
 its first test.
@@ -58,11 +57,14 @@ AFTER_HOST_TESTS: dict[guest.GuestKind, str] = {"uml-systemd": "GREUPD_LAB_DEB",
 # The host's test files that hand something over run before the host's other tests, so the batch
 # waiting for it boots minutes sooner (in a make test at load 20 the .deb came 660 s in, otherwise).
 HANDING_OVER = ("test_packaging.py",)
-# How many guests share a kind's tests. A UML guest runs on one host CPU and spends most of a test
-# waiting (keepalive timers, process start-up through ptrace), so two guests side by side finish the
-# batch in about half the time; the tests are split by their recorded durations (DURATIONS).
-# GREUPD_LAB_UML_SHARDS=N changes it; GREUPD_LAB_SERIAL=1 means one.
-SHARDS: dict[guest.GuestKind, int] = {"uml": 2}
+# How many guests share a kind's tests, split by their recorded durations (DURATIONS). Each guest is one chain of
+# work on one host CPU (UML's kernel and its processes take turns on one; qemu emulates one vCPU), and both are
+# mostly busy, not waiting (the ansible test: 175 CPU s of 527 s at load 12; alone on a quiet machine ~160 s): a
+# batch's time is at least its CPU seconds however many cores are free. So no chain may be much longer than the
+# whole run's CPU over two cores: three UML guests, two qemu ones (the `vng` batch alone was ~750 s of emulation
+# once the ipsec and doctor tests came). A guest more costs its boot and pytest's start-up (UML ~15 CPU s, qemu ~40).
+# GREUPD_LAB_<KIND>_SHARDS=N changes it (e.g. GREUPD_LAB_UML_SHARDS=2); GREUPD_LAB_SERIAL=1 means one each.
+SHARDS: dict[guest.GuestKind, int] = {"uml": 3, "vng": 2}
 # Seconds per delegated test as last measured in its guest (node id -> setup + call + teardown), to
 # balance the shards: the checked-in file, overlaid by the one each run writes under .lab/.
 DURATIONS = Path(__file__).with_name("durations.json")
@@ -118,8 +120,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def _shards(kind: guest.GuestKind) -> int:
     if _serial():
         return 1
-    if kind == "uml" and os.environ.get("GREUPD_LAB_UML_SHARDS", "").isdigit():
-        return max(1, int(os.environ["GREUPD_LAB_UML_SHARDS"]))
+    forced = os.environ.get(f"GREUPD_LAB_{kind.upper().replace('-', '_')}_SHARDS", "")
+    if forced.isdigit():
+        return max(1, int(forced))
     return SHARDS.get(kind, 1)
 
 
@@ -148,15 +151,22 @@ def balance(estimates: dict[str, float], shards: int) -> list[list[str]]:
     return [[n for n in estimates if where[n] == shard] for shard in range(shards)]
 
 
+def estimates(items: list[pytest.Item], known: dict[str, float]) -> dict[str, float]:
+    """Node id -> the seconds to expect: as recorded, else (a new test) the median of the batch's recorded
+    tests (a new qemu test is slower than a new UML one), else of all recorded, else SECONDS_PER_TEST."""
+    ours = sorted(known[i.nodeid] for i in items if i.nodeid in known)
+    pool = ours or sorted(known.values())
+    typical = pool[len(pool) // 2] if pool else SECONDS_PER_TEST
+    return {i.nodeid: known.get(i.nodeid, typical) for i in items}
+
+
 def _shard(kind: guest.GuestKind, items: list[pytest.Item]) -> None:
     shards = _shards(kind)
     if shards == 1:
         for item in items:
             item.stash[_BATCH] = _batch_name(kind, 1)
         return
-    known = recorded_durations()
-    typical = sorted(known.values())[len(known) // 2] if known else SECONDS_PER_TEST  # a new test
-    parts = balance({i.nodeid: known.get(i.nodeid, typical) for i in items}, shards)
+    parts = balance(estimates(items, recorded_durations()), shards)
     batch = {nodeid: _batch_name(kind, n) for n, part in enumerate(parts, 1) for nodeid in part}
     for item in items:
         item.stash[_BATCH] = batch[item.nodeid]
@@ -244,7 +254,8 @@ class _PendingBatch:
         last = res.output.strip().splitlines()[-1:] if res.status is not None else []
         note = f"; {res.error}" if res.error else f": {last[0]}" if last else ""
         shard = f" {self.name}" if self.name != self.kind else ""
-        _say(self.config, f"lab: ran {done} tests in the {self.kind} guest{shard} ({res.seconds:.1f} s, "
+        cpu = f", CPU {res.cpu_seconds:.0f} s" if res.cpu_seconds is not None else ""
+        _say(self.config, f"lab: ran {done} tests in the {self.kind} guest{shard} ({res.seconds:.1f} s{cpu}, "
                           f"of which {waited:.1f} s waited for here){note}")
         _record_durations(reports)
         return _GuestBatch(self.kind, res, reports)

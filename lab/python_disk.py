@@ -14,6 +14,7 @@ the size and mtime of every file of the interpreter, venv and module tree, so an
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shlex
@@ -215,8 +216,18 @@ def python_disk(repo: Path, cache: Path, kernel_version: str | None, extra: Sequ
                         kernel_version if modules else None)
     if image.exists():
         return result
-    _compile(binds)
     cache.mkdir(parents=True, exist_ok=True)
+    # Two guests of a kind boot side by side (lab/pytest_plugin.py, SHARDS): one builds, the other waits for it.
+    with open(cache / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not image.exists():
+            _build(image, name, binds, modules, kernel_version, cache)
+    return result
+
+
+def _build(image: Path, name: str, binds: Sequence[tuple[str, Path, frozenset[str]]], modules: Sequence[Path],
+           kernel_version: str | None, cache: Path) -> None:
+    _compile(binds)
     with tempfile.TemporaryDirectory(prefix=f"{name}-", dir=cache) as tmp:
         stage = Path(tmp) / "stage"
         for folder, top, skip in binds:
@@ -243,4 +254,3 @@ def python_disk(repo: Path, cache: Path, kernel_version: str | None, extra: Sequ
     for old in cache.glob(f"{name}-*.img"):
         if old != image:
             old.unlink(missing_ok=True)
-    return result

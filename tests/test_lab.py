@@ -145,6 +145,23 @@ def test_the_vng_systemd_guest_boots_our_init_and_it_execs_systemd_in_an_overlay
     assert "mount -t overlay overlay -o lowerdir=/,upperdir=/run/ov/upper,workdir=/run/ov/work /run/ov/root" in init
 
 
+def test_the_vng_guest_boots_our_init_too_and_runs_the_command_in_the_overlay(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No virtme-ng-init (its udev coldplug): the same -append as vng-systemd, the command instead of systemd."""
+    monkeypatch.delenv("GREUPD_LAB_VNG_INIT", raising=False)
+    argv = guest._guest_argv("vng", tmp_path)
+    (opts,) = [a for a in argv if a.startswith("--qemu-opts=")]
+    assert f"init={tmp_path}/init" in opts
+    init = guest._vng_systemd_init(tmp_path, None, systemd=False).splitlines()
+    assert init[-1] == f"exec chroot /run/ov/root /bin/sh {tmp_path}/in-root"
+    assert "mount -t tmpfs -o mode=0755 tmpfs /run/ov/root/run" in init  # not the host's /run
+    assert not any("systemd" in line for line in init)
+    in_root = (tmp_path / "in-root").read_text().splitlines()
+    assert f"sh {tmp_path}/cmd.sh" in in_root and "echo o >/proc/sysrq-trigger" in in_root
+    monkeypatch.setenv("GREUPD_LAB_VNG_INIT", "virtme")  # virtme-ng's own init, which runs _vng_init's script
+    assert not any(a.startswith("--qemu-opts=") for a in guest._guest_argv("vng", tmp_path))
+
+
 def test_the_guest_binds_back_the_folders_it_needs_from_tmp() -> None:
     kept = guest.folders_under_tmp(["/tmp/greupd/.lab/uml-1", "/tmp/greupd", "/tmp/venv/bin/..", "/work/x", "/tmp"])
     assert kept == [Path("/tmp/greupd"), Path("/tmp/venv")]
