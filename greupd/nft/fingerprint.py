@@ -23,7 +23,7 @@ import errno
 import hashlib
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,6 +183,12 @@ class NftNetlink:
         """Feed `digest` the messages of one dump as the kernel sent them, with what differs between two dumps
         of the same objects zeroed (sequence, port, generation): tens of thousands of messages on a hub, so
         whole datagrams are hashed, never a message at a time."""
+        self._dump(kind, family, attrs, None, digest)
+
+    def _dump(self, kind: int, family: int, attrs: bytes, each: Callable[[bytes], None] | None,
+              digest: Any = None) -> None:
+        """One dump, read a datagram at a time: `each` gets every message's body (nfgenmsg first), or `digest`
+        the datagrams (see _digest_dump)."""
         sock = self._socket()
         self._seq = seq = (self._seq + 1) & 0xFFFFFFFF
         body = _NFGENMSG.pack(family, 0, 0) + attrs
@@ -199,7 +205,8 @@ class NftNetlink:
                     if length < HEADER.size or msg_seq != seq:
                         raise FingerprintError(errno.EPROTO, "nftables netlink: an unexpected message in a dump")
                     if msg_kind in (NLMSG_DONE, NLMSG_ERROR):
-                        digest.update(view[:offset])
+                        if digest is not None:
+                            digest.update(view[:offset])
                         code = error_code(bytes(view[offset + HEADER.size:offset + length])) \
                             if length >= HEADER.size + 4 else 0
                         if code:
@@ -207,10 +214,14 @@ class NftNetlink:
                         return
                     if flags & NLM_F_DUMP_INTR:
                         raise FingerprintError(errno.EINTR, "nftables changed during the dump")
-                    buffer[offset + 8:offset + 16] = _ZERO8  # seq, pid
-                    buffer[offset + 18:offset + 20] = _ZERO2  # nfgenmsg.res_id: the generation
+                    if digest is not None:
+                        buffer[offset + 8:offset + 16] = _ZERO8  # seq, pid
+                        buffer[offset + 18:offset + 20] = _ZERO2  # nfgenmsg.res_id: the generation
+                    elif each is not None:
+                        each(bytes(view[offset + HEADER.size:offset + length]))
                     offset += aligned(length)
-                digest.update(view[:size])
+                if digest is not None:
+                    digest.update(view[:size])
         except FingerprintError:
             self.close()
             raise
@@ -237,14 +248,18 @@ class NftNetlink:
         if self._chains is not None and self._chains[0] == generation:
             return self._chains[1]
         found: dict[tuple[int, str], list[bytes]] = {}
-        for family, body in self._ask(NFT_MSG_GETCHAIN, NFPROTO_UNSPEC, b"", dump=True):
+
+        def add(body: bytes) -> None:
             # NFTA_CHAIN_TABLE comes first (nf_tables_fill_chain_info); any other order is parsed in full.
-            length, key = ATTR.unpack_from(body) if len(body) >= ATTR.size else (0, 0)
+            length, key = ATTR.unpack_from(body, _NFGENMSG.size) if len(body) >= _NFGENMSG.size + ATTR.size \
+                else (0, 0)
             if key & ATTR_TYPE_MASK == NFTA_CHAIN_TABLE and length >= ATTR.size:
-                table = _text(body[ATTR.size:length])
+                table = _text(body[_NFGENMSG.size + ATTR.size:_NFGENMSG.size + length])
             else:
-                table = next((_text(v) for k, v in attributes(body) if k == NFTA_CHAIN_TABLE), "")
-            found.setdefault((family, table), []).append(bytes([family]) + body)
+                table = next((_text(v) for k, v in attributes(body, _NFGENMSG.size) if k == NFTA_CHAIN_TABLE), "")
+            found.setdefault((body[0], table), []).append(bytes(body[:1]) + body[_NFGENMSG.size:])
+
+        self._dump(NFT_MSG_GETCHAIN, NFPROTO_UNSPEC, b"", add)
         self._chains = (generation, found)
         return found
 
@@ -272,8 +287,9 @@ class NftNetlink:
             if exc.errno == errno.ENOENT:
                 return None
             raise
-        for body in self.chain_dump().get((family, table), []):
-            add(body)
+        chains = self.chain_dump().get((family, table), [])
+        digest.update(struct.pack(f"={len(chains)}I", *map(len, chains)))
+        digest.update(b"".join(chains))
         digest.update(self.rules_digest(family, table))
         names = []
         for _, body in self._ask(NFT_MSG_GETSET, family, attr(NFTA_SET_TABLE, _string(table)), dump=True):

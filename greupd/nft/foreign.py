@@ -104,6 +104,9 @@ def tunnels_with_accepts(config: Config) -> dict[str, frozenset[int]]:
 
 def warnings(config: Config, drops: Iterable[ForwardDrop]) -> list[str]:
     """One line per drop that defeats some tunnel's accepts, naming those tunnels."""
+    drops = list(drops)
+    if not drops:
+        return []  # the usual case, and no walk over thousands of tunnels for it
     accepting = tunnels_with_accepts(config)
     lines = []
     for drop in drops:
