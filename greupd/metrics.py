@@ -37,7 +37,7 @@ from greupd import __version__
 from greupd.config import DaemonConfig, listen_address
 from greupd.metrics_text import LabelCache, MetricsText, render_text
 from greupd.state import StartConfig
-from greupd.status import DaemonStatus, ReloadResult, TunnelStatus
+from greupd.status import SLICE, DaemonStatus, ReloadResult, StatusOf, TunnelStatus, status_in_slices
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -52,8 +52,6 @@ REFRESH: Final = 10.0
 # loop. A burst of passes (a reload, a thousand verdicts at once) becomes one textfile rewrite at its end, and
 # scrapes within this time of a rendering share it (review M4: 16 scrapes at once were 16 renderings, ~7 s).
 MIN_GAP: Final = 1.0
-# Tunnels per slice of a status or metrics rendering: ~1-3 ms of the loop each, natively.
-SLICE: Final = 250
 # A scrape request is a request line and a few headers; anything larger is not Prometheus.
 _MAX_REQUEST: Final = 8192
 # The whole request head must arrive within this (a total deadline, not per byte: slowloris).
@@ -78,30 +76,6 @@ class ReloadOutcome:
 def render(status: DaemonStatus, reload: ReloadOutcome, version: str = __version__) -> str:
     """The greupd_* metrics of one status, as the textfile holds them."""
     return render_text(status, reload.ok, reload.last_success, version)
-
-
-StatusOf = Callable[[slice], DaemonStatus]  # Daemon.status: the daemon's fields and the tunnels in that slice
-
-
-async def status_in_slices(status: StatusOf, begin: Callable[[DaemonStatus], None],
-                           each: Callable[[list[TunnelStatus]], None], size: int = SLICE) -> None:
-    """`begin` with the daemon's fields, then `each` with its tunnels `size` at a time, the loop running between
-    slices (10,000 tunnels never hold it for long). A reload meanwhile (the generation moves) begins again: one
-    answer never mixes two configs' tunnels."""
-    while True:
-        first = status(slice(0, size))
-        begin(first)
-        each(first["tunnels"])
-        done, start = len(first["tunnels"]) < size, size
-        while not done:
-            await asyncio.sleep(0)
-            part = status(slice(start, start + size))
-            if part["generation"] != first["generation"]:
-                break
-            each(part["tunnels"])
-            done, start = len(part["tunnels"]) < size, start + size
-        if done:
-            return
 
 
 # --- the daemon's side ---------------------------------------------------------------------------------------
