@@ -3,7 +3,6 @@ it is read a slice of tunnels at a time (`status_in_slices`: control.py and metr
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Final, Literal, NotRequired, TypedDict
 
@@ -123,6 +122,8 @@ async def status_in_slices(status: StatusOf, begin: Callable[[DaemonStatus], Non
     """`begin` with the daemon's fields, then `each` with its tunnels `size` at a time, the loop running between
     slices (10,000 tunnels never hold it for long). A reload meanwhile (the generation moves) begins again: one
     answer never mixes two configs' tunnels."""
+    import asyncio  # the daemon's; `greupd check` and the clients import this module without needing it
+
     while True:
         first = status(slice(0, size))
         begin(first)
