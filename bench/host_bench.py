@@ -173,11 +173,23 @@ def request_encoding(count: int, trials: int) -> Json:
             "ipbatch": timed(by_ipbatch, trials)}
 
 
+def compiled() -> None:
+    """Bytecode for greupd, as pip and dpkg leave it at install: this environment may set
+    PYTHONDONTWRITEBYTECODE=1, and then every start compiled each module from source (~2x the imports)."""
+    import compileall
+
+    compileall.compile_dir(REPO / "greupd", quiet=1)
+    compileall.compile_dir(REPO / "bench", quiet=1)
+
+
 def ready_natively(trials: int) -> Json:
     """`greupd run` (via bench.greupd_timed) with one tunnel and its keepalive, spawn to READY=1, in a netns of
     this machine. Its kernel has no GRE, so the create is refused and the tunnel reported in error: everything
-    else (Python, imports, config, the netlink requests, the keepalive engine and its probe) is as in real use."""
+    else (Python, imports, config, the netlink requests, the keepalive engine and its probe) is as in real use.
+    `python -c pass` is timed in the same netns right before each trial (`bare`), the yardstick of the load."""
     import socket
+
+    compiled()
 
     netns = f"benchready{os.getpid()}"
     directory = Path(tempfile.mkdtemp(prefix="bench-ready-"))
@@ -195,6 +207,9 @@ def ready_natively(trials: int) -> Json:
         subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
         for trial in range(trials + 1):  # the first warms the page cache, as on a machine that ran greupd before
             start = time.monotonic()
+            subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", "pass"], check=True)
+            bare = time.monotonic() - start
+            start = time.monotonic()
             proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "bench.greupd_timed"],
                                     cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             imported = ready = None
@@ -211,12 +226,12 @@ def ready_natively(trials: int) -> Json:
                 proc.terminate()
                 proc.wait(30)
             if trial:
-                samples.append({"imported": imported, "seconds": ready, "cpu_seconds": cpu})
+                samples.append({"imported": imported, "seconds": ready, "cpu_seconds": cpu, "bare": bare})
     finally:
         notify.close()
         subprocess.run(["ip", "netns", "del", netns], check=False)
         shutil.rmtree(directory, ignore_errors=True)
-    return {"trials": samples}
+    return {"trials": samples, "load_average": Path("/proc/loadavg").read_text().split()[:3]}
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -5,7 +5,7 @@
 The daemon's side as the daemon wires it (greupd/report.py's records of N tunnels with keepalives, served by
 greupd/control.py's ControlServer and greupd/metrics.py's publisher and listener on one asyncio loop, in a
 thread of this process), asked from outside: `greupd status --json` as a process (spawn to exit, its Python
-start included, beside `python -c pass`), `greupd metrics` and GET /metrics with a fresh rendering each
+start included, beside `python -c pass`), `greupd metrics` and GET /metrics (curl) with a fresh rendering each
 (MIN_GAP 0). *Loop stall*: the longest the loop went without running a 1 ms ticker while answering.
 *Before*: the same answers made in one go as they were up to this round (the whole status built and
 json.dumps'ed at once; prometheus_client's rendering, tests/prometheus_oracle.py), timed alone.
@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ class Hub:
         self.config = load_config_text(scenario.greupd_toml(count, keepalive=(1.0, 3, 1)))
         self.reports = Reports()
         for index, tunnel in enumerate(self.config.tunnels):
-            record = self.reports._record(tunnel.name)  # noqa: SLF001 (a converged pass, without a kernel)
+            record = self.reports._record(tunnel.name)  # a converged pass, without a kernel
             record.state, record.reported, record.ifindex = "up", True, 100 + index
 
     def keepalive(self, name: str) -> Any:
@@ -77,7 +76,7 @@ def measure(count: int, trials: int) -> Json:
     settings = DaemonConfig(metrics_listen=f"127.0.0.1:{port}")
     loop = asyncio.new_event_loop()
     stalls: list[float] = []
-    ready = threading.Event()
+    ready, stop = threading.Event(), asyncio.Event()
 
     async def serve() -> None:
         publisher = MetricsPublisher(hub.status, lambda: settings, None, print, min_gap=0.0)
@@ -86,12 +85,14 @@ def measure(count: int, trials: int) -> Json:
         publisher.publish()  # binds metrics_listen, starts the task
         last = time.perf_counter()
         ready.set()
-        while True:  # the ticker: how long the loop goes without running it
+        while not stop.is_set():  # the ticker: how long the loop goes without running it
             await asyncio.sleep(0.001)
             now = time.perf_counter()
             stalls.append(now - last)
             last = now
+        await server.close()
 
+    # The clients are processes (curl, greupd): in this process they would hold the GIL the loop needs.
     thread = threading.Thread(target=lambda: loop.run_until_complete(serve()), daemon=True)
     thread.start()
     ready.wait(30)
@@ -111,18 +112,20 @@ def measure(count: int, trials: int) -> Json:
     def cli(*argv: str) -> None:
         subprocess.run([sys.executable, "-m", "greupd", *argv], env=env, check=True, stdout=subprocess.DEVNULL)
 
-    size = {}
     for _ in range(trials):
         timed("python_bare", lambda: subprocess.run([sys.executable, "-c", "pass"], check=True))
         timed("status_json_cli", lambda: cli("status", "--json"))
-        timed("metrics_http", lambda: size.__setitem__("metrics", len(urllib.request.urlopen(
-            f"http://127.0.0.1:{port}/metrics", timeout=60).read())))
+        timed("metrics_http", lambda: subprocess.run(["curl", "-sf", "-o", "/dev/null",
+                                                      f"http://127.0.0.1:{port}/metrics"], check=True))
         timed("metrics_cli", lambda: cli("metrics"))
     status_size = len(subprocess.run([sys.executable, "-m", "greupd", "status", "--json"], env=env, check=True,
                                      capture_output=True).stdout)
-    loop.call_soon_threadsafe(loop.stop)
+    metrics_size = len(subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/metrics"], check=True,
+                                      capture_output=True).stdout)
+    loop.call_soon_threadsafe(stop.set)
+    thread.join(30)
     return {"tunnels": count, **cases, "loop_stall_max": worst, "status_bytes": status_size,
-            "metrics_bytes": size.get("metrics"), "before": before(hub, max(1, trials // 2)),
+            "metrics_bytes": metrics_size, "before": before(hub, max(1, trials // 2)),
             "load_average": Path("/proc/loadavg").read_text().split()[:3]}
 
 
