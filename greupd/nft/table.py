@@ -199,7 +199,8 @@ class NftTable:
     def _compare(self, ruleset: Ruleset, strict: bool) -> bool:
         self._check_name(ruleset)
         verified = self._verified
-        if verified is not None and self._still(verified):
+        still = self._still(verified) if verified is not None else None
+        if verified is not None and still:
             same = verified.ruleset is ruleset or verified.ruleset == ruleset
             if same and (verified.strict or not strict):
                 return True
@@ -207,6 +208,11 @@ class NftTable:
             self._at_applied = self._applied is not None and self._applied[0] == verified.ruleset
             if not same:
                 return False
+        elif still is False and not strict and verified is not None and verified.ruleset == ruleset:
+            # Someone changed our table since it was verified (its digest moved): put it back as a whole, without
+            # reading thousands of tunnels back first only to learn how it differs.
+            self._at_applied = False
+            return False
         before = self._fingerprint()
         self._at_applied = False
         if not ruleset.wanted:
@@ -237,15 +243,16 @@ class NftTable:
         except FingerprintError:
             return None
 
-    def _still(self, verified: _Verified) -> bool:
-        """Does the kernel still hold the table as it was verified? Never a false yes (fingerprint.py)."""
+    def _still(self, verified: _Verified) -> bool | None:
+        """Does the kernel still hold the table as it was verified? Never a false yes (fingerprint.py); None when
+        nf_tables' netlink cannot say."""
         try:
             generation = self.netlink.generation()
             if generation == verified.generation:
                 return True
             digest = self.netlink.table_digest(self.table)
         except FingerprintError:
-            return False
+            return None
         if digest != verified.digest:
             return False
         self._verified = replace(verified, generation=generation)
