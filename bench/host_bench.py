@@ -357,11 +357,14 @@ if __name__ == "__main__":
 
 def hub_rows(host: Json) -> tuple[list[str], list[str]]:
     """(target rows, table rows) of issue #26's native figures, for bench/render.py."""
+    def figure(seconds: float) -> str:
+        return f"{seconds * 1e3:.3g}" if seconds * 1e3 < 100 else f"{seconds * 1e3:.0f}"
+
     def ms(values: list[float]) -> str:
-        return f"{1e3 * statistics.median(values):.1f}" if values else "-"
+        return figure(statistics.median(values)) if values else "-"
 
     def spread(values: list[float]) -> str:
-        return f"{ms(values)} ({1e3 * min(values):.1f}-{1e3 * max(values):.1f})" if values else "-"
+        return f"{ms(values)} ({figure(min(values))}-{figure(max(values))})" if values else "-"
 
     targets: list[str] = []
     rows: list[str] = []
@@ -377,7 +380,7 @@ def hub_rows(host: Json) -> tuple[list[str], list[str]]:
         worst_cpu = max(statistics.median(cpu["unchanged"]), statistics.median(cpu["other_table_changed"]))
         ratio = statistics.median(keep["before"]) / max(worst, 1e-9)
         targets.append(f"| 26 | (host) nftables keep, {n} tunnels, under {goal * 1e3:.0f} ms | "
-                       f"{worst * 1e3:.1f} ms wall, {worst_cpu * 1e3:.1f} ms CPU (read-back of before: {ratio:.0f}x) | "
+                       f"{figure(worst)} ms wall, {figure(worst_cpu)} ms CPU (read-back of before: {ratio:.0f}x) | "
                        f"{'met' if worst < goal else 'met in CPU' if worst_cpu < goal else '**missed**'} |")
     sm = host.get("status_metrics")
     if sm:

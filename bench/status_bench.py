@@ -64,7 +64,7 @@ def _free_port() -> int:
         return port
 
 
-def measure(count: int, trials: int) -> Json:
+def measure(count: int, trials: int, freeze: bool = False) -> Json:
     from greupd.config import DaemonConfig
     from greupd.control import ControlServer
     from greupd.metrics import MetricsPublisher
@@ -83,6 +83,10 @@ def measure(count: int, trials: int) -> Json:
         server = ControlServer(sock, hub.status, _no_reload, metrics=publisher.scrape)
         await server.start()
         publisher.publish()  # binds metrics_listen, starts the task
+        if freeze:  # what a daemon could do once started: its long-lived objects out of the collector's way
+            import gc
+
+            gc.freeze()
         last = time.perf_counter()
         ready.set()
         while not stop.is_set():  # the ticker: how long the loop goes without running it
@@ -155,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tunnels", type=int, default=10000)
     p.add_argument("--trials", type=int, default=7)
+    p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once serving (an experiment: stalls)")
     a = p.parse_args(argv)
-    result = measure(a.tunnels, a.trials)
+    result = measure(a.tunnels, a.trials, a.gc_freeze)
     print(json.dumps(result))
     medians = {k: f"{1e3 * statistics.median(v):.0f} ms" for k, v in result.items() if isinstance(v, list) and v
                and isinstance(v[0], float)}
