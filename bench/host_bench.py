@@ -26,7 +26,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from bench import scenario
+from bench import nft_keep, scenario, status_bench
 
 REPO = Path(__file__).resolve().parent.parent
 Json = dict[str, Any]
@@ -173,11 +173,23 @@ def request_encoding(count: int, trials: int) -> Json:
             "ipbatch": timed(by_ipbatch, trials)}
 
 
+def compiled() -> None:
+    """Bytecode for greupd, as pip and dpkg leave it at install: this environment may set
+    PYTHONDONTWRITEBYTECODE=1, and then every start compiled each module from source (~2x the imports)."""
+    import compileall
+
+    compileall.compile_dir(REPO / "greupd", quiet=1)
+    compileall.compile_dir(REPO / "bench", quiet=1)
+
+
 def ready_natively(trials: int) -> Json:
     """`greupd run` (via bench.greupd_timed) with one tunnel and its keepalive, spawn to READY=1, in a netns of
     this machine. Its kernel has no GRE, so the create is refused and the tunnel reported in error: everything
-    else (Python, imports, config, the netlink requests, the keepalive engine and its probe) is as in real use."""
+    else (Python, imports, config, the netlink requests, the keepalive engine and its probe) is as in real use.
+    `python -c pass` is timed in the same netns right before each trial (`bare`), the yardstick of the load."""
     import socket
+
+    compiled()
 
     netns = f"benchready{os.getpid()}"
     directory = Path(tempfile.mkdtemp(prefix="bench-ready-"))
@@ -195,6 +207,9 @@ def ready_natively(trials: int) -> Json:
         subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
         for trial in range(trials + 1):  # the first warms the page cache, as on a machine that ran greupd before
             start = time.monotonic()
+            subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", "pass"], check=True)
+            bare = time.monotonic() - start
+            start = time.monotonic()
             proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "bench.greupd_timed"],
                                     cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             imported = ready = None
@@ -211,12 +226,12 @@ def ready_natively(trials: int) -> Json:
                 proc.terminate()
                 proc.wait(30)
             if trial:
-                samples.append({"imported": imported, "seconds": ready, "cpu_seconds": cpu})
+                samples.append({"imported": imported, "seconds": ready, "cpu_seconds": cpu, "bare": bare})
     finally:
         notify.close()
         subprocess.run(["ip", "netns", "del", netns], check=False)
         shutil.rmtree(directory, ignore_errors=True)
-    return {"trials": samples}
+    return {"trials": samples, "load_average": Path("/proc/loadavg").read_text().split()[:3]}
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -317,10 +332,14 @@ def main(argv: list[str] | None = None) -> int:
             "import_scapy_all": command([py, "-c", "import scapy.all"], trials),
         },
         "cpu": cpu_parts(count, trials),
-        "ready_one_tunnel_keepalive": ready_natively(trials),
+        "ready_one_tunnel_keepalive": ready_natively(trials if a.quick else 20),  # #26: a median of 20
         "request_encoding": request_encoding(100, trials),
         "dumps": dump_parsing(count, trials),
         "keepalive": [keepalive_engine(count, interval, 10 if a.quick else 30) for interval in (1.0, 0.1)],
+        # issue #26: the nftables keep, and status / metrics, at a hub's size
+        "nft_keep": [nft_keep.measure(n, trials if n <= 1000 else 3)
+                     for n in ((100,) if a.quick else (1000, 10000))],
+        "status_metrics": status_bench.measure(1000 if a.quick else 10000, trials),
     }
     text = json.dumps(result, indent=1, sort_keys=True)
     if a.out:
@@ -334,3 +353,59 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def hub_rows(host: Json) -> tuple[list[str], list[str]]:
+    """(target rows, table rows) of issue #26's native figures, for bench/render.py."""
+    def figure(seconds: float) -> str:
+        return f"{seconds * 1e3:.3g}" if seconds * 1e3 < 100 else f"{seconds * 1e3:.0f}"
+
+    def ms(values: list[float]) -> str:
+        return figure(statistics.median(values)) if values else "-"
+
+    def spread(values: list[float]) -> str:
+        return f"{ms(values)} ({figure(min(values))}-{figure(max(values))})" if values else "-"
+
+    targets: list[str] = []
+    rows: list[str] = []
+    for keep in host.get("nft_keep", []):
+        n, cpu, goal = keep["tunnels"], keep["cpu"], 0.05 if keep["tunnels"] <= 1000 else 0.3
+        rows.append(f"| nftables keep, {n} tunnels (clamp + NAT each): the read-back of before / nothing changed / "
+                    f"another table changed / our table drifted, put back: wall ms (CPU ms) | "
+                    f"{spread(keep['before'])} ({ms(cpu['before'])}) / {spread(keep['unchanged'])} / "
+                    f"{spread(keep['other_table_changed'])} ({ms(cpu['other_table_changed'])}) / "
+                    f"{spread(keep['drift_repaired'])} ({ms(cpu['drift_repaired'])}); "
+                    f"load {' '.join(keep['load_average'])} |")
+        worst = max(statistics.median(keep["unchanged"]), statistics.median(keep["other_table_changed"]))
+        worst_cpu = max(statistics.median(cpu["unchanged"]), statistics.median(cpu["other_table_changed"]))
+        ratio = statistics.median(keep["before"]) / max(worst, 1e-9)
+        targets.append(f"| 26 | (host) nftables keep, {n} tunnels, under {goal * 1e3:.0f} ms | "
+                       f"{figure(worst)} ms wall, {figure(worst_cpu)} ms CPU (read-back of before: {ratio:.0f}x) | "
+                       f"{'met' if worst < goal else 'met in CPU' if worst_cpu < goal else '**missed**'} |")
+    sm = host.get("status_metrics")
+    if sm:
+        stall = sm["loop_stall_max"]
+        rows.append(f"| {sm['tunnels']} tunnels: `python -c pass` / `greupd status --json` (a process, spawn to "
+                    f"exit) / GET /metrics (curl) / `greupd metrics`, wall ms | {spread(sm['python_bare'])} / "
+                    f"{spread(sm['status_json_cli'])} / {spread(sm['metrics_http'])} / {spread(sm['metrics_cli'])} |")
+        rows.append(f"| the same: longest loop stall while answering, ms (idle, during `python -c pass`: "
+                    f"{1e3 * stall['python_bare']:.0f}) | {1e3 * stall['status_json_cli']:.0f} / "
+                    f"{1e3 * stall['metrics_http']:.0f} / {1e3 * stall['metrics_cli']:.0f} |")
+        rows.append(f"| before: the whole status built + json.dumps'ed at once / prometheus_client's rendering, "
+                    f"one block on the loop, ms | {spread(sm['before']['status_whole'])} / "
+                    f"{spread(sm['before']['metrics_prometheus_client'])} |")
+        for case, label in (("status_json_cli", "`greupd status --json`"), ("metrics_http", "GET /metrics")):
+            wall = statistics.median(sm[case])
+            targets.append(f"| 26 | (host) {label}, {sm['tunnels']} tunnels, under 100 ms, loop never held over 10 ms "
+                           f"| {wall * 1e3:.0f} ms (`python -c pass` {ms(sm['python_bare'])} ms), longest stall "
+                           f"{1e3 * stall[case]:.0f} ms; load {' '.join(sm['load_average'])} | "
+                           f"{'met' if wall < 0.1 and stall[case] < 0.01 else '**missed**'} |")
+    ready = host.get("ready_one_tunnel_keepalive", {}).get("trials")
+    if ready:
+        wall = statistics.median([t["seconds"] for t in ready])
+        bare = statistics.median([t["bare"] for t in ready if "bare" in t] or [0.0])
+        cpu = statistics.median([t["cpu_seconds"] for t in ready])
+        targets.append(f"| 26 | (host) `greupd run` → READY, 1 tunnel with keepalive, median of {len(ready)}, "
+                       f"under 150 ms | {wall * 1e3:.0f} ms (CPU {cpu * 1e3:.0f} ms; `python -c pass` in the netns "
+                       f"{bare * 1e3:.0f} ms) | {'met' if wall < 0.15 else '**missed**'} |")
+    return targets, rows

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import forwarding
+from bench import forwarding, host_bench
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -353,6 +353,8 @@ def render(results: dict[str, Json], analysis: str, command: str) -> str:
                  f"| one probe built (µs) | {statistics.median(cpu['probe_build_us']):.1f} |",
                  *_host_start_and_encoding(host),
                  f"| one reply parsed (µs) | {statistics.median(cpu['reply_parse_us']):.1f} |"]
+        hub_targets, hub_rows = host_bench.hub_rows(host)  # issue #26's native rows
+        body += hub_rows
         for k in host.get("keepalive", []):
             body.append(f"| keepalive engine alone (`python -m greupd.keepalive`), {k['tunnels']} x {k['interval']} s, "
                         f"answered by a second engine: CPU % of a core / RSS MB / replies per probe | "
@@ -364,6 +366,7 @@ def render(results: dict[str, Json], analysis: str, command: str) -> str:
             cpu_ready = statistics.median(column(ready, "cpu_seconds"))
             targets.append(f"| 6 | (host) `greupd run` → READY, 1 tunnel with keepalive, under 300 ms | {ms(wall)} ms "
                            f"(CPU {ms(cpu_ready)} ms) | {verdict(wall < 0.3)} |")
+        targets += hub_targets
         for k in host.get("keepalive", []):
             if k["interval"] == 1.0:
                 targets.append(f"| 5 | (host kernel) keepalive engine alone, {k['tunnels']} x 1 s, under 5 % | "

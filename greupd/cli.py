@@ -8,10 +8,10 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn, cast
+from typing import NoReturn, TypeVar, cast
 
 from greupd import __version__
 from greupd.config import (
@@ -27,6 +27,8 @@ from greupd.config import (
     unvalidated_path,
 )
 from greupd.status import DaemonStatus
+
+Answer = TypeVar("Answer")
 
 # Exit statuses: greupd(8)'s EXIT STATUS table, per command (tests/test_exit_statuses.py holds the two together).
 # 0-3 are spec.md's; the rest are sysexits(3)'s where one fits, so that no status means two things to a script.
@@ -230,11 +232,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _ask_daemon(args: argparse.Namespace, command: str) -> Mapping[str, object] | int:
     """The daemon's answer (within control.DEFAULT_TIMEOUTS), or the exit status to leave with (after saying why)."""
-    from greupd.control import ControlError, ControlUnavailable, request
+    from greupd.control import request
+
+    return _asked(args, lambda path: request(path, command))
+
+
+def _ask_daemon_raw(args: argparse.Namespace, command: str) -> bytes | int:
+    """The same, the answer's result as the daemon wrote it (JSON, one line), unparsed."""
+    from greupd.control import request_raw
+
+    return _asked(args, lambda path: request_raw(path, command))
+
+
+def _asked(args: argparse.Namespace, ask: Callable[[Path], Answer]) -> Answer | int:
+    from greupd.control import ControlError, ControlUnavailable
 
     path = _socket_path(args)
     try:
-        return request(path, command)
+        return ask(path)
     except ControlUnavailable as exc:
         if isinstance(exc.__cause__, PermissionError):  # connect(2): EACCES on the socket or a folder above it
             print(f"greupd: permission denied on {path}: {exc.__cause__.strerror} (root and group greupd may "
@@ -249,6 +264,13 @@ def _ask_daemon(args: argparse.Namespace, command: str) -> Mapping[str, object] 
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.json and not getattr(args, "names", None) and not args.check:
+        # As the daemon wrote it, one line: 10,000 tunnels are 4 MB of JSON, not worth parsing to print again.
+        raw = _ask_daemon_raw(args, "status")
+        if isinstance(raw, int):
+            return raw
+        sys.stdout.buffer.write(raw + b"\n")
+        return EXIT_OK
     from greupd.cli_format import format_status
 
     answer = _ask_daemon(args, "status")
@@ -260,7 +282,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if filtered is None:
             return EXIT_INVALID
         status = filtered
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    print(json.dumps(status) if args.json else format_status(status))
     if args.check and any(t["state"] in ("down", "error") for t in status["tunnels"]):
         return EXIT_TUNNELS_DOWN
     return EXIT_OK

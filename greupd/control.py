@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import inspect
 import json
 import os
 import resource
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Final, Literal, Protocol, cast, overload
 
 from greupd.config import DEFAULT_CONTROL_SOCKET, Config
-from greupd.status import DaemonStatus, MetricsAnswer, ReloadResult
+from greupd.status import DaemonStatus, MetricsAnswer, ReloadResult, StatusOf, TunnelStatus, status_in_slices
 
 COMMANDS: Final = ("status", "reload", "metrics")
 # Seconds a client waits for the answer. A reload answers after the new config is applied to every tunnel and to
@@ -162,15 +163,18 @@ def control_socket(config: Config | Callable[[], Path] | None, override: str | P
 class ControlServer:
     """Serves status, reload and metrics requests on a Unix socket, inside the daemon's asyncio loop."""
 
-    def __init__(self, path: Path, status: Callable[[], DaemonStatus],
+    def __init__(self, path: Path, status: StatusOf | Callable[[], DaemonStatus],
                  reload: Callable[[], Awaitable[ReloadResult]],
-                 *, on_error: Callable[[str], None] | None = None, metrics: Callable[[], str] | None = None,
-                 netns_lock: bool = False) -> None:
-        """metrics: the Prometheus text (greupd/metrics.py); without it the command is refused. netns_lock: hold
-        this netns's greupd lock (`claim_netns`) from start to close: the daemon's server does."""
+                 *, on_error: Callable[[str], None] | None = None,
+                 metrics: Callable[[], str | Awaitable[str]] | None = None, netns_lock: bool = False) -> None:
+        """status: Daemon.status, which gives a slice of the tunnels (then the answer is made a slice at a time,
+        the loop running between slices), or a plain status of all of them; metrics: the Prometheus text
+        (greupd/metrics.py), without it the command is refused. netns_lock: hold this netns's greupd lock
+        (`claim_netns`) from start to close: the daemon's server does."""
         self._claims_netns = netns_lock
         self.path = path
         self._status = status
+        self._sliced: StatusOf | None = status if inspect.signature(status).parameters else None  # type: ignore[assignment]
         self._reload = reload
         self._metrics = metrics
         self._on_error = on_error
@@ -274,7 +278,7 @@ class ControlServer:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _answer(self, line: bytes, may_reload: bool = True) -> dict[str, object]:
+    async def _answer(self, line: bytes, may_reload: bool = True) -> dict[str, object] | bytes:
         command = parse_request(line)
         if command not in COMMANDS:
             return {"ok": False, "error": command_error(command)}
@@ -282,11 +286,16 @@ class ControlServer:
             return {"ok": False, "error": "permission denied: reload is for root and the daemon's own user"}
         try:
             if command == "status":
-                return {"ok": True, "result": self._status()}
+                if self._sliced is not None:
+                    return await status_answer(self._sliced)
+                return {"ok": True, "result": self._status()}  # type: ignore[call-arg]
             if command == "metrics":
                 if self._metrics is None:
                     return {"ok": False, "error": "this daemon serves no metrics"}
-                answer: MetricsAnswer = {"text": self._metrics()}
+                text = self._metrics()
+                if inspect.isawaitable(text):
+                    return await metrics_answer(await text)
+                answer: MetricsAnswer = {"text": text}
                 return {"ok": True, "result": answer}
             async with self._reload_lock:
                 return {"ok": True, "result": await self._reload()}
@@ -316,9 +325,43 @@ def command_error(command: str | None) -> str:
     return f"unknown command {command!r}; known: {', '.join(COMMANDS)}"
 
 
-async def _send(writer: asyncio.StreamWriter, answer: Mapping[str, object]) -> bool:
+# What the answers of status and metrics begin with, so that the client may print the result without parsing
+# 4 MB of JSON to write it out again (10,000 tunnels): `request_raw`.
+_RESULT_PREFIX: Final = b'{"ok": true, "result": '
+
+
+async def status_answer(status: StatusOf) -> bytes:
+    """The status answer's JSON, made a slice of tunnels at a time (metrics.status_in_slices), encoded as it goes:
+    the same object as json.dumps of the whole status would give, "tunnels" last."""
+    pieces: list[str] = []
+    head: list[DaemonStatus] = []
+
+    def begin(first: DaemonStatus) -> None:
+        head[:] = [first]
+        pieces.clear()
+
+    def each(tunnels: list[TunnelStatus]) -> None:
+        if tunnels:
+            pieces.append(json.dumps(tunnels)[1:-1])
+
+    await status_in_slices(status, begin, each)
+    fields = {k: v for k, v in head[0].items() if k != "tunnels"}
+    return (_RESULT_PREFIX + json.dumps(fields)[:-1].encode() + b', "tunnels": [' + ", ".join(pieces).encode()
+            + b"]}}")
+
+
+async def metrics_answer(text: str, chunk: int = 1 << 18) -> bytes:
+    """The metrics answer's JSON, its text (megabytes for 10,000 tunnels) escaped a chunk at a time."""
+    pieces = []
+    for start in range(0, len(text), chunk):
+        pieces.append(json.dumps(text[start:start + chunk])[1:-1])
+        await asyncio.sleep(0)
+    return _RESULT_PREFIX + b'{"text": "' + "".join(pieces).encode() + b'"}}'
+
+
+async def _send(writer: asyncio.StreamWriter, answer: Mapping[str, object] | bytes) -> bool:
     """Write one answer; False when the client is gone or has not read for _WRITE_TIMEOUT (then it is dropped)."""
-    writer.write(json.dumps(answer).encode() + b"\n")
+    writer.write((answer if isinstance(answer, bytes) else json.dumps(answer).encode()) + b"\n")
     try:
         async with asyncio.timeout(_WRITE_TIMEOUT):
             await writer.drain()
@@ -424,6 +467,19 @@ def request(path: Path, command: str,
     Raises ControlUnavailable when nothing answers within `timeout` seconds (default: DEFAULT_TIMEOUTS, long for
     reload, which answers once the new config is applied), ControlError when the daemon refuses the request.
     """
+    return _result(_exchange(path, command, timeout))
+
+
+def request_raw(path: Path, command: str, timeout: float | None = None) -> bytes:
+    """The same, the result as the daemon wrote it (JSON, one line), not parsed: `greupd status --json` prints
+    10,000 tunnels' status without reading 4 MB of JSON only to write it out again."""
+    reply = _exchange(path, command, timeout)
+    if reply.startswith(_RESULT_PREFIX) and reply.endswith(b"}"):
+        return reply[len(_RESULT_PREFIX):-1]
+    return json.dumps(_result(reply)).encode()
+
+
+def _exchange(path: Path, command: str, timeout: float | None) -> bytes:
     if timeout is None:
         timeout = DEFAULT_TIMEOUTS.get(command, DEFAULT_TIMEOUTS["status"])
     sock = connect(path, timeout)
@@ -437,6 +493,10 @@ def request(path: Path, command: str,
             raise ControlUnavailable(str(exc)) from exc
     finally:
         sock.close()
+    return reply
+
+
+def _result(reply: bytes) -> Mapping[str, object]:
     if not reply:
         raise ControlUnavailable("the daemon closed the connection without answering")
     try:

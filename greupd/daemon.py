@@ -78,7 +78,7 @@ class Daemon:
         loop = self._loop = asyncio.get_running_loop()
         guard_loop(loop, self._fail, reload=self.queue.mark_reload, stop=self._request_stop)  # signals, I4
         control = ControlServer(self.socket_path, self.status, self.request_reload, on_error=self.events.error,
-                                metrics=self.metrics.text, netns_lock=True)
+                                metrics=self.metrics.scrape, netns_lock=True)
         await control.start()
         self.watch.start(loop)
         self.liveness.start(loop, self.config)  # BFD and dampening; the keepalive verdicts are resumed below
@@ -225,12 +225,12 @@ class Daemon:
             self.nft.remove()
         self.kernel.close()
 
-    def tunnel_statuses(self) -> list[TunnelStatus]:
-        return self.liveness.annotate(self.ipsec.annotate(self.reports.statuses(self.config, self.liveness.status)))
+    def tunnel_statuses(self, of: slice = slice(None)) -> list[TunnelStatus]:  # of: a slice of them (metrics.py)
+        return self.liveness.annotate(self.ipsec.annotate(self.reports.statuses(self.config, self.liveness.status, of)))
 
-    def status(self) -> DaemonStatus:
+    def status(self, of: slice = slice(None)) -> DaemonStatus:
         return {"config": str(self.config_path), "generation": self.generation, "last_error": self.last_error,
-                "pid": os.getpid(), "netlink_requests": self.kernel.requests, "tunnels": self.tunnel_statuses(),
+                "pid": os.getpid(), "netlink_requests": self.kernel.requests, "tunnels": self.tunnel_statuses(of),
                 "warnings": list(self.nft.warnings), "keepalive_socket": self.liveness.keepalive.socket_status()}
 
 

@@ -11,35 +11,36 @@ Three outlets, one rendering, made by `prometheus_client` from the same status `
 The textfile holds greupd's own metrics only: node_exporter exports `process_*` of its own, and the same names
 from a textfile would clash with them. Over HTTP and the control socket the daemon's `process_*` come too.
 
-No threads and no global registry: `DaemonCollector` reads the status afresh at every collect(), on a private
-CollectorRegistry, inside the loop. The publisher's task ends when the daemon's loop does (asyncio.run cancels
-it); then the listener closes and the textfile is removed, so a stopped daemon leaves no stale `up` behind.
+No threads and no global registry: greupd's metrics are written by metrics_text.py from the daemon's status, a
+slice of tunnels at a time with the loop running between slices; prometheus_client makes only `process_*`.
+The publisher's task ends when the daemon's loop does (asyncio.run cancels it); then the listener closes and
+the textfile is removed, so a stopped daemon leaves no stale `up` behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import ipaddress
 import logging
 import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from greupd import __version__
 from greupd.config import DaemonConfig, listen_address
+from greupd.metrics_text import LabelCache, MetricsText, render_text
 from greupd.state import StartConfig
-from greupd.status import DaemonStatus, IpsecState, ReloadResult, TunnelState
+from greupd.status import SLICE, DaemonStatus, ReloadResult, StatusOf, TunnelStatus, status_in_slices
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
-    from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 log = logging.getLogger("greupd.metrics")
 
@@ -62,8 +63,6 @@ _WRITE_TIMEOUT: Final = 10.0
 # senders cannot starve it however many they are, and no per-address count is needed (one attacker has many
 # addresses; several Prometheus may share one). Slots all busy answering: 503.
 _MAX_CONNECTIONS: Final = 16
-_STATES: Final[tuple[TunnelState, ...]] = ("up", "down", "disabled", "error")
-_IPSEC_STATES: Final[tuple[IpsecState, ...]] = ("established", "connecting", "down")
 
 
 @dataclass(frozen=True)
@@ -74,192 +73,9 @@ class ReloadOutcome:
     last_success: float  # Unix time
 
 
-class DaemonCollector:
-    """The greupd_* metric families over the daemon's status, read afresh on every collect()."""
-
-    def __init__(self, status: Callable[[], DaemonStatus], reload: Callable[[], ReloadOutcome],
-                 version: str = __version__) -> None:
-        self._status = status
-        self._reload = reload
-        self._version = version
-
-    def collect(self) -> Iterator[Metric]:
-        from prometheus_client.metrics_core import CounterMetricFamily  # imported when first rendered: start-up
-
-        status, reload = self._status(), self._reload()
-        yield _gauge("greupd_build_info", "greupd's version; the value is always 1", 1, version=self._version)
-        yield _gauge("greupd_config_generation", "Bumps on every applied config; 1 at start",
-                     status["generation"])
-        yield _gauge("greupd_config_last_reload_success",
-                     "1 if the last config load (start or reload) applied, 0 if it was rejected", int(reload.ok))
-        yield _gauge("greupd_config_last_reload_success_timestamp_seconds",
-                     "When a config was last applied (start or reload)", reload.last_success)
-        if "netlink_requests" in status:
-            yield CounterMetricFamily("greupd_netlink_requests", "rtnetlink requests sent since the daemon started",
-                                      status["netlink_requests"])
-        yield from _tunnel_families(status)
-        yield from _ipsec_families(status)
-        yield from _keepalive_socket_families(status)
-        yield from _liveness_families(status)
-        yield from _path_mtu_families(status)
-
-
-def _gauge(name: str, documentation: str, value: float, **labels: str) -> GaugeMetricFamily:
-    from prometheus_client.metrics_core import GaugeMetricFamily
-
-    family = GaugeMetricFamily(name, documentation, labels=list(labels))
-    family.add_metric(list(labels.values()), value)
-    return family
-
-
-def _tunnel_families(status: DaemonStatus) -> Iterator[Metric]:
-    from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
-
-    tunnel = ["tunnel"]
-    info = GaugeMetricFamily("greupd_tunnel_info", "A configured tunnel; the value is always 1",
-                             labels=["tunnel", "mode", "local", "remote"])
-    up = GaugeMetricFamily("greupd_tunnel_up", "1 if the tunnel is up (link present, keepalives answered)",
-                           labels=tunnel)
-    state = GaugeMetricFamily("greupd_tunnel_state", "1 for the state the tunnel is in, 0 for the others",
-                              labels=["tunnel", "state"])
-    changes = CounterMetricFamily("greupd_tunnel_state_changes", "State transitions after the tunnel's first "
-                                  "state (flaps: keepalive timeouts and returns, removed links, errors)",
-                                  labels=tunnel)
-    since = GaugeMetricFamily("greupd_tunnel_last_change_timestamp_seconds",
-                              "When the tunnel entered its current state", labels=tunnel)
-    repairs = CounterMetricFamily("greupd_drift_repairs", "Passes that put back what another program changed "
-                                  "or removed on the tunnel (link, address, route)", labels=tunnel)
-    installed = GaugeMetricFamily("greupd_routes_installed", "The tunnel's routes greupd has installed "
-                                  "(0 while it is down)", labels=tunnel)
-    configured = GaugeMetricFamily("greupd_routes_configured", "The routes the config gives the tunnel",
-                                   labels=tunnel)
-    sent = CounterMetricFamily("greupd_keepalive_sent", "Keepalive probes sent", labels=tunnel)
-    received = CounterMetricFamily("greupd_keepalive_received", "Keepalive replies received", labels=tunnel)
-    missed = GaugeMetricFamily("greupd_keepalive_missed_in_a_row",
-                               "Probes unanswered since the last reply; `retries` of them take the tunnel down",
-                               labels=tunnel)
-    rtt = GaugeMetricFamily("greupd_keepalive_rtt_seconds", "Round-trip time of the last keepalive reply",
-                            labels=tunnel)
-    interval = GaugeMetricFamily("greupd_keepalive_interval_seconds", "Seconds between keepalive probes",
-                                 labels=tunnel)
-    for t in status["tunnels"]:
-        name = [t["name"]]
-        info.add_metric([t["name"], t["mode"], t["local"], t["remote"]], 1)
-        up.add_metric(name, int(t["state"] == "up"))
-        for each in _STATES:
-            state.add_metric([t["name"], each], int(t["state"] == each))
-        changes.add_metric(name, t["state_changes"])
-        since.add_metric(name, _timestamp(t["since"]))
-        repairs.add_metric(name, t["drift_repairs"])
-        installed.add_metric(name, len(t["routes"]) if t["routes_installed"] else 0)
-        configured.add_metric(name, len(t["routes"]))
-        keepalive = t["keepalive"]
-        if keepalive is None:
-            continue
-        sent.add_metric(name, keepalive["sent"])
-        received.add_metric(name, keepalive["received"])
-        missed.add_metric(name, keepalive["missed_in_a_row"])
-        interval.add_metric(name, keepalive["interval"])
-        if keepalive["last_rtt_ms"] is not None:
-            rtt.add_metric(name, keepalive["last_rtt_ms"] / 1000)
-    yield from (info, up, state, changes, since, repairs, installed, configured, sent, received, missed, rtt,
-                interval)
-
-
-def _keepalive_socket_families(status: DaemonStatus) -> Iterator[Metric]:
-    """The keepalive socket's drops: replies a flood pushed out of its receive buffer count as misses (#21 M6)."""
-    from prometheus_client.metrics_core import CounterMetricFamily
-
-    keepalive_socket = status.get("keepalive_socket")
-    if keepalive_socket is None:
-        return
-    yield _gauge("greupd_keepalive_socket_filter_addresses", "1 if the kernel passes keepalive packets from "
-                 "configured remotes only, 0 if from any source (too many remotes for the filter)",
-                 int(keepalive_socket["filter"] != "protocol"))
-    yield _gauge("greupd_keepalive_socket_filter_tokens", "1 if the kernel passes only replies that carry a "
-                 "token greupd issued, 0 if any reply from a configured remote (too many tunnels for the filter)",
-                 int(keepalive_socket["filter"] == "tokens"))
-    if keepalive_socket["drops"] is not None:
-        yield CounterMetricFamily("greupd_keepalive_socket_drops", "Packets the kernel dropped at the keepalive "
-                                  "socket because its receive buffer was full", keepalive_socket["drops"])
-
-
-def _liveness_families(status: DaemonStatus) -> Iterator[Metric]:
-    """BFD sessions and dampening (greupd/liveness/): absent for tunnels without them."""
-    from prometheus_client.metrics_core import GaugeMetricFamily
-
-    bfd = GaugeMetricFamily("greupd_bfd_session_up", "1 while the tunnel's BFD session is Up", labels=["tunnel"])
-    dampened = GaugeMetricFamily("greupd_tunnel_dampened", "1 while dampening holds the flapping tunnel down",
-                                 labels=["tunnel"])
-    for t in status["tunnels"]:
-        if "bfd" in t:
-            bfd.add_metric([t["name"]], int(t["bfd"]["state"] == "up"))
-        if "liveness" in t:
-            dampened.add_metric([t["name"]], int("dampening" in t["liveness"]["down_by"]))
-    yield from (bfd, dampened)
-
-
-def _ipsec_families(status: DaemonStatus) -> Iterator[Metric]:
-    """Tunnels with [tunnel.ipsec]: is ESP there (IKE_SA established, CHILD_SA installed), and is charon reached.
-
-    Absent without [tunnel.ipsec] anywhere: a dashboard tells "no IPsec configured" from "charon unreachable".
-    """
-    with_ipsec = [(t["name"], t["ipsec"]) for t in status["tunnels"] if "ipsec" in t]
-    if not with_ipsec:
-        return
-    from prometheus_client.metrics_core import GaugeMetricFamily  # imported when first rendered: start-up
-
-    tunnel = ["tunnel"]
-    sa_up = GaugeMetricFamily("greupd_ipsec_sa_up", "1 if the tunnel's IPsec SAs are established "
-                              "(IKE_SA established, CHILD_SA installed): its GRE travels in ESP", labels=tunnel)
-    state = GaugeMetricFamily("greupd_ipsec_state", "1 for the tunnel's IPsec state (established, connecting, "
-                              "down), 0 for the others", labels=["tunnel", "state"])
-    charon = GaugeMetricFamily("greupd_ipsec_charon_connected",
-                               "1 if greupd holds a VICI session with charon ([daemon] vici_socket)")
-    for name, ipsec in with_ipsec:
-        sa_up.add_metric([name], int(ipsec["state"] == "established"))
-        for each in _IPSEC_STATES:
-            state.add_metric([name, each], int(ipsec["state"] == each))
-    # One session serves every tunnel; each tunnel's status carries the same flag.
-    charon.add_metric([], int(any(ipsec["charon"] for _, ipsec in with_ipsec)))
-    yield from (sa_up, state, charon)
-
-
-def _path_mtu_families(status: DaemonStatus) -> Iterator[Metric]:
-    """Tunnels with mtu = "probe" (#23): the MTU measured end to end and set on the link; absent before a result."""
-    measured = [(t["name"], t["path_mtu"]) for t in status["tunnels"] if "path_mtu" in t]
-    if not measured:
-        return
-    from prometheus_client.metrics_core import GaugeMetricFamily  # imported when first rendered: start-up
-
-    size = GaugeMetricFamily("greupd_tunnel_path_mtu_bytes", "The tunnel's MTU measured end to end by padded "
-                             "keepalives and set on its link (the floor when even that did not come back)",
-                             labels=["tunnel"])
-    failed = GaugeMetricFamily("greupd_tunnel_path_mtu_failed", "1 if not even the floor came back (a black "
-                               "hole below it)", labels=["tunnel"])
-    ipv6 = GaugeMetricFamily("greupd_tunnel_path_mtu_ipv6", "1 if the MTU carries IPv6 (1280 or more, RFC 8200)",
-                             labels=["tunnel"])
-    for name, path_mtu in measured:
-        if path_mtu["bytes"] is None:
-            continue
-        size.add_metric([name], path_mtu["bytes"])
-        failed.add_metric([name], int(path_mtu["state"] == "failed"))
-        ipv6.add_metric([name], int(path_mtu["bytes"] >= 1280))
-    yield from (size, failed, ipv6)
-
-
-def _timestamp(iso: str) -> float:
-    # status' `since` is ISO 8601 UTC with a Z (report.now_iso); fromisoformat reads the Z from Python 3.11 on.
-    return datetime.fromisoformat(iso).timestamp()
-
-
 def render(status: DaemonStatus, reload: ReloadOutcome, version: str = __version__) -> str:
     """The greupd_* metrics of one status, as the textfile holds them."""
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonCollector(lambda: status, lambda: reload, version))
-    return generate_latest(registry).decode()
+    return render_text(status, reload.ok, reload.last_success, version)
 
 
 # --- the daemon's side ---------------------------------------------------------------------------------------
@@ -272,7 +88,7 @@ class MetricsPublisher:
     must see (a textfile that cannot be written, an address in use), each said once, not at every refresh.
     """
 
-    def __init__(self, status: Callable[[], DaemonStatus], settings: Callable[[], DaemonConfig],
+    def __init__(self, status: StatusOf | Callable[[], DaemonStatus], settings: Callable[[], DaemonConfig],
                  start: StartConfig | None, on_error: Callable[[str], None], min_gap: float = MIN_GAP) -> None:
         self._settings = settings
         self._on_error = on_error
@@ -282,9 +98,14 @@ class MetricsPublisher:
         self._stale = True  # a pass, reload or verdict since that rendering: the textfile wants a new one
         self._pending: asyncio.TimerHandle | None = None  # a rendering put off by MIN_GAP
         self._reload = ReloadOutcome(start is None or start.rejected is None, time.time())
-        self._collector = DaemonCollector(status, lambda: self._reload)
-        # (greupd_*, the textfile's; process_*, which the control socket and GET /metrics add)
-        self._registries: tuple[CollectorRegistry, CollectorRegistry] | None = None  # made when first needed
+        # Daemon.status takes a slice of the tunnels: then renderings go a slice at a time (a plain status, all
+        # tunnels at once, is a test's).
+        self._sliced: StatusOf | None = status if inspect.signature(status).parameters else None  # type: ignore[assignment]
+        self._whole: Callable[[], DaemonStatus] = (lambda: self._sliced(slice(None))) if self._sliced else status  # type: ignore[assignment,misc]
+        self._tunnels = -1  # in the last rendering (-1: none yet)
+        self._labels = LabelCache()  # kept between renderings
+        self._rendering: asyncio.Task[str] | None = None  # a sliced rendering under way: scrapes meanwhile share it
+        self._process: CollectorRegistry | None = None  # process_*, which the control socket and GET /metrics add
         self._textfile: Path | None = None  # the file we wrote last, to remove when the setting changes
         self._written = ""
         self._said: str | None = None  # the last problem reported, so a refresh does not repeat it
@@ -293,34 +114,74 @@ class MetricsPublisher:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
-    def _registry(self, process: bool) -> CollectorRegistry:
+    def _process_text(self) -> str:
         # prometheus_client is imported here, not at start: a daemon without metrics_* settings never scraped
         # starts ~30 ms sooner (natively) without it.
-        if self._registries is None:
-            from prometheus_client import CollectorRegistry, ProcessCollector
+        from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
-            own, processes = CollectorRegistry(auto_describe=False), CollectorRegistry(auto_describe=False)
-            own.register(self._collector)
-            ProcessCollector(registry=processes)
-            self._registries = own, processes
-        return self._registries[1 if process else 0]
+        if self._process is None:
+            self._process = CollectorRegistry(auto_describe=False)
+            ProcessCollector(registry=self._process)
+        return generate_latest(self._process).decode()
+
+    def _due(self, fresh: bool) -> bool:
+        """Render again? If `fresh` is wanted and something changed since, or the last rendering is MIN_GAP old."""
+        now = time.monotonic()
+        return (fresh and self._stale) or now - self._rendered_at >= self._min_gap or not self._rendered
 
     def _greupd_text(self, fresh: bool) -> str:
-        """greupd's metrics, rendered anew only if `fresh` is wanted and something changed since, or the last
-        rendering is MIN_GAP old. One loop, synchronous rendering: never two at a time."""
-        from prometheus_client import generate_latest
-
-        now = time.monotonic()
-        if (fresh and self._stale) or now - self._rendered_at >= self._min_gap or not self._rendered:
-            self._rendered_at, self._stale = now, False
-            self._rendered = generate_latest(self._registry(process=False)).decode()
+        """greupd's metrics, all tunnels in one go (see _due); for a few tunnels, and tests."""
+        if self._due(fresh):
+            self._rendered_at, self._stale = time.monotonic(), False
+            status = self._whole()
+            text = MetricsText(status, self._reload.ok, self._reload.last_success, self._labels)
+            text.add(status["tunnels"])
+            self._rendered, self._tunnels = text.text(), len(status["tunnels"])
         return self._rendered
 
-    def text(self) -> str:
-        """What `greupd metrics` and GET /metrics answer: greupd's (shared, see _greupd_text), then the process'."""
-        from prometheus_client import generate_latest
+    async def _greupd_text_sliced(self, fresh: bool) -> str:
+        """The same, a slice of tunnels at a time, the loop running between them; one rendering at a time."""
+        if self._sliced is None:
+            return self._greupd_text(fresh)
+        if self._rendering is None and self._due(fresh):
+            self._rendering = asyncio.get_running_loop().create_task(self._render_sliced(self._sliced))
+        if self._rendering is None:
+            return self._rendered
+        return await asyncio.shield(self._rendering)
 
-        return self._greupd_text(fresh=False) + generate_latest(self._registry(process=True)).decode()
+    async def _render_sliced(self, status: StatusOf) -> str:
+        self._stale = False  # a pass from now on wants another rendering
+        texts: list[MetricsText] = []
+        count = 0
+
+        def begin(head: DaemonStatus) -> None:
+            nonlocal count
+            texts[:] = [MetricsText(head, self._reload.ok, self._reload.last_success, self._labels)]
+            count = 0
+
+        def each(tunnels: list[TunnelStatus]) -> None:
+            nonlocal count
+            texts[0].add(tunnels)
+            count += len(tunnels)
+
+        try:
+            await status_in_slices(status, begin, each)
+            self._rendered, self._rendered_at, self._tunnels = texts[0].text(), time.monotonic(), count
+        finally:
+            self._rendering = None
+        return self._rendered
+
+    def _small(self) -> bool:
+        """Render on the spot rather than in slices: a test's status, or few tunnels last time."""
+        return self._sliced is None or 0 <= self._tunnels <= SLICE
+
+    def text(self) -> str:
+        """`greupd metrics` and GET /metrics, all at once: greupd's (shared, see _greupd_text), then the process'."""
+        return self._greupd_text(fresh=False) + self._process_text()
+
+    async def scrape(self) -> str:
+        """The same, rendered a slice at a time (what the control socket and GET /metrics call)."""
+        return await self._greupd_text_sliced(fresh=False) + self._process_text()
 
     def publish(self) -> None:
         """After a pass, a reload or a rejected one: rewrite the textfile if its text changed, and have the
@@ -330,7 +191,9 @@ class MetricsPublisher:
         if self._task is None:
             self._task = loop.create_task(self._run(), name="greupd metrics")
         wait = self._rendered_at + self._min_gap - time.monotonic()
-        if wait <= 0:
+        if wait <= 0 and not self._small():
+            self._wake.set()  # the task renders it a slice at a time, then writes it
+        elif wait <= 0:
             self._write_textfile(self._settings().metrics_textfile)
         elif self._pending is None:
             self._pending = loop.call_later(wait, self._write_pending)
@@ -339,7 +202,10 @@ class MetricsPublisher:
 
     def _write_pending(self) -> None:
         self._pending = None
-        self._write_textfile(self._settings().metrics_textfile)
+        if self._small():
+            self._write_textfile(self._settings().metrics_textfile)
+        else:
+            self._wake.set()
 
     def reloaded(self, result: ReloadResult) -> ReloadResult:
         """Wraps Daemon.reload's answer: the reload counts, applied or rejected. An applied one binds
@@ -370,7 +236,10 @@ class MetricsPublisher:
                     self._follow_listen(self._settings().metrics_listen)
                     if self._listener is not None and not self._listener.serving:
                         await self._listener.serve()
-                    self._write_textfile(self._settings().metrics_textfile)
+                    path = self._settings().metrics_textfile
+                    if path is not None and not self._small():
+                        await self._greupd_text_sliced(fresh=True)  # then written from what it rendered
+                    self._write_textfile(path)
                 except Exception as exc:
                     # A bug here must not end the refreshes silently, nor reach the daemon's loop.
                     self._say(f"metrics: {type(exc).__name__}: {exc}")
@@ -397,7 +266,7 @@ class MetricsPublisher:
         self._refused = None
         if wanted is None:
             return None
-        listener = MetricsListener(wanted, self.text)
+        listener = MetricsListener(wanted, self.scrape)
         try:
             listener.bind()
         except OSError as exc:
@@ -426,7 +295,7 @@ class MetricsPublisher:
         self._textfile = path
         if path is None:
             return
-        text = self._greupd_text(fresh=True)
+        text = self._greupd_text(fresh=True) if self._small() else self._rendered
         if text == self._written:
             return
         try:
@@ -468,7 +337,7 @@ class MetricsListener:
     """A minimal HTTP/1.x server for Prometheus: GET (or HEAD) /metrics, 404 for any other path, one request per
     connection. Inside the daemon's loop, no threads."""
 
-    def __init__(self, address: str, text: Callable[[], str]) -> None:
+    def __init__(self, address: str, text: Callable[[], str | Awaitable[str]]) -> None:
         self.address = address
         self._text = text
         self._socket: socket.socket | None = None
@@ -552,7 +421,7 @@ class MetricsListener:
             if writer not in self._slots:
                 return  # closed to make room for a newer connection
             self._slots[writer] = False
-            status, body, extra = self._answer(head)
+            status, body, extra = await self._answer(head)
             if head.startswith(b"HEAD "):
                 extra["Content-Length"] = str(len(body))
                 body = b""
@@ -568,7 +437,7 @@ class MetricsListener:
             self._slots.pop(writer, None)
             writer.close()
 
-    def _answer(self, head: bytes) -> tuple[str, bytes, dict[str, str]]:
+    async def _answer(self, head: bytes) -> tuple[str, bytes, dict[str, str]]:
         parts = head.split(b"\r\n", 1)[0].split(b" ")
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
             return "400 Bad Request", b"a request line and headers of at most 8 KiB\n", {}
@@ -577,7 +446,10 @@ class MetricsListener:
             return "405 Method Not Allowed", b"GET /metrics\n", {"Allow": "GET, HEAD"}
         if target.split(b"?", 1)[0] != b"/metrics":
             return "404 Not Found", b"greupd serves GET /metrics only\n", {}
-        return "200 OK", self._text().encode(), {"Content-Type": CONTENT_TYPE}
+        text = self._text()
+        if inspect.isawaitable(text):
+            text = await text
+        return "200 OK", text.encode(), {"Content-Type": CONTENT_TYPE}
 
 
 def _response(status: str, body: bytes, headers: dict[str, str]) -> bytes:

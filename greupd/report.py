@@ -64,6 +64,7 @@ class Reports:
         self._version = 0  # bumped whenever a record's state, reason, error or link_works changes
         self._answerable: tuple[int, list[str]] | None = None
         self._status_text: tuple[Config, int, str] | None = None  # for (config, version)
+        self._tunnel_texts: dict[str, tuple[TunnelConfig, tuple[str, str, str, tuple[str, ...]]]] = {}
 
     def tunnels(self, config: Config) -> Mapping[str, TunnelConfig]:
         """`config`'s tunnels by name, in config order (built once per config)."""
@@ -74,6 +75,8 @@ class Reports:
                 del self.records[gone]
             for gone in set(self._verdicts) - self._by_name.keys():
                 del self._verdicts[gone]
+            for gone in set(self._tunnel_texts) - self._by_name.keys():
+                del self._tunnel_texts[gone]
             self._version += 1
         return self._by_name
 
@@ -155,23 +158,33 @@ class Reports:
             self._status_text = (config, self._version, status_line(briefs))
         return self._status_text[2]
 
-    def statuses(self, config: Config, keepalive: Callable[[str], KeepaliveStatus | None]) -> list[TunnelStatus]:
+    def statuses(self, config: Config, keepalive: Callable[[str], KeepaliveStatus | None],
+                 window: slice = slice(None)) -> list[TunnelStatus]:
+        """The tunnels' part of `greupd status --json`, in config order; `window`: of that slice of them only
+        (status and metrics go a slice at a time: metrics.status_in_slices)."""
         statuses: list[TunnelStatus] = []
         unreported: TunnelRecord | None = None
-        for tunnel in config.tunnels:
+        for tunnel in config.tunnels[window]:
             record = self.records.get(tunnel.name)
             if record is None:
                 record = unreported = unreported or TunnelRecord()
+            mode, local, remote, routes = self._texts(tunnel)
             statuses.append({
-                "name": tunnel.name, "mode": tunnel.mode, "local": str(tunnel.local),
-                "remote": str(tunnel.remote), "state": record.state, "since": record.since,
-                "reason": record.reason, "error": record.error, "ifindex": record.ifindex,
-                "routes": [str(r) for r in tunnel.routes],
-                "routes_installed": record.state == "up" and bool(tunnel.routes),
+                "name": tunnel.name, "mode": mode, "local": local, "remote": remote, "state": record.state,
+                "since": record.since, "reason": record.reason, "error": record.error, "ifindex": record.ifindex,
+                "routes": list(routes), "routes_installed": record.state == "up" and bool(routes),
                 "keepalive": keepalive(tunnel.name) if tunnel.keepalive else None,
                 "state_changes": record.state_changes, "drift_repairs": record.drift_repairs,
             })
         return statuses
+
+    def _texts(self, tunnel: TunnelConfig) -> tuple[str, str, str, tuple[str, ...]]:
+        """A tunnel's config as status shows it, written once per config (str() of an address is not free)."""
+        texts = self._tunnel_texts.get(tunnel.name)
+        if texts is None or texts[0] is not tunnel:
+            texts = self._tunnel_texts[tunnel.name] = (tunnel, (tunnel.mode, str(tunnel.local), str(tunnel.remote),
+                                                                tuple(str(r) for r in tunnel.routes)))
+        return texts[1]
 
     def _link_losses(self, config: Config, observed: Observed) -> list[TunnelChanged]:
         changes: list[TunnelChanged] = []

@@ -28,8 +28,10 @@ from greupd.control import (
     ControlServer,
     ControlSocketBusy,
     ControlUnavailable,
+    metrics_answer,
     parse_request,
     request,
+    status_answer,
 )
 from greupd.metrics import ReloadOutcome, render
 from greupd.status import DaemonStatus, ReloadResult, TunnelState, TunnelStatus
@@ -367,3 +369,36 @@ def test_cli_finds_the_socket_named_in_the_config(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60, env=env, check=False)
     assert result.returncode == 3
     assert str(sock) in result.stderr
+
+
+# --- answers made a slice of tunnels at a time (issue #26: 10,000 tunnels never hold the loop long) -----------
+
+class SlicedDaemon:
+    """Daemon.status's shape: the daemon's fields and a slice of its tunnels; a reload may come between slices."""
+
+    def __init__(self, count: int, reload_at_call: int | None = None) -> None:
+        self.tunnels = [tunnel(f"t{i}") for i in range(count)]
+        self.generation, self.calls, self._reload_at = 1, 0, reload_at_call
+
+    def status(self, of: slice = slice(None)) -> DaemonStatus:
+        self.calls += 1
+        if self.calls == self._reload_at:
+            self.generation += 1
+            self.tunnels = self.tunnels[1:]  # the reload removed one tunnel
+        return {**router_a(self.generation), "tunnels": self.tunnels[of], "warnings": ["w"]}
+
+
+def test_a_status_answered_in_slices_is_the_whole_status_and_never_mixes_two_configs() -> None:
+    calm = SlicedDaemon(601)
+    answer = json.loads(asyncio.run(status_answer(calm.status)))
+    assert answer == {"ok": True, "result": calm.status()}
+    assert calm.calls == 4  # three slices of 250, then the check above
+
+    reloaded = SlicedDaemon(601, reload_at_call=2)
+    answer = json.loads(asyncio.run(status_answer(reloaded.status)))
+    assert answer["result"]["generation"] == 2 and len(answer["result"]["tunnels"]) == 600
+
+
+def test_a_metrics_answer_escaped_a_chunk_at_a_time_reads_back_as_the_text() -> None:
+    text = 'greupd_tunnel_up{tunnel="we\\"ird"} 1.0\n' * 50 + "é\t\x01"
+    assert json.loads(asyncio.run(metrics_answer(text, chunk=7))) == {"ok": True, "result": {"text": text}}

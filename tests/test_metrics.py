@@ -24,6 +24,7 @@ from greupd.config import ConfigError, DaemonConfig, load_config_text
 from greupd.control import request
 from greupd.metrics import MetricsListener, MetricsPublisher, ReloadOutcome, render, write_atomically
 from greupd.status import DaemonStatus, IpsecState
+from tests.prometheus_oracle import render_by_prometheus_client
 from tests.test_control import StandInDaemon, greupd, router_a, tunnel
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,6 +97,31 @@ def router_a_over_ipsec(c_state: IpsecState = "connecting", charon: bool = True)
     to_c["ipsec"] = {"state": c_state, "connection": "greupd-to_c", "ike_sa": "CONNECTING" if charon else None,
                      "child_sa": None, "charon": charon, "error": None if charon else "charon not reached yet"}
     return status
+
+
+def everything_at_once() -> DaemonStatus:
+    """Every family and every corner of the text format: odd names, counters past 1e7, no keepalive."""
+    status = router_a_over_ipsec()
+    status["netlink_requests"] = 12_345_678
+    status["keepalive_socket"] = {"filter": "addresses", "remotes": 3, "drops": 7}
+    first, second, third = status["tunnels"]
+    first["name"] = 'we"ird\\na\nme'
+    first["keepalive"] = {"interval": 0.1, "retries": 3, "sent": 98_765_432_101, "received": 1_000_000,
+                          "missed_in_a_row": 999_999, "last_rtt_ms": 0.0123}
+    first["bfd"] = {"state": "up", "remote_state": "up", "detect_time_ms": 300, "sent": 1, "received": 1,
+                    "dropped": 0}
+    first["liveness"] = {"down_by": ["dampening"]}
+    first["path_mtu"] = {"bytes": 1276, "state": "measured", "measured_at": None, "ipv6": False}
+    second["path_mtu"] = {"bytes": None, "state": "searching", "measured_at": None, "ipv6": None}
+    third["keepalive"] = None
+    third["liveness"] = {"down_by": []}
+    return status
+
+
+def test_the_text_is_byte_for_byte_what_prometheus_client_wrote() -> None:
+    for status in (everything_at_once(), router_a_with_a_dead_backup(), router_a_over_ipsec("down", charon=False)):
+        for reload in (ReloadOutcome(ok=True, last_success=STARTED), ReloadOutcome(ok=False, last_success=1.5e9)):
+            assert render(status, reload) == render_by_prometheus_client(status, reload)
 
 
 def test_ipsec_sa_state_per_tunnel() -> None:

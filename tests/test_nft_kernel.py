@@ -66,6 +66,22 @@ remote = "172.19.1.2"
 """
 
 
+# Changes made with `nft` while greupd's table is kept: another table's (the fingerprint must let them pass
+# without a libnftables read-back), then ours (each must be found).
+FINGERPRINT_CHANGES = (
+    ("another table added", "add table ip other; add chain ip other pass { type filter hook forward priority 0; "
+                            "policy accept; }"),
+    ("another table's rule", "add rule ip other pass counter"),
+    ("a rule added to ours", "add rule inet greupd forward counter"),
+    ("an element added to ours", 'add element inet greupd forward_into { "x" : drop }'),
+    ("our base chain's policy", "add chain inet greupd forward { type filter hook forward priority 0; policy drop; }"),
+    ("a chain added to ours", "add chain inet greupd spare"),
+    ("our rule deleted and the same put back", "flush chain inet greupd clamp_1436; add rule inet greupd clamp_1436 "
+                                                "tcp option maxseg size set meta nfproto map { ipv4 : 1436, "
+                                                'ipv6 : 1416 } comment "clamp mss to 1436 (ipv6: 1416)"'),
+)
+
+
 # --- the driver: runs inside the netns --------------------------------------------------------------------
 
 
@@ -94,6 +110,23 @@ def _driver(action: str, config_path: str, *more: str) -> None:
             table.apply(Ruleset(ruleset.table, ruleset.chains, (good, misplaced), ruleset.sets))
         except NftError as exc:
             result.update(error=str(exc), tunnel=exc.tunnel, rule=exc.rule)
+    elif action == "fingerprint":
+        # One NftTable throughout, as the daemon's: after its apply, each change made with `nft` in turn, and
+        # whether matches() (the fingerprint first, libnftables only when it differs) still finds our table.
+        table = _Counting(ruleset.table)
+        table.apply(ruleset)
+        looks = {"untouched": table.matches(ruleset)}
+        for name, command in FINGERPRINT_CHANGES[:2]:
+            subprocess.run(["nft", "-f", "-"], input=command, text=True, check=True)
+            looks[name] = table.matches(ruleset)
+        result["read_backs"] = table.read_backs  # libnftables listings so far: none, the fingerprint held
+        for name, command in FINGERPRINT_CHANGES[2:]:
+            subprocess.run(["nft", "-f", "-"], input=command, text=True, check=True)
+            looks[name] = table.matches(ruleset)
+            if not looks[name]:
+                table.apply(ruleset)
+                looks[f"{name}, put back"] = table.matches(ruleset) and NftTable(ruleset.table).matches(ruleset)
+        result["looks"] = looks
     elif action == "keep":
         result.update(asyncio.run(_keep(table, ruleset)))
     elif action == "steps":
@@ -108,6 +141,14 @@ def _driver(action: str, config_path: str, *more: str) -> None:
             steps.append({"table_handle": handles, "canonical": NftTable(ruleset.table).matches(ruleset)})
         result["steps"] = steps
     print(json.dumps(result), flush=True)
+
+
+class _Counting(NftTable):
+    read_backs = 0
+
+    def observe(self) -> str | None:
+        self.read_backs += 1
+        return super().observe()
 
 
 async def _keep(table: NftTable, ruleset: Ruleset) -> dict[str, int]:
@@ -242,6 +283,17 @@ def test_someone_adding_a_rule_to_our_table_is_a_difference(router: Host) -> Non
     assert drive(router, "matches", SEED) == {"matches": False}
     drive(router, "apply", SEED)
     assert "drop" not in nft(router, "list", "table", "inet", "greupd")
+
+
+def test_the_fingerprint_lets_other_tables_changes_pass_and_finds_every_change_to_ours(router: Host) -> None:
+    result = drive(router, "fingerprint", SEED)
+    looks = result["looks"]
+
+    drifts = [name for name, _ in FINGERPRINT_CHANGES[2:]]
+    # The last too: new handles, so the fingerprint differs, and the table is put back without asking how.
+    assert looks == {"untouched": True, "another table added": True, "another table's rule": True,
+                     **{name: False for name in drifts}, **{f"{name}, put back": True for name in drifts}}
+    assert result["read_backs"] == 0
 
 
 BACKUP = """

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from greupd.config import Config
+from greupd.nft.fingerprint import ChainInfo
 from greupd.nft.render import FAMILY, Json, JsonObject
 
 # The families whose forward hook sees routed IP packets (bridge's sees bridged frames, netdev has none).
@@ -103,6 +104,9 @@ def tunnels_with_accepts(config: Config) -> dict[str, frozenset[int]]:
 
 def warnings(config: Config, drops: Iterable[ForwardDrop]) -> list[str]:
     """One line per drop that defeats some tunnel's accepts, naming those tunnels."""
+    drops = list(drops)
+    if not drops:
+        return []  # the usual case, and no walk over thousands of tunnels for it
     accepting = tunnels_with_accepts(config)
     lines = []
     for drop in drops:
@@ -116,11 +120,30 @@ def warnings(config: Config, drops: Iterable[ForwardDrop]) -> list[str]:
 
 Query = Callable[[JsonObject], list[Json]]  # one libnftables `list` command -> its objects (NftTable.query)
 
+_FAMILY_NAMES = {1: "inet", 2: "ip", 10: "ip6"}  # NFPROTO_*: the families whose forward hook routes IP
+_HOOK_NAMES = {0: "prerouting", 1: "input", 2: "forward", 3: "output", 4: "postrouting"}  # NF_INET_*
+_POLICY_NAMES = {0: "drop", 1: "accept"}  # NF_DROP, NF_ACCEPT
+
+
+def chain_json(chain: ChainInfo) -> JsonObject:
+    """A chain of nf_tables' own netlink dump (fingerprint.py) as libnftables' JSON lists it, for the above."""
+    body: dict[str, Json] = {"family": _FAMILY_NAMES.get(chain.family, str(chain.family)), "table": chain.table,
+                             "name": chain.name}
+    if chain.hook is not None:
+        body.update(type=chain.type, hook=_HOOK_NAMES.get(chain.hook, str(chain.hook)), prio=chain.priority,
+                    policy="accept" if chain.policy is None else _POLICY_NAMES.get(chain.policy, str(chain.policy)))
+    return {"chain": body}
+
 
 def observe_forward_drops(query: Query, own_table: str) -> list[ForwardDrop]:
     """Ask the kernel (one `list chains`, then one `list chain` per forward base chain of another table)."""
+    return forward_drops_of(forward_base_chains(query({"list": {"chains": {}}}), own_table), query)
+
+
+def forward_drops_of(chains: Iterable[dict[str, Json]], query: Query) -> list[ForwardDrop]:
+    """The drops among other tables' forward base chains, their rules asked for where the policy does not say."""
     drops = []
-    for chain in forward_base_chains(query({"list": {"chains": {}}}), own_table):
+    for chain in chains:
         rules: list[Json] = []
         if chain.get("policy") != "drop":
             ref = {key: chain.get(key) for key in ("family", "table", "name")}

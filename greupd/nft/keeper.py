@@ -14,22 +14,54 @@ it appears.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from greupd.config import Config
+from greupd.gre import IPAddress
 from greupd.model import IpsecGuard, ipsec_held, probed
-from greupd.nft.foreign import observe_forward_drops, tunnels_with_accepts, warnings
+from greupd.nft.fingerprint import NFPROTO_INET, FingerprintError, NftNetlink, parse_chain
+from greupd.nft.foreign import (
+    ForwardDrop,
+    chain_json,
+    forward_base_chains,
+    forward_drops_of,
+    observe_forward_drops,
+    tunnels_with_accepts,
+    warnings,
+)
 from greupd.nft.ipsec import ipsec_table, render_ipsec_ruleset, requiring
-from greupd.nft.render import render_ruleset
+from greupd.nft.render import Ruleset, render_ruleset
 from greupd.nft.table import NftError, NftTable
-from greupd.nft.watch import NftWatch, NftWatchError
+from greupd.nft.watch import ROUTED_FAMILIES, NftWatch, NftWatchError
 
 log = logging.getLogger("greupd")
 
 # Seconds between looks while tunnels wait for their IPsec drops: not every way a table frees up is announced
 # (a table another process owned goes with that process's socket, without a transaction to watch).
 IPSEC_RETRY = 5.0
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    """What a config asks of nftables, rendered once per config (a keep with the same config renders nothing)."""
+
+    config: Config
+    ruleset: Ruleset
+    ipsec: Ruleset
+    pairs: frozenset[tuple[IPAddress, IPAddress]]  # (local, remote) of the tunnels that require IPsec
+    accepts: bool  # some tunnel has forward accepts that another table's drop could defeat
+
+
+@dataclass(frozen=True)
+class _Drops:
+    """Other tables' forward drops as last seen: at which generation, from which chains (and rules)."""
+
+    generation: int
+    chains: tuple[tuple[str, bytes], ...]  # each forward base chain (as JSON) and the digest of its rules
+    drops: list[ForwardDrop]
 
 
 class NftKeeper:
@@ -40,7 +72,8 @@ class NftKeeper:
         self._on_guard = on_guard
         self._loop: asyncio.AbstractEventLoop | None = None
         self.name = table
-        self.table, self.ipsec = NftTable(table), NftTable(ipsec_table(table))
+        self.netlink = NftNetlink()  # one socket, one chain dump per generation, for both tables
+        self.table, self.ipsec = NftTable(table, self.netlink), NftTable(ipsec_table(table), self.netlink)
         self.watch = NftWatch(on_change, table=table)
         self.ipsec_watch = NftWatch(on_change, table=ipsec_table(table))
         self.warnings: list[str] = []  # other tables' forward drops that defeat our accepts, while they last
@@ -48,6 +81,14 @@ class NftKeeper:
         self._waiting = False  # tunnels are held back for want of their drops: look again every IPSEC_RETRY
         self._ipsec_error: str | None = None
         self._retry: asyncio.TimerHandle | None = None
+        self._rendered: _Rendered | None = None
+        self._drops: _Drops | None = None
+
+    def _render(self, config: Config) -> _Rendered:
+        if self._rendered is None or self._rendered.config is not config:
+            self._rendered = _Rendered(config, render_ruleset(config), render_ipsec_ruleset(config),
+                                       frozenset(requiring(config.tunnels)), bool(tunnels_with_accepts(config)))
+        return self._rendered
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -62,7 +103,7 @@ class NftKeeper:
         """Make the tables what `config` renders, unless they already are (a compare, no transaction): the IPsec
         drops first, in their own transaction, so that no refusal of the other table can take them out."""
         self._keep_ipsec(config)
-        ruleset = render_ruleset(config)
+        ruleset = self._render(config).ruleset
         try:
             if not self.table.matches(ruleset):
                 self.table.apply(ruleset)
@@ -78,8 +119,8 @@ class NftKeeper:
 
     def _keep_ipsec(self, config: Config) -> None:
         """Apply the IPsec drops where they differ, then read them back: `guard` says what the kernel holds."""
-        ruleset = render_ipsec_ruleset(config)
-        pairs = frozenset(requiring(config.tunnels))
+        rendered = self._render(config)
+        ruleset, pairs = rendered.ipsec, rendered.pairs
         problem: str | None = None
         try:
             if not self.ipsec.holds(ruleset):
@@ -114,9 +155,9 @@ class NftKeeper:
 
     def _look_for_forward_drops(self, config: Config) -> None:
         found: list[str] = []
-        if tunnels_with_accepts(config):  # otherwise nothing of ours to defeat, and no need to ask nftables
+        if self._render(config).accepts:  # otherwise nothing of ours to defeat, and no need to ask nftables
             try:
-                found = warnings(config, observe_forward_drops(self.table.query, self.name))
+                found = warnings(config, self._forward_drops())
             except NftError:
                 return  # nftables cannot be asked: `keep` has said so if the config needs it; keep what we knew
             except Exception as exc:  # never the end of the daemon (H1)
@@ -130,6 +171,33 @@ class NftKeeper:
                 log.info("no longer: %s", line)
         self.warnings = found
 
+    def _forward_drops(self) -> list[ForwardDrop]:
+        """Other tables' forward drops: asked of libnftables only when those chains or their rules changed
+        (nf_tables' netlink says which: fingerprint.py), never while no transaction happened at all."""
+        try:
+            generation = self.netlink.generation()
+            if self._drops is not None and self._drops.generation == generation:
+                return self._drops.drops
+            parsed = [parse_chain(raw) for (family, table), bodies in self.netlink.chain_dump().items()
+                      if family in ROUTED_FAMILIES and (family, table) not in self._ours() for raw in bodies]
+            objects = [chain_json(info) for info in parsed]
+            family_of = {id(obj["chain"]): info.family for obj, info in zip(objects, parsed, strict=True)}
+            listed = forward_base_chains(objects, self.name)
+            chains = tuple((json.dumps(c, sort_keys=True),
+                            self.netlink.rules_digest(family_of[id(c)], str(c["table"]), str(c["name"])))
+                           for c in listed)
+        except FingerprintError:
+            return observe_forward_drops(self.table.query, self.name)  # libnftables the whole way
+        if self._drops is not None and self._drops.chains == chains:
+            drops = self._drops.drops
+        else:
+            drops = forward_drops_of(listed, self.table.query)
+        self._drops = _Drops(generation, chains, drops)
+        return drops
+
+    def _ours(self) -> tuple[tuple[int, str], ...]:
+        return (NFPROTO_INET, self.name), (NFPROTO_INET, self.ipsec.table)
+
     def rename(self, table: str, config: Config) -> None:
         """The config names another table: put `config`'s rules in the new one, then remove the old one (never
         a moment with neither: review L8), and keep (and watch) the new one from now on."""
@@ -137,7 +205,8 @@ class NftKeeper:
             return
         old = (self.table, self.ipsec)
         self.close()
-        self.name, self.table, self.ipsec = table, NftTable(table), NftTable(ipsec_table(table))
+        self.name, self._drops = table, None
+        self.table, self.ipsec = NftTable(table, self.netlink), NftTable(ipsec_table(table), self.netlink)
         self.watch = NftWatch(self._on_change, table=table)
         self.ipsec_watch = NftWatch(self._on_change, table=ipsec_table(table))
         self.keep(config)
@@ -160,6 +229,7 @@ class NftKeeper:
             self._on_error(f"nftables: unexpected error: {exc!r}")
 
     def close(self) -> None:
+        self.netlink.close()
         self.watch.close()
         self.ipsec_watch.close()
         if self._retry is not None:

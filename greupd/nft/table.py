@@ -10,9 +10,11 @@ from __future__ import annotations
 import ctypes
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from greupd.nft.delta import delta_commands
+from greupd.nft.fingerprint import FingerprintError, NftNetlink
 from greupd.nft.render import (
     FAMILY,
     MAX_COMMENT,
@@ -89,19 +91,40 @@ def _clean_error(text: str) -> str:
     return "; ".join(line for line in lines if line) or "libnftables failed without a message"
 
 
-class NftTable:
-    """greupd's table in the kernel of the calling process's netns, through libnftables."""
+@dataclass(frozen=True)
+class _Verified:
+    """The kernel was seen holding `ruleset`'s table when nftables was at `generation` and the table's bytes
+    hashed to `digest` (fingerprint.py; None: no table)."""
 
-    def __init__(self, table: str) -> None:
+    ruleset: Ruleset
+    generation: int
+    digest: bytes | None
+    strict: bool  # by the listing being the rendering itself (holds()), not only our last apply (matches())
+
+
+class NftTable:
+    """greupd's table in the kernel of the calling process's netns, through libnftables.
+
+    Reading the table back through libnftables costs about a second per 1000 tunnels, so a comparison that
+    found the kernel holding a ruleset (or an apply of one) is remembered with a fingerprint (fingerprint.py:
+    the ruleset generation, then a digest of the table's bytes), and the next comparison with the same ruleset
+    is that fingerprint: microseconds while no transaction happened at all, a dump of our table when another
+    one did. Only a different digest (someone changed our table) goes back to libnftables.
+    """
+
+    def __init__(self, table: str, netlink: NftNetlink | None = None) -> None:
         self.table = table
         self._nft: Any = None  # nftables.Nftables, created on first use (the bindings are optional)
-        # The listing the kernel gave right after our last apply. A newer libnftables may print some
-        # expression differently from how we render it; recognising our own last apply keeps that from
-        # looking like drift (which would re-apply on every event it causes: a loop).
-        self._applied: tuple[Ruleset, str] | None = None
-        # What the last matches() saw. When it is what our last apply left, the next apply may send only the
-        # difference (delta.py: a tunnel added is a few element adds, not 1000 tunnels' worth of table).
-        self._seen: str | None = None
+        self.netlink = netlink or NftNetlink()  # the keeper's two tables share one (and its chain dump)
+        # The listing the kernel gave right after our last apply (None when the fingerprint stood in for it). A
+        # newer libnftables may print some expression differently from how we render it; recognising our own
+        # last apply keeps that from looking like drift (which would re-apply on every event it causes: a loop).
+        self._applied: tuple[Ruleset, str | None] | None = None
+        # Whether the last matches() saw the kernel holding exactly what our last apply left: then the next apply
+        # may send only the difference (delta.py: a tunnel added is a few element adds, not 1000 tunnels' worth).
+        self._at_applied = False
+        self._verified: _Verified | None = None
+        self._normalized: tuple[Ruleset, str] | None = None  # our side of the comparison, for the last ruleset
 
     # libnftables --------------------------------------------------------------------------------------
 
@@ -166,24 +189,89 @@ class NftTable:
 
     def matches(self, ruleset: Ruleset) -> bool:
         """Is what the kernel holds now exactly what `apply(ruleset)` would install?"""
-        self._check_name(ruleset)
-        if not ruleset.wanted:
-            return not self.present()
-        seen = self._seen = self.observe()
-        if seen is None:
-            return False
-        if seen == normalize_listing(ruleset.objects()):
-            return True
-        return self._applied is not None and self._applied == (ruleset, seen)
+        return self._compare(ruleset, strict=False)
 
     def holds(self, ruleset: Ruleset) -> bool:
         """Does the kernel list exactly what `ruleset` renders? Strict: no allowance for how another libnftables
         prints our own apply (that is `matches`); for the IPsec drops, whose presence a tunnel waits for."""
+        return self._compare(ruleset, strict=True)
+
+    def _compare(self, ruleset: Ruleset, strict: bool) -> bool:
         self._check_name(ruleset)
+        verified = self._verified
+        still = self._still(verified) if verified is not None else None
+        if verified is not None and still:
+            same = verified.ruleset is ruleset or verified.ruleset == ruleset
+            if same and (verified.strict or not strict):
+                return True
+            # The kernel holds what we verified last: if that is our last apply, a delta takes it to `ruleset`.
+            self._at_applied = self._applied is not None and self._applied[0] == verified.ruleset
+            if not same:
+                return False
+        elif still is False and not strict and verified is not None and verified.ruleset == ruleset:
+            # Someone changed our table since it was verified (its digest moved): put it back as a whole, without
+            # reading thousands of tunnels back first only to learn how it differs.
+            self._at_applied = False
+            return False
+        before = self._fingerprint()
+        self._at_applied = False
         if not ruleset.wanted:
-            return not self.present()
-        seen = self._seen = self.observe()
-        return seen is not None and seen == normalize_listing(ruleset.objects())
+            listed = result = not self.present()
+        else:
+            seen = self.observe()
+            listed = seen is not None and seen == self._normalize(ruleset)
+            ours = self._applied is not None and self._applied[1] is not None and seen == self._applied[1]
+            self._at_applied = ours
+            result = listed or (not strict and ours and self._applied is not None and self._applied[0] == ruleset)
+        if result and before is not None:
+            self._remember(ruleset, before, strict=listed)
+        return result
+
+    def _fingerprint(self) -> tuple[int, bytes | None] | None:
+        """(generation, digest) of one moment: None if a transaction came in between, or nf_tables' netlink
+        cannot be asked (then every comparison goes through libnftables)."""
+        try:
+            generation = self.netlink.generation()
+            digest = self.netlink.table_digest(self.table)
+            return (generation, digest) if self.netlink.generation() == generation else None
+        except FingerprintError:
+            return None
+
+    def _generation(self) -> int | None:
+        try:
+            return self.netlink.generation()
+        except FingerprintError:
+            return None
+
+    def _still(self, verified: _Verified) -> bool | None:
+        """Does the kernel still hold the table as it was verified? Never a false yes (fingerprint.py); None when
+        nf_tables' netlink cannot say."""
+        try:
+            generation = self.netlink.generation()
+            if generation == verified.generation:
+                return True
+            digest = self.netlink.table_digest(self.table)
+        except FingerprintError:
+            return None
+        if digest != verified.digest:
+            return False
+        self._verified = replace(verified, generation=generation)
+        return True
+
+    def _remember(self, ruleset: Ruleset, before: tuple[int, bytes | None], strict: bool) -> None:
+        """Keep the fingerprint taken before a comparison that found `ruleset`, unless a transaction came
+        between the two (then the next comparison is a full one again)."""
+        try:
+            if self.netlink.generation() != before[0]:
+                return
+        except FingerprintError:
+            return
+        self._verified = _Verified(ruleset, before[0], before[1], strict)
+
+    def _normalize(self, ruleset: Ruleset) -> str:
+        if self._normalized is None or self._normalized[0] is not ruleset:
+            self._normalized = (ruleset, normalize_listing(ruleset.objects()))
+        return self._normalized[1]
 
     # writing ------------------------------------------------------------------------------------------
 
@@ -198,9 +286,11 @@ class NftTable:
             self.remove()
             return
         self._context()  # missing libnftables is its own error, not a refused rule
-        unchanged = self._applied is not None and self._seen is not None and self._seen == self._applied[1]
-        delta = delta_commands(self._applied[0], ruleset) if unchanged and self._applied else None
-        self._seen = None
+        delta = delta_commands(self._applied[0], ruleset) if self._at_applied and self._applied else None
+        self._at_applied, self._verified = False, None
+        generation = self._generation()
+        if generation is not None and delta != []:  # an empty delta sends nothing: no commit
+            generation = next_generation(generation)
         try:
             if delta is None:
                 self._run(ruleset.commands())
@@ -211,12 +301,21 @@ class NftTable:
                     self._run(ruleset.commands())  # the kernel held something else after all: replace it
         except NftError as exc:
             raise self._locate(ruleset, exc) from None
+        # The transaction committed whole: the kernel holds `ruleset`. Its fingerprint stands for it (no listing
+        # of thousands of tunnels back), unless nf_tables' netlink cannot be asked: then the listing it is.
+        after = self._fingerprint()
+        # Our commit, and nobody else's since: the generation moved by one (or not at all for an empty delta).
+        if after is not None and after[0] == generation:
+            self._applied = (ruleset, None)
+            self._verified = _Verified(ruleset, after[0], after[1], strict=False)
+            return
         seen = self.observe()
         self._applied = (ruleset, seen) if seen is not None else None
 
     def remove(self) -> None:
         """Delete our table if it exists; other tables are not touched."""
-        self._applied = self._seen = None
+        self._applied = self._verified = None
+        self._at_applied = False
         if self.present():
             self._run(clear_commands(self.table))
 
@@ -262,6 +361,11 @@ class NftTable:
         finally:
             _set_dry_run(nft, False)
         return True
+
+
+def next_generation(generation: int) -> int:
+    """The generation after one commit: the kernel adds one to a 32-bit counter and skips 0 (nf_tables_commit)."""
+    return (generation + 1) & 0xFFFFFFFF or 1
 
 
 def _longest_comment(value: object) -> int:
