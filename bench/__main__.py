@@ -25,8 +25,10 @@ from lab import guest
 
 REPO = Path(__file__).resolve().parent.parent
 SUITES = ("host", "systemd", "uml", "nft")
-GUEST: dict[str, guest.GuestKind] = {"systemd": "uml-systemd", "uml": "uml", "keepalive": "uml", "nft": "vng"}
-ALONE = ("keepalive",)  # the keepalive part of the uml suite, run only when asked for (--only keepalive)
+GUEST: dict[str, guest.GuestKind] = {"systemd": "uml-systemd", "uml": "uml", "keepalive": "uml", "nft": "vng",
+                                     "hub": "uml", "hub-systemd": "uml-systemd"}
+# Run only when asked for (--only NAME): the keepalive part of the uml suite; the hub's 10,000 tunnels (#26).
+ALONE = ("keepalive", "hub", "hub-systemd")
 # The module each guest suite runs (default bench.lab_bench --suite NAME); nft: bench/forwarding.py.
 SUITE_MODULE = {"nft": ["bench.forwarding"]}
 TIMEOUT = 3600.0
