@@ -51,6 +51,9 @@ class Batch:
     names: frozenset[str] | None
     repairs: frozenset[str] = frozenset()
     nft: bool = False
+    # Marked for their keepalive verdict only (no kernel event, retry or other mark): what the last pass left
+    # of them may be trusted (reconcile_pass's `trusted`).
+    liveness_only: frozenset[str] = frozenset()
 
     def __bool__(self) -> bool:
         return self.names is None or bool(self.names) or self.nft
@@ -92,6 +95,7 @@ class WorkQueue(Generic[R]):
         self._dirty: set[str] = set()
         self._liveness_dirty: set[str] = set()  # dirty because of a keepalive verdict, not the kernel
         self._retry_dirty: set[str] = set()  # dirty because a retry of refused actions is due
+        self._marked: set[str] = set()  # dirty because of anything else (a kernel event, a pause over, ...)
         self._retries: dict[str, tuple[float, float]] = {}  # refused tunnel -> (backoff, when the retry is due)
         self._everything = False
         self._nft = False
@@ -106,6 +110,7 @@ class WorkQueue(Generic[R]):
             self._everything = True
         else:
             self._dirty.update(names)
+            self._marked.update(names)
         self._wake()
 
     def mark_liveness(self, name: str) -> None:
@@ -155,6 +160,7 @@ class WorkQueue(Generic[R]):
             self._dirty.clear()
             self._liveness_dirty.clear()
             self._retry_dirty.clear()
+            self._marked.clear()
             return Batch(None, nft=nft)
         # A keepalive verdict is acted on even while the tunnel is paused for a fight (review L3): a dead peer's
         # routes must go within the detection time, not a minute later.
@@ -162,9 +168,11 @@ class WorkQueue(Generic[R]):
                           if n in self._liveness_dirty or (f := self._fights.get(n)) is None or f.paused_until <= now)
         self._dirty -= ready
         repairs = ready - self._liveness_dirty - self._retry_dirty
+        liveness_only = (ready & self._liveness_dirty) - self._retry_dirty - self._marked
         self._liveness_dirty -= ready
         self._retry_dirty -= ready
-        return Batch(ready, repairs, nft)
+        self._marked -= ready
+        return Batch(ready, repairs, nft, liveness_only)
 
     # --- refusals -----------------------------------------------------------------------------------
 

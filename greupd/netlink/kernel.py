@@ -12,7 +12,7 @@ import errno
 import itertools
 import logging
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from greupd.model import (
     SetLinkUp,
     SetSysctl,
     TakeOverRoute,
+    TunnelIntent,
     accept_ra_key,
     action_tunnel,
 )
@@ -99,7 +100,16 @@ class Kernel:
         self._tunnels_by_index: dict[int, str] = {}
         # Names of the tunnels the last observation was asked about: a link appearing under one is news.
         self._desired_names: frozenset[str] = frozenset()
-        self._desired_of: Mapping[str, object] | None = None
+        self._desired_of: Mapping[str, TunnelIntent] = {}
+        # Links this session created since the watch last read its socket: their creation notifications
+        # (down, then up, then the alias) are our own doing (see link_as_wanted).
+        self._created: set[int] = set()
+        # What the last passes left, per tunnel (link, addresses, routes), for passes that need not look again
+        # (a keepalive verdict flipped: observe's `trusted`). A kernel notification about a tunnel drops its
+        # entry (forget_observations), as does a lost one (everything); a full observation rebuilds it.
+        self._known: dict[str, tuple[ObservedLink, frozenset[AddressSpec], frozenset[RouteSpec]]] = {}
+        # The watch's "read what is queued" (KernelWatch sets it): run before the memory is trusted.
+        self.catch_up: Callable[[], None] = lambda: None
 
     @property
     def requests(self) -> int:
@@ -122,6 +132,31 @@ class Kernel:
         """Whether a link called `name` matters to the tunnels asked for (it may not exist yet)."""
         return name in self._desired_names or name in self._indices
 
+    def link_as_wanted(self, raw: bytes, up_seen: bool) -> tuple[bool, bool]:
+        """Whether an RTM_NEWLINK notification shows one of our tunnels' links as the last pass wants it
+        (same ifindex, kind and parameters; up as wanted), and whether it would do as the link's latest
+        state too (then also up as wanted, and carrying our alias).
+
+        Linux before 6.3 stamps link notifications with port 0 even when our request caused them, so the
+        watch cannot drop ours by port as it does addresses and routes: it compares instead, and a link that
+        is as wanted needs no second look (#26). A link we created this pass is announced down before it is
+        up (`up_seen`: an up notification of it came before this one): no route of ours can have been on it.
+        """
+        found = link_from_message(raw)
+        if found is None:
+            return False, False
+        name, link = found
+        intent = self._desired_of.get(name)
+        if intent is None or self._indices.get(name) != link.index or link.spec.kind != intent.link.kind:
+            return False, False
+        just_made = link.index in self._created and not up_seen and not link.up
+        agrees = (link.up == intent.up or just_made) and not intent.link.differs_from(link.spec)
+        return agrees, agrees and link.owned and link.up == intent.up
+
+    def watch_caught_up(self) -> None:
+        """The watch has read every notification so far: links created from now on are new again."""
+        self._created.clear()
+
     def _remember(self, name: str, index: int, owned: bool) -> None:
         self._forget(name)
         self._indices[name] = index
@@ -142,11 +177,58 @@ class Kernel:
                 return []  # filtered by a link that went away since we looked: its RTM_DELLINK marks it again
             raise
 
-    def observe(self, desired: Desired, scope: Iterable[str] | None = None) -> Observed:
+    def remember(self, after: Observed) -> None:
+        """What a pass left in the kernel (its `after`): the memory observe(trusted=...) answers from."""
+        names = frozenset(after.links) if after.scope is None else after.scope
+        if after.scope is None:
+            self._known.clear()
+        routes: dict[str, set[RouteSpec]] = {}
+        for route in after.routes:
+            if route.ifname in names:
+                routes.setdefault(route.ifname, set()).add(route)
+        for name in names:
+            link = after.links.get(name)
+            if link is None or not link.owned:
+                self._known.pop(name, None)
+            else:
+                self._known[name] = (link, after.addresses.get(name, frozenset()), frozenset(routes.get(name, ())))
+
+    def forget_observations(self, names: Iterable[str] | None) -> None:
+        """These tunnels changed in the kernel (None: anything may have): look at them again next time."""
+        if names is None:
+            self._known.clear()
+        else:
+            for name in names:
+                self._known.pop(name, None)
+
+    def observe(self, desired: Desired, scope: Iterable[str] | None = None,
+                trusted: Collection[str] = ()) -> Observed:
         """A snapshot of the links, addresses and owned routes that matter to `desired`.
 
-        With `scope`, only those tunnel names are looked at, with requests the kernel filters for us.
+        With `scope`, only those tunnel names are looked at, with requests the kernel filters for us. Those
+        also in `trusted` (their keepalive verdict flipped, nothing in the kernel told us about them) come from
+        what the last passes left, if no notification about them arrived since: a hub's thousand verdicts
+        flipping at once then cost no dump of every address and route (#26).
         """
+        if scope is None or not trusted or not self._known:
+            return self._observe(desired, scope)
+        self.catch_up()  # a notification still queued drops its tunnel from the memory first
+        names = frozenset(scope)
+        known = {n: entry for n in names.intersection(trusted) if (entry := self._known.get(n)) is not None}
+        if not known:
+            return self._observe(desired, names)
+        fresh = self._observe(desired, names - known.keys())
+        remembered = Observed({n: link for n, (link, _, _) in known.items()},
+                              {n: addresses for n, (_, addresses, _) in known.items()},
+                              frozenset(r for _, _, routes in known.values() for r in routes), {},
+                              frozenset(known))
+        merged = fresh.updated(remembered)
+        sysctl_keys = {k for n in known if (i := desired.tunnels.get(n)) is not None for k in i.sysctls}
+        return Observed(merged.links, merged.addresses, merged.routes,
+                        {**merged.sysctls, **{key: read_sysctl(key) for key in sysctl_keys}}, names,
+                        merged.foreign_routes, merged.ra_interfaces)
+
+    def _observe(self, desired: Desired, scope: Iterable[str] | None = None) -> Observed:
         names = None if scope is None else frozenset(scope)
         links: dict[str, ObservedLink] = {}
         if names is None:
@@ -313,6 +395,7 @@ class Kernel:
                 refused.append((action, f"created, but not marked as greupd's: {marked} (errno {marked.errno})"))
             else:
                 self._remember(action.spec.name, index, owned=True)
+                self._created.add(index)
         return refused
 
     def _resolve(self, names: set[str]) -> None:
@@ -381,6 +464,7 @@ class KernelWatch:
         self._sock.bind((0, self.GROUPS))
         self._loop: asyncio.AbstractEventLoop | None = None
         self.overruns = 0
+        kernel.catch_up = self._readable
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -389,10 +473,15 @@ class KernelWatch:
     def close(self) -> None:
         if self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
+        self._kernel.catch_up = lambda: None
+        self._kernel.forget_observations(None)  # nobody tells it about changes any more
         self._sock.close()
 
     def _readable(self) -> None:
         names: set[str] = set()
+        # Links whose notifications all showed them as wanted: name -> whether the latest would do as the end.
+        as_wanted: dict[str, bool] = {}
+        up_seen: set[str] = set()
         own_portid = self._kernel.portid  # notifications our own requests caused: nothing to look at again
         while True:
             try:
@@ -404,6 +493,7 @@ class KernelWatch:
                     # The kernel dropped notifications: nothing we know is trustworthy; look at everything.
                     self.overruns += 1
                     log.warning("rtnetlink event queue overflowed; resynchronising everything")
+                    self._kernel.forget_observations(None)
                     self._on_change(None)
                     return
                 raise
@@ -411,9 +501,21 @@ class KernelWatch:
                 if pid == own_portid or not rtnl.may_concern_us(kind, raw, ROUTE_PROTO):
                     continue
                 name = self._tunnel_of(kind, raw)
-                if name is not None:
-                    names.add(name)
+                if name is None or name in names:
+                    continue
+                if kind == rtnl.RTM_NEWLINK:
+                    agrees, final = self._kernel.link_as_wanted(raw, name in up_seen)
+                    if agrees:
+                        as_wanted[name] = final
+                        if rtnl.link_is_up(raw):
+                            up_seen.add(name)
+                        continue
+                names.add(name)
+                as_wanted.pop(name, None)
+        self._kernel.watch_caught_up()
+        names.update(name for name, final in as_wanted.items() if not final)
         if names:
+            self._kernel.forget_observations(names)
             self._on_change(names)
 
     def _tunnel_of(self, kind: int, raw: bytes) -> str | None:

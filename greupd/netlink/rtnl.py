@@ -335,6 +335,12 @@ def link_name_and_index(raw: bytes) -> tuple[str | None, int]:
     return None, index
 
 
+def link_is_up(raw: bytes) -> bool:
+    """IFF_UP in an RTM_NEWLINK message's fixed header."""
+    flags: int = _IFINFO.unpack_from(raw, HEADER.size)[3]
+    return bool(flags & IFF_UP)
+
+
 def address_index(raw: bytes) -> int:
     """ifa_index of an RTM_NEWADDR / RTM_DELADDR message."""
     index: int = _IFADDR.unpack_from(raw, HEADER.size)[4]
