@@ -148,9 +148,8 @@ class Daemon:
         done = reconcile_pass(self.kernel, self.desired(), batch.names, batch.liveness_only)
         for error in (e for e in done.errors if e.tunnel is None):
             self._fail(str(error))
-        changes = self.reports.update(self.config, done.observed, done.plan, done.errors, done.after,
-                                      self.liveness.is_up, batch.repairs)
-        for change in changes:
+        for change in self.reports.update(self.config, done.observed, done.plan, done.errors, done.after,
+                                          self.liveness.is_up, batch.repairs):
             self.events.emit(change)
         self.liveness.after_pass(self.reports.answerable(), done.observed, done.after)  # #11 H5, #21 M2
         self.notifier.status_if_changed(self.reports.status_text(self.config))
@@ -216,6 +215,7 @@ class Daemon:
             self._fail(problem)
 
     def _shutdown(self) -> None:
+        self.verdicts.flush(self.config)  # a save put off to the end of a burst of flips (restart.py)
         self.liveness.close(admin_down=self.config.daemon.on_exit == "remove")  # BFD peers hear AdminDown
         self.nft.close()
         self.watch.close()

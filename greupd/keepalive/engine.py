@@ -261,6 +261,7 @@ class KeepaliveEngine:
         self._requests_paused = False
         self._reply_program = AttachedProgram("replies", "tokens")
         self._request_program = AttachedProgram("requests", "addresses")
+        self.generation = 0  # configure() calls: verdicts set without a callback may have changed (room.alive)
 
     # --- the API the daemon calls ---------------------------------------------------------------------
 
@@ -297,6 +298,7 @@ class KeepaliveEngine:
         restart kept, review H3), removed ones stop, changed ones keep their verdict (and, if only timing
         changed, their counters); unchanged ones are not touched."""
         wanted = {target.name: target for target in targets}
+        self.generation += 1
         for name in set(self._tunnels) - set(wanted):
             self._tunnels.pop(name).entry = -1  # its entry in the schedule is skipped
         for name, target in wanted.items():
@@ -435,6 +437,10 @@ class KeepaliveEngine:
         """The keepalive verdict; a tunnel without keepalives is up as far as the engine can tell."""
         tunnel = self._tunnels.get(name)
         return tunnel.liveness.up if tunnel is not None else True
+
+    def watches(self, name: str) -> bool:
+        """Whether the tunnel has keepalives (cheaper than status(name) is not None: no status is built)."""
+        return name in self._tunnels
 
     def status(self, name: str) -> KeepaliveStatus | None:
         tunnel = self._tunnels.get(name)
