@@ -8,7 +8,9 @@ Suites: host (kernel-independent parts, natively, no guest), systemd (the uml-sy
 convergence of greupd vs `ip -batch` vs systemd-networkd, and networkd under drift), uml (the UML guest:
 start-up, reload, drift repair, dead-peer detection, keepalive cost, idle wake-ups, profiles), nft (the vng
 guest: forwarding rate through greupd's nftables table, 1 tunnel against 1000); keepalive (only with --only:
-the uml suite's dead-peer and keepalive-cost parts alone, in bench/results/keepalive.json).
+the uml suite's dead-peer and keepalive-cost parts alone, in bench/results/keepalive.json); hub (only with
+--only: issue #26's hub of 10,000 tunnels in the UML guest, GREUPD_BENCH_HUB_TUNNELS=N for another size) and
+hub-systemd (its convergence part in the uml-systemd guest).
 """
 
 from __future__ import annotations
