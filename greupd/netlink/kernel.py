@@ -12,6 +12,7 @@ import errno
 import itertools
 import logging
 import socket
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,8 @@ class Kernel:
     (see rtnl.py), so nothing here waits, and a reconcile pass runs to its end without yielding to the loop.
     """
 
+    FRESH = 5.0  # s: how long what the kernel announces of a link we made is taken as our doing (link_as_wanted)
+
     def __init__(self) -> None:
         self._rtnl = rtnl.RtnlSocket()
         # ifindex by name, from the last observation and our own creations: requests name devices by index.
@@ -101,9 +104,8 @@ class Kernel:
         # Names of the tunnels the last observation was asked about: a link appearing under one is news.
         self._desired_names: frozenset[str] = frozenset()
         self._desired_of: Mapping[str, TunnelIntent] = {}
-        # Links this session created since the watch last read its socket: their creation notifications
-        # (down, then up, then the alias) are our own doing (see link_as_wanted).
-        self._created: set[int] = set()
+        # Links this session created, and when (time.monotonic()): see link_as_wanted.
+        self._created: dict[int, float] = {}
         # What the last passes left, per tunnel (link, addresses, routes), for passes that need not look again
         # (a keepalive verdict flipped: observe's `trusted`). A kernel notification about a tunnel drops its
         # entry (forget_observations), as does a lost one (everything); a full observation rebuilds it.
@@ -132,30 +134,35 @@ class Kernel:
         """Whether a link called `name` matters to the tunnels asked for (it may not exist yet)."""
         return name in self._desired_names or name in self._indices
 
-    def link_as_wanted(self, raw: bytes, up_seen: bool) -> tuple[bool, bool]:
+    def link_as_wanted(self, raw: bytes, now: float) -> tuple[bool, bool]:
         """Whether an RTM_NEWLINK notification shows one of our tunnels' links as the last pass wants it
         (same ifindex, kind and parameters; up as wanted), and whether it would do as the link's latest
-        state too (then also up as wanted, and carrying our alias).
+        state too (then also carrying our alias).
 
         Linux before 6.3 stamps link notifications with port 0 even when our request caused them, so the
         watch cannot drop ours by port as it does addresses and routes: it compares instead, and a link that
-        is as wanted needs no second look (#26). A link we created this pass is announced down before it is
-        up (`up_seen`: an up notification of it came before this one): no route of ours can have been on it.
+        is as wanted needs no second look (#26). The announcement of a link's creation (ifi_change ~0) may
+        show it down, before our IFF_UP: no route of ours can have been on it. A link this session made in
+        the last FRESH seconds is judged by its flags alone: what is announced of it then is our requests'
+        doing (a hub's start need not decode tens of thousands of link messages; a parameter changed by
+        someone else within those seconds waits for the periodic resync, a deletion or a down does not).
         """
+        name, index = rtnl.link_name_and_index(raw)
+        intent = self._desired_of.get(name) if name is not None else None
+        if name is None or intent is None or self._indices.get(name) != index:
+            return False, False
+        up, creation = rtnl.link_flags(raw)
+        if creation and not up:
+            return True, False
+        made = self._created.get(index)
+        if made is not None and now - made < self.FRESH:
+            return up == intent.up, up == intent.up
         found = link_from_message(raw)
         if found is None:
             return False, False
-        name, link = found
-        intent = self._desired_of.get(name)
-        if intent is None or self._indices.get(name) != link.index or link.spec.kind != intent.link.kind:
-            return False, False
-        just_made = link.index in self._created and not up_seen and not link.up
-        agrees = (link.up == intent.up or just_made) and not intent.link.differs_from(link.spec)
-        return agrees, agrees and link.owned and link.up == intent.up
-
-    def watch_caught_up(self) -> None:
-        """The watch has read every notification so far: links created from now on are new again."""
-        self._created.clear()
+        link = found[1]
+        agrees = link.spec.kind == intent.link.kind and link.up == intent.up and not intent.link.differs_from(link.spec)
+        return agrees, agrees and link.owned
 
     def _remember(self, name: str, index: int, owned: bool) -> None:
         self._forget(name)
@@ -165,6 +172,7 @@ class Kernel:
 
     def _forget(self, name: str) -> None:
         index = self._indices.pop(name, None)
+        self._created.pop(index or 0, None)
         if index is not None and self._tunnels_by_index.get(index) == name:
             del self._tunnels_by_index[index]
 
@@ -395,7 +403,7 @@ class Kernel:
                 refused.append((action, f"created, but not marked as greupd's: {marked} (errno {marked.errno})"))
             else:
                 self._remember(action.spec.name, index, owned=True)
-                self._created.add(index)
+                self._created[index] = time.monotonic()
         return refused
 
     def _resolve(self, names: set[str]) -> None:
@@ -454,13 +462,19 @@ class KernelWatch:
     """
 
     GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
+    RECEIVE_BUFFER = 64 << 20  # kernel memory taken only while notifications wait
 
     def __init__(self, kernel: Kernel, on_change: Callable[[set[str] | None], None]) -> None:
         self._kernel = kernel
         self._on_change = on_change
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
                                    socket.NETLINK_ROUTE)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        # A hub's start announces each of thousands of new links three times (about 1 KiB each): beyond what a
+        # plain SO_RCVBUF may ask (net.core.rmem_max), whose overflow costs a look at everything (#26).
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, nlmsg.SO_RCVBUFFORCE, self.RECEIVE_BUFFER)
+        except PermissionError:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RECEIVE_BUFFER)
         self._sock.bind((0, self.GROUPS))
         self._loop: asyncio.AbstractEventLoop | None = None
         self.overruns = 0
@@ -478,14 +492,10 @@ class KernelWatch:
         self._sock.close()
 
     def _readable(self) -> None:
-        names: set[str] = set()
-        # Links whose notifications all showed them as wanted: name -> whether the latest would do as the end.
-        as_wanted: dict[str, bool] = {}
-        up_seen: set[str] = set()
-        own_portid = self._kernel.portid  # notifications our own requests caused: nothing to look at again
+        datagrams: list[bytes] = []
         while True:
             try:
-                data = self._sock.recv(1 << 20)
+                datagrams.append(self._sock.recv(1 << 20))
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -497,6 +507,18 @@ class KernelWatch:
                     self._on_change(None)
                     return
                 raise
+        names = self.concerned(datagrams, time.monotonic())  # the clock once: in the lab's UML, a system call
+        if names:
+            self._kernel.forget_observations(names)
+            self._on_change(names)
+
+    def concerned(self, datagrams: Iterable[bytes], now: float) -> set[str]:
+        """The tunnels these notifications (read at `now`) say to look at again."""
+        names: set[str] = set()
+        # Links whose notifications all showed them as wanted: name -> whether the latest would do as the end.
+        as_wanted: dict[str, bool] = {}
+        own_portid = self._kernel.portid  # notifications our own requests caused: nothing to look at again
+        for data in datagrams:
             for kind, _, _, pid, _, raw in nlmsg.messages(data):
                 if pid == own_portid or not rtnl.may_concern_us(kind, raw, ROUTE_PROTO):
                     continue
@@ -504,19 +526,14 @@ class KernelWatch:
                 if name is None or name in names:
                     continue
                 if kind == rtnl.RTM_NEWLINK:
-                    agrees, final = self._kernel.link_as_wanted(raw, name in up_seen)
+                    agrees, final = self._kernel.link_as_wanted(raw, now)
                     if agrees:
                         as_wanted[name] = final
-                        if rtnl.link_is_up(raw):
-                            up_seen.add(name)
                         continue
                 names.add(name)
                 as_wanted.pop(name, None)
-        self._kernel.watch_caught_up()
         names.update(name for name, final in as_wanted.items() if not final)
-        if names:
-            self._kernel.forget_observations(names)
-            self._on_change(names)
+        return names
 
     def _tunnel_of(self, kind: int, raw: bytes) -> str | None:
         """The tunnel a notification that passed rtnl.may_concern_us is about, if any."""

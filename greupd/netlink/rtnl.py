@@ -335,10 +335,11 @@ def link_name_and_index(raw: bytes) -> tuple[str | None, int]:
     return None, index
 
 
-def link_is_up(raw: bytes) -> bool:
-    """IFF_UP in an RTM_NEWLINK message's fixed header."""
-    flags: int = _IFINFO.unpack_from(raw, HEADER.size)[3]
-    return bool(flags & IFF_UP)
+def link_flags(raw: bytes) -> tuple[bool, bool]:
+    """An RTM_NEWLINK message's fixed header: whether the link is up (IFF_UP), and whether this announces its
+    creation (ifi_change ~0, as register_netdevice and rtnl_configure_link send it)."""
+    flags, change = _IFINFO.unpack_from(raw, HEADER.size)[3:5]
+    return bool(flags & IFF_UP), change == 0xFFFFFFFF
 
 
 def address_index(raw: bytes) -> int:
