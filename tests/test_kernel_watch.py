@@ -13,7 +13,7 @@ import pytest
 
 from bench import scenario
 from greupd.config import load_config_text
-from greupd.model import Desired, desired_state
+from greupd.model import Desired, Observed, desired_state
 from greupd.netlink import rtnl
 from greupd.netlink.kernel import Kernel, KernelWatch
 from greupd.netlink.nlmsg import attr, message
@@ -87,3 +87,24 @@ def test_a_link_we_just_made_is_announced_down_then_up_by_our_own_requests(watch
     assert w.concerned([notification(desired, "t0", up=False)], 101.0) == {"t0"}
     # Later, by everything it shows.
     assert w.concerned([notification(desired, "t0", ttl=9)], 100.0 + Kernel.FRESH + 1) == {"t0"}
+
+
+def test_a_verdicts_pass_plans_from_what_the_last_pass_left_until_a_notification_says_otherwise(
+        watch: tuple[Kernel, KernelWatch]) -> None:
+    """#26: a hub's thousand flipped verdicts cost no dump of every address and route."""
+    kernel, _ = watch
+    desired = config_desired()
+    left = Observed.as_planned(desired, frozenset(desired.tunnels), {"t0": INDEX, "t1": INDEX + 1})
+    kernel.remember(Observed(left.links, left.addresses, left.routes, {}, None))  # a full pass
+    sent = kernel.requests
+    seen = kernel.observe(desired, {"t0"}, trusted={"t0"})
+    assert kernel.requests == sent  # nothing asked of the kernel
+    assert seen.links["t0"] == left.links["t0"] and seen.scope == frozenset({"t0"})
+    assert seen.routes == desired.tunnels["t0"].routes and seen.addresses["t0"] == desired.tunnels["t0"].addresses
+    # A route of t0 deleted by someone: the notification drops t0 from the memory, and it is looked at again.
+    kernel.forget_observations({"t0"})
+    seen = kernel.observe(desired, {"t0"}, trusted={"t0"})
+    assert kernel.requests == sent + 1 and "t0" not in seen.links  # looked up: no such link on this machine
+    # Not trusted (a kernel event marked it): looked at, memory or not.
+    kernel.observe(desired, {"t1"})
+    assert kernel.requests == sent + 2

@@ -66,6 +66,9 @@ class ApplyError:
         return f"{self.action}: {self.message}"
 
 
+# What a pass left of one tunnel: its link, addresses and routes (Kernel.remember).
+_Known = tuple[ObservedLink, frozenset[AddressSpec], frozenset[RouteSpec]]
+
 RTPROT_RA = 9  # include/uapi/linux/rtnetlink.h: routes the kernel learnt from router advertisements
 
 # --- sysctls ----------------------------------------------------------------------------------------------
@@ -109,7 +112,11 @@ class Kernel:
         # What the last passes left, per tunnel (link, addresses, routes), for passes that need not look again
         # (a keepalive verdict flipped: observe's `trusted`). A kernel notification about a tunnel drops its
         # entry (forget_observations), as does a lost one (everything); a full observation rebuilds it.
-        self._known: dict[str, tuple[ObservedLink, frozenset[AddressSpec], frozenset[RouteSpec]]] = {}
+        # The last full pass's `after` (its routes grouped by link only when first asked: hashing 20,000 routes at
+        # a hub's start is seconds in UML), and what scoped passes since left (None: to be looked at again).
+        self._base: Observed | None = None
+        self._base_routes: dict[str, list[RouteSpec]] | None = None
+        self._known: dict[str, _Known | None] = {}
         # The watch's "read what is queued" (KernelWatch sets it): run before the memory is trusted.
         self.catch_up: Callable[[], None] = lambda: None
 
@@ -187,27 +194,39 @@ class Kernel:
 
     def remember(self, after: Observed) -> None:
         """What a pass left in the kernel (its `after`): the memory observe(trusted=...) answers from."""
-        names = frozenset(after.links) if after.scope is None else after.scope
         if after.scope is None:
+            self._base, self._base_routes = after, None
             self._known.clear()
-        routes: dict[str, set[RouteSpec]] = {}
+            return
+        routes: dict[str, list[RouteSpec]] = {}
         for route in after.routes:
-            if route.ifname in names:
-                routes.setdefault(route.ifname, set()).add(route)
-        for name in names:
+            if route.ifname in after.scope:
+                routes.setdefault(route.ifname, []).append(route)
+        for name in after.scope:
             link = after.links.get(name)
-            if link is None or not link.owned:
-                self._known.pop(name, None)
-            else:
-                self._known[name] = (link, after.addresses.get(name, frozenset()), frozenset(routes.get(name, ())))
+            self._known[name] = None if link is None or not link.owned else (
+                link, after.addresses.get(name, frozenset()), frozenset(routes.get(name, ())))
 
     def forget_observations(self, names: Iterable[str] | None) -> None:
         """These tunnels changed in the kernel (None: anything may have): look at them again next time."""
         if names is None:
+            self._base, self._base_routes = None, None
             self._known.clear()
         else:
-            for name in names:
-                self._known.pop(name, None)
+            self._known.update((name, None) for name in names)
+
+    def _remembered(self, name: str) -> _Known | None:
+        if name in self._known:
+            return self._known[name]
+        base = self._base
+        link = base.links.get(name) if base is not None else None
+        if base is None or link is None or not link.owned:
+            return None
+        if self._base_routes is None:
+            self._base_routes = {}
+            for route in base.routes:
+                self._base_routes.setdefault(route.ifname, []).append(route)
+        return link, base.addresses.get(name, frozenset()), frozenset(self._base_routes.get(name, ()))
 
     def observe(self, desired: Desired, scope: Iterable[str] | None = None,
                 trusted: Collection[str] = ()) -> Observed:
@@ -218,11 +237,11 @@ class Kernel:
         what the last passes left, if no notification about them arrived since: a hub's thousand verdicts
         flipping at once then cost no dump of every address and route (#26).
         """
-        if scope is None or not trusted or not self._known:
+        if scope is None or not trusted or (self._base is None and not self._known):
             return self._observe(desired, scope)
         self.catch_up()  # a notification still queued drops its tunnel from the memory first
         names = frozenset(scope)
-        known = {n: entry for n in names.intersection(trusted) if (entry := self._known.get(n)) is not None}
+        known = {n: entry for n in names.intersection(trusted) if (entry := self._remembered(n)) is not None}
         if not known:
             return self._observe(desired, names)
         fresh = self._observe(desired, names - known.keys())
