@@ -865,8 +865,11 @@ def hub_convergence(sizes: HubSizes) -> Json:
 
 def watchdog_gaps(times: list[float], start: float, end: float) -> Json:
     """The longest gaps between watchdog pings (sent from the loop at half WATCHDOG_USEC) within [start, end]."""
-    inside = [t for t in times if start - 1.0 <= t <= end]
-    gaps = sorted((b - a for a, b in itertools.pairwise(inside)), reverse=True)
+    before = [t for t in times if t < start]
+    inside = [t for t in times if start <= t <= end]
+    # From the last ping before `start` (a loop stuck from then on shows as one long gap), and until `end`.
+    points = [*before[-1:], *inside, end]
+    gaps = sorted((b - a for a, b in itertools.pairwise(points)), reverse=True)
     return {"pings": len(inside), "longest_gaps": gaps[:5]}
 
 

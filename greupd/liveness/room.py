@@ -50,6 +50,7 @@ class LivenessRoom:
         self._down_reason: dict[str, str] = {}
         self._watched: dict[str, tuple[str, ...]] = {}  # tunnel -> the detectors configured for it
         self._alive: dict[str, bool] | None = None  # alive(), kept between configurations
+        self._synced: dict[str, bool] = {}  # the keepalive verdict _sync last passed on, per tunnel
         self._alive_of = -1  # the keepalive engine's generation it was built for
 
     # --- the daemon's side ---------------------------------------------------------------------------
@@ -77,6 +78,7 @@ class LivenessRoom:
     def configure_keepalive(self, probed: Config) -> None:
         """The IPsec drops in the kernel changed: keepalives probe the tunnels of `probed` now (#21 M1)."""
         self.keepalive.configure(keepalive_targets(probed))
+        self._synced.clear()
 
     def after_pass(self, answerable: list[str], before: Observed, after: Observed) -> None:
         """What a reconcile pass tells the keepalive engine: whose own end works, and the links' underlay (#21 M2)."""
@@ -84,6 +86,7 @@ class LivenessRoom:
 
     def _configure_others(self, config: Config) -> None:
         self._alive = None
+        self._synced.clear()
         targets = bfd_targets(config)
         self.bfd.configure(targets)
         with_bfd = {target.name for target in targets}
@@ -116,6 +119,7 @@ class LivenessRoom:
         verdicts' flips (_emit), so that a hub's pass for a few flipped tunnels does not walk ten thousand
         (#26). The keepalive engine is also configured from outside (its restart memory): its generation."""
         if self._alive is None or self._alive_of != self.keepalive.generation:
+            self._synced.clear()
             names = set(self.keepalive.names()) | set(self.bfd.names()) | self._verdicts.names()
             now = self._now()  # once, not per tunnel: in the lab's UML every clock read is a system call
             self._alive = {name: self.is_up(name, now) for name in names}
@@ -157,7 +161,10 @@ class LivenessRoom:
         """The keepalive verdict as it stands: one resumed at start (greupd/keepalive/restart.py) was set
         without a callback. BFD's come by callback only (a session starts up)."""
         if self.keepalive.watches(name):
-            self._verdicts.set(name, "keepalive", self.keepalive.is_up(name), self._now() if now is None else now, "")
+            up = self.keepalive.is_up(name)
+            if self._synced.get(name) != up:  # the clock only for news: in the lab's UML a read is a system call
+                self._synced[name] = up
+                self._verdicts.set(name, "keepalive", up, self._now() if now is None else now, "")
         else:
             self._verdicts.forget(name, ["keepalive"])
 

@@ -250,9 +250,10 @@ class Kernel:
                               frozenset(r for _, _, routes in known.values() for r in routes), {},
                               frozenset(known))
         merged = fresh.updated(remembered)
-        sysctl_keys = {k for n in known if (i := desired.tunnels.get(n)) is not None for k in i.sysctls}
-        return Observed(merged.links, merged.addresses, merged.routes,
-                        {**merged.sysctls, **{key: read_sysctl(key) for key in sysctl_keys}}, names,
+        # Their links' sysctls as the last pass set them: /proc/sys sends no notification either way, and a read
+        # is a file opened per key (in UML, a millisecond); the periodic full pass reads them all again.
+        wanted = {k: v for n in known if (i := desired.tunnels.get(n)) is not None for k, v in i.sysctls.items()}
+        return Observed(merged.links, merged.addresses, merged.routes, {**merged.sysctls, **wanted}, names,
                         merged.foreign_routes, merged.ra_interfaces)
 
     def _observe(self, desired: Desired, scope: Iterable[str] | None = None) -> Observed:
