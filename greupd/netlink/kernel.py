@@ -119,6 +119,8 @@ class Kernel:
         self._known: dict[str, _Known | None] = {}
         # The watch's "read what is queued" (KernelWatch sets it): run before the memory is trusted.
         self.catch_up: Callable[[], None] = lambda: None
+        # The watch's buffer for this many tunnels (KernelWatch.fit), told when the desired tunnels change.
+        self.sized_for: Callable[[int], None] = lambda tunnels: None
 
     @property
     def requests(self) -> int:
@@ -274,6 +276,7 @@ class Kernel:
 
         if desired.tunnels is not self._desired_of:  # the same Desired pass after pass (model.DesiredMemo)
             self._desired_names, self._desired_of = frozenset(desired.tunnels), desired.tunnels
+            self.sized_for(len(self._desired_names))
         if names is None:
             self._indices.clear()
             self._tunnels_by_index.clear()
@@ -482,23 +485,35 @@ class KernelWatch:
     """
 
     GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
-    RECEIVE_BUFFER = 64 << 20  # kernel memory taken only while notifications wait
+    # The receive buffer: a hub's start announces each of thousands of new links three times (about 1 KiB
+    # each, twice that as the kernel counts it), beyond what a plain SO_RCVBUF may ask (net.core.rmem_max), and
+    # an overflow costs a look at everything (#26). So BUFFER_PER_TUNNEL per configured tunnel, forced.
+    BUFFER_PER_TUNNEL = 8 << 10
+    BUFFER_MIN, BUFFER_MAX = 1 << 20, 128 << 20
 
     def __init__(self, kernel: Kernel, on_change: Callable[[set[str] | None], None]) -> None:
         self._kernel = kernel
         self._on_change = on_change
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
                                    socket.NETLINK_ROUTE)
-        # A hub's start announces each of thousands of new links three times (about 1 KiB each): beyond what a
-        # plain SO_RCVBUF may ask (net.core.rmem_max), whose overflow costs a look at everything (#26).
-        try:
-            self._sock.setsockopt(socket.SOL_SOCKET, nlmsg.SO_RCVBUFFORCE, self.RECEIVE_BUFFER)
-        except PermissionError:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RECEIVE_BUFFER)
+        self._buffer = 0
+        self.fit(0)
+        kernel.sized_for = self.fit
         self._sock.bind((0, self.GROUPS))
         self._loop: asyncio.AbstractEventLoop | None = None
         self.overruns = 0
         kernel.catch_up = self._readable
+
+    def fit(self, tunnels: int) -> None:
+        """A receive buffer for the announcements of `tunnels` tunnels' start (Kernel.observe calls it)."""
+        size = min(max(self.BUFFER_MIN, tunnels * self.BUFFER_PER_TUNNEL), self.BUFFER_MAX)
+        if size == self._buffer:
+            return
+        self._buffer = size
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, nlmsg.SO_RCVBUFFORCE, size)
+        except PermissionError:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -508,6 +523,7 @@ class KernelWatch:
         if self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
         self._kernel.catch_up = lambda: None
+        self._kernel.sized_for = lambda tunnels: None
         self._kernel.forget_observations(None)  # nobody tells it about changes any more
         self._sock.close()
 
