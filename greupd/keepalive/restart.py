@@ -77,7 +77,8 @@ class VerdictMemory:
         self._saved_at = -SAVE_EVERY
         self._config: Config | None = None  # the latest, for a save put off to the end of a burst
         self._later: asyncio.TimerHandle | None = None
-        self._targets: tuple[Config | None, list[KeepaliveTarget]] = (None, [])
+        # The targets of the config last saved for, and each one's endpoints text (made once per config).
+        self._targets: tuple[Config | None, list[KeepaliveTarget], dict[str, str]] = (None, [], {})
 
     def flipped(self, name: str) -> None:
         self._since[name] = now_iso()
@@ -124,8 +125,9 @@ class VerdictMemory:
                     return
         self._changed = False
         if self._targets[0] is not config:
-            self._targets = (config, targets_from_config(config))
-        self._save(self._targets[1])
+            targets = targets_from_config(config)
+            self._targets = (config, targets, {t.name: target_endpoints(t) for t in targets})
+        self._save(self._targets[1], self._targets[2])
         # The next no sooner than SAVE_EVERY, nor than ten times what this one took: a save of ten thousand
         # verdicts takes seconds in the lab's UML, and must not become most of what the loop does.
         took = time.monotonic() - now
@@ -145,14 +147,14 @@ class VerdictMemory:
         if self._config is not None:
             self.save_if_changed(self._config)
 
-    def _save(self, targets: Sequence[KeepaliveTarget]) -> None:
+    def _save(self, targets: Sequence[KeepaliveTarget], endpoints: Mapping[str, str] | None = None) -> None:
         if self.state is None:
             return
-        by_name = {t.name: t for t in targets}
+        if endpoints is None:
+            endpoints = {t.name: target_endpoints(t) for t in targets}
         now = now_iso()
-        verdicts = {name: KeepaliveVerdict(self.engine.is_up(name), self._since.get(name) or now,
-                                           target_endpoints(by_name[name]))
-                    for name in self.engine.names() if name in by_name}
+        verdicts = {name: KeepaliveVerdict(self.engine.is_up(name), self._since.get(name) or now, endpoints[name])
+                    for name in self.engine.names() if name in endpoints}
         try:
             self.state.save_verdicts(verdicts)
         except StateError as exc:
