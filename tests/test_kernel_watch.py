@@ -83,6 +83,14 @@ def test_a_link_we_just_made_is_announced_down_then_up_by_our_own_requests(watch
     made = [notification(desired, "t0", up=False, change=CREATION, alias=False), notification(desired, "t0"),
             notification(desired, "t0")]
     assert w.concerned(made, 100.5) == set()
+    # Linux 6.1 announces a new link down with ifi_change 0; once it was seen up, a down is somebody's.
+    kernel._remember("t1", INDEX + 2, owned=True)
+    kernel._created[INDEX + 2] = 100.0
+    made = [notification(desired, "t1", up=False, alias=False, index=INDEX + 2),
+            notification(desired, "t1", index=INDEX + 2)]
+    assert w.concerned(made, 100.5) == set()
+    flap = [notification(desired, "t1", up=False, index=INDEX + 2), notification(desired, "t1", index=INDEX + 2)]
+    assert w.concerned(flap, 100.6) == {"t1"}
     # Fresh, it is judged by its flags: set down by someone else, it is looked at all the same.
     assert w.concerned([notification(desired, "t0", up=False)], 101.0) == {"t0"}
     # Later, by everything it shows.

@@ -109,6 +109,7 @@ class Kernel:
         self._desired_of: Mapping[str, TunnelIntent] = {}
         # Links this session created, and when (time.monotonic()): see link_as_wanted.
         self._created: dict[int, float] = {}
+        self._announced_up: set[int] = set()  # of those, the ones a notification has shown up since
         # What the last passes left, per tunnel (link, addresses, routes), for passes that need not look again
         # (a keepalive verdict flipped: observe's `trusted`). A kernel notification about a tunnel drops its
         # entry (forget_observations), as does a lost one (everything); a full observation rebuilds it.
@@ -150,8 +151,9 @@ class Kernel:
 
         Linux before 6.3 stamps link notifications with port 0 even when our request caused them, so the
         watch cannot drop ours by port as it does addresses and routes: it compares instead, and a link that
-        is as wanted needs no second look (#26). The announcement of a link's creation (ifi_change ~0) may
-        show it down, before our IFF_UP: no route of ours can have been on it. A link this session made in
+        is as wanted needs no second look (#26). The announcement of a link's creation may show it down,
+        before our IFF_UP (ifi_change ~0, or, on 6.1, a down before any up of a link we made): no route of
+        ours can have been on it. A link this session made in
         the last FRESH seconds is judged by its flags alone: what is announced of it then is our requests'
         doing (a hub's start need not decode tens of thousands of link messages; a parameter changed by
         someone else within those seconds waits for the periodic resync, a deletion or a down does not).
@@ -161,9 +163,11 @@ class Kernel:
         if name is None or intent is None or self._indices.get(name) != index:
             return False, False
         up, creation = rtnl.link_flags(raw)
-        if creation and not up:
-            return True, False
         made = self._created.get(index)
+        if not up and (creation or (made is not None and index not in self._announced_up)):
+            return True, False  # its creation, announced before our IFF_UP took effect (Linux 6.1: change 0)
+        if up and made is not None:
+            self._announced_up.add(index)
         if made is not None and now - made < self.FRESH:
             return up == intent.up, up == intent.up
         found = link_from_message(raw)
@@ -182,6 +186,7 @@ class Kernel:
     def _forget(self, name: str) -> None:
         index = self._indices.pop(name, None)
         self._created.pop(index or 0, None)
+        self._announced_up.discard(index or 0)
         if index is not None and self._tunnels_by_index.get(index) == name:
             del self._tunnels_by_index[index]
 
