@@ -41,6 +41,11 @@ RETRY_AFTER: Final = 1.0
 RETRY_BACKOFF: Final = (1.0, 60.0)
 # And, as a safety net for whatever no event and no refusal tells us about, a full pass this often.
 RESYNC_EVERY: Final = 600.0
+# Tunnels only a keepalive verdict marked, at most this many per pass (the rest in the next loop step): when a
+# hub's uplink fails, thousands flip within a second, and one pass for all of them would hold the loop (probe
+# timers, the watchdog) for as long as their route deletions take (#26). Their passes look at nothing (the
+# kernel's memory), so splitting them costs no extra dump.
+VERDICTS_PER_PASS: Final = 200
 
 
 @dataclass(frozen=True)
@@ -166,9 +171,13 @@ class WorkQueue(Generic[R]):
         # routes must go within the detection time, not a minute later.
         ready = frozenset(n for n in self._dirty
                           if n in self._liveness_dirty or (f := self._fights.get(n)) is None or f.paused_until <= now)
+        liveness_only = (ready & self._liveness_dirty) - self._retry_dirty - self._marked
+        if len(liveness_only) > VERDICTS_PER_PASS:
+            later = frozenset(sorted(liveness_only)[VERDICTS_PER_PASS:])  # still marked, for the next step
+            ready, liveness_only = ready - later, liveness_only - later
+            self._wake()
         self._dirty -= ready
         repairs = ready - self._liveness_dirty - self._retry_dirty
-        liveness_only = (ready & self._liveness_dirty) - self._retry_dirty - self._marked
         self._liveness_dirty -= ready
         self._retry_dirty -= ready
         self._marked -= ready

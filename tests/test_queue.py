@@ -14,6 +14,7 @@ from greupd.queue import (
     FIGHT_REPAIRS,
     FIGHT_WINDOW,
     RETRY_BACKOFF,
+    VERDICTS_PER_PASS,
     Batch,
     Pause,
     Retry,
@@ -201,3 +202,19 @@ def test_only_a_tunnel_nothing_but_its_verdict_marked_may_be_planned_from_memory
     assert queue.take_ready(0.0).liveness_only == frozenset({"to_b"})
     queue.mark_liveness("to_c")  # the event's mark was taken with the last batch: this one is the verdict's alone
     assert queue.take_ready(0.0).liveness_only == frozenset({"to_c"})
+
+
+def test_a_thousand_verdicts_go_to_passes_of_at_most_verdicts_per_pass() -> None:
+    """#26: a hub's uplink fails; no single pass holds the loop for all of them."""
+    woken: list[bool] = []
+    queue = WorkQueue[None](lambda: woken.append(True))
+    names = {f"t{i}" for i in range(2 * VERDICTS_PER_PASS + 1)}
+    for name in names:
+        queue.mark_liveness(name)
+    queue.mark({"drifted"})
+    woken.clear()
+    batches = [queue.take_ready(0.0) for _ in range(3)]
+    assert [len(b.liveness_only) for b in batches] == [VERDICTS_PER_PASS, VERDICTS_PER_PASS, 1]
+    assert "drifted" in (batches[0].names or ()) and len(woken) == 2  # the loop is told there is more
+    assert set().union(*(b.names or () for b in batches)) == names | {"drifted"}
+    assert queue.take_ready(0.0) == Batch(frozenset())
