@@ -8,7 +8,10 @@ Suites: host (kernel-independent parts, natively, no guest), systemd (the uml-sy
 convergence of greupd vs `ip -batch` vs systemd-networkd, and networkd under drift), uml (the UML guest:
 start-up, reload, drift repair, dead-peer detection, keepalive cost, idle wake-ups, profiles), nft (the vng
 guest: forwarding rate through greupd's nftables table, 1 tunnel against 1000); keepalive (only with --only:
-the uml suite's dead-peer and keepalive-cost parts alone, in bench/results/keepalive.json).
+the uml suite's dead-peer and keepalive-cost parts alone, in bench/results/keepalive.json); hub (only with
+--only: issue #26's hub of 10,000 tunnels in the UML guest, GREUPD_BENCH_HUB_TUNNELS=N for another size) and
+hub-systemd (its convergence part in the uml-systemd guest); engine (only with --only: the keepalive engine
+alone natively at 1000 and 10,000 tunnels, bench/engine_bench.py).
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ import sys
 import time
 from pathlib import Path
 
-from bench import host_bench, render
+from bench import engine_bench, host_bench, render
 from lab import guest
 
 REPO = Path(__file__).resolve().parent.parent
 SUITES = ("host", "systemd", "uml", "nft")
-GUEST: dict[str, guest.GuestKind] = {"systemd": "uml-systemd", "uml": "uml", "keepalive": "uml", "nft": "vng"}
-ALONE = ("keepalive",)  # the keepalive part of the uml suite, run only when asked for (--only keepalive)
+GUEST: dict[str, guest.GuestKind] = {"systemd": "uml-systemd", "uml": "uml", "keepalive": "uml", "nft": "vng",
+                                     "hub": "uml", "hub-systemd": "uml-systemd"}
+# Run only when asked for (--only NAME): the keepalive part of the uml suite; the hub's 10,000 tunnels (#26).
+ALONE = ("keepalive", "hub", "hub-systemd", "engine")
 # The module each guest suite runs (default bench.lab_bench --suite NAME); nft: bench/forwarding.py.
 SUITE_MODULE = {"nft": ["bench.forwarding"]}
 TIMEOUT = 3600.0
@@ -88,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         if suite == "host":
             print("bench: suite host (natively) ...", file=sys.stderr, flush=True)
             ok = host_bench.main(["--out", str(out), *(["--quick"] if a.quick else [])]) == 0 and ok
+        elif suite == "engine":
+            print("bench: suite engine (natively) ...", file=sys.stderr, flush=True)
+            ok = engine_bench.main(["--out", str(out), *(["--tunnels", "300"] if a.quick else [])]) == 0 and ok
         else:
             ok = run_guest_suite(suite, out, a.quick) and ok
         stamp(out, version)

@@ -3,10 +3,11 @@
 - BENCH_IMPORTED=<CLOCK_MONOTONIC> is sent on $NOTIFY_SOCKET once the interpreter is up and greupd.daemon is
   imported, so start-up splits into "Python + imports" and "config + first reconcile" (READY=1 comes from
   greupd itself). CLOCK_MONOTONIC is system-wide: the driver compares it with its own clock.
-- A sampling profiler on demand ($BENCH_PROFILE_DIR set): SIGUSR1 starts it, SIGUSR2 writes a summary to
-  profile-<n>.txt there and sends BENCH_PROFILE_SAVED=<n>; $BENCH_PROFILE_FROM_START=1 starts it right after
-  the imports. Why not cProfile: it reads the clock at every call and return, and in the UML guest a clock
-  read is a syscall (no vDSO), so cProfile turns a 10-second start into minutes and profiles itself.
+- A sampling profiler on demand ($BENCH_PROFILE_DIR set): PROFILE_START (SIGRTMIN+1) starts it, PROFILE_SAVE
+  (SIGRTMIN+2) writes a summary to profile-<n>.txt there and sends BENCH_PROFILE_SAVED=<n>;
+  $BENCH_PROFILE_FROM_START=1 starts it right after the imports. Why not cProfile: it reads the clock at
+  every call and return, and in the UML guest a clock read is a syscall (no vDSO), so cProfile turns a
+  10-second start into minutes and profiles itself.
   Sampling instead: ITIMER_PROF fires every SAMPLE_EVERY seconds of the process's own CPU time (user + sys)
   and the handler records the Python stack; a function's share of samples is its share of CPU.
 
@@ -22,8 +23,12 @@ import socket
 import sys
 import time
 from types import FrameType
+from typing import cast
 
 SAMPLE_EVERY = 0.002
+# Real-time signals, not SIGUSR1/2: greupd's loop guard takes those (and logs them as stray) once it runs.
+PROFILE_START = cast(signal.Signals, signal.SIGRTMIN + 1)  # not in the enum: a plain int
+PROFILE_SAVE = cast(signal.Signals, signal.SIGRTMIN + 2)
 TOP = int(os.environ.get("BENCH_PROFILE_TOP", "30"))
 
 
@@ -102,8 +107,8 @@ def main() -> int:
     directory = os.environ.get("BENCH_PROFILE_DIR")
     if directory:
         profiler = SamplingProfiler(directory)
-        signal.signal(signal.SIGUSR1, profiler.start)
-        signal.signal(signal.SIGUSR2, profiler.save)
+        signal.signal(PROFILE_START, profiler.start)
+        signal.signal(PROFILE_SAVE, profiler.save)
         if os.environ.get("BENCH_PROFILE_FROM_START") == "1":
             profiler.start()
     return greupd_main(["run", *sys.argv[1:]])

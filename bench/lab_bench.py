@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import nl, scenario
+from bench.greupd_timed import PROFILE_SAVE, PROFILE_START
 from bench.record import results_file
 from greupd.control import request
 from lab.greupd_process import GreupdProcess
@@ -103,6 +104,7 @@ class Notify:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
         self.messages: list[tuple[float, str]] = []
+        self.watchdog: list[float] = []
         self.count = 0
         self._arrived = threading.Condition()
         self._reader = threading.Thread(target=self._read, name="notify", daemon=True)
@@ -117,7 +119,9 @@ class Notify:
             at = time.monotonic()
             with self._arrived:
                 self.count += 1
-                if not data.startswith((b"STATUS=", b"WATCHDOG=1")):  # keep what is waited for, not the chatter
+                if data.startswith(b"WATCHDOG=1"):
+                    self.watchdog.append(at)  # their gaps show how long the loop was stuck (a ping every W/2)
+                elif not data.startswith(b"STATUS="):  # keep what is waited for, not the chatter
                     self.messages.append((at, data.decode(errors="replace")))
                 self._arrived.notify_all()
 
@@ -204,7 +208,7 @@ class Daemon(GreupdProcess):
 
     def save_profile(self) -> str:
         """Stop the sampling profiler (bench.greupd_timed) and return its summary."""
-        self.signal(signal.SIGUSR2)
+        self.signal(PROFILE_SAVE)
         start = time.monotonic()
         _, number = self.notify.wait("BENCH_PROFILE_SAVED=", 300, self.alive)
         log(f"profile saved in {time.monotonic() - start:.1f} s")
@@ -321,34 +325,52 @@ def kernel_counts(netns: str, proto: int) -> Json:
 # --------------------------------------------------------------------------- suite "systemd"
 
 
+def _last_route(counter: nl.RouteCounter, spawned: float, timeout: float) -> float | None:
+    """Seconds from spawn to the last route's notification (None if notifications were lost)."""
+    last = counter.wait(timeout)
+    counter.close()
+    return None if last is None or counter.overruns else last - spawned
+
+
 def converge_greupd(count: int) -> Json:
     with Lab("cv") as lab:
         host = underlay_host(lab, "a")
         daemon = Daemon(host, scenario.greupd_toml(count))
+        counter = nl.RouteCounter(host.netns, PROTO_GREUPD, 2 * count)
         try:
             daemon.start(wait=False)
             imported, ready = daemon.wait_for_ready()
+            last_route = _last_route(counter, daemon.spawned_at, 60)
             status = daemon.status()
             assert status is not None
             counts = kernel_counts(host.netns, PROTO_GREUPD)
             up = sum(t["state"] == "up" for t in status["tunnels"])
+            rss = daemon.usage().rss_kb / 1024
         finally:
+            counter.close()
             daemon.close()
         delete_tunnels(host.netns, count)
     if counts["routes"] != 2 * count or up != count:
         raise RuntimeError(f"greupd READY with {counts} and {up} tunnels up of {count}")
-    return {"seconds": ready, "imported": imported, "requests": status["netlink_requests"]}
+    return {"seconds": ready, "imported": imported, "requests": status["netlink_requests"], "last_route": last_route,
+            "rss_mb": rss}
 
 
 def converge_ip_batch(count: int) -> Json:
     with Lab("cv") as lab:
         host = underlay_host(lab, "a")
-        took = ip_batch_file(host, scenario.ip_batch(count))
-        counts = kernel_counts(host.netns, 3)  # RTPROT_BOOT, what `ip route add` gives
+        counter = nl.RouteCounter(host.netns, 3, 2 * count)  # RTPROT_BOOT, what `ip route add` gives
+        start = time.monotonic()
+        try:
+            took = ip_batch_file(host, scenario.ip_batch(count))
+            last_route = _last_route(counter, start, 60)
+        finally:
+            counter.close()
+        counts = kernel_counts(host.netns, 3)
         delete_tunnels(host.netns, count)
     if counts["routes"] != 2 * count:
         raise RuntimeError(f"ip -batch left {counts}")
-    return {"seconds": took}
+    return {"seconds": took, "last_route": last_route}
 
 
 class Networkd:
@@ -539,7 +561,7 @@ def startup(sizes: Sizes) -> Json:
     return result
 
 
-def drift_trials(host: Host, count: int, trials: int, pause: float) -> Json:
+def drift_trials(host: Host, count: int, trials: int, pause: float, links: bool = True) -> Json:
     """`ip route del` / `ip link del` of owned objects (sent as those commands send them), until repaired."""
     rtnl = nl.Rtnl(host.netns)
     route_samples: list[float] = []
@@ -558,7 +580,7 @@ def drift_trials(host: Host, count: int, trials: int, pause: float) -> Json:
                 if trial % 25 == 24:
                     log(f"drift ({count} tunnels): route trial {trial + 1}: {route_samples[-1] * 1000:.0f} ms")
                 time.sleep(pause)
-            for trial in range(trials):
+            for trial in range(trials if links else 0):
                 t = scenario.Tunnel((trial + count // 2) % count)
                 watch.drain()
                 start = time.monotonic()
@@ -703,7 +725,7 @@ def keepalive_cost(sizes: Sizes, interval: float, profile_dir: Path | None = Non
             assert status_after is not None
             before, after = keepalive_summary(status_before), keepalive_summary(status_after)
             if profile_dir is not None:
-                daemon.signal(signal.SIGUSR1)
+                daemon.signal(PROFILE_START)
                 time.sleep(min(sizes.window, 10))
                 profile = daemon.save_profile()
         finally:
@@ -795,12 +817,12 @@ def suite_uml(sizes: Sizes, results: Json) -> None:
             results["idle"] = {"tunnels": large, "watchdog_s": 10.0, **window_usage(daemon, sizes.window)}
             log("idle:", results["idle"])
             results["reload"] = {"tunnels": large, "trials": reload_trials(daemon, large, sizes.reload_trials)}
-            daemon.signal(signal.SIGUSR1)
+            daemon.signal(PROFILE_START)
             reload_trials(daemon, large, 2, first=sizes.reload_trials)
             profiles["reload"] = daemon.save_profile()
             results["drift_large"] = {"tunnels": large,
                                       **drift_trials(host, large, sizes.drift_large_trials, 0.05)}
-            daemon.signal(signal.SIGUSR1)
+            daemon.signal(PROFILE_START)
             drift_trials(host, large, 5, 0.05)
             profiles["drift_repair"] = daemon.save_profile()
         finally:
@@ -811,13 +833,142 @@ def suite_uml(sizes: Sizes, results: Json) -> None:
     shutil.rmtree(profile_dir, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- suite "hub" (issue #26)
+
+
+@dataclass(frozen=True)
+class HubSizes:
+    tunnels: int  # the hub's spokes
+    convergence_trials: int  # per tool, interleaved
+    reload_trials: int
+    drift_trials: int
+    interval: float  # keepalive interval of the mass death (retries 3)
+    window: float
+
+
+# GREUPD_BENCH_HUB_TUNNELS: a smaller hub where the guest's share of a loaded machine cannot carry 10,000 (the
+# suite's time grows faster than N: `ip -batch` itself slows with the number of links).
+HUB = HubSizes(tunnels=int(os.environ.get("GREUPD_BENCH_HUB_TUNNELS", "10000")), convergence_trials=2,
+               reload_trials=6, drift_trials=100, interval=1.0, window=20.0)
+HUB_QUICK = HubSizes(tunnels=300, convergence_trials=1, reload_trials=2, drift_trials=10, interval=1.0, window=5.0)
+
+
+def hub_convergence(sizes: HubSizes) -> Json:
+    count = sizes.tunnels
+    rows: dict[str, list[Json]] = {"greupd": [], "ip_batch": []}
+    for trial in range(sizes.convergence_trials):
+        for tool in (("ip_batch", "greupd") if trial % 2 == 0 else ("greupd", "ip_batch")):
+            rows[tool].append(converge_greupd(count) if tool == "greupd" else converge_ip_batch(count))
+            log(f"hub convergence N={count} trial {trial} {tool}: {rows[tool][-1]}")
+    return {str(count): rows}
+
+
+def watchdog_gaps(times: list[float], start: float, end: float) -> Json:
+    """The longest gaps between watchdog pings (sent from the loop at half WATCHDOG_USEC) within [start, end]."""
+    before = [t for t in times if t < start]
+    inside = [t for t in times if start <= t <= end]
+    # From the last ping before `start` (a loop stuck from then on shows as one long gap), and until `end`.
+    points = [*before[-1:], *inside, end]
+    gaps = sorted((b - a for a, b in itertools.pairwise(points)), reverse=True)
+    return {"pings": len(inside), "longest_gaps": gaps[:5]}
+
+
+def mass_death(a: Host, b: Host, daemon: Daemon, count: int, interval: float) -> Json:
+    """The hub's uplink fails: the far side's end of the underlay goes down, every peer falls silent at once.
+    Times until the last of the 2 x count routes is withdrawn (rtnetlink notifications); the loop's stalls
+    meanwhile (gaps of the watchdog pings); then the uplink back, until every route is back."""
+    rtnl_b = nl.Rtnl(b.netns)
+    try:
+        gone = nl.RouteCounter(a.netns, PROTO_GREUPD, 2 * count, kind=nl.RTM_DELROUTE)
+        failed = time.monotonic()
+        rtnl_b.set_link("eth0", False)
+        last = gone.wait(interval * 4 + 60)
+        overruns = gone.overruns
+        withdrawn = gone.count
+        gone.close()
+        end = (last or time.monotonic()) + 1.0
+        time.sleep(max(0.0, end - time.monotonic()))
+        stalls = watchdog_gaps(daemon.notify.watchdog, failed, end)
+        back = nl.RouteCounter(a.netns, PROTO_GREUPD, 2 * count)
+        restored = time.monotonic()
+        rtnl_b.set_link("eth0", True)
+        back_last = back.wait(interval * 4 + 120)
+        back_count = back.count
+        back.close()
+    finally:
+        rtnl_b.close()
+    return {"tunnels": count, "interval": interval, "retries": 3,
+            "withdrawn_s": None if last is None else last - failed, "routes_withdrawn": withdrawn,
+            "overruns": overruns, "watchdog": stalls,
+            "restored_s": None if back_last is None else back_last - restored, "routes_back": back_count}
+
+
+def hub_running(sizes: HubSizes, results: Json, profile_dir: Path) -> None:
+    """N tunnels running: one tunnel's reload, `ip route del` repaired; then N tunnels with keepalives: cost,
+    memory, and the mass death."""
+    count = sizes.tunnels
+    profiles: Json = results.setdefault("profiles", {})
+    with Lab("hb") as lab:
+        host = underlay_host(lab, "a")
+        daemon = Daemon(host, scenario.greupd_toml(count), profile_dir=profile_dir)
+        try:
+            daemon.start()
+            time.sleep(2)
+            results["idle"] = {"tunnels": count, **window_usage(daemon, 5.0)}
+            results["reload"] = {"tunnels": count, "trials": reload_trials(daemon, count, sizes.reload_trials)}
+            daemon.signal(PROFILE_START)
+            reload_trials(daemon, count, 2, first=sizes.reload_trials)
+            profiles["hub_reload"] = daemon.save_profile()
+            results["drift"] = {"tunnels": count,
+                                **drift_trials(host, count, sizes.drift_trials, 0.05, links=False)}
+            daemon.signal(PROFILE_START)
+            drift_trials(host, count, 10, 0.05, links=False)
+            profiles["hub_drift_repair"] = daemon.save_profile()
+        finally:
+            daemon.close()
+            delete_tunnels(host.netns, count)
+    log("hub: keepalives and the mass death")
+    with Lab("md") as lab:
+        a, b = peered_hosts(lab, count)
+        config = scenario.greupd_toml(count, keepalive=(sizes.interval, 3, 1))
+        daemon = Daemon(a, config, watchdog_usec=100_000, profile_dir=profile_dir)
+        try:
+            daemon.start()
+            results["keepalive_settled"] = wait_all_up(daemon, count, 120)
+            time.sleep(2)
+            results["keepalive"] = {"tunnels": count, "interval": sizes.interval,
+                                    **window_usage(daemon, sizes.window)}
+            log("hub keepalive:", results["keepalive"])
+            results["mass_death"] = mass_death(a, b, daemon, count, sizes.interval)
+            log("hub mass death:", results["mass_death"])
+            wait_all_up(daemon, count, 60)
+            daemon.signal(PROFILE_START)
+            results["mass_death_profiled"] = mass_death(a, b, daemon, count, sizes.interval)
+            profiles["hub_mass_death"] = daemon.save_profile()
+        finally:
+            daemon.close()
+            delete_tunnels(a.netns, count)
+            delete_tunnels(b.netns, count)
+
+
+def suite_hub(sizes: HubSizes, results: Json, running: bool) -> None:
+    """Convergence at the hub's N, greupd against `ip -batch`; with `running` (the plain UML guest) also the
+    rest of issue #26's UML rows."""
+    profile_dir = Path(tempfile.mkdtemp(prefix="bench-profiles-", dir="/run"))
+    log(f"hub: convergence, {sizes.tunnels} tunnels")
+    results["convergence"] = hub_convergence(sizes)
+    if running:
+        hub_running(sizes, results, profile_dir)
+    shutil.rmtree(profile_dir, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.lab_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=("systemd", "uml", "keepalive"), required=True)
+    p.add_argument("--suite", choices=("systemd", "uml", "keepalive", "hub", "hub-systemd"), required=True)
     p.add_argument("--quick", action="store_true", help="small N and few trials: a smoke run")
     p.add_argument("--out", type=Path, default=None, help="JSON output (default: $GREUPD_LAB_RUNDIR/bench.json)")
     a = p.parse_args(argv)
@@ -829,6 +980,8 @@ def main(argv: list[str] | None = None) -> int:
             data.update(suite_systemd(sizes))
         elif a.suite == "keepalive":
             suite_keepalive(sizes, data)
+        elif a.suite in ("hub", "hub-systemd"):
+            suite_hub(HUB_QUICK if a.quick else HUB, data, running=a.suite == "hub")
         else:
             suite_uml(sizes, data)
     log(f"done in {time.monotonic() - started:.0f} s -> {out}")

@@ -16,6 +16,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ __all__ = [  # what the benchmarks use, greupd's rtnetlink message types among t
     "RTM_NEWLINK",
     "RTM_NEWROUTE",
     "Event",
+    "RouteCounter",
     "Rtnl",
     "Watch",
     "in_netns",
@@ -291,3 +293,56 @@ class Rtnl:
         """`ip link set NAME up|down`."""
         body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, IFF_UP if up else 0, IFF_UP)
         self._request(RTM_NEWLINK, body + attr(IFLA_IFNAME, name.encode() + b"\0"))
+
+
+class RouteCounter:
+    """Counts, on a thread of its own, the IPv4 route additions (or deletions) of one protocol in a netns, and
+    when the last of `wanted` of them arrived: "the last route in the kernel" without dumping 20,000 routes
+    every 250 ms. Only the fixed header of each message is read, so that the counting costs the guest's one
+    CPU as little as possible, the same for every tool timed."""
+
+    def __init__(self, netns: str, proto: int, wanted: int, kind: int = RTM_NEWROUTE) -> None:
+        self._watch = Watch(netns, RTMGRP_IPV4_ROUTE)
+        self.proto, self.wanted, self.kind = proto, wanted, kind
+        self.count = 0
+        self.last: float | None = None  # time.monotonic() of the message that made `wanted`
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="route-counter", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sock = self._watch.sock
+        while not self._stop and self.count < self.wanted:
+            ready, _, _ = select.select([sock], [], [], 0.2)
+            if not ready:
+                continue
+            while True:
+                try:
+                    data = sock.recv(1 << 20)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.ENOBUFS:
+                        raise
+                    self._watch.overruns += 1
+                    continue
+                at = time.monotonic()
+                for msg_type, _flags, _seq, _pid, body, _raw in messages(data):
+                    if msg_type == self.kind and body[0] == socket.AF_INET and body[5] == self.proto:
+                        self.count += 1
+                if self.count >= self.wanted and self.last is None:
+                    self.last = at
+
+    @property
+    def overruns(self) -> int:
+        return self._watch.overruns
+
+    def wait(self, timeout: float) -> float | None:
+        """Until `wanted` were seen (then when the last came), or `timeout` (then None)."""
+        self._thread.join(timeout)
+        return self.last
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(1)
+        self._watch.close()

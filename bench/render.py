@@ -131,6 +131,90 @@ def _host_start_and_encoding(host: Json) -> list[str]:
     return rows
 
 
+def hub_section(hub: Json, engine: Json | None) -> tuple[list[str], list[str]]:
+    """Issue #26: the hub suite (bench/lab_bench.py --suite hub) and the engine alone (bench/engine_bench.py)."""
+    targets: list[str] = []
+    body: list[str] = ["## 9. A hub (issue #26)", "",
+                       f"`bench/run --only hub` (plain UML guest, {machine_line(hub['meta'])}); N tunnels as in 1, "
+                       "greupd and `ip -batch` interleaved in one boot. *Last route*: spawn to the rtnetlink "
+                       "notification of the last of the 2N routes (counted by a thread of the driver, headers only).",
+                       ""]
+    for n, rows in hub.get("convergence", {}).items():
+        g, ip = rows.get("greupd", []), rows.get("ip_batch", [])
+        if not g or not ip:
+            continue
+        ready, ip_s = column(g, "seconds"), column(ip, "seconds")
+        last = [r["last_route"] for r in g if r.get("last_route") is not None]
+        ip_last = [r["last_route"] for r in ip if r.get("last_route") is not None]
+        body += ["| N | `ip -batch` (s) | greupd → READY (s) | greupd → last route (s) | imports (s) | READY / ip | "
+                 "last route / ip | RSS at READY (MB) |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+                 f"| {n} | {spread(ip_s, 's')} | {spread(ready, 's')} | {spread(last, 's') if last else '-'} | "
+                 f"{spread(column(g, 'imported'), 's')} | {statistics.median(ready) / statistics.median(ip_s):.2f}x | "
+                 + (f"{statistics.median(last) / statistics.median(ip_last or ip_s):.2f}x" if last else "-")
+                 + f" | {statistics.median(column(g, 'rss_mb')):.0f} |", ""]
+        r = statistics.median(ready) / statistics.median(ip_s)
+        targets.append(f"| 9 | N = {n}, spawn to READY, plain UML: <= 1.2x `ip -batch` | {r:.2f}x | "
+                       f"{verdict(r <= 1.2)} |")
+        if last:
+            r = statistics.median(last) / statistics.median(ip_last or ip_s)
+            targets.append(f"| 9 | N = {n}, spawn to the last route, plain UML: <= 1.3x `ip -batch` | {r:.2f}x | "
+                           f"{verdict(r <= 1.3)} |")
+    reload = hub.get("reload")
+    if reload:
+        trials = reload["trials"]
+        applied, requests = column(trials, "applied"), column(trials, "requests")
+        body += [f"Reload of one tunnel's ttl among {reload['tunnels']}: applied {spread(applied)} ms, netlink "
+                 f"requests {statistics.median(requests):.0f} ({min(requests):.0f}-{max(requests):.0f}).", ""]
+        targets.append(f"| 9 | reload of one tunnel among {reload['tunnels']}: < 100 ms, only its requests | "
+                       f"{ms(statistics.median(applied))} ms, {statistics.median(requests):.0f} requests | "
+                       f"{verdict(statistics.median(applied) < 0.1)} |")
+    drift = hub.get("drift")
+    if drift and drift.get("route"):
+        samples = drift["route"]
+        body += ["| case | trials | median (ms) | min | p99 | max | target |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+                 dist_row(f"`ip route del`, {drift['tunnels']} tunnels", samples, 0.005, 0.020), ""]
+        targets.append(f"| 9 | `ip route del` repaired, {drift['tunnels']} tunnels: median < 5 ms, p99 < 20 ms | "
+                       f"{ms(statistics.median(samples))} / {ms(p99(samples))} ms | "
+                       f"{verdict(statistics.median(samples) < 0.005 and p99(samples) < 0.020)} |")
+    ka = hub.get("keepalive")
+    if ka:
+        body += [f"{ka['tunnels']} tunnels with keepalives ({ka['interval']:g} s x 3) running: RSS "
+                 f"{ka['rss_mb']:.0f} MB (peak {ka['hwm_mb']:.0f}), CPU {ka['cpu_percent']:.1f} % of the guest's core "
+                 f"(settled: {hub.get('keepalive_settled')}).", ""]
+        targets.append(f"| 9 | daemon RSS, {ka['tunnels']} tunnels with keepalives: < 250 MB | {ka['rss_mb']:.0f} MB | "
+                       f"{verdict(ka['rss_mb'] < 250)} |")
+    for key in ("mass_death", "mass_death_profiled"):
+        md = hub.get(key)
+        if not md:
+            continue
+        limit = md["interval"] * (md["retries"] + 1) + 1.0
+        stall = max(md["watchdog"]["longest_gaps"] or [0.0]) - 0.05  # pings every 50 ms
+        took = md["withdrawn_s"]
+        body += [f"Mass death{' (profiled)' if key.endswith('profiled') else ''}: {md['tunnels']} peers silent at "
+                 f"once; {md['routes_withdrawn']} routes withdrawn in "
+                 f"{'-' if took is None else secs(took)} s (limit {limit:g} s); longest watchdog gaps "
+                 f"{', '.join(ms(g) for g in md['watchdog']['longest_gaps'])} ms (pings every 50 ms); back in "
+                 f"{'-' if md['restored_s'] is None else secs(md['restored_s'])} s.", ""]
+        if key == "mass_death":
+            targets.append(f"| 9 | {md['tunnels']} peers die at once: withdrawn within {limit:g} s, no loop stall over "
+                           f"100 ms | {'-' if took is None else secs(took)} s, stall {ms(stall)} ms | "
+                           f"{verdict(took is not None and took <= limit and stall <= 0.1)} |")
+    for row in (engine or {}).get("engine", []):
+        limit = 2.0 if row["tunnels"] <= 1000 else 15.0
+        if row["probes_per_s"] < 0.95 * row["tunnels"] / row["interval"]:  # a starved prober skips probes
+            targets.append(f"| 9 | (host kernel) keepalive engine alone, {row['tunnels']} x {row['interval']:g} s: "
+                           f"< {limit:g} % | not measured: the prober was starved (load {row['load_average'][0]}), "
+                           f"{row['probes_per_s']:.0f} probes/s of {row['tunnels'] / row['interval']:.0f}, "
+                           f"{row['cpu_us_per_probe']:.0f} µs per probe | not measured |")
+            continue
+        targets.append(f"| 9 | (host kernel) keepalive engine alone, {row['tunnels']} x {row['interval']:g} s: "
+                       f"< {limit:g} % | {row['cpu_percent']:.1f} % (user {row['user_percent']:.1f}, "
+                       f"{row['probes_per_s']:.0f} probes/s, load {row['load_average'][0]}) | "
+                       f"{verdict(row['cpu_percent'] < limit and row['probes_per_s'] > 0.95 * row['tunnels'])} |")
+    return targets, body
+
+
 def render(results: dict[str, Json], analysis: str, command: str) -> str:
     sysd, uml, host = results.get("systemd"), results.get("uml"), results.get("host")
     out: list[str] = ["# Benchmarks", "",
@@ -197,6 +281,14 @@ def render(results: dict[str, Json], analysis: str, command: str) -> str:
             r_after = statistics.median(f["after"]) / statistics.median(f["ip_batch"])
             targets.append(f"| 1 | (plain UML guest) greupd <= 1.5x `ip -batch` at N = {big} | {r:.1f}x (after "
                            f"imports: {r_after:.1f}x) | {verdict(r <= 1.5)} |")
+        rows = uml["convergence"][str(big)]
+        last = [r["last_route"] for r in rows["greupd"] if r.get("last_route") is not None]
+        ip_last = [r["last_route"] for r in rows["ip_batch"] if r.get("last_route") is not None]
+        if last and ip_last:  # #26: the time until the kernel has it all, seen from outside
+            r = statistics.median(last) / statistics.median(ip_last)
+            targets.append(f"| 1 | (plain UML guest) spawn to the last route in the kernel <= 1.3x `ip -batch` at N = "
+                           f"{big} | {r:.2f}x ({secs(statistics.median(last))} s vs "
+                           f"{secs(statistics.median(ip_last))} s) | {verdict(r <= 1.3)} |")
 
     if uml:
         reload_rows = uml.get("reload", {}).get("trials", [])
@@ -377,12 +469,18 @@ def render(results: dict[str, Json], analysis: str, command: str) -> str:
         targets += nft_targets
         body += nft_body
 
+    if results.get("hub"):
+        hub_targets, hub_body = hub_section(results["hub"], results.get("engine"))
+        targets += hub_targets
+        body += hub_body
+
     out += ["## Targets", "", *targets, "", *body]
     if analysis:
         out += [analysis.strip(), ""]
-    if uml and uml.get("profiles"):
+    profiles = {**(uml or {}).get("profiles", {}), **(results.get("hub") or {}).get("profiles", {})}
+    if profiles:
         out += ["## Profiles (sampling, in the UML guest: % of the daemon's CPU samples)", ""]
-        for name, text in uml["profiles"].items():
+        for name, text in profiles.items():
             out += [f"<details><summary>{name}</summary>", "", "```", text, "```", "", "</details>", ""]
     return "\n".join(out)
 

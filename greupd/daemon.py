@@ -26,7 +26,7 @@ from greupd.metrics import MetricsPublisher
 from greupd.model import Desired, DesiredMemo
 from greupd.netlink.kernel import Kernel, KernelWatch
 from greupd.nft.keeper import NftKeeper
-from greupd.queue import RESYNC_EVERY, RETRY_AFTER, Retry, WorkQueue, reload_scope, settle
+from greupd.queue import RESYNC_EVERY, RETRY_AFTER, Batch, Retry, WorkQueue, reload_scope, settle
 from greupd.reconcile import reconcile_pass, remove_everything
 from greupd.report import Reports
 from greupd.state import StartConfig, last_good_saved
@@ -85,7 +85,7 @@ class Daemon:
         self.liveness.set_answerable([])  # nothing is known to work before the first pass (#11 H5)
         self.nft.keep(self.config)  # the tables (IPsec drops, clamp, NAT) before any route, link or probe (#11)
         self.verdicts.resume(self.nft.probed(self.config), lambda: self.kernel.observe(self.desired()))
-        self.reconcile(None)
+        self.reconcile(Batch(None))
         self.nft.start(loop)
         self.notifier.ready(self.reports.status_text(self.config))
         if self.start is not None and self.start.rejected is not None:
@@ -115,7 +115,7 @@ class Daemon:
         if batch.nft:  # first: a repair may put routes back, and they need the table
             self.nft.keep(self.config)
         if batch.names is None or batch.names:
-            self.reconcile(batch.names, batch.repairs)
+            self.reconcile(batch)
         self.verdicts.save_if_changed(self.config)
 
     def _resync(self) -> None:
@@ -133,10 +133,10 @@ class Daemon:
         self.liveness.configure_keepalive(self.nft.probed(self.config))
         self.queue.mark(names)
 
-    def reconcile(self, names: frozenset[str] | None, repairs: frozenset[str] = frozenset()) -> None:
-        """A pass for `names` (None: everything), then what changed; `repairs`: the names kernel events gave."""
+    def reconcile(self, batch: Batch) -> None:
+        """A pass for `batch.names` (None: everything), then what changed (queue.Batch says what marked them)."""
         try:
-            self._reconcile(names, repairs)
+            self._reconcile(batch)
         except OSError as exc:
             # Transient (a dump interrupted by a concurrent change, memory pressure): report it and look at
             # everything again shortly rather than die and take the watch with us.
@@ -144,20 +144,19 @@ class Daemon:
             assert self._loop is not None
             self._loop.call_later(RETRY_AFTER, self.queue.mark, None)
 
-    def _reconcile(self, names: frozenset[str] | None, repairs: frozenset[str]) -> None:
-        done = reconcile_pass(self.kernel, self.desired(), names)
+    def _reconcile(self, batch: Batch) -> None:
+        done = reconcile_pass(self.kernel, self.desired(), batch.names, batch.liveness_only)
         for error in (e for e in done.errors if e.tunnel is None):
             self._fail(str(error))
-        changes = self.reports.update(self.config, done.observed, done.plan, done.errors, done.after,
-                                      self.liveness.is_up, repairs)
-        for change in changes:
+        for change in self.reports.update(self.config, done.observed, done.plan, done.errors, done.after,
+                                          self.liveness.is_up, batch.repairs):
             self.events.emit(change)
         self.liveness.after_pass(self.reports.answerable(), done.observed, done.after)  # #11 H5, #21 M2
         self.notifier.status_if_changed(self.reports.status_text(self.config))
         self.metrics.publish()
         assert self._loop is not None
         applied = done.applied(self.reports.tunnels(self.config))
-        fought = [n for n in done.touched & repairs if n in self.reports.records]
+        fought = [n for n in done.touched & batch.repairs if n in self.reports.records]
         for wait in self.queue.after_pass(applied, sorted(done.refused), fought, time.monotonic()):
             (log.info if isinstance(wait, Retry) else self._fail)(str(wait))  # a fight is news, a retry is not
             self._loop.call_later(wait.seconds, self.queue.due, wait)
@@ -206,7 +205,7 @@ class Daemon:
         self.ipsec.configure(config)
         # Unchanged tunnels are not even looked at (no flap, and a reload of one tunnel among thousands
         # costs a few requests); drift on them is the watch's business.
-        self.reconcile(scope)
+        self.reconcile(Batch(scope))
         self.nft.keep(config)
         return scope
 
@@ -216,6 +215,7 @@ class Daemon:
             self._fail(problem)
 
     def _shutdown(self) -> None:
+        self.verdicts.flush(self.config)  # a save put off to the end of a burst of flips (restart.py)
         self.liveness.close(admin_down=self.config.daemon.on_exit == "remove")  # BFD peers hear AdminDown
         self.nft.close()
         self.watch.close()

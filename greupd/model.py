@@ -468,7 +468,11 @@ class DesiredMemo:
             self._desired = desired_state(config, alive, guard, path_mtus)
         elif alive != self._alive or path_mtus != self._path_mtus:
             tunnels = dict(self._desired.tunnels)
-            for name in alive.keys() | self._alive.keys() | path_mtus.keys() | self._path_mtus.keys():
+            # Only the names whose entries differ (set operations in C): a hub's pass for a few flipped verdicts
+            # must not walk ten thousand tunnels in Python (#26).
+            differ = {n for n, _ in alive.items() ^ self._alive.items()} | {
+                n for n, _ in path_mtus.items() ^ self._path_mtus.items()}
+            for name in differ:
                 tunnel = self._by_name.get(name)
                 changed = (alive.get(name, True) != self._alive.get(name, True)
                            or path_mtus.get(name) != self._path_mtus.get(name))

@@ -41,6 +41,11 @@ RETRY_AFTER: Final = 1.0
 RETRY_BACKOFF: Final = (1.0, 60.0)
 # And, as a safety net for whatever no event and no refusal tells us about, a full pass this often.
 RESYNC_EVERY: Final = 600.0
+# Tunnels only a keepalive verdict marked, at most this many per pass (the rest in the next loop step): when a
+# hub's uplink fails, thousands flip within a second, and one pass for all of them would hold the loop (probe
+# timers, the watchdog) for as long as their route deletions take (#26). Their passes look at nothing (the
+# kernel's memory), so splitting them costs no extra dump.
+VERDICTS_PER_PASS: Final = 200
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,9 @@ class Batch:
     names: frozenset[str] | None
     repairs: frozenset[str] = frozenset()
     nft: bool = False
+    # Marked for their keepalive verdict only (no kernel event, retry or other mark): what the last pass left
+    # of them may be trusted (reconcile_pass's `trusted`).
+    liveness_only: frozenset[str] = frozenset()
 
     def __bool__(self) -> bool:
         return self.names is None or bool(self.names) or self.nft
@@ -92,6 +100,7 @@ class WorkQueue(Generic[R]):
         self._dirty: set[str] = set()
         self._liveness_dirty: set[str] = set()  # dirty because of a keepalive verdict, not the kernel
         self._retry_dirty: set[str] = set()  # dirty because a retry of refused actions is due
+        self._marked: set[str] = set()  # dirty because of anything else (a kernel event, a pause over, ...)
         self._retries: dict[str, tuple[float, float]] = {}  # refused tunnel -> (backoff, when the retry is due)
         self._everything = False
         self._nft = False
@@ -106,6 +115,7 @@ class WorkQueue(Generic[R]):
             self._everything = True
         else:
             self._dirty.update(names)
+            self._marked.update(names)
         self._wake()
 
     def mark_liveness(self, name: str) -> None:
@@ -155,16 +165,23 @@ class WorkQueue(Generic[R]):
             self._dirty.clear()
             self._liveness_dirty.clear()
             self._retry_dirty.clear()
+            self._marked.clear()
             return Batch(None, nft=nft)
         # A keepalive verdict is acted on even while the tunnel is paused for a fight (review L3): a dead peer's
         # routes must go within the detection time, not a minute later.
         ready = frozenset(n for n in self._dirty
                           if n in self._liveness_dirty or (f := self._fights.get(n)) is None or f.paused_until <= now)
+        liveness_only = (ready & self._liveness_dirty) - self._retry_dirty - self._marked
+        if len(liveness_only) > VERDICTS_PER_PASS:
+            later = frozenset(sorted(liveness_only)[VERDICTS_PER_PASS:])  # still marked, for the next step
+            ready, liveness_only = ready - later, liveness_only - later
+            self._wake()
         self._dirty -= ready
         repairs = ready - self._liveness_dirty - self._retry_dirty
         self._liveness_dirty -= ready
         self._retry_dirty -= ready
-        return Batch(ready, repairs, nft)
+        self._marked -= ready
+        return Batch(ready, repairs, nft, liveness_only)
 
     # --- refusals -----------------------------------------------------------------------------------
 

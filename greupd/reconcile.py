@@ -32,9 +32,14 @@ class PassOutcome:
         return [n for n in looked_at if n not in self.refused]
 
 
-def reconcile_pass(kernel: Kernel, desired: Desired, names: frozenset[str] | None) -> PassOutcome:
-    """Observe `names` (None: everything), plan, apply. Raises OSError when the kernel cannot be read."""
-    observed = kernel.observe(desired, names)
+def reconcile_pass(kernel: Kernel, desired: Desired, names: frozenset[str] | None,
+                   trusted: frozenset[str] = frozenset()) -> PassOutcome:
+    """Observe `names` (None: everything), plan, apply. Raises OSError when the kernel cannot be read.
+
+    `trusted`: names nothing in the kernel has changed about since the last pass, as far as the kernel's
+    notifications tell (a keepalive verdict flipped): the kernel's memory of them will do (Kernel.observe).
+    """
+    observed = kernel.observe(desired, names, trusted)
     plan = plan_changes(desired, observed)
     errors = kernel.apply(plan.actions) if plan.actions else []
     if plan.actions:
@@ -45,6 +50,7 @@ def reconcile_pass(kernel: Kernel, desired: Desired, names: frozenset[str] | Non
     after = observed.updated(Observed.as_planned(desired, touched - refused, kernel.indices(touched - refused)))
     if refused:
         after = after.updated(kernel.observe(desired, refused))
+    kernel.remember(after)
     return PassOutcome(observed, plan, errors, after, touched, refused)
 
 

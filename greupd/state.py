@@ -125,7 +125,9 @@ class StateDir:
     def save_verdicts(self, verdicts: Mapping[str, KeepaliveVerdict]) -> None:
         document = {"format": _FORMAT, "boot_id": _boot_id(), "tunnels": {
             name: {"up": v.up, "since": v.since, "endpoints": v.endpoints} for name, v in sorted(verdicts.items())}}
-        self._write(KEEPALIVE, json.dumps(document, indent=1) + "\n")
+        # One line: json's C encoder takes no indent, and a hub's ten thousand verdicts through the Python one
+        # cost seconds of the loop in the lab's UML (#26).
+        self._write(KEEPALIVE, json.dumps(document) + "\n")
 
     def verdicts(self, this_boot_only: bool = True) -> dict[str, KeepaliveVerdict]:
         """The saved verdicts; by default none from an earlier boot (the kernel's tunnels did not survive it)."""

@@ -14,6 +14,7 @@ from greupd.queue import (
     FIGHT_REPAIRS,
     FIGHT_WINDOW,
     RETRY_BACKOFF,
+    VERDICTS_PER_PASS,
     Batch,
     Pause,
     Retry,
@@ -48,7 +49,8 @@ def test_a_keepalive_verdict_is_no_repair() -> None:
     queue = WorkQueue[None]()
     queue.mark_liveness("to_b")
     queue.mark({"to_c"})
-    assert queue.take_ready(0.0) == Batch(frozenset({"to_b", "to_c"}), frozenset({"to_c"}))
+    assert queue.take_ready(0.0) == Batch(frozenset({"to_b", "to_c"}), frozenset({"to_c"}),
+                                          liveness_only=frozenset({"to_b"}))
 
 
 def test_everything_swallows_the_names() -> None:
@@ -102,7 +104,7 @@ def test_a_keepalive_verdict_is_not_held_back_by_a_fight() -> None:
     queue = WorkQueue[None]()
     [pause] = fight(queue, "to_b", 0.0, 0.1)
     queue.mark_liveness("to_b")
-    assert queue.take_ready(1.0) == Batch(frozenset({"to_b"}))
+    assert queue.take_ready(1.0) == Batch(frozenset({"to_b"}), liveness_only=frozenset({"to_b"}))
     queue.mark({"to_b"})  # the kernel's events still wait for the pause (from the last repair, at 0.9 s)
     assert queue.take_ready(1.1) == Batch(frozenset())
     assert queue.take_ready(0.9 + pause.seconds).names == frozenset({"to_b"})
@@ -188,3 +190,31 @@ def test_stopping_cancels_waiting_reloads() -> None:
         assert waiting.cancelled()
 
     asyncio.run(main())
+
+
+def test_only_a_tunnel_nothing_but_its_verdict_marked_may_be_planned_from_memory() -> None:
+    """#26: a verdict's pass may trust what the last pass left; a kernel event or a retry beside it may not."""
+    queue = WorkQueue[None]()
+    for name in ("to_b", "to_c", "to_d"):
+        queue.mark_liveness(name)
+    queue.mark({"to_c"})
+    queue.mark_retry("to_d")
+    assert queue.take_ready(0.0).liveness_only == frozenset({"to_b"})
+    queue.mark_liveness("to_c")  # the event's mark was taken with the last batch: this one is the verdict's alone
+    assert queue.take_ready(0.0).liveness_only == frozenset({"to_c"})
+
+
+def test_a_thousand_verdicts_go_to_passes_of_at_most_verdicts_per_pass() -> None:
+    """#26: a hub's uplink fails; no single pass holds the loop for all of them."""
+    woken: list[bool] = []
+    queue = WorkQueue[None](lambda: woken.append(True))
+    names = {f"t{i}" for i in range(2 * VERDICTS_PER_PASS + 1)}
+    for name in names:
+        queue.mark_liveness(name)
+    queue.mark({"drifted"})
+    woken.clear()
+    batches = [queue.take_ready(0.0) for _ in range(3)]
+    assert [len(b.liveness_only) for b in batches] == [VERDICTS_PER_PASS, VERDICTS_PER_PASS, 1]
+    assert "drifted" in (batches[0].names or ()) and len(woken) == 2  # the loop is told there is more
+    assert set().union(*(b.names or () for b in batches)) == names | {"drifted"}
+    assert queue.take_ready(0.0) == Batch(frozenset())

@@ -71,7 +71,7 @@ class Datagram:
     0 for any), with `mark` (SO_MARK; 0: none), carrying `payload`, a buffer that is rewritten in place for every
     probe (it must never be resized: the message points into it)."""
 
-    __slots__ = ("_address", "_control", "_iovec", "_payload_view", "header")
+    __slots__ = ("_address", "_control", "_iovec", "_payload_view", "entry", "header")
 
     def __init__(self, payload: bytearray, local: IPv4Address, remote: IPv4Address, pktinfo: int,
                  ifindex: int = 0, mark: int = 0) -> None:
@@ -86,6 +86,9 @@ class Datagram:
         self._iovec = _Iovec(ctypes.addressof(self._payload_view), len(payload))
         self.header = _Msghdr(ctypes.addressof(self._address), 16, ctypes.pointer(self._iovec), 1,
                               ctypes.addressof(self._control), space, 0)
+        # The same as one struct mmsghdr's bytes (msg_len 0): a batch is these laid end to end, one memmove, not
+        # a ctypes assignment per probe (#26). The pointers in it stay valid: this object owns what they point to.
+        self.entry = bytes(_Mmsghdr(self.header, 0))
 
 
 class Sender:
@@ -102,8 +105,8 @@ class Sender:
         if len(self._messages) < count:
             self._messages = (_Mmsghdr * max(count, 2 * len(self._messages)))()
         messages = self._messages
-        for index, datagram in enumerate(datagrams):
-            messages[index].msg_hdr = datagram.header
+        entries = b"".join([datagram.entry for datagram in datagrams])
+        ctypes.memmove(messages, entries, len(entries))
         start = 0
         while start < count:
             sent = _LIBC.sendmmsg(self._fd, ctypes.addressof(messages) + start * ctypes.sizeof(_Mmsghdr),

@@ -49,7 +49,8 @@ def underlays_after_pass(before: Observed, after: Observed, tunnels: Collection[
     link's own where the pass kept the link (same ifindex: untouched or changed in place), none where it made a
     new one or there is none."""
     underlays = {}
-    for name in tunnels if before.scope is None else (n for n in tunnels if n in before.scope):
+    # A scoped pass: its few names, not every tunnel's (a hub's pass for one tunnel among 10,000, #26).
+    for name in tunnels if before.scope is None else (n for n in before.scope if n in tunnels):
         seen, now = before.links.get(name), after.links.get(name)
         same = seen is not None and now is not None and seen.index == now.index
         underlays[name] = underlay_of(seen.kept) if same and seen is not None else NO_UNDERLAY

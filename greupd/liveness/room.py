@@ -49,6 +49,9 @@ class LivenessRoom:
         self._timer: asyncio.TimerHandle | None = None
         self._down_reason: dict[str, str] = {}
         self._watched: dict[str, tuple[str, ...]] = {}  # tunnel -> the detectors configured for it
+        self._alive: dict[str, bool] | None = None  # alive(), kept between configurations
+        self._synced: dict[str, bool] = {}  # the keepalive verdict _sync last passed on, per tunnel
+        self._alive_of = -1  # the keepalive engine's generation it was built for
 
     # --- the daemon's side ---------------------------------------------------------------------------
 
@@ -75,12 +78,15 @@ class LivenessRoom:
     def configure_keepalive(self, probed: Config) -> None:
         """The IPsec drops in the kernel changed: keepalives probe the tunnels of `probed` now (#21 M1)."""
         self.keepalive.configure(keepalive_targets(probed))
+        self._synced.clear()
 
     def after_pass(self, answerable: list[str], before: Observed, after: Observed) -> None:
         """What a reconcile pass tells the keepalive engine: whose own end works, and the links' underlay (#21 M2)."""
         self.keepalive.after_pass(answerable, before, after)
 
     def _configure_others(self, config: Config) -> None:
+        self._alive = None
+        self._synced.clear()
         targets = bfd_targets(config)
         self.bfd.configure(targets)
         with_bfd = {target.name for target in targets}
@@ -102,14 +108,23 @@ class LivenessRoom:
     def set_answerable(self, names: list[str]) -> None:
         self.keepalive.set_answerable(names)
 
-    def is_up(self, name: str) -> bool:
-        self._sync(name)
+    def is_up(self, name: str, now: float | None = None) -> bool:
+        self._sync(name, now)
         return self._verdicts.is_up(name)
 
     def alive(self) -> dict[str, bool]:
-        """Tunnel -> up, for every tunnel a detector watches (desired_state's `is_up`)."""
-        names = set(self.keepalive.names()) | set(self.bfd.names()) | self._verdicts.names()
-        return {name: self.is_up(name) for name in names}
+        """Tunnel -> up, for every tunnel a detector watches (desired_state's `is_up`).
+
+        Asked before every pass: built once per configuration of the detectors, then kept up to date by the
+        verdicts' flips (_emit), so that a hub's pass for a few flipped tunnels does not walk ten thousand
+        (#26). The keepalive engine is also configured from outside (its restart memory): its generation."""
+        if self._alive is None or self._alive_of != self.keepalive.generation:
+            self._synced.clear()
+            names = set(self.keepalive.names()) | set(self.bfd.names()) | self._verdicts.names()
+            now = self._now()  # once, not per tunnel: in the lab's UML every clock read is a system call
+            self._alive = {name: self.is_up(name, now) for name in names}
+            self._alive_of = self.keepalive.generation
+        return dict(self._alive)
 
     def annotate(self, statuses: list[TunnelStatus]) -> list[TunnelStatus]:
         for status in statuses:
@@ -142,11 +157,14 @@ class LivenessRoom:
     def _now(self) -> float:
         return self._loop.time() if self._loop is not None else 0.0
 
-    def _sync(self, name: str) -> None:
+    def _sync(self, name: str, now: float | None = None) -> None:
         """The keepalive verdict as it stands: one resumed at start (greupd/keepalive/restart.py) was set
         without a callback. BFD's come by callback only (a session starts up)."""
-        if self.keepalive.status(name) is not None:
-            self._verdicts.set(name, "keepalive", self.keepalive.is_up(name), self._now(), "")
+        if self.keepalive.watches(name):
+            up = self.keepalive.is_up(name)
+            if self._synced.get(name) != up:  # the clock only for news: in the lab's UML a read is a system call
+                self._synced[name] = up
+                self._verdicts.set(name, "keepalive", up, self._now() if now is None else now, "")
         else:
             self._verdicts.forget(name, ["keepalive"])
 
@@ -162,6 +180,8 @@ class LivenessRoom:
         self._arm()
 
     def _emit(self, change: VerdictChange, detector: str) -> None:
+        if self._alive is not None:
+            self._alive[change.name] = change.up
         if change.up:
             reason = UP_REASON.get(self._down_reason.pop(change.name, ""), "keepalive-restored")
         else:

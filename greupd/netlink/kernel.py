@@ -12,7 +12,8 @@ import errno
 import itertools
 import logging
 import socket
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from greupd.model import (
     SetLinkUp,
     SetSysctl,
     TakeOverRoute,
+    TunnelIntent,
     accept_ra_key,
     action_tunnel,
 )
@@ -63,6 +65,9 @@ class ApplyError:
     def __str__(self) -> str:
         return f"{self.action}: {self.message}"
 
+
+# What a pass left of one tunnel: its link, addresses and routes (Kernel.remember).
+_Known = tuple[ObservedLink, frozenset[AddressSpec], frozenset[RouteSpec]]
 
 RTPROT_RA = 9  # include/uapi/linux/rtnetlink.h: routes the kernel learnt from router advertisements
 
@@ -90,6 +95,8 @@ class Kernel:
     (see rtnl.py), so nothing here waits, and a reconcile pass runs to its end without yielding to the loop.
     """
 
+    FRESH = 5.0  # s: how long what the kernel announces of a link we made is taken as our doing (link_as_wanted)
+
     def __init__(self) -> None:
         self._rtnl = rtnl.RtnlSocket()
         # ifindex by name, from the last observation and our own creations: requests name devices by index.
@@ -99,7 +106,22 @@ class Kernel:
         self._tunnels_by_index: dict[int, str] = {}
         # Names of the tunnels the last observation was asked about: a link appearing under one is news.
         self._desired_names: frozenset[str] = frozenset()
-        self._desired_of: Mapping[str, object] | None = None
+        self._desired_of: Mapping[str, TunnelIntent] = {}
+        # Links this session created, and when (time.monotonic()): see link_as_wanted.
+        self._created: dict[int, float] = {}
+        self._announced_up: set[int] = set()  # of those, the ones a notification has shown up since
+        # What the last passes left, per tunnel (link, addresses, routes), for passes that need not look again
+        # (a keepalive verdict flipped: observe's `trusted`). A kernel notification about a tunnel drops its
+        # entry (forget_observations), as does a lost one (everything); a full observation rebuilds it.
+        # The last full pass's `after` (its routes grouped by link only when first asked: hashing 20,000 routes at
+        # a hub's start is seconds in UML), and what scoped passes since left (None: to be looked at again).
+        self._base: Observed | None = None
+        self._base_routes: dict[str, list[RouteSpec]] | None = None
+        self._known: dict[str, _Known | None] = {}
+        # The watch's "read what is queued" (KernelWatch sets it): run before the memory is trusted.
+        self.catch_up: Callable[[], None] = lambda: None
+        # The watch's buffer for this many tunnels (KernelWatch.fit), told when the desired tunnels change.
+        self.sized_for: Callable[[int], None] = lambda tunnels: None
 
     @property
     def requests(self) -> int:
@@ -122,6 +144,39 @@ class Kernel:
         """Whether a link called `name` matters to the tunnels asked for (it may not exist yet)."""
         return name in self._desired_names or name in self._indices
 
+    def link_as_wanted(self, raw: bytes, now: float) -> tuple[bool, bool]:
+        """Whether an RTM_NEWLINK notification shows one of our tunnels' links as the last pass wants it
+        (same ifindex, kind and parameters; up as wanted), and whether it would do as the link's latest
+        state too (then also carrying our alias).
+
+        Linux before 6.3 stamps link notifications with port 0 even when our request caused them, so the
+        watch cannot drop ours by port as it does addresses and routes: it compares instead, and a link that
+        is as wanted needs no second look (#26). The announcement of a link's creation may show it down,
+        before our IFF_UP (ifi_change ~0, or, on 6.1, a down before any up of a link we made): no route of
+        ours can have been on it. A link this session made in
+        the last FRESH seconds is judged by its flags alone: what is announced of it then is our requests'
+        doing (a hub's start need not decode tens of thousands of link messages; a parameter changed by
+        someone else within those seconds waits for the periodic resync, a deletion or a down does not).
+        """
+        name, index = rtnl.link_name_and_index(raw)
+        intent = self._desired_of.get(name) if name is not None else None
+        if name is None or intent is None or self._indices.get(name) != index:
+            return False, False
+        up, creation = rtnl.link_flags(raw)
+        made = self._created.get(index)
+        if not up and (creation or (made is not None and index not in self._announced_up)):
+            return True, False  # its creation, announced before our IFF_UP took effect (Linux 6.1: change 0)
+        if up and made is not None:
+            self._announced_up.add(index)
+        if made is not None and now - made < self.FRESH:
+            return up == intent.up, up == intent.up
+        found = link_from_message(raw)
+        if found is None:
+            return False, False
+        link = found[1]
+        agrees = link.spec.kind == intent.link.kind and link.up == intent.up and not intent.link.differs_from(link.spec)
+        return agrees, agrees and link.owned
+
     def _remember(self, name: str, index: int, owned: bool) -> None:
         self._forget(name)
         self._indices[name] = index
@@ -130,6 +185,8 @@ class Kernel:
 
     def _forget(self, name: str) -> None:
         index = self._indices.pop(name, None)
+        self._created.pop(index or 0, None)
+        self._announced_up.discard(index or 0)
         if index is not None and self._tunnels_by_index.get(index) == name:
             del self._tunnels_by_index[index]
 
@@ -142,11 +199,71 @@ class Kernel:
                 return []  # filtered by a link that went away since we looked: its RTM_DELLINK marks it again
             raise
 
-    def observe(self, desired: Desired, scope: Iterable[str] | None = None) -> Observed:
+    def remember(self, after: Observed) -> None:
+        """What a pass left in the kernel (its `after`): the memory observe(trusted=...) answers from."""
+        if after.scope is None:
+            self._base, self._base_routes = after, None
+            self._known.clear()
+            return
+        routes: dict[str, list[RouteSpec]] = {}
+        for route in after.routes:
+            if route.ifname in after.scope:
+                routes.setdefault(route.ifname, []).append(route)
+        for name in after.scope:
+            link = after.links.get(name)
+            self._known[name] = None if link is None or not link.owned else (
+                link, after.addresses.get(name, frozenset()), frozenset(routes.get(name, ())))
+
+    def forget_observations(self, names: Iterable[str] | None) -> None:
+        """These tunnels changed in the kernel (None: anything may have): look at them again next time."""
+        if names is None:
+            self._base, self._base_routes = None, None
+            self._known.clear()
+        else:
+            self._known.update((name, None) for name in names)
+
+    def _remembered(self, name: str) -> _Known | None:
+        if name in self._known:
+            return self._known[name]
+        base = self._base
+        link = base.links.get(name) if base is not None else None
+        if base is None or link is None or not link.owned:
+            return None
+        if self._base_routes is None:
+            self._base_routes = {}
+            for route in base.routes:
+                self._base_routes.setdefault(route.ifname, []).append(route)
+        return link, base.addresses.get(name, frozenset()), frozenset(self._base_routes.get(name, ()))
+
+    def observe(self, desired: Desired, scope: Iterable[str] | None = None,
+                trusted: Collection[str] = ()) -> Observed:
         """A snapshot of the links, addresses and owned routes that matter to `desired`.
 
-        With `scope`, only those tunnel names are looked at, with requests the kernel filters for us.
+        With `scope`, only those tunnel names are looked at, with requests the kernel filters for us. Those
+        also in `trusted` (their keepalive verdict flipped, nothing in the kernel told us about them) come from
+        what the last passes left, if no notification about them arrived since: a hub's thousand verdicts
+        flipping at once then cost no dump of every address and route (#26).
         """
+        if scope is None or not trusted or (self._base is None and not self._known):
+            return self._observe(desired, scope)
+        self.catch_up()  # a notification still queued drops its tunnel from the memory first
+        names = frozenset(scope)
+        known = {n: entry for n in names.intersection(trusted) if (entry := self._remembered(n)) is not None}
+        if not known:
+            return self._observe(desired, names)
+        fresh = self._observe(desired, names - known.keys())
+        remembered = Observed({n: link for n, (link, _, _) in known.items()},
+                              {n: addresses for n, (_, addresses, _) in known.items()},
+                              frozenset(r for _, _, routes in known.values() for r in routes), {},
+                              frozenset(known))
+        merged = fresh.updated(remembered)
+        # Their links' sysctls as the last pass set them: /proc/sys sends no notification either way, and a read
+        # is a file opened per key (in UML, a millisecond); the periodic full pass reads them all again.
+        wanted = {k: v for n in known if (i := desired.tunnels.get(n)) is not None for k, v in i.sysctls.items()}
+        return Observed(merged.links, merged.addresses, merged.routes, {**merged.sysctls, **wanted}, names,
+                        merged.foreign_routes, merged.ra_interfaces)
+
+    def _observe(self, desired: Desired, scope: Iterable[str] | None = None) -> Observed:
         names = None if scope is None else frozenset(scope)
         links: dict[str, ObservedLink] = {}
         if names is None:
@@ -164,6 +281,7 @@ class Kernel:
 
         if desired.tunnels is not self._desired_of:  # the same Desired pass after pass (model.DesiredMemo)
             self._desired_names, self._desired_of = frozenset(desired.tunnels), desired.tunnels
+            self.sized_for(len(self._desired_names))
         if names is None:
             self._indices.clear()
             self._tunnels_by_index.clear()
@@ -313,6 +431,7 @@ class Kernel:
                 refused.append((action, f"created, but not marked as greupd's: {marked} (errno {marked.errno})"))
             else:
                 self._remember(action.spec.name, index, owned=True)
+                self._created[index] = time.monotonic()
         return refused
 
     def _resolve(self, names: set[str]) -> None:
@@ -371,16 +490,35 @@ class KernelWatch:
     """
 
     GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
+    # The receive buffer: a hub's start announces each of thousands of new links three times (about 1 KiB
+    # each, twice that as the kernel counts it), beyond what a plain SO_RCVBUF may ask (net.core.rmem_max), and
+    # an overflow costs a look at everything (#26). So BUFFER_PER_TUNNEL per configured tunnel, forced.
+    BUFFER_PER_TUNNEL = 8 << 10
+    BUFFER_MIN, BUFFER_MAX = 1 << 20, 128 << 20
 
     def __init__(self, kernel: Kernel, on_change: Callable[[set[str] | None], None]) -> None:
         self._kernel = kernel
         self._on_change = on_change
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
                                    socket.NETLINK_ROUTE)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self._buffer = 0
+        self.fit(0)
+        kernel.sized_for = self.fit
         self._sock.bind((0, self.GROUPS))
         self._loop: asyncio.AbstractEventLoop | None = None
         self.overruns = 0
+        kernel.catch_up = self._readable
+
+    def fit(self, tunnels: int) -> None:
+        """A receive buffer for the announcements of `tunnels` tunnels' start (Kernel.observe calls it)."""
+        size = min(max(self.BUFFER_MIN, tunnels * self.BUFFER_PER_TUNNEL), self.BUFFER_MAX)
+        if size == self._buffer:
+            return
+        self._buffer = size
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, nlmsg.SO_RCVBUFFORCE, size)
+        except PermissionError:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -389,14 +527,16 @@ class KernelWatch:
     def close(self) -> None:
         if self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
+        self._kernel.catch_up = lambda: None
+        self._kernel.sized_for = lambda tunnels: None
+        self._kernel.forget_observations(None)  # nobody tells it about changes any more
         self._sock.close()
 
     def _readable(self) -> None:
-        names: set[str] = set()
-        own_portid = self._kernel.portid  # notifications our own requests caused: nothing to look at again
+        datagrams: list[bytes] = []
         while True:
             try:
-                data = self._sock.recv(1 << 20)
+                datagrams.append(self._sock.recv(1 << 20))
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -404,17 +544,37 @@ class KernelWatch:
                     # The kernel dropped notifications: nothing we know is trustworthy; look at everything.
                     self.overruns += 1
                     log.warning("rtnetlink event queue overflowed; resynchronising everything")
+                    self._kernel.forget_observations(None)
                     self._on_change(None)
                     return
                 raise
+        names = self.concerned(datagrams, time.monotonic())  # the clock once: in the lab's UML, a system call
+        if names:
+            self._kernel.forget_observations(names)
+            self._on_change(names)
+
+    def concerned(self, datagrams: Iterable[bytes], now: float) -> set[str]:
+        """The tunnels these notifications (read at `now`) say to look at again."""
+        names: set[str] = set()
+        # Links whose notifications all showed them as wanted: name -> whether the latest would do as the end.
+        as_wanted: dict[str, bool] = {}
+        own_portid = self._kernel.portid  # notifications our own requests caused: nothing to look at again
+        for data in datagrams:
             for kind, _, _, pid, _, raw in nlmsg.messages(data):
                 if pid == own_portid or not rtnl.may_concern_us(kind, raw, ROUTE_PROTO):
                     continue
                 name = self._tunnel_of(kind, raw)
-                if name is not None:
-                    names.add(name)
-        if names:
-            self._on_change(names)
+                if name is None or name in names:
+                    continue
+                if kind == rtnl.RTM_NEWLINK:
+                    agrees, final = self._kernel.link_as_wanted(raw, now)
+                    if agrees:
+                        as_wanted[name] = final
+                        continue
+                names.add(name)
+                as_wanted.pop(name, None)
+        names.update(name for name, final in as_wanted.items() if not final)
+        return names
 
     def _tunnel_of(self, kind: int, raw: bytes) -> str | None:
         """The tunnel a notification that passed rtnl.may_concern_us is about, if any."""

@@ -335,6 +335,13 @@ def link_name_and_index(raw: bytes) -> tuple[str | None, int]:
     return None, index
 
 
+def link_flags(raw: bytes) -> tuple[bool, bool]:
+    """An RTM_NEWLINK message's fixed header: whether the link is up (IFF_UP), and whether this announces its
+    creation (ifi_change ~0, as register_netdevice and rtnl_configure_link send it)."""
+    flags, change = _IFINFO.unpack_from(raw, HEADER.size)[3:5]
+    return bool(flags & IFF_UP), change == 0xFFFFFFFF
+
+
 def address_index(raw: bytes) -> int:
     """ifa_index of an RTM_NEWADDR / RTM_DELADDR message."""
     index: int = _IFADDR.unpack_from(raw, HEADER.size)[4]
