@@ -134,7 +134,7 @@ class KeepaliveTarget:
     retries: int
     up_after: int
     answer: AnswerMode
-    mtu_probe: tuple[int, float] | None = None  # mtu = "probe": (floor, every), pmtu_probe.py
+    mtu_probe: tuple[int, float, float] | None = None  # mtu = "probe": (floor, every, timeout), pmtu_probe.py
 
     @property
     def endpoints(self) -> tuple[IPv4Address, IPv4Address, int | None, int | None]:
@@ -154,7 +154,8 @@ def targets_from_config(config: Config) -> list[KeepaliveTarget]:
             ikey=tunnel.input_key, okey=tunnel.output_key,
             interval=tunnel.keepalive.interval, retries=tunnel.keepalive.retries,
             up_after=tunnel.keepalive.up_after, answer=tunnel.keepalive.answer,
-            mtu_probe=(tunnel.mtu_probe_settings.floor, tunnel.mtu_probe_settings.every)
+            mtu_probe=(tunnel.mtu_probe_settings.floor, tunnel.mtu_probe_settings.every,
+                       tunnel.mtu_probe_settings.timeout)
             if tunnel.mtu == "probe" else None,
         ))
     return targets

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from ipaddress import IPv4Address
 
+from greupd.gre import IPNetwork
 from greupd.keepalive.codec import (
     ProbeBytes,
     ProbeTemplate,
@@ -34,7 +35,8 @@ from greupd.keepalive.codec import (
     new_token,
     padded_probe_template,
 )
-from greupd.keepalive.pmtu import CONFIRM_EVERY, PathMtuResult, PathMtuSearch
+from greupd.keepalive.pmtu import CONFIRM_EVERY, PROBE_TIMEOUT, PathMtuResult, PathMtuSearch, PathMtuTiming
+from greupd.keepalive.underlay import Remotes
 from greupd.status import PathMtuStatus
 
 log = logging.getLogger("greupd.keepalive")
@@ -46,6 +48,8 @@ _TOKENS_AHEAD = 8  # per tunnel: a measurement sends ~10-30 probes, so the filte
 _SENT_KEPT = 16  # tokens of sent probes kept per tunnel: a reply later than that many probes counts for nothing
 _FALLBACK_UNDERLAY_MTU = 1500
 _WAIT_FOR_KEEPALIVES = 0.25  # s between looks at a tunnel whose keepalives are being missed
+_ROUTE_SETTLE = 0.2  # s from a route notification to the measurement: `ip route replace` is a delete and an add
+_ROUTE_SPREAD = 0.01  # s between the tunnels one route concerns (a default route: all of them, 100 a second)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class PathMtuTarget:
     okey: int | None
     floor: int
     every: float
+    timeout: float = PROBE_TIMEOUT
 
 
 def route_mtu(local: IPv4Address, remote: IPv4Address, fwmark: int = 0) -> int:
@@ -83,7 +88,7 @@ class _Measured:
     def __init__(self, target: PathMtuTarget, template: ProbeTemplate) -> None:
         self.target = target
         self.template = template
-        self.search = PathMtuSearch(target.floor, target.every)
+        self.search = PathMtuSearch(target.floor, target.every, PathMtuTiming(timeout=target.timeout))
         self.tokens_ahead: collections.deque[ProbeToken] = collections.deque()
         self.sent: collections.OrderedDict[ProbeToken, int] = collections.OrderedDict()  # token -> size
         self.probes: dict[int, ProbeBytes] = {}  # size -> its padded probe, kept for the confirmations
@@ -94,6 +99,7 @@ class _Measured:
         self.ceiling = target.floor
         self.route_checked_at = 0.0
         self.wait_until = 0.0  # a keepalive was missed too: losses are not judged before this
+        self.route_due: float | None = None  # a route to the remote changed: measure again then
 
     def probe(self, size: int) -> ProbeBytes:
         probe = self.probes.get(size)
@@ -119,6 +125,7 @@ class PathMtuProber:
         self._answering = answering
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tunnels: dict[str, _Measured] = {}
+        self._remotes = Remotes({})
         self._fwmarks: dict[str, int] = {}
         self._schedule: list[tuple[float, int, _Measured]] = []
         self._entries = itertools.count()
@@ -147,6 +154,7 @@ class PathMtuProber:
             self._tunnels[name] = measured = _Measured(target, template)
             if self._loop is not None and measured.peer_up:
                 self._restart(measured, "configured")
+        self._remotes = Remotes({name: m.target.remote for name, m in self._tunnels.items()})
 
     def follow_fwmark(self, name: str, fwmark: int) -> None:
         self._fwmarks[name] = fwmark
@@ -177,6 +185,7 @@ class PathMtuProber:
         measured = self._tunnels.get(name)
         if measured is not None:
             measured.peer_up = False
+            measured.route_due = None
             measured.search.hold()
             measured.entry = -1
 
@@ -193,6 +202,19 @@ class PathMtuProber:
         for measured in ([self._tunnels[name]] if name in self._tunnels else []) if name else self._tunnels.values():
             if measured.peer_up:
                 self._restart(measured, reason)
+
+    def route_changed(self, prefix: IPNetwork) -> None:
+        """A route not greupd's changed (the daemon's netlink watch): the tunnels whose remote `prefix` covers
+        are measured again shortly, since their packets may now take another path. One notification (or a
+        burst of them) measures each tunnel once; many tunnels are started `_ROUTE_SPREAD` apart, not at once."""
+        if self._loop is None:
+            return
+        when = self._loop.time() + _ROUTE_SETTLE
+        for name in self._remotes.covered_by(prefix):
+            measured = self._tunnels[name]
+            if measured.peer_up and measured.route_due is None:
+                measured.route_due, when = when, when + _ROUTE_SPREAD
+                self._schedule_next(measured)
 
     def results(self) -> dict[str, int]:
         """The MTU to set per tunnel that has a result (measured, or the floor when even that failed)."""
@@ -228,10 +250,13 @@ class PathMtuProber:
 
     def _schedule_next(self, measured: _Measured) -> None:
         when = measured.search.next_wakeup()
+        if when is not None:
+            when = max(when, measured.wait_until)
+        if measured.route_due is not None:
+            when = measured.route_due if when is None else min(when, measured.route_due)
         if self._loop is None or when is None or not measured.peer_up:
             measured.entry = -1
             return
-        when = max(when, measured.wait_until)
         measured.entry = entry = next(self._entries)
         heapq.heappush(self._schedule, (when, entry, measured))
         self._arm()
@@ -271,7 +296,11 @@ class PathMtuProber:
             self._arm()
 
     def _step(self, measured: _Measured, now: float) -> None:
-        if now - measured.route_checked_at >= CONFIRM_EVERY and not measured.search.searching:
+        if measured.route_due is not None and now >= measured.route_due - 0.0005:
+            measured.route_due = None
+            target = measured.target
+            self._restart(measured, f"the route to {target.remote} changed")
+        elif now - measured.route_checked_at >= CONFIRM_EVERY and not measured.search.searching:
             # The route to the remote changed its MTU (another uplink, a route's `mtu`): measure again at once.
             measured.route_checked_at = now
             target = measured.target

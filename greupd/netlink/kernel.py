@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from greupd.gre import IPV6_MODES
+from greupd.gre import IPV6_MODES, IPNetwork
 from greupd.model import (
     IPV6_FORWARDING,
     LINK_ALIAS,
@@ -372,9 +372,12 @@ class KernelWatch:
 
     GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
 
-    def __init__(self, kernel: Kernel, on_change: Callable[[set[str] | None], None]) -> None:
+    def __init__(self, kernel: Kernel, on_change: Callable[[set[str] | None], None],
+                 on_route: Callable[[IPNetwork], None] | None = None) -> None:
+        """`on_route(prefix)`: a route not greupd's changed (the underlay's: the path MTU search, issue #23)."""
         self._kernel = kernel
         self._on_change = on_change
+        self._on_route = on_route
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
                                    socket.NETLINK_ROUTE)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -408,7 +411,13 @@ class KernelWatch:
                     return
                 raise
             for kind, _, _, pid, _, raw in nlmsg.messages(data):
-                if pid == own_portid or not rtnl.may_concern_us(kind, raw, ROUTE_PROTO):
+                if pid == own_portid:
+                    continue
+                if not rtnl.may_concern_us(kind, raw, ROUTE_PROTO):
+                    if self._on_route is not None and kind in (rtnl.RTM_NEWROUTE, rtnl.RTM_DELROUTE):
+                        prefix = rtnl.route_destination(raw)
+                        if prefix is not None:
+                            self._on_route(prefix)
                     continue
                 name = self._tunnel_of(kind, raw)
                 if name is not None:
