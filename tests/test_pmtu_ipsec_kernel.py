@@ -19,7 +19,7 @@ from lab.charon import Charon
 from lab.greupd_process import GreupdProcess
 from lab.waiting import eventually
 from tests.test_ipsec_kernel import router_config, wait_ipsec
-from tests.test_pmtu_kernel import A_INNER, B_INNER, A, B, Path3, df_ping, path3
+from tests.test_pmtu_kernel import A_INNER, B_INNER, MTU_PROBE, A, B, Path3, df_ping, path3
 
 pytestmark = pytest.mark.skipif(charon_lab.available() is not None, reason=charon_lab.available() or "")
 __all__ = ["path3"]  # the fixture
@@ -38,7 +38,7 @@ def under_ipsec(path3: Path3) -> Iterator[tuple[Path3, GreupdProcess]]:
     charon_a, charon_b = Charon(path3.a).start(), Charon(path3.b).start()
     # require = false: UML's nftables cannot hold the drops, so a require tunnel would wait in error (#21 M1)
     a_config = router_config(path3.a, A, B, A_INNER, B_INNER, "20.10.1.0/24", vici=charon_a.socket, require=False)
-    a_config = a_config.replace('peer = "', 'mtu = "probe"\npeer = "', 1)
+    a_config = a_config.replace('peer = "', 'mtu = "probe"\npeer = "', 1) + "[tunnel.mtu_probe]\n" + MTU_PROBE
     a = GreupdProcess(path3.a, a_config).start()
     b = GreupdProcess(path3.b, router_config(path3.b, B, A, B_INNER, A_INNER, "10.10.1.0/24",
                                              vici=charon_b.socket, require=False)).start()

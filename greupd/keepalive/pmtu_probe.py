@@ -49,7 +49,9 @@ _SENT_KEPT = 16  # tokens of sent probes kept per tunnel: a reply later than tha
 _FALLBACK_UNDERLAY_MTU = 1500
 _WAIT_FOR_KEEPALIVES = 0.25  # s between looks at a tunnel whose keepalives are being missed
 _ROUTE_SETTLE = 0.2  # s from a route notification to the measurement: `ip route replace` is a delete and an add
-_ROUTE_SPREAD = 0.01  # s between the tunnels one route concerns (a default route: all of them, 100 a second)
+_START_SPREAD = 0.01  # s between two measurements started: at most 100 a second, so that 1000 tunnels starting,
+#                       coming back or behind a default route that changed are measured over 10 s, not at once,
+#                       and their next measurements (`every` after each result) stay spread
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ class _Measured:
         self.ceiling = target.floor
         self.route_checked_at = 0.0
         self.wait_until = 0.0  # a keepalive was missed too: losses are not judged before this
-        self.route_due: float | None = None  # a route to the remote changed: measure again then
+        self.start_due: float | None = None  # a measurement to start then (spread, _START_SPREAD)
+        self.start_reason = "start"
 
     def probe(self, size: int) -> ProbeBytes:
         probe = self.probes.get(size)
@@ -125,6 +128,7 @@ class PathMtuProber:
         self._answering = answering
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tunnels: dict[str, _Measured] = {}
+        self._next_start = 0.0  # the earliest time the next measurement may start (_START_SPREAD)
         self._remotes = Remotes({})
         self._fwmarks: dict[str, int] = {}
         self._schedule: list[tuple[float, int, _Measured]] = []
@@ -138,7 +142,7 @@ class PathMtuProber:
         self._loop = loop
         for measured in self._tunnels.values():
             if measured.peer_up:
-                self._restart(measured, "start")
+                self._start_soon(measured, "start")
 
     def configure(self, targets: Iterable[tuple[PathMtuTarget, ProbeTemplate]]) -> None:
         """Measure exactly these tunnels; one whose target changed starts over (the link keeps its MTU)."""
@@ -153,7 +157,7 @@ class PathMtuProber:
                 measured.entry = -1
             self._tunnels[name] = measured = _Measured(target, template)
             if self._loop is not None and measured.peer_up:
-                self._restart(measured, "configured")
+                self._start_soon(measured, "configured")
         self._remotes = Remotes({name: m.target.remote for name, m in self._tunnels.items()})
 
     def follow_fwmark(self, name: str, fwmark: int) -> None:
@@ -185,7 +189,7 @@ class PathMtuProber:
         measured = self._tunnels.get(name)
         if measured is not None:
             measured.peer_up = False
-            measured.route_due = None
+            measured.start_due = None
             measured.search.hold()
             measured.entry = -1
 
@@ -193,7 +197,7 @@ class PathMtuProber:
         measured = self._tunnels.get(name)
         if measured is not None and not measured.peer_up:
             measured.peer_up = True
-            self._restart(measured, "peer back")
+            self._start_soon(measured, "peer back")
 
     def remeasure(self, name: str | None = None, reason: str = "route changed") -> None:
         """Measure again now (a route to the remote changed): `name`, or every tunnel."""
@@ -201,20 +205,18 @@ class PathMtuProber:
             return  # start() measures every tunnel
         for measured in ([self._tunnels[name]] if name in self._tunnels else []) if name else self._tunnels.values():
             if measured.peer_up:
-                self._restart(measured, reason)
+                self._start_soon(measured, reason)
 
     def route_changed(self, prefix: IPNetwork) -> None:
         """A route not greupd's changed (the daemon's netlink watch): the tunnels whose remote `prefix` covers
         are measured again shortly, since their packets may now take another path. One notification (or a
-        burst of them) measures each tunnel once; many tunnels are started `_ROUTE_SPREAD` apart, not at once."""
+        burst of them) measures each tunnel once; many tunnels are started `_START_SPREAD` apart, not at once."""
         if self._loop is None:
             return
-        when = self._loop.time() + _ROUTE_SETTLE
         for name in self._remotes.covered_by(prefix):
             measured = self._tunnels[name]
-            if measured.peer_up and measured.route_due is None:
-                measured.route_due, when = when, when + _ROUTE_SPREAD
-                self._schedule_next(measured)
+            if measured.peer_up:
+                self._start_soon(measured, f"the route to {measured.target.remote} changed", _ROUTE_SETTLE)
 
     def results(self) -> dict[str, int]:
         """The MTU to set per tunnel that has a result (measured, or the floor when even that failed)."""
@@ -239,12 +241,24 @@ class PathMtuProber:
 
     # --- inside ---------------------------------------------------------------------------------------
 
-    def _restart(self, measured: _Measured, reason: str) -> None:
+    def _start_soon(self, measured: _Measured, reason: str, settle: float = 0.0) -> None:
+        """Start a measurement in `settle` s, or later when others were just started (_START_SPREAD); one
+        already due keeps its time."""
         assert self._loop is not None
+        if measured.start_due is not None:
+            return
+        measured.start_due = when = max(self._loop.time() + settle, self._next_start)
+        measured.start_reason = reason
+        self._next_start = when + _START_SPREAD
+        self._schedule_next(measured)
+
+    def _restart(self, measured: _Measured, reason: str, now: float | None = None) -> None:
+        assert self._loop is not None
+        now = self._loop.time() if now is None else now
         target = measured.target
         underlay = self._route_mtu(target.local, target.remote, self._fwmarks.get(target.name, 0))
         measured.ceiling = underlay - gre_overhead(target.okey)
-        measured.route_checked_at = now = self._loop.time()
+        measured.route_checked_at = now
         measured.search.restart(now, measured.ceiling, reason)
         self._schedule_next(measured)
 
@@ -252,8 +266,8 @@ class PathMtuProber:
         when = measured.search.next_wakeup()
         if when is not None:
             when = max(when, measured.wait_until)
-        if measured.route_due is not None:
-            when = measured.route_due if when is None else min(when, measured.route_due)
+        if measured.start_due is not None:
+            when = measured.start_due if when is None else min(when, measured.start_due)
         if self._loop is None or when is None or not measured.peer_up:
             measured.entry = -1
             return
@@ -296,18 +310,18 @@ class PathMtuProber:
             self._arm()
 
     def _step(self, measured: _Measured, now: float) -> None:
-        if measured.route_due is not None and now >= measured.route_due - 0.0005:
-            measured.route_due = None
-            target = measured.target
-            self._restart(measured, f"the route to {target.remote} changed")
-        elif now - measured.route_checked_at >= CONFIRM_EVERY and not measured.search.searching:
+        if measured.start_due is not None and now >= measured.start_due - 0.0005:
+            measured.start_due = None
+            self._restart(measured, measured.start_reason, now)
+        elif (measured.start_due is None and now - measured.route_checked_at >= CONFIRM_EVERY
+              and not measured.search.searching):
             # The route to the remote changed its MTU (another uplink, a route's `mtu`): measure again at once.
             measured.route_checked_at = now
             target = measured.target
             ceiling = self._route_mtu(target.local, target.remote, self._fwmarks.get(target.name, 0)) \
                 - gre_overhead(target.okey)
             if ceiling != measured.ceiling:
-                self._restart(measured, f"the route's MTU changed to {ceiling + gre_overhead(target.okey)}")
+                self._restart(measured, f"the route's MTU changed to {ceiling + gre_overhead(target.okey)}", now)
         if self._answering(measured.target.name):
             self._report(measured, measured.search.expire(now))
         else:
