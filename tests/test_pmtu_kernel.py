@@ -118,7 +118,10 @@ def follows_the_path(path: Path3, engine: EngineProcess) -> None:
 
 
 @pytest.mark.needs_gre
-def test_a_measures_1376_against_a_plain_kernel_peer_and_follows_down(path3: Path3, tmp_path: Path) -> None:
+def test_a_measures_1376_against_a_plain_kernel_peer_then_a_greupd_peer_and_follows_down(
+        path3: Path3, tmp_path: Path) -> None:
+    """One path, two peers in turn (one lab setup: `make test` < 10 min): B's kernel reflecting, then B's engine
+    answering."""
     check_black_hole(path3)
     reflect_with_the_kernel(path3.b)
     engine = EngineProcess(path3.a, engine_config(A, B), tmp_path / "a")
@@ -137,13 +140,13 @@ def test_a_measures_1376_against_a_plain_kernel_peer_and_follows_down(path3: Pat
     assert "route's MTU changed" in engine.changes()[-1]["reason"]
     assert [c for c in engine.changes() if "up" in c] == []
 
-
-@pytest.mark.needs_gre
-def test_a_measures_1376_against_a_greupd_peer_and_follows_down(path3: Path3, tmp_path: Path) -> None:
-    path3.b.sysctl("net.ipv4.ip_forward", 0)  # B's kernel does not reflect: B's engine answers
+    # the same path against a greupd peer: B's kernel no longer reflects, B's engine answers; A starts afresh
+    engine.proc.kill()
+    engine.proc.wait()
+    path3.a.ip("route", "replace", "10.0.2.0/24", "via", "10.0.1.254")
+    path3.b.sysctl("net.ipv4.ip_forward", 0)
     EngineProcess(path3.b, engine_config(B, A, answer="daemon", probe=False), tmp_path / "b")
-    engine = EngineProcess(path3.a, engine_config(A, B), tmp_path / "a")
-    follows_the_path(path3, engine)
+    follows_the_path(path3, EngineProcess(path3.a, engine_config(A, B), tmp_path / "a2"))
 
 
 # --- the daemon: the link's MTU set in place, and a LAN-to-LAN TCP transfer that hung goes through ----------
