@@ -32,7 +32,7 @@ from ipaddress import IPv4Address
 
 from greupd.keepalive.codec import build_probe_template
 from greupd.keepalive.pmtu import CONFIRM_EVERY, PathMtuSearch
-from greupd.keepalive.pmtu_probe import PathMtuProber, PathMtuTarget
+from greupd.keepalive.pmtu_probe import CiscoProbes, PathMtuProber, PathMtuTarget
 
 FLOOR, CEILING, OVERHEAD = 1200, 1476, 24
 STEP = 0.01
@@ -104,7 +104,7 @@ async def fleet(tunnels: int, rtt: float, steady: float) -> dict[str, object]:
                            route_mtu=lambda local, remote, fwmark: 1500)
     local = IPv4Address("172.19.0.1")
     prober.configure((PathMtuTarget(name, local, remote, None, FLOOR, 600.0),
-                      build_probe_template(local, remote, None, None))
+                      CiscoProbes(build_probe_template(local, remote, None, None), None))
                      for name, remote in zip(paths, (IPv4Address("10.0.0.0") + i for i in itertools.count(1)),
                                              strict=False))
     prober.refill()

@@ -78,7 +78,13 @@ from greupd.keepalive.codec import (
 from greupd.keepalive.gre_socket import AttachedProgram, open_gre_socket, socket_drops
 from greupd.keepalive.liveness import AnswerBudget, Liveness, LivenessChange, ProbeWindow
 from greupd.keepalive.pmtu import PathMtuResult
-from greupd.keepalive.pmtu_probe import IP_MTU_DISCOVER, IP_PMTUDISC_PROBE, PathMtuProber, PathMtuTarget
+from greupd.keepalive.pmtu_probe import (
+    IP_MTU_DISCOVER,
+    IP_PMTUDISC_PROBE,
+    CiscoProbes,
+    PathMtuProber,
+    PathMtuTarget,
+)
 from greupd.keepalive.underlay import NO_UNDERLAY, Underlay, underlays_after_pass
 from greupd.model import Observed
 from greupd.status import KeepaliveSocketStatus as SocketStatus
@@ -329,7 +335,8 @@ class KeepaliveEngine:
     def _configure_path_mtu(self) -> None:
         self.path_mtu.configure(
             (PathMtuTarget(t.target.name, t.target.local, t.target.remote, t.target.okey, *t.target.mtu_probe),
-             build_probe_template(t.target.local, t.target.remote, t.target.okey, t.target.ikey))
+             CiscoProbes(build_probe_template(t.target.local, t.target.remote, t.target.okey, t.target.ikey),
+                         t.target.okey))
             for t in self._tunnels.values() if t.target.mtu_probe is not None)
         for tunnel in self._tunnels.values():
             if tunnel.target.mtu_probe is not None and not tunnel.liveness.up:

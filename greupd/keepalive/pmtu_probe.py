@@ -24,9 +24,9 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from ipaddress import IPv4Address
+from typing import Protocol
 
-from greupd.gre import IPNetwork
+from greupd.gre import IPAddress, IPNetwork
 from greupd.keepalive.codec import (
     ProbeBytes,
     ProbeTemplate,
@@ -42,6 +42,7 @@ from greupd.status import PathMtuStatus
 log = logging.getLogger("greupd.keepalive")
 
 IP_MTU = 14  # <linux/in.h>: getsockopt on a connected socket, the route's MTU
+IPV6_MTU = 24  # <linux/in6.h>: the same for IPv6
 IP_MTU_DISCOVER = 10
 IP_PMTUDISC_PROBE = 3  # DF set, the device MTU checked, learned path MTUs ignored
 _TOKENS_AHEAD = 8  # per tunnel: a measurement sends ~10-30 probes, so the filter is attached a few times
@@ -59,24 +60,55 @@ class PathMtuTarget:
     """What the search needs of one tunnel with mtu = "probe"."""
 
     name: str
-    local: IPv4Address
-    remote: IPv4Address
+    local: IPAddress
+    remote: IPAddress
     okey: int | None
     floor: int
     every: float
     timeout: float = PROBE_TIMEOUT
 
 
-def route_mtu(local: IPv4Address, remote: IPv4Address, fwmark: int = 0) -> int:
+class PaddedProbes(Protocol):
+    """How one tunnel's padded probes are built: all the search needs of a keepalive format. CiscoProbes for gre;
+    ip6gre's (MikroTik's GRE6 keepalive, issue #22) plugs in here with its own overhead and padding."""
+
+    @property
+    def overhead(self) -> int:
+        """Bytes the tunnel adds on the wire: the probe for MTU m is m + overhead bytes."""
+        ...
+
+    def padded(self, mtu: int) -> ProbeBytes:
+        """The probe for MTU `mtu`, padded, DF set inside, ready for tokens to be stamped in."""
+        ...
+
+
+@dataclass(frozen=True)
+class CiscoProbes:
+    """A Cisco keepalive padded (codec.padded_probe_template): gre over IPv4, 24 bytes of overhead, 28 with okey."""
+
+    template: ProbeTemplate
+    okey: int | None
+
+    @property
+    def overhead(self) -> int:
+        return gre_overhead(self.okey)
+
+    def padded(self, mtu: int) -> ProbeBytes:
+        return ProbeBytes(padded_probe_template(self.template, mtu + self.overhead))
+
+
+def route_mtu(local: IPAddress, remote: IPAddress, fwmark: int = 0) -> int:
     """The MTU of the route from `local` to `remote` as the kernel holds it now (device MTU, a route's `mtu`,
-    or a path MTU it learned): a connected UDP socket's IP_MTU. Nothing is sent."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    or a path MTU it learned): a connected UDP socket's IP_MTU (IPV6_MTU). Nothing is sent."""
+    v6 = remote.version == 6
+    probe = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:
         if fwmark:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
         probe.bind((str(local), 0))
         probe.connect((str(remote), 9))
-        return int(probe.getsockopt(socket.IPPROTO_IP, IP_MTU))
+        level, option = (socket.IPPROTO_IPV6, IPV6_MTU) if v6 else (socket.IPPROTO_IP, IP_MTU)
+        return int(probe.getsockopt(level, option))
     except OSError as exc:
         log.debug("the route to %s: %s; assuming %d", remote, exc.strerror or exc, _FALLBACK_UNDERLAY_MTU)
         return _FALLBACK_UNDERLAY_MTU
@@ -87,9 +119,9 @@ def route_mtu(local: IPv4Address, remote: IPv4Address, fwmark: int = 0) -> int:
 class _Measured:
     """One tunnel's search and the probes of it in flight."""
 
-    def __init__(self, target: PathMtuTarget, template: ProbeTemplate) -> None:
+    def __init__(self, target: PathMtuTarget, builder: PaddedProbes) -> None:
         self.target = target
-        self.template = template
+        self.builder = builder
         self.search = PathMtuSearch(target.floor, target.every, PathMtuTiming(timeout=target.timeout))
         self.tokens_ahead: collections.deque[ProbeToken] = collections.deque()
         self.sent: collections.OrderedDict[ProbeToken, int] = collections.OrderedDict()  # token -> size
@@ -109,8 +141,7 @@ class _Measured:
         if probe is None:
             if len(self.probes) > 4:
                 self.probes.clear()  # a search visits ~10 sizes once; keep only what repeats
-            probe = self.probes[size] = ProbeBytes(
-                padded_probe_template(self.template, size + gre_overhead(self.target.okey)))
+            probe = self.probes[size] = self.builder.padded(size)
         return probe
 
 
@@ -121,7 +152,7 @@ class PathMtuProber:
 
     def __init__(self, send: Callable[[str, bytearray], OSError | None], reattach: Callable[[], None],
                  on_result: Callable[[str, PathMtuResult], None] | None = None,
-                 route_mtu: Callable[[IPv4Address, IPv4Address, int], int] = route_mtu,
+                 route_mtu: Callable[[IPAddress, IPAddress, int], int] = route_mtu,
                  answering: Callable[[str], bool] = lambda name: True) -> None:
         """`answering(name)`: the tunnel's last keepalive came back (none missed since)."""
         self._send, self._reattach, self._on_result, self._route_mtu = send, reattach, on_result, route_mtu
@@ -144,18 +175,18 @@ class PathMtuProber:
             if measured.peer_up:
                 self._start_soon(measured, "start")
 
-    def configure(self, targets: Iterable[tuple[PathMtuTarget, ProbeTemplate]]) -> None:
+    def configure(self, targets: Iterable[tuple[PathMtuTarget, PaddedProbes]]) -> None:
         """Measure exactly these tunnels; one whose target changed starts over (the link keeps its MTU)."""
-        wanted = {target.name: (target, template) for target, template in targets}
+        wanted = {target.name: (target, builder) for target, builder in targets}
         for name in set(self._tunnels) - set(wanted):
             self._tunnels.pop(name).entry = -1
-        for name, (target, template) in wanted.items():
+        for name, (target, builder) in wanted.items():
             measured = self._tunnels.get(name)
-            if measured is not None and measured.target == target and measured.template == template:
+            if measured is not None and measured.target == target and measured.builder == builder:
                 continue
             if measured is not None:
                 measured.entry = -1
-            self._tunnels[name] = measured = _Measured(target, template)
+            self._tunnels[name] = measured = _Measured(target, builder)
             if self._loop is not None and measured.peer_up:
                 self._start_soon(measured, "configured")
         self._remotes = Remotes({name: m.target.remote for name, m in self._tunnels.items()})
@@ -257,7 +288,7 @@ class PathMtuProber:
         now = self._loop.time() if now is None else now
         target = measured.target
         underlay = self._route_mtu(target.local, target.remote, self._fwmarks.get(target.name, 0))
-        measured.ceiling = underlay - gre_overhead(target.okey)
+        measured.ceiling = underlay - measured.builder.overhead
         measured.route_checked_at = now
         measured.search.restart(now, measured.ceiling, reason)
         self._schedule_next(measured)
@@ -319,9 +350,9 @@ class PathMtuProber:
             measured.route_checked_at = now
             target = measured.target
             ceiling = self._route_mtu(target.local, target.remote, self._fwmarks.get(target.name, 0)) \
-                - gre_overhead(target.okey)
+                - measured.builder.overhead
             if ceiling != measured.ceiling:
-                self._restart(measured, f"the route's MTU changed to {ceiling + gre_overhead(target.okey)}", now)
+                self._restart(measured, f"the route's MTU changed to {ceiling + measured.builder.overhead}", now)
         if self._answering(measured.target.name):
             self._report(measured, measured.search.expire(now))
         else:
