@@ -235,13 +235,16 @@ def test_greupd_sets_the_measured_mtu_in_place_and_a_transfer_that_hung_complete
 
         # the route towards B changes (here its MTU; another uplink alike): the netlink event measures again at
         # once, not at the next look at the route's MTU (every 5 s) nor the next measurement (10 s)
-        a.ip("route", "replace", "10.0.2.0/24", "via", "10.0.1.254", "mtu", "1300")
         began = time.monotonic()
+        a.ip("route", "replace", "10.0.2.0/24", "via", "10.0.1.254", "mtu", "1300")
+        eventually(lambda: "path MTU 1276 bytes (the route to 10.0.2.2 changed" in greupd.output(), timeout=10,
+                   what="measured again on the route's event", detail=greupd.output)
+        measured_after = time.monotonic() - began
         eventually(link_at(1276), timeout=10, what="the link's MTU followed the route", detail=greupd.output)
-        took = time.monotonic() - began
-        print(f"pmtu: 1276 set {took:.1f} s after the route changed")  # BENCHMARKS.md
-        assert "the route to 10.0.2.2 changed" in greupd.output(), "measured on the route's event"
-        assert took < 3, f"{took:.1f} s: not at once"
+        # BENCHMARKS.md (not asserted: a loaded guest stretches it; the poll's reason would be "the route's MTU")
+        print(f"pmtu: 1276 measured {measured_after:.1f} s, set {time.monotonic() - began:.1f} s after `ip route"
+              " replace` began")
+        print("\n".join(line for line in greupd.output().splitlines() if "path MTU" in line))
         tunnel = greupd.tunnel("My_Tunnel")
         assert tunnel["ifindex"] == ifindex and tunnel["state_changes"] == 0
     finally:

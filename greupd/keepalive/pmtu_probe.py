@@ -11,6 +11,11 @@ Each probe carries a token of its own (never a keepalive's), drawn ahead like ke
 socket's filter passes its reply. A reply is matched here and never reaches the tunnel's Liveness: a padded
 probe lost is not a keepalive missed. While the peer is down (small keepalives lost too) the search holds;
 when the peer is back, it measures again.
+
+A measurement starts at once when a route that covers the remote changes: the daemon's netlink watch hands
+every route notification that is not greupd's to `route_changed` (netlink/kernel.py), and underlay.Remotes finds
+the tunnels concerned. Measurements start at most 100 a second (start, peer back, a default route replaced), so
+a router with 1000 tunnels never sends their searches in one burst (bench/pmtu.py, BENCHMARKS.md section 8).
 """
 
 from __future__ import annotations
