@@ -76,7 +76,9 @@ def df_ping(host: Host, address: str, size: int) -> bool:
 def engine_config(local: str, remote: str, answer: str = "off", probe: bool = True) -> str:
     return (f'[[tunnel]]\nname = "My_Tunnel"\nlocal = "{local}"\nremote = "{remote}"\n'
             + ('mtu = "probe"\nmtu_probe = {every = "10s", timeout = "300ms"}\n' if probe else "")
-            + f'keepalive = {{interval = 0.2, retries = 3, answer = "{answer}"}}\n')
+            # retries = 5: a guest on a loaded machine stalls a Python answerer for ~0.6 s now and then, and a
+            # flap would say nothing about the padded probes (which are never counted as misses either way)
+            + f'keepalive = {{interval = 0.2, retries = 5, answer = "{answer}"}}\n')
 
 
 def path_mtu(engine: EngineProcess) -> dict[str, object] | None:
@@ -104,7 +106,7 @@ def follows_the_path(path: Path3, engine: EngineProcess) -> None:
     assert df_ping(path.a, B_INNER, 1376) and not df_ping(path.a, B_INNER, 1377)
     tunnel = engine.tunnel()
     assert tunnel["up"] and tunnel["missed_in_a_row"] == 0 and engine.changes()[0]["path_mtu"] == 1376
-    assert [c for c in engine.changes() if "up" in c] == [], "no keepalive verdict flipped"
+    assert [c for c in engine.changes() if "up" in c] == [], f"a verdict flipped:\n{engine.output.read_text()}"
     assert engine.counters()["mtu_replies"] > 0
     assert tunnel["sent"] - tunnel["received"] <= 2, "padded probes are not keepalives: none counted missed"
 
