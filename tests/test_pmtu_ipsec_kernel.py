@@ -16,6 +16,7 @@ import pytest
 
 from lab import charon as charon_lab
 from lab.charon import Charon
+from lab.forked import ForkedGreupd
 from lab.greupd_process import GreupdProcess
 from lab.hosts import Lab, seed_topology
 from lab.traffic import handshake
@@ -82,15 +83,18 @@ def test_under_ipsec_the_measured_mtu_beats_the_1395_default_and_the_clamp_follo
     that greupd assumes without a measurement, and a SYN from A's LAN arrives clamped to it."""
     with Lab() as lab:
         seed = seed_topology(lab)
-        charon_a, charon_b = Charon(seed.a).start(), Charon(seed.b).start()
+        # charon loads its plugins on an emulated CPU here: minutes on a loaded machine, not the UML's seconds
+        charon_a, charon_b = Charon(seed.a).start(timeout=300), Charon(seed.b).start(timeout=300)
         a_config = router_config(seed.a, *A_SIDE, vici=charon_a.socket, secrets=tmp_path)
         a_config = (a_config.replace('peer = "', 'mtu = "probe"\npeer = "', 1)
                     + "[tunnel.mtu_probe]\n" + MTU_PROBE + '[tunnel.mss]\nclamp = "pmtu"\n')
-        a = GreupdProcess(seed.a, a_config).start()
-        b = GreupdProcess(seed.b, router_config(seed.b, *B_SIDE, vici=charon_b.socket, secrets=tmp_path)).start()
+        # forked from this process (lab/forked.py): a new interpreter pays greupd's imports again, minutes there
+        a = ForkedGreupd(seed.a, a_config).start(timeout=300)
+        b = ForkedGreupd(seed.b, router_config(seed.b, *B_SIDE, vici=charon_b.socket, secrets=tmp_path)).start(
+            timeout=300)
         try:
-            wait_ipsec(a, "established")
-            a.wait_for("My_Tunnel", "up", timeout=60)
+            wait_ipsec(a, "established", timeout=300)
+            a.wait_for("My_Tunnel", "up", timeout=120)
             expected = max(size for size in range(1200, 1500) if esp_gcm_transport(size + 24) <= 1500)
             eventually(lambda: (a.tunnel("My_Tunnel").get("path_mtu") or {}).get("state") == "measured",
                        timeout=120, what="measured under IPsec", detail=a.output)
