@@ -3,7 +3,8 @@
 Runs inside the qemu lab guest (see the Makefile and lab/README.md): routers A and B on an underlay, a LAN
 behind each, greupd on both from two TOML files. The story, step by step as the seed tells it: ip_forward,
 the tunnel, the routes, NAT both ways (the source address each side sees), a SYN's MSS 1460 arriving as 1436
-on B's LAN; then a tunnel deleted by hand and put back, B dying and A withdrawing the route, B back.
+on B's LAN; then a tunnel deleted by hand and put back, B dying and A withdrawing the route, B back; last an MTU
+black hole that hangs a hand-made tunnel's transfer, measured by greupd (mtu = "probe": demo/black_hole.py).
 
 Both daemons and every `greupd` command run as children forked from this process (lab/forked.py): the guest
 emulates its CPU, and a new interpreter would pay greupd's imports again for each of them.
@@ -11,12 +12,8 @@ emulates its CPU, and a new interpreter would pay greupd's imports again for eac
 
 from __future__ import annotations
 
-import os
 import sys
 import textwrap
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 import scapy.layers.inet
 import scapy.layers.l2
@@ -25,8 +22,10 @@ import greupd.cli
 import greupd.control
 import greupd.daemon
 import greupd.keepalive.codec
+from demo import black_hole
+from demo.telling import check, greupd_says, note, say, seconds_since_python_started, show, wait
 from lab.forked import ForkedGreupd
-from lab.hosts import Host, Lab, seed_topology
+from lab.hosts import Lab, seed_topology
 from lab.traffic import handshake
 
 # Everything the forked daemons and commands import (the keepalive codec's scapy layers lazily), imported once, here.
@@ -68,53 +67,6 @@ address = "192.168.8.11"
 peer = "192.168.8.1"
 routes = ["10.10.1.0/24"]            # A's LAN
 {KEEPALIVE}"""
-
-STARTED = time.monotonic()
-
-
-def seconds_since_python_started() -> float:
-    """How long this interpreter took to start and import the above (the guest's CPU is emulated)."""
-    started_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-    uptime = float(Path("/proc/uptime").read_text().split()[0])
-    return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
-
-
-def say(text: str) -> None:
-    print(f"\n\033[1m== {text}\033[0m  [{time.monotonic() - STARTED:.1f} s]", flush=True)
-
-
-def note(text: str) -> None:
-    print(textwrap.indent(text.rstrip(), "   > "), flush=True)
-
-
-def show(host: Host, cmdline: str) -> str:
-    out = host.sh(cmdline, check=False)
-    text = (out.stdout + out.stderr).rstrip()
-    print(f"[{host.name}]# {cmdline}\n{textwrap.indent(text, '    ') if text else ''}".rstrip(), flush=True)
-    return text
-
-
-def greupd_says(router: ForkedGreupd, *argv: str) -> None:
-    out = router.cli(*argv)
-    print(f"[{router.host.name}]# greupd {' '.join(argv)}", flush=True)
-    print(textwrap.indent((out.stdout + out.stderr).rstrip(), "    "), flush=True)
-
-
-def wait(what: str, condition: Callable[[], bool], timeout: float = 30.0) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if condition():
-            return time.monotonic() - start
-        time.sleep(0.02)
-    raise SystemExit(f"demo: gave up after {timeout} s waiting for {what}")
-
-
-def check(claim: str, ok: bool) -> None:
-    """A line the reader can trust: the demo stops here if what it says is not what the kernel did."""
-    print(f"    {'ok' if ok else 'NOT TRUE'}: {claim}", flush=True)
-    if not ok:
-        raise SystemExit(f"demo: {claim}: not what happened")
-
 
 def main() -> int:
     took = seconds_since_python_started()
@@ -194,7 +146,9 @@ def main() -> int:
         print(textwrap.indent(a.output().rstrip(), "    "))
         a.stop()
         b2.stop()
-    say("Done: ip_forward, tunnel, routes, NAT both ways, MSS 1460 -> 1436, drift repaired, failover and back")
+        black_hole.tell(lab)
+    say("Done: ip_forward, tunnel, routes, NAT both ways, MSS 1460 -> 1436, drift repaired, failover and back;"
+        " a black hole measured (1376) and the transfer it hung completes")
     return 0
 
 

@@ -48,8 +48,8 @@ class Daemon:
         self._wake, self._stop = asyncio.Event(), asyncio.Event()
         self.queue: WorkQueue[ReloadResult] = WorkQueue(self._wake.set)
         self.kernel = Kernel()
-        self.watch = KernelWatch(self.kernel, self.queue.mark)
         self.liveness = LivenessRoom(self._on_liveness, start.state.path if start else None, self.queue.mark_retry)
+        self.watch = KernelWatch(self.kernel, self.queue.mark, self.liveness.keepalive.path_mtu.route_changed)  # #23
         self.nft = NftKeeper(config.daemon.nft_table, self.queue.mark_nft, self._fail, self._guarded)
         self.ipsec = IpsecSupervisor(config, self.events.ipsec_changed, self._fail)  # runs on its own (supervisor.py)
         self.metrics = MetricsPublisher(self.status, lambda: self.config.daemon, start, self._fail)  # metrics.py

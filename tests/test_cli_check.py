@@ -136,7 +136,7 @@ def test_schema_is_json_schema_of_the_tunnel_fields() -> None:
             "address", "peer", "routes", "metric", "table", "enabled", "adopt", "keepalive", "mss", "nat",
             "ipsec", "bfd", "dampening", "mtu_probe"} == set(
         tunnel["properties"])
-    assert set(schema["$defs"]["MtuProbeConfig"]["properties"]) == {"every", "floor"}
+    assert set(schema["$defs"]["MtuProbeConfig"]["properties"]) == {"every", "floor", "timeout"}
     assert '"probe"' in json.dumps(tunnel["properties"]["mtu"])
     assert set(schema["$defs"]["KeepaliveConfig"]["properties"]) == {
         "interval", "retries", "up_after", "action", "answer", "hold", "format"}

@@ -26,12 +26,15 @@ def test_probe_with_defaults() -> None:
     [tunnel] = load_config_text(SEED + 'mtu = "probe"\n' + KEEPALIVE).tunnels
     assert tunnel.mtu == "probe"
     assert (tunnel.mtu_probe_settings.every, tunnel.mtu_probe_settings.floor) == (600.0, 1200)
+    assert tunnel.mtu_probe_settings.timeout == 1.0
 
 
 def test_probe_settings_as_written() -> None:
     text = SEED + 'mtu = "probe"\n' + KEEPALIVE + '\n[tunnel.mtu_probe]\nevery = "30m"\nfloor = 1280\n'
+    text += 'timeout = "300ms"\n'
     [tunnel] = load_config_text(text).tunnels
     assert tunnel.mtu_probe is not None and (tunnel.mtu_probe.every, tunnel.mtu_probe.floor) == (1800.0, 1280)
+    assert tunnel.mtu_probe.timeout == 0.3
 
 
 def test_a_number_still_works_and_other_words_name_the_choices() -> None:
@@ -58,7 +61,8 @@ def test_probe_on_ip6gre_is_refused_for_now() -> None:
 
 
 @pytest.mark.parametrize(("key", "value", "words"), [
-    ("every", '"10s"', "60..86400"), ("every", '"25h"', "60..86400"), ("floor", "500", "576..65535"),
+    ("every", '"9s"', "10..86400"), ("every", '"25h"', "10..86400"), ("timeout", '"20ms"', "0.05..10"),
+    ("timeout", "11", "0.05..10"), ("floor", "500", "576..65535"),
     ("floor", "65535", "at most 65511"), ("floor", '"low"', "576..65535")])
 def test_mtu_probe_ranges(key: str, value: str, words: str) -> None:
     field, message = problem(SEED + 'mtu = "probe"\n' + KEEPALIVE + f"\n[tunnel.mtu_probe]\n{key} = {value}\n")

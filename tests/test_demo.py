@@ -2,7 +2,8 @@
 
 The demo (demo/seed_story.py) stops with an error on any claim the kernel did not bear out; this test runs it
 as `make demo` does (a new interpreter in a kernel with ip_gre and nftables inet) and reads its output as a
-newcomer would: the NAT'd source address on each side and the SYN's MSS 1460 arriving as 1436.
+newcomer would: the NAT'd source address on each side and the SYN's MSS 1460 arriving as 1436; then a black hole
+that hangs a hand-made tunnel's transfer, greupd measuring 1376 through it and the transfer completing.
 """
 
 from __future__ import annotations
@@ -28,3 +29,7 @@ def test_make_demo_shows_nat_both_ways_and_the_clamped_mss() -> None:
     assert "NOT TRUE" not in out
     for step in ("A LAN host pings the far LAN", "Drift:", "A withdraws the route", "A restores the route", "Done:"):
         assert step in out, out
+    # the MTU black hole (demo/black_hole.py, issue #23): a hand-made tunnel hangs, greupd measures and it passes
+    for claim in ("ok: the transfer hangs", "ok: the transfer completes",
+                  "ok: greupd measured 1376 (1400 less GRE's 24 bytes) and set it on the link"):
+        assert claim in out, out

@@ -5,14 +5,18 @@ the search holds while the peer is down."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Iterator
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 
 import pytest
 
 from greupd.keepalive.codec import build_probe_template, gre_overhead, padded_probe_template
 from greupd.keepalive.engine import KeepaliveEngine, KeepaliveTarget, LivenessChange
 from greupd.keepalive.pmtu import PathMtuResult
+from greupd.keepalive.underlay import Remotes
+from greupd.model import RouteSpec
+from greupd.netlink import nlmsg, rtnl
 
 A, B = IPv4Address("172.19.1.1"), IPv4Address("172.19.1.2")
 
@@ -27,7 +31,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 def probed(okey: int | None = None) -> KeepaliveTarget:
     return KeepaliveTarget("t", A, B, ikey=None, okey=okey, interval=1.0, retries=3, up_after=1, answer="off",
-                           mtu_probe=(1200, 600.0))
+                           mtu_probe=(1200, 600.0, 1.0))
 
 
 def engine_on(loop: asyncio.AbstractEventLoop, target: KeepaliveTarget,
@@ -94,7 +98,9 @@ def test_the_search_holds_while_the_peer_is_down_and_starts_over_when_it_is_back
     engine._report(tunnel, LivenessChange(False, "keepalive-timeout", "3 keepalives missed"))
     assert engine.path_mtu._tunnels["t"].entry == -1, "nothing scheduled while the peer is down"
     engine._report(tunnel, LivenessChange(True, "keepalive-restored", "back"))
-    engine.path_mtu._tick()
+    measured = engine.path_mtu._tunnels["t"]
+    assert measured.start_due is not None, "started again, spread from the start a moment ago"
+    engine.path_mtu._step(measured, measured.start_due)
     assert list(in_flight(engine).values()) == [1200], "measured again from the floor"
 
 
@@ -120,3 +126,76 @@ def test_a_lost_probe_counts_against_its_size_only_while_keepalives_come_back(
     engine._tunnels["t"].liveness.missed_in_a_row = 0  # keepalives come back, the padded probes did not
     engine.path_mtu._step(measured, now + 6.0)
     assert [(r.mtu, r.state) for _, r in results] == [(1200, "failed")]
+
+
+def measure_1476(engine: KeepaliveEngine, target: KeepaliveTarget, loop: asyncio.AbstractEventLoop) -> None:
+    for _ in range(2):  # the floor, then the route's MTU: both come back
+        engine.path_mtu._tick()
+        [(token, size)] = in_flight(engine).items()
+        engine.on_packet(reflection(target, size, token), loop.time())
+
+
+def test_a_route_covering_the_remote_measures_again_shortly(loop: asyncio.AbstractEventLoop) -> None:
+    """The daemon's netlink watch hands every route that is not greupd's to route_changed (issue #23)."""
+    results: list[tuple[str, PathMtuResult]] = []
+    target = probed()
+    engine = engine_on(loop, target, results)
+    measure_1476(engine, target, loop)
+    measured = engine.path_mtu._tunnels["t"]
+    assert measured.search.state == "measured" and measured.start_due is None
+    engine.path_mtu.route_changed(IPv4Network("10.0.0.0/8"))
+    assert measured.start_due is None, "a route elsewhere changes nothing"
+    engine.path_mtu._route_mtu = lambda local, remote, fwmark: 1400  # the new route's MTU
+    engine.path_mtu.route_changed(IPv4Network("0.0.0.0/0"))
+    due = measured.start_due
+    assert due is not None and due <= loop.time() + 0.5
+    engine.path_mtu.route_changed(IPv4Network("172.19.1.0/24"))  # the add after the delete of a replace
+    assert measured.start_due == due, "a burst of notifications measures once"
+    engine.path_mtu._step(measured, due)
+    assert measured.search.searching and measured.ceiling == 1376 and measured.start_due is None
+    assert list(in_flight(engine).values())[-1] == 1200, "from the floor again"
+
+
+def test_a_route_notification_while_the_peer_is_down_waits_for_the_peer(loop: asyncio.AbstractEventLoop) -> None:
+    engine = engine_on(loop, probed(), [])
+    engine._report(engine._tunnels["t"], LivenessChange(False, "keepalive-timeout", "3 keepalives missed"))
+    engine.path_mtu.route_changed(IPv4Network("172.19.1.2/32"))
+    assert engine.path_mtu._tunnels["t"].start_due is None and engine.path_mtu._tunnels["t"].entry == -1
+
+
+def test_the_remotes_a_prefix_covers() -> None:
+    remotes = Remotes({"a": IPv4Address("10.0.0.1"), "b": IPv4Address("10.0.1.1"), "c": IPv4Address("10.1.0.1"),
+                       "v6": IPv6Address("2001:db8::1")})
+    assert list(remotes.covered_by(IPv4Network("0.0.0.0/0"))) == ["a", "b", "c"]
+    assert list(remotes.covered_by(IPv4Network("10.0.0.0/16"))) == ["a", "b"]
+    assert list(remotes.covered_by(IPv4Network("10.0.1.1/32"))) == ["b"]
+    assert list(remotes.covered_by(IPv4Network("10.0.2.0/24"))) == []
+    assert list(remotes.covered_by(IPv6Network("::/0"))) == ["v6"]
+    assert list(Remotes({}).covered_by(IPv4Network("0.0.0.0/0"))) == []
+
+
+@pytest.mark.parametrize("dst", ["0.0.0.0/0", "172.19.0.0/16", "2001:db8::/32"])
+def test_the_watch_reads_a_route_notifications_prefix(dst: str) -> None:
+    spec = RouteSpec("eth0", ip_network(dst), gateway=None)
+    raw = bytes(nlmsg.HEADER.size) + rtnl.route(True, 2, spec, 3).body  # as the kernel sends it: header first
+    assert rtnl.route_destination(raw) == ip_network(dst)
+
+
+def test_measurements_start_spread_not_in_a_burst(loop: asyncio.AbstractEventLoop) -> None:
+    """1000 tunnels starting (or behind a default route that changed) are measured over 10 s, 100 a second."""
+    targets = [KeepaliveTarget(f"t{i}", A, IPv4Address(f"172.19.2.{i}"), ikey=None, okey=None, interval=1.0,
+                               retries=3, up_after=1, answer="off", mtu_probe=(1200, 600.0, 1.0))
+               for i in range(1, 4)]
+    engine = KeepaliveEngine(lambda name, change: None, spread=False)
+    engine.path_mtu._route_mtu = lambda local, remote, fwmark: 1500
+    engine._loop = loop
+    engine.configure(targets)
+    engine.path_mtu.start(loop)
+    starts = sorted(m.start_due or 0.0 for m in engine.path_mtu._tunnels.values())
+    assert [round(b - a, 3) for a, b in itertools.pairwise(starts)] == [0.01, 0.01]
+    for measured in engine.path_mtu._tunnels.values():
+        engine.path_mtu._step(measured, measured.start_due or 0.0)
+    engine.path_mtu.route_changed(IPv4Network("0.0.0.0/0"))
+    again = sorted(m.start_due or 0.0 for m in engine.path_mtu._tunnels.values())
+    assert again[0] >= starts[-1] + 0.01 and [round(b - a, 3) for a, b in itertools.pairwise(again)] \
+        == [0.01, 0.01]

@@ -16,10 +16,13 @@ import pytest
 
 from lab import charon as charon_lab
 from lab.charon import Charon
+from lab.forked import ForkedGreupd
 from lab.greupd_process import GreupdProcess
+from lab.hosts import Lab, seed_topology
+from lab.traffic import handshake
 from lab.waiting import eventually
-from tests.test_ipsec_kernel import router_config, wait_ipsec
-from tests.test_pmtu_kernel import A_INNER, B_INNER, A, B, Path3, df_ping, path3
+from tests.test_ipsec_kernel import A_SIDE, B_SIDE, router_config, wait_ipsec
+from tests.test_pmtu_kernel import A_INNER, B_INNER, MTU_PROBE, A, B, Path3, df_ping, path3
 
 pytestmark = pytest.mark.skipif(charon_lab.available() is not None, reason=charon_lab.available() or "")
 __all__ = ["path3"]  # the fixture
@@ -38,7 +41,7 @@ def under_ipsec(path3: Path3) -> Iterator[tuple[Path3, GreupdProcess]]:
     charon_a, charon_b = Charon(path3.a).start(), Charon(path3.b).start()
     # require = false: UML's nftables cannot hold the drops, so a require tunnel would wait in error (#21 M1)
     a_config = router_config(path3.a, A, B, A_INNER, B_INNER, "20.10.1.0/24", vici=charon_a.socket, require=False)
-    a_config = a_config.replace('peer = "', 'mtu = "probe"\npeer = "', 1)
+    a_config = a_config.replace('peer = "', 'mtu = "probe"\npeer = "', 1) + "[tunnel.mtu_probe]\n" + MTU_PROBE
     a = GreupdProcess(path3.a, a_config).start()
     b = GreupdProcess(path3.b, router_config(path3.b, B, A, B_INNER, A_INNER, "10.10.1.0/24",
                                              vici=charon_b.socket, require=False)).start()
@@ -66,3 +69,44 @@ def test_the_esp_overhead_is_measured_not_assumed(under_ipsec: tuple[Path3, Greu
                what="the link's MTU set", detail=a.output)
     assert df_ping(path.a, B_INNER, measured) and not df_ping(path.a, B_INNER, measured + 1)
     assert a.tunnel("My_Tunnel")["state_changes"] == changes, "the search never took the tunnel down"
+
+
+# --- in the qemu guest (nftables inet): require = true, a path that allows more than the 1395 default ----------
+
+IPSEC_DEFAULT_MTU = 1395  # what [tunnel.ipsec] sets without a measurement: room for ESP on a 1500 underlay
+
+
+@pytest.mark.needs_nft_gre
+def test_under_ipsec_the_measured_mtu_beats_the_1395_default_and_the_clamp_follows_it(tmp_path: Path) -> None:
+    """The seed's A and B on a 1500 underlay, [tunnel.ipsec] with require = true (the drops' table held) and
+    mtu = "probe" with clamp = "pmtu" on A: the measured MTU is ESP's arithmetic for 1500 bytes, above the 1395
+    that greupd assumes without a measurement, and a SYN from A's LAN arrives clamped to it."""
+    with Lab() as lab:
+        seed = seed_topology(lab)
+        # charon loads its plugins on an emulated CPU here: minutes on a loaded machine, not the UML's seconds
+        charon_a, charon_b = Charon(seed.a).start(timeout=300), Charon(seed.b).start(timeout=300)
+        a_config = router_config(seed.a, *A_SIDE, vici=charon_a.socket, secrets=tmp_path)
+        a_config = (a_config.replace('peer = "', 'mtu = "probe"\npeer = "', 1)
+                    + "[tunnel.mtu_probe]\n" + MTU_PROBE + '[tunnel.mss]\nclamp = "pmtu"\n')
+        # forked from this process (lab/forked.py): a new interpreter pays greupd's imports again, minutes there
+        a = ForkedGreupd(seed.a, a_config).start(timeout=300)
+        b = ForkedGreupd(seed.b, router_config(seed.b, *B_SIDE, vici=charon_b.socket, secrets=tmp_path)).start(
+            timeout=300)
+        try:
+            wait_ipsec(a, "established", timeout=300)
+            a.wait_for("My_Tunnel", "up", timeout=120)
+            expected = max(size for size in range(1200, 1500) if esp_gcm_transport(size + 24) <= 1500)
+            eventually(lambda: (a.tunnel("My_Tunnel").get("path_mtu") or {}).get("state") == "measured",
+                       timeout=120, what="measured under IPsec", detail=a.output)
+            measured = a.tunnel("My_Tunnel")["path_mtu"]["bytes"]
+            print(f"pmtu under IPsec, 1500 underlay: {measured} measured, {expected} by ESP's arithmetic")
+            assert measured == expected > IPSEC_DEFAULT_MTU
+            eventually(lambda: f" mtu {measured} " in seed.a.ip("-o", "link", "show", "My_Tunnel").stdout,
+                       timeout=20, what="the link's MTU set", detail=a.output)
+            through = handshake(seed.lan_a, seed.lan_b, "20.10.1.2", 5005)
+            assert through.syn_sent_mss == 1460 and through.syn_mss == measured - 40, "clamp = pmtu follows"
+        finally:
+            a.stop()
+            b.stop()
+            charon_a.stop()
+            charon_b.stop()

@@ -85,7 +85,13 @@ from greupd.keepalive.gre6_socket import Gre6Sockets, source_address6
 from greupd.keepalive.gre_socket import AttachedProgram, open_gre_socket, socket_drops
 from greupd.keepalive.liveness import AnswerBudget, Liveness, LivenessChange, ProbeWindow
 from greupd.keepalive.pmtu import PathMtuResult
-from greupd.keepalive.pmtu_probe import IP_MTU_DISCOVER, IP_PMTUDISC_PROBE, PathMtuProber, PathMtuTarget
+from greupd.keepalive.pmtu_probe import (
+    IP_MTU_DISCOVER,
+    IP_PMTUDISC_PROBE,
+    CiscoProbes,
+    PathMtuProber,
+    PathMtuTarget,
+)
 from greupd.keepalive.underlay import NO_UNDERLAY, Underlay, underlays_after_pass
 from greupd.model import Observed
 from greupd.status import KeepaliveSocketStatus as SocketStatus
@@ -147,7 +153,7 @@ class KeepaliveTarget:
     retries: int
     up_after: int
     answer: AnswerMode
-    mtu_probe: tuple[int, float] | None = None  # mtu = "probe": (floor, every), pmtu_probe.py
+    mtu_probe: tuple[int, float, float] | None = None  # mtu = "probe": (floor, every, timeout), pmtu_probe.py
     # (our `address`, first and last address the peer's may be): probes addressed with the tunnel's inner
     # addresses are answered through the tunnel (answering.py); None: no such probes are answered.
     inner: tuple[int, int, int] | None = None
@@ -172,7 +178,8 @@ def targets_from_config(config: Config) -> list[KeepaliveTarget]:
             ikey=tunnel.input_key, okey=tunnel.output_key,
             interval=tunnel.keepalive.interval, retries=tunnel.keepalive.retries,
             up_after=tunnel.keepalive.up_after, answer=tunnel.keepalive.answer,
-            mtu_probe=(tunnel.mtu_probe_settings.floor, tunnel.mtu_probe_settings.every)
+            mtu_probe=(tunnel.mtu_probe_settings.floor, tunnel.mtu_probe_settings.every,
+                       tunnel.mtu_probe_settings.timeout)
             if tunnel.mtu == "probe" else None,
             inner=_inner_addresses(tunnel.address, tunnel.peer),
         ))
@@ -381,7 +388,8 @@ class KeepaliveEngine:
             local, remote = t.target.local, t.target.remote  # config allows mtu = "probe" on mode gre only
             if t.target.mtu_probe is not None and isinstance(local, IPv4Address) and isinstance(remote, IPv4Address):
                 measured.append((PathMtuTarget(t.target.name, local, remote, t.target.okey, *t.target.mtu_probe),
-                                 build_probe_template(local, remote, t.target.okey, t.target.ikey)))
+                                 CiscoProbes(build_probe_template(local, remote, t.target.okey, t.target.ikey),
+                                             t.target.okey)))
         self.path_mtu.configure(measured)
         for tunnel in self._tunnels.values():
             if tunnel.target.mtu_probe is not None and not tunnel.liveness.up:

@@ -11,6 +11,11 @@ Each probe carries a token of its own (never a keepalive's), drawn ahead like ke
 socket's filter passes its reply. A reply is matched here and never reaches the tunnel's Liveness: a padded
 probe lost is not a keepalive missed. While the peer is down (small keepalives lost too) the search holds;
 when the peer is back, it measures again.
+
+A measurement starts at once when a route that covers the remote changes: the daemon's netlink watch hands
+every route notification that is not greupd's to `route_changed` (netlink/kernel.py), and underlay.Remotes finds
+the tunnels concerned. Measurements start at most 100 a second (start, peer back, a default route replaced), so
+a router with 1000 tunnels never sends their searches in one burst (bench/pmtu.py, BENCHMARKS.md section 8).
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from ipaddress import IPv4Address
+from typing import Protocol
 
+from greupd.gre import IPAddress, IPNetwork
 from greupd.keepalive.codec import (
     ProbeBytes,
     ProbeTemplate,
@@ -34,18 +40,24 @@ from greupd.keepalive.codec import (
     new_token,
     padded_probe_template,
 )
-from greupd.keepalive.pmtu import CONFIRM_EVERY, PathMtuResult, PathMtuSearch
+from greupd.keepalive.pmtu import CONFIRM_EVERY, PROBE_TIMEOUT, PathMtuResult, PathMtuSearch, PathMtuTiming
+from greupd.keepalive.underlay import Remotes
 from greupd.status import PathMtuStatus
 
 log = logging.getLogger("greupd.keepalive")
 
 IP_MTU = 14  # <linux/in.h>: getsockopt on a connected socket, the route's MTU
+IPV6_MTU = 24  # <linux/in6.h>: the same for IPv6
 IP_MTU_DISCOVER = 10
 IP_PMTUDISC_PROBE = 3  # DF set, the device MTU checked, learned path MTUs ignored
 _TOKENS_AHEAD = 8  # per tunnel: a measurement sends ~10-30 probes, so the filter is attached a few times
 _SENT_KEPT = 16  # tokens of sent probes kept per tunnel: a reply later than that many probes counts for nothing
 _FALLBACK_UNDERLAY_MTU = 1500
 _WAIT_FOR_KEEPALIVES = 0.25  # s between looks at a tunnel whose keepalives are being missed
+_ROUTE_SETTLE = 0.2  # s from a route notification to the measurement: `ip route replace` is a delete and an add
+_START_SPREAD = 0.01  # s between two measurements started: at most 100 a second, so that 1000 tunnels starting,
+#                       coming back or behind a default route that changed are measured over 10 s, not at once,
+#                       and their next measurements (`every` after each result) stay spread
 
 
 @dataclass(frozen=True)
@@ -53,23 +65,55 @@ class PathMtuTarget:
     """What the search needs of one tunnel with mtu = "probe"."""
 
     name: str
-    local: IPv4Address
-    remote: IPv4Address
+    local: IPAddress
+    remote: IPAddress
     okey: int | None
     floor: int
     every: float
+    timeout: float = PROBE_TIMEOUT
 
 
-def route_mtu(local: IPv4Address, remote: IPv4Address, fwmark: int = 0) -> int:
+class PaddedProbes(Protocol):
+    """How one tunnel's padded probes are built: all the search needs of a keepalive format. CiscoProbes for gre;
+    ip6gre's (MikroTik's GRE6 keepalive, issue #22) plugs in here with its own overhead and padding."""
+
+    @property
+    def overhead(self) -> int:
+        """Bytes the tunnel adds on the wire: the probe for MTU m is m + overhead bytes."""
+        ...
+
+    def padded(self, mtu: int) -> ProbeBytes:
+        """The probe for MTU `mtu`, padded, DF set inside, ready for tokens to be stamped in."""
+        ...
+
+
+@dataclass(frozen=True)
+class CiscoProbes:
+    """A Cisco keepalive padded (codec.padded_probe_template): gre over IPv4, 24 bytes of overhead, 28 with okey."""
+
+    template: ProbeTemplate
+    okey: int | None
+
+    @property
+    def overhead(self) -> int:
+        return gre_overhead(self.okey)
+
+    def padded(self, mtu: int) -> ProbeBytes:
+        return ProbeBytes(padded_probe_template(self.template, mtu + self.overhead))
+
+
+def route_mtu(local: IPAddress, remote: IPAddress, fwmark: int = 0) -> int:
     """The MTU of the route from `local` to `remote` as the kernel holds it now (device MTU, a route's `mtu`,
-    or a path MTU it learned): a connected UDP socket's IP_MTU. Nothing is sent."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    or a path MTU it learned): a connected UDP socket's IP_MTU (IPV6_MTU). Nothing is sent."""
+    v6 = remote.version == 6
+    probe = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:
         if fwmark:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
         probe.bind((str(local), 0))
         probe.connect((str(remote), 9))
-        return int(probe.getsockopt(socket.IPPROTO_IP, IP_MTU))
+        level, option = (socket.IPPROTO_IPV6, IPV6_MTU) if v6 else (socket.IPPROTO_IP, IP_MTU)
+        return int(probe.getsockopt(level, option))
     except OSError as exc:
         log.debug("the route to %s: %s; assuming %d", remote, exc.strerror or exc, _FALLBACK_UNDERLAY_MTU)
         return _FALLBACK_UNDERLAY_MTU
@@ -80,10 +124,10 @@ def route_mtu(local: IPv4Address, remote: IPv4Address, fwmark: int = 0) -> int:
 class _Measured:
     """One tunnel's search and the probes of it in flight."""
 
-    def __init__(self, target: PathMtuTarget, template: ProbeTemplate) -> None:
+    def __init__(self, target: PathMtuTarget, builder: PaddedProbes) -> None:
         self.target = target
-        self.template = template
-        self.search = PathMtuSearch(target.floor, target.every)
+        self.builder = builder
+        self.search = PathMtuSearch(target.floor, target.every, PathMtuTiming(timeout=target.timeout))
         self.tokens_ahead: collections.deque[ProbeToken] = collections.deque()
         self.sent: collections.OrderedDict[ProbeToken, int] = collections.OrderedDict()  # token -> size
         self.probes: dict[int, ProbeBytes] = {}  # size -> its padded probe, kept for the confirmations
@@ -94,14 +138,15 @@ class _Measured:
         self.ceiling = target.floor
         self.route_checked_at = 0.0
         self.wait_until = 0.0  # a keepalive was missed too: losses are not judged before this
+        self.start_due: float | None = None  # a measurement to start then (spread, _START_SPREAD)
+        self.start_reason = "start"
 
     def probe(self, size: int) -> ProbeBytes:
         probe = self.probes.get(size)
         if probe is None:
             if len(self.probes) > 4:
                 self.probes.clear()  # a search visits ~10 sizes once; keep only what repeats
-            probe = self.probes[size] = ProbeBytes(
-                padded_probe_template(self.template, size + gre_overhead(self.target.okey)))
+            probe = self.probes[size] = self.builder.padded(size)
         return probe
 
 
@@ -112,13 +157,15 @@ class PathMtuProber:
 
     def __init__(self, send: Callable[[str, bytearray], OSError | None], reattach: Callable[[], None],
                  on_result: Callable[[str, PathMtuResult], None] | None = None,
-                 route_mtu: Callable[[IPv4Address, IPv4Address, int], int] = route_mtu,
+                 route_mtu: Callable[[IPAddress, IPAddress, int], int] = route_mtu,
                  answering: Callable[[str], bool] = lambda name: True) -> None:
         """`answering(name)`: the tunnel's last keepalive came back (none missed since)."""
         self._send, self._reattach, self._on_result, self._route_mtu = send, reattach, on_result, route_mtu
         self._answering = answering
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tunnels: dict[str, _Measured] = {}
+        self._next_start = 0.0  # the earliest time the next measurement may start (_START_SPREAD)
+        self._remotes = Remotes({})
         self._fwmarks: dict[str, int] = {}
         self._schedule: list[tuple[float, int, _Measured]] = []
         self._entries = itertools.count()
@@ -131,22 +178,23 @@ class PathMtuProber:
         self._loop = loop
         for measured in self._tunnels.values():
             if measured.peer_up:
-                self._restart(measured, "start")
+                self._start_soon(measured, "start")
 
-    def configure(self, targets: Iterable[tuple[PathMtuTarget, ProbeTemplate]]) -> None:
+    def configure(self, targets: Iterable[tuple[PathMtuTarget, PaddedProbes]]) -> None:
         """Measure exactly these tunnels; one whose target changed starts over (the link keeps its MTU)."""
-        wanted = {target.name: (target, template) for target, template in targets}
+        wanted = {target.name: (target, builder) for target, builder in targets}
         for name in set(self._tunnels) - set(wanted):
             self._tunnels.pop(name).entry = -1
-        for name, (target, template) in wanted.items():
+        for name, (target, builder) in wanted.items():
             measured = self._tunnels.get(name)
-            if measured is not None and measured.target == target and measured.template == template:
+            if measured is not None and measured.target == target and measured.builder == builder:
                 continue
             if measured is not None:
                 measured.entry = -1
-            self._tunnels[name] = measured = _Measured(target, template)
+            self._tunnels[name] = measured = _Measured(target, builder)
             if self._loop is not None and measured.peer_up:
-                self._restart(measured, "configured")
+                self._start_soon(measured, "configured")
+        self._remotes = Remotes({name: m.target.remote for name, m in self._tunnels.items()})
 
     def follow_fwmark(self, name: str, fwmark: int) -> None:
         self._fwmarks[name] = fwmark
@@ -177,6 +225,7 @@ class PathMtuProber:
         measured = self._tunnels.get(name)
         if measured is not None:
             measured.peer_up = False
+            measured.start_due = None
             measured.search.hold()
             measured.entry = -1
 
@@ -184,7 +233,7 @@ class PathMtuProber:
         measured = self._tunnels.get(name)
         if measured is not None and not measured.peer_up:
             measured.peer_up = True
-            self._restart(measured, "peer back")
+            self._start_soon(measured, "peer back")
 
     def remeasure(self, name: str | None = None, reason: str = "route changed") -> None:
         """Measure again now (a route to the remote changed): `name`, or every tunnel."""
@@ -192,7 +241,18 @@ class PathMtuProber:
             return  # start() measures every tunnel
         for measured in ([self._tunnels[name]] if name in self._tunnels else []) if name else self._tunnels.values():
             if measured.peer_up:
-                self._restart(measured, reason)
+                self._start_soon(measured, reason)
+
+    def route_changed(self, prefix: IPNetwork) -> None:
+        """A route not greupd's changed (the daemon's netlink watch): the tunnels whose remote `prefix` covers
+        are measured again shortly, since their packets may now take another path. One notification (or a
+        burst of them) measures each tunnel once; many tunnels are started `_START_SPREAD` apart, not at once."""
+        if self._loop is None:
+            return
+        for name in self._remotes.covered_by(prefix):
+            measured = self._tunnels[name]
+            if measured.peer_up:
+                self._start_soon(measured, f"the route to {measured.target.remote} changed", _ROUTE_SETTLE)
 
     def results(self) -> dict[str, int]:
         """The MTU to set per tunnel that has a result (measured, or the floor when even that failed)."""
@@ -217,21 +277,36 @@ class PathMtuProber:
 
     # --- inside ---------------------------------------------------------------------------------------
 
-    def _restart(self, measured: _Measured, reason: str) -> None:
+    def _start_soon(self, measured: _Measured, reason: str, settle: float = 0.0) -> None:
+        """Start a measurement in `settle` s, or later when others were just started (_START_SPREAD); one
+        already due keeps its time."""
         assert self._loop is not None
+        if measured.start_due is not None:
+            return
+        measured.start_due = when = max(self._loop.time() + settle, self._next_start)
+        measured.start_reason = reason
+        self._next_start = when + _START_SPREAD
+        self._schedule_next(measured)
+
+    def _restart(self, measured: _Measured, reason: str, now: float | None = None) -> None:
+        assert self._loop is not None
+        now = self._loop.time() if now is None else now
         target = measured.target
         underlay = self._route_mtu(target.local, target.remote, self._fwmarks.get(target.name, 0))
-        measured.ceiling = underlay - gre_overhead(target.okey)
-        measured.route_checked_at = now = self._loop.time()
+        measured.ceiling = underlay - measured.builder.overhead
+        measured.route_checked_at = now
         measured.search.restart(now, measured.ceiling, reason)
         self._schedule_next(measured)
 
     def _schedule_next(self, measured: _Measured) -> None:
         when = measured.search.next_wakeup()
+        if when is not None:
+            when = max(when, measured.wait_until)
+        if measured.start_due is not None:
+            when = measured.start_due if when is None else min(when, measured.start_due)
         if self._loop is None or when is None or not measured.peer_up:
             measured.entry = -1
             return
-        when = max(when, measured.wait_until)
         measured.entry = entry = next(self._entries)
         heapq.heappush(self._schedule, (when, entry, measured))
         self._arm()
@@ -271,14 +346,18 @@ class PathMtuProber:
             self._arm()
 
     def _step(self, measured: _Measured, now: float) -> None:
-        if now - measured.route_checked_at >= CONFIRM_EVERY and not measured.search.searching:
+        if measured.start_due is not None and now >= measured.start_due - 0.0005:
+            measured.start_due = None
+            self._restart(measured, measured.start_reason, now)
+        elif (measured.start_due is None and now - measured.route_checked_at >= CONFIRM_EVERY
+              and not measured.search.searching):
             # The route to the remote changed its MTU (another uplink, a route's `mtu`): measure again at once.
             measured.route_checked_at = now
             target = measured.target
             ceiling = self._route_mtu(target.local, target.remote, self._fwmarks.get(target.name, 0)) \
-                - gre_overhead(target.okey)
+                - measured.builder.overhead
             if ceiling != measured.ceiling:
-                self._restart(measured, f"the route's MTU changed to {ceiling + gre_overhead(target.okey)}")
+                self._restart(measured, f"the route's MTU changed to {ceiling + measured.builder.overhead}", now)
         if self._answering(measured.target.name):
             self._report(measured, measured.search.expire(now))
         else:

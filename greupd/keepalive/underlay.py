@@ -13,11 +13,12 @@ pass is what holds after it, unless the pass put a new link in its place.
 
 from __future__ import annotations
 
+import bisect
 import struct
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Mapping
 from typing import NamedTuple
 
-from greupd.gre import IFLA_GRE_FWMARK, IFLA_GRE_LINK, KeptAttributes
+from greupd.gre import IFLA_GRE_FWMARK, IFLA_GRE_LINK, IPAddress, IPNetwork, KeptAttributes
 from greupd.model import Observed
 
 _U32 = struct.Struct("=I")  # nla_put_u32: host byte order
@@ -55,3 +56,21 @@ def underlays_after_pass(before: Observed, after: Observed, tunnels: Collection[
         same = seen is not None and now is not None and seen.index == now.index
         underlays[name] = underlay_of(seen.kept) if same and seen is not None else NO_UNDERLAY
     return underlays
+
+
+class Remotes:
+    """The remotes of the tunnels whose path is measured, sorted, so that a route notification (the daemon's
+    netlink watch) finds the tunnels whose remote its prefix covers in log n: a router taking a full BGP table
+    hears a million route notifications, and each must cost next to nothing."""
+
+    def __init__(self, remotes: Mapping[str, IPAddress]) -> None:
+        self._sorted = sorted((address.version, int(address), name) for name, address in remotes.items())
+
+    def covered_by(self, prefix: IPNetwork) -> Iterable[str]:
+        """The tunnels whose remote `prefix` covers (0.0.0.0/0: every IPv4 one), in address order."""
+        low = bisect.bisect_left(self._sorted, (prefix.version, int(prefix.network_address), ""))
+        high = int(prefix.broadcast_address)
+        for version, address, name in self._sorted[low:]:
+            if version != prefix.version or address > high:
+                break
+            yield name

@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from greupd.gre import IPV6_MODES
+from greupd.gre import IPV6_MODES, IPNetwork
 from greupd.model import (
     IPV6_FORWARDING,
     LINK_ALIAS,
@@ -496,9 +496,12 @@ class KernelWatch:
     BUFFER_PER_TUNNEL = 8 << 10
     BUFFER_MIN, BUFFER_MAX = 1 << 20, 128 << 20
 
-    def __init__(self, kernel: Kernel, on_change: Callable[[set[str] | None], None]) -> None:
+    def __init__(self, kernel: Kernel, on_change: Callable[[set[str] | None], None],
+                 on_route: Callable[[IPNetwork], None] | None = None) -> None:
+        """`on_route(prefix)`: a route not greupd's changed (the underlay's: the path MTU search, issue #23)."""
         self._kernel = kernel
         self._on_change = on_change
+        self._on_route = on_route
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
                                    socket.NETLINK_ROUTE)
         self._buffer = 0
@@ -561,7 +564,13 @@ class KernelWatch:
         own_portid = self._kernel.portid  # notifications our own requests caused: nothing to look at again
         for data in datagrams:
             for kind, _, _, pid, _, raw in nlmsg.messages(data):
-                if pid == own_portid or not rtnl.may_concern_us(kind, raw, ROUTE_PROTO):
+                if pid == own_portid:
+                    continue
+                if not rtnl.may_concern_us(kind, raw, ROUTE_PROTO):
+                    if self._on_route is not None and kind in (rtnl.RTM_NEWROUTE, rtnl.RTM_DELROUTE):
+                        prefix = rtnl.route_destination(raw)
+                        if prefix is not None:
+                            self._on_route(prefix)
                     continue
                 name = self._tunnel_of(kind, raw)
                 if name is None or name in names:

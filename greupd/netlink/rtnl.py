@@ -372,6 +372,17 @@ def route_oif(raw: bytes) -> int | None:
     return _u32_of(dict(attributes(raw, _ROUTE_ATTRS)).get(RTA_OIF))
 
 
+def route_destination(raw: bytes) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """The prefix an RTM_NEWROUTE / RTM_DELROUTE message is about (0.0.0.0/0 for a default); None if malformed."""
+    family, dst_len = _RTMSG.unpack_from(raw, HEADER.size)[:2]
+    dst = dict(attributes(raw, _ROUTE_ATTRS)).get(RTA_DST)
+    try:
+        network = ipaddress.ip_address(dst or bytes(16 if family == socket.AF_INET6 else 4))
+        return ipaddress.ip_network(f"{network}/{dst_len}", strict=False)
+    except ValueError:
+        return None
+
+
 def route_from_message(raw: bytes, names: Mapping[int, str]) -> RouteSpec | None:
     """A route through one of the links in `names` (ifindex -> name); None for others."""
     family, dst_len, _, _, table, _, _, _, _ = _RTMSG.unpack_from(raw, HEADER.size)
