@@ -13,7 +13,6 @@ packet per call as before.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import socket
@@ -40,8 +39,10 @@ class _Mmsghdr(ctypes.Structure):
 
 
 def _libc() -> ctypes.CDLL | None:
+    # The libc Python already runs on (dlopen(NULL)): find_library("c") would start `ldconfig -p` at every
+    # daemon start (some 10-40 ms before READY), and glibc's and musl's file names differ anyway.
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
     if not hasattr(libc, "sendmmsg") or not hasattr(libc, "recvmmsg"):
