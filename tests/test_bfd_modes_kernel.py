@@ -4,7 +4,8 @@ daemons on routers A and B joined by one underlay link (issue #22, build 4).
 
 One story per mode: the sessions come up and A routes B's prefix through the tunnel; B is killed (no
 AdminDown, only silence) and A withdraws the route within the detect time and a tick; B starts again and the
-route comes back.
+route comes back; B stops with on_exit = "remove" and A hears AdminDown (build 4: a stopping greupd that removes
+its tunnels tells its peers first).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class Mode:
     @property
     def b_config(self) -> str:
         prefix = "2001:db8:10::/64" if ":" in self.b_prefix else "10.10.1.0/24"
-        return self.config(self.b_wan, self.a_wan, self.b_inner, self.a_inner, prefix, "to_a")
+        return '[daemon]\non_exit = "remove"\n' + self.config(self.b_wan, self.a_wan, self.b_inner, self.a_inner,
+                                                             prefix, "to_a")
 
 
 MODES = [
@@ -102,5 +104,14 @@ def test_bfd_through_the_tunnel_withdraws_and_restores_the_route(routers: tuple[
     a.wait_for("to_b", "up", timeout=20)
     assert a.tunnel("to_b")["reason"] == "bfd-restored"
     eventually(routed, 5, "B's prefix routed again", lambda: host_a.ip("route").stdout)
+
+    # B stops with on_exit = "remove": its tunnel says AdminDown before it goes, and A takes that at once
+    # (Diag 3, neighbor signaled session down), not after its detect time.
+    eventually(lambda: bfd(b, "to_a")["state"] == "up", 10, "B's session up", b.output)
+    stopping = time.time()
+    assert b.stop() == 0, b.output()
+    a.wait_for("to_b", "down", timeout=10)
+    heard = a.logged_at(r"BFD session up -> down \(neighbor signaled session down\)", stopping)
+    assert heard is not None, a.output()
+    assert not routed()
     a.stop()
-    b.stop()
