@@ -92,6 +92,17 @@ def side(count: int, interval_ms: int, multiplier: int, status_file: Path, role:
                 lag[0] = max(lag[0], loop.time() - before - 0.05)
 
         watcher = asyncio.create_task(watch())
+        profile_to = os.environ.get("BENCH_BFD_PROFILE")  # a diagnostic: where A's CPU goes, 20 s after the start
+        if profile_to and role == "a":
+            import cProfile
+            profiler = cProfile.Profile()
+
+            def dump() -> None:
+                profiler.disable()
+                profiler.dump_stats(profile_to)
+
+            loop.call_later(8, profiler.enable)
+            loop.call_later(20, dump)
         worst = 0.0
         while not watcher.done():
             statuses = [engine.status(t.name) for t in targets]
