@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from greupd.control import request
 from lab.bfd_peers import BirdBfd, FrrBfd, bird_available, frr_available
 from lab.greupd_process import GreupdProcess
 from lab.hosts import Host, Lab, SeedTopology, seed_topology
@@ -72,6 +73,12 @@ def assert_withdrawn_in_time(a: GreupdProcess, seed: SeedTopology, stopped: floa
     assert not routed_through_tunnel(seed.a)
 
 
+def metrics(daemon: GreupdProcess) -> str:
+    """What `greupd metrics` prints, from the control socket: a CLI process would hog the UML guest's one CPU
+    for a second or two, longer than the detect time, and the sessions would time out for want of CPU."""
+    return str(request(daemon.socket, "metrics", timeout=30)["text"])
+
+
 def test_greupd_to_greupd_up_then_a_killed_peer_is_withdrawn_in_time(seed: SeedTopology) -> None:
     a = GreupdProcess(seed.a, A_CONFIG).start()
     b = GreupdProcess(seed.b, B_CONFIG).start()
@@ -82,13 +89,14 @@ def test_greupd_to_greupd_up_then_a_killed_peer_is_withdrawn_in_time(seed: SeedT
                lambda: f"{a.output()}\n{seed.a.ip('route').stdout}")
     assert seed.lan_a.wait_ping("20.10.1.2")
     assert a.tunnel("to_b")["liveness"] == {"down_by": []}
-    assert re.search(r"greupd_bfd_session_up\{tunnel=\"to_b\"\} 1", a.cli("metrics").stdout)
+    assert re.search(r"greupd_bfd_session_up\{tunnel=\"to_b\"\} 1", metrics(a))
 
     stopped = time.time()
     b.kill()
     assert_withdrawn_in_time(a, seed, stopped, 0.0)
     assert "control detection time expired" in a.output()
-    assert re.search(r"greupd_bfd_session_up\{tunnel=\"to_b\"\} 0", a.cli("metrics").stdout)
+    eventually(lambda: re.search(r"greupd_bfd_session_up\{tunnel=\"to_b\"\} 0", metrics(a)) is not None, 5,
+               "greupd_bfd_session_up 0", lambda: f"{metrics(a)}\n{a.tunnel('to_b')}")
 
     b.start()  # on_exit = "keep": its link is still there; a new session comes up
     a.wait_for("to_b", "up", timeout=20)
@@ -215,3 +223,47 @@ def test_bird_as_the_peer_gates_its_static_route_on_the_session(seed: SeedTopolo
         a.stop()
     finally:
         bird.close()
+
+
+def test_one_verdict_from_keepalives_and_bfd_names_the_detector_that_said_down(seed: SeedTopology) -> None:
+    """Build 6: a tunnel with both detectors is down while either says down, and status, journal and metrics
+    say which. B's greupd drops its [tunnel.bfd] (AdminDown to A) while its keepalives go on: down by bfd
+    alone; then B stops answering anything: down by both."""
+    keepalive = '[tunnel.keepalive]\ninterval = "200ms"\nretries = 3\n'
+    both = 'interval = "300ms"\nmultiplier = 3\n' + keepalive
+    a = GreupdProcess(seed.a, greupd_config("172.19.1.1", "172.19.1.2", A_INNER, B_INNER, "20.10.1.0/24", "to_b",
+                                            both)).start()
+    b_both = greupd_config("172.19.1.2", "172.19.1.1", B_INNER, A_INNER, "10.10.1.0/24", "to_a", both)
+    b = GreupdProcess(seed.b, b_both).start()
+    eventually(lambda: bfd_of(a)["state"] == "up" and a.tunnel("to_b")["keepalive"]["received"] >= 3, 20,
+               "A's session up and B answering keepalives", a.output)
+    a.wait_for("to_b", "up")
+    assert a.tunnel("to_b")["liveness"] == {"down_by": []}
+
+    def reload_b(config: str) -> None:  # by the control socket: a CLI process costs seconds in UML
+        b.config_path.write_text(config)
+        assert request(b.socket, "reload", timeout=120)["ok"], b.output()
+
+    reload_b(b_both.replace('[tunnel.bfd]\ninterval = "300ms"\nmultiplier = 3\n', ""))
+    a.wait_for("to_b", "down", timeout=10)
+    tunnel = a.tunnel("to_b")
+    assert (tunnel["reason"], tunnel["liveness"]) == ("bfd-down", {"down_by": ["bfd"]}), tunnel
+    assert tunnel["keepalive"]["missed_in_a_row"] == 0  # the keepalives still say up
+    assert a.logged_at(r"tunnel to_b down: BFD session up -> down \(neighbor signaled session down\) "
+                       r"\(down by bfd\)", 0) is not None, a.output()
+    assert re.search(r'greupd_bfd_session_up\{tunnel="to_b"\} 0', metrics(a))
+    assert not routed_through_tunnel(seed.a)
+
+    reload_b(b_both)
+    a.wait_for("to_b", "up", timeout=20)
+    assert a.tunnel("to_b")["reason"] == "bfd-restored"
+
+    seed.b.ip("route", "add", "blackhole", "172.19.1.1/32")  # B answers nothing now
+    eventually(lambda: a.tunnel("to_b")["liveness"] == {"down_by": ["bfd", "keepalive"]}, 10,
+               "down by both", a.output)
+    assert a.tunnel("to_b")["state"] == "down"
+    seed.b.ip("route", "del", "blackhole", "172.19.1.1/32")
+    a.wait_for("to_b", "up", timeout=20)
+    assert a.tunnel("to_b")["liveness"] == {"down_by": []}
+    a.stop()
+    b.stop()

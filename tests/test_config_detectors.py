@@ -53,9 +53,9 @@ def test_bfd_needs_address_and_peer() -> None:
     ("[tunnel.dampening]\n", 7, "dampening", "[tunnel.keepalive] or [tunnel.bfd]"),
     ("[tunnel.bfd]\n[tunnel.dampening]\nreuse = 2500\n", 9, "dampening.reuse", "below suppress"),
     ('[tunnel.bfd]\n[tunnel.dampening]\nmax_hold = "30s"\n', 9, "dampening.max_hold", "never reached"),
-    ('[tunnel.keepalive]\ninterval = "1s"\nhold = "5s"\nretries = 4\n', 9, "keepalive.hold", "not both"),
+    ('[tunnel.keepalive]\ninterval = "1s"\nhold = "5s"\nretries = 5\n', 9, "keepalive.hold", "not both"),
     ('[tunnel.keepalive]\ninterval = "10s"\nhold = "5s"\n', 9, "keepalive.hold", "shorter than the interval"),
-    ('[tunnel.keepalive]\ninterval = "50ms"\nhold = "1h"\n', 9, "keepalive.hold", "255 intervals"),
+    ('[tunnel.keepalive]\ninterval = "50ms"\nhold = "1h"\n', 9, "keepalive.hold", "256 intervals"),
 ])
 def test_errors_name_file_line_and_field(extra: str, line: int, field: str, words: str) -> None:
     message = error_of(extra)
@@ -65,9 +65,12 @@ def test_errors_name_file_line_and_field(extra: str, line: int, field: str, word
 
 def test_hold_is_counted_in_probes() -> None:
     keepalive = load_config_text(BASE + '[tunnel.keepalive]\ninterval = "1s"\nhold = "5s"\n').tunnels[0].keepalive
-    assert keepalive is not None and (keepalive.hold, keepalive.retries) == (5.0, 5)
+    # down 5 intervals after the last reply: the 4th probe after the one it answered is missed then
+    assert keepalive is not None and (keepalive.hold, keepalive.retries) == (5.0, 4)
     keepalive = load_config_text(BASE + '[tunnel.keepalive]\ninterval = "2s"\nhold = "5s"\n').tunnels[0].keepalive
-    assert keepalive is not None and keepalive.retries == 3  # down between 5 s and 7 s without a reply
+    assert keepalive is not None and keepalive.retries == 2  # down 6 s after the last reply
+    keepalive = load_config_text(BASE + '[tunnel.keepalive]\ninterval = "2s"\nhold = "2s"\n').tunnels[0].keepalive
+    assert keepalive is not None and keepalive.retries == 1  # the least: down 4 s after the last reply
 
 
 def test_bfd_auth_file_is_a_key_file(tmp_path: Path) -> None:

@@ -69,7 +69,10 @@ class KeepaliveConfig(_Model):
     # The probes' wire format; None: the mode's, "cisco" on gre, "mikrotik" (its GRE6 format) on ip6gre.
     format: Literal["cisco", "mikrotik"] | None = None
     # Junos style, instead of retries: down when no reply came for this long. Counted in probes, as retries
-    # are: retries becomes ceil(hold / interval), so the tunnel goes down between hold and hold + interval.
+    # are. The last probe answered was sent about when its reply came; the next one is missed one interval
+    # later, and the tunnel is down at the retries-th miss, (retries + 1) intervals after that reply: retries
+    # becomes ceil(hold / interval) - 1 (at least 1), so the tunnel goes down between hold and hold + interval
+    # after the last reply (less its round trip; tests/test_liveness_daemon_kernel.py measures it).
     hold: KeepaliveHold | None = None
 
     @model_validator(mode="after")
@@ -79,9 +82,9 @@ class KeepaliveConfig(_Model):
         if self.hold < self.interval:
             raise FieldProblem("hold", f"hold {format_duration(self.hold)} is shorter than the interval"
                                        f" {format_duration(self.interval)}: no probe could be answered in time")
-        retries = math.ceil(self.hold / self.interval - 1e-9)
+        retries = max(1, math.ceil(self.hold / self.interval - 1e-9) - 1)
         if retries > 255:
-            raise FieldProblem("hold", f"hold {format_duration(self.hold)} is more than 255 intervals of"
+            raise FieldProblem("hold", f"hold {format_duration(self.hold)} is more than 256 intervals of"
                                        f" {format_duration(self.interval)}")
         # Both given: only as a model_dump() writes them (retries made from hold), never two different wishes.
         if "retries" in self.model_fields_set and self.retries != retries:

@@ -93,7 +93,10 @@ class _Tunnel:
 class BfdEngine:
     def __init__(self, on_change: Callable[[str, BfdChange], None], rng: random.Random | None = None) -> None:
         self._on_change = on_change
-        self._rng = rng or random.SystemRandom()
+        self._rng = rng or random.SystemRandom()  # discriminators, source ports, SHA1 sequence numbers
+        # The jitter of every packet needs no secret: a PRNG seeded once, not a getrandom(2) per packet (a
+        # syscall, which costs most in the UML lab: bench/bfd.py's profile).
+        self._jitter = rng or random.Random(self._rng.getrandbits(64))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tunnels: dict[str, _Tunnel] = {}
         self._pending: list[BfdTarget] = []
@@ -179,7 +182,7 @@ class BfdEngine:
         while discriminator == 0 or discriminator in used:
             discriminator = self._rng.getrandbits(32)
         auth = MeticulousSha1(target.key, self._rng) if target.key is not None else None
-        session = BfdSession(target.timers, discriminator, now, self._rng, auth=auth)
+        session = BfdSession(target.timers, discriminator, now, self._jitter, auth=auth)
         if memo is not None and discriminator == memo.my_discriminator:
             session.resume(memo.remote_discriminator, memo.remote_min_rx_us / 1e6,
                            memo.remote_desired_min_tx_us / 1e6, memo.remote_detect_mult, now)
@@ -309,15 +312,16 @@ class BfdEngine:
         receiver = tunnel.receiver
         if receiver is None:
             return
-        for _ in range(64):
-            try:
-                data, ancillary, _, source = receiver.recvmsg(MAX_PACKET, _ANCILLARY)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.debug("tunnel %s: reading the BFD socket: %s", tunnel.target.name, exc)
-                return
-            self.on_datagram(tunnel.target.name, data, ancillary, source[0], self._loop.time())
+        # One datagram per readiness: a session's peer sends one every interval, and epoll (level-triggered)
+        # says so again if more wait. Reading on until EAGAIN cost a second recvmsg(2) per packet.
+        try:
+            data, ancillary, _, source = receiver.recvmsg(MAX_PACKET, _ANCILLARY)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.debug("tunnel %s: reading the BFD socket: %s", tunnel.target.name, exc)
+            return
+        self.on_datagram(tunnel.target.name, data, ancillary, source[0], self._loop.time())
 
     def on_datagram(self, name: str, data: bytes, ancillary: list[tuple[int, int, bytes]], source: str,
                     now: float) -> None:
