@@ -501,3 +501,31 @@ def test_nat_in_path(tmp_path: Path) -> None:
         b.popen(sys.executable, "-c", SENDER, "10.1.0.1", env=_env())
         assert others(pair.doctor(config)[1]) == []
         assert pair.answered(local="10.1.0.1", remote="10.2.0.2")
+
+
+def test_the_daemon_says_the_kernel_has_no_ip_gre_instead_of_errno_95_alone(pair: Pair) -> None:
+    """#24 item 4 on this machine's own kernel (no ip_gre, no modules): `greupd status` has doctor's finding as a
+    warning, the log says it once beside the errno, and the refused link is retried with a backoff, not a loop."""
+    from lab.greupd_process import GreupdProcess
+    from lab.waiting import wait_until
+
+    daemon = GreupdProcess(pair.a, CONFIG.format(local="10.9.0.1", remote="10.9.0.2", extra="", forward="true"))
+    daemon.start(wait=False)
+    try:
+        daemon.wait_ready()
+        mine = [w for w in daemon.status()["warnings"] if "(greupd doctor: " in w]  # type: ignore[index]
+        if not NO_GRE:
+            assert mine == []
+            return
+        assert mine == ["T1: the kernel has no ip_gre: it cannot make this tunnel's link (greupd doctor: "
+                        "gre-module-missing; fix: boot a kernel built with CONFIG_NET_IPGRE (every Debian, Ubuntu "
+                        "and RHEL kernel has it as a module))"]
+        shown = daemon.cli("status").stdout
+        assert f"warning: {mine[0]}" in shown
+        assert wait_until(lambda: "trying again in 4 s" in daemon.output(), 30)
+        lines = daemon.output().splitlines()
+        assert sum(f"greupd warning: {mine[0]}" in line for line in lines) == 1
+        retries = [line.rsplit("trying again in ", 1)[1] for line in lines if "trying again in" in line]
+        assert retries[:3] == ["1 s", "2 s", "4 s"]
+    finally:
+        daemon.stop()
