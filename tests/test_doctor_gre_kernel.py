@@ -14,6 +14,7 @@ import pytest
 
 from lab.greupd_process import GreupdProcess
 from lab.hosts import Lab
+from lab.waiting import wait_until
 from tests.test_doctor_kernel import CONFIG, _env
 
 pytestmark = pytest.mark.needs_gre
@@ -52,6 +53,41 @@ def test_tunnel_clash_with_a_foreign_link_of_the_same_endpoints_and_key(tmp_path
         daemon = GreupdProcess(a, text).start()  # the tunnel works: made, and b's kernel answers its keepalives
         try:
             daemon.wait_for("T1", "up")
+        finally:
+            daemon.stop()
+
+
+def test_the_daemon_warns_of_a_local_address_on_no_interface_until_the_fix_adds_it() -> None:
+    """#24 item 4 in the daemon: local = 10.9.0.99 is on none of a's interfaces, so b's reflected keepalives never
+    come back. `greupd status` and the log name local-address-missing; the fix it prints, applied (the underlay
+    interface filled in), brings the tunnel up, and the warning goes."""
+    with Lab() as lab:
+        a, b = lab.host("a"), lab.host("b")
+        lab.link(a, b, "10.9.0.1/24", "10.9.0.2/24")
+        b.ip_batch("link add T1 type gre local 10.9.0.2 remote 10.9.0.99", "link set T1 up")
+        for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv4.conf.T1.accept_local", 1),
+                           ("net.ipv4.conf.T1.rp_filter", 0), ("net.ipv4.conf.all.rp_filter", 0)):
+            b.sysctl(key, value)
+        daemon = GreupdProcess(a, CONFIG.format(local="10.9.0.99", remote="10.9.0.2", extra="", forward="true")
+                               .replace('interval = "10s"', 'interval = "0.2s"'))
+        daemon.start(wait=False)
+        try:
+            def warned() -> list[str]:
+                status = daemon.status(check=False)
+                return [w for w in (status or {}).get("warnings", []) if "(greupd doctor: " in w]
+
+            assert wait_until(lambda: bool(warned()), 60), daemon.output()
+            (line,) = warned()
+            assert line.startswith("T1: local = 10.9.0.99 is on no interface of this host")
+            assert "(greupd doctor: local-address-missing; fix: ip address add 10.9.0.99/32 dev <the underlay " \
+                   "interface>)" in line
+            assert f"greupd warning: {line}" in daemon.output()
+            daemon.wait_for("T1", "down", timeout=30)  # up at first (a new tunnel starts up), then no answers
+            fix = line.split("; fix: ", 1)[1].rstrip(")").replace("<the underlay interface>", "eth0")
+            a.run(*fix.split())
+            daemon.wait_for("T1", "up", timeout=30)
+            assert wait_until(lambda: not warned(), 30)
+            assert f"no longer: {line}" in daemon.output()
         finally:
             daemon.stop()
 
