@@ -343,3 +343,13 @@ def test_the_daemon_looks_at_start_on_a_refusal_and_while_a_finding_stands(caplo
     assert len(reads) == 3
     warnings.after_pass(config(), [])  # a reload: a new config is looked at again
     assert len(reads) == 4
+
+
+def test_greupd_8_documents_every_check_in_order_with_its_evidence_and_fix() -> None:
+    from tests.test_man_page import SOURCE, sections, tags
+
+    lines = sections(SOURCE)["DOCTOR CHECKS"]
+    assert tags(lines) == list(CHECKS)
+    paragraphs = "\n".join(lines).split("\n.TP\n")[1:]
+    for check, paragraph in zip(CHECKS, paragraphs, strict=True):
+        assert "Evidence:" in paragraph and "Fix" in paragraph, check
