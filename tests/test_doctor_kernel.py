@@ -218,9 +218,15 @@ def test_ip_forward_off(pair: Pair) -> None:
     assert checks(findings) == ["ip-forward-off"]
     (finding,) = others(findings)
     assert finding["evidence"] == "net.ipv4.ip_forward = 0; [daemon] ip_forward = false"
-    assert "sysctl -w net.ipv4.ip_forward=1" in finding["fix"]
-    pair.a.run("sysctl", "-w", "net.ipv4.ip_forward=1")
-    assert others(pair.doctor(config)[1]) == []
+    in_config, by_hand = finding["fix"].splitlines()
+    assert in_config.startswith("in [daemon]: ip_forward = true   # greupd then switches it on")
+    # the config line: greupd switches forwarding on when it runs, so doctor (no daemon here) is content
+    fixed = Path(pair.config(forward="true"))
+    assert others(pair.doctor(str(fixed))[1]) == []
+    # the command, as printed after "or: "
+    pair.a.run(*by_hand.removeprefix("or: ").split())
+    assert pair.a.sysctl_get("net.ipv4.ip_forward") == "1"
+    assert others(pair.doctor(pair.config(forward="false"))[1]) == []
 
 
 def peer_keepalive_gets_in(pair: Pair, quiet: float) -> bool:
@@ -296,8 +302,9 @@ def test_local_address_missing(pair: Pair) -> None:
     (finding,) = others(findings)
     assert finding["evidence"] == "IPv4 addresses on this host: 10.9.0.1 (eth0)"
     assert finding["fix"].startswith("ip address add 10.9.0.99/32 dev <the underlay interface>")
-    pair.a.run("ip", "address", "add", "10.9.0.99/32", "dev", "eth0")
+    pair.a.run(*finding["fix"].splitlines()[0].replace("<the underlay interface>", "eth0").split())
     assert others(pair.doctor(config)[1]) == []
+    assert pair.answered(local="10.9.0.99")  # the peer's answer reaches it now
 
 
 def test_interface_missing(pair: Pair) -> None:
@@ -306,8 +313,9 @@ def test_interface_missing(pair: Pair) -> None:
     assert checks(findings) == ["interface-missing"]
     (finding,) = others(findings)
     assert "from_tunnel names lan0, which does not exist" in finding["message"]
-    pair.a.run("ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan0p")
-    assert others(pair.doctor(config)[1]) == []
+    assert finding["fix"] == 'in [[tunnel]] name = "T1", [tunnel.nat]: from_tunnel = ["<an existing interface>"]'
+    fixed = pair.config(extra='[tunnel.nat]\nfrom_tunnel = ["eth0"]\n')  # the fix's line, an interface a has
+    assert others(pair.doctor(fixed)[1]) == []
 
 
 def test_peer_silent(pair: Pair) -> None:
@@ -319,8 +327,9 @@ def test_peer_silent(pair: Pair) -> None:
     (finding,) = others(findings)
     assert finding["severity"] == "warning"
     assert "traced out through every table; none came back within the trace" in finding["evidence"]
-    pair.reflect()  # the fix is on the peer: its tunnel back
+    pair.reflect()  # the fix is on the peer: its tunnel back (what reflects a keepalive)
     assert others(pair.doctor()[1]) == []
+    assert pair.answered()
 
 
 def test_rp_filter_with_an_asymmetric_path(tmp_path: Path) -> None:
@@ -490,8 +499,9 @@ def test_mtu_blackhole_when_the_path_is_narrower_and_icmp_is_dropped(tmp_path: P
                                       "1500, and no ICMP error says so: larger packets vanish")
         assert "1400 bytes came back, 1401 did not" in finding["evidence"]
         assert finding["fix"].startswith('in [[tunnel]] name = "T1": mtu = 1376\n')
-        fixed = pair.config(local="10.1.0.1", remote="10.2.0.2", extra="mtu = 1376\n")
-        assert others(pair.doctor(fixed)[1]) == []
+        line = finding["fix"].splitlines()[0].split(": ", 1)[1]  # the config line, into T1's table
+        fixed = pair.config(local="10.1.0.1", remote="10.2.0.2", extra=f"{line}\n")
+        assert others(pair.doctor(fixed)[1]) == []  # padded keepalives of the size it needs now come back
 
 
 def test_no_mtu_blackhole_when_icmp_tells_the_path_mtu(tmp_path: Path) -> None:
