@@ -151,7 +151,7 @@ class Daemon:
                                       self.liveness.is_up, repairs)
         for change in changes:
             self.events.emit(change)
-        self.doctor.after_pass(self.config, done.errors)  # the errors no state change says, what doctor sees (#24)
+        self.doctor.after_pass(self.config, names, done.errors)  # errors no state change says; doctor's (#24)
         self.liveness.after_pass(self.reports.answerable(), done.observed, done.after)  # #11 H5, #21 M2
         self.notifier.status_if_changed(self.reports.status_text(self.config))
         self.metrics.publish()

@@ -321,12 +321,14 @@ def test_the_daemon_looks_at_start_on_a_refusal_and_while_a_finding_stands(caplo
     warnings = HostWarnings(errors.append, read)
     first = config()
     caplog.set_level("INFO", logger="greupd")
-    warnings.after_pass(first, [])  # the start: a new config is looked at
+    warnings.after_pass(first, None, [])  # the start: a new config is looked at
     assert [f.check for f in warnings.findings] == ["gre-module-missing"]
     (line,) = warnings.lines()
     assert line.startswith("T1: the kernel has no ip_gre: it cannot make this tunnel's link (greupd doctor: "
                            "gre-module-missing; fix: boot a kernel built with CONFIG_NET_IPGRE")
-    warnings.after_pass(first, [])  # while it stands, every pass looks (so that it goes once fixed) ...
+    warnings.after_pass(first, frozenset({"T2"}), [])  # a pass about another tunnel: no look
+    assert len(reads) == 1
+    warnings.after_pass(first, frozenset({"T1"}), [])  # about T1, while its finding stands: a look (it may go) ...
     assert len(reads) == 2 and [r.message for r in caplog.records].count(line) == 1  # ... but journals it once
     assert errors == []  # a warning, not the daemon's last_error
 
@@ -336,12 +338,14 @@ def test_the_daemon_looks_at_start_on_a_refusal_and_while_a_finding_stands(caplo
     assert warnings.lines(Nft()) == ["another table drops it", line]
     host.append(facts())  # the module is there now
     refused = ApplyError(None, DeleteLink("old", "leftover"), "Device or resource busy (errno 16)")
-    warnings.after_pass(first, [refused])  # a refusal no tunnel's state says: journalled as the daemon's error
+    warnings.after_pass(first, frozenset({"T1"}), [refused])  # not a tunnel's: journalled as the daemon's error
     assert warnings.findings == [] and errors == ["delete link old (leftover): Device or resource busy (errno 16)"]
     assert f"no longer: {line}" in [r.message for r in caplog.records]
-    warnings.after_pass(first, [])  # the same config, nothing refused, nothing standing: no read at all
+    warnings.after_pass(first, None, [])  # the same config, nothing refused, nothing standing: no read at all
     assert len(reads) == 3
-    warnings.after_pass(config(), [])  # a reload: a new config is looked at again
+    warnings.after_pass(config(), None, [])  # a reload that changes nothing the checks read: no look either
+    assert len(reads) == 3
+    warnings.after_pass(config(CONFIG.replace("10.9.0.1", "10.9.0.3")), None, [])  # a new local: a look
     assert len(reads) == 4
 
 

@@ -3,8 +3,9 @@
 After a pass, the daemon hands its errors here. The checks that apply at run time (checks.RUNTIME_CHECKS: a
 kernel without ip_gre, a `local` on no interface, a `from_tunnel` interface that does not exist, a clashing
 link) are run on a fresh, cheap read of the host (read.runtime_facts: links, addresses, modules) when it can
-have changed something: the first pass of a config (start, reload), a pass the kernel refused something of,
-and every pass while a finding stands, so that it goes once fixed. Otherwise a pass costs nothing here.
+have changed something: the first pass of a config whose tunnels differ in what the checks read (start, most
+reloads), a pass the kernel refused something of, and a pass about a tunnel while a finding on it stands, so
+that it goes once fixed. Otherwise a pass costs nothing here (a look reads every link and address).
 
 A new finding is journalled once (a warning), as `greupd plan` prints it, so the journal says "the kernel has
 no ip_gre" and what to do beside errno 95; while it stands it is one of `greupd status`'s warnings; when it goes,
@@ -36,17 +37,18 @@ class HostWarnings:
     def __init__(self, on_error: Callable[[str], None],
                  read: Callable[[Config], HostFacts] = runtime_facts) -> None:
         self._on_error, self._read = on_error, read  # `read`: the host, or made-up facts in the unit tests
-        self._looked_at: Config | None = None  # the config of the last look: a new one (start, reload) looks again
+        self._looked_at: object = None  # what the checks read of the config at the last look (read_by_checks)
         self.findings: list[Finding] = []
 
-    def after_pass(self, config: Config, errors: Sequence[ApplyError]) -> None:
-        """Journal the errors that are no tunnel's (a tunnel's is its state change), then look if it may matter."""
+    def after_pass(self, config: Config, names: frozenset[str] | None, errors: Sequence[ApplyError]) -> None:
+        """Journal the errors that are no tunnel's (a tunnel's is its state change), then look if it may matter.
+        `names`: the tunnels the pass was for (None: all of them)."""
         for error in errors:
             if error.tunnel is None:
                 self._on_error(str(error))
-        if config is self._looked_at and not errors and not self.findings:
+        if not self._worth_a_look(config, names, errors):
             return
-        self._looked_at = config
+        self._looked_at = read_by_checks(config)
         try:
             found = runtime_findings(config, self._read(config))
         except Exception as exc:  # never the end of the daemon: these are hints, not its work
@@ -61,7 +63,21 @@ class HostWarnings:
             log.info("no longer: %s", line)
         self.findings = found
 
+    def _worth_a_look(self, config: Config, names: frozenset[str] | None, errors: Sequence[ApplyError]) -> bool:
+        """A look reads every link and address (~0.1 s with 2,000 links): not for a pass that cannot change what it
+        would find. Yes for the kernel refusing something (the queue backs those off), for a config whose tunnels
+        differ in what the checks read (start, most reloads), and for a pass about a tunnel with a finding."""
+        if errors or read_by_checks(config) != self._looked_at:
+            return True
+        standing = {f.tunnel for f in self.findings}
+        return bool(standing) and (names is None or bool(standing & names))
+
     def lines(self, *others: HasWarnings) -> list[str]:
         """`greupd status`'s warnings: the others' (nftables') first, then the standing findings."""
         return [*(line for other in others for line in other.warnings), *(f.one_line() for f in self.findings)]
 
+
+def read_by_checks(config: Config) -> object:
+    """What of the config the run-time checks read: a reload that changes none of it needs no new look."""
+    return tuple((t.name, t.mode, t.local, t.remote, t.key, t.ikey, tuple(t.nat.from_tunnel))
+                 for t in config.tunnels if t.enabled)
