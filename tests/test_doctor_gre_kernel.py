@@ -148,7 +148,9 @@ def test_ipsec_no_sa_after_a_flush_and_its_swanctl_fix_brings_the_sas_and_the_tu
     `--initiate`), run as printed, has charon install them again: the finding goes, and A reaches B through the
     tunnel again."""
     from lab.charon import Charon
+    from lab.forked import ForkedGreupd
     from lab.hosts import seed_topology
+    from tests.test_doctor_nft_gre_kernel import preload
     from tests.test_ipsec_kernel import A_SIDE, B_SIDE, router_config, wait_ipsec
 
     with Lab() as lab:
@@ -163,8 +165,11 @@ def test_ipsec_no_sa_after_a_flush_and_its_swanctl_fix_brings_the_sas_and_the_tu
             a.stop()
             assert seed.a.wait_ping("192.168.8.11", timeout=20)  # B's end of the tunnel, through ESP
 
+            preload()  # doctor runs as a child forked from here: no interpreter and imports per run (lab/forked.py)
+            forked = ForkedGreupd(seed.a, a.config_path.read_text())
+
             def doctor() -> tuple[int, list[dict[str, str]]]:
-                done = a.cli("doctor", "--json", "-c", str(a.config_path), "--socket", str(a.socket), timeout=300)
+                done = forked.cli("doctor", "--json", "-c", str(a.config_path), "--socket", str(a.socket), timeout=300)
                 assert done.returncode in (0, 1), done.stderr
                 return done.returncode, json.loads(done.stdout)["findings"]
 
