@@ -363,8 +363,7 @@ def _doctor_warnings(config: Config) -> list[str]:
     from greupd.doctor.checks import runtime_findings
     from greupd.doctor.read import runtime_facts
 
-    return [f"{f.tunnel + ': ' if f.tunnel else ''}{f.message} (greupd doctor: {f.check}; fix: {f.fix.splitlines()[0]})"
-            for f in runtime_findings(config, runtime_facts(config))]
+    return [f.one_line() for f in runtime_findings(config, runtime_facts(config))]
 
 
 def _plan_failed_json(status: int, errors: list[dict[str, object]], files: list[str]) -> int:

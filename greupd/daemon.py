@@ -17,6 +17,7 @@ from pathlib import Path
 
 from greupd.config import Config, ConfigError, load_config
 from greupd.control import CannotServe, ControlServer, control_socket
+from greupd.doctor.runtime import HostWarnings
 from greupd.events import EventLog, log_like_events
 from greupd.ipsec.supervisor import IpsecSupervisor
 from greupd.keepalive.restart import VerdictMemory
@@ -47,7 +48,7 @@ class Daemon:
         self.events, self.notifier = EventLog(), Notifier(on_error=self._fail)
         self._wake, self._stop = asyncio.Event(), asyncio.Event()
         self.queue: WorkQueue[ReloadResult] = WorkQueue(self._wake.set)
-        self.kernel = Kernel()
+        self.kernel, self.doctor = Kernel(), HostWarnings(self._fail)  # #24: doctor's run-time checks
         self.liveness = LivenessRoom(self._on_liveness, start.state.path if start else None, self.queue.mark_retry)
         self.watch = KernelWatch(self.kernel, self.queue.mark, self.liveness.keepalive.path_mtu.route_changed)  # #23
         self.nft = NftKeeper(config.daemon.nft_table, self.queue.mark_nft, self._fail, self._guarded)
@@ -146,11 +147,10 @@ class Daemon:
 
     def _reconcile(self, batch: Batch) -> None:
         done = reconcile_pass(self.kernel, self.desired(), batch.names, batch.liveness_only)
-        for error in (e for e in done.errors if e.tunnel is None):
-            self._fail(str(error))
         for change in self.reports.update(self.config, done.observed, done.plan, done.errors, done.after,
                                           self.liveness.is_up, batch.repairs):
             self.events.emit(change)
+        self.doctor.after_pass(self.config, batch.names, done.errors)  # errors no state change says; doctor's (#24)
         self.liveness.after_pass(self.reports.answerable(), done.observed, done.after)  # #11 H5, #21 M2
         self.notifier.status_if_changed(self.reports.status_text(self.config))
         self.metrics.publish()
@@ -231,7 +231,7 @@ class Daemon:
     def status(self, of: slice = slice(None)) -> DaemonStatus:
         return {"config": str(self.config_path), "generation": self.generation, "last_error": self.last_error,
                 "pid": os.getpid(), "netlink_requests": self.kernel.requests, "tunnels": self.tunnel_statuses(of),
-                "warnings": list(self.nft.warnings), "keepalive_socket": self.liveness.keepalive.socket_status()}
+                "warnings": self.doctor.lines(self.nft), "keepalive_socket": self.liveness.keepalive.socket_status()}
 
 
 def run_daemon(config_path: Path, config: Config, socket_override: str | None = None,

@@ -133,8 +133,9 @@ class ForkedGreupd(GreupdProcess):
             os.dup2(stderr, 2)
             sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", closefd=False), line_buffering=True)
             sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", closefd=False), line_buffering=True)
+            env = self.env  # before the clear: the property reads os.environ (PATH, for the commands it runs)
             os.environ.clear()
-            os.environ.update(self.env)
+            os.environ.update(env)
             from greupd.cli import main
 
             code = main(list(argv))

@@ -43,3 +43,19 @@ def test_import_sources_and_config_files() -> None:
     assert complete("greupd import --from n") == ["netplan", "networkd"]
     assert complete("greupd import --from ifupdown ") == ["FILE"]
     assert complete("greupd plan -c ") == ["FILE"]
+
+
+def test_every_command_and_option_of_the_parser_is_offered() -> None:
+    """The file follows `build_parser()`: a command or option added there and not here fails this test."""
+    from tests.test_man_page import commands, options_of
+
+    offered = complete("greupd ")
+    for name, parser in commands().items():
+        assert name in offered
+        wanted = {o for action in options_of(parser) for o in action.option_strings}
+        assert set(complete(f"greupd {name} -")) >= wanted, name
+
+
+def test_doctor_takes_the_options_and_tunnel_names() -> None:
+    assert complete("greupd doctor --j") == ["--json"]
+    assert complete("greupd doctor -c ") == ["FILE"]

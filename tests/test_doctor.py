@@ -301,3 +301,59 @@ def test_nat_in_path_when_the_peer_names_us_otherwise() -> None:
     (finding,) = run_checks(config(), facts(peer_keepalives={"T1": ("203.0.113.7",)}), only=["nat-in-path"])
     assert "the peer knows this host as 203.0.113.7, not 10.9.0.1" in finding.message
     assert run_checks(config(), facts(peer_keepalives={"T1": ("10.9.0.1",)}), only=["nat-in-path"]) == []
+
+
+# --- the daemon's run-time warnings (runtime.py) ----------------------------------------------------------------
+
+def test_the_daemon_looks_at_start_on_a_refusal_and_while_a_finding_stands(caplog: pytest.LogCaptureFixture) -> None:
+    from greupd.doctor.runtime import HostWarnings
+    from greupd.model import DeleteLink
+    from greupd.netlink.kernel import ApplyError
+
+    host = [facts(modules=frozenset(), loadable=None)]  # no ip_gre, and no way to load it
+    reads: list[Config] = []
+    errors: list[str] = []
+
+    def read(c: Config) -> HostFacts:
+        reads.append(c)
+        return host[-1]
+
+    warnings = HostWarnings(errors.append, read)
+    first = config()
+    caplog.set_level("INFO", logger="greupd")
+    warnings.after_pass(first, None, [])  # the start: a new config is looked at
+    assert [f.check for f in warnings.findings] == ["gre-module-missing"]
+    (line,) = warnings.lines()
+    assert line.startswith("T1: the kernel has no ip_gre: it cannot make this tunnel's link (greupd doctor: "
+                           "gre-module-missing; fix: boot a kernel built with CONFIG_NET_IPGRE")
+    warnings.after_pass(first, frozenset({"T2"}), [])  # a pass about another tunnel: no look
+    assert len(reads) == 1
+    warnings.after_pass(first, frozenset({"T1"}), [])  # about T1, while its finding stands: a look (it may go) ...
+    assert len(reads) == 2 and [r.message for r in caplog.records].count(line) == 1  # ... but journals it once
+    assert errors == []  # a warning, not the daemon's last_error
+
+    class Nft:
+        warnings = ("another table drops it",)
+
+    assert warnings.lines(Nft()) == ["another table drops it", line]
+    host.append(facts())  # the module is there now
+    refused = ApplyError(None, DeleteLink("old", "leftover"), "Device or resource busy (errno 16)")
+    warnings.after_pass(first, frozenset({"T1"}), [refused])  # not a tunnel's: journalled as the daemon's error
+    assert warnings.findings == [] and errors == ["delete link old (leftover): Device or resource busy (errno 16)"]
+    assert f"no longer: {line}" in [r.message for r in caplog.records]
+    warnings.after_pass(first, None, [])  # the same config, nothing refused, nothing standing: no read at all
+    assert len(reads) == 3
+    warnings.after_pass(config(), None, [])  # a reload that changes nothing the checks read: no look either
+    assert len(reads) == 3
+    warnings.after_pass(config(CONFIG.replace("10.9.0.1", "10.9.0.3")), None, [])  # a new local: a look
+    assert len(reads) == 4
+
+
+def test_greupd_8_documents_every_check_in_order_with_its_evidence_and_fix() -> None:
+    from tests.test_man_page import SOURCE, sections, tags
+
+    lines = sections(SOURCE)["DOCTOR CHECKS"]
+    assert tags(lines) == list(CHECKS)
+    paragraphs = "\n".join(lines).split("\n.TP\n")[1:]
+    for check, paragraph in zip(CHECKS, paragraphs, strict=True):
+        assert "Evidence:" in paragraph and "Fix" in paragraph, check

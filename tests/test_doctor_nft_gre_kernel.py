@@ -1,21 +1,36 @@
 """`greupd doctor` on a kernel with both GRE and nftables `inet` (the demo's kind, `vng`): the seed's two routers
 with greupd running the seed's whole config (NAT, MSS clamp: greupd's own table), a tunnel up through a real
 ip_gre link, and doctor's trace crossing greupd's table. Nothing is found there; then another table's input
-drop of GRE is found by its trace, and its fix makes it go (#24's "no false positives" and item 2)."""
+drop of GRE is found by its trace, and its fix makes it go (#24's "no false positives" and item 2).
+
+Both daemons and every doctor run are children forked from this process (lab/forked.py), with what they import
+imported here once: the guest emulates its CPU, and each new interpreter paid greupd's, pyroute2's and
+nftables' imports again (212 s for this test in the guest, most of it imports)."""
 
 from __future__ import annotations
 
+import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from lab.greupd_process import GreupdProcess
-from lab.hosts import Host, Lab, seed_topology
-from tests.test_doctor_kernel import _env
+from lab.forked import ForkedGreupd
+from lab.hosts import Lab, seed_topology
 
 pytestmark = pytest.mark.needs_nft_gre
+
+
+# What the forked daemons and doctor runs import, imported once, here (the demo's way: demo/seed_story.py).
+PRELOAD = ("nftables", "pyroute2", "pyroute2.netlink.nfnetlink.nfctsocket", "scapy.layers.inet", "scapy.layers.l2",
+           "greupd.cli", "greupd.control", "greupd.daemon", "greupd.doctor.hear", "greupd.doctor.pmtu",
+           "greupd.doctor.read", "greupd.doctor.trace", "greupd.keepalive.codec", "greupd.nft.table")
+
+
+def preload() -> None:
+    for name in PRELOAD:
+        importlib.import_module(name)
+
 
 SEED = Path(__file__).resolve().parent.parent / "etc" / "greupd" / "tunnels.toml"
 
@@ -32,9 +47,8 @@ def b_config(text: str) -> str:
     return text
 
 
-def doctor(router: Host, daemon: GreupdProcess) -> tuple[int, list[dict[str, str]]]:
-    done = router.run(sys.executable, "-m", "greupd", "doctor", "--json", "-c", str(daemon.config_path), "--socket",
-                      str(daemon.socket), env=_env(), check=False, timeout=900)
+def doctor(daemon: ForkedGreupd) -> tuple[int, list[dict[str, str]]]:
+    done = daemon.cli("doctor", "--json", "-c", str(daemon.config_path), "--socket", str(daemon.socket), timeout=900)
     assert done.returncode in (0, 1), done.stderr
     findings: list[dict[str, str]] = json.loads(done.stdout)["findings"]
     return done.returncode, findings
@@ -42,25 +56,26 @@ def doctor(router: Host, daemon: GreupdProcess) -> tuple[int, list[dict[str, str
 
 def test_nothing_on_the_seeds_setup_then_a_traced_drop_in_another_table() -> None:
     text = SEED.read_text()
+    preload()
     with Lab() as lab:
         seed = seed_topology(lab)
-        a = GreupdProcess(seed.a, text).start(timeout=600)
-        b = GreupdProcess(seed.b, b_config(text)).start(timeout=600)
+        a = ForkedGreupd(seed.a, text).start(timeout=600)
+        b = ForkedGreupd(seed.b, b_config(text)).start(timeout=600)
         try:
             a.wait_for("My_Tunnel", "up", timeout=120)
             b.wait_for("My_Tunnel", "up", timeout=120)
-            assert doctor(seed.a, a) == (0, [])
-            assert doctor(seed.b, b) == (0, [])
+            assert doctor(a) == (0, [])
+            assert doctor(b) == (0, [])
             seed.a.run("nft", "-f", "-", input="table ip other {\n chain input {\n"
                        "  type filter hook input priority 0; policy accept;\n  ip protocol gre counter drop\n }\n}\n")
-            code, findings = doctor(seed.a, a)
+            code, findings = doctor(a)
             assert code == 1 and [f["check"] for f in findings] == ["firewall-drops-gre"], findings
             (finding,) = findings
             assert finding["evidence"].startswith("nftables trace ")
             assert "decided by table ip other chain input: ip protocol gre counter drop # handle 2" \
                 in finding["evidence"]
             seed.a.run(*finding["fix"].split())
-            assert doctor(seed.a, a) == (0, [])
+            assert doctor(a) == (0, [])
             a.wait_for("My_Tunnel", "up", timeout=120)
         finally:
             a.stop()

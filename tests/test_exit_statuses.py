@@ -384,6 +384,13 @@ def _(lab: Lab2) -> subprocess.CompletedProcess[str]:
     return done
 
 
+@case("doctor", 1, "doctor of an invalid config", root=False)
+def _(lab: Lab2) -> subprocess.CompletedProcess[str]:
+    done = greupd("doctor", "-c", lab.file("invalid.toml", INVALID))
+    assert f"invalid.toml:{INVALID_LINE}: tunnel[0].remote: " in done.stderr and done.stdout == ""
+    return done
+
+
 @case("doctor", 77, "doctor -n NETNS as a user")
 def _(lab: Lab2) -> subprocess.CompletedProcess[str]:
     return greupd("-n", lab.a.netns, "doctor", "-c", lab.file("valid.toml", VALID), prefix=NOBODY)

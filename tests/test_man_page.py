@@ -155,8 +155,10 @@ def test_every_option_is_described_and_no_other() -> None:
                                         f"describes {sorted(described - all_options())} that no command takes")
 
 
-# Other programs' options the page quotes: systemctl enable --now, groupadd --system, usermod -aG, journalctl -u/-x.
-QUOTED = {"--now", "--system", "-a", "-u", "-x"}
+# Other programs' options the page quotes: systemctl enable --now, groupadd --system, usermod -aG, journalctl -u/-x,
+# and doctor's fixes: iptables -I/-i/-o/-j, sysctl -w, swanctl --terminate --force --initiate --ike --child.
+QUOTED = {"--now", "--system", "-a", "-u", "-x", "-i", "-o", "-j", "-w",
+          "--terminate", "--force", "--initiate", "--ike", "--child"}
 
 
 def test_every_option_the_page_mentions_exists() -> None:

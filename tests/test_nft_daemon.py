@@ -111,14 +111,15 @@ def test_another_tables_forward_drop_that_defeats_the_nat_accepts_is_reported_wh
     (Docker's iptables-nft `FORWARD` policy DROP). greupd says so, naming the tunnel, and never edits that
     table; the policy change is a chain event another process commits, seen by the watch."""
     daemon = GreupdProcess(router, CONFIG).start()
-    assert daemon.status()["warnings"] == []  # type: ignore[index]
+
+    def warned() -> list[str]:  # nftables' (not doctor's: this kernel may have no ip_gre, greupd(8) status)
+        status = daemon.status(check=False)
+        return [w for w in status.get("warnings", []) if w.startswith("nftables: ")] if status else []
+
+    assert warned() == []
     router.run("nft", "-f", "-", input=DOCKER_FORWARD)
     router.run("nft", "chain", "ip", "filter", "FORWARD", "{ policy drop; }")  # `iptables -P FORWARD DROP`
     docker = router.run("nft", "-a", "list", "table", "ip", "filter").stdout
-
-    def warned() -> list[str]:
-        status = daemon.status(check=False)
-        return list(status.get("warnings", [])) if status else []
 
     assert wait_until(lambda: bool(warned()), 10), daemon.output()
     (warning,) = warned()

@@ -443,15 +443,18 @@ def ipsec_no_sa(config: Config, facts: HostFacts, tunnels: Sequence[TunnelConfig
         effect = "greupd's table drops its GRE (require = true)" if t.ipsec.require else "its GRE leaves in the clear"
         policies = "\n".join(pair.policies) or "none (charon has not loaded the connection, or greupd is not running)"
         present = "\n".join(pair.sas_out + pair.sas_in)
-        ike = connection_name(t.name)
+        ike, uri = connection_name(t.name), f"unix://{config.daemon.vici_socket}"
         findings.append(Finding(
             "ipsec-no-sa", t.name, "error",
             f"no IPsec SA for {missing}: {effect}",
             f"ip xfrm state: no ESP SA for {missing}{chr(10) + 'present: ' + present if present else ''}\n"
             f"GRE policies (ip xfrm policy):\n{policies}",
-            f"swanctl --initiate --ike {ike} --child {CHILD_NAME}   # --uri unix://{config.daemon.vici_socket}\n"
-            f"if it fails: swanctl --log, and `greupd status {t.name}` (ipsec.error); the peer's PSK or "
-            f"certificates, and its connection for {t.remote}"))
+            f"swanctl --terminate --ike {ike} --force --uri {uri}   # charon forgets the SAs it believes installed\n"
+            f"swanctl --initiate --ike {ike} --child {CHILD_NAME} --uri {uri}   # \"existing duplicate\": the peer "
+            f"was first\n"
+            f"(a running greupd does both itself when the kernel loses them.) If no SA comes: swanctl --log, "
+            f"`greupd status {t.name}` (ipsec.error), the peer's PSK or certificates and its connection for "
+            f"{t.remote}"))
     return findings
 
 

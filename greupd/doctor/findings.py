@@ -47,6 +47,11 @@ class Finding:
     def as_json(self) -> dict[str, object]:
         return asdict(self)
 
+    def one_line(self) -> str:
+        """As `greupd plan`'s warnings, `greupd status`'s and the daemon's journal show it: the fix's first line."""
+        who = f"{self.tunnel}: " if self.tunnel else ""
+        return f"{who}{self.message} (greupd doctor: {self.check}; fix: {self.fix.splitlines()[0]})"
+
 
 def findings_json(findings: Iterable[Finding]) -> dict[str, object]:
     return {"findings": [f.as_json() for f in findings]}
