@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from greupd.config import ConfigError, load_config_text
+from greupd.keepalive.engine import targets_from_config
 
 SEED = """
 [[tunnel]]
@@ -54,10 +55,32 @@ def test_probe_needs_keepalives() -> None:
     assert field == "tunnel[0].mtu" and "[tunnel.keepalive]" in message
 
 
-def test_probe_on_ip6gre_is_refused_for_now() -> None:
-    text = SEED.replace('"172.19.1.1"', '"2001:db8::1"').replace('"172.19.1.2"', '"2001:db8::2"')
-    field, message = problem(text + 'mode = "ip6gre"\nmtu = "probe"\n')
-    assert field == "tunnel[0].mtu" and "mode gre only" in message
+IP6GRE = SEED.replace('"172.19.1.1"', '"2001:db8::1"').replace('"172.19.1.2"', '"2001:db8::2"') + 'mode = "ip6gre"\n'
+
+
+@pytest.mark.parametrize(("extra", "encap_option"), [("", True), ('encap_limit = "none"\n', False)])
+def test_probe_on_ip6gre_measures_with_gre6_keepalives(extra: str, encap_option: bool) -> None:
+    config = load_config_text(IP6GRE + extra + 'mtu = "probe"\n' + KEEPALIVE + "\n[tunnel.mtu_probe]\nfloor = 1280\n")
+    [target] = targets_from_config(config)
+    assert target.mtu_probe == (1280, 600.0, 1.0)
+    assert target.encap_option is encap_option  # the link's 8-byte option counts in the probe's padding
+
+
+def test_probe_on_ip6gre_needs_keepalives_too() -> None:
+    field, message = problem(IP6GRE + 'mtu = "probe"\n')
+    assert field == "tunnel[0].mtu" and "[tunnel.keepalive]" in message
+
+
+@pytest.mark.parametrize("mode", ["gretap", "ip6gretap"])
+def test_probe_on_the_ethernet_modes_is_refused(mode: str) -> None:
+    text = SEED if mode == "gretap" else IP6GRE.replace('mode = "ip6gre"', "")
+    field, message = problem(text + f'mode = "{mode}"\nmtu = "probe"\n')
+    assert field == "tunnel[0].mtu" and "modes gre and ip6gre" in message
+
+
+def test_an_ip6gre_floor_above_what_the_kernel_allows_is_refused() -> None:
+    field, message = problem(IP6GRE + 'mtu = "probe"\n' + KEEPALIVE + "\n[tunnel.mtu_probe]\nfloor = 65535\n")
+    assert field == "tunnel[0].mtu_probe" and "at most" in message and "ip6gre" in message
 
 
 @pytest.mark.parametrize(("key", "value", "words"), [

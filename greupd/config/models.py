@@ -280,9 +280,9 @@ class TunnelConfig(_Model):
             raise FieldProblem("mtu_probe", "[tunnel.mtu_probe] goes with mtu = \"probe\"")
         if self.mtu != "probe":
             return
-        if self.mode != "gre":
-            raise FieldProblem("mtu", f"mtu = \"probe\" measures with Cisco keepalives: mode gre only for now,"
-                                       f" not {self.mode}; give the MTU as a number")
+        if self.mode not in KEEPALIVE_MODES:
+            raise FieldProblem("mtu", f"mtu = \"probe\" measures with keepalives (modes gre and ip6gre), not"
+                                       f" {self.mode}; give the MTU as a number")
         if self.keepalive is None:
             # A lost padded probe says "too big" only while small keepalives come back (otherwise the peer is
             # down, which is the keepalives' verdict to make, not the search's).

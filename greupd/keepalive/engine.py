@@ -65,6 +65,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from typing import Literal
 
 from greupd.config import Config
+from greupd.gre import IPV6_MODES
 from greupd.keepalive.answering import Answer, AnswerRule, answer_for
 from greupd.keepalive.batch import Datagram, Receiver, Sender, batching_available
 from greupd.keepalive.bpf import reply_fallbacks, reply_filter, request_fallbacks, request_filter
@@ -89,8 +90,11 @@ from greupd.keepalive.pmtu_probe import (
     IP_MTU_DISCOVER,
     IP_PMTUDISC_PROBE,
     CiscoProbes,
+    Gre6Probes,
+    PaddedProbes,
     PathMtuProber,
     PathMtuTarget,
+    dont_fragment6,
 )
 from greupd.keepalive.underlay import NO_UNDERLAY, Underlay, underlays_after_pass
 from greupd.model import Observed
@@ -154,6 +158,7 @@ class KeepaliveTarget:
     up_after: int
     answer: AnswerMode
     mtu_probe: tuple[int, float, float] | None = None  # mtu = "probe": (floor, every, timeout), pmtu_probe.py
+    encap_option: bool = False  # ip6gre: the link's packets carry the 8-byte encapsulation limit option
     # (our `address`, first and last address the peer's may be): probes addressed with the tunnel's inner
     # addresses are answered through the tunnel (answering.py); None: no such probes are answered.
     inner: tuple[int, int, int] | None = None
@@ -182,6 +187,7 @@ def targets_from_config(config: Config) -> list[KeepaliveTarget]:
                        tunnel.mtu_probe_settings.timeout)
             if tunnel.mtu == "probe" else None,
             inner=_inner_addresses(tunnel.address, tunnel.peer),
+            encap_option=tunnel.mode in IPV6_MODES and tunnel.encap_limit != "none",
         ))
     return targets
 
@@ -383,13 +389,18 @@ class KeepaliveEngine:
                             other.target.name, tunnel.target.name, other.target.name)
 
     def _configure_path_mtu(self) -> None:
-        measured = []
+        measured: list[tuple[PathMtuTarget, PaddedProbes]] = []
         for t in self._tunnels.values():
-            local, remote = t.target.local, t.target.remote  # config allows mtu = "probe" on mode gre only
-            if t.target.mtu_probe is not None and isinstance(local, IPv4Address) and isinstance(remote, IPv4Address):
-                measured.append((PathMtuTarget(t.target.name, local, remote, t.target.okey, *t.target.mtu_probe),
-                                 CiscoProbes(build_probe_template(local, remote, t.target.okey, t.target.ikey),
-                                             t.target.okey)))
+            local, remote, ikey, okey = t.target.endpoints
+            if t.target.mtu_probe is None:
+                continue
+            builder: PaddedProbes
+            if isinstance(local, IPv6Address) and isinstance(remote, IPv6Address):  # ip6gre: GRE6, padded
+                builder = Gre6Probes(build_probe_template6(local, remote, okey, ikey), okey, t.target.encap_option)
+            else:
+                assert isinstance(local, IPv4Address) and isinstance(remote, IPv4Address)
+                builder = CiscoProbes(build_probe_template(local, remote, okey, ikey), okey)
+            measured.append((PathMtuTarget(t.target.name, local, remote, okey, *t.target.mtu_probe), builder))
         self.path_mtu.configure(measured)
         for tunnel in self._tunnels.values():
             if tunnel.target.mtu_probe is not None and not tunnel.liveness.up:
@@ -418,10 +429,10 @@ class KeepaliveEngine:
     def _send_mtu_probe(self, name: str, buffer: bytearray) -> OSError | None:
         """One padded probe, as the tunnel's keepalives leave (source, device, fwmark: review H1, #21 M2)."""
         tunnel = self._tunnels.get(name)
-        if tunnel is None or self._receive_socket is None:
+        if tunnel is None or self._receive_socket is None or (tunnel.family == 6 and self._gre6 is None):
             return None
         try:
-            self._receive_socket.sendmsg([buffer], tunnel.source, 0, tunnel.address)
+            self._probe_socket(tunnel).sendmsg([buffer], tunnel.source, 0, tunnel.address)
         except OSError as exc:
             return exc
         return None
@@ -454,7 +465,7 @@ class KeepaliveEngine:
         program, kind = reply_filter(
             [int(t.target.remote) for t in ipv4], [int(t.target.local) for t in ipv4],
             [*(token for t in ipv4 for token in itertools.chain(t.window.tokens(), t.tokens_ahead)),
-             *self.path_mtu.tokens()])
+             *self.path_mtu.tokens(4)])
         self._reply_program.attach(self._receive_socket, program, kind, len(self._tunnels), reply_fallbacks(
             [int(t.target.remote) for t in ipv4], [int(t.target.local) for t in ipv4]))
 
@@ -465,8 +476,10 @@ class KeepaliveEngine:
             return
         if self._gre6 is None:
             self._gre6 = Gre6Sockets(self._loop, self.on_packet6)
+            dont_fragment6(self._gre6.replies)  # padded probes leave by it, as IPv4's by the replies socket
         self._gre6.follow([int(t.target.remote) for t in tunnels], [int(t.target.local) for t in tunnels],
-                          [token for t in tunnels for token in itertools.chain(t.window.tokens(), t.tokens_ahead)],
+                          [*(token for t in tunnels for token in itertools.chain(t.window.tokens(), t.tokens_ahead)),
+                           *self.path_mtu.tokens(6)],
                           [(int(t.target.remote), int(t.target.local)) for t in tunnels
                            if t.target.answer == "daemon"])
 

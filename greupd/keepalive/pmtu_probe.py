@@ -5,7 +5,9 @@ The probes leave by the engine's replies socket, like keepalives: the kernel bui
 tunnel's `local` as source and the link's device and fwmark (engine.source_address), so they take the tunnel's
 own route, and under [tunnel.ipsec] its ESP policy: the ESP overhead is measured, not assumed. That socket has
 IP_PMTUDISC_PROBE: DF is set on every packet it sends, and the kernel checks a probe against the device's MTU
-only, not against a path MTU it learned (or failed to learn, where ICMP is filtered) for the remote.
+only, not against a path MTU it learned (or failed to learn, where ICMP is filtered) for the remote. An ip6gre
+tunnel's probes (GRE6, Gre6Probes) leave by the IPv6 replies socket, which has the same by IPV6_MTU_DISCOVER and
+IPV6_DONTFRAG (dont_fragment6).
 
 Each probe carries a token of its own (never a keepalive's), drawn ahead like keepalives' so the replies
 socket's filter passes its reply. A reply is matched here and never reaches the tunnel's Liveness: a padded
@@ -40,6 +42,7 @@ from greupd.keepalive.codec import (
     new_token,
     padded_probe_template,
 )
+from greupd.keepalive.gre6 import ProbeBytes6, ProbeTemplate6, gre6_overhead, padded_probe_template6
 from greupd.keepalive.pmtu import CONFIRM_EVERY, PROBE_TIMEOUT, PathMtuResult, PathMtuSearch, PathMtuTiming
 from greupd.keepalive.underlay import Remotes
 from greupd.status import PathMtuStatus
@@ -50,6 +53,10 @@ IP_MTU = 14  # <linux/in.h>: getsockopt on a connected socket, the route's MTU
 IPV6_MTU = 24  # <linux/in6.h>: the same for IPv6
 IP_MTU_DISCOVER = 10
 IP_PMTUDISC_PROBE = 3  # DF set, the device MTU checked, learned path MTUs ignored
+IPV6_MTU_DISCOVER = 23  # <linux/in6.h>
+IPV6_PMTUDISC_PROBE = 3  # as IP_PMTUDISC_PROBE: the device's MTU checked, learned path MTUs ignored
+IPV6_DONTFRAG = 62  # never fragmented by the sender either: too big for the device is EMSGSIZE
+ENCAP_LIMIT_OPTION = 8  # ip6gre's destination option (RFC 2473 tunnel encapsulation limit), unless encap_limit = "none"
 _TOKENS_AHEAD = 8  # per tunnel: a measurement sends ~10-30 probes, so the filter is attached a few times
 _SENT_KEPT = 16  # tokens of sent probes kept per tunnel: a reply later than that many probes counts for nothing
 _FALLBACK_UNDERLAY_MTU = 1500
@@ -75,14 +82,14 @@ class PathMtuTarget:
 
 class PaddedProbes(Protocol):
     """How one tunnel's padded probes are built: all the search needs of a keepalive format. CiscoProbes for gre;
-    ip6gre's (MikroTik's GRE6 keepalive, issue #22) plugs in here with its own overhead and padding."""
+    Gre6Probes for ip6gre (MikroTik's GRE6 keepalive, issue #22)."""
 
     @property
     def overhead(self) -> int:
         """Bytes the tunnel adds on the wire: the probe for MTU m is m + overhead bytes."""
         ...
 
-    def padded(self, mtu: int) -> ProbeBytes:
+    def padded(self, mtu: int) -> ProbeBytes | ProbeBytes6:
         """The probe for MTU `mtu`, padded, DF set inside, ready for tokens to be stamped in."""
         ...
 
@@ -100,6 +107,33 @@ class CiscoProbes:
 
     def padded(self, mtu: int) -> ProbeBytes:
         return ProbeBytes(padded_probe_template(self.template, mtu + self.overhead))
+
+
+@dataclass(frozen=True)
+class Gre6Probes:
+    """A GRE6 keepalive padded (gre6.padded_probe_template6): ip6gre, 44 bytes of overhead, 48 with okey, and 8
+    more while the link sends the encapsulation limit option (encap_limit not "none"). The probe itself never
+    carries that option (the engine's socket builds a plain IPv6 header), so a probe for MTU m is padded to the
+    m + overhead bytes a full packet of the link takes on the wire."""
+
+    template: ProbeTemplate6
+    okey: int | None
+    encap_option: bool
+
+    @property
+    def overhead(self) -> int:
+        return gre6_overhead(self.okey) + (ENCAP_LIMIT_OPTION if self.encap_option else 0)
+
+    def padded(self, mtu: int) -> ProbeBytes6:
+        return ProbeBytes6(padded_probe_template6(self.template, mtu + self.overhead))
+
+
+def dont_fragment6(sock: socket.socket) -> None:
+    """IPv6's DF for the probes an ip6gre tunnel's socket sends (IPv6 routers never fragment; the sending host
+    would): a probe larger than the device's MTU fails with EMSGSIZE, and a path MTU the kernel learned (or not)
+    for the remote is not applied to it, as IP_PMTUDISC_PROBE does for IPv4."""
+    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_PROBE)
+    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_DONTFRAG, 1)
 
 
 def route_mtu(local: IPAddress, remote: IPAddress, fwmark: int = 0) -> int:
@@ -130,7 +164,7 @@ class _Measured:
         self.search = PathMtuSearch(target.floor, target.every, PathMtuTiming(timeout=target.timeout))
         self.tokens_ahead: collections.deque[ProbeToken] = collections.deque()
         self.sent: collections.OrderedDict[ProbeToken, int] = collections.OrderedDict()  # token -> size
-        self.probes: dict[int, ProbeBytes] = {}  # size -> its padded probe, kept for the confirmations
+        self.probes: dict[int, ProbeBytes | ProbeBytes6] = {}  # size -> its padded probe, kept for the confirmations
         self.result: PathMtuResult | None = None
         self.measured_at: str | None = None
         self.entry = -1
@@ -141,7 +175,7 @@ class _Measured:
         self.start_due: float | None = None  # a measurement to start then (spread, _START_SPREAD)
         self.start_reason = "start"
 
-    def probe(self, size: int) -> ProbeBytes:
+    def probe(self, size: int) -> ProbeBytes | ProbeBytes6:
         probe = self.probes.get(size)
         if probe is None:
             if len(self.probes) > 4:
@@ -205,9 +239,11 @@ class PathMtuProber:
             while len(measured.tokens_ahead) < _TOKENS_AHEAD:
                 measured.tokens_ahead.append(new_token())
 
-    def tokens(self) -> Iterator[ProbeToken]:
-        """The tokens whose replies the filter must pass: sent and drawn ahead."""
+    def tokens(self, version: int | None = None) -> Iterator[ProbeToken]:
+        """The tokens whose replies the filter must pass: sent and drawn ahead (of tunnels over IPv`version`)."""
         for measured in self._tunnels.values():
+            if version is not None and measured.target.remote.version != version:
+                continue
             yield from measured.sent
             yield from measured.tokens_ahead
 
