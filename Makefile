@@ -11,7 +11,7 @@ APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev \
 	qemu-system-x86 linux-image-amd64 busybox-static \
 	debhelper dpkg-dev dh-python python3-pip pipx man-db groff-base rpm lintian mmdebstrap \
 	charon-systemd strongswan-swanctl strongswan-charon libstrongswan-standard-plugins \
-	frr bird2
+	frr bird2 conntrack
 # virtme-ng (for the qemu guest) lives in the venv; its `vng` is what lab/guest.py runs.
 PIP_EXTRA := virtme-ng
 

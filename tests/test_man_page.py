@@ -156,9 +156,10 @@ def test_every_option_is_described_and_no_other() -> None:
 
 
 # Other programs' options the page quotes: systemctl enable --now, groupadd --system, usermod -aG, journalctl -u/-x,
-# and doctor's fixes: iptables -I/-i/-o/-j, sysctl -w, swanctl --terminate --force --initiate --ike --child.
+# and doctor's fixes: iptables -I/-i/-o/-j, sysctl -w, swanctl --terminate --force --initiate --ike --child,
+# conntrack -D -p.
 QUOTED = {"--now", "--system", "-a", "-u", "-x", "-i", "-o", "-j", "-w",
-          "--terminate", "--force", "--initiate", "--ike", "--child"}
+          "--terminate", "--force", "--initiate", "--ike", "--child", "-p"}
 
 
 def test_every_option_the_page_mentions_exists() -> None:

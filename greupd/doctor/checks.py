@@ -338,6 +338,11 @@ def conntrack_timeout(config: Config, facts: HostFacts, tunnels: Sequence[Tunnel
             + f"; keepalive interval {t.keepalive.interval:g} s\nconntrack entries:\n{entries}",
             "\n".join(f"sysctl -w {k.replace('/', '.')}={max(need, 30 if k == GRE_TIMEOUT else 180)}"
                       for k in short)
+            # A flow keeps the timeouts it was created with (nf_conntrack_proto_gre), and a tunnel's flow that
+            # packets refresh both ways never ends: without these lines the sysctls help only the next flow.
+            + "".join(f"\nconntrack -D -p gre --orig-src {src} --orig-dst {dst}  # the flow tracked with the old "
+                      "timeouts (conntrack-tools); none found is fine" for src, dst in ((t.local, t.remote),
+                                                                                 (t.remote, t.local)))
             + f"\nor, in [[tunnel]] name = \"{t.name}\", [tunnel.keepalive]: interval = "
               f"\"{max(min(short.values()) // 2, 1)}s\""))
     return findings
