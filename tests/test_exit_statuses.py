@@ -283,8 +283,11 @@ def _(lab: Lab2) -> subprocess.CompletedProcess[str]:
     with socket.socket(socket.AF_UNIX) as silent:  # takes the connection and never answers
         silent.bind(str(path))
         silent.listen()
+        # SIGINT as a terminal leaves it: a shell's background job (a CI runner's `cmd &`) starts with SIGINT
+        # ignored, every child inherits that, and Python keeps an inherited SIG_IGN (no KeyboardInterrupt then).
         proc = subprocess.Popen([sys.executable, "-m", "greupd", "status", "--socket", str(path)], cwd=REPO,
-                                env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         connection, _ = silent.accept()
         with connection:
             assert connection.recv(100).startswith(b'{"command": "status"}')
