@@ -147,8 +147,9 @@ def test_the_vng_systemd_guest_boots_our_init_and_it_execs_systemd_in_an_overlay
 
 def test_the_vng_guest_boots_our_init_too_and_runs_the_command_in_the_overlay(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No virtme-ng-init (its udev coldplug): the same -append as vng-systemd, the command instead of systemd."""
-    monkeypatch.delenv("GREUPD_LAB_VNG_INIT", raising=False)
+    """GREUPD_LAB_VNG_INIT=own, no virtme-ng-init (its udev coldplug): the same -append as vng-systemd, the command
+    instead of systemd."""
+    monkeypatch.setenv("GREUPD_LAB_VNG_INIT", "own")
     argv = guest._guest_argv("vng", tmp_path)
     (opts,) = [a for a in argv if a.startswith("--qemu-opts=")]
     assert f"init={tmp_path}/init" in opts
@@ -158,7 +159,7 @@ def test_the_vng_guest_boots_our_init_too_and_runs_the_command_in_the_overlay(
     assert not any("systemd" in line for line in init)
     in_root = (tmp_path / "in-root").read_text().splitlines()
     assert f"sh {tmp_path}/cmd.sh" in in_root and "echo o >/proc/sysrq-trigger" in in_root
-    monkeypatch.setenv("GREUPD_LAB_VNG_INIT", "virtme")  # virtme-ng's own init, which runs _vng_init's script
+    monkeypatch.delenv("GREUPD_LAB_VNG_INIT")  # the default: virtme-ng's own init, which runs _vng_init's script
     assert not any(a.startswith("--qemu-opts=") for a in guest._guest_argv("vng", tmp_path))
 
 
