@@ -51,7 +51,7 @@ def test_ip_forward_off_stops_lan_to_lan_until_its_config_line_is_reloaded() -> 
             setting = line.split(": ", 1)[1].split("#")[0].strip()
             done = a.reload(a.config_path.read_text().replace("ip_forward = false", setting))
             assert done.returncode == 0, done.stdout + done.stderr
-            assert seed.a.sysctl_get("net.ipv4.ip_forward") == "1"
+            assert wait_until(lambda: seed.a.sysctl_get("net.ipv4.ip_forward") == "1", 10)
             assert seed.lan_a.wait_ping("20.10.1.2")
             assert doctor(a) == (0, [])
         finally:

@@ -67,7 +67,11 @@ def doctor(daemon: ForkedGreupd) -> tuple[int, list[dict[str, str]]]:
     return done.returncode, findings
 
 
-def test_nothing_on_the_seeds_setup_then_a_traced_drop_in_another_table() -> None:
+def test_nothing_on_the_seeds_setup_then_each_fault_named_and_its_fix_makes_lan_to_lan_work() -> None:
+    """The seed's routers, both daemons up: doctor finds nothing. Then one fault after another on A, each named
+    alone by doctor and fixed as it prints: another table's input drop of GRE (traced), Docker's FORWARD policy
+    (forward-drop: B's LAN no longer reaches A's), a `from_tunnel` naming no interface (interface-missing: A's LAN
+    hosts, without a route beyond their LAN, cannot answer B's). After each fix LAN B pings LAN A again."""
     text = SEED.read_text()
     preload()
     with Lab() as lab:
@@ -221,29 +225,32 @@ def test_gre_module_missing_until_the_printed_fix_and_then_greupds_tunnel_comes_
         # b stands for the peer, another machine whose GRE works; on this kernel it cannot have a tunnel while
         # ip_gre is missing, so until then a raw socket does what its tunnel would do to a keepalive.
         reflector = spawn(b, reflect, timeout=60)
-        reflector.wait_ready()
-        with ip_gre_not_installed(tmp_path):
-            refused = b.ip("link", "add", "T1", "type", "gre", "local", "10.9.0.2", "remote", "10.9.0.1", check=False)
-            assert refused.returncode != 0, "ip_gre is still loadable"
-            daemon = ForkedGreupd(a, PAIR).start(wait=False)
-            try:
-                code, findings = doctor(daemon)
-                assert code == 1 and [f["check"] for f in findings] == ["gre-module-missing"], findings
-                (finding,) = findings
-                assert finding["message"] == "the kernel has no ip_gre: it cannot make this tunnel's link"
-                assert finding["evidence"] == ("/sys/module/ip_gre does not exist and ip_gre is in neither "
-                                               "modules.dep nor modules.builtin of this kernel")
-                install, load, persist = finding["fix"].splitlines()
-                assert install.startswith("apt-get install linux-modules-extra-$(uname -r)")
-                assert (load, persist) == ("modprobe ip_gre", "echo ip_gre > /etc/modules-load.d/greupd.conf")
-            except BaseException:
-                daemon.stop()
-                raise
+        try:
+            reflector.wait_ready()
+            with ip_gre_not_installed(tmp_path):
+                refused = b.ip("link", "add", "T1", "type", "gre", "local", "10.9.0.2", "remote", "10.9.0.1",
+                               check=False)
+                assert refused.returncode != 0, "ip_gre is still loadable"
+                daemon = ForkedGreupd(a, PAIR).start(wait=False)
+                try:
+                    code, findings = doctor(daemon)
+                    assert code == 1 and [f["check"] for f in findings] == ["gre-module-missing"], findings
+                    (finding,) = findings
+                    assert finding["message"] == "the kernel has no ip_gre: it cannot make this tunnel's link"
+                    assert finding["evidence"] == ("/sys/module/ip_gre does not exist and ip_gre is in neither "
+                                                   "modules.dep nor modules.builtin of this kernel")
+                    install, load, persist = finding["fix"].splitlines()
+                    assert install.startswith("apt-get install linux-modules-extra-$(uname -r)")
+                    assert (load, persist) == ("modprobe ip_gre", "echo ip_gre > /etc/modules-load.d/greupd.conf")
+                except BaseException:
+                    daemon.stop()
+                    raise
+        finally:
+            os.kill(reflector.pid, signal.SIGKILL)
+            os.waitpid(reflector.pid, 0)
         try:  # the module installed again (the binds gone); then the fix's other two lines, as printed
             subprocess.run(load.split(), check=True, timeout=300)
             subprocess.run(["sh", "-c", persist], check=True, timeout=60)  # the guest's /etc: an overlay on tmpfs
-            os.kill(reflector.pid, signal.SIGKILL)
-            os.waitpid(reflector.pid, 0)
             b.ip_batch("link add T1 type gre local 10.9.0.2 remote 10.9.0.1",
                        "addr add 192.168.9.2 peer 192.168.9.1 dev T1", "link set T1 up")
             for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv4.conf.T1.accept_local", 1),
