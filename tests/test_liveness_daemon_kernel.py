@@ -188,7 +188,9 @@ def test_hold_takes_the_tunnel_down_between_hold_and_hold_plus_interval_after_th
     finally:
         wire.close()
     print("down after the last reply: " + ", ".join(f"{gap:.3f}s" for gap in gaps))
-    # The log line's stamp is in milliseconds and comes after the verdict's pass: 10 ms below (and the round
-    # trip, under 1 ms here), a busy guest's tick above.
-    assert all(hold - 0.01 <= gap <= hold + interval + 0.1 for gap in gaps), (gaps, a.output())
+    # The log line's stamp is in milliseconds and comes after the verdict's pass: a busy guest's tick above.
+    # Below: misses are counted by probes (Cisco's way), so when the last reply was late (it answered a probe up
+    # to an interval older; seen 0.62 s in a loaded CI guest) the down comes less than `hold` after it.
+    # The bound that matters is the upper one: counting one probe more (the old rule) gives 1.2 s.
+    assert all(hold - interval <= gap <= hold + interval + 0.1 for gap in gaps), (gaps, a.output())
     a.stop()
