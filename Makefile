@@ -64,12 +64,14 @@ test: deps
 	if [ $$lint -ne 0 ]; then echo "make test: lint failed (ruff/mypy output above)"; fi; \
 	[ $$rc -eq 0 ] && [ $$lint -eq 0 ]
 
-# The install tests (pytest marker `distro`, which plain `pytest` leaves out): the packages built from this checkout,
-# installed in a fresh root of each Debian release (mmdebstrap, cached by package list under
-# /var/cache/greupd-lab/roots) booted with systemd in the UML guest, README's install block run there, then purged;
-# and pip + `greupd install-units` in a fresh venv, and the same by pipx. .ci/run runs this after `make test`.
+# The install tests (pytest marker `distro`, which plain `pytest` leaves out): the packages built from this checkout
+# (.deb for Debian 12 and 13, RPM; lintian) and read (tests/test_packaging.py); the .deb installed with dpkg and run
+# as greupd.service under systemd as PID 1, in UML and, for nftables inet, under qemu (tests/test_systemd_lab.py,
+# tests/test_systemd_nft_lab.py); installed in a fresh root of each Debian release (mmdebstrap, cached by package
+# list under /var/cache/greupd-lab/roots) booted with systemd, README's install block run there, then purged; and
+# pip + `greupd install-units` in a fresh venv, and the same by pipx. .ci/run runs this after `make test`.
 install-test: deps
-	$(VENV)/bin/pytest -m distro tests/test_install_distro.py tests/test_install_pip.py
+	$(VENV)/bin/pytest -m distro tests
 
 # PYTEST_ARGS: a selection instead of every test, e.g. PYTEST_ARGS="tests/test_lab.py -x".
 pytest: deps

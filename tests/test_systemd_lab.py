@@ -30,7 +30,7 @@ from greupd.events import MESSAGE_IDS, EventKind
 from lab import waiting
 from lab.hosts import Host, Lab, SeedTopology, seed_topology
 
-pytestmark = pytest.mark.needs_systemd
+pytestmark = [pytest.mark.needs_systemd, pytest.mark.distro]  # the installed package: make install-test
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = Path("/etc/greupd/tunnels.toml")

@@ -30,7 +30,7 @@ from tests.test_systemd_lab import (
     show,
 )
 
-pytestmark = pytest.mark.needs_systemd_nft
+pytestmark = [pytest.mark.needs_systemd_nft, pytest.mark.distro]  # the installed package: make install-test
 
 # Seed step 3 and the Cisco side's `ip tcp adjust-mss 1436`, as tunnels.toml says them.
 NFT_PART = '\n[tunnel.mss]\nclamp = 1436\n\n[tunnel.nat]\ninto_tunnel = ["10.10.1.0/24"]\nfrom_tunnel = ["eth1"]\n'

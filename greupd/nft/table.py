@@ -168,13 +168,17 @@ class NftTable:
             self._context()
         except NftError:
             return False  # without libnftables nothing of ours can be there to see
-        tables = self._run([{"list": {"tables": {"family": FAMILY}}}])
-        wanted: Json = {"family": FAMILY, "name": self.table}
-        for obj in tables:
-            table = obj.get("table") if isinstance(obj, dict) else None
-            if isinstance(table, dict) and {k: table.get(k) for k in ("family", "name")} == wanted:
-                return True
-        return False
+        return self._listing() is not None
+
+    def _listing(self) -> list[Json] | None:
+        """Our table as listed, or None when there is none. Asked by name, not by listing every table: another
+        process's owned table can list as unparsable JSON (libnftables 1.0.6, see _run), and is none of ours."""
+        try:
+            return self._run([{"list": {"table": {"family": FAMILY, "name": self.table}}}])
+        except NftError as exc:
+            if str(exc) == "Error: No such file or directory":
+                return None
+            raise
 
     def query(self, command: JsonObject) -> list[Json]:
         """The objects one `list` command returns (any table: nft/foreign.py reads other tables' chains)."""
@@ -183,9 +187,12 @@ class NftTable:
 
     def observe(self) -> str | None:
         """The normalized listing of our table, or None when it does not exist."""
-        if not self.present():
-            return None
-        return normalize_listing(self._run([{"list": {"table": {"family": FAMILY, "name": self.table}}}]))
+        try:
+            self._context()
+        except NftError:
+            return None  # as present(): without libnftables there is no table of ours
+        listing = self._listing()
+        return None if listing is None else normalize_listing(listing)
 
     def matches(self, ruleset: Ruleset) -> bool:
         """Is what the kernel holds now exactly what `apply(ruleset)` would install?"""
