@@ -854,13 +854,18 @@ HUB_QUICK = HubSizes(tunnels=300, convergence_trials=1, reload_trials=2, drift_t
 
 
 def hub_convergence(sizes: HubSizes) -> Json:
-    count = sizes.tunnels
-    rows: dict[str, list[Json]] = {"greupd": [], "ip_batch": []}
-    for trial in range(sizes.convergence_trials):
-        for tool in (("ip_batch", "greupd") if trial % 2 == 0 else ("greupd", "ip_batch")):
-            rows[tool].append(converge_greupd(count) if tool == "greupd" else converge_ip_batch(count))
-            log(f"hub convergence N={count} trial {trial} {tool}: {rows[tool][-1]}")
-    return {str(count): rows}
+    """Spawn to READY and to the last route, greupd and `ip -batch` interleaved: at the hub's N, and first at 1000
+    (#26's row for the last route), three trials there since they are cheap."""
+    sizes_trials = [(1000, 3)] if sizes.tunnels > 1000 else []
+    result: Json = {}
+    for count, trials in [*sizes_trials, (sizes.tunnels, sizes.convergence_trials)]:
+        rows: dict[str, list[Json]] = {"greupd": [], "ip_batch": []}
+        for trial in range(trials):
+            for tool in (("ip_batch", "greupd") if trial % 2 == 0 else ("greupd", "ip_batch")):
+                rows[tool].append(converge_greupd(count) if tool == "greupd" else converge_ip_batch(count))
+                log(f"hub convergence N={count} trial {trial} {tool}: {rows[tool][-1]}")
+        result[str(count)] = rows
+    return result
 
 
 def watchdog_gaps(times: list[float], start: float, end: float) -> Json:

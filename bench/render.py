@@ -131,14 +131,10 @@ def _host_start_and_encoding(host: Json) -> list[str]:
     return rows
 
 
-def hub_section(hub: Json, engine: Json | None) -> tuple[list[str], list[str]]:
-    """Issue #26: the hub suite (bench/lab_bench.py --suite hub) and the engine alone (bench/engine_bench.py)."""
+def hub_convergence(hub: Json, where: str) -> tuple[list[str], list[str]]:
+    """The hub's cold convergence rows (plain UML: bench/run --only hub; uml-systemd: --only hub-systemd)."""
     targets: list[str] = []
-    body: list[str] = ["## 9. A hub (issue #26)", "",
-                       f"`bench/run --only hub` (plain UML guest, {machine_line(hub['meta'])}); N tunnels as in 1, "
-                       "greupd and `ip -batch` interleaved in one boot. *Last route*: spawn to the rtnetlink "
-                       "notification of the last of the 2N routes (counted by a thread of the driver, headers only).",
-                       ""]
+    body: list[str] = []
     for n, rows in hub.get("convergence", {}).items():
         g, ip = rows.get("greupd", []), rows.get("ip_batch", [])
         if not g or not ip:
@@ -153,12 +149,26 @@ def hub_section(hub: Json, engine: Json | None) -> tuple[list[str], list[str]]:
                  + (f"{statistics.median(last) / statistics.median(ip_last or ip_s):.2f}x" if last else "-")
                  + f" | {statistics.median(column(g, 'rss_mb')):.0f} |", ""]
         r = statistics.median(ready) / statistics.median(ip_s)
-        targets.append(f"| 9 | N = {n}, spawn to READY, plain UML: <= 1.2x `ip -batch` | {r:.2f}x | "
+        targets.append(f"| 9 | N = {n}, spawn to READY, {where}: <= 1.2x `ip -batch` | {r:.2f}x | "
                        f"{verdict(r <= 1.2)} |")
         if last:
             r = statistics.median(last) / statistics.median(ip_last or ip_s)
-            targets.append(f"| 9 | N = {n}, spawn to the last route, plain UML: <= 1.3x `ip -batch` | {r:.2f}x | "
+            targets.append(f"| 9 | N = {n}, spawn to the last route, {where}: <= 1.3x `ip -batch` | {r:.2f}x | "
                            f"{verdict(r <= 1.3)} |")
+    return targets, body
+
+
+def hub_section(hub: Json, engine: Json | None) -> tuple[list[str], list[str]]:
+    """Issue #26: the hub suite (bench/lab_bench.py --suite hub) and the engine alone (bench/engine_bench.py)."""
+    targets: list[str] = []
+    body: list[str] = ["## 9. A hub (issue #26)", "",
+                       f"`bench/run --only hub` (plain UML guest, {machine_line(hub['meta'])}); N tunnels as in 1, "
+                       "greupd and `ip -batch` interleaved in one boot. *Last route*: spawn to the rtnetlink "
+                       "notification of the last of the 2N routes (counted by a thread of the driver, headers only).",
+                       ""]
+    convergence_targets, convergence_body = hub_convergence(hub, "plain UML")
+    targets += convergence_targets
+    body += convergence_body
     reload = hub.get("reload")
     if reload:
         trials = reload["trials"]
@@ -473,6 +483,12 @@ def render(results: dict[str, Json], analysis: str, command: str) -> str:
         hub_targets, hub_body = hub_section(results["hub"], results.get("engine"))
         targets += hub_targets
         body += hub_body
+    if results.get("hub-systemd"):
+        hub_targets, hub_body = hub_convergence(results["hub-systemd"], "uml-systemd")
+        targets += hub_targets
+        body += ["### The hub's convergence under systemd", "",
+                 f"`bench/run --only hub-systemd` (uml-systemd guest, {machine_line(results['hub-systemd']['meta'])}); "
+                 "as above, with systemd as PID 1 (and udev) in the guest.", "", *hub_body]
 
     out += ["## Targets", "", *targets, "", *body]
     if analysis:

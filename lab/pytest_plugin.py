@@ -15,9 +15,9 @@ summary counts them as if they had run here. Host-side fixtures are never set up
 When: the host's own tests run first, the delegated ones after them. The ``uml`` tests are split over
 three UML guests and the ``vng`` tests over two qemu ones (SHARDS; balanced by their recorded times, see
 balance()); those boot as soon as collection ends, in threads, and run while the host's tests do; the
-``uml-systemd`` and ``vng-systemd`` batches boot once the host hands them the .deb, else when the host's tests are done
-(AFTER_HOST_TESTS). GREUPD_LAB_SERIAL=1 boots one guest at a time instead, each when pytest reaches
-its first test.
+``uml-systemd`` and ``vng-systemd`` batches boot once the host hands them the .deb when a test that builds it
+was selected (make install-test), else at once too (AFTER_HOST_TESTS). GREUPD_LAB_SERIAL=1 boots one guest at a
+time instead, each when pytest reaches its first test.
 
 CI rule (CI=true): a kernel-marked test that skips is a failure, and so is a guest that cannot
 boot. Inside a guest (GREUPD_LAB_GUEST set) nothing is delegated further.
@@ -52,7 +52,8 @@ _STARTED = pytest.StashKey[float]()  # time.monotonic() when collection ended, f
 # Batches that boot only once the host hands them something: the systemd tests (both kinds) install the .deb that
 # tests/test_packaging.py builds on the host (handed over in GREUPD_LAB_DEB); without it the guest
 # builds one itself, minutes of UML time. Such a batch boots as soon as the variable is set (after the
-# host test that sets it), else once the host's tests are done. The other batches boot at the start.
+# host test that sets it), else once the host's tests are done; when no such test was selected, at the start
+# like the other batches.
 AFTER_HOST_TESTS: dict[guest.GuestKind, str] = {"uml-systemd": "GREUPD_LAB_DEB", "vng-systemd": "GREUPD_LAB_DEB"}
 # The host's test files that hand something over run before the host's other tests, so the batch
 # waiting for it boots minutes sooner (in a make test at load 20 the .deb came 660 s in, otherwise).
@@ -316,7 +317,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     # The guests that need nothing from the host's tests boot now and run beside them.
     session.config.stash[_STARTED] = time.monotonic()
     if not session.config.option.collectonly and not _serial():
-        _start(session, [k for k in guest.KINDS if k not in AFTER_HOST_TESTS])
+        # Wait only when a selected host test will hand something over (make install-test): else now (make test).
+        handing = any(item.path.name in HANDING_OVER for item in session.items)
+        _start(session, [k for k in guest.KINDS if not (handing and k in AFTER_HOST_TESTS)])
 
 
 @pytest.hookimpl(trylast=True)
