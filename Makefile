@@ -91,7 +91,7 @@ demo: deps
 	$(PY) -m lab run --guest vng -- $(PY) -m demo.seed_story
 # ---------------------------------------------------------------------------------------------
 
-# bench: every benchmark, natively and in the lab guests (~80 min quiet: the hub of 10,000 tunnels is half of it),
+# bench: every benchmark, natively and in the lab guests (~70 min quiet, the hub's 2000 UML tunnels a third of it),
 # raw JSON in bench/results/, tables in BENCHMARKS.md.
 # BENCH_ARGS=--quick for a smoke run (results under .lab/bench-quick/).
 bench: $(STAMP_VENV)

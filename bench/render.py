@@ -162,7 +162,7 @@ def hub_section(hub: Json, engine: Json | None) -> tuple[list[str], list[str]]:
     """Issue #26: the hub suite (bench/lab_bench.py --suite hub) and the engine alone (bench/engine_bench.py)."""
     targets: list[str] = []
     body: list[str] = ["## 9. A hub (issue #26)", "",
-                       f"`bench/run --only hub` (plain UML guest, {machine_line(hub['meta'])}); N tunnels as in 1, "
+                       f"`bench/run`, its hub suite (plain UML guest, {machine_line(hub['meta'])}); N tunnels as in 1, "
                        "greupd and `ip -batch` interleaved in one boot. *Last route*: spawn to the rtnetlink "
                        "notification of the last of the 2N routes (counted by a thread of the driver, headers only).",
                        ""]
@@ -487,7 +487,8 @@ def render(results: dict[str, Json], analysis: str, command: str) -> str:
         hub_targets, hub_body = hub_convergence(results["hub-systemd"], "uml-systemd")
         targets += hub_targets
         body += ["### The hub's convergence under systemd", "",
-                 f"`bench/run --only hub-systemd` (uml-systemd guest, {machine_line(results['hub-systemd']['meta'])}); "
+                 f"`bench/run`, its hub-systemd suite (uml-systemd guest, "
+                 f"{machine_line(results['hub-systemd']['meta'])}); "
                  "as above, with systemd as PID 1 (and udev) in the guest.", "", *hub_body]
 
     out += ["## Targets", "", *targets, "", *body]
