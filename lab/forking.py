@@ -94,7 +94,11 @@ def fork_greupd(host: Host, argv: Sequence[str], env: Mapping[str, str], stdout:
     # The parent's objects, frozen: no collection in the child scans them (copying every page the parent
     # shares with it) or finalizes one of them (closing a socket of the parent's in the middle of greupd).
     gc.freeze()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except BaseException:
+        gc.unfreeze()
+        raise
     if pid:
         gc.unfreeze()
         proc = ForkedPopen(pid, ["greupd", *argv])
@@ -103,6 +107,7 @@ def fork_greupd(host: Host, argv: Sequence[str], env: Mapping[str, str], stdout:
     code = 1
     try:
         os.setsid()  # its own process group and session, as Host.popen gives an exec'd one
+        _fresh_signal_handlers()
         enter_netns(host.netns)
         os.dup2(stdout, 1)
         os.dup2(stderr, 2)
@@ -177,3 +182,13 @@ def _release_inherited_fds() -> None:
             with contextlib.suppress(OSError):  # the listing's own fd, gone by now
                 os.dup2(null, fd, inheritable=False)
     os.close(null)
+
+
+def _fresh_signal_handlers() -> None:
+    """What a new interpreter starts with: a handler the parent (pytest, a test) installed does not survive an
+    exec, so it goes back to the default (SIGINT to Python's own); ignored signals stay ignored, as over exec."""
+    for sig in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError):
+            handler = signal.getsignal(sig)
+            if callable(handler) and handler is not signal.default_int_handler:
+                signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
