@@ -26,8 +26,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def forks_by_default() -> bool:
-    """In the UML guest: there every exec of Python costs seconds, and greupd is imported here already."""
-    return os.environ.get("GREUPD_LAB_GUEST") == "uml"
+    """In the UML guest: there every exec of Python costs seconds, and greupd is imported here already.
+    GREUPD_LAB_FORK=0 execs there too (to compare, or to rule the fork out), =1 forks on any kernel."""
+    wanted = os.environ.get("GREUPD_LAB_FORK")
+    return wanted == "1" if wanted in ("0", "1") else os.environ.get("GREUPD_LAB_GUEST") == "uml"
 
 
 class GreupdProcess:
