@@ -1,4 +1,9 @@
-"""Run `greupd run` inside a lab host, as a user would: a TOML file, a process, `greupd status`/`reload`."""
+"""Run `greupd run` inside a lab host, as a user would: a TOML file, a process, `greupd status`/`reload`.
+
+In the UML guest the daemon and the commands are children forked from the test's process (lab/forking.py):
+a fresh interpreter there pays greupd's imports again, ~1.5 s of the machine's CPU per start. Everywhere
+else, and whenever a `prefix` is set or `fork=False` is asked for, they are exec'd as a user would start them.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +15,27 @@ import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from greupd.control import ControlUnavailable, request
+from lab.forking import fork_greupd, run_greupd
 from lab.hosts import Host
 from lab.waiting import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+def forks_by_default() -> bool:
+    """In the UML guest: there every exec of Python costs seconds, and greupd is imported here already.
+    GREUPD_LAB_FORK=0 execs there too (to compare, or to rule the fork out), =1 forks on any kernel."""
+    wanted = os.environ.get("GREUPD_LAB_FORK")
+    return wanted == "1" if wanted in ("0", "1") else os.environ.get("GREUPD_LAB_GUEST") == "uml"
+
+
 class GreupdProcess:
     """One daemon in one host, with its own config file and control socket under a temp dir."""
 
-    def __init__(self, host: Host, config: str, name: str = "greupd") -> None:
+    def __init__(self, host: Host, config: str, name: str = "greupd", fork: bool | None = None) -> None:
         self.host = host
         self.dir = Path(tempfile.mkdtemp(prefix=f"greupd-{host.name}-", dir=_scratch()))
         self.config_path = self.dir / "tunnels.toml"
@@ -31,6 +44,9 @@ class GreupdProcess:
         self.config_path.write_text(config)
         self.proc: subprocess.Popen[bytes] | None = None
         self.prefix: tuple[str, ...] = ()  # a command to run the daemon under, e.g. setpriv dropping capabilities
+        # Fork `greupd run` and the commands from this process instead of exec'ing Python (lab/forking.py);
+        # a daemon with a prefix is always exec'd (the prefix is a program).
+        self.fork = forks_by_default() if fork is None else fork
 
     @property
     def env(self) -> dict[str, str]:
@@ -41,12 +57,17 @@ class GreupdProcess:
         return env
 
     def cli(self, *argv: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        if self.fork:
+            return run_greupd(self.host, argv, self.env, timeout, check=check)
         return self.host.run(sys.executable, "-m", "greupd", *argv, check=check, timeout=timeout, env=self.env)
 
-    def start(self, wait: bool = True, timeout: float = 60) -> GreupdProcess:
-        out = self.log.open("ab")
-        self.proc = self.host.popen(*self.prefix, sys.executable, "-m", "greupd", "run", stdout=out,
-                                    stderr=subprocess.STDOUT, env=self.env)
+    def start(self, wait: bool = True, timeout: float = 60) -> Self:
+        with self.log.open("ab") as out:
+            if self.fork and not self.prefix:
+                self.proc = fork_greupd(self.host, ["run"], self.env, out.fileno(), out.fileno())
+            else:
+                self.proc = self.host.popen(*self.prefix, sys.executable, "-m", "greupd", "run", stdout=out,
+                                            stderr=subprocess.STDOUT, env=self.env)
         if wait:
             self.wait_ready(timeout)
         return self

@@ -9,7 +9,6 @@ ipsec-no-sa: SAs made by hand and flushed; then with real charons, flushed under
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from lab import charon as charon_lab
 from lab.greupd_process import GreupdProcess
 from lab.hosts import Lab
 from lab.waiting import wait_until
-from tests.test_doctor_kernel import CONFIG, _env
+from tests.test_doctor_kernel import CONFIG
 
 pytestmark = pytest.mark.needs_gre
 
@@ -38,9 +37,11 @@ def test_tunnel_clash_with_a_foreign_link_of_the_same_endpoints_and_key(tmp_path
         config = tmp_path / "tunnels.toml"
         config.write_text(text)
 
+        commands = GreupdProcess(a, text)  # `greupd` as GreupdProcess runs it: forked in the UML guest
+
         def doctor() -> list[dict[str, str]]:
-            done = a.run(sys.executable, "-m", "greupd", "doctor", "--json", "-c", str(config), "--socket",
-                         str(tmp_path / "none.sock"), env=_env(), check=False, timeout=300)
+            done = commands.cli("doctor", "--json", "-c", str(config), "--socket", str(tmp_path / "none.sock"),
+                                timeout=300)
             assert done.returncode in (0, 1), done.stderr
             findings: list[dict[str, str]] = json.loads(done.stdout)["findings"]
             return findings
@@ -49,7 +50,7 @@ def test_tunnel_clash_with_a_foreign_link_of_the_same_endpoints_and_key(tmp_path
         assert finding["check"] == "tunnel-clash" and finding["tunnel"] == "T1"
         assert finding["evidence"] == ("old: gre local 10.9.0.1 remote 10.9.0.2 key 7 (not greupd's); "
                                        "T1: local 10.9.0.1 remote 10.9.0.2 key 7")
-        plan = a.run(sys.executable, "-m", "greupd", "plan", str(config), env=_env(), check=False, timeout=300)
+        plan = commands.cli("plan", str(config), timeout=300)
         assert "# warning: T1: link old has the same endpoints and key as this tunnel" in plan.stdout
         a.run(*finding["fix"].splitlines()[0].split("#")[0].split())
         assert doctor() == []
@@ -120,9 +121,11 @@ def test_ipsec_no_sa_once_the_sas_are_flushed(tmp_path: Path) -> None:
         a.ip_batch(*sas, POLICY.format(s="10.9.0.1", d="10.9.0.2", dir="out"),
                    POLICY.format(s="10.9.0.2", d="10.9.0.1", dir="in"))
 
+        commands = GreupdProcess(a, config.read_text())  # `greupd` as GreupdProcess runs it: forked in the UML guest
+
         def doctor() -> list[dict[str, str]]:
-            done = a.run(sys.executable, "-m", "greupd", "doctor", "--json", "-c", str(config), "--socket",
-                         str(tmp_path / "none.sock"), env=_env(), check=False, timeout=300)
+            done = commands.cli("doctor", "--json", "-c", str(config), "--socket", str(tmp_path / "none.sock"),
+                                timeout=300)
             assert done.returncode in (0, 1), done.stderr
             return [f for f in json.loads(done.stdout)["findings"] if f["check"] != "peer-silent"]
 
@@ -221,9 +224,9 @@ def test_nothing_on_the_seeds_setup_with_greupd_running_on_both_routers() -> Non
             a.wait_for("My_Tunnel", "up")
             b.wait_for("My_Tunnel", "up")
             assert seed.lan_a.wait_ping("20.10.1.2")
-            for router, daemon in ((seed.a, a), (seed.b, b)):
-                done = router.run(sys.executable, "-m", "greupd", "doctor", "--json", "-c", str(daemon.config_path),
-                                  "--socket", str(daemon.socket), env=_env(), check=False, timeout=300)
+            for daemon in (a, b):
+                done = daemon.cli("doctor", "--json", "-c", str(daemon.config_path), "--socket", str(daemon.socket),
+                                  timeout=300)
                 assert (done.returncode, json.loads(done.stdout)) == (0, {"findings": []}), done.stderr
         finally:
             a.stop()
