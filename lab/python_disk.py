@@ -34,7 +34,11 @@ GUEST_MOUNT = "/run/lab-disk"
 STDLIB_SKIP = frozenset({"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "site-packages"})
 # Programs the lab runs many times (a LAN built with `ip`, shells, pings), and the libraries they load:
 # an exec reads all of them again over 9p, ~0.3-1 s each under emulation.
-TOOLS = ("ip", "sh", "sysctl", "ping", "nft", "sed", "grep", "tail", "modprobe", "mount", "mountpoint")
+TOOLS = ("ip", "sh", "sysctl", "ping", "nft", "sed", "grep", "tail", "modprobe", "mount", "mountpoint",
+         "tcpdump", "swanctl", "unshare")
+# strongSwan's charon, its libraries and plugins (lab/charon.py, two per IPsec story): a folder off PATH, bound whole;
+# its programs and plugins' libraries (libcrypto for openssl) join the TOOLS' ldd.
+IPSEC = Path("/usr/lib/ipsec")
 # The kernel's network stack (tunnels, nftables, bridges) and its dependencies, for modprobe -d; and the crypto
 # templates the kernel loads by itself when charon installs an ESP SA (rfc4106(gcm(aes)): gcm, ghash, seqiv...).
 MODULE_DIRS = ("kernel/net", "kernel/drivers/net/veth.ko", "kernel/drivers/net/dummy.ko", "kernel/drivers/net/tun.ko",
@@ -118,6 +122,8 @@ def _python_binds(repo: Path, extra: Sequence[Path] = ()) -> list[tuple[str, Pat
         found.append(("libpython", (Path(libdir) / libpython).resolve(), frozenset()))
     if sys.prefix != sys.base_prefix:
         found.append(("venv", Path(sys.prefix).resolve(), frozenset()))
+    if IPSEC.is_dir():
+        found.append(("ipsec", IPSEC.resolve(), frozenset()))
     # The checkout's Python folders (packages and plain script folders such as demo/).
     for n, path in enumerate(_tools()):
         found.append((f"tool-{n}", path, frozenset()))
@@ -134,13 +140,15 @@ def _python_binds(repo: Path, extra: Sequence[Path] = ()) -> list[tuple[str, Pat
 def _tools() -> list[Path]:
     """The TOOLS' real files and the shared libraries each loads (as ldd lists them), each once."""
     programs = {Path(found).resolve() for found in map(shutil.which, TOOLS) if found}
-    files = set(programs)
+    files = set(programs)  # not IPSEC's own files: they come with its folder
+    if IPSEC.is_dir():
+        programs |= {p.resolve() for p in (IPSEC / "charon", *(IPSEC / "plugins").glob("*.so")) if p.is_file()}
     ldd = subprocess.run(["ldd", *map(str, sorted(programs))], capture_output=True, text=True).stdout
     for line in ldd.splitlines():
         words = [w for w in line.split() if w.startswith("/")]
         if words and not line.rstrip().endswith(":"):
             files.add(Path(words[0]).resolve())
-    return sorted(f for f in files if f.is_file())
+    return sorted(f for f in files if f.is_file() and not f.is_relative_to(IPSEC))
 
 
 def _files(top: Path, skip: frozenset[str]) -> Iterable[Path]:

@@ -28,7 +28,7 @@ from lab.charon import Charon, gre_transport_conf
 from lab.forked import in_netns
 from lab.greupd_process import GreupdProcess
 from lab.hosts import Host, Lab, SeedTopology
-from lab.waiting import wait_until
+from lab.waiting import eventually, wait_until
 from tests.test_ipsec_kernel import (
     A_SIDE,
     INTERVAL,
@@ -41,6 +41,7 @@ from tests.test_ipsec_kernel import (
 
 pytestmark = pytest.mark.skipif(charon_lab.available() is not None, reason=charon_lab.available() or "")
 NO_CHARON = Path("/nonexistent/charon.vici")
+SLOW_POLL = 0.5  # seconds between looks in the qemu story, where each look costs emulated CPU (see its docstring)
 
 
 def owned_table(host: Host, table: str) -> subprocess.Popen[bytes]:
@@ -251,6 +252,12 @@ def test_policies_flushed_behind_charons_back_are_put_back_within_5_s(lab: Lab) 
 # --- qemu guest: GRE, nftables inet and ESP in one kernel, a real charon on both routers --------------------
 
 
+def in_state(daemon: GreupdProcess, state: str, timeout: float, interval: float = SLOW_POLL) -> None:
+    """GreupdProcess.wait_for's check, polled less often (it looks every 0.05 s); also for test_pmtu_ipsec_kernel."""
+    eventually(lambda: daemon.tunnel("My_Tunnel")["state"] == state, timeout, what=f"My_Tunnel {state}",
+               detail=daemon.output, interval=interval)
+
+
 @pytest.mark.needs_nft_gre
 def test_lost_sas_come_back_within_5_s_without_cleartext_and_cleartext_answers_never_count(
         seed: SeedTopology) -> None:
@@ -263,14 +270,17 @@ def test_lost_sas_come_back_within_5_s_without_cleartext_and_cleartext_answers_n
     I3: B's charon dies and B's policies go (its SAs stay): B decrypts A's probes and answers them in cleartext.
     On dac2a7b (without drops in effect) A counted those answers and kept the tunnel up with no IPsec at all.
     Now A's input drop takes them before greupd's socket: they never count, and A's tunnel goes down.
+    Polls here are slow (SLOW_POLL): in the qemu guest each look is emulated CPU that the daemon and charon lack.
     """
     from lab.forked import ForkedGreupd
+    from tests.test_doctor_nft_gre_kernel import preload
 
-    charon_a, charon_b = Charon(seed.a).start(60), Charon(seed.b).start(60)
+    preload()  # what the forked daemon imports, once per guest (other stories in the same guest fork from it too)
+    charon_a, charon_b = Charon(seed.a).start(300), Charon(seed.b).start(300)
     hand_made_b(seed, charon_b)
     a = ForkedGreupd(seed.a, router_config(seed.a, *A_SIDE, vici=charon_a.socket)).start(timeout=180)
-    wait_ipsec(a, "established", timeout=180)
-    a.wait_for("My_Tunnel", "up", timeout=120)
+    wait_ipsec(a, "established", timeout=180, interval=SLOW_POLL)
+    in_state(a, "up", 120)
     assert "ip saddr . ip daddr @ipsec_v4 rt ipsec missing drop" in seed.a.run(
         "nft", "list", "table", "inet", "greupd_ipsec").stdout
 
@@ -280,7 +290,7 @@ def test_lost_sas_come_back_within_5_s_without_cleartext_and_cleartext_answers_n
     seed.a.ip("xfrm", "state", "flush")
     seed.a.ip("xfrm", "policy", "flush")
     said = "the kernel lost .* connection loaded again and initiated"
-    assert wait_until(lambda: a.logged_at(said, flushed) is not None, 30, interval=0.2), a.output()[-3000:]
+    assert wait_until(lambda: a.logged_at(said, flushed) is not None, 30, interval=SLOW_POLL), a.output()[-3000:]
     reinitiated = a.logged_at(said, flushed)
     assert reinitiated is not None
     assert reinitiated - flushed < 5, f"re-initiated {reinitiated - flushed:.1f} s after the flush"
@@ -289,12 +299,12 @@ def test_lost_sas_come_back_within_5_s_without_cleartext_and_cleartext_answers_n
         return ("proto gre" in seed.a.ip("xfrm", "policy", "show").stdout
                 and "proto esp" in seed.a.ip("xfrm", "state", "show").stdout)
 
-    assert wait_until(protected, 60, interval=0.2), seed.a.ip("xfrm", "policy", "show").stdout
+    assert wait_until(protected, 60, interval=SLOW_POLL), seed.a.ip("xfrm", "policy", "show").stdout
     back = time.time()
-    wait_ipsec(a, "established", timeout=120)
-    a.wait_for("My_Tunnel", "up", timeout=120)
+    wait_ipsec(a, "established", timeout=120, interval=SLOW_POLL)
+    in_state(a, "up", 120)
     received = a.tunnel("My_Tunnel")["keepalive"]["received"]
-    assert wait_until(lambda: a.tunnel("My_Tunnel")["keepalive"]["received"] >= received + 2, 60)
+    assert wait_until(lambda: a.tunnel("My_Tunnel")["keepalive"]["received"] >= received + 2, 60, interval=SLOW_POLL)
     capture.stop()
     assert capture.packets("ip proto 47") == [], "cleartext GRE on the underlay while the SAs were back"
     assert capture.packets("ip proto 50 and src 172.19.1.1")  # and the tunnel is carried by ESP again
@@ -304,7 +314,7 @@ def test_lost_sas_come_back_within_5_s_without_cleartext_and_cleartext_answers_n
     charon_b.kill()  # no IKE delete, its SAs stay in B's kernel...
     seed.b.ip("xfrm", "policy", "flush")  # ...and its policies go: B's answers leave it in clear
     gone = time.monotonic()
-    a.wait_for("My_Tunnel", "down", timeout=60)
+    in_state(a, "down", 60, interval=0.2)  # 0.2 s: `took` is a figure we print
     took = time.monotonic() - gone
     received = a.tunnel("My_Tunnel")["keepalive"]["received"]
     time.sleep(6 * INTERVAL)

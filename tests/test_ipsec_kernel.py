@@ -170,11 +170,11 @@ class IpsecSeed:
     b: GreupdProcess | None
 
 
-def wait_ipsec(greupd: GreupdProcess, state: str, timeout: float = 60) -> dict[str, object]:
+def wait_ipsec(greupd: GreupdProcess, state: str, timeout: float = 60, interval: float = 0.2) -> dict[str, object]:
     def reached() -> bool:
         ipsec = greupd.tunnel("My_Tunnel").get("ipsec") or {}
         return bool(ipsec.get("state") == state)
-    assert wait_until(reached, timeout, interval=0.2), \
+    assert wait_until(reached, timeout, interval=interval), \
         f"ipsec not {state}: {greupd.tunnel('My_Tunnel')}\n{greupd.output()[-3000:]}"
     ipsec: dict[str, object] = greupd.tunnel("My_Tunnel")["ipsec"]
     return ipsec

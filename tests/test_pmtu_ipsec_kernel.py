@@ -81,9 +81,13 @@ def test_under_ipsec_the_measured_mtu_beats_the_1395_default_and_the_clamp_follo
     """The seed's A and B on a 1500 underlay, [tunnel.ipsec] with require = true (the drops' table held) and
     mtu = "probe" with clamp = "pmtu" on A: the measured MTU is ESP's arithmetic for 1500 bytes, above the 1395
     that greupd assumes without a measurement, and a SYN from A's LAN arrives clamped to it."""
+    from tests.test_doctor_nft_gre_kernel import preload
+    from tests.test_ipsec_fail_closed import SLOW_POLL, in_state
+
     with Lab() as lab:
         seed = seed_topology(lab)
-        # charon loads its plugins on an emulated CPU here: minutes on a loaded machine, not the UML's seconds
+        # charon starts on an emulated CPU here: minutes on a loaded machine, not the UML's seconds (lab/charon.py)
+        preload()  # what the forked daemons import, once per guest, not in each child
         charon_a, charon_b = Charon(seed.a).start(timeout=300), Charon(seed.b).start(timeout=300)
         a_config = router_config(seed.a, *A_SIDE, vici=charon_a.socket, secrets=tmp_path)
         a_config = (a_config.replace('peer = "', 'mtu = "probe"\npeer = "', 1)
@@ -93,16 +97,16 @@ def test_under_ipsec_the_measured_mtu_beats_the_1395_default_and_the_clamp_follo
         b = ForkedGreupd(seed.b, router_config(seed.b, *B_SIDE, vici=charon_b.socket, secrets=tmp_path)).start(
             timeout=300)
         try:
-            wait_ipsec(a, "established", timeout=300)
-            a.wait_for("My_Tunnel", "up", timeout=120)
+            wait_ipsec(a, "established", timeout=300, interval=SLOW_POLL)
+            in_state(a, "up", 120)
             expected = max(size for size in range(1200, 1500) if esp_gcm_transport(size + 24) <= 1500)
             eventually(lambda: (a.tunnel("My_Tunnel").get("path_mtu") or {}).get("state") == "measured",
-                       timeout=120, what="measured under IPsec", detail=a.output)
+                       timeout=120, what="measured under IPsec", detail=a.output, interval=SLOW_POLL)
             measured = a.tunnel("My_Tunnel")["path_mtu"]["bytes"]
             print(f"pmtu under IPsec, 1500 underlay: {measured} measured, {expected} by ESP's arithmetic")
             assert measured == expected > IPSEC_DEFAULT_MTU
             eventually(lambda: f" mtu {measured} " in seed.a.ip("-o", "link", "show", "My_Tunnel").stdout,
-                       timeout=20, what="the link's MTU set", detail=a.output)
+                       timeout=20, what="the link's MTU set", detail=a.output, interval=SLOW_POLL)
             through = handshake(seed.lan_a, seed.lan_b, "20.10.1.2", 5005)
             assert through.syn_sent_mss == 1460 and through.syn_mss == measured - 40, "clamp = pmtu follows"
         finally:
