@@ -97,6 +97,7 @@ def test_gre_and_nft_inet_in_one_kernel(lab: Lab) -> None:
 
 
 @pytest.mark.needs_systemd
+@pytest.mark.distro  # with the other uml-systemd tests (make install-test): a guest's boot for one look is dear
 def test_systemd_is_pid1_in_the_guest() -> None:
     assert Path("/proc/1/comm").read_text().strip() == "systemd"
     out = subprocess.run(["systemctl", "is-system-running"], capture_output=True, text=True).stdout
