@@ -57,11 +57,14 @@ deps: apt-deps
 	@$(PY) -m pip show -q $(PIP_EXTRA) >/dev/null 2>&1 \
 		|| $(PY) -m pip install -q --disable-pip-version-check $(PIP_EXTRA)
 
-# Lint first but do not stop there: pytest always runs, and its summary line comes last.
+# Lint beside pytest (it would add ~30 s in front: the guests' boots leave it CPU), its output printed after pytest's,
+# then pytest's summary line again so that it comes last; the target fails if either did.
 test: deps
-	@lint=0; $(MAKE) --no-print-directory lint || lint=$$?; \
-	$(VENV)/bin/pytest tests; rc=$$?; \
+	@mkdir -p .lab; $(MAKE) --no-print-directory lint > .lab/lint.log 2>&1 & lint_pid=$$!; \
+	$(VENV)/bin/pytest tests | tee .lab/pytest.log; rc=$${PIPESTATUS[0]}; \
+	wait $$lint_pid; lint=$$?; cat .lab/lint.log; \
 	if [ $$lint -ne 0 ]; then echo "make test: lint failed (ruff/mypy output above)"; fi; \
+	tail -n 1 .lab/pytest.log; \
 	[ $$rc -eq 0 ] && [ $$lint -eq 0 ]
 
 # The install tests (pytest marker `distro`, which plain `pytest` leaves out): the packages built from this checkout
