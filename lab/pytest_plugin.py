@@ -221,7 +221,8 @@ class _PendingBatch:
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", f"--tb={self.config.option.tbstyle}"]
         if self.config.option.verbose > 0:
             argv.append("-" + "v" * self.config.option.verbose)
-        argv += ["--rootdir", str(self.config.rootpath), *[i.nodeid for i in self.items]]
+        # `-m ""`: the host chose these tests; pyproject's `-m 'not distro'` must not deselect them again in the guest.
+        argv += ["-m", "", "--rootdir", str(self.config.rootpath), *[i.nodeid for i in self.items]]
         # The batch's time grows with its tests (a busy 2-core machine runs a UML test in 20-60 s): the guest's
         # timeout does too, unless GREUPD_LAB_TIMEOUT says otherwise. A hung guest still ends. Counted over all
         # of the kind's tests, not the shard's: one slow test (ansible: 600-1150 s at load 20) can fill a shard.
