@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -252,10 +253,34 @@ def test_policies_flushed_behind_charons_back_are_put_back_within_5_s(lab: Lab) 
 # --- qemu guest: GRE, nftables inet and ESP in one kernel, a real charon on both routers --------------------
 
 
-def in_state(daemon: GreupdProcess, state: str, timeout: float, interval: float = SLOW_POLL) -> None:
-    """GreupdProcess.wait_for's check, polled less often (it looks every 0.05 s); also for test_pmtu_ipsec_kernel."""
+def in_state(daemon: GreupdProcess, state: str, timeout: float, interval: float = SLOW_POLL,
+             detail: Callable[[], str] | None = None) -> None:
+    """GreupdProcess.wait_for's check, polled less often (it looks every 0.05 s); also for test_pmtu_ipsec_kernel.
+    `detail` adds to the daemon's log on failure (e.g. `ipsec_dump`)."""
     eventually(lambda: daemon.tunnel("My_Tunnel")["state"] == state, timeout, what=f"My_Tunnel {state}",
-               detail=daemon.output, interval=interval)
+               detail=lambda: daemon.output() + (detail() if detail else ""), interval=interval)
+
+
+def ipsec_dump(charons: dict[str, Charon], captures: dict[str, Capture] | None = None) -> str:
+    """What each router's kernel and charon hold, to say where probes or answers were lost: XFRM states (with
+    counters) and policies, the XFRM error counters, nftables with its counters, charon's SAs and log, and
+    the underlay's packets."""
+    looks = (("ip", "-s", "xfrm", "state"), ("ip", "xfrm", "policy"), ("cat", "/proc/net/xfrm_stat"),
+             ("nft", "list", "ruleset"), ("ip", "-d", "link", "show"), ("nstat", "-a", "-z"))
+    out = []
+    for name, charon in charons.items():
+        for argv in looks:
+            done = charon.host.run(*argv, check=False)
+            out.append(f"--- {name}: {' '.join(argv)}\n{done.stdout}{done.stderr}")
+        if charon.proc is not None:
+            out.append(f"--- {name}: swanctl --list-sas\n{charon.swanctl('--list-sas', check=False).stdout}")
+        out.append(f"--- {name}: charon log\n{charon.output()}")
+    for name, capture in (captures or {}).items():
+        capture.stop()
+        lines = capture.packets("ip")
+        out.append(f"--- {name}: underlay ({len(lines)} packets, first and last 40)\n"
+                   + "\n".join([*lines[:40], "...", *lines[-40:]]))
+    return "\n" + "\n".join(out)
 
 
 @pytest.mark.needs_nft_gre
@@ -278,9 +303,12 @@ def test_lost_sas_come_back_within_5_s_without_cleartext_and_cleartext_answers_n
     preload()  # what the forked daemon imports, once per guest (other stories in the same guest fork from it too)
     charon_a, charon_b = Charon(seed.a).start(300), Charon(seed.b).start(300)
     hand_made_b(seed, charon_b)
+    captures = {"a": Capture(seed.a), "b": Capture(seed.b)}
     a = ForkedGreupd(seed.a, router_config(seed.a, *A_SIDE, vici=charon_a.socket)).start(timeout=180)
     wait_ipsec(a, "established", timeout=180, interval=SLOW_POLL)
-    in_state(a, "up", 120)
+    in_state(a, "up", 120, detail=lambda: ipsec_dump({"a": charon_a, "b": charon_b}, captures))
+    for capture in captures.values():
+        capture.stop()
     assert "ip saddr . ip daddr @ipsec_v4 rt ipsec missing drop" in seed.a.run(
         "nft", "list", "table", "inet", "greupd_ipsec").stdout
 
