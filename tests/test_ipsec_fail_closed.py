@@ -199,8 +199,8 @@ def test_on_a_kernel_that_cannot_hold_the_drops_the_tunnel_stays_in_error_and_no
     assert seed.a.ip("route", "show", "proto", "222").stdout.strip() == ""
     assert not seed.lan_a.ping("20.10.1.2", count=1)
     capture.stop()
-    # Not one GRE packet from A, in clear or inside ESP: no probe, no link. (B's kernel may send GRE of its own on
-    # its hand-made link, which trips B's trap: then B negotiates, and A's charon answers; that is charon's.)
+    # Not one GRE packet from A, in clear or inside ESP: no probe, no link. (Were B to send GRE of its own, its trap
+    # would have B negotiate and A's charon answer; that is charon's. hand_made_b's link has no IPv6 to send.)
     assert capture.packets("src 172.19.1.1 and (ip proto 47 or ip proto 50)") == []
     assert not [p for p in capture.packets("src 172.19.1.1 and udp port 500") if "ikev2_init[I]" in p]  # A asked none
 
