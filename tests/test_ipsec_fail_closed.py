@@ -164,10 +164,11 @@ def hand_made_b(seed: SeedTopology, charon_b: Charon) -> None:
     the kernel uses to reflect A's keepalives.
 
     The link has no IPv6: with it, B's kernel sends router solicitations and MLD reports of its own through the
-    link (every few seconds after it comes up), each one trips B's trap and B's charon tries an SA while A's is
-    negotiating one. In the qemu guest that made B's charon stall as responder (15 s between "selected proposal"
-    and its CHILD_SA), A gave up after its 2 retransmits and B was left with CHILD_SAs A did not have: A's SA
-    established and its probes never answered, in about 40 % of runs. B's only GRE is now the reflected probes."""
+    link, each one trips B's trap, and B's charon acquires while A's charon negotiates. In the qemu guest B's
+    charon then stalled as responder (up to 15 s from "selected proposal" to its CHILD_SA), A gave up after its 2
+    retransmits and tried again, and in about 40 % of runs the abandoned attempt's CHILD_SA was installed on B
+    last: B's outbound policy took its SPI, which A never had, so every reflected probe was dropped by A's kernel
+    (XfrmInNoStates) and A's tunnel never came up though "established". B's only GRE now is the reflected probes."""
     charon_b.load(gre_transport_conf("to-a", "172.19.1.2", "172.19.1.1", PSK))
     seed.b.ip("tunnel", "add", "to_a", "mode", "gre", "local", "172.19.1.2", "remote", "172.19.1.1", "ttl", "64")
     if os.path.isdir("/proc/sys/net/ipv6"):  # (the UML kernel may have none)
